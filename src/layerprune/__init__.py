@@ -1,0 +1,12 @@
+"""layerprune: depth pruning for Hugging Face causal LMs.
+
+Score layer importance, pick layers, cut or replace them, heal, evaluate, and export a checkpoint
+that loads anywhere transformers loads.
+"""
+
+from layerprune.api import info, prune, replace, save
+from layerprune.errors import UsageError
+from layerprune.models.loading import LoadedModel, load_model
+
+__all__ = ["LoadedModel", "UsageError", "info", "load_model", "prune", "replace", "save"]
+__version__ = "0.1.0"

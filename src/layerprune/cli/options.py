@@ -1,0 +1,33 @@
+"""Command-line options shared by several subcommands, defined once."""
+
+from __future__ import annotations
+
+import argparse
+
+from layerprune.models.loading import LoadedModel, load_model
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, default: str | None = "smollm2-135m") -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=default, required=default is None,
+                       help="alias (smollm2-135m, gemma3-270m), checkpoint folder, .gguf file or hub id"
+                            + (f" (default: {default})" if default else ""))
+    group.add_argument("--gguf-file", help="GGUF file name inside the --model folder")
+    group.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (float32 on CPU)")
+    group.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default: cpu)")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="allow running the model repository's own Python code (off by default)")
+    group.add_argument("--allow-pickle", action="store_true",
+                       help="allow loading pickle weights (.bin/.pt), which can run code (off by default)")
+
+
+def load_from_args(args: argparse.Namespace) -> LoadedModel:
+    return load_model(
+        args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device,
+        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+    )
+
+
+def add_output_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument("--out", required=required, help="output folder (must not exist unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

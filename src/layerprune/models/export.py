@@ -1,0 +1,57 @@
+"""Export a (pruned) model as a standard checkpoint that plain transformers loads.
+
+The folder holds safetensors weights, config, generation config and tokenizer, plus
+``layerprune.json`` (provenance) and a model card ``README.md``. It is written atomically, never
+over an existing folder unless asked, and never into the source model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from layerprune.outputs import atomic_output_dir, check_free_space, check_output_path
+
+SAFETY_MARGIN_BYTES = 64 * 2**20
+
+
+def model_size_bytes(model: PreTrainedModel) -> int:
+    """Bytes the weights take on disk (tied weights counted once, as safetensors stores them)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def save_checkpoint(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    protected: Iterable[str | Path] = (),
+    extra_files: dict[str, str] | None = None,
+    max_shard_size: str | int = "2GB",
+) -> Path:
+    """Write ``model`` and ``tokenizer`` to ``out`` atomically; returns the final folder."""
+    protected = list(protected)
+    target = check_output_path(out, overwrite=overwrite, protected=protected)
+    check_free_space(target.parent, model_size_bytes(model) + SAFETY_MARGIN_BYTES)
+    with atomic_output_dir(target, overwrite=overwrite, protected=protected) as staging:
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(staging)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
+    return target
+
+
+def provenance_json(record: dict[str, Any]) -> str:
+    return json.dumps(record, indent=2) + "\n"

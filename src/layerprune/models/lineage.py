@@ -1,0 +1,76 @@
+"""Provenance: which original layers a (possibly repeatedly) pruned model still holds.
+
+Indices a user passes always refer to the model as loaded. The lineage maps them back to the
+original model, so that pruning an already-pruned checkpoint records the right layers.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from layerprune.models.loading import LoadedModel
+
+
+def count_parameters(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def versions() -> dict[str, str]:
+    return {name: _package_version(name) for name in ("layerprune", "torch", "transformers", "accelerate", "peft")} | {
+        "python": platform.python_version()
+    }
+
+
+def ensure_lineage(loaded: LoadedModel) -> dict[str, Any]:
+    """Initialise the lineage of a freshly loaded, never-pruned model."""
+    lineage = loaded.lineage
+    if "kept_layers" not in lineage:
+        lineage.update(
+            source_model=loaded.source,
+            original_num_layers=loaded.num_layers,
+            original_parameters=count_parameters(loaded.model),
+            kept_layers=list(range(loaded.num_layers)),
+            removed_layers=[],
+            replaced_blocks=[],
+            healing=[],
+        )
+    return lineage
+
+
+def record_removal(loaded: LoadedModel, kept_before: list[int], removed_now: list[int], reason: str) -> None:
+    lineage = ensure_lineage(loaded)
+    removed_original = [kept_before[i] for i in removed_now]
+    lineage["removed_layers"] = sorted(lineage["removed_layers"] + removed_original)
+    lineage["kept_layers"] = [idx for i, idx in enumerate(kept_before) if i not in set(removed_now)]
+    lineage["reason"] = reason
+
+
+def record_replacement(loaded: LoadedModel, kept_before: list[int], start: int, end: int, kind: str, note: str) -> None:
+    lineage = ensure_lineage(loaded)
+    block = kept_before[start:end]
+    lineage["replaced_blocks"].append({"start": block[0], "end": block[-1] + 1, "kind": kind, "note": note})
+    lineage["removed_layers"] = sorted(lineage["removed_layers"] + block[1:])
+    lineage["kept_layers"] = [*kept_before[:start], block[0], *kept_before[end:]]
+
+
+def final_record(loaded: LoadedModel, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+    record = dict(ensure_lineage(loaded))
+    record.update(
+        num_layers=loaded.num_layers,
+        parameters=count_parameters(loaded.model),
+        model_type=loaded.model.config.model_type,
+        recipe=recipe if recipe is not None else record.get("recipe"),
+        versions=versions(),
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    return record

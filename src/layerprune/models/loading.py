@@ -1,0 +1,196 @@
+"""Load any causal LM: a local folder, a GGUF file, a hub id, or one of our offline aliases.
+
+Loading never runs remote code unless the user passes ``trust_remote_code=True`` and never
+unpickles weights unless they pass ``allow_pickle=True``. Every failure a user can fix becomes a
+:class:`~layerprune.errors.UsageError` that says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from layerprune.errors import UsageError
+from layerprune.models.aliases import MODEL_ALIASES, resolve_alias
+from layerprune.models.architectures import ArchitectureAdapter, adapter_for, check_supported_config
+
+PROVENANCE_FILE = "layerprune.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model with everything layerprune needs to know about where it came from."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+    adapter: ArchitectureAdapter
+    local_dir: Path | None = None
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.num_layers(self.model)
+
+    @property
+    def original_layer_ids(self) -> list[int]:
+        """For each current layer, its index in the original (unpruned) model."""
+        return list(self.lineage.get("kept_layers", range(self.num_layers)))
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} was asked for but no CUDA GPU is available; use --device cpu")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """float32 by default on CPU; bfloat16 on GPUs that support it."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise UsageError(f"unknown dtype {dtype!r}; use one of: float32, bfloat16, float16, auto") from None
+
+
+def strip_gguf_quantizer(model: PreTrainedModel) -> None:
+    """Mark a GGUF-loaded model as the ordinary float model it is after de-quantization.
+
+    transformers keeps the GGUF quantizer attached and refuses to save such a model, although
+    its weights are plain tensors; dropping the quantizer makes it saveable and reloadable.
+    """
+    model.hf_quantizer = None
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is not None and hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load and de-quantize a GGUF file into a saveable float model and its tokenizer."""
+    if not path.is_file():
+        raise UsageError(f"GGUF file {path} does not exist; check the path")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, OSError, KeyError, RuntimeError) as error:
+        raise UsageError(f"cannot read GGUF file {path}: {_first_line(error)}; is it a valid GGUF causal LM?") from None
+    strip_gguf_quantizer(model)
+    return model, tokenizer
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _check_local_folder(folder: Path, allow_pickle: bool) -> None:
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"{folder} is not a model folder (no config.json); pass a checkpoint folder, a .gguf file or a hub id")
+    has_safetensors = any(folder.glob("*.safetensors"))
+    has_pickle = any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth"))
+    if not has_safetensors and has_pickle and not allow_pickle:
+        raise UsageError(
+            f"{folder} holds only pickle weights (.bin/.pt), which can run arbitrary code when loaded; "
+            "convert them to safetensors, or pass --allow-pickle if you trust the file"
+        )
+    if not has_safetensors and not has_pickle:
+        raise UsageError(f"{folder} has a config.json but no weight files (*.safetensors); is the download complete?")
+
+
+def _read_lineage(folder: Path | None) -> dict[str, Any]:
+    if folder is None or not (folder / PROVENANCE_FILE).is_file():
+        return {}
+    try:
+        return json.loads((folder / PROVENANCE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UsageError(f"{folder / PROVENANCE_FILE} is unreadable; delete or fix it") from None
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    gguf_file: str | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | None = "cpu",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer, ready for scoring and surgery.
+
+    ``name_or_path`` is an alias (``smollm2-135m``, ``gemma3-270m``), a local checkpoint folder,
+    a ``.gguf`` file (or a folder plus ``gguf_file``), or a Hugging Face hub id.
+    """
+    target_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target_device)
+    source = str(name_or_path)
+    local = resolve_alias(source) if source in MODEL_ALIASES else Path(source).expanduser()
+
+    if local.suffix == ".gguf" or gguf_file:
+        gguf_path = local if local.suffix == ".gguf" else local / str(gguf_file)
+        model, tokenizer = load_gguf(gguf_path, torch_dtype)
+        folder: Path | None = gguf_path.parent
+    elif local.exists():
+        folder = local
+        _check_local_folder(folder, allow_pickle)
+        model, tokenizer = _load_pretrained(str(folder), torch_dtype, trust_remote_code, allow_pickle)
+    elif _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+        folder = None
+        model, tokenizer = _load_pretrained(source, torch_dtype, trust_remote_code, allow_pickle)
+    else:
+        raise UsageError(f"model {source!r} does not exist; pass a checkpoint folder, a .gguf file, a hub id or "
+                         f"one of the aliases {', '.join(MODEL_ALIASES)}")
+    model.to(target_device)
+    model.eval()
+    adapter = adapter_for(model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, source, adapter, folder, _read_lineage(folder))
+
+
+def _load_pretrained(
+    where: str, dtype: torch.dtype, trust_remote_code: bool, allow_pickle: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:
+        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if "trust_remote_code" in str(error):
+            raise UsageError(f"{where} needs custom code from its repository to load; pass --trust-remote-code "
+                             "only if you trust that code") from None
+        raise UsageError(f"cannot read the config of {where}: {_first_line(error)}") from None
+    except OSError as error:
+        raise UsageError(f"cannot load model {where!r}: not a local folder, and the Hugging Face hub did not "
+                         f"provide it ({_first_line(error)}); check the name or your network") from None
+    check_supported_config(config.model_type)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            where, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        message = _first_line(error)
+        hint = " (pickle weights are refused unless you pass --allow-pickle)" if "safetensors" in message.lower() else ""
+        raise UsageError(f"cannot load model {where!r}: {message}{hint}") from None
+    except (ValueError, RuntimeError) as error:
+        raise UsageError(f"cannot load model {where!r}: {_first_line(error)}; are the weight files intact?") from None
+    return model, tokenizer

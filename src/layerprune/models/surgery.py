@@ -1,0 +1,134 @@
+"""Layer surgery: remove decoder layers or replace a run of them by one module.
+
+After surgery the model is an ordinary transformers model of its own class: the layer list is
+shorter, every per-layer index used by the KV cache (``layer_idx``) is renumbered, and
+``config.num_hidden_layers`` plus every per-layer config list (Gemma-3's ``layer_types``) is cut
+to match, so ``generate`` with a cache, ``save_pretrained`` and a plain reload all just work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+from transformers import PreTrainedModel
+
+from layerprune.errors import UsageError
+from layerprune.models.architectures import ArchitectureAdapter, adapter_for
+
+
+def validate_layer_indices(indices: Iterable[int], num_layers: int) -> list[int]:
+    """Return ``indices`` sorted, or raise a UsageError naming what is wrong with them."""
+    chosen = list(indices)
+    if not chosen:
+        raise UsageError("no layers to remove; name at least one layer index")
+    negative = [i for i in chosen if i < 0]
+    if negative:
+        raise UsageError(f"layer indices must be >= 0, got {negative}; layers are numbered 0..{num_layers - 1}")
+    out_of_range = [i for i in chosen if i >= num_layers]
+    if out_of_range:
+        raise UsageError(
+            f"layer indices {out_of_range} are out of range: the model has {num_layers} layers (0..{num_layers - 1})"
+        )
+    duplicates = sorted({i for i in chosen if chosen.count(i) > 1})
+    if duplicates:
+        raise UsageError(f"layer indices {duplicates} are given more than once; name each layer once")
+    if len(chosen) >= num_layers:
+        raise UsageError(f"cannot remove all {num_layers} layers; keep at least one")
+    return sorted(chosen)
+
+
+def parse_layer_list(text: str) -> list[int]:
+    """Parse ``"3,5,10-12"`` into ``[3, 5, 10, 11, 12]`` (ranges inclusive)."""
+    indices: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        start, sep, end = part.partition("-") if not part.startswith("-") else (part, "", "")
+        try:
+            if sep:
+                first, last = int(start), int(end)
+                if last < first:
+                    raise UsageError(f"layer range {part!r} runs backwards; write it as {last}-{first}")
+                indices.extend(range(first, last + 1))
+            else:
+                indices.append(int(part))
+        except ValueError:
+            raise UsageError(f"cannot read layer index {part!r}; use integers like 3,5,10-12") from None
+    return indices
+
+
+def _check_position_independent(model: PreTrainedModel) -> None:
+    if getattr(model.config, "scale_attn_by_inverse_layer_idx", False):
+        raise UsageError(
+            "this GPT-2 checkpoint scales attention by its layer index "
+            "(scale_attn_by_inverse_layer_idx=True), so moving layers would change their maths; "
+            "layer surgery is not possible for it"
+        )
+
+
+def rebuild_layers(
+    model: PreTrainedModel,
+    layers: Sequence[nn.Module],
+    source_indices: Sequence[int],
+    adapter: ArchitectureAdapter | None = None,
+) -> None:
+    """Install ``layers`` as the model's decoder stack.
+
+    ``source_indices[i]`` is the current index whose per-layer config entries (attention type,
+    etc.) new layer ``i`` inherits.
+    """
+    adapter = adapter or adapter_for(model)
+    _check_position_independent(model)
+    config = model.config
+    old_count = adapter.num_layers(model)
+    for name in adapter.per_layer_config:
+        values = getattr(config, name, None)
+        if isinstance(values, (list, tuple)) and len(values) == old_count:
+            setattr(config, name, [values[i] for i in source_indices])
+    adapter.set_decoder_layers(model, nn.ModuleList(layers))
+    config.num_hidden_layers = len(layers)
+    for new_index, layer in enumerate(layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    base = model.get_submodule(adapter.layers.rpartition(".")[0])
+    if hasattr(base, "has_sliding_layers") and isinstance(getattr(config, "layer_types", None), list):
+        base.has_sliding_layers = "sliding_attention" in config.layer_types
+
+
+def remove_layers(model: PreTrainedModel, indices: Iterable[int], adapter: ArchitectureAdapter | None = None) -> list[int]:
+    """Remove the decoder layers at ``indices`` in place; returns them sorted."""
+    adapter = adapter or adapter_for(model)
+    current = adapter.decoder_layers(model)
+    removed = validate_layer_indices(indices, len(current))
+    kept = [i for i in range(len(current)) if i not in set(removed)]
+    rebuild_layers(model, [current[i] for i in kept], kept, adapter)
+    return removed
+
+
+def replace_block(
+    model: PreTrainedModel,
+    start: int,
+    end: int,
+    replacement: nn.Module,
+    source_index: int | None = None,
+    adapter: ArchitectureAdapter | None = None,
+) -> None:
+    """Replace decoder layers ``[start, end)`` by one ``replacement`` layer in place.
+
+    ``source_index`` is the layer (inside the block) whose config entries the replacement takes;
+    by default the block's first layer.
+    """
+    adapter = adapter or adapter_for(model)
+    current = adapter.decoder_layers(model)
+    if not 0 <= start < end <= len(current):
+        raise UsageError(f"block [{start}, {end}) is not a valid run of layers of a {len(current)}-layer model")
+    if end - start == len(current):
+        raise UsageError("cannot replace every layer of the model; keep at least one original layer")
+    source = start if source_index is None else source_index
+    if not start <= source < end:
+        raise UsageError(f"source layer {source} lies outside the replaced block [{start}, {end})")
+    layers = [*current[:start], replacement, *current[end:]]
+    sources = [*range(start), source, *range(end, len(current))]
+    rebuild_layers(model, layers, sources, adapter)

