@@ -96,7 +96,8 @@ def test_gemma3_layer_types_follow_their_layers() -> None:
     remove_layers(model, [2, 4])
     assert model.config.layer_types == [types[i] for i in (0, 1, 3, 5)]
     for layer, kind in zip(adapter_for(model).decoder_layers(model), model.config.layer_types):
-        assert layer.attention_type == kind
+        assert layer.self_attn.layer_type == kind
+        assert layer.self_attn.is_sliding == (kind == "sliding_attention")
 
 
 def test_pruning_a_pruned_model_records_original_indices(tmp_path) -> None:

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from layerprune.errors import UsageError
@@ -95,11 +95,24 @@ def supported_families() -> list[str]:
     return ADAPTERS.names()
 
 
-def check_supported_config(model_type: str) -> None:
+_CAUSAL_CLASS_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+_ENCODER_ONLY = {"albert", "bert", "camembert", "deberta", "deberta-v2", "distilbert", "electra", "ernie",
+                 "megatron-bert", "modernbert", "rembert", "roberta", "roberta-prelayernorm", "xlm-roberta", "xmod"}
+
+
+def check_supported_config(config: PretrainedConfig) -> None:
     """Fail before loading weights if the checkpoint is not a decoder-only causal LM."""
+    model_type = config.model_type
     if model_type in ADAPTERS:
         return
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    architectures = getattr(config, "architectures", None) or []
+    declared_non_causal = architectures and not any(a.endswith(_CAUSAL_CLASS_SUFFIXES) for a in architectures)
+    if (
+        model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        or getattr(config, "is_encoder_decoder", False)
+        or declared_non_causal
+        or (model_type in _ENCODER_ONLY and not getattr(config, "is_decoder", False))
+    ):
         raise UsageError(
             f"architecture {model_type!r} is not a causal (decoder-only) language model; layerprune "
             f"supports: {', '.join(supported_families())}"

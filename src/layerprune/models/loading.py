@@ -180,7 +180,7 @@ def _load_pretrained(
     except OSError as error:
         raise UsageError(f"cannot load model {where!r}: not a local folder, and the Hugging Face hub did not "
                          f"provide it ({_first_line(error)}); check the name or your network") from None
-    check_supported_config(config.model_type)
+    check_supported_config(config)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             where, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
