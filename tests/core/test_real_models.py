@@ -86,3 +86,11 @@ def test_gemma3_pruned_generation_with_cache_matches_without(gemma3_dir: Path) -
         cached = loaded.model.generate(ids, use_cache=True, **common)
         uncached = loaded.model.generate(ids, use_cache=False, **common)
     assert torch.equal(cached, uncached)
+
+
+def test_gguf_input_exports_a_plain_checkpoint(smollm2_gguf: Path, tmp_path: Path) -> None:
+    loaded, out, stdout = _prune_save_reload(smollm2_gguf, [0, 29], tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config, "a de-quantized GGUF model must export as a plain float checkpoint"
+    assert config["num_hidden_layers"] == 28
+    assert json.loads((out / "layerprune.json").read_text())["source_model"] == str(smollm2_gguf)
