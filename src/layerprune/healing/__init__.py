@@ -1,0 +1,11 @@
+"""Healing a pruned model: replacement modules, partial fine-tuning, LoRA/QLoRA, distillation.
+
+Each method is one registered unit in :data:`HEALERS`; importing this package registers them all.
+"""
+
+from layerprune.healing import lora, partial, replacement  # noqa: F401  (registers the methods)
+from layerprune.healing.base import HEALERS, Healer, HealOutcome, HealSettings
+from layerprune.healing.data import TrainingSet
+from layerprune.healing.heal import heal
+
+__all__ = ["HEALERS", "HealOutcome", "HealSettings", "Healer", "TrainingSet", "heal"]

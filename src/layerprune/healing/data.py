@@ -1,0 +1,115 @@
+"""Training sequences for healing: plain text windows or instruction examples.
+
+Text sources (``wiki-sample``, ``news-sample``, files, hub names) become fixed-length windows
+through the data layer, and every token is a target. Alpaca-style instruction files
+(``instruction``/``input``/``output`` records in JSON or JSONL) become prompt+response sequences in
+which only the response tokens are targets, so the model is taught to answer, not to echo prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from layerprune.errors import UsageError
+
+IGNORE_INDEX = -100
+_INSTRUCTION_KEYS = {"instruction", "output"}
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """Equal-length training rows: tokens, which tokens are real, and which are targets."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    description: str = "tensors"
+
+    def __post_init__(self) -> None:
+        shapes = {tuple(t.shape) for t in (self.input_ids, self.attention_mask, self.labels)}
+        if len(shapes) != 1 or self.input_ids.dim() != 2:
+            raise UsageError(f"training tensors must all have the same [rows, seq_len] shape, got {sorted(shapes)}")
+
+    @classmethod
+    def from_ids(cls, input_ids: torch.Tensor, description: str = "tensors") -> TrainingSet:
+        """Every token is real and every token is a target (language modelling on windows)."""
+        return cls(input_ids, torch.ones_like(input_ids), input_ids.clone(), description)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def take(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        index = torch.tensor(rows, dtype=torch.long)
+        return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index],
+                "labels": self.labels[index]}
+
+    def digest(self) -> str:
+        """A content hash, so cached teacher pairs are reused only for the very same data."""
+        hasher = hashlib.sha256()
+        for tensor in (self.input_ids, self.attention_mask, self.labels):
+            hasher.update(tensor.contiguous().numpy().tobytes())
+        return hasher.hexdigest()[:16]
+
+
+def is_instruction_file(source: str | Path) -> bool:
+    """Whether ``source`` is a JSON/JSONL file whose first record has Alpaca's keys."""
+    path = Path(source).expanduser()
+    if path.suffix not in (".json", ".jsonl") or not path.is_file():
+        return False
+    try:
+        if path.suffix == ".jsonl":
+            with path.open() as handle:
+                first = json.loads(next((line for line in handle if line.strip()), "null"))
+        else:
+            records = json.loads(path.read_text())
+            first = records[0] if isinstance(records, list) and records else records
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(first, dict) and _INSTRUCTION_KEYS <= set(first)
+
+
+def instruction_rows(tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], seq_len: int,
+                     description: str) -> TrainingSet:
+    """Tokenize (prompt, response) pairs; loss only on the response (and its end-of-text token).
+
+    Rows are right-padded to ``seq_len``; with a causal mask real tokens never see the padding, and
+    padded positions are excluded from both attention and loss. Too-long rows are cut at the end.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    rows, masks, labels = [], [], []
+    for prompt, response in pairs:
+        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + eos
+        ids = (prompt_ids + response_ids)[:seq_len]
+        targets = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:seq_len]
+        padding = seq_len - len(ids)
+        rows.append(ids + [pad] * padding)
+        masks.append([1] * len(ids) + [0] * padding)
+        labels.append(targets + [IGNORE_INDEX] * padding)
+    label_tensor = torch.tensor(labels)
+    if not (label_tensor != IGNORE_INDEX).any():
+        raise UsageError(f"no response token fits in --seq-len {seq_len} for {description}; raise --seq-len")
+    return TrainingSet(torch.tensor(rows), torch.tensor(masks), label_tensor, description)
+
+
+def load_training_data(tokenizer: PreTrainedTokenizerBase, source: str | Path | TrainingSet, *, samples: int,
+                       seq_len: int, seed: int = 0) -> TrainingSet:
+    """Resolve ``source`` into training rows (train split of a text source, or an instruction file)."""
+    if isinstance(source, TrainingSet):
+        return source
+    from layerprune import data  # the data layer; imported late so healing imports without it
+
+    if is_instruction_file(source):
+        examples = data.load_instructions(source)[:samples]
+        return instruction_rows(tokenizer, [(e.prompt, e.response) for e in examples], seq_len, str(source))
+    calibration = data.build_calibration(tokenizer, str(source), split="train", samples=samples,
+                                         seq_len=seq_len, seed=seed)
+    ids, mask = calibration.input_ids, calibration.attention_mask
+    return TrainingSet(ids, mask, ids.masked_fill(mask == 0, IGNORE_INDEX), f"{source} (train split)")

@@ -1,0 +1,186 @@
+"""The one training loop every healing method uses, on top of ``accelerate``.
+
+Why a loop of our own and not the Trainer: healing trains a handful of parameters on rows that may
+live in memory-mapped files (replacement pairs), with losses that are sums over tokens. The loop
+keeps three promises the tests check:
+
+* **Same result on 1 or N processes.** Step ``s`` always uses the same global batch (a seeded
+  permutation per epoch); each process takes its slice of it, and the summed loss is divided by
+  the *global* normaliser, so the gradient DDP averages equals the single-process gradient.
+  ``accelerate launch --num_processes N`` (DDP, FSDP) needs no code change.
+* **Resume gives the same result as an uninterrupted run.** A checkpoint holds the trainable
+  parameters, optimizer, schedule, RNG and step; the batch order is a function of the step.
+* **Frozen parameters stay bit-identical.** Only ``requires_grad`` parameters reach the optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from layerprune.errors import UsageError
+from layerprune.healing.base import HealSettings
+
+STATE_FILE = "heal-state.pt"
+WARMUP_FRACTION = 0.05
+
+
+class Rows(Protocol):
+    """Training rows addressable by index (in memory or memory-mapped)."""
+
+    def __len__(self) -> int: ...
+
+    def take(self, rows: list[int]) -> dict[str, torch.Tensor]: ...
+
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+"""Summed (not averaged) loss of a batch, so that batches split across processes add up."""
+WeightFn = Callable[[list[int]], float]
+"""How many loss terms the given rows contribute: the normaliser of the summed loss."""
+
+
+@dataclass
+class TrainReport:
+    losses: list[float]
+    seconds: float
+    trainable_parameters: int
+
+
+@lru_cache(maxsize=4)
+def _permutation(size: int, seed: int, epoch: int) -> tuple[int, ...]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return tuple(torch.randperm(size, generator=generator).tolist())
+
+
+def global_rows(step: int, batch_size: int, size: int, seed: int) -> list[int]:
+    """The rows of global batch ``step``: consecutive slices of one seeded permutation per epoch."""
+    rows = []
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, size)
+        rows.append(_permutation(size, seed, epoch)[offset])
+    return rows
+
+
+def warmup_cosine(total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up over the first 5% of steps, then cosine decay to 10% of the peak rate."""
+    warmup = max(1, int(total_steps * WARMUP_FRACTION))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def mixed_precision(precision: str) -> str:
+    """bf16 autocast where asked, or by default where the GPU supports it; float32 otherwise."""
+    if precision == "bf16" or (precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        return "bf16"
+    return "no"
+
+
+def check_resumable(settings: HealSettings, fingerprint: dict[str, Any]) -> None:
+    """Before any expensive work: a ``--resume`` must find a checkpoint of the very same run."""
+    if not settings.resume:
+        return
+    path = Path(settings.checkpoint_dir or ".") / STATE_FILE
+    if not path.is_file():
+        raise UsageError(f"--resume was given but {path} does not exist; run without --resume to start afresh")
+    saved = torch.load(path, map_location="cpu", weights_only=True)["fingerprint"]
+    changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+    if changed:
+        raise UsageError(f"the checkpoint in {path.parent} is from a run with different {', '.join(changed)}; "
+                         "use the same settings to resume, or a new --checkpoint-dir to start afresh")
+
+
+def train(model: nn.Module, rows: Rows, loss_fn: LossFn, weight_fn: WeightFn, settings: HealSettings, *,
+          lr: float, fingerprint: dict[str, Any], companions: Sequence[nn.Module] = (),
+          label: str = "healing") -> TrainReport:
+    """Train ``model``'s ``requires_grad`` parameters for ``settings.steps`` steps.
+
+    ``companions`` are frozen models the loss uses (a distillation teacher); they are moved to
+    the training device but never wrapped or optimised.
+    """
+    accelerator = Accelerator(mixed_precision=mixed_precision(settings.precision))
+    processes = accelerator.num_processes
+    if settings.batch_size % processes:
+        raise UsageError(f"batch size {settings.batch_size} does not split over {processes} processes; "
+                         f"use a multiple of {processes}")
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise RuntimeError(f"{label}: no trainable parameters")
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(settings.steps))
+    for companion in companions:
+        companion.to(accelerator.device)
+    model.train()
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    state_path = Path(settings.checkpoint_dir) / STATE_FILE if settings.checkpoint_dir else None
+    losses: list[float] = []
+    start = 0
+    if settings.resume and state_path is not None:
+        start, losses = _load_state(state_path, named, optimizer, scheduler)
+    share = settings.batch_size // processes
+    first = accelerator.process_index * share
+    begun = time.perf_counter()
+    bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc=label,
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    for step in bar:
+        batch_rows = global_rows(step, settings.batch_size, len(rows), settings.seed)
+        normaliser = max(weight_fn(batch_rows), 1.0)
+        batch = {k: v.to(accelerator.device) for k, v in rows.take(batch_rows[first:first + share]).items()}
+        with accelerator.autocast():
+            loss_sum = loss_fn(wrapped, batch)
+        accelerator.backward(loss_sum * processes / normaliser)
+        accelerator.clip_grad_norm_([p for _, p in named], 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(accelerator.reduce(loss_sum.detach().float(), "sum").item() / normaliser)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        done = step + 1
+        if state_path is not None and settings.checkpoint_every and done % settings.checkpoint_every == 0:
+            if accelerator.is_main_process:
+                _save_state(state_path, done, named, optimizer, scheduler, losses, fingerprint)
+            accelerator.wait_for_everyone()
+    bar.close()
+    accelerator.wait_for_everyone()
+    model.eval()
+    return TrainReport(losses, time.perf_counter() - begun, sum(p.numel() for _, p in named))
+
+
+def _save_state(path: Path, step: int, named: list[tuple[str, nn.Parameter]], optimizer: Any, scheduler: Any,
+                losses: list[float], fingerprint: dict[str, Any]) -> None:
+    """Write the checkpoint through a temporary file and a rename: never half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"step": step, "fingerprint": fingerprint, "losses": losses, "rng": torch.get_rng_state(),
+             "params": {name: p.detach().cpu().clone() for name, p in named},
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    torch.save(state, staging)
+    os.replace(staging, path)
+
+
+def _load_state(path: Path, named: list[tuple[str, nn.Parameter]], optimizer: Any,
+                scheduler: Any) -> tuple[int, list[float]]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        for name, parameter in named:
+            parameter.copy_(state["params"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return int(state["step"]), list(state["losses"])

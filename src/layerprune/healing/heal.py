@@ -1,0 +1,88 @@
+"""``heal()``: validate, gather data and the original model, run one registered method, record it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from layerprune.errors import UsageError
+from layerprune.healing.base import HEALERS, HealSettings
+from layerprune.healing.data import TrainingSet, load_training_data
+from layerprune.healing.engine import check_resumable
+from layerprune.models.lineage import ensure_lineage
+from layerprune.models.loading import LoadedModel, load_model
+
+
+def heal(loaded: LoadedModel, method: str, data: str | Path | TrainingSet, *,
+         original: str | Path | LoadedModel | None = None, steps: int = 100, batch_size: int = 8,
+         lr: float | None = None, seq_len: int = 256, samples: int | None = None, seed: int = 0,
+         train_layers: int = 3, lora_rank: int = 16, distill: bool = False, distill_weight: float = 0.5,
+         distill_temperature: float = 1.0, block: tuple[int, int] | None = None,
+         checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False,
+         gradient_checkpointing: bool = False, precision: str = "auto") -> LoadedModel:
+    """Heal a pruned model with ``method`` (see ``HEALERS``) and return the healed model.
+
+    ``data`` is a text source of the data layer (``wiki-sample``, a file, a hub name: its train
+    split is used), an Alpaca-style JSON/JSONL instruction file, or a :class:`TrainingSet`.
+    ``original`` is the unpruned model (replacement pairs, distillation teacher); by default the
+    ``source_model`` of the pruned model's lineage. ``block`` is the half-open run ``[start, end)``
+    of original layer indices a replacement stands in for; by default the one removed run.
+
+    The partial-ft and LoRA methods heal ``loaded`` in place; the replacement methods build the
+    result from the original's weights and return a new model. Under ``accelerate launch`` every
+    process returns the same model: save it from the main process only.
+    """
+    healer = HEALERS.get(method)()
+    settings = HealSettings(
+        method=method, data=data.description if isinstance(data, TrainingSet) else str(data), steps=steps,
+        batch_size=batch_size, lr=lr, seq_len=seq_len, samples=samples, seed=seed, train_layers=train_layers,
+        lora_rank=lora_rank, distill=distill, distill_weight=distill_weight, distill_temperature=distill_temperature,
+        block=tuple(block) if block is not None else None,
+        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
+        checkpoint_every=checkpoint_every, resume=resume, gradient_checkpointing=gradient_checkpointing,
+        precision=precision,
+    )
+    settings.check()
+    healer.check(loaded, settings)
+    check_resumable(settings, settings.fingerprint())
+    teacher = resolve_original(loaded, original, settings) if healer.needs_original(settings) else None
+    rows = load_training_data(loaded.tokenizer, data, samples=settings.num_samples, seq_len=seq_len, seed=seed)
+    outcome = healer.run(loaded, rows, settings, teacher)
+    ensure_lineage(outcome.loaded)["healing"].append({
+        "method": method,
+        "summary": outcome.summary,
+        "data": settings.data,
+        "steps": steps,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "lr": lr or healer.default_lr,
+        "distill": distill,
+        "trainable_parameters": outcome.trainable_parameters,
+        "first_loss": outcome.losses[0] if outcome.losses else None,
+        "final_loss": outcome.losses[-1] if outcome.losses else None,
+        "train_seconds": round(outcome.seconds, 1),
+    })
+    return outcome.loaded
+
+
+def resolve_original(loaded: LoadedModel, original: str | Path | LoadedModel | None,
+                     settings: HealSettings) -> LoadedModel:
+    """The unpruned model: given, or the lineage's ``source_model``, loaded like ``loaded``."""
+    if isinstance(original, LoadedModel):
+        return original
+    pruned = bool(loaded.lineage.get("removed_layers"))
+    if original is None and not pruned:
+        if HEALERS.get(settings.method).rebuilds_from_original:
+            return loaded
+        raise UsageError("this model has no pruning lineage (layerprune.json), so the unpruned teacher is unknown; "
+                         "pass the original model with --original")
+    source = original if original is not None else loaded.lineage.get("source_model")
+    if source is None:
+        raise UsageError("the pruned model's layerprune.json names no source_model; pass the original with --original")
+    parameter = next(loaded.model.parameters())
+    dtype = parameter.dtype if parameter.dtype in (torch.float32, torch.bfloat16, torch.float16) else "auto"
+    try:
+        return load_model(source, dtype=dtype, device=str(parameter.device))
+    except UsageError as error:
+        raise UsageError(f"cannot load the original model {source!r} ({error}); pass it with --original") from None

@@ -1,0 +1,113 @@
+"""LoRA and QLoRA healing through ``peft``, merged back into plain weights before export.
+
+The modules LoRA adapts come from the architecture adapter (``lora_targets``), so each family gets
+its own projection names. After training the adapters are merged (``W += B @ A * alpha / r``) and
+the result is an ordinary model of the original class: the exported checkpoint needs no peft.
+
+QLoRA trains the same adapters on a 4-bit (NF4) copy of the base weights via bitsandbytes on a
+GPU, then merges them into the full-precision weights, so the export is not quantized either.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from layerprune.errors import UsageError
+from layerprune.healing.base import HEALERS, Healer, HealOutcome, HealSettings
+from layerprune.healing.data import TrainingSet
+from layerprune.healing.engine import TrainReport
+from layerprune.healing.objectives import distill_note, fit_language_model
+from layerprune.models.loading import LoadedModel
+
+
+def lora_config(loaded: LoadedModel, settings: HealSettings):  # -> peft.LoraConfig
+    """Rank ``r`` adapters (alpha = 2r, no dropout) on the family's attention and MLP projections."""
+    from peft import LoraConfig
+
+    present = {name.rpartition(".")[2] for name, _ in loaded.model.named_modules()}
+    targets = [t for t in loaded.adapter.lora_targets if t in present]
+    if not targets:
+        raise UsageError(f"none of the LoRA target modules {list(loaded.adapter.lora_targets)} exist in this "
+                         f"{loaded.model.config.model_type} model; use --method partial-ft")
+    return LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, lora_dropout=0.0,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+
+
+def _require_peft() -> None:
+    if importlib.util.find_spec("peft") is None:
+        raise UsageError("LoRA healing needs peft; install it with: pip install 'layerprune[heal]'")
+
+
+def _summary(settings: HealSettings, kind: str, targets: list[str]) -> str:
+    return (f"{kind} (rank {settings.lora_rank}, alpha {2 * settings.lora_rank}) on {', '.join(targets)} with "
+            f"{distill_note(settings)}; adapters merged into the weights, so the checkpoint is plain")
+
+
+@HEALERS.register("lora")
+class LoRA(Healer):
+    default_lr = 2e-4
+    supports_distill = True
+
+    def check(self, loaded: LoadedModel, settings: HealSettings) -> None:
+        super().check(loaded, settings)
+        _require_peft()
+
+    def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealSettings,
+            original: LoadedModel | None) -> HealOutcome:
+        from peft import get_peft_model
+
+        config = lora_config(loaded, settings)
+        peft_model = get_peft_model(loaded.model, config)
+        report = fit_language_model(peft_model, data, settings, original, lr=settings.lr or self.default_lr,
+                                    fingerprint=settings.fingerprint(), label="lora")
+        loaded.model = peft_model.merge_and_unload()
+        loaded.model.requires_grad_(False)
+        return _outcome(loaded, report, _summary(settings, "LoRA", sorted(config.target_modules)))
+
+
+@HEALERS.register("qlora")
+class QLoRA(Healer):
+    default_lr = 2e-4
+    supports_distill = True
+
+    def check(self, loaded: LoadedModel, settings: HealSettings) -> None:
+        super().check(loaded, settings)
+        _require_peft()
+        if not torch.cuda.is_available():
+            raise UsageError("qlora needs a CUDA GPU (bitsandbytes 4-bit kernels) and none is available; "
+                             "use --method lora on this machine")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UsageError("qlora needs bitsandbytes, which is not installed; pip install bitsandbytes, "
+                             "or use --method lora")
+
+    def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealSettings,
+            original: LoadedModel | None) -> HealOutcome:
+        from peft import get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training, set_peft_model_state_dict
+        from transformers import BitsAndBytesConfig
+
+        config = lora_config(loaded, settings)
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.bfloat16)
+        with tempfile.TemporaryDirectory(prefix="layerprune-qlora-") as scratch:
+            loaded.model.save_pretrained(scratch)
+            quantized = AutoModelForCausalLM.from_pretrained(scratch, quantization_config=quantization,
+                                                             device_map={"": torch.cuda.current_device()})
+        quantized = prepare_model_for_kbit_training(quantized,
+                                                    use_gradient_checkpointing=settings.gradient_checkpointing)
+        peft_quantized = get_peft_model(quantized, config)
+        report = fit_language_model(peft_quantized, data, settings, original, lr=settings.lr or self.default_lr,
+                                    fingerprint=settings.fingerprint(), label="qlora")
+        adapters = get_peft_model_state_dict(peft_quantized)
+        full_precision = get_peft_model(loaded.model, config)
+        set_peft_model_state_dict(full_precision, adapters)
+        loaded.model = full_precision.merge_and_unload()
+        loaded.model.requires_grad_(False)
+        return _outcome(loaded, report, _summary(settings, "QLoRA (NF4 base)", sorted(config.target_modules)))
+
+
+def _outcome(loaded: LoadedModel, report: TrainReport, summary: str) -> HealOutcome:
+    return HealOutcome(loaded, summary, report.trainable_parameters, report.losses, report.seconds)

@@ -1,0 +1,48 @@
+"""Partial-layer fine-tuning (Reassessing Layer Pruning, Lu et al. 2024).
+
+Train only the LM head and the last ``k`` decoder layers (paper default 3); everything else stays
+frozen. The frozen prefix runs without storing activations for backward, so this is cheap in
+both time and memory. Where the LM head is tied to the input embeddings (SmolLM2), training the
+head necessarily trains the embeddings too; the summary says so.
+"""
+
+from __future__ import annotations
+
+from layerprune.errors import UsageError
+from layerprune.healing.base import HEALERS, Healer, HealOutcome, HealSettings
+from layerprune.healing.data import TrainingSet
+from layerprune.healing.objectives import distill_note, fit_language_model
+from layerprune.models.loading import LoadedModel
+
+
+def unfreeze_head_and_last_layers(loaded: LoadedModel, k: int) -> None:
+    """Freeze every parameter, then unfreeze the LM head and the last ``k`` decoder layers."""
+    model = loaded.model
+    model.requires_grad_(False)
+    model.get_submodule(loaded.adapter.lm_head).requires_grad_(True)
+    for layer in loaded.adapter.decoder_layers(model)[-k:]:
+        layer.requires_grad_(True)
+
+
+@HEALERS.register("partial-ft")
+class PartialFineTuning(Healer):
+    default_lr = 5e-5
+    supports_distill = True
+
+    def check(self, loaded: LoadedModel, settings: HealSettings) -> None:
+        super().check(loaded, settings)
+        if settings.train_layers > loaded.num_layers:
+            raise UsageError(f"--train-layers {settings.train_layers} exceeds the model's {loaded.num_layers} layers; "
+                             f"choose 1..{loaded.num_layers}")
+
+    def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealSettings,
+            original: LoadedModel | None) -> HealOutcome:
+        unfreeze_head_and_last_layers(loaded, settings.train_layers)
+        tied = getattr(loaded.model.config, "tie_word_embeddings", False)
+        report = fit_language_model(loaded.model, data, settings, original, lr=settings.lr or self.default_lr,
+                                    fingerprint=settings.fingerprint(), label="partial-ft")
+        loaded.model.requires_grad_(False)
+        head = "LM head (tied to the input embeddings, so those changed too)" if tied else "LM head"
+        summary = (f"trained the {head} and the last {settings.train_layers} decoder layers with "
+                   f"{distill_note(settings)}; all other weights are unchanged")
+        return HealOutcome(loaded, summary, report.trainable_parameters, report.losses, report.seconds)

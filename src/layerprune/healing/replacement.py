@@ -1,0 +1,281 @@
+"""Layer replacement (LLM-Streamline, Chen et al. 2024): one light module stands in for a block.
+
+For a removed run of consecutive layers ``[i, i + n)`` of the *original* model, we record the
+hidden state entering layer ``i`` and the one leaving layer ``i + n - 1`` on the training data,
+and train one module to map the first to the second by MSE. The pairs are written to disk in
+chunks and memory-mapped, so memory stays bounded however many there are, and they are cached
+by content so a second run (or a resumed one) skips the teacher passes.
+
+Two kinds, both stored as one ordinary decoder layer of the model's own class so that plain
+transformers loads the result:
+
+* ``layer``: a copy of the block's first layer, all of it trained.
+* ``ffn``: the same copy with its attention output projection (and bias) zeroed and the whole
+  attention frozen, so the layer computes exactly ``x + MLP(norm(x))``: a pre-norm MLP block.
+  The model card says that this layer's attention contributes nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from layerprune.api import prune, replace
+from layerprune.cache import cache_dir
+from layerprune.errors import UsageError
+from layerprune.healing.base import HEALERS, Healer, HealOutcome, HealSettings
+from layerprune.healing.data import TrainingSet
+from layerprune.healing.engine import train
+from layerprune.models.loading import LoadedModel
+
+PAIR_CHUNK_ROWS = 64
+_FFN_NOTE = ("It is stored as a standard decoder layer whose attention output projection is zero, so its "
+             "attention contributes nothing and the layer computes x + MLP(norm(x)).")
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the block's output is captured: the rest of the model is not needed."""
+
+
+def consecutive_runs(indices: list[int]) -> list[tuple[int, int]]:
+    """``[3, 4, 5, 9]`` -> ``[(3, 6), (9, 10)]`` (half-open runs)."""
+    runs: list[tuple[int, int]] = []
+    for index in sorted(indices):
+        if runs and runs[-1][1] == index:
+            runs[-1] = (runs[-1][0], index + 1)
+        else:
+            runs.append((index, index + 1))
+    return runs
+
+
+def locate_block(loaded: LoadedModel, settings: HealSettings) -> tuple[tuple[int, int], list[int]]:
+    """The block to replace (original indices) and the other removed layers, from flags or lineage."""
+    lineage = loaded.lineage
+    if lineage.get("replaced_blocks") or lineage.get("healing"):
+        raise UsageError("replacement rebuilds the model from the original weights, but this model was already "
+                         "replaced or healed; start from the plainly pruned checkpoint")
+    removed = list(lineage.get("removed_layers", []))
+    if settings.block is not None:
+        block = settings.block
+    else:
+        runs = [run for run in consecutive_runs(removed) if run[1] - run[0] >= 2]
+        if len(runs) != 1:
+            found = ", ".join(f"{a}-{b - 1}" for a, b in consecutive_runs(removed)) or "none"
+            raise UsageError(f"replacement needs one removed run of >= 2 consecutive layers; the removed runs are: "
+                             f"{found}. Name the block with --block START-END (original layer indices)")
+        block = runs[0]
+    others = [i for i in removed if not block[0] <= i < block[1]]
+    return block, others
+
+
+def replacement_layer(original: LoadedModel, start: int, kind: str) -> nn.Module:
+    """A trainable copy of original layer ``start``; for ``ffn``, with its attention zeroed and frozen."""
+    layer = copy.deepcopy(original.adapter.decoder_layers(original.model)[start]).float()
+    layer.requires_grad_(True)
+    if kind == "ffn":
+        for path in original.adapter.attention_outputs:
+            projection = layer.get_submodule(path)
+            with torch.no_grad():
+                for parameter in projection.parameters():
+                    parameter.zero_()
+            attention = layer.get_submodule(path.rpartition(".")[0]) if "." in path else projection
+            attention.requires_grad_(False)
+    return layer
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _hidden(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _output(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def block_io(original: LoadedModel, start: int, end: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Hidden state into layer ``start``, out of layer ``end - 1``, and the layer's other arguments.
+
+    The model runs only as far as the block's end. The other arguments (rotary embeddings, causal
+    mask, positions) are what the original layer ``start`` received, so the replacement trains
+    under exactly the conditions it will run in.
+    """
+    layers = original.adapter.decoder_layers(original.model)
+    captured: dict[str, Any] = {}
+
+    def take_input(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        captured["input"] = _hidden(args, kwargs)
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")}
+
+    def take_output(module: nn.Module, args: tuple, output: Any) -> None:
+        captured["output"] = _output(output)
+        raise _StopForward
+
+    handles = [layers[start].register_forward_pre_hook(take_input, with_kwargs=True),
+               layers[end - 1].register_forward_hook(take_output)]
+    device = original.model.device
+    try:
+        with torch.no_grad():
+            original.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured["input"].float().cpu(), captured["output"].float().cpu(), captured["kwargs"]
+
+
+class PairStore:
+    """Teacher pairs in memory-mapped ``.npy`` chunks: random access without loading them all."""
+
+    def __init__(self, folder: Path) -> None:
+        meta = json.loads((folder / "meta.json").read_text())
+        self.folder = folder
+        self.inputs = [np.load(folder / f"inputs-{i:05d}.npy", mmap_mode="r") for i in range(meta["chunks"])]
+        self.outputs = [np.load(folder / f"outputs-{i:05d}.npy", mmap_mode="r") for i in range(meta["chunks"])]
+        self.mask = torch.load(folder / "mask.pt", weights_only=True)
+        self.offsets = np.cumsum([0] + [len(chunk) for chunk in self.inputs])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _rows(self, chunks: list[np.ndarray], rows: list[int]) -> torch.Tensor:
+        picked = []
+        for row in rows:
+            chunk = int(np.searchsorted(self.offsets, row, side="right") - 1)
+            picked.append(np.asarray(chunks[chunk][row - self.offsets[chunk]]))
+        return torch.from_numpy(np.stack(picked))
+
+    def take(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        return {"inputs": self._rows(self.inputs, rows), "outputs": self._rows(self.outputs, rows),
+                "mask": self.mask[torch.tensor(rows, dtype=torch.long)]}
+
+
+def pair_cache_folder(original: LoadedModel, block: tuple[int, int], data: TrainingSet) -> Path:
+    """Keyed by the original's weights (not its name), the block and the data: never a stale hit."""
+    hasher = hashlib.sha256(json.dumps([list(block), data.digest()]).encode())
+    for name, tensor in original.model.state_dict().items():
+        hasher.update(name.encode())
+        hasher.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return cache_dir() / "healing-pairs" / hasher.hexdigest()[:20]
+
+
+def _batches(data: TrainingSet, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for first in range(0, len(data), size):
+        yield data.input_ids[first:first + size], data.attention_mask[first:first + size]
+
+
+def cached_pairs(original: LoadedModel, block: tuple[int, int], data: TrainingSet, batch_size: int) -> PairStore:
+    """Build (or reuse) the teacher pairs for ``block`` on ``data``; never more than a chunk in memory."""
+    folder = pair_cache_folder(original, block, data)
+    if (folder / "meta.json").is_file():
+        return PairStore(folder)
+    staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    inputs: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+    chunks = 0
+
+    def flush() -> None:
+        nonlocal chunks, inputs, outputs
+        np.save(staging / f"inputs-{chunks:05d}.npy", torch.cat(inputs).numpy())
+        np.save(staging / f"outputs-{chunks:05d}.npy", torch.cat(outputs).numpy())
+        chunks, inputs, outputs = chunks + 1, [], []
+
+    for ids, mask in _batches(data, batch_size):
+        entering, leaving, _ = block_io(original, block[0], block[1], ids, mask)
+        inputs.append(entering)
+        outputs.append(leaving)
+        if sum(len(t) for t in inputs) >= PAIR_CHUNK_ROWS:
+            flush()
+    if inputs:
+        flush()
+    torch.save(data.attention_mask.clone(), staging / "mask.pt")
+    (staging / "meta.json").write_text(json.dumps({"chunks": chunks, "rows": len(data), "block": list(block),
+                                                   "source": original.source}))
+    if folder.exists():
+        shutil.rmtree(staging)
+    else:
+        os.replace(staging, folder)
+    return PairStore(folder)
+
+
+def mse_loss(layer_kwargs: dict[str, Any]):  # -> LossFn
+    """Summed per-token MSE (mean over the hidden size) on real tokens between module and block output."""
+    def loss(module: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        kwargs = _to_device(layer_kwargs, batch["inputs"].device)
+        predicted = _output(module(batch["inputs"], **kwargs))
+        per_token = (predicted.float() - batch["outputs"]).pow(2).mean(dim=-1)
+        return (per_token * batch["mask"]).sum()
+
+    return loss
+
+
+class _Replacement(Healer):
+    kind: str
+    default_lr = 1e-4
+    rebuilds_from_original = True
+
+    def needs_original(self, settings: HealSettings) -> bool:
+        return True
+
+    def check(self, loaded: LoadedModel, settings: HealSettings) -> None:
+        super().check(loaded, settings)
+        locate_block(loaded, settings)
+
+    def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealSettings,
+            original: LoadedModel | None) -> HealOutcome:
+        assert original is not None, "replacement healing always receives the original model"
+        (start, end), others = locate_block(loaded, settings)
+        if end > original.num_layers:
+            raise UsageError(f"block {start}-{end - 1} lies outside the original model's {original.num_layers} layers")
+        pairs = cached_pairs(original, (start, end), data, settings.batch_size)
+        _, _, layer_kwargs = block_io(original, start, end, data.input_ids[:1],
+                                      torch.ones_like(data.input_ids[:1]))
+        module = replacement_layer(original, start, self.kind)
+        mask_sums = pairs.mask.sum(dim=1)
+        report = train(module, pairs, mse_loss(layer_kwargs), lambda rows: float(mask_sums[rows].sum()), settings,
+                       lr=settings.lr or self.default_lr, fingerprint=settings.fingerprint(),
+                       label=f"replace-{self.kind}")
+        module.requires_grad_(False).to(next(original.model.parameters()).dtype)
+        for key in ("reason", "recipe"):
+            if key in loaded.lineage:
+                original.lineage[key] = loaded.lineage[key]
+        if others:
+            prune(original, others, loaded.lineage.get("reason", "layers named by the user"))
+        shift = sum(1 for i in others if i < start)
+        note = _FFN_NOTE if self.kind == "ffn" else "It is a decoder layer initialised from the block's first layer."
+        replace(original, start - shift, end - shift, module, self.kind, note, source_index=start - shift)
+        summary = (f"layers {start}..{end - 1} replaced by one trained `{self.kind}` module "
+                   f"(MSE to the original block's output on {len(pairs)} sequences)")
+        return HealOutcome(original, summary, report.trainable_parameters, report.losses, report.seconds)
+
+
+@HEALERS.register("replace-ffn")
+class ReplaceWithFFN(_Replacement):
+    kind = "ffn"
+
+
+@HEALERS.register("replace-layer")
+class ReplaceWithLayer(_Replacement):
+    kind = "layer"
