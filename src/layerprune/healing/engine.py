@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.utils import parse_flag_from_env
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -83,6 +84,12 @@ def warmup_cosine(total_steps: int) -> Callable[[int], float]:
         return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def process_state() -> PartialState:
+    """This process's place in the run. Built as ``Accelerator`` builds it: a bare ``PartialState()``
+    ignores ``ACCELERATE_USE_CPU`` and would see one process where a CPU launch started several."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def mixed_precision(precision: str) -> str:

@@ -35,7 +35,7 @@ from layerprune.cache import cache_dir
 from layerprune.errors import UsageError
 from layerprune.healing.base import HEALERS, Healer, HealOutcome, HealSettings
 from layerprune.healing.data import TrainingSet
-from layerprune.healing.engine import train
+from layerprune.healing.engine import process_state, train
 from layerprune.models.loading import LoadedModel
 
 PAIR_CHUNK_ROWS = 64
@@ -249,7 +249,8 @@ class _Replacement(Healer):
         (start, end), others = locate_block(loaded, settings)
         if end > original.num_layers:
             raise UsageError(f"block {start}-{end - 1} lies outside the original model's {original.num_layers} layers")
-        pairs = cached_pairs(original, (start, end), data, settings.batch_size)
+        with process_state().main_process_first():  # one process computes the pairs, the others reuse them
+            pairs = cached_pairs(original, (start, end), data, settings.batch_size)
         _, _, layer_kwargs = block_io(original, start, end, data.input_ids[:1],
                                       torch.ones_like(data.input_ids[:1]))
         module = replacement_layer(original, start, self.kind)

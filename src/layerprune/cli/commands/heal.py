@@ -10,7 +10,7 @@ from layerprune.api import save
 from layerprune.cli.options import add_model_options, add_output_options, load_from_args
 from layerprune.errors import UsageError
 from layerprune.healing import HEALERS, HealSettings, heal
-from layerprune.healing.engine import STATE_FILE
+from layerprune.healing.engine import STATE_FILE, process_state
 from layerprune.models.surgery import parse_layer_list
 from layerprune.outputs import check_output_path
 
@@ -54,8 +54,6 @@ def parse_block(text: str) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
     block = parse_block(args.block) if args.block else None
     protected = [Path(p) for p in (args.model, args.original) if p and Path(p).expanduser().exists()]
     out = check_output_path(args.out, overwrite=args.overwrite, protected=protected)
@@ -69,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     )
     HealSettings(method=args.method, data=args.data, **options).check()  # fail before loading anything
     healed = heal(load_from_args(args), args.method, args.data, original=args.original, **options)
-    if not PartialState().is_main_process:
+    if not process_state().is_main_process:
         return 0
     folder = save(healed, out, overwrite=args.overwrite)
     (checkpoints / STATE_FILE).unlink(missing_ok=True)

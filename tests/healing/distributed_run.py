@@ -1,0 +1,30 @@
+"""Heal a tiny pruned model and save its final weights; run plainly or under ``torchrun``.
+
+(``accelerate launch --cpu --num_processes 2`` starts a single process in accelerate 1.x unless
+an MPI hostfile is given; ``torchrun`` with ``ACCELERATE_USE_CPU=1`` gives accelerate two gloo
+CPU processes, and the file records how many processes really took part.)
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from layerprune.healing import heal
+from layerprune.healing.engine import process_state
+from tests.healing.conftest import pruned_pair, training_rows
+
+TRAINING = dict(steps=6, batch_size=4, lr=1e-2, train_layers=2)
+
+
+def healed_state(method: str) -> dict[str, torch.Tensor]:
+    original, pruned = pruned_pair()
+    healed = heal(pruned, method, training_rows(), original=original, **TRAINING)
+    return {k: v.detach().clone() for k, v in healed.model.state_dict().items()}
+
+
+if __name__ == "__main__":
+    state = healed_state(sys.argv[1])
+    if process_state().is_main_process:
+        torch.save({"state": state, "processes": process_state().num_processes}, sys.argv[2])
