@@ -43,6 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not sys.stderr.isatty():
+        # In a log file, progress bars are noise that buries the one-line error a failed run ends with.
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         return int(args.run(args) or 0)
     except UsageError as error:

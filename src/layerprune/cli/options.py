@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from pathlib import Path
 
+from transformers import PretrainedConfig
+
+from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir
 from layerprune.models.loading import LoadedModel, load_model
 
 
@@ -21,11 +26,27 @@ def add_model_options(parser: argparse.ArgumentParser, *, default: str | None = 
                        help="allow loading pickle weights (.bin/.pt), which can run code (off by default)")
 
 
-def load_from_args(args: argparse.Namespace) -> LoadedModel:
+def load_from_args(
+    args: argparse.Namespace, check_config: Callable[[PretrainedConfig], None] | None = None
+) -> LoadedModel:
     return load_model(
         args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device,
-        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, check_config=check_config,
     )
+
+
+def input_folders(args: argparse.Namespace) -> list[Path]:
+    """The local folders ``--model`` reads from, known without loading it.
+
+    Outputs must never land in them; checking this before the load (and not only at save time)
+    makes ``--out`` pointing into the model fail in the first second.
+    """
+    if args.model in MODEL_ALIASES:
+        return [alias_checkpoint_dir(MODEL_ALIASES[args.model])]
+    path = Path(args.model).expanduser()
+    if path.is_file():  # a .gguf file: its folder holds the input
+        return [path.parent]
+    return [path] if path.is_dir() else []
 
 
 def add_output_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:

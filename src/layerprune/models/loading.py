@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import json
 import re
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase,
+)
 
 from layerprune.errors import UsageError
 from layerprune.models.aliases import MODEL_ALIASES, resolve_alias
@@ -92,7 +98,8 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[PreTraine
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except (ValueError, OSError, KeyError, RuntimeError) as error:
+    # struct.error: a truncated file; StrictDataclassError: metadata that makes no valid config
+    except (ValueError, OSError, KeyError, RuntimeError, struct.error, StrictDataclassError) as error:
         raise UsageError(f"cannot read GGUF file {path}: {_first_line(error)}; is it a valid GGUF causal LM?") from None
     strip_gguf_quantizer(model)
     return model, tokenizer
@@ -134,11 +141,15 @@ def load_model(
     device: str | None = "cpu",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    check_config: Callable[[PretrainedConfig], None] | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, ready for scoring and surgery.
 
     ``name_or_path`` is an alias (``smollm2-135m``, ``gemma3-270m``), a local checkpoint folder,
     a ``.gguf`` file (or a folder plus ``gguf_file``), or a Hugging Face hub id.
+    ``check_config`` sees the config before any weights are read (not for GGUF files, whose
+    config lives inside the weights), so a caller can refuse input that does not fit the model
+    (layer indices, sequence length) in the first second instead of after a long load.
     """
     target_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target_device)
@@ -152,10 +163,10 @@ def load_model(
     elif local.exists():
         folder = local
         _check_local_folder(folder, allow_pickle)
-        model, tokenizer = _load_pretrained(str(folder), torch_dtype, trust_remote_code, allow_pickle)
+        model, tokenizer = _load_pretrained(str(folder), torch_dtype, trust_remote_code, allow_pickle, check_config)
     elif _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
         folder = None
-        model, tokenizer = _load_pretrained(source, torch_dtype, trust_remote_code, allow_pickle)
+        model, tokenizer = _load_pretrained(source, torch_dtype, trust_remote_code, allow_pickle, check_config)
     else:
         raise UsageError(f"model {source!r} does not exist; pass a checkpoint folder, a .gguf file, a hub id or "
                          f"one of the aliases {', '.join(MODEL_ALIASES)}")
@@ -168,19 +179,25 @@ def load_model(
 
 
 def _load_pretrained(
-    where: str, dtype: torch.dtype, trust_remote_code: bool, allow_pickle: bool
+    where: str, dtype: torch.dtype, trust_remote_code: bool, allow_pickle: bool,
+    check_config: Callable[[PretrainedConfig], None] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
-    except ValueError as error:
+    except (ValueError, StrictDataclassError) as error:
         if "trust_remote_code" in str(error):
             raise UsageError(f"{where} needs custom code from its repository to load; pass --trust-remote-code "
                              "only if you trust that code") from None
         raise UsageError(f"cannot read the config of {where}: {_first_line(error)}") from None
     except OSError as error:
+        if Path(where).is_dir():
+            raise UsageError(f"cannot read {Path(where) / 'config.json'} ({_first_line(error)}); fix the file or "
+                             "download the checkpoint again") from None
         raise UsageError(f"cannot load model {where!r}: not a local folder, and the Hugging Face hub did not "
                          f"provide it ({_first_line(error)}); check the name or your network") from None
     check_supported_config(config)
+    if check_config is not None:
+        check_config(config)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             where, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -191,6 +208,7 @@ def _load_pretrained(
         message = _first_line(error)
         hint = " (pickle weights are refused unless you pass --allow-pickle)" if "safetensors" in message.lower() else ""
         raise UsageError(f"cannot load model {where!r}: {message}{hint}") from None
-    except (ValueError, RuntimeError) as error:
-        raise UsageError(f"cannot load model {where!r}: {_first_line(error)}; are the weight files intact?") from None
+    except (ValueError, RuntimeError, SafetensorError) as error:
+        raise UsageError(f"cannot load model {where!r}: {_first_line(error)}; are the weight files intact? "
+                         "Download the checkpoint again") from None
     return model, tokenizer

@@ -17,15 +17,20 @@ from layerprune.errors import UsageError
 from layerprune.models.architectures import ArchitectureAdapter, adapter_for
 
 
-def validate_layer_indices(indices: Iterable[int], num_layers: int) -> list[int]:
-    """Return ``indices`` sorted, or raise a UsageError naming what is wrong with them."""
+def validate_layer_indices(indices: Iterable[int], num_layers: int | None = None) -> list[int]:
+    """Return ``indices`` sorted, or raise a UsageError naming what is wrong with them.
+
+    Without ``num_layers`` only the checks that need no model run (empty, negative, repeated),
+    so a command line can be refused before the model is loaded.
+    """
     chosen = list(indices)
     if not chosen:
         raise UsageError("no layers to remove; name at least one layer index")
     negative = [i for i in chosen if i < 0]
     if negative:
-        raise UsageError(f"layer indices must be >= 0, got {negative}; layers are numbered 0..{num_layers - 1}")
-    out_of_range = [i for i in chosen if i >= num_layers]
+        numbered = f"0..{num_layers - 1}" if num_layers is not None else "from 0"
+        raise UsageError(f"layer indices must be >= 0, got {negative}; layers are numbered {numbered}")
+    out_of_range = [i for i in chosen if num_layers is not None and i >= num_layers]
     if out_of_range:
         raise UsageError(
             f"layer indices {out_of_range} are out of range: the model has {num_layers} layers (0..{num_layers - 1})"
@@ -33,7 +38,7 @@ def validate_layer_indices(indices: Iterable[int], num_layers: int) -> list[int]
     duplicates = sorted({i for i in chosen if chosen.count(i) > 1})
     if duplicates:
         raise UsageError(f"layer indices {duplicates} are given more than once; name each layer once")
-    if len(chosen) >= num_layers:
+    if num_layers is not None and len(chosen) >= num_layers:
         raise UsageError(f"cannot remove all {num_layers} layers; keep at least one")
     return sorted(chosen)
 

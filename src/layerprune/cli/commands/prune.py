@@ -7,9 +7,9 @@ import argparse
 import torch
 
 from layerprune.api import prune, save
-from layerprune.cli.options import add_model_options, add_output_options, load_from_args
+from layerprune.cli.options import add_model_options, add_output_options, input_folders, load_from_args
 from layerprune.errors import UsageError
-from layerprune.models.surgery import parse_layer_list
+from layerprune.models.surgery import parse_layer_list, validate_layer_indices
 from layerprune.outputs import check_output_path
 
 
@@ -27,8 +27,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.layers:
         raise UsageError("say which layers to remove with --layers (e.g. --layers 25,26,27)")
     layers = parse_layer_list(args.layers)
-    check_output_path(args.out, overwrite=args.overwrite)
-    loaded = load_from_args(args)
+    validate_layer_indices(layers)  # empty, negative, repeated: no model needed to tell
+    if args.generate and args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    check_output_path(args.out, overwrite=args.overwrite, protected=input_folders(args))
+    loaded = load_from_args(
+        args, check_config=lambda config: validate_layer_indices(layers, getattr(config, "num_hidden_layers", None))
+    )
     removed = prune(loaded, layers)
     folder = save(loaded, args.out, overwrite=args.overwrite)
     print(f"removed layers {removed}: {loaded.lineage['original_num_layers']} -> {loaded.num_layers} layers; saved to {folder}")
