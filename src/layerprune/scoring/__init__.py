@@ -1,0 +1,15 @@
+"""Layer-importance metrics, one registered unit each, and :func:`score` to run them.
+
+Every metric returns one importance value per decoder layer where **higher = more important**
+(see :mod:`layerprune.scoring.base`). ``bi``, ``angular`` and ``block-cosine`` share one forward
+pass; ``ppl`` reuses each layer's cached input instead of L full passes.
+"""
+
+from layerprune.scoring import baselines, magnitude, perplexity, similarity, taylor  # noqa: F401  (register)
+from layerprune.scoring.accumulators import SimilarityAccumulator
+from layerprune.scoring.base import METRICS, Metric, MetricResult, ScoringContext
+from layerprune.scoring.forward import Calibration
+from layerprune.scoring.report import ScoreReport, check_metrics, score
+
+__all__ = ["METRICS", "Calibration", "Metric", "MetricResult", "ScoreReport", "ScoringContext",
+           "SimilarityAccumulator", "check_metrics", "score"]

@@ -1,0 +1,130 @@
+"""Turning layer scores into the layers to remove.
+
+Three strategies:
+
+- ``independent`` (ShortGPT): the N layers with the lowest importance, wherever they are.
+- ``consecutive`` (LLM-Streamline, Gromov et al.): the run of N adjacent layers that matters least;
+  for block metrics (``angular``, ``block-cosine``) that is the start whose n=N block changes its
+  input least, for per-layer metrics the run with the lowest summed importance.
+- ``iterative`` (SLEB, Reassessing Layer Pruning): remove the least important layer, re-score the
+  smaller model with the same metric and data, and repeat N times.
+
+Indices are those of the model as scored (what :func:`layerprune.prune` takes).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from layerprune.errors import UsageError
+from layerprune.models.loading import LoadedModel
+from layerprune.models.surgery import remove_layers
+from layerprune.scoring.base import MetricResult
+from layerprune.scoring.report import ScoreReport, score
+
+STRATEGIES = ("independent", "consecutive", "iterative")
+_REMOVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%?)\s*$")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The layers chosen for removal, and how they were chosen."""
+
+    metric: str
+    strategy: str
+    remove: list[int]
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        document: dict[str, Any] = {"metric": self.metric, "strategy": self.strategy, "remove": self.remove}
+        if self.steps:
+            document["steps"] = self.steps
+        return document
+
+
+def parse_remove(remove: int | str, num_layers: int) -> int:
+    """``8`` or ``"8"`` layers, or ``"25%"`` of ``num_layers`` (rounded down); 1 <= N < num_layers."""
+    match = _REMOVE.match(str(remove))
+    if match is None or (not match.group(2) and "." in match.group(1)):
+        raise UsageError(f"cannot read --remove {remove!r}; give a layer count (--remove 8) or a share (--remove 25%)")
+    value, percent = float(match.group(1)), bool(match.group(2))
+    count = math.floor(num_layers * value / 100 + 1e-9) if percent else int(value)
+    if count < 1:
+        raise UsageError(f"--remove {remove} of a {num_layers}-layer model removes no layer; ask for at least one")
+    if count >= num_layers:
+        raise UsageError(f"--remove {remove} would remove all {num_layers} layers; keep at least one")
+    return count
+
+
+def check_strategy(strategy: str) -> str:
+    if strategy not in STRATEGIES:
+        raise UsageError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+    return strategy
+
+
+def least_important(importance: list[float], count: int) -> list[int]:
+    """Indices of the ``count`` lowest values (ties go to the lower index), sorted."""
+    order = sorted(range(len(importance)), key=lambda i: (importance[i], i))
+    return sorted(order[:count])
+
+
+def least_important_run(result: MetricResult, count: int) -> list[int]:
+    """The run of ``count`` adjacent layers with the lowest block importance."""
+    blocks = result.block_importance(count)
+    start = min(range(len(blocks)), key=lambda i: (blocks[i], i))
+    return list(range(start, start + count))
+
+
+def select(report: ScoreReport, remove: int | str, strategy: str = "independent", metric: str | None = None,
+           *, attach: bool = True) -> Selection:
+    """Choose the layers to remove from ``report`` by ``metric`` (default: its only or first metric).
+
+    ``remove`` is a count or a share like ``"25%"``. With ``attach`` the selection is also stored
+    in ``report.selection`` so that ``report.to_json()`` carries it.
+    """
+    check_strategy(strategy)
+    name = metric or next(iter(report.results))
+    if name not in report.results:
+        raise UsageError(f"metric {name!r} was not scored; score it too (scored: {', '.join(report.results)})")
+    count = parse_remove(remove, report.num_layers)
+    result = report.results[name]
+    if strategy == "independent":
+        selection = Selection(name, strategy, least_important(result.importance, count))
+    elif strategy == "consecutive":
+        selection = Selection(name, strategy, least_important_run(result, count))
+    else:
+        selection = _iterative(report, name, count)
+    if attach:
+        report.selection = selection
+    return selection
+
+
+def structural_copy(loaded: LoadedModel) -> LoadedModel:
+    """A copy whose module tree can be cut without touching ``loaded``, sharing the weight tensors
+    (so re-scoring a shrinking model costs no second copy of the weights)."""
+    shared = {id(p): p for p in loaded.model.parameters()}
+    return LoadedModel(copy.deepcopy(loaded.model, memo=shared), loaded.tokenizer, loaded.source, loaded.adapter,
+                       loaded.local_dir, copy.deepcopy(loaded.lineage))
+
+
+def _iterative(report: ScoreReport, metric: str, count: int) -> Selection:
+    """Remove the least important layer, re-score the rest, repeat; step 0 reuses ``report``."""
+    context = report.context
+    working = structural_copy(context.loaded)
+    remaining = list(range(report.num_layers))
+    result = report.results[metric]
+    steps: list[dict[str, Any]] = []
+    for step in range(count):
+        if step:
+            result = score(working, context.calibration, [metric], batch_size=context.batch_size,
+                           positions=context.positions, seed=context.seed).results[metric]
+        victim = least_important(result.importance, 1)[0]
+        steps.append({"layers": list(remaining), "importance": result.importance, "removed": remaining[victim]})
+        remaining.pop(victim)
+        if step < count - 1:
+            remove_layers(working.model, [victim], working.adapter)
+    return Selection(metric, "iterative", sorted(step["removed"] for step in steps), steps)

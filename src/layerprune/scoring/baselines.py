@@ -1,0 +1,36 @@
+"""``reverse-order`` and ``random``: the baselines every layer-importance metric must beat.
+
+Reverse order removes layers from the top, which is exactly "keep the first k layers" (Why Lift so
+Heavy) and the strong baseline of Reassessing Layer Pruning. Random is seeded, so a run can be
+repeated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from layerprune.scoring.base import METRICS, Metric, MetricResult, ScoringContext
+
+
+class ReverseOrder(Metric):
+    needs_data = False
+    meaning = "importance = number of layers below and including it; the top layer is the least important"
+
+    def compute(self, context: ScoringContext, name: str) -> MetricResult:
+        count = context.loaded.num_layers
+        importance = [float(count - i) for i in range(count)]
+        return MetricResult(name, importance, importance, self.meaning)
+
+
+class RandomOrder(Metric):
+    needs_data = False
+    meaning = "uniform random importance in [0, 1), seeded by --seed"
+
+    def compute(self, context: ScoringContext, name: str) -> MetricResult:
+        generator = torch.Generator().manual_seed(context.seed)
+        importance = torch.rand(context.loaded.num_layers, generator=generator, dtype=torch.float64).tolist()
+        return MetricResult(name, importance, importance, self.meaning)
+
+
+METRICS.register("reverse-order")(ReverseOrder())
+METRICS.register("random")(RandomOrder())

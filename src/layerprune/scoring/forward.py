@@ -1,0 +1,189 @@
+"""Running calibration data through a model while watching (or replaying) its decoder layers.
+
+Every data-driven metric needs the same few things: the calibration rows in batches, which tokens
+count (never padding), the true input and output of each decoder layer (hooks, not
+``output_hidden_states``, whose last entry is final-normed in transformers 5), a NaN/Inf check that
+names the layer, and the model's own head to turn a hidden state into next-token log-likelihoods.
+Hooks also record the exact extra arguments each layer received (causal or sliding-window mask,
+rotary position embeddings...), so a layer can be re-run later without knowing how its family
+builds them; that is what lets ``ppl`` restart from a cached layer input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from layerprune.errors import NumericalError, UsageError
+from layerprune.models.loading import LoadedModel
+
+POSITIONS = ("all", "last")
+
+
+class CalibrationLike(Protocol):
+    """Anything with ``input_ids`` and ``attention_mask`` ``[rows, seq_len]`` (a CalibrationSet)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration rows as plain tensors, checked once before any model work."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    description: str = "tensors"
+
+    @classmethod
+    def of(cls, data: CalibrationLike | torch.Tensor, description: str | None = None) -> Calibration:
+        """Accept a CalibrationSet, anything shaped like one, or a bare ``input_ids`` tensor."""
+        if isinstance(data, torch.Tensor):
+            ids, mask = data, torch.ones_like(data)
+        else:
+            ids, mask = data.input_ids, data.attention_mask
+        name = description or getattr(data, "description", None) or getattr(data, "source", None) or "tensors"
+        if ids.dim() != 2 or mask.shape != ids.shape:
+            raise UsageError(f"calibration input_ids and attention_mask must both be [rows, seq_len], got "
+                             f"{tuple(ids.shape)} and {tuple(mask.shape)}")
+        if int(mask.sum()) == 0:
+            raise UsageError("the calibration data holds no real tokens (attention_mask is all 0); use other data")
+        return cls(ids.long(), mask.long(), str(name))
+
+    @property
+    def tokens(self) -> int:
+        """Real (non-padding) tokens."""
+        return int(self.attention_mask.sum())
+
+    def batches(self, batch_size: int, label: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if batch_size < 1:
+            raise UsageError(f"batch size must be >= 1, got {batch_size}")
+        rows = self.input_ids.shape[0]
+        starts = range(0, rows, batch_size)
+        for start in tqdm(starts, desc=label, disable=True if label is None else None, leave=False):
+            yield self.input_ids[start:start + batch_size], self.attention_mask[start:start + batch_size]
+
+
+def check_positions(positions: str) -> str:
+    if positions not in POSITIONS:
+        raise UsageError(f"unknown positions {positions!r}; use 'all' (every real token) or 'last' "
+                         "(the last real token of each row, as Gromov et al.)")
+    return positions
+
+
+def scored_positions(attention_mask: torch.Tensor, positions: str) -> torch.Tensor:
+    """Bool mask of the tokens a similarity metric averages over: every real token, or only the
+    last real token of each row (wherever the padding is)."""
+    real = attention_mask.to(torch.bool)
+    if positions == "all":
+        return real
+    index = torch.arange(real.shape[1], device=real.device).expand_as(real)
+    last = torch.where(real, index, -1).amax(dim=1)
+    return (index == last[:, None]) & real
+
+
+def next_token_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(where, targets)``: the positions ``[rows, seq_len-1]`` whose next token is a real token
+    to predict (both real), and those next tokens."""
+    real = attention_mask.to(torch.bool)
+    where = real[:, :-1] & real[:, 1:]
+    return where, input_ids[:, 1:][where]
+
+
+def count_targets(calibration: Calibration) -> int:
+    return int(next_token_targets(calibration.input_ids, calibration.attention_mask)[0].sum())
+
+
+def check_finite(layer: int, x_out: torch.Tensor, real: torch.Tensor) -> None:
+    """Raise :class:`NumericalError` if a real token's output of ``layer`` is NaN or Inf."""
+    bad = ~torch.isfinite(x_out).all(dim=-1) & real.to(torch.bool).to(x_out.device)
+    if bool(bad.any()):
+        raise NumericalError(
+            f"decoder layer {layer} produced NaN/Inf activations in {str(x_out.dtype).removeprefix('torch.')}; "
+            "load the model with --dtype float32 (or bfloat16, which has float32's range) and score again"
+        )
+
+
+def layer_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def layer_output(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def replay_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """Run ``layer`` on ``hidden`` with the other arguments it received in a recorded pass."""
+    if "hidden_states" in kwargs:
+        return layer_output(layer(*args, **{**kwargs, "hidden_states": hidden}))
+    return layer_output(layer(hidden, *args, **kwargs))
+
+
+LayerCallback = Callable[[int, torch.Tensor, torch.Tensor, tuple[Any, ...], dict[str, Any]], None]
+
+
+@contextmanager
+def watching_layers(layers: nn.ModuleList, callback: LayerCallback) -> Iterator[None]:
+    """Call ``callback(index, x_in, x_out, args, kwargs)`` after every decoder layer runs."""
+
+    def hook_for(index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            callback(index, layer_input(args, kwargs), layer_output(output), args, kwargs)
+
+        return hook
+
+    handles = [layer.register_forward_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_decoder(loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Run the decoder stack (no LM head: scoring needs layer states, not logits)."""
+    device = loaded.model.device
+    output = loaded.model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                     use_cache=False)
+    return output.last_hidden_state
+
+
+class Head:
+    """The model's own path from a decoder-layer output to next-token logits: final norm (and
+    OPT's ``project_out`` where present), LM head, and logit soft-capping (Gemma-2/3)."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        model = loaded.model
+        self.norm = model.get_submodule(loaded.adapter.final_norm) if loaded.adapter.final_norm else None
+        parent = loaded.adapter.final_norm.rpartition(".")[0]
+        self.project_out = getattr(model.get_submodule(parent), "project_out", None) if parent else None
+        self.lm_head = model.get_output_embeddings()
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def logits(self, hidden: torch.Tensor, *, normed: bool = False) -> torch.Tensor:
+        """Logits for ``hidden`` (any leading shape); ``normed`` if the final norm already ran."""
+        if not normed:
+            if self.norm is not None:
+                hidden = self.norm(hidden)
+            if self.project_out is not None:
+                hidden = self.project_out(hidden)
+        logits = self.lm_head(hidden)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def nll_sum(self, hidden: torch.Tensor, where: torch.Tensor, targets: torch.Tensor, *,
+                normed: bool = False) -> torch.Tensor:
+        """Summed next-token NLL (log-softmax in float32 or better) over the positions ``where`` of ``hidden``
+        ``[rows, seq_len, h]``; the head runs only on those positions, which is exact because the
+        norm and head act token by token."""
+        chosen = hidden[:, :-1][where.to(hidden.device)]
+        logits = self.logits(chosen, normed=normed)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return torch.nn.functional.cross_entropy(logits, targets.to(logits.device), reduction="sum")
