@@ -4,14 +4,19 @@ Every output folder is built under a hidden temporary name next to its destinati
 into place at the end, so a crash or ``kill -9`` leaves either the old state or the complete new
 one. An existing destination is refused unless the caller asked to overwrite it, and a
 destination that is (or lies inside) a protected folder, such as the source model, is refused
-always.
+always. What a killed run leaves behind (hidden ``.NAME.partial-PID`` / ``.NAME.old-PID`` folders
+of a process that no longer exists) is cleared, or put back, by the next run for that output.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import glob
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +28,7 @@ from layerprune.errors import UsageError
 def check_output_path(out: str | Path, *, overwrite: bool, protected: Iterable[str | Path] = ()) -> Path:
     """Validate an output folder before any work starts; returns it resolved."""
     target = Path(out).expanduser().resolve()
+    recover_interrupted(target)
     for guarded in protected:
         guarded_path = Path(guarded).expanduser().resolve()
         if target == guarded_path or guarded_path in target.parents:
@@ -35,6 +41,41 @@ def check_output_path(out: str | Path, *, overwrite: bool, protected: Iterable[s
     if target.exists() and not target.is_dir():
         raise UsageError(f"output {target} exists and is not a folder; choose another path")
     return target
+
+
+def _owner_is_gone(leftover: Path) -> bool:
+    """Whether the process whose id ends ``leftover``'s name no longer runs."""
+    pid = leftover.name.rpartition("-")[2]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by someone else
+        return False
+    return False
+
+
+def recover_interrupted(target: Path) -> None:
+    """Undo what a killed run left beside ``target``, so it can never be mistaken for output.
+
+    A half-built staging folder is deleted. A retired folder (an overwrite killed between its two
+    renames, possible only where the atomic exchange is unsupported) is put back if ``target``
+    is missing, so the user sees the old state again; otherwise deleted.
+    """
+    if not target.parent.is_dir():
+        return
+    prefix = f".{glob.escape(target.name)}"
+    for retired in sorted(target.parent.glob(f"{prefix}.old-*")):
+        if _owner_is_gone(retired):
+            if target.exists():
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                os.replace(retired, target)
+    for staging in target.parent.glob(f"{prefix}.partial-*"):
+        if staging.is_dir() and _owner_is_gone(staging):
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_free_space(folder: Path, needed_bytes: int) -> None:
@@ -67,9 +108,32 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False, protected: It
     _swap_into_place(staging, target)
 
 
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two folders in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the platform or file system cannot, so the caller falls back to two renames.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(first))
+
+
 def _swap_into_place(staging: Path, target: Path) -> None:
+    """Make ``staging`` the ``target``; there is no moment at which neither exists."""
     if not target.exists():
         os.replace(staging, target)
+        return
+    if _exchange(staging, target):
+        shutil.rmtree(staging, ignore_errors=True)  # now holds the old folder
         return
     retired = target.parent / f".{target.name}.old-{os.getpid()}"
     os.replace(target, retired)
