@@ -34,5 +34,8 @@ def training_rows(rows: int = 32, seq_len: int = 16, seed: int = 0) -> TrainingS
 
 @pytest.fixture
 def pair_cache(tmp_path, monkeypatch) -> None:
-    """Replacement pairs are cached on disk; keep a test's cache to itself and out of the user's."""
-    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
+    """Replacement pairs are cached on disk; keep a test's pairs to itself and out of the user's
+    cache (only the pairs: the real models stay in the shared cache)."""
+    from layerprune.healing import replacement
+
+    monkeypatch.setattr(replacement, "cache_dir", lambda: tmp_path / "cache")
