@@ -35,20 +35,30 @@ def ensure_lineage(loaded: LoadedModel) -> dict[str, Any]:
     """Initialise the lineage of a freshly loaded, never-pruned model."""
     lineage = loaded.lineage
     if "kept_layers" not in lineage:
-        lineage.update(
-            source_model=loaded.source,
-            original_num_layers=loaded.num_layers,
-            original_parameters=count_parameters(loaded.model),
-            kept_layers=list(range(loaded.num_layers)),
-            removed_layers=[],
-            replaced_blocks=[],
-            healing=[],
-        )
+        lineage.update(new_lineage(loaded.source, loaded.num_layers, count_parameters(loaded.model)))
     return lineage
 
 
+def new_lineage(source: str, num_layers: int, parameters: int) -> dict[str, Any]:
+    """The lineage of a never-pruned model; shard surgery builds it from the checkpoint's
+    headers, without a model object."""
+    return dict(
+        source_model=source,
+        original_num_layers=num_layers,
+        original_parameters=parameters,
+        kept_layers=list(range(num_layers)),
+        removed_layers=[],
+        replaced_blocks=[],
+        healing=[],
+    )
+
+
 def record_removal(loaded: LoadedModel, kept_before: list[int], removed_now: list[int], reason: str) -> None:
-    lineage = ensure_lineage(loaded)
+    apply_removal(ensure_lineage(loaded), kept_before, removed_now, reason)
+
+
+def apply_removal(lineage: dict[str, Any], kept_before: list[int], removed_now: list[int], reason: str) -> None:
+    """Record that the current layers ``removed_now`` are gone, in original-model indices."""
     removed_original = [kept_before[i] for i in removed_now]
     lineage["removed_layers"] = sorted(lineage["removed_layers"] + removed_original)
     lineage["kept_layers"] = [idx for i, idx in enumerate(kept_before) if i not in set(removed_now)]
@@ -64,11 +74,18 @@ def record_replacement(loaded: LoadedModel, kept_before: list[int], start: int, 
 
 
 def final_record(loaded: LoadedModel, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
-    record = dict(ensure_lineage(loaded))
+    return describe_result(ensure_lineage(loaded), loaded.num_layers, count_parameters(loaded.model),
+                           loaded.model.config.model_type, recipe)
+
+
+def describe_result(lineage: dict[str, Any], num_layers: int, parameters: int, model_type: str,
+                    recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``layerprune.json`` record of an exported model with the given lineage."""
+    record = dict(lineage)
     record.update(
-        num_layers=loaded.num_layers,
-        parameters=count_parameters(loaded.model),
-        model_type=loaded.model.config.model_type,
+        num_layers=num_layers,
+        parameters=parameters,
+        model_type=model_type,
         recipe=recipe if recipe is not None else record.get("recipe"),
         versions=versions(),
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from layerprune.errors import UsageError
 from layerprune.models.architectures import ArchitectureAdapter, adapter_for
@@ -63,13 +63,27 @@ def parse_layer_list(text: str) -> list[int]:
     return indices
 
 
-def _check_position_independent(model: PreTrainedModel) -> None:
-    if getattr(model.config, "scale_attn_by_inverse_layer_idx", False):
+def check_position_independent(config: PretrainedConfig) -> None:
+    """Refuse models whose layers compute with their own index, which surgery would change."""
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
         raise UsageError(
             "this GPT-2 checkpoint scales attention by its layer index "
             "(scale_attn_by_inverse_layer_idx=True), so moving layers would change their maths; "
             "layer surgery is not possible for it"
         )
+
+
+def cut_layer_config(
+    config: PretrainedConfig, adapter: ArchitectureAdapter, source_indices: Sequence[int], old_count: int
+) -> None:
+    """Set ``num_hidden_layers`` and every per-layer config list for the new stack, whose layer
+    ``i`` inherits the entries of current layer ``source_indices[i]``. Shard surgery, which has
+    only the config, shares this with in-memory surgery so both write the same config."""
+    for name in adapter.per_layer_config:
+        values = getattr(config, name, None)
+        if isinstance(values, (list, tuple)) and len(values) == old_count:
+            setattr(config, name, [values[i] for i in source_indices])
+    config.num_hidden_layers = len(source_indices)
 
 
 def rebuild_layers(
@@ -84,15 +98,10 @@ def rebuild_layers(
     etc.) new layer ``i`` inherits.
     """
     adapter = adapter or adapter_for(model)
-    _check_position_independent(model)
     config = model.config
-    old_count = adapter.num_layers(model)
-    for name in adapter.per_layer_config:
-        values = getattr(config, name, None)
-        if isinstance(values, (list, tuple)) and len(values) == old_count:
-            setattr(config, name, [values[i] for i in source_indices])
+    check_position_independent(config)
+    cut_layer_config(config, adapter, source_indices, adapter.num_layers(model))
     adapter.set_decoder_layers(model, nn.ModuleList(layers))
-    config.num_hidden_layers = len(layers)
     for new_index, layer in enumerate(layers):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
