@@ -103,8 +103,8 @@ _ENCODER_ONLY = {"albert", "bert", "camembert", "deberta", "deberta-v2", "distil
 def check_supported_config(config: PretrainedConfig) -> None:
     """Fail before loading weights if the checkpoint is not a decoder-only causal LM."""
     model_type = config.model_type
-    if model_type in ADAPTERS:
-        return
+    if model_type in ADAPTERS or "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+        return  # a registered family, or custom code (already trusted by the user) that declares a causal LM
     architectures = getattr(config, "architectures", None) or []
     declared_non_causal = architectures and not any(a.endswith(_CAUSAL_CLASS_SUFFIXES) for a in architectures)
     if (

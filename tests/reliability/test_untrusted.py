@@ -1,0 +1,69 @@
+"""Untrusted files: no remote code and no unpickling unless asked, YAML through the safe loader."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+import layerprune as lp
+from layerprune.errors import UsageError
+from layerprune.models.tiny import TINY_CONFIGS
+from tests.reliability.conftest import TINY_LAYERS, CliResult, assert_refused, snapshot
+
+Cli = Callable[..., CliResult]
+
+
+def test_pickle_weights_are_refused_without_allow_pickle(pickle_dir: Path, cli: Cli, tmp_path: Path,
+                                                         no_weight_loading: None) -> None:
+    before = snapshot(pickle_dir)
+    assert_refused(cli("info", "--model", pickle_dir), "pickle", "--allow-pickle")
+    assert_refused(cli("prune", "--model", pickle_dir, "--layers", "1", "--out", tmp_path / "out"), "--allow-pickle")
+    assert snapshot(pickle_dir) == before and list(tmp_path.iterdir()) == []
+
+
+def test_pickle_weights_load_with_allow_pickle(pickle_dir: Path, cli: Cli, tmp_path: Path) -> None:
+    loaded = lp.load_model(pickle_dir, allow_pickle=True)
+    expected = torch.load(pickle_dir / "pytorch_model.bin", weights_only=True)
+    state = loaded.model.state_dict()
+    assert all(torch.equal(state[name], tensor) for name, tensor in expected.items())
+    result = cli("prune", "--model", pickle_dir, "--allow-pickle", "--layers", "0", "--out", tmp_path / "out")
+    assert result.code == 0, result.stderr
+    assert sorted(p.suffix for p in (tmp_path / "out").glob("model*")) == [".safetensors"], "exported safely"
+
+
+def test_remote_code_is_never_run_unless_asked(remote_code_dir: tuple[Path, Path], cli: Cli, tmp_path: Path) -> None:
+    folder, marker = remote_code_dir
+    assert_refused(cli("info", "--model", folder), "custom code", "--trust-remote-code")
+    assert_refused(cli("prune", "--model", folder, "--layers", "1", "--out", tmp_path / "out"), "--trust-remote-code")
+    with pytest.raises(UsageError, match="custom code"):
+        lp.load_model(folder)
+    assert not marker.exists(), "the repository's Python file was imported"
+    assert not (tmp_path / "out").exists()
+
+
+def test_remote_code_runs_when_asked(remote_code_dir: tuple[Path, Path], cli: Cli) -> None:
+    """The refusal above is the flag's doing: with it, the same folder's code runs (and loads)."""
+    folder, marker = remote_code_dir
+    result = cli("info", "--model", folder, "--trust-remote-code", "--json")
+    assert marker.read_text() == "ran"
+    assert result.code == 0, result.stderr
+    assert f'"num_layers": {TINY_LAYERS}' in result.stdout
+
+
+def test_yaml_is_read_with_the_safe_loader(tmp_path: Path) -> None:
+    yamlfile = pytest.importorskip("layerprune.recipes.yamlfile")
+    marker = tmp_path / "yaml-ran-code"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(UsageError, match="line 1"):
+        yamlfile.read_yaml(recipe)
+    assert not marker.exists()
+
+
+def test_every_tiny_family_is_registered_so_fuzzing_covers_all() -> None:
+    from layerprune.models.architectures import ADAPTERS
+
+    assert all(TINY_CONFIGS[f](2).model_type in ADAPTERS for f in TINY_CONFIGS)
