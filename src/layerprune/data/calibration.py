@@ -1,0 +1,124 @@
+"""Token windows for calibration, training and perplexity.
+
+Three samplings, all without special tokens so results are comparable across tools:
+``random`` (seeded random windows of the concatenated split, the default), ``contiguous`` (the
+first N non-overlapping windows) and ``documents`` (one right-padded window per document, the only
+one with padding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from layerprune.data.sources import load_texts
+from layerprune.errors import UsageError
+
+SAMPLINGS = ("random", "contiguous", "documents")
+DOCUMENT_SEPARATOR = "\n\n"
+
+
+@dataclass
+class CalibrationSet:
+    """Rows of token ids ``[samples, seq_len]`` with their attention mask and provenance."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def description(self) -> str:
+        return f"{self.info.get('source', 'tensors')} ({self.info.get('split', '?')} split)"
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        if batch_size < 1:
+            raise UsageError(f"batch size must be >= 1, got {batch_size}")
+        for start in range(0, self.input_ids.shape[0], batch_size):
+            yield {"input_ids": self.input_ids[start:start + batch_size],
+                   "attention_mask": self.attention_mask[start:start + batch_size]}
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.info, "tokens": self.tokens}
+
+
+def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def token_stream(tokenizer: PreTrainedTokenizerBase, source: str | Path, split: str = "test",
+                 text_field: str | None = None) -> torch.Tensor:
+    """The whole split as one 1-D token tensor: documents joined by a blank line, no special tokens."""
+    documents = load_texts(source, split, text_field)
+    separator = _tokenize(tokenizer, [DOCUMENT_SEPARATOR])[0]
+    ids: list[int] = []
+    for index, document in enumerate(_tokenize(tokenizer, documents)):
+        if index:
+            ids.extend(separator)
+        ids.extend(document)
+    if not ids:
+        raise UsageError(f"{source} ({split} split) holds no text; use other data")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _check_options(samples: int, seq_len: int, sampling: str, max_positions: int | None) -> None:
+    if sampling not in SAMPLINGS:
+        raise UsageError(f"unknown sampling {sampling!r}; use one of: {', '.join(SAMPLINGS)}")
+    if samples < 1:
+        raise UsageError(f"--samples must be at least 1, got {samples}")
+    if seq_len < 2:
+        raise UsageError(f"--seq-len must be at least 2 (a token and its successor), got {seq_len}")
+    if max_positions is not None and seq_len > max_positions:
+        raise UsageError(f"--seq-len {seq_len} is longer than the model's context of {max_positions} tokens; "
+                         f"use --seq-len {max_positions} or less")
+
+
+def build_calibration(tokenizer: PreTrainedTokenizerBase, source: str | Path, *, split: str = "train",
+                      samples: int = 128, seq_len: int = 512, seed: int = 0, sampling: str = "random",
+                      text_field: str | None = None, max_positions: int | None = None) -> CalibrationSet:
+    """Draw ``samples`` windows of ``seq_len`` tokens from ``split`` of ``source``."""
+    _check_options(samples, seq_len, sampling, max_positions)
+    info = {"source": str(source), "split": split, "samples": samples, "seq_len": seq_len, "seed": seed,
+            "sampling": sampling}
+    if sampling == "documents":
+        return _document_windows(tokenizer, source, split, text_field, samples, seq_len, info)
+    stream = token_stream(tokenizer, source, split, text_field)
+    if stream.numel() < seq_len:
+        raise UsageError(f"{source} ({split} split) has {stream.numel()} tokens, fewer than --seq-len {seq_len}; "
+                         "lower --seq-len or use more data")
+    if sampling == "contiguous":
+        fit = stream.numel() // seq_len
+        if fit < samples:
+            raise UsageError(f"{source} ({split} split) holds only {fit} non-overlapping windows of {seq_len} tokens, "
+                             f"fewer than --samples {samples}; lower --samples or --seq-len, or use random sampling")
+        rows = stream[: samples * seq_len].view(samples, seq_len)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, stream.numel() - seq_len + 1, (samples,), generator=generator)
+        rows = torch.stack([stream[start:start + seq_len] for start in starts.tolist()])
+    return CalibrationSet(rows.clone(), torch.ones_like(rows), info)
+
+
+def _document_windows(tokenizer: PreTrainedTokenizerBase, source: str | Path, split: str, text_field: str | None,
+                      samples: int, seq_len: int, info: dict[str, Any]) -> CalibrationSet:
+    documents = [ids[:seq_len] for ids in _tokenize(tokenizer, load_texts(source, split, text_field)) if ids]
+    if not documents:
+        raise UsageError(f"{source} ({split} split) holds no text; use other data")
+    generator = torch.Generator().manual_seed(info["seed"])
+    order = torch.randperm(len(documents), generator=generator).tolist()[:samples]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(order), seq_len), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(order), seq_len), dtype=torch.long)
+    for row, index in enumerate(order):
+        document = torch.tensor(documents[index])
+        input_ids[row, : document.numel()] = document
+        attention_mask[row, : document.numel()] = 1
+    return CalibrationSet(input_ids, attention_mask, {**info, "samples": len(order)})

