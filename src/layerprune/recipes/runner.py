@@ -1,0 +1,290 @@
+"""``layerprune run``: replay a whole pipeline from one YAML recipe, resumably.
+
+A recipe is a mapping of sections, each feeding one public API function with the same keyword
+names (see :data:`SECTIONS`), so the recipe schema is the API itself:
+
+    model: smollm2-135m
+    calibration: {source: wiki-sample, samples: 64, seq_len: 256}   # -> layerprune.data.build_calibration
+    score: {metrics: [bi]}                                           # -> layerprune.score
+    select: {remove: 25%, strategy: independent}                      # -> layerprune.select
+    heal: {method: partial-ft, data: wiki-sample, steps: 100}          # -> layerprune.heal
+    eval: {ppl: [wiki-sample], seq_len: 256}                          # -> layerprune.evaluate
+
+The run folder keeps the recipe, the scores (JSON + figure), the final model (``model/``), the
+evaluation (JSON + Markdown + plots) and ``run.json``, which records each finished stage. Every
+stage writes its outputs atomically and is marked done only afterwards, so a killed run resumes
+at the first unfinished stage with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from layerprune.errors import UsageError
+from layerprune.models.loading import LoadedModel, load_model
+from layerprune.outputs import check_output_path, write_bytes_atomic, write_json_atomic
+from layerprune.recipes.schema import FieldSpec, build_arguments, check_section, fields_of
+from layerprune.recipes.yamlfile import read_yaml
+
+STATE_FILE = "run.json"
+
+
+def _section_fields() -> dict[str, dict[str, FieldSpec]]:
+    """Recipe sections and their keys, read off the API functions they feed."""
+    from layerprune.data import build_calibration
+    from layerprune.evaluation import evaluate
+    from layerprune.healing import heal
+    from layerprune.scoring import score
+    from layerprune.selection import select
+
+    return {
+        "load": fields_of(load_model, skip=("name_or_path", "check_config")),
+        "calibration": fields_of(build_calibration, skip=("tokenizer",)),
+        "score": fields_of(score, skip=("loaded", "calibration", "data")),
+        "select": fields_of(select, skip=("report", "attach")),
+        "heal": fields_of(heal, skip=("loaded", "checkpoint_dir", "resume")),
+        "eval": fields_of(evaluate, skip=("model", "compare")),
+    }
+
+
+PATH_KEYS: tuple[tuple[str, ...], ...] = (
+    ("model",), ("calibration", "source"), ("heal", "data"), ("heal", "original"), ("eval", "ppl"),
+)
+
+
+def _looks_local(value: str) -> bool:
+    return value.startswith(("/", ".", "~")) or ".." in Path(value).parts or Path(value).exists()
+
+
+def check_recipe_paths(values: dict[str, Any], lines: dict[tuple[str, ...], int], file: Path,
+                       allowed: list[Path]) -> None:
+    """Refuse local paths that lie outside the folders the user named (the recipe's folder, the
+    working directory, the cache and any ``--allow-path``), so a recipe from elsewhere cannot read
+    arbitrary files."""
+    from layerprune.cache import cache_dir
+
+    roots = [file.parent.resolve(), Path.cwd().resolve(), cache_dir().resolve(), *(p.resolve() for p in allowed)]
+    for key_path in PATH_KEYS:
+        value: Any = values
+        for key in key_path:
+            value = value.get(key) if isinstance(value, dict) else None
+        for item in value if isinstance(value, list) else [value]:
+            if not isinstance(item, str) or not _looks_local(item):
+                continue
+            resolved = Path(item).expanduser().resolve()
+            if not any(resolved == root or root in resolved.parents for root in roots):
+                raise UsageError(
+                    f"{file} line {lines.get(key_path, '?')}: path {item!r} lies outside the recipe's folder and the "
+                    "working directory; move it there or pass --allow-path for its folder"
+                )
+
+
+TOP_LEVEL = {
+    "name": FieldSpec(str), "description": FieldSpec(str), "model": FieldSpec(str),
+    **{section: FieldSpec(dict) for section in ("load", "calibration", "score", "select", "heal", "eval")},
+}
+
+
+@dataclass
+class Recipe:
+    """A validated recipe: the keyword arguments of each section, ready to call."""
+
+    path: Path
+    text: str
+    model: str
+    sections: dict[str, dict[str, Any]]
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256((self.text + "\0" + self.model).encode()).hexdigest()[:16]
+
+
+def load_recipe(path: str | Path, model: str | None = None, allowed_paths: list[Path] | None = None) -> Recipe:
+    """Read and validate ``path``; ``model`` (e.g. from ``--model``) overrides the recipe's model."""
+    file = Path(path).expanduser()
+    values, lines = read_yaml(file)
+    check_section(values, TOP_LEVEL, file=file, lines=lines, path=())
+    check_recipe_paths(values, lines, file, allowed_paths or [])
+    fields = _section_fields()
+    sections = {
+        name: build_arguments(values[name] or {}, fields[name], file=file, lines=lines, path=(name,))
+        for name in fields if name in values
+    }
+    chosen = model or values.get("model")
+    if not chosen:
+        raise UsageError(f"{file}: the recipe names no model; add 'model: smollm2-135m' or pass --model")
+    if "select" in sections and "score" not in sections:
+        raise UsageError(f"{file} line {lines.get(('select',), '?')}: 'select' needs a 'score' section to choose from")
+    if "score" in sections and "calibration" not in sections:
+        sections["calibration"] = {"source": "wiki-sample"}
+    return Recipe(file, file.read_text(), str(chosen), sections)
+
+
+@dataclass
+class RunState:
+    """What ``run.json`` records: the recipe's fingerprint and every finished stage."""
+
+    folder: Path
+    fingerprint: str
+    finished: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def save(self) -> None:
+        write_json_atomic(self.folder / STATE_FILE, {"recipe_fingerprint": self.fingerprint, "stages": self.finished})
+
+    def done(self, stage: str) -> bool:
+        return stage in self.finished
+
+    def finish(self, stage: str, seconds: float, **facts: Any) -> None:
+        self.finished[stage] = {"seconds": round(seconds, 1), **facts}
+        self.save()
+
+
+def _open_run_folder(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool) -> RunState:
+    state_file = out / STATE_FILE
+    if resume and state_file.exists():
+        saved = json.loads(state_file.read_text())
+        if saved.get("recipe_fingerprint") != recipe.fingerprint:
+            raise UsageError(f"{out} was started with a different recipe or model; use a new --out or --overwrite")
+        return RunState(out, recipe.fingerprint, saved.get("stages", {}))
+    if out.exists() and not overwrite and not resume:
+        raise UsageError(f"output {out} already exists; pass --resume to continue it, --overwrite to start again, "
+                         "or choose a new --out")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    write_bytes_atomic(out / "recipe.yaml", recipe.text.encode())
+    state = RunState(out, recipe.fingerprint)
+    state.save()
+    return state
+
+
+@dataclass
+class RunContext:
+    """What the stages share while one recipe runs."""
+
+    recipe: Recipe
+    out: Path
+    state: RunState
+    loaded: LoadedModel | None = None
+    log: Callable[[str], None] = print
+
+    def load(self, where: str | Path) -> LoadedModel:
+        return load_model(where, **self.recipe.sections.get("load", {}))
+
+    @property
+    def final_dir(self) -> Path:
+        return self.out / "model"
+
+    @property
+    def pruned_dir(self) -> Path:
+        return self.out / ("pruned" if "heal" in self.recipe.sections else "model")
+
+
+def _stage_score(ctx: RunContext) -> dict[str, Any]:
+    from layerprune.data import build_calibration
+    from layerprune.reporting.scores import format_table, plot_scores
+    from layerprune.scoring import score
+    from layerprune.selection import select
+
+    loaded = ctx.load(ctx.recipe.model)
+    options = ctx.recipe.sections["calibration"]
+    calibration = build_calibration(loaded.tokenizer, **options)
+    report = score(loaded, calibration, data={k: str(v) for k, v in options.items()}, **ctx.recipe.sections["score"])
+    selection = select(report, **ctx.recipe.sections["select"]) if "select" in ctx.recipe.sections else None
+    ctx.log(format_table(report))
+    write_json_atomic(ctx.out / "scores.json", report.to_json())
+    plot_scores(report, ctx.out / "scores.png")
+    return {"remove": selection.remove if selection else None}
+
+
+def _stage_prune(ctx: RunContext) -> dict[str, Any]:
+    from layerprune.api import prune, save
+
+    remove = ctx.state.finished["score"]["remove"]
+    scores = json.loads((ctx.out / "scores.json").read_text())
+    selection = scores.get("selection", {})
+    loaded = ctx.load(ctx.recipe.model)
+    reason = f"metric {selection.get('metric')}, {selection.get('strategy')} selection of {len(remove)} layers"
+    prune(loaded, remove, reason=reason)
+    save(loaded, ctx.pruned_dir, recipe=_recipe_record(ctx))
+    return {"removed_layers": remove, "model": str(ctx.pruned_dir)}
+
+
+def _stage_heal(ctx: RunContext) -> dict[str, Any]:
+    from layerprune.api import save
+    from layerprune.healing import heal
+    from layerprune.healing.engine import STATE_FILE as HEAL_STATE
+
+    loaded = ctx.load(ctx.pruned_dir if ctx.state.done("prune") else ctx.recipe.model)
+    options = dict(ctx.recipe.sections["heal"])
+    options.setdefault("checkpoint_every", max(1, int(options.get("steps", 100)) // 4))
+    checkpoints = ctx.out / "heal-checkpoints"
+    healed = heal(loaded, checkpoint_dir=checkpoints, resume=(checkpoints / HEAL_STATE).exists(), **options)
+    save(healed, ctx.final_dir, recipe=_recipe_record(ctx), overwrite=True)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return {"method": options["method"], "model": str(ctx.final_dir)}
+
+
+def _stage_eval(ctx: RunContext) -> dict[str, Any]:
+    from layerprune.evaluation import evaluate
+    from layerprune.reporting.eval_tables import comparison_table, write_report
+
+    candidates = [ctx.out / "pruned", ctx.final_dir] if ctx.state.done("heal") and ctx.state.done("prune") else [
+        ctx.final_dir]
+    compare = [str(path) for path in candidates if path.exists()]
+    load_options = ctx.recipe.sections.get("load", {})
+    report = evaluate(ctx.recipe.model, compare=compare, **ctx.recipe.sections["eval"], **load_options)
+    write_report(report, ctx.out / "eval.json")
+    ctx.log(comparison_table(report))
+    return {"compared": compare}
+
+
+def _recipe_record(ctx: RunContext) -> dict[str, Any]:
+    return {"file": ctx.recipe.path.name, "text": ctx.recipe.text, "model": ctx.recipe.model}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One resumable step of a run: it runs when its recipe section is present."""
+
+    name: str
+    needs: str
+    run: Callable[[RunContext], dict[str, Any]]
+
+
+STAGES = (
+    Stage("score", "score", _stage_score),
+    Stage("prune", "select", _stage_prune),
+    Stage("heal", "heal", _stage_heal),
+    Stage("eval", "eval", _stage_eval),
+)
+
+
+def run_recipe(path: str | Path, out: str | Path, *, model: str | None = None, resume: bool = False,
+               overwrite: bool = False, allowed_paths: list[Path] | None = None,
+               log: Callable[[str], None] = print) -> Path:
+    """Run every stage of the recipe at ``path`` into the folder ``out``; returns the folder."""
+    recipe = load_recipe(path, model, allowed_paths)
+    model_folder = Path(recipe.model).expanduser()
+    protected = [model_folder] if model_folder.exists() else []
+    target = check_output_path(out, overwrite=True, protected=protected)  # existing: _open_run_folder decides
+    state = _open_run_folder(target, recipe, resume=resume, overwrite=overwrite)
+    ctx = RunContext(recipe, target, state, log=log)
+    for stage in STAGES:
+        if stage.needs not in recipe.sections:
+            continue
+        if state.done(stage.name):
+            log(f"[{stage.name}] already done, skipping")
+            continue
+        log(f"[{stage.name}] running")
+        start = time.perf_counter()
+        facts = stage.run(ctx)
+        state.finish(stage.name, time.perf_counter() - start, **facts)
+    return target

@@ -1,0 +1,129 @@
+"""Recipes: schema validation with line numbers, path confinement, and a resumable end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from layerprune.cli.main import main
+from layerprune.errors import UsageError
+from layerprune.models.tiny import byte_tokenizer, tiny_model
+from layerprune.recipes import load_recipe, run_recipe
+from layerprune.recipes import runner
+
+SHIPPED = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_recipes_validate_and_run_smollm2_by_default(recipe: Path) -> None:
+    loaded = load_recipe(recipe)
+    assert loaded.model == "smollm2-135m"
+    assert load_recipe(recipe, model="gemma3-270m").model == "gemma3-270m"
+
+
+def test_every_paper_has_a_recipe() -> None:
+    assert {p.stem for p in SHIPPED} >= {"shortgpt", "llm-streamline-layer", "llm-streamline-ffn", "reassessing",
+                                         "reassessing-iterative", "why-lift-so-heavy", "gromov"}
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model: m\nscore:\n  metrics: [bi]\n  positons: last\n", r"line 4: unknown key 'positons' in section 'score'"),
+        ("model: m\nscore: {metrics: [bi]}\nselect:\n  remove: [1, 2]\n", r"line 4: 'remove' must be int or str"),
+        ("model: m\nheal:\n  steps: 5\n", r"line 2: section 'heal' is missing the required key\(s\) method, data"),
+        ("model: m\nscoring: {}\n", r"line 2: unknown key 'scoring' in the recipe"),
+        ("model: m\nselect: {remove: 2}\n", r"'select' needs a 'score' section"),
+        ("score: {metrics: [bi]}\n", r"names no model"),
+        ("model: m\neval:\n  classify: rotten-tomatoes\n  classification: {ks: [1], epochs: two}\n",
+         r"line 4: 'epochs' must be int"),
+        ("model: [a\n", r"line 2: not valid YAML"),
+        ("- just\n- a list\n", r"must be a mapping"),
+        ("model: !!python/object/apply:os.system [echo hi]\n", r"not valid YAML"),
+    ],
+)
+def test_bad_recipes_name_the_line_and_the_fix(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        load_recipe(_write(tmp_path, text))
+
+
+def test_recipe_paths_may_not_escape_the_named_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    monkeypatch.chdir(recipes)
+    outside = tmp_path / "secret.txt"
+    outside.write_text("secret")
+    text = f"model: m\ncalibration: {{source: {outside}}}\nscore: {{metrics: [bi]}}\n"
+    with pytest.raises(UsageError, match="line 2: path .* lies outside"):
+        load_recipe(_write(recipes, text))
+    with pytest.raises(UsageError, match="lies outside"):
+        load_recipe(_write(recipes, "model: ../other-model\n"))
+    assert load_recipe(_write(recipes, text), allowed_paths=[tmp_path]).sections["calibration"]["source"] == str(outside)
+
+
+@pytest.fixture
+def tiny_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    tiny_model("llama", 6).save_pretrained(tmp_path / "tiny")
+    byte_tokenizer().save_pretrained(tmp_path / "tiny")
+    (tmp_path / "corpus.txt").write_text("\n\n".join(f"Note {i}: the value {i * 7} follows {i}." for i in range(200)))
+    return _write(tmp_path, """\
+        model: tiny
+        calibration: {source: corpus.txt, samples: 8, seq_len: 32}
+        score: {metrics: [bi, block-cosine], batch_size: 4}
+        select: {metric: block-cosine, remove: 2, strategy: consecutive}
+        heal: {method: partial-ft, data: corpus.txt, steps: 4, batch_size: 4, seq_len: 32, train_layers: 1}
+        eval: {ppl: [corpus.txt], seq_len: 32}
+        """)
+
+
+def test_run_replays_the_pipeline_and_resumes_after_a_failure(tiny_setup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tiny_setup.parent / "run"
+    real_eval = runner._stage_eval
+
+    def crash(ctx):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(runner, "STAGES", tuple(s if s.name != "eval" else runner.Stage("eval", "eval", crash)
+                                                for s in runner.STAGES))
+    with pytest.raises(RuntimeError):
+        run_recipe(tiny_setup, out, log=lambda _: None)
+    state = json.loads((out / "run.json").read_text())
+    assert list(state["stages"]) == ["score", "prune", "heal"]
+    healed_weights = (out / "model" / "model.safetensors").read_bytes()
+
+    with pytest.raises(UsageError, match="--resume"):
+        run_recipe(tiny_setup, out, log=lambda _: None)
+    monkeypatch.setattr(runner, "STAGES", tuple(s if s.name != "eval" else runner.Stage("eval", "eval", real_eval)
+                                                for s in runner.STAGES))
+    messages: list[str] = []
+    run_recipe(tiny_setup, out, resume=True, log=messages.append)
+    assert "[heal] already done, skipping" in messages
+    assert (out / "model" / "model.safetensors").read_bytes() == healed_weights
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["selection"]["remove"] == state["stages"]["score"]["remove"]
+    assert len(scores["selection"]["remove"]) == 2
+    record = json.loads((out / "model" / "layerprune.json").read_text())
+    assert record["removed_layers"] == scores["selection"]["remove"]
+    assert record["healing"][0]["method"] == "partial-ft"
+    assert "model: tiny" in record["recipe"]["text"]
+    report = json.loads((out / "eval.json").read_text())
+    assert len(report["models"]) == 3  # original, pruned, healed
+    assert (out / "eval.md").exists() and (out / "scores.png").exists() and (out / "recipe.yaml").exists()
+
+
+def test_run_cli_refuses_a_bad_recipe_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, "model: m\nheal: {method: lora, data: x, stepz: 3}\n")
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "unknown key 'stepz'" in error[0] and "line 2" in error[0]
+    assert not (tmp_path / "out").exists()
