@@ -6,8 +6,9 @@ that loads anywhere transformers loads.
 
 from layerprune.api import info, prune, replace, save
 from layerprune.errors import UsageError
+from layerprune.evaluation import evaluate
 from layerprune.healing import heal
 from layerprune.models.loading import LoadedModel, load_model
 
-__all__ = ["LoadedModel", "UsageError", "heal", "info", "load_model", "prune", "replace", "save"]
+__all__ = ["LoadedModel", "UsageError", "evaluate", "heal", "info", "load_model", "prune", "replace", "save"]
 __version__ = "0.1.0"

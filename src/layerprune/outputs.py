@@ -143,11 +143,16 @@ def _swap_into_place(staging: Path, target: Path) -> None:
 
 def write_json_atomic(path: str | Path, data: Any, *, overwrite: bool = True) -> Path:
     """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    return write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode(), overwrite=overwrite)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes, *, overwrite: bool = True) -> Path:
+    """Write any file (text, PNG) through a temporary file and a rename."""
     target = Path(path).expanduser()
     if target.exists() and not overwrite:
         raise UsageError(f"{target} already exists; choose a new path or pass --overwrite")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    staging.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    staging.write_bytes(data)
     os.replace(staging, target)
     return target

@@ -1,0 +1,177 @@
+"""What pruning buys: parameters, size on disk, prefill/decode throughput, peak memory, FLOPs.
+
+Speed is only meaningful as a ratio measured in the same run on the same machine, so the models
+are timed interleaved (original, pruned, original, ...), after a warm-up, several times, and the
+median is kept. Beside each measured speed-up stands the ideal one from the FLOP count: FLOPs per
+token of the reference over those of the candidate, counted by torch's ``FlopCounterMode`` over a
+real forward pass, so the LM head, embeddings and attention over the cache are all included.
+
+Peak memory on CPU is the peak resident set of a fresh process that loads the saved checkpoint
+and runs the same prefill and decode (one process per model: a process's peak never goes down).
+On CUDA it is ``torch.cuda.max_memory_allocated`` in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from layerprune.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One measurement: prefill ``prompt_len`` tokens, then greedily decode ``new_tokens`` with a KV cache."""
+
+    prompt_len: int = 128
+    new_tokens: int = 64
+    repeats: int = 5
+    warmup: int = 1
+
+    def check(self) -> None:
+        if min(self.prompt_len, self.new_tokens, self.repeats) < 1 or self.warmup < 0:
+            raise UsageError("efficiency needs --prompt-len, --new-tokens and --repeats >= 1 and --warmup >= 0")
+
+
+def _prompt(model: PreTrainedModel, length: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().num_embeddings
+    return torch.randint(0, vocab, (1, length), generator=generator).to(next(model.parameters()).device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_prefill_decode(model: PreTrainedModel, workload: Workload) -> tuple[float, float]:
+    """Seconds for the prefill and for the ``new_tokens`` greedy decode steps (KV cache on)."""
+    device = next(model.parameters()).device
+    ids = _prompt(model, workload.prompt_len)
+    _sync(device)
+    start = time.perf_counter()
+    output = model(input_ids=ids, use_cache=True)
+    token = output.logits[:, -1:].argmax(-1)
+    _sync(device)
+    prefill = time.perf_counter() - start
+    cache = output.past_key_values
+    start = time.perf_counter()
+    for _ in range(workload.new_tokens):
+        output = model(input_ids=token, past_key_values=cache, use_cache=True)
+        cache = output.past_key_values
+        token = output.logits[:, -1:].argmax(-1)
+    _sync(device)
+    return prefill, time.perf_counter() - start
+
+
+@torch.no_grad()
+def flops_per_token(model: PreTrainedModel, workload: Workload) -> tuple[float, float]:
+    """FLOPs per token of the prefill, and of one decode step at the middle of the decode.
+
+    The math attention kernel is forced while counting: it runs as plain matmuls, which the
+    counter sees, whereas the fused CPU kernel would be silently left out.
+    """
+    context = workload.prompt_len + workload.new_tokens // 2
+    with sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids=_prompt(model, workload.prompt_len), use_cache=True)
+        prefill = counter.get_total_flops() / workload.prompt_len
+        cache = model(input_ids=_prompt(model, context), use_cache=True).past_key_values
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids=_prompt(model, 1), past_key_values=cache, use_cache=True)
+        decode = counter.get_total_flops()
+    return float(prefill), float(decode)
+
+
+def size_on_disk(model: PreTrainedModel, folder: Path) -> int:
+    """Bytes of the safetensors checkpoint ``save_pretrained`` writes into ``folder``."""
+    model.save_pretrained(folder)
+    return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
+
+
+def peak_memory_bytes(model: PreTrainedModel, checkpoint: Path, workload: Workload) -> int:
+    """Peak memory of one prefill+decode (see the module docstring for how it is measured)."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        time_prefill_decode(model, workload)
+        return int(torch.cuda.max_memory_allocated(device))
+    command = [sys.executable, "-m", "layerprune.evaluation.efficiency", str(checkpoint),
+               json.dumps({"prompt_len": workload.prompt_len, "new_tokens": workload.new_tokens}),
+               str(next(model.parameters()).dtype).removeprefix("torch.")]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"peak-memory probe failed: {result.stderr.strip()[-2000:]}")
+    return int(json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"])
+
+
+def measure_efficiency(models: dict[str, PreTrainedModel], workload: Workload = Workload(), *,
+                       memory: bool = True) -> dict[str, dict[str, Any]]:
+    """Efficiency figures of each model, the first being the reference for the speed-ups.
+
+    Returns per model: parameters, disk_bytes, prefill/decode tokens/s (medians), FLOPs per
+    token, peak_memory_bytes, and for the others measured and FLOP-ideal speed-ups.
+    """
+    workload.check()
+    if not models:
+        raise UsageError("efficiency needs at least one model")
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="layerprune-eff-") as scratch:
+        for index, (name, model) in enumerate(models.items()):
+            folder = Path(scratch) / f"model-{index}"
+            prefill_flops, decode_flops = flops_per_token(model, workload)
+            results[name] = {
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "disk_bytes": size_on_disk(model, folder),
+                "prefill_flops_per_token": prefill_flops,
+                "decode_flops_per_token": decode_flops,
+            }
+            if memory:
+                results[name]["peak_memory_bytes"] = peak_memory_bytes(model, folder, workload)
+    timings = {name: ([], []) for name in models}
+    for round_index in range(workload.warmup + workload.repeats):
+        for name, model in models.items():  # interleaved: drifts in machine load hit every model alike
+            prefill, decode = time_prefill_decode(model, workload)
+            if round_index >= workload.warmup:
+                timings[name][0].append(prefill)
+                timings[name][1].append(decode)
+    for name, (prefills, decodes) in timings.items():
+        results[name]["prefill_tokens_per_s"] = workload.prompt_len / statistics.median(prefills)
+        results[name]["decode_tokens_per_s"] = workload.new_tokens / statistics.median(decodes)
+    reference = results[next(iter(models))]
+    for values in results.values():
+        for phase in ("prefill", "decode"):
+            values[f"{phase}_speedup"] = values[f"{phase}_tokens_per_s"] / reference[f"{phase}_tokens_per_s"]
+            values[f"{phase}_ideal_speedup"] = (reference[f"{phase}_flops_per_token"]
+                                                / values[f"{phase}_flops_per_token"])
+    return results
+
+
+def _probe(checkpoint: str, workload_json: str, dtype: str) -> None:
+    """Child process: load ``checkpoint``, run the workload once, print how far the peak resident
+    set rose above the resident set after imports (what the model and its run cost)."""
+    baseline = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).eval()
+    time_prefill_decode(model, Workload(**json.loads(workload_json)))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print(json.dumps({"peak_bytes": peak - baseline}))
+
+
+if __name__ == "__main__":
+    _probe(*sys.argv[1:4])

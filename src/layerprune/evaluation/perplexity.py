@@ -1,0 +1,119 @@
+"""Perplexity by the standard protocol: concatenate a split, cut it into non-overlapping windows.
+
+Every paper on depth pruning (ShortGPT, LLM-Streamline, SLEB, ...) reports perplexity this way, so
+our numbers are comparable with theirs only if we do exactly the same: the whole split is tokenized
+as one stream, cut into consecutive windows of ``seq_len`` tokens without overlap, and every token
+but the first of each window is predicted from the tokens before it *in its window*. The result is
+the mean negative log-likelihood over all predicted tokens, its exponential, and the token count
+(so that two runs can be checked to have scored the same text).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from layerprune.errors import UsageError
+
+
+@dataclass(frozen=True)
+class PerplexitySource:
+    """Where a perplexity data set comes from in the data layer, and which split is the standard one."""
+
+    source: str
+    split: str
+    text_field: str | None = None
+    online: bool = False
+
+
+# Short names users type; anything else is passed to the data layer as a file path or hub name.
+PPL_SOURCES: dict[str, PerplexitySource] = {
+    "wiki-sample": PerplexitySource("wiki-sample", "test"),
+    "news-sample": PerplexitySource("news-sample", "test"),
+    "wikitext2": PerplexitySource("wikitext2", "test", online=True),
+    "ptb": PerplexitySource("ptb", "test", online=True),
+    "c4": PerplexitySource("c4", "validation", online=True),
+}
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """Mean NLL (nats per token), its exponential, and how many tokens were predicted."""
+
+    nll: float
+    ppl: float
+    tokens: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def resolve_ppl_source(name: str) -> PerplexitySource:
+    """A known short name, or an existing local file; fails fast with the list of names otherwise."""
+    if name in PPL_SOURCES:
+        return PPL_SOURCES[name]
+    path = Path(name).expanduser()
+    if path.is_file():
+        return PerplexitySource(str(path), "test")
+    raise UsageError(
+        f"unknown perplexity data {name!r}; use one of {', '.join(PPL_SOURCES)} or the path of an existing text file"
+    )
+
+
+def check_seq_len(seq_len: int) -> None:
+    if seq_len < 2:
+        raise UsageError(f"--seq-len {seq_len} is too short: a window needs at least 2 tokens; use e.g. --seq-len 512")
+
+
+def windows(token_ids: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
+    """Consecutive non-overlapping windows; a trailing remainder of >= 2 tokens is a window too."""
+    check_seq_len(seq_len)
+    if token_ids.dim() != 1:
+        raise UsageError(f"perplexity needs one 1-D token stream, got shape {tuple(token_ids.shape)}")
+    pieces = list(torch.split(token_ids, seq_len))
+    return [piece for piece in pieces if piece.numel() >= 2]
+
+
+@torch.no_grad()
+def perplexity(model: PreTrainedModel, token_ids: torch.Tensor, seq_len: int, *, batch_size: int = 4,
+               max_windows: int | None = None) -> PerplexityResult:
+    """Score ``token_ids`` (the whole split as one stream) by the non-overlapping-window protocol.
+
+    ``max_windows`` limits the text scored (the first windows), for quick looks; the token count
+    in the result says how much was scored.
+    """
+    chunks = windows(token_ids, seq_len)[:max_windows]
+    if not chunks:
+        raise UsageError(f"the data has fewer than 2 tokens; perplexity needs text to score")
+    device = next(model.parameters()).device
+    total_nll = 0.0
+    total_tokens = 0
+    # Equal-length windows are batched; the shorter last window (if any) runs on its own.
+    groups: dict[int, list[torch.Tensor]] = {}
+    for chunk in chunks:
+        groups.setdefault(chunk.numel(), []).append(chunk)
+    for same_length in groups.values():
+        for start in range(0, len(same_length), batch_size):
+            batch = torch.stack(same_length[start:start + batch_size]).to(device)
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            targets = batch[:, 1:]
+            total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                         reduction="sum").item()
+            total_tokens += targets.numel()
+    nll = total_nll / total_tokens
+    return PerplexityResult(nll=nll, ppl=math.exp(nll), tokens=total_tokens)
+
+
+def dataset_perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, seq_len: int, *,
+                       batch_size: int = 4, max_windows: int | None = None) -> PerplexityResult:
+    """Perplexity of ``model`` on the standard split of the named data set (or a local file)."""
+    from layerprune import data  # the data layer: imported late, it loads its sources lazily
+
+    spec = resolve_ppl_source(name)
+    stream = data.token_stream(tokenizer, spec.source, split=spec.split, text_field=spec.text_field)
+    return perplexity(model, stream, seq_len, batch_size=batch_size, max_windows=max_windows)

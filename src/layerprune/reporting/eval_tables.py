@@ -1,0 +1,196 @@
+"""Evaluation results as people read them: Markdown tables with Δ columns, and PNG plots.
+
+A comparison puts the reference model (usually the original) first and every other model beside
+it with its difference, so "what did pruning cost" is one glance: perplexity, accuracy, stability
+and efficiency in one table.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from layerprune.outputs import write_bytes_atomic, write_json_atomic
+
+_EFFICIENCY_ROWS: tuple[tuple[str, str, Callable[[float], float]], ...] = (
+    ("disk_bytes", "size on disk (MB)", lambda v: v / 1e6),
+    ("peak_memory_bytes", "peak memory (MB)", lambda v: v / 1e6),
+    ("prefill_tokens_per_s", "prefill tokens/s", float),
+    ("decode_tokens_per_s", "decode tokens/s", float),
+    ("prefill_speedup", "prefill speed-up", float),
+    ("prefill_ideal_speedup", "prefill speed-up, FLOP ideal", float),
+    ("decode_speedup", "decode speed-up", float),
+    ("decode_ideal_speedup", "decode speed-up, FLOP ideal", float),
+)
+
+
+def flatten_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """One model's evaluation as ordered ``row label -> number`` pairs for tables and plots."""
+    rows: dict[str, float] = {}
+    for key in ("num_layers", "parameters"):
+        if key in result:
+            rows[key.replace("num_", "")] = float(result[key])
+    for data, values in result.get("perplexity", {}).items():
+        rows[f"ppl {data}"] = values["ppl"]
+    for task, values in result.get("tasks", {}).items():
+        for metric in ("acc", "acc_norm"):
+            if metric in values:
+                rows[f"{task} {metric}"] = values[metric]
+    for task, value in result.get("stability", {}).items():
+        rows[f"{task} stability"] = value
+    efficiency = result.get("efficiency", {})
+    for key, label, scale in _EFFICIENCY_ROWS:
+        if key in efficiency:
+            rows[label] = scale(efficiency[key])
+    return rows
+
+
+def _format(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if float(value).is_integer() and abs(value) >= 1:
+        return f"{int(value):,}"
+    return f"{value:.4g}" if abs(value) >= 1e-3 else f"{value:.2e}"
+
+
+def _delta(value: float | None, reference: float | None) -> str:
+    if value is None or reference is None:
+        return "—"
+    difference = value - reference
+    return ("+" if difference > 0 else "") + _format(difference) if difference else "0"
+
+
+def comparison_table(report: dict[str, Any]) -> str:
+    """Markdown: one row per metric, the reference model first, then each model and its Δ."""
+    names = list(report["models"])
+    reference = report.get("reference", names[0])
+    others = [name for name in names if name != reference]
+    flat = {name: flatten_metrics(report["models"][name]) for name in names}
+    labels = list(dict.fromkeys(label for name in [reference, *others] for label in flat[name]))
+    header = ["metric", reference] + [column for name in others for column in (name, f"Δ {name}")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label in labels:
+        base = flat[reference].get(label)
+        cells = [label, _format(base)]
+        for name in others:
+            cells += [_format(flat[name].get(label)), _delta(flat[name].get(label), base)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _png(figure: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=120)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def comparison_plot(report: dict[str, Any]) -> bytes | None:
+    """PNG: grouped bars of perplexity (log scale) and task accuracy per model; None if neither."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["models"])
+    flat = {name: flatten_metrics(report["models"][name]) for name in names}
+    groups = [(title, [label for label in flat[names[0]] if match(label)], log)
+              for title, match, log in (("perplexity (lower is better)", lambda l: l.startswith("ppl "), True),
+                                        ("accuracy / stability", lambda l: l.endswith((" acc", " stability")), False))]
+    groups = [group for group in groups if group[1]]
+    if not groups:
+        return None
+    figure, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
+    width = 0.8 / len(names)
+    for axis, (title, labels, log) in zip(axes[0], groups):
+        for index, name in enumerate(names):
+            values = [flat[name].get(label, float("nan")) for label in labels]
+            axis.bar([i + index * width for i in range(len(labels))], values, width, label=name)
+        axis.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(labels))], labels, rotation=30,
+                        ha="right", fontsize=8)
+        axis.set_title(title)
+        if log:
+            axis.set_yscale("log")
+    axes[0][0].legend(fontsize=8)
+    return _png(figure)
+
+
+def curve_table(curve: dict[str, Any]) -> str:
+    """Markdown: accuracy against the number of kept layers k, one column per head kind."""
+    kinds = list(curve["accuracy"])
+    ks = sorted({int(k) for kind in kinds for k in curve["accuracy"][kind]})
+    lines = ["| k (layers kept) | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for k in ks:
+        cells = [_format(curve["accuracy"][kind].get(str(k), curve["accuracy"][kind].get(k))) for kind in kinds]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def curve_plot(curve: dict[str, Any], title: str) -> bytes:
+    """PNG: accuracy against k per head kind, with the chance level as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for kind, by_k in curve["accuracy"].items():
+        ks = sorted(int(k) for k in by_k)
+        axis.plot(ks, [by_k.get(str(k), by_k.get(k)) for k in ks], marker="o", label=kind)
+    if "chance" in curve:
+        axis.axhline(curve["chance"], linestyle="--", color="grey", label="chance (majority)")
+    axis.set_xlabel("k: first layers kept")
+    axis.set_ylabel("test accuracy")
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    return _png(figure)
+
+
+def curve_path(json_path: Path, index: int) -> Path:
+    """Where the classification-curve plot of the ``index``-th model goes."""
+    return json_path.with_name(f"{json_path.stem}-curve-{index}.png")
+
+
+def write_report(report: dict[str, Any], json_path: Path) -> list[Path]:
+    """Write the JSON, its Markdown (comparison table, then each classification curve) and the
+    plots (``.png``; ``-curve-N.png`` per model with a curve) side by side."""
+    written = [write_json_atomic(json_path, report)]
+    markdown = comparison_table(report)
+    plots: list[tuple[Path, bytes | None]] = [(json_path.with_suffix(".png"), comparison_plot(report))]
+    for index, (name, result) in enumerate(report["models"].items()):
+        curve = result.get("classification")
+        if curve:
+            title = f"{name}: {curve.get('dataset', 'classification')}"
+            markdown += f"\n### Classification curve: {title}\n\n{curve_table(curve)}"
+            plots.append((curve_path(json_path, index), curve_plot(curve, title)))
+    written.append(write_bytes_atomic(json_path.with_suffix(".md"), markdown.encode()))
+    written += [write_bytes_atomic(path, png) for path, png in plots if png is not None]
+    return written
+
+
+def update_doc_section(doc: Path, section: str, subsection: str, body: str) -> None:
+    """Replace ``subsection`` (a ``###`` heading) inside ``section`` (a ``##`` heading) of ``doc``,
+    creating either if missing and leaving every other part of the file as it was."""
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    block = f"{subsection}\n\n{body.strip()}\n\n"
+    section_match = re.search(rf"^{re.escape(section)}\s*$", text, flags=re.M)
+    if section_match is None:
+        text = text.rstrip("\n") + f"\n\n{section}\n\n{block}"
+    else:
+        end_match = re.compile(r"^## ", flags=re.M).search(text, section_match.end())
+        end = end_match.start() if end_match else len(text)
+        inside = text[section_match.end():end]
+        sub = re.search(rf"^{re.escape(subsection)}\s*$", inside, flags=re.M)
+        if sub is None:
+            inside = inside.rstrip("\n") + f"\n\n{block}"
+        else:
+            sub_end = re.compile(r"^#{2,3} ", flags=re.M).search(inside, sub.end())
+            inside = inside[:sub.start()] + block + (inside[sub_end.start():] if sub_end else "")
+        text = text[:section_match.end()] + "\n\n" + inside.lstrip("\n") + text[end:]
+    write_bytes_atomic(doc, (text.rstrip("\n") + "\n").encode())

@@ -1,0 +1,43 @@
+"""Tiny models and small labelled sets for the evaluation tests (no download, no data layer)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pytest
+
+from layerprune.models.architectures import adapter_for
+from layerprune.models.loading import LoadedModel
+from layerprune.models.tiny import byte_tokenizer, tiny_model
+
+
+@dataclass
+class Labelled:
+    """Same fields as the data layer's ``LabelledDataset``."""
+
+    texts: list[str]
+    labels: list[int]
+    label_names: list[str]
+
+
+def letters_task(size: int, seed: int) -> Labelled:
+    """A learnable two-class task: words from the first or the second half of the alphabet."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for _ in range(size):
+        label = rng.randrange(2)
+        alphabet = "abcdefghijklm" if label == 0 else "nopqrstuvwxyz"
+        texts.append("".join(rng.choice(alphabet) for _ in range(rng.randint(5, 15))))
+        labels.append(label)
+    return Labelled(texts, labels, ["low", "high"])
+
+
+def tiny_loaded(num_layers: int = 4, family: str = "llama", seed: int = 0) -> LoadedModel:
+    model = tiny_model(family, num_layers, seed=seed)
+    return LoadedModel(model, byte_tokenizer(), f"tiny-{family}-{num_layers}", adapter_for(model))
+
+
+@pytest.fixture
+def loaded() -> LoadedModel:
+    return tiny_loaded()

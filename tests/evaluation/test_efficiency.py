@@ -1,0 +1,45 @@
+"""Efficiency figures: FLOPs against an analytic count, sizes, and the shape of the report.
+
+Speeds are measured in benchmarks/ and never asserted here."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from layerprune.evaluation.efficiency import Workload, flops_per_token, measure_efficiency
+from layerprune.models.tiny import tiny_model
+
+WORKLOAD = Workload(prompt_len=12, new_tokens=8, repeats=1, warmup=0)
+
+
+def _analytic_decode_flops(model: nn.Module, context: int) -> int:
+    """2 FLOPs per weight of every linear layer (LM head included), plus per layer the two
+    attention matmuls over ``context`` cached tokens plus the new one: 2 x 2 x heads x head_dim x (context+1)."""
+    config = model.config
+    linear = sum(2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    head_dim = config.hidden_size // config.num_attention_heads
+    attention = config.num_hidden_layers * 4 * config.num_attention_heads * head_dim * (context + 1)
+    return linear + attention
+
+
+@pytest.mark.parametrize("layers", [2, 5])
+def test_decode_flops_match_the_analytic_count(layers: int) -> None:
+    model = tiny_model("llama", layers)
+    _, decode = flops_per_token(model, WORKLOAD)
+    assert decode == _analytic_decode_flops(model, WORKLOAD.prompt_len + WORKLOAD.new_tokens // 2)
+
+
+def test_report_has_every_figure_and_speedups_relative_to_the_first_model() -> None:
+    models = {"six": tiny_model("llama", 6), "three": tiny_model("llama", 3)}
+    results = measure_efficiency(models, WORKLOAD, memory=False)
+    six, three = results["six"], results["three"]
+    assert six["decode_speedup"] == six["prefill_ideal_speedup"] == 1.0
+    assert three["parameters"] < six["parameters"]
+    # float32 safetensors: 4 bytes per parameter plus a small header
+    for values in results.values():
+        assert values["parameters"] * 4 <= values["disk_bytes"] < values["parameters"] * 4 + 20_000
+    assert three["decode_ideal_speedup"] == pytest.approx(six["decode_flops_per_token"] / three["decode_flops_per_token"])
+    assert 1.0 < three["decode_ideal_speedup"] < 2.0  # the LM head and embeddings do not shrink
+    assert three["decode_tokens_per_s"] > 0 and three["prefill_tokens_per_s"] > 0
+

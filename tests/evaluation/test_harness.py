@@ -1,0 +1,85 @@
+"""lm-eval on an offline task with a tiny in-memory model, and stability from its predictions."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import layerprune as lp
+from layerprune.errors import UsageError
+from layerprune.evaluation.harness import OFFLINE_TASKS, predictions_from_samples, run_tasks, write_offline_task
+from layerprune.evaluation.stability import stability, stability_by_task
+from tests.evaluation.conftest import letters_task, tiny_loaded
+
+TASK = "lp_sentiment_rt"
+
+
+def _reference_predictions(loaded: lp.LoadedModel, data) -> list[int]:
+    """The choice with the highest summed log-probability of its tokens after the prompt."""
+    tokenizer = loaded.tokenizer
+    predictions = []
+    for text in data.texts:
+        context = tokenizer(f"Review: {text}\nSentiment:", add_special_tokens=False)["input_ids"]
+        scores = []
+        for choice in data.label_names:
+            continuation = tokenizer(f" {choice}", add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([context + continuation])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(loaded.model(ids).logits[0].double(), -1)
+            scores.append(sum(logprobs[len(context) + i - 1, token].item() for i, token in enumerate(continuation)))
+        predictions.append(max(range(len(scores)), key=scores.__getitem__))
+    return predictions
+
+
+@pytest.fixture(scope="module")
+def task_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tasks")
+    write_offline_task(OFFLINE_TASKS[TASK], letters_task(12, seed=3), root)
+    return root
+
+
+def test_lm_eval_offline_task_matches_a_hand_computation(task_root) -> None:
+    loaded = tiny_loaded(num_layers=2)
+    data = letters_task(12, seed=3)
+    run = run_tasks(loaded.model, loaded.tokenizer, [TASK], batch_size=4, include_path=task_root)
+    expected = _reference_predictions(loaded, data)
+    assert run.predictions[TASK] == expected
+    assert run.metrics[TASK]["acc"] == pytest.approx(sum(p == y for p, y in zip(expected, data.labels)) / 12)
+
+
+def test_stability_of_a_model_with_itself_is_one_and_a_pruned_model_differs(task_root) -> None:
+    loaded = tiny_loaded(num_layers=4)
+    pruned = copy.deepcopy(loaded)
+    lp.prune(pruned, [1, 2, 3])
+    runs = [run_tasks(m.model, m.tokenizer, [TASK], include_path=task_root) for m in (loaded, loaded, pruned)]
+    assert stability_by_task(runs[0].predictions, runs[1].predictions) == {TASK: 1.0}
+    expected = sum(a == b for a, b in zip(runs[0].predictions[TASK], runs[2].predictions[TASK])) / 12
+    assert stability_by_task(runs[0].predictions, runs[2].predictions) == {TASK: pytest.approx(expected)}
+
+
+def test_stability_counts_agreement_not_correctness() -> None:
+    assert stability([0, 1, 1, 0], [0, 1, 0, 0]) == 0.75
+    assert stability([1, 1], [1, 1]) == 1.0
+    with pytest.raises(UsageError, match="same --limit"):
+        stability([0, 1], [0])
+
+
+def test_predictions_are_the_argmax_choice_in_document_order() -> None:
+    samples = [{"doc_id": 1, "filtered_resps": [(-3.0, False), (-1.0, True)]},
+               {"doc_id": 0, "filtered_resps": [(-0.5, True), (-2.0, False), (-9.0, False)]}]
+    assert predictions_from_samples(samples) == [0, 1]
+    assert predictions_from_samples([{"doc_id": 0, "filtered_resps": ["generated text"]}]) == []
+
+
+def test_offline_task_files_point_at_local_data(task_root) -> None:
+    folder = task_root / TASK
+    assert str(folder / "test.jsonl") in (folder / f"{TASK}.yaml").read_text()
+    assert len((folder / "test.jsonl").read_text().splitlines()) == 12
+
+
+def test_unknown_task_fails_before_any_work() -> None:
+    loaded = tiny_loaded(num_layers=1)
+    with pytest.raises(UsageError, match="unknown offline task"):
+        run_tasks(loaded.model, loaded.tokenizer, ["lp_sentiment_typo"])

@@ -1,0 +1,90 @@
+"""evaluate() and `layerprune eval` end to end on tiny checkpoints, and the Markdown helpers."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import layerprune as lp
+from layerprune import data
+from layerprune.cli.main import main
+from layerprune.reporting.eval_tables import comparison_table, update_doc_section
+from tests.evaluation.conftest import letters_task, tiny_loaded
+
+
+@pytest.fixture
+def fake_data_layer(monkeypatch, tmp_path):
+    """Stand-ins for the data layer's contract: a byte-level token stream of a file, a labelled set."""
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
+
+    def token_stream(tokenizer, source, split="test", text_field=None):
+        with open(source) as handle:
+            return torch.tensor(tokenizer(handle.read(), add_special_tokens=False)["input_ids"])
+
+    monkeypatch.setattr(data, "token_stream", token_stream, raising=False)
+    monkeypatch.setattr(data, "load_labelled", lambda name, split: letters_task(10, seed=5), raising=False)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    return text
+
+
+def test_evaluate_compares_models_with_the_reference(fake_data_layer) -> None:
+    loaded = tiny_loaded(num_layers=4)
+    pruned = copy.deepcopy(loaded)
+    lp.prune(pruned, [2, 3])
+    pruned.source = "pruned"
+    report = lp.evaluate(loaded, compare=[loaded, pruned], ppl=[str(fake_data_layer)], seq_len=32,
+                         tasks=["lp_sentiment_rt"])
+    assert list(report["models"]) == [loaded.source, loaded.source + "'", "pruned"]
+    reference, itself, cut = report["models"].values()
+    assert set(reference["perplexity"][str(fake_data_layer)]) == {"ppl", "nll", "tokens"}
+    assert itself["perplexity"] == reference["perplexity"]
+    assert cut["perplexity"] != reference["perplexity"]
+    assert itself["stability"] == {"lp_sentiment_rt": 1.0}
+    assert cut["num_layers"] == 2 and cut["removed_layers"] == [2, 3]
+    table = comparison_table(report)
+    assert "| layers | 4 |" in table and "| 2 | -2 |" in table
+
+
+def test_cli_writes_json_markdown_and_plot(fake_data_layer, tmp_path, capsys) -> None:
+    original = tiny_loaded(num_layers=3)
+    lp.save(original, tmp_path / "original")
+    lp.prune(original, [1])
+    lp.save(original, tmp_path / "pruned")
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--model", str(tmp_path / "original"), "--compare", str(tmp_path / "pruned"),
+            "--ppl", str(fake_data_layer), "--seq-len", "16", "--output", str(out)]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    for result in report["models"].values():
+        values = result["perplexity"][str(fake_data_layer)]
+        assert values["tokens"] > 0 and values["ppl"] == pytest.approx(2.718281828 ** values["nll"])
+    assert "Δ" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+    assert main(argv) == 2  # refuses to overwrite
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_cli_bad_input_fails_in_one_line_before_loading(tmp_path, capsys) -> None:
+    out = str(tmp_path / "eval.json")
+    assert main(["eval", "--model", str(tmp_path / "missing"), "--ppl", "wiki-sample", "--output", out]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", "--model", "x", "--classify", "r8", "--output", out]) == 2
+    assert "--k" in capsys.readouterr().err
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_update_doc_section_keeps_other_sections(tmp_path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## Healing\n\nhealing table\n\n## Evaluation\n\n### Efficiency\n\nold\n\n"
+                   "### Other\n\nkept\n\n## Scoring\n\nscores\n")
+    update_doc_section(doc, "## Evaluation", "### Efficiency", "new")
+    update_doc_section(doc, "## Evaluation", "### Classification", "curve")
+    text = doc.read_text()
+    assert "old" not in text and "new" in text
+    for kept in ("healing table", "### Other\n\nkept", "## Scoring\n\nscores", "curve"):
+        assert kept in text
+    assert text.index("curve") < text.index("## Scoring")
