@@ -9,6 +9,9 @@ from layerprune.errors import UsageError
 from layerprune.evaluation import evaluate
 from layerprune.healing import heal
 from layerprune.models.loading import LoadedModel, load_model
+from layerprune.scoring import ScoreReport, score
+from layerprune.selection import Selection, select
 
-__all__ = ["LoadedModel", "UsageError", "evaluate", "heal", "info", "load_model", "prune", "replace", "save"]
+__all__ = ["LoadedModel", "ScoreReport", "Selection", "UsageError", "evaluate", "heal", "info", "load_model", "prune",
+           "replace", "save", "score", "select"]
 __version__ = "0.1.0"

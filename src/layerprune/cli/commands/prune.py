@@ -1,48 +1,100 @@
-"""``layerprune prune``: remove layers and export a standard checkpoint."""
+"""``layerprune prune``: remove layers and export a standard checkpoint.
+
+The layers are named (``--layers 25-27``) or chosen by a metric in the same command
+(``--metric bi --remove 25%``, with the calibration and selection flags of ``layerprune score``).
+"""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import torch
 
 from layerprune.api import prune, save
+from layerprune.cli.commands.score import (
+    add_calibration_options, add_selection_options, check_calibration_args, remove_check, score_from_args,
+    selection_strategy,
+)
 from layerprune.cli.options import add_model_options, add_output_options, input_folders, load_from_args
 from layerprune.errors import UsageError
+from layerprune.models.loading import LoadedModel
 from layerprune.models.surgery import parse_layer_list, validate_layer_indices
 from layerprune.outputs import check_output_path
+from layerprune.scoring import check_metrics
+from layerprune.selection import select
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("prune", help="remove decoder layers and save a standard checkpoint")
     add_model_options(parser)
     parser.add_argument("--layers", help="layer indices to remove, e.g. 25,26,27 or 20-27")
+    parser.add_argument("--metric", help="instead of --layers: score with this metric (e.g. bi) and remove the "
+                                         "--remove least important layers")
     add_output_options(parser)
+    add_selection_options(parser, required=False)
+    add_calibration_options(parser)
     parser.add_argument("--generate", metavar="PROMPT", help="after pruning, greedily continue PROMPT and print it")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="length of the --generate continuation")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.metric:
+        return run_scored(args)
     if not args.layers:
-        raise UsageError("say which layers to remove with --layers (e.g. --layers 25,26,27)")
+        raise UsageError("say which layers to remove with --layers (e.g. --layers 25,26,27) or let a metric choose "
+                         "them with --metric bi --remove 25%")
+    if args.remove or args.iterative or args.strategy != "independent":
+        raise UsageError("--remove/--strategy/--iterative need --metric to choose the layers (e.g. --metric bi "
+                         "--remove 25%); with --layers you name them yourself")
     layers = parse_layer_list(args.layers)
     validate_layer_indices(layers)  # empty, negative, repeated: no model needed to tell
-    if args.generate and args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    check_generate(args)
     check_output_path(args.out, overwrite=args.overwrite, protected=input_folders(args))
     loaded = load_from_args(
         args, check_config=lambda config: validate_layer_indices(layers, getattr(config, "num_hidden_layers", None))
     )
     removed = prune(loaded, layers)
-    folder = save(loaded, args.out, overwrite=args.overwrite)
-    print(f"removed layers {removed}: {loaded.lineage['original_num_layers']} -> {loaded.num_layers} layers; saved to {folder}")
-    if args.generate:
-        print(generate_text(loaded, args.generate, args.max_new_tokens))
+    finish(loaded, args, removed)
     return 0
 
 
-def generate_text(loaded, prompt: str, max_new_tokens: int) -> str:
+def run_scored(args: argparse.Namespace) -> int:
+    """Score, select and prune in one command; the selection and its data go into layerprune.json."""
+    if args.layers:
+        raise UsageError("give either --layers or --metric, not both")
+    if not args.remove:
+        raise UsageError(f"--metric {args.metric} needs --remove to say how many layers go (e.g. --remove 25%)")
+    metrics = check_metrics([args.metric])
+    check_calibration_args(args)
+    strategy = selection_strategy(args)
+    check_layers = remove_check(args.remove)
+    check_generate(args)
+    check_output_path(args.out, overwrite=args.overwrite, protected=input_folders(args))
+    loaded = load_from_args(args, check_config=check_layers)
+    report = score_from_args(loaded, args, metrics)
+    selection = select(report, args.remove, strategy, metrics[0])
+    removed = prune(loaded, selection.remove, reason=f"{selection.metric} scores, {strategy} selection")
+    recipe = {"selection": selection.to_json(), "importance": report.results[metrics[0]].importance,
+              "data": report.data, "tokens": report.tokens}
+    finish(loaded, args, removed, recipe)
+    return 0
+
+
+def check_generate(args: argparse.Namespace) -> None:
+    if args.generate and args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+
+
+def finish(loaded: LoadedModel, args: argparse.Namespace, removed: list[int], recipe: dict[str, Any] | None = None) -> None:
+    folder = save(loaded, args.out, overwrite=args.overwrite, recipe=recipe)
+    print(f"removed layers {removed}: {loaded.lineage['original_num_layers']} -> {loaded.num_layers} layers; saved to {folder}")
+    if args.generate:
+        print(generate_text(loaded, args.generate, args.max_new_tokens))
+
+
+def generate_text(loaded: LoadedModel, prompt: str, max_new_tokens: int) -> str:
     """Greedy continuation of ``prompt``: a quick sanity check that the pruned model still speaks."""
     inputs = loaded.tokenizer(prompt, return_tensors="pt").to(loaded.model.device)
     with torch.no_grad():

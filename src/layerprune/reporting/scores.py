@@ -1,0 +1,89 @@
+"""Layer scores for people: a plain-text table and one PNG figure.
+
+The table shows one row per layer and one column per metric (the raw value the paper reports;
+for block metrics the single-layer n=1 entry), with the layers chosen for removal marked. The
+figure has a bar chart per metric and, for block metrics, a heatmap of start layer x block size,
+which is where the consecutive strategy looks.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+from layerprune.outputs import write_bytes_atomic
+from layerprune.scoring.base import MetricResult
+from layerprune.scoring.report import ScoreReport
+
+REMOVED_COLOR = "#d62728"
+KEPT_COLOR = "#1f77b4"
+
+
+def per_layer_values(result: MetricResult) -> list[float]:
+    """The raw per-layer values: the list itself, or the n=1 row of a block table."""
+    return result.values[1] if isinstance(result.values, dict) else result.values
+
+
+def _format(value: float) -> str:
+    return f"{value:.4g}" if math.isfinite(value) else str(value)
+
+
+def format_table(report: ScoreReport) -> str:
+    """A fixed-width table: layer, original index, one column per metric, and a removal mark."""
+    removed = set(report.selection.remove) if report.selection else set()
+    columns = {name: [_format(v) for v in per_layer_values(result)] for name, result in report.results.items()}
+    headers = ["layer", "orig", *columns, "remove"] if removed else ["layer", "orig", *columns]
+    rows = []
+    for index in range(report.num_layers):
+        row = [str(index), str(report.layer_ids[index]), *(column[index] for column in columns.values())]
+        if removed:
+            row.append("x" if index in removed else "")
+        rows.append(row)
+    widths = [max(len(header), *(len(row[k]) for row in rows)) for k, header in enumerate(headers)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))]
+    lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    footer = [f"{report.model}: {report.num_layers} layers, {report.tokens} tokens"]
+    if report.selection:
+        selection = report.selection
+        footer.append(f"remove {selection.remove} ({selection.metric}, {selection.strategy})")
+    return "\n".join([*lines, "; ".join(footer)])
+
+
+def plot_scores(report: ScoreReport, path: str | Path, *, overwrite: bool = True) -> Path:
+    """Write the figure as a PNG (atomically) and return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    removed = set(report.selection.remove) if report.selection else set()
+    tables = {name: r for name, r in report.results.items() if isinstance(r.values, dict)}
+    panels = len(report.results) + len(tables)
+    figure, axes = plt.subplots(panels, 1, figsize=(max(6.0, 0.3 * report.num_layers + 2), 2.6 * panels),
+                                squeeze=False)
+    layers = list(range(report.num_layers))
+    for axis, (name, result) in zip(axes[:, 0], report.results.items(), strict=False):
+        colors = [REMOVED_COLOR if i in removed else KEPT_COLOR for i in layers]
+        values = per_layer_values(result)
+        axis.bar(layers, values, color=colors)
+        if min(values) > 0 and max(values) > 100 * min(values):  # e.g. ppl without layer 0: keep the rest visible
+            axis.set_yscale("log")
+        axis.set_title(f"{name}" + (" (n=1)" if name in tables else ""), fontsize=10)
+        axis.set_xticks(layers)
+        axis.tick_params(labelsize=7)
+    for axis, (name, result) in zip(axes[len(report.results):, 0], tables.items(), strict=True):
+        grid = [[row[i] if i < len(row) else math.nan for i in layers] for _, row in sorted(result.values.items())]
+        image = axis.imshow(grid, aspect="auto", origin="lower", cmap="viridis",
+                            extent=(-0.5, report.num_layers - 0.5, 0.5, len(grid) + 0.5))
+        axis.set_title(f"{name}: start layer x block size", fontsize=10)
+        axis.set_xlabel("start layer")
+        axis.set_ylabel("block size n")
+        figure.colorbar(image, ax=axis)
+    axes[-1, 0].set_xlabel("layer" if not tables else "start layer")
+    figure.suptitle(f"{report.model}: layer scores ({report.tokens} tokens)", fontsize=11)
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.4 / panels))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return write_bytes_atomic(path, buffer.getvalue(), overwrite=overwrite)
