@@ -56,6 +56,7 @@ class ClassificationSettings:
     epochs: int = 2
     batch_size: int = 16
     lr: float = 1e-4
+    head_lr: float = 1e-3  # a fresh head starts from random and needs larger steps than pretrained layers
     max_tokens: int = 64
     seed: int = 0
 
@@ -69,8 +70,10 @@ class ClassificationSettings:
             raise UsageError(f"unknown classification head(s) {unknown}; use {', '.join(HEAD_KINDS)}")
         if "{text}" not in self.template:
             raise UsageError("the classification template must contain {text}, e.g. '{text}\\nSentiment:'")
-        if min(self.train_size, self.test_size, self.epochs, self.batch_size, self.max_tokens) < 1 or self.lr <= 0:
-            raise UsageError("--train-size, --test-size, --epochs, --batch-size, --max-tokens and --lr must be positive")
+        sizes = (self.train_size, self.test_size, self.epochs, self.batch_size, self.max_tokens)
+        if min(sizes) < 1 or min(self.lr, self.head_lr) <= 0:
+            raise UsageError("--train-size, --test-size, --epochs, --batch-size, --max-tokens, --lr and --head-lr "
+                             "must be positive")
 
 
 @dataclass
@@ -143,8 +146,11 @@ class FirstLayersClassifier(nn.Module):
 def train_and_test(classifier: FirstLayersClassifier, train: Encoded, test: Encoded,
                    settings: ClassificationSettings) -> float:
     """Fine-tune with AdamW for ``epochs`` over ``train``; return accuracy on ``test``."""
-    parameters = [p for p in classifier.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=0.0)
+    backbone = [p for p in classifier.backbone.parameters() if p.requires_grad]
+    groups = [{"params": backbone, "lr": settings.lr}]
+    if classifier.kind == "head":
+        groups.append({"params": list(classifier.head.parameters()), "lr": settings.head_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     generator = torch.Generator().manual_seed(settings.seed)
     classifier.train()
     for _ in range(settings.epochs):

@@ -56,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--train-size", type=int, default=512, help="training examples (default: 512)")
     group.add_argument("--test-size", type=int, default=400, help="test examples (default: 400)")
     group.add_argument("--epochs", type=int, default=2, help="training epochs per k (default: 2)")
-    group.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: 1e-4)")
+    group.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the layers (default: 1e-4)")
+    group.add_argument("--head-lr", type=float, default=1e-3, help="learning rate of the new head (default: 1e-3)")
     parser.set_defaults(run=run)
 
 
@@ -66,7 +67,8 @@ def _classification(args: argparse.Namespace) -> ClassificationSettings | None:
     if not args.k:
         raise UsageError("--classify needs --k, the layer counts to keep, e.g. --k 1,2,4,8,16,30")
     options = dict(ks=_ints(args.k, "--k"), heads=tuple(_names(args.heads)), verbalizer=tuple(_names(args.verbalizer)),
-                   train_size=args.train_size, test_size=args.test_size, epochs=args.epochs, lr=args.lr)
+                   train_size=args.train_size, test_size=args.test_size, epochs=args.epochs, lr=args.lr,
+                   head_lr=args.head_lr)
     if args.template:
         options["template"] = args.template.replace("\\n", "\n")
     return ClassificationSettings(**options)
