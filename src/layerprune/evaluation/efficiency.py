@@ -14,7 +14,6 @@ On CUDA it is ``torch.cuda.max_memory_allocated`` in this process.
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -163,14 +162,24 @@ def measure_efficiency(models: dict[str, PreTrainedModel], workload: Workload = 
     return results
 
 
+def _status_bytes(field: str) -> int:
+    """A ``/proc/self/status`` memory field in bytes (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 def _probe(checkpoint: str, workload_json: str, dtype: str) -> None:
     """Child process: load ``checkpoint``, run the workload once, print how far the peak resident
-    set rose above the resident set after imports (what the model and its run cost)."""
-    baseline = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+    set rose above the resident set after imports (what the model and its run cost).
+
+    VmHWM, not ``ru_maxrss``: the latter survives ``exec`` and would report the parent's peak.
+    """
+    baseline = _status_bytes("VmRSS")
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).eval()
     time_prefill_decode(model, Workload(**json.loads(workload_json)))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print(json.dumps({"peak_bytes": peak - baseline}))
+    print(json.dumps({"peak_bytes": _status_bytes("VmHWM") - baseline}))
 
 
 if __name__ == "__main__":
