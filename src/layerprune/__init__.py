@@ -5,13 +5,15 @@ that loads anywhere transformers loads.
 """
 
 from layerprune.api import info, prune, replace, save
+from layerprune.data import build_calibration
 from layerprune.errors import UsageError
 from layerprune.evaluation import evaluate
 from layerprune.healing import heal
 from layerprune.models.loading import LoadedModel, load_model
+from layerprune.recipes import run_recipe
 from layerprune.scoring import ScoreReport, score
 from layerprune.selection import Selection, select
 
-__all__ = ["LoadedModel", "ScoreReport", "Selection", "UsageError", "evaluate", "heal", "info", "load_model", "prune",
-           "replace", "save", "score", "select"]
+__all__ = ["LoadedModel", "ScoreReport", "Selection", "UsageError", "build_calibration", "evaluate", "heal", "info",
+           "load_model", "prune", "replace", "run_recipe", "save", "score", "select"]
 __version__ = "0.1.0"
