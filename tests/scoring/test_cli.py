@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,13 +11,8 @@ from transformers import AutoModelForCausalLM
 import layerprune.data
 from layerprune.cli.main import main
 from layerprune.models.tiny import byte_tokenizer, tiny_model
+from tests.core.test_cli import run_cli  # a real process: used once, the rest run in-process to stay fast
 from tests.scoring.references import rows_with_padding
-
-
-def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """A real process (exit code, stderr): used once, the rest run in-process to keep the suite fast."""
-    return subprocess.run([sys.executable, "-m", "layerprune.cli.main", *map(str, args)], capture_output=True,
-                          text=True)
 
 
 def run_in_process(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
@@ -127,7 +120,7 @@ def test_bad_flags_fail_in_one_line_before_loading(tiny_dir: Path, tmp_path: Pat
 def test_existing_output_is_kept_without_overwrite(tiny_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "scores.json"
     out.write_text("{}")
-    result = run_cli("score", "--model", tiny_dir, "--metrics", "magnitude-l1", "--output", out)
+    result = run_cli("score", "--model", str(tiny_dir), "--metrics", "magnitude-l1", "--output", str(out))
     assert result.returncode == 2 and "--overwrite" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert out.read_text() == "{}"

@@ -96,8 +96,21 @@ def next_token_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
     return where, input_ids[:, 1:][where]
 
 
-def count_targets(calibration: Calibration) -> int:
-    return int(next_token_targets(calibration.input_ids, calibration.attention_mask)[0].sum())
+def count_targets(calibration: Calibration, metric: str) -> int:
+    """Next-token targets in the whole set (the loss is their mean); refuses a set without any."""
+    total = int(next_token_targets(calibration.input_ids, calibration.attention_mask)[0].sum())
+    if total == 0:
+        raise UsageError(f"{metric} needs rows with at least two real tokens; raise --seq-len or use other data")
+    return total
+
+
+def lm_batches(calibration: Calibration, batch_size: int, label: str
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(input_ids, attention_mask, where, targets)`` per batch, skipping batches with no target."""
+    for input_ids, attention_mask in calibration.batches(batch_size, label):
+        where, targets = next_token_targets(input_ids, attention_mask)
+        if bool(where.any()):
+            yield input_ids, attention_mask, where, targets
 
 
 def check_finite(layer: int, x_out: torch.Tensor, real: torch.Tensor) -> None:

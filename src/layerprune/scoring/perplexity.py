@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 
-from layerprune.errors import UsageError
 from layerprune.scoring.base import METRICS, Metric, MetricResult, ScoringContext
 from layerprune.scoring.forward import (
-    Head, check_finite, count_targets, next_token_targets, replay_layer, run_decoder, watching_layers,
+    Head, check_finite, count_targets, lm_batches, replay_layer, run_decoder, watching_layers,
 )
 
 LayerCall = tuple[tuple[Any, ...], dict[str, Any]]
@@ -30,17 +29,12 @@ class LayerRemovalPerplexity(Metric):
     def compute(self, context: ScoringContext, name: str) -> MetricResult:
         loaded = context.loaded
         calibration = context.data(name)
-        total = count_targets(calibration)
-        if total == 0:
-            raise UsageError("ppl needs rows with at least two real tokens; raise --seq-len or use other data")
+        total = count_targets(calibration, name)
         layers = loaded.adapter.decoder_layers(loaded.model)
         head = Head(loaded)
         removed_nll = torch.zeros(len(layers), dtype=torch.float64)
         full_nll = 0.0
-        for input_ids, attention_mask in calibration.batches(context.batch_size, "ppl"):
-            where, targets = next_token_targets(input_ids, attention_mask)
-            if not bool(where.any()):
-                continue
+        for input_ids, attention_mask, where, targets in lm_batches(calibration, context.batch_size, name):
             inputs: list[torch.Tensor] = []
             calls: list[LayerCall] = []
 

@@ -26,8 +26,8 @@ def similarity_pass(context: ScoringContext) -> SimilarityAccumulator:
     layers = loaded.adapter.decoder_layers(loaded.model)
     accumulator = SimilarityAccumulator(len(layers))
     calibration = context.data("bi/angular/block-cosine")
+    device = loaded.model.device
     for input_ids, attention_mask in calibration.batches(context.batch_size, "similarity pass"):
-        device = loaded.model.device
         keep = scored_positions(attention_mask, context.positions).to(device)
         seen: list[torch.Tensor] = []  # one [L, tokens, hidden] buffer of unit inputs, this batch only
 

@@ -16,9 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from layerprune.errors import UsageError
 from layerprune.scoring.base import METRICS, Metric, MetricResult, ScoringContext
-from layerprune.scoring.forward import Head, check_finite, count_targets, next_token_targets, run_decoder, watching_layers
+from layerprune.scoring.forward import Head, check_finite, count_targets, lm_batches, run_decoder, watching_layers
 
 
 @contextmanager
@@ -43,19 +42,13 @@ class TaylorImportance(Metric):
     def compute(self, context: ScoringContext, name: str) -> MetricResult:
         loaded = context.loaded
         calibration = context.data(name)
-        total = count_targets(calibration)
-        if total == 0:
-            raise UsageError("taylor needs rows with at least two real tokens; raise --seq-len or use other data")
+        total = count_targets(calibration, name)
         layers = loaded.adapter.decoder_layers(loaded.model)
         weights = [list(layer.parameters()) for layer in layers]
         head = Head(loaded)
         sums = torch.zeros(len(layers), dtype=torch.float64)
         with gradients_for(loaded.model, [p for group in weights for p in group]):
-            for input_ids, attention_mask in calibration.batches(context.batch_size, "taylor"):
-                where, targets = next_token_targets(input_ids, attention_mask)
-                if not bool(where.any()):
-                    continue
-
+            for input_ids, attention_mask, where, targets in lm_batches(calibration, context.batch_size, name):
                 def check(index: int, _x_in: torch.Tensor, x_out: torch.Tensor, *_: Any) -> None:
                     check_finite(index, x_out, attention_mask)
 
