@@ -20,6 +20,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, default: str | None = 
     group.add_argument("--gguf-file", help="GGUF file name inside the --model folder")
     group.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (float32 on CPU)")
     group.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default: cpu)")
+    group.add_argument("--device-map", help="auto | balanced | sequential: spread the model over all GPUs and the "
+                                            "CPU with accelerate (overrides --device)")
     group.add_argument("--trust-remote-code", action="store_true",
                        help="allow running the model repository's own Python code (off by default)")
     group.add_argument("--allow-pickle", action="store_true",
@@ -32,6 +34,7 @@ def load_from_args(
     return load_model(
         args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device,
         trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, check_config=check_config,
+        device_map=args.device_map,
     )
 
 

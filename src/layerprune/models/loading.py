@@ -79,6 +79,18 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise UsageError(f"unknown dtype {dtype!r}; use one of: float32, bfloat16, float16, auto") from None
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(device_map: str | None, gguf: bool) -> None:
+    if device_map is None:
+        return
+    if device_map not in DEVICE_MAPS:
+        raise UsageError(f"unknown device map {device_map!r}; use one of {', '.join(DEVICE_MAPS)}")
+    if gguf:
+        raise UsageError("--device-map does not apply to GGUF files, which are de-quantized on the CPU; use --device")
+
+
 def strip_gguf_quantizer(model: PreTrainedModel) -> None:
     """Mark a GGUF-loaded model as the ordinary float model it is after de-quantization.
 
@@ -142,6 +154,7 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     check_config: Callable[[PretrainedConfig], None] | None = None,
+    device_map: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, ready for scoring and surgery.
 
@@ -150,10 +163,13 @@ def load_model(
     ``check_config`` sees the config before any weights are read (not for GGUF files, whose
     config lives inside the weights), so a caller can refuse input that does not fit the model
     (layer indices, sequence length) in the first second instead of after a long load.
+    ``device_map`` (``auto``, ``balanced``, ``sequential``) lets accelerate spread a model that
+    fits no single device over all GPUs and the CPU; ``device`` is then ignored.
     """
     target_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target_device)
     source = str(name_or_path)
+    check_device_map(device_map, bool(gguf_file) or source.endswith(".gguf"))
     local = resolve_alias(source) if source in MODEL_ALIASES else Path(source).expanduser()
 
     if local.suffix == ".gguf" or gguf_file:
@@ -163,14 +179,17 @@ def load_model(
     elif local.exists():
         folder = local
         _check_local_folder(folder, allow_pickle)
-        model, tokenizer = _load_pretrained(str(folder), torch_dtype, trust_remote_code, allow_pickle, check_config)
+        model, tokenizer = _load_pretrained(str(folder), torch_dtype, trust_remote_code, allow_pickle, check_config,
+                                            device_map)
     elif _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
         folder = None
-        model, tokenizer = _load_pretrained(source, torch_dtype, trust_remote_code, allow_pickle, check_config)
+        model, tokenizer = _load_pretrained(source, torch_dtype, trust_remote_code, allow_pickle, check_config,
+                                            device_map)
     else:
         raise UsageError(f"model {source!r} does not exist; pass a checkpoint folder, a .gguf file, a hub id or "
                          f"one of the aliases {', '.join(MODEL_ALIASES)}")
-    model.to(target_device)
+    if device_map is None:
+        model.to(target_device)
     model.eval()
     adapter = adapter_for(model)
     if tokenizer.pad_token_id is None:
@@ -180,7 +199,7 @@ def load_model(
 
 def _load_pretrained(
     where: str, dtype: torch.dtype, trust_remote_code: bool, allow_pickle: bool,
-    check_config: Callable[[PretrainedConfig], None] | None = None,
+    check_config: Callable[[PretrainedConfig], None] | None = None, device_map: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
@@ -201,7 +220,7 @@ def _load_pretrained(
     try:
         model = AutoModelForCausalLM.from_pretrained(
             where, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
-            use_safetensors=None if allow_pickle else True,
+            use_safetensors=None if allow_pickle else True, device_map=device_map,
         )
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except OSError as error:

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         max_windows=args.max_windows, tasks=_names(args.tasks), limit=args.limit, num_fewshot=args.num_fewshot,
         batch_size=args.batch_size, efficiency=workload, classify=args.classify, classification=_classification(args),
         gguf_file=args.gguf_file, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
-        allow_pickle=args.allow_pickle,
+        allow_pickle=args.allow_pickle, device_map=args.device_map,
     )
     written = write_report(report, output)
     print(output.with_suffix(".md").read_text(), end="")

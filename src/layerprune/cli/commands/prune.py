@@ -7,6 +7,8 @@ The layers are named (``--layers 25-27``) or chosen by a metric in the same comm
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +20,9 @@ from layerprune.cli.commands.score import (
 )
 from layerprune.cli.options import add_model_options, add_output_options, input_folders, load_from_args
 from layerprune.errors import UsageError
-from layerprune.models.loading import LoadedModel
+from layerprune.models.aliases import MODEL_ALIASES, resolve_alias
+from layerprune.models.loading import PROVENANCE_FILE, LoadedModel
+from layerprune.models.shards import is_safetensors_checkpoint, prune_checkpoint
 from layerprune.models.surgery import parse_layer_list, validate_layer_indices
 from layerprune.outputs import check_output_path
 from layerprune.scoring import check_metrics
@@ -36,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_calibration_options(parser)
     parser.add_argument("--generate", metavar="PROMPT", help="after pruning, greedily continue PROMPT and print it")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="length of the --generate continuation")
+    parser.add_argument("--low-memory", action="store_true",
+                        help="with --layers: rewrite the safetensors checkpoint shard by shard without loading the "
+                             "model (memory: a few MB, whatever its size); keeps the checkpoint's dtype")
     parser.set_defaults(run=run)
 
 
@@ -52,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     validate_layer_indices(layers)  # empty, negative, repeated: no model needed to tell
     check_generate(args)
     check_output_path(args.out, overwrite=args.overwrite, protected=input_folders(args))
+    if args.low_memory:
+        return run_on_disk(args, layers)
     loaded = load_from_args(
         args, check_config=lambda config: validate_layer_indices(layers, getattr(config, "num_hidden_layers", None))
     )
@@ -60,8 +69,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_on_disk(args: argparse.Namespace, layers: list[int]) -> int:
+    """``--low-memory``: shard surgery on the files (:mod:`layerprune.models.shards`); no model is loaded."""
+    if args.generate or args.gguf_file or args.dtype != "auto":
+        raise UsageError("--low-memory copies the safetensors files as they are, so it cannot --generate, read "
+                         "GGUF or change --dtype; leave those out or drop --low-memory")
+    folder = resolve_alias(args.model) if args.model in MODEL_ALIASES else Path(args.model).expanduser()
+    if not is_safetensors_checkpoint(folder):
+        raise UsageError(f"--low-memory needs a local safetensors checkpoint folder and {args.model!r} is not one; "
+                         "download it first or drop --low-memory")
+    out = prune_checkpoint(folder, layers, args.out, overwrite=args.overwrite, source_name=args.model)
+    record = json.loads((out / PROVENANCE_FILE).read_text())
+    print(f"removed layers {sorted(layers)}: {record['original_num_layers']} -> {record['num_layers']} layers; "
+          f"saved to {out}")
+    return 0
+
+
 def run_scored(args: argparse.Namespace) -> int:
     """Score, select and prune in one command; the selection and its data go into layerprune.json."""
+    if args.low_memory:
+        raise UsageError("--low-memory prunes named layers (--layers); to let a metric choose them on a model that "
+                         "does not fit in memory, run layerprune score with streaming first")
     if args.layers:
         raise UsageError("give either --layers or --metric, not both")
     if not args.remove:

@@ -1,0 +1,74 @@
+"""``layerprune prune --low-memory`` and ``--device-map`` through the command line (in process)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import layerprune as lp
+from layerprune.cli.main import main
+from layerprune.models import loading
+from layerprune.scoring import score
+from tests.scale.conftest import save_tiny
+from tests.scale.test_shards import assert_same_checkpoint, in_memory
+
+
+def test_prune_low_memory_equals_the_in_memory_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = save_tiny("gemma3", tmp_path / "in", max_shard_size="20KB")
+    assert main(["prune", "--model", str(source), "--layers", "1,3-4", "--out", str(tmp_path / "disk"),
+                 "--low-memory"]) == 0
+    assert "6 -> 3 layers" in capsys.readouterr().out
+    assert_same_checkpoint(tmp_path / "disk", in_memory(source, [1, 3, 4], tmp_path / "memory"))
+    assert json.loads((tmp_path / "disk" / "layerprune.json").read_text())["source_model"] == str(source)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--generate", "hi"], "cannot --generate"),
+    (["--dtype", "bfloat16"], "change --dtype"),
+    (["--metric", "bi", "--remove", "1"], "prunes named layers"),
+])
+def test_low_memory_refuses_what_it_cannot_do(extra: list[str], message: str, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    source = save_tiny("llama", tmp_path / "in")
+    layers = [] if "--metric" in extra else ["--layers", "1"]
+    assert main(["prune", "--model", str(source), *layers, "--out", str(tmp_path / "out"), "--low-memory",
+                 *extra]) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and "\n" not in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_low_memory_needs_a_safetensors_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = save_tiny("llama", tmp_path / "in")
+    (source / "model.safetensors").rename(source / "weights.bin")
+    assert main(["prune", "--model", str(source), "--layers", "1", "--out", str(tmp_path / "out"),
+                 "--low-memory"]) == 2
+    assert "needs a local safetensors checkpoint" in capsys.readouterr().err
+
+
+def test_device_map_auto_loads_and_scores_like_a_plain_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = save_tiny("qwen2", tmp_path / "in")
+    seen: list[object] = []
+    plain = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(kwargs.get("device_map"))
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", spy)
+    spread = lp.load_model(source, device_map="auto")
+    assert seen == ["auto"]  # handed to accelerate's placement (all on the CPU on this machine)
+    rows = torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(0))
+    expected = score(lp.load_model(source), rows, "bi,ppl").results
+    got = score(spread, rows, "bi,ppl").results
+    for name in expected:
+        assert got[name].importance == pytest.approx(expected[name].importance, rel=1e-6)
+
+
+def test_unknown_device_map_is_refused_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--model", str(tmp_path / "missing"), "--device-map", "everywhere"]) == 2
+    assert "unknown device map 'everywhere'" in capsys.readouterr().err
