@@ -72,3 +72,18 @@ def test_device_map_auto_loads_and_scores_like_a_plain_load(tmp_path: Path, monk
 def test_unknown_device_map_is_refused_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", "--model", str(tmp_path / "missing"), "--device-map", "everywhere"]) == 2
     assert "unknown device map 'everywhere'" in capsys.readouterr().err
+
+
+def test_score_streaming_equals_score_in_memory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = save_tiny("llama", tmp_path / "in", max_shard_size="20KB")
+    common = ["score", "--model", str(source), "--metrics", "bi,ppl", "--data", "wiki-sample", "--samples", "4",
+              "--seq-len", "16", "--remove", "2", "--strategy", "consecutive"]
+    assert main([*common, "--output", str(tmp_path / "memory.json")]) == 0
+    assert main([*common, "--output", str(tmp_path / "streamed.json"), "--streaming",
+                 "--spill-dir", str(tmp_path)]) == 0
+    memory, streamed = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("memory", "streamed"))
+    for name in ("bi", "ppl"):
+        assert streamed["importance"][name] == pytest.approx(memory["importance"][name], rel=1e-5)
+    assert streamed["selection"] == memory["selection"]
+    assert main([*common[:-2], "--iterative", "--streaming"]) == 2
+    assert "re-scores the pruned model in memory" in capsys.readouterr().err

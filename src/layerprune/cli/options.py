@@ -8,7 +8,8 @@ from pathlib import Path
 
 from transformers import PretrainedConfig
 
-from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir
+from layerprune.errors import UsageError
+from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir, resolve_alias
 from layerprune.models.loading import LoadedModel, load_model
 
 
@@ -55,3 +56,15 @@ def input_folders(args: argparse.Namespace) -> list[Path]:
 def add_output_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
     parser.add_argument("--out", required=required, help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def safetensors_folder(args: argparse.Namespace, flag: str) -> Path:
+    """The local safetensors checkpoint ``--model`` names, for ``flag`` (``--low-memory``,
+    ``--streaming``), which read the weight files directly instead of loading the model."""
+    from layerprune.models.shards import is_safetensors_checkpoint
+
+    folder = resolve_alias(args.model) if args.model in MODEL_ALIASES else Path(args.model).expanduser()
+    if not is_safetensors_checkpoint(folder):
+        raise UsageError(f"{flag} needs a local safetensors checkpoint folder and {args.model!r} is not one; "
+                         f"download it first or drop {flag}")
+    return folder

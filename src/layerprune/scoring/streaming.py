@@ -32,7 +32,7 @@ import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from layerprune.errors import UsageError
 from layerprune.healing.engine import process_state
@@ -253,6 +253,19 @@ class StreamingScorer:
         finally:
             for _, module in modules:
                 module.to("meta")
+
+
+def open_streaming(folder: str | Path) -> LoadedModel:
+    """The checkpoint in ``folder`` as a :class:`LoadedModel` whose weights are all on ``meta``
+    (no memory) plus its tokenizer: enough to build calibration data and read the config
+    before :func:`stream_score` streams the layers."""
+    scorer = StreamingScorer(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(scorer.folder)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot load the tokenizer of {scorer.folder}: {str(error).splitlines()[0]}") from None
+    return LoadedModel(scorer.skeleton, tokenizer, str(scorer.folder), scorer.adapter, scorer.folder,
+                       _read_lineage(scorer.folder))
 
 
 def _rank_rows(calibration: Calibration) -> Calibration:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,11 +17,12 @@ from layerprune.cli.commands.score import (
     add_calibration_options, add_selection_options, check_calibration_args, remove_check, score_from_args,
     selection_strategy,
 )
-from layerprune.cli.options import add_model_options, add_output_options, input_folders, load_from_args
+from layerprune.cli.options import (
+    add_model_options, add_output_options, input_folders, load_from_args, safetensors_folder,
+)
 from layerprune.errors import UsageError
-from layerprune.models.aliases import MODEL_ALIASES, resolve_alias
 from layerprune.models.loading import PROVENANCE_FILE, LoadedModel
-from layerprune.models.shards import is_safetensors_checkpoint, prune_checkpoint
+from layerprune.models.shards import prune_checkpoint
 from layerprune.models.surgery import parse_layer_list, validate_layer_indices
 from layerprune.outputs import check_output_path
 from layerprune.scoring import check_metrics
@@ -74,10 +74,7 @@ def run_on_disk(args: argparse.Namespace, layers: list[int]) -> int:
     if args.generate or args.gguf_file or args.dtype != "auto":
         raise UsageError("--low-memory copies the safetensors files as they are, so it cannot --generate, read "
                          "GGUF or change --dtype; leave those out or drop --low-memory")
-    folder = resolve_alias(args.model) if args.model in MODEL_ALIASES else Path(args.model).expanduser()
-    if not is_safetensors_checkpoint(folder):
-        raise UsageError(f"--low-memory needs a local safetensors checkpoint folder and {args.model!r} is not one; "
-                         "download it first or drop --low-memory")
+    folder = safetensors_folder(args, "--low-memory")
     out = prune_checkpoint(folder, layers, args.out, overwrite=args.overwrite, source_name=args.model)
     record = json.loads((out / PROVENANCE_FILE).read_text())
     print(f"removed layers {sorted(layers)}: {record['original_num_layers']} -> {record['num_layers']} layers; "

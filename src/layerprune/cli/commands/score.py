@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from layerprune.cli.options import add_model_options, input_folders, load_from_args
+from layerprune.cli.options import add_model_options, input_folders, load_from_args, safetensors_folder
 from layerprune.data import SAMPLINGS
 from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel
@@ -21,6 +21,7 @@ from layerprune.reporting.scores import format_table, plot_scores
 from layerprune.scoring import METRICS, ScoreReport, check_metrics, score
 from layerprune.scoring.forward import POSITIONS, check_positions
 from layerprune.scoring.report import needs_data
+from layerprune.scoring.streaming import check_streamable, open_streaming, stream_score
 from layerprune.outputs import write_json_atomic
 from layerprune.selection import STRATEGIES, check_remove, check_strategy, parse_remove, select
 
@@ -103,6 +104,21 @@ def score_from_args(loaded: LoadedModel, args: argparse.Namespace, metrics: list
                  seed=args.seed, data=data_description(args) if calibration is not None else None)
 
 
+def stream_from_args(args: argparse.Namespace, metrics: list[str], strategy: str,
+                     check_layers: Callable[[PretrainedConfig], None]) -> ScoreReport:
+    """``--streaming``: :func:`layerprune.scoring.streaming.stream_score`; the model is never whole in memory."""
+    check_streamable(metrics)
+    if strategy == "iterative":
+        raise UsageError("--iterative re-scores the pruned model in memory; drop it or drop --streaming")
+    folder = safetensors_folder(args, "--streaming")
+    skeleton = open_streaming(folder)
+    check_layers(skeleton.model.config)
+    calibration = build_calibration_from_args(skeleton, args) if needs_data(metrics) else None
+    return stream_score(folder, calibration, metrics, batch_size=args.batch_size, positions=args.positions,
+                        seed=args.seed, dtype=args.dtype, spill_dir=args.spill_dir, tokenizer=skeleton.tokenizer,
+                        data=data_description(args) if calibration is not None else None)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("score", help="score layer importance and pick the layers to remove")
     add_model_options(parser)
@@ -114,6 +130,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", help="write the scores as JSON here (and the figure beside it as .png)")
     parser.add_argument("--plot", help="write the figure here (default: --output with .png)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing --output/--plot files")
+    parser.add_argument("--streaming", action="store_true",
+                        help="load one decoder layer at a time from the safetensors files (for models that do not "
+                             "fit in memory; CPU); not for taylor or --iterative")
+    parser.add_argument("--spill-dir", help="with --streaming: keep activations between layers in files here "
+                                            "instead of memory")
     parser.set_defaults(run=run)
 
 
@@ -144,8 +165,10 @@ def run(args: argparse.Namespace) -> int:
     plot = Path(args.plot) if args.plot else (output.with_suffix(".png") if output else None)
     for path in (output, plot):
         _check_file_output(path, args.overwrite, input_folders(args))
-    loaded = load_from_args(args, check_config=check_layers)
-    report = score_from_args(loaded, args, metrics)
+    if args.streaming:
+        report = stream_from_args(args, metrics, strategy, check_layers)
+    else:
+        report = score_from_args(load_from_args(args, check_config=check_layers), args, metrics)
     if args.remove is not None:
         select(report, args.remove, strategy, select_by)
     print(format_table(report))
