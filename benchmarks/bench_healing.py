@@ -135,27 +135,33 @@ def render(chosen: dict[str, list[int]], base: dict[str, float], results: list[d
         f"{chosen['reverse-order'][0]}-{chosen['reverse-order'][-1]}.",
         "",
         f"Unpruned perplexity: **{base['original']:.2f}**. Pruned, before healing: "
-        + ", ".join(f"`{k}` **{v:.2f}**" for k, v in base.items() if k != "original") + ".",
+        + ", ".join(f"`{k}` **{v:.4g}**" for k, v in base.items() if k != "original") + ".",
         "",
-        "| method | selection | steps x batch x seq | ppl pruned -> healed | gap recovered | train s | wall s | "
-        "peak RSS MiB | trainable params | layers |",
+        "| method | selection | steps x batch x seq | ppl pruned -> healed | gap recovered (ppl / log-ppl) | train s | "
+        "wall s | peak RSS MiB | trainable params | layers |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         pruned = base[r["selection"]]
         recovered = (pruned - r["ppl"]) / (pruned - base["original"])
+        log_recovered = math.log(pruned / r["ppl"]) / math.log(pruned / base["original"])
         o = r["options"]
         lines.append(
             f"| `{r['method']}` | {r['selection']} | {o['steps']} x {o['batch_size']} x {o['seq_len']} | "
-            f"{pruned:.2f} -> {r['ppl']:.2f} | {recovered:.0%} | {r['train_seconds']:.0f} | {r['wall_seconds']:.0f} | "
+            f"{pruned:.4g} -> {r['ppl']:.4g} | {recovered:.0%} / {log_recovered:.0%} | {r['train_seconds']:.0f} | {r['wall_seconds']:.0f} | "
             f"{r['peak_rss_mib']:,} | {r['trainable_parameters']:,} | {r['num_layers']} |"
         )
+    finished = {(r["method"], r["selection"]) for r in results}
+    missing = [f"`{m}` ({sel})" for m, sel, _ in RUNS if (m, sel) not in finished]
+    if missing:
+        lines += ["", f"Not yet measured (re-run the command to finish them): {', '.join(missing)}."]
     lines += [
         "",
         f"Measured on {platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other "
         "engineers' jobs (times are wall-clock under that contention; an unloaded machine is faster). "
         "Wall time includes data preparation and, for the replacement methods, the teacher passes that "
-        "produce the training pairs (cached afterwards). Peak RSS is the whole heal process (both models "
+        "produce the training pairs; the pairs are cached by content, so the second replacement method on the "
+        "same block and data reuses them (its wall time is nearly all training). Peak RSS is the whole heal process (both models "
         "where a teacher is loaded). Perplexity: `layerprune.evaluation.perplexity`.",
         "",
     ]
@@ -174,6 +180,7 @@ def write_section(text: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs=2, metavar=("RUN_INDEX", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--render-only", action="store_true", help="rewrite the docs section from finished runs")
     args = parser.parse_args()
     chosen = selections()
     if args.child:
@@ -184,6 +191,8 @@ def main() -> None:
     results = []
     for index, (method, selection, options) in enumerate(RUNS):
         out = result_path(method, selection, options)
+        if args.render_only and not out.is_file():
+            continue
         if not out.is_file():
             print(f"running {method} on {selection} ...", flush=True)
             subprocess.run([sys.executable, __file__, "--child", str(index), str(out)], check=True)

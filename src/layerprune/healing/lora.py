@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import tempfile
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -23,8 +24,11 @@ from layerprune.healing.engine import TrainReport
 from layerprune.healing.objectives import distill_note, fit_language_model
 from layerprune.models.loading import LoadedModel
 
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
-def lora_config(loaded: LoadedModel, settings: HealSettings):  # -> peft.LoraConfig
+
+def lora_config(loaded: LoadedModel, settings: HealSettings) -> LoraConfig:
     """Rank ``r`` adapters (alpha = 2r, no dropout) on the family's attention and MLP projections."""
     from peft import LoraConfig
 

@@ -35,7 +35,7 @@ from layerprune.cache import cache_dir
 from layerprune.errors import UsageError
 from layerprune.healing.base import HEALERS, Healer, HealOutcome, HealSettings
 from layerprune.healing.data import TrainingSet
-from layerprune.healing.engine import process_state, train
+from layerprune.healing.engine import LossFn, process_state, train
 from layerprune.models.loading import LoadedModel
 
 PAIR_CHUNK_ROWS = 64
@@ -220,7 +220,7 @@ def cached_pairs(original: LoadedModel, block: tuple[int, int], data: TrainingSe
     return PairStore(folder)
 
 
-def mse_loss(layer_kwargs: dict[str, Any]):  # -> LossFn
+def mse_loss(layer_kwargs: dict[str, Any]) -> LossFn:
     """Summed per-token MSE (mean over the hidden size) on real tokens between module and block output."""
     def loss(module: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         kwargs = _to_device(layer_kwargs, batch["inputs"].device)
