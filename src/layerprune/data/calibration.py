@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from layerprune.data.sources import load_texts
+from layerprune.data.sources import load_texts, source_key
+from layerprune.data.store import cached_tokens, tokenizer_fingerprint
 from layerprune.errors import UsageError
 
 SAMPLINGS = ("random", "contiguous", "documents")
@@ -33,13 +34,16 @@ class CalibrationSet:
 
     @property
     def description(self) -> str:
+        """A short label for reports and logs, e.g. ``wiki-sample (train split)``."""
         return f"{self.info.get('source', 'tensors')} ({self.info.get('split', '?')} split)"
 
     @property
     def tokens(self) -> int:
+        """Real (unpadded) tokens: what a metric or a loss actually saw."""
         return int(self.attention_mask.sum())
 
     def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Consecutive row slices as model keyword arguments (``model(**batch)``); the last may be short."""
         if batch_size < 1:
             raise UsageError(f"batch size must be >= 1, got {batch_size}")
         for start in range(0, self.input_ids.shape[0], batch_size):
@@ -47,6 +51,7 @@ class CalibrationSet:
                    "attention_mask": self.attention_mask[start:start + batch_size]}
 
     def describe(self) -> dict[str, Any]:
+        """Provenance for reports and model cards: enough to rebuild exactly these rows."""
         return {**self.info, "tokens": self.tokens}
 
 
@@ -56,17 +61,23 @@ def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list
 
 def token_stream(tokenizer: PreTrainedTokenizerBase, source: str | Path, split: str = "test",
                  text_field: str | None = None) -> torch.Tensor:
-    """The whole split as one 1-D token tensor: documents joined by a blank line, no special tokens."""
-    documents = load_texts(source, split, text_field)
-    separator = _tokenize(tokenizer, [DOCUMENT_SEPARATOR])[0]
-    ids: list[int] = []
-    for index, document in enumerate(_tokenize(tokenizer, documents)):
-        if index:
-            ids.extend(separator)
-        ids.extend(document)
-    if not ids:
+    """The whole split as one 1-D token tensor, for perplexity and window sampling.
+
+    The documents are joined by a blank line and tokenized once, without special tokens: the
+    standard perplexity protocol (``"\n\n".join`` of the rows), so numbers compare with papers.
+    Tokenizing takes seconds on a large split, so the stream is cached per (tokenizer, source,
+    split); an edited local file is tokenized again.
+    """
+    key = {"tokenizer": tokenizer_fingerprint(tokenizer), **source_key(source, split, text_field)}
+
+    def build() -> torch.Tensor:
+        text = DOCUMENT_SEPARATOR.join(load_texts(source, split, text_field))
+        return torch.tensor(_tokenize(tokenizer, [text])[0], dtype=torch.long)
+
+    stream = cached_tokens(key, build)
+    if not stream.numel():
         raise UsageError(f"{source} ({split} split) holds no text; use other data")
-    return torch.tensor(ids, dtype=torch.long)
+    return stream
 
 
 def _check_options(samples: int, seq_len: int, sampling: str, max_positions: int | None) -> None:
@@ -84,10 +95,16 @@ def _check_options(samples: int, seq_len: int, sampling: str, max_positions: int
 def build_calibration(tokenizer: PreTrainedTokenizerBase, source: str | Path, *, split: str = "train",
                       samples: int = 128, seq_len: int = 512, seed: int = 0, sampling: str = "random",
                       text_field: str | None = None, max_positions: int | None = None) -> CalibrationSet:
-    """Draw ``samples`` windows of ``seq_len`` tokens from ``split`` of ``source``."""
+    """Draw ``samples`` windows of ``seq_len`` tokens from ``split`` of ``source``.
+
+    ``random`` windows start at seeded offsets of the split's token stream (overlaps allowed: a
+    small corpus still yields many windows); ``contiguous`` takes the first non-overlapping ones;
+    ``documents`` gives one padded window per seeded-chosen document. ``max_positions`` (the
+    model's context) turns a too-long ``seq_len`` into an error before anything is tokenized.
+    """
     _check_options(samples, seq_len, sampling, max_positions)
     info = {"source": str(source), "split": split, "samples": samples, "seq_len": seq_len, "seed": seed,
-            "sampling": sampling}
+            "sampling": sampling, **({"text_field": text_field} if text_field else {})}
     if sampling == "documents":
         return _document_windows(tokenizer, source, split, text_field, samples, seq_len, info)
     stream = token_stream(tokenizer, source, split, text_field)
@@ -109,16 +126,18 @@ def build_calibration(tokenizer: PreTrainedTokenizerBase, source: str | Path, *,
 
 def _document_windows(tokenizer: PreTrainedTokenizerBase, source: str | Path, split: str, text_field: str | None,
                       samples: int, seq_len: int, info: dict[str, Any]) -> CalibrationSet:
+    """``samples`` documents picked with the seed, each truncated to ``seq_len`` and right-padded."""
     documents = [ids[:seq_len] for ids in _tokenize(tokenizer, load_texts(source, split, text_field)) if ids]
-    if not documents:
-        raise UsageError(f"{source} ({split} split) holds no text; use other data")
+    if len(documents) < samples:
+        raise UsageError(f"{source} ({split} split) holds {len(documents)} documents, fewer than --samples {samples} "
+                         "(documents sampling takes one window per document); lower --samples or use random sampling")
     generator = torch.Generator().manual_seed(info["seed"])
-    order = torch.randperm(len(documents), generator=generator).tolist()[:samples]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(order), seq_len), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(order), seq_len), dtype=torch.long)
+    order = torch.randperm(len(documents), generator=generator)[:samples].tolist()
+    pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    input_ids = torch.full((samples, seq_len), pad, dtype=torch.long)
+    attention_mask = torch.zeros((samples, seq_len), dtype=torch.long)
     for row, index in enumerate(order):
-        document = torch.tensor(documents[index])
+        document = torch.tensor(documents[index], dtype=torch.long)
         input_ids[row, : document.numel()] = document
         attention_mask[row, : document.numel()] = 1
-    return CalibrationSet(input_ids, attention_mask, {**info, "samples": len(order)})
+    return CalibrationSet(input_ids, attention_mask, info)

