@@ -14,6 +14,7 @@ import layerprune as lp
 from layerprune.errors import UsageError
 from layerprune.scoring import score
 from layerprune.scoring.forward import Calibration
+from layerprune.models.tiny import tiny_model
 from layerprune.scoring.streaming import stream_score
 from tests.conftest import FAMILIES
 from tests.scale.conftest import save_tiny
@@ -99,3 +100,12 @@ def test_smollm2_streaming_equals_in_memory(smollm2_sharded: Path) -> None:
     rows = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
     reference = score(lp.load_model(smollm2_sharded), rows, "bi,angular,ppl", batch_size=2)
     assert_same_scores(stream_score(smollm2_sharded, rows, "bi,angular,ppl", batch_size=2), reference)
+
+
+def test_gpt2_base_checkpoint_streams_under_its_own_names(tmp_path: Path) -> None:
+    """Base GPT-2 checkpoints name tensors ``h.0.``/``wte`` (no ``transformer.``) and store no LM head."""
+    model = tiny_model("gpt2", 5)
+    model.transformer.save_pretrained(tmp_path / "base")
+    model.config.save_pretrained(tmp_path / "base")
+    reference = score(lp.load_model(tmp_path / "base"), calibration(), "bi,angular,ppl", batch_size=2)
+    assert_same_scores(stream_score(tmp_path / "base", calibration(), "bi,angular,ppl", batch_size=2), reference)
