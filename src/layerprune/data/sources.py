@@ -167,7 +167,10 @@ def _local_documents(path: Path, text_field: str | None) -> list[str]:
             with path.open(newline="") as handle:
                 documents = [_field_of(row, field, path) for row in csv.DictReader(handle)]
         elif suffix == ".parquet":
-            import pyarrow.parquet as parquet
+            try:
+                import pyarrow.parquet as parquet
+            except ImportError:
+                raise UsageError(f"reading {path} needs pyarrow: pip install pyarrow (or 'layerprune[hub]')") from None
 
             table = parquet.read_table(path)
             if field not in table.column_names:

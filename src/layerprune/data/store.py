@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from layerprune.cache import cache_dir
 from layerprune.outputs import write_bytes_atomic
 
-DATA_VERSION = 2
+DATA_VERSION = 3
 
 
 def data_dir(name: str) -> Path:

@@ -31,20 +31,27 @@ _NOISE_HEADINGS = {"references", "external links", "see also", "further reading"
                    "sources", "footnotes", "citations"}
 
 
-def _remove_balanced(text: str, opener: str, closer: str) -> str:
-    """Remove every (possibly nested) ``opener ... closer`` span, e.g. ``{{...}}`` or ``{|...|}``."""
+_NESTED_SPANS = {"{{": "}}", "{|": "|}"}  # templates and tables, which nest inside each other
+
+
+def _remove_nested(text: str) -> str:
+    """Remove every template ``{{...}}`` and table ``{|...|}``, however they nest.
+
+    One scanner with a stack of expected closers, because an infobox may hold a table and then
+    ``|}}}`` must close the table first and the template second.
+    """
     out: list[str] = []
-    depth = 0
+    closers: list[str] = []
     i = 0
     while i < len(text):
-        if text.startswith(opener, i):
-            depth += 1
+        opener = next((o for o in _NESTED_SPANS if text.startswith(o, i)), None)
+        if opener:
+            closers.append(_NESTED_SPANS[opener])
             i += len(opener)
-        elif depth and text.startswith(closer, i):
-            depth -= 1
-            i += len(closer)
+        elif closers and text.startswith(closers[-1], i):
+            i += len(closers.pop())
         else:
-            if not depth:
+            if not closers:
                 out.append(text[i])
             i += 1
     return "".join(out)
@@ -92,8 +99,7 @@ def strip_markup(wiki: str) -> str:
     text = _COMMENT.sub("", text)
     text = _REF.sub("", text)
     text = _BLOCK_TAGS.sub("", text)
-    text = _remove_balanced(text, "{{", "}}")
-    text = _remove_balanced(text, "{|", "|}")
+    text = _remove_nested(text)
     text = _drop_trailing_sections(text)
     text = _replace_links(text)
     text = _EXTERNAL_LINK.sub(lambda m: m.group(1) or "", text)
