@@ -37,9 +37,9 @@ def test_fixed_split_is_eight_one_one() -> None:
     assert [split_of(i) for i in range(10)] == ["train"] * 8 + ["validation", "test"]
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory: pytest.TempPathFactory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+@pytest.fixture
+def text_file(tmp_path, private_cache):
+    path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(f"Document number {i} talks about topic {i % 7}." for i in range(40)))
     return path
 
