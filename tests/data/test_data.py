@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from layerprune.data import (
-    build_calibration, load_instructions, load_labelled, load_texts, token_stream,
+    build_calibration, load_instructions, load_texts, token_stream,
 )
 from layerprune.data.sources import split_of
 from layerprune.data.wikitext import strip_markup
@@ -118,22 +118,3 @@ def test_instructions_format_prompt_and_response(tmp_path) -> None:
     path.write_text(json.dumps([{"instruction": "x"}]))
     with pytest.raises(UsageError, match="record 1 lacks"):
         load_instructions(path)
-
-
-@pytest.mark.real
-def test_builtin_corpora_have_held_out_splits() -> None:
-    train, test = load_texts("wiki-sample", "train"), load_texts("wiki-sample", "test")
-    assert len(train) == 86 and len(test) == 10 and not set(train) & set(test)
-    assert all("{{" not in doc and "[[" not in doc and "<ref" not in doc for doc in train + test)
-    assert len(load_texts("news-sample", "test")) == 378
-
-
-@pytest.mark.real
-@pytest.mark.parametrize(("name", "classes", "train_size"), [("rotten-tomatoes", 2, 10247), ("reuters-r8", 8, 5485)])
-def test_labelled_sets(name: str, classes: int, train_size: int) -> None:
-    train, test = load_labelled(name, "train"), load_labelled(name, "test")
-    assert len(train.label_names) == classes and len(train) == train_size
-    assert set(train.labels) == set(range(classes))
-    assert not set(train.texts[:500]) & set(test.texts)
-    with pytest.raises(UsageError, match="unknown labelled"):
-        load_labelled("imdb-offline")
