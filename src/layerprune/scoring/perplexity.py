@@ -44,7 +44,7 @@ class LayerRemovalPerplexity(Metric):
                 inputs.append(x_in)
                 calls.append((args[1:], kwargs))
 
-            with torch.no_grad():
+            with torch.inference_mode():
                 with watching_layers(layers, record):
                     final = run_decoder(loaded, input_ids, attention_mask)
                 full_nll += float(head.nll_sum(final, where, targets, normed=True))
