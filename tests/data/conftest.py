@@ -12,3 +12,11 @@ def private_cache(tmp_path, monkeypatch) -> None:
     Only for tests of local files: built-in corpora need the shared cache, or they would be fetched again.
     """
     monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def hub_reachable(monkeypatch) -> None:
+    """Tests of hub names use a fake ``datasets``: pretend the hub answers, without touching the network."""
+    import layerprune.data.sources as sources
+
+    monkeypatch.setattr(sources, "_hub_reachable", lambda: True)

@@ -62,7 +62,7 @@ class FakeRows(list):
     features = {"label": types.SimpleNamespace(names=["World", "Sports"])}
 
 
-def test_hub_labelled_sets_map_names_and_fail_clearly_offline(monkeypatch) -> None:
+def test_hub_labelled_sets_map_names_and_fail_clearly_offline(monkeypatch, hub_reachable) -> None:
     calls = []
 
     def load_dataset(*args, **kwargs):

@@ -10,7 +10,7 @@ import types
 import pytest
 
 from layerprune.data import SPLITS, load_texts
-from layerprune.data.sources import source_key
+from layerprune.data.sources import _hub_reachable, check_source, source_key
 from layerprune.data.wikitext import iter_articles, strip_markup
 from layerprune.errors import UsageError
 
@@ -117,7 +117,7 @@ class FakeDatasets(types.ModuleType):
         return iter(self.rows)
 
 
-def test_hub_names_map_to_their_datasets(monkeypatch) -> None:
+def test_hub_names_map_to_their_datasets(monkeypatch, hub_reachable) -> None:
     fake = FakeDatasets([{"text": " = Title = \n"}, {"text": ""}, {"text": " Body \n"}])
     monkeypatch.setitem(sys.modules, "datasets", fake)
     assert load_texts("wikitext2", "test") == [" = Title = \n", "", " Body \n"]  # empty rows kept: "\n\n".join protocol
@@ -131,10 +131,32 @@ def test_hub_names_map_to_their_datasets(monkeypatch) -> None:
     assert fake.calls[-1] == (("ptb_text_only", "penn_treebank"), {"split": "validation"})
 
 
-def test_hub_names_offline_name_the_builtins(monkeypatch) -> None:
+def test_hub_names_offline_name_the_builtins(monkeypatch, hub_reachable) -> None:
     monkeypatch.setitem(sys.modules, "datasets", FakeDatasets(error=ConnectionError("Couldn't reach hf.co")))
     with pytest.raises(UsageError, match=r"Couldn't reach hf.co.*news-sample, wiki-sample"):
         load_texts("wikitext2", "test")
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
     with pytest.raises(UsageError, match=r"needs the 'datasets' package"):
         load_texts("c4", "train")
+
+
+def test_an_unreachable_hub_fails_fast_unless_the_user_asked_for_the_hf_cache(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", FakeDatasets(error=AssertionError("datasets was not to be asked")))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
+    assert not _hub_reachable()
+    with pytest.raises(UsageError, match=r"cannot reach the Hugging Face hub to load 'wikitext2'.*HF_HUB_OFFLINE"):
+        load_texts("wikitext2", "test")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert _hub_reachable()
+
+
+def test_check_source_refuses_bad_names_without_reading(tmp_path) -> None:
+    (tmp_path / "notes.md").write_text("text")
+    for source, message in [("wiki-smaple", "unknown data source 'wiki-smaple'; use news-sample, wiki-sample"),
+                            (tmp_path / "notes.md", "unknown data format .md"),
+                            (tmp_path / "gone.jsonl", "does not exist")]:
+        with pytest.raises(UsageError, match=message):
+            check_source(source)
+    with pytest.raises(UsageError, match="unknown split 'eval'"):
+        check_source("wiki-sample", "eval")
+    check_source("c4", "test")  # hub names are checked by name only: no network here

