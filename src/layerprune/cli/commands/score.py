@@ -62,6 +62,9 @@ def check_calibration_args(args: argparse.Namespace) -> None:
     if args.seq_len < 2:
         raise UsageError(f"--seq-len must be at least 2 to have a next token to predict, got {args.seq_len}")
     check_positions(args.positions)
+    from layerprune.data import check_source  # reads no data: a mistyped --data fails before the model loads
+
+    check_source(args.data, args.split)
 
 
 def selection_strategy(args: argparse.Namespace) -> str:
