@@ -46,12 +46,20 @@ class Selection:
         return document
 
 
-def parse_remove(remove: int | str, num_layers: int) -> int:
-    """``8`` or ``"8"`` layers, or ``"25%"`` of ``num_layers`` (rounded down); 1 <= N < num_layers."""
+def check_remove(remove: int | str) -> tuple[float, bool]:
+    """Read ``--remove`` without knowing the model: ``(value, is_percentage)``."""
     match = _REMOVE.match(str(remove))
     if match is None or (not match.group(2) and "." in match.group(1)):
         raise UsageError(f"cannot read --remove {remove!r}; give a layer count (--remove 8) or a share (--remove 25%)")
     value, percent = float(match.group(1)), bool(match.group(2))
+    if value <= 0 or (percent and value >= 100):
+        raise UsageError(f"--remove {remove} must be more than 0 and less than all layers (100%)")
+    return value, percent
+
+
+def parse_remove(remove: int | str, num_layers: int) -> int:
+    """``8`` or ``"8"`` layers, or ``"25%"`` of ``num_layers`` (rounded down); 1 <= N < num_layers."""
+    value, percent = check_remove(remove)
     count = math.floor(num_layers * value / 100 + 1e-9) if percent else int(value)
     if count < 1:
         raise UsageError(f"--remove {remove} of a {num_layers}-layer model removes no layer; ask for at least one")

@@ -1,0 +1,273 @@
+"""The reproduction study: every metric x removal ratio x healing, on the real demo models.
+
+    python benchmarks/study.py                       # the whole grid (hours on a 2-core CPU; resumable)
+    python benchmarks/study.py --models smollm2-135m --heals none   # one part of it
+
+Each cell (model, metric, ratio, healing) is computed once and cached as JSON under
+``$LAYERPRUNE_CACHE/study/``; a re-run skips finished cells, so the study can run in parts. After
+every cell ``docs/RESULTS.md`` is rewritten from all cached cells, with the cells not yet run marked
+as such, and the plots are redrawn.
+
+Measured per cell: perplexity on the held-out wiki-sample test split, the offline zero-shot tasks
+through lm-eval (accuracy, and stability = agreement with the unpruned model's answers), and the
+FLOP-ideal and measured decode speed-ups against the unpruned model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import layerprune as lp
+from layerprune.cache import cache_dir
+from layerprune.data import build_calibration
+from layerprune.evaluation.efficiency import Workload, flops_per_token, time_prefill_decode
+from layerprune.evaluation.harness import run_tasks
+from layerprune.evaluation.perplexity import dataset_perplexity
+from layerprune.evaluation.stability import stability_by_task
+from layerprune.models.lineage import versions
+from layerprune.outputs import write_bytes_atomic, write_json_atomic
+from layerprune.scoring import score
+from layerprune.selection import select
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "RESULTS.md"
+FIGURES = ROOT / "docs" / "figures"
+MODELS = ("smollm2-135m", "gemma3-270m")
+# metric name in the tables -> (scoring metric, selection strategy)
+METRICS = {
+    "bi": ("bi", "independent"), "angular": ("angular", "consecutive"), "block-cosine": ("block-cosine", "consecutive"),
+    "reverse-order": ("reverse-order", "independent"), "random": ("random", "independent"),
+    "magnitude-l1": ("magnitude-l1", "independent"), "magnitude-l2": ("magnitude-l2", "independent"),
+    "taylor": ("taylor", "independent"), "ppl": ("ppl", "independent"), "bi-iterative": ("bi", "iterative"),
+}
+RATIOS = ("12%", "25%", "37%", "50%")
+HEALS = ("none", "partial-ft", "lora", "replace-layer")
+TASKS = ("lp_sentiment_rt", "lp_topic_r8")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--metrics", default=",".join(METRICS))
+    parser.add_argument("--ratios", default=",".join(RATIOS))
+    parser.add_argument("--heals", default=",".join(HEALS))
+    parser.add_argument("--samples", type=int, default=32, help="calibration rows for scoring")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--ppl-windows", type=int, default=100, help="test-split windows scored (100 x 256 tokens)")
+    parser.add_argument("--task-limit", type=int, default=200, help="examples per zero-shot task")
+    parser.add_argument("--heal-steps", type=int, default=60)
+    parser.add_argument("--report-only", action="store_true", help="only rewrite docs/RESULTS.md from the cache")
+    return parser.parse_args()
+
+
+SETTINGS = ("samples", "seq_len", "ppl_windows", "task_limit", "heal_steps")
+
+
+def study_dir(model: str) -> Path:
+    """Cells live under a folder named by the settings, so runs with other settings never mix."""
+    tag = "-".join(f"{key}{getattr(ARGS, key)}" for key in SETTINGS)
+    return cache_dir() / "study" / tag / model
+
+
+def measure(loaded: lp.LoadedModel, args: argparse.Namespace, reference: dict[str, Any] | None) -> dict[str, Any]:
+    """Held-out perplexity, zero-shot accuracy (+ stability against ``reference``) and decode speed."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    with torch.no_grad():
+        ppl = dataset_perplexity(model, tokenizer, "wiki-sample", args.seq_len, max_windows=args.ppl_windows)
+        tasks = run_tasks(model, tokenizer, TASKS, limit=args.task_limit, batch_size=8)
+        workload = Workload(prompt_len=64, new_tokens=32, repeats=3, warmup=1)
+        decode_seconds = sorted(time_prefill_decode(model, workload)[1] for _ in range(workload.repeats + 1))[1]
+    cell = {"layers": loaded.num_layers, "removed": loaded.lineage.get("removed_layers", []),
+            "ppl": ppl.ppl, "nll": ppl.nll, "ppl_tokens": ppl.tokens,
+            "accuracy": {task: values.get("acc") for task, values in tasks.metrics.items()},
+            "predictions": tasks.predictions, "decode_seconds": decode_seconds,
+            "decode_flops": flops_per_token(model, workload)[1]}
+    if reference is not None:
+        cell["stability"] = stability_by_task(reference["predictions"], tasks.predictions)
+        cell["ideal_speedup"] = reference["decode_flops"] / cell["decode_flops"]
+    return cell
+
+
+def run_model(name: str, args: argparse.Namespace) -> None:
+    folder = study_dir(name)
+    original = lp.load_model(name)
+    base_file = folder / "unpruned.json"
+    if not base_file.exists():
+        write_json_atomic(base_file, measure(original, args, None))
+    base = json.loads(base_file.read_text())
+    scores_file = folder / "scores.json"
+    metrics = [m for m in args.metrics.split(",") if m]
+    calibration = build_calibration(original.tokenizer, "wiki-sample", samples=args.samples, seq_len=args.seq_len)
+    report = score(original, calibration, sorted({METRICS[m][0] for m in metrics}), batch_size=8)
+    write_json_atomic(scores_file, report.to_json())
+    for metric in metrics:
+        scoring_metric, strategy = METRICS[metric]
+        for ratio in args.ratios.split(","):
+            selection = select(report, ratio, strategy, scoring_metric, attach=False)
+            for heal in args.heals.split(","):
+                if heal == "replace-layer" and strategy != "consecutive":
+                    continue
+                cell_file = folder / f"{metric}_{ratio.rstrip('%')}_{heal}.json"
+                if cell_file.exists():
+                    continue
+                start = time.perf_counter()
+                pruned = lp.LoadedModel(copy.deepcopy(original.model), original.tokenizer, original.source,
+                                        original.adapter, None, copy.deepcopy(original.lineage))
+                lp.prune(pruned, selection.remove, reason=f"{metric} {strategy} {ratio}")
+                if heal != "none":
+                    pruned = lp.heal(pruned, heal, "wiki-sample", original=original, steps=args.heal_steps,
+                                     batch_size=8, seq_len=args.seq_len)
+                cell = measure(pruned, args, base)
+                cell["speedup"] = base["decode_seconds"] / cell["decode_seconds"]
+                cell.update(metric=metric, ratio=ratio, heal=heal, seconds=round(time.perf_counter() - start, 1))
+                write_json_atomic(cell_file, cell)
+                print(f"{name} {metric} {ratio} {heal}: ppl {cell['ppl']:.1f} ({cell['seconds']} s)", flush=True)
+                write_report(args)
+
+
+def _cells(name: str) -> dict[tuple[str, str, str], dict[str, Any]]:
+    folder = study_dir(name)
+    cells = {}
+    for path in folder.glob("*_*_*.json"):
+        cell = json.loads(path.read_text())
+        cells[(cell["metric"], cell["ratio"], cell["heal"])] = cell
+    return cells
+
+
+def _mean(values: dict[str, float]) -> float | None:
+    numbers = [v for v in values.values() if v is not None]
+    return sum(numbers) / len(numbers) if numbers else None
+
+
+def _fmt(value: float | None, pattern: str = "{:.1f}") -> str:
+    return "—" if value is None else pattern.format(value)
+
+
+def model_tables(name: str) -> str:
+    base_file = study_dir(name) / "unpruned.json"
+    if not base_file.exists():
+        return f"### {name}\n\nNot run yet.\n"
+    base = json.loads(base_file.read_text())
+    cells = _cells(name)
+    lines = [f"### {name}", "",
+             f"Unpruned: {base['layers']} layers, held-out perplexity {base['ppl']:.2f} "
+             f"({base['ppl_tokens']:,} tokens), zero-shot accuracy "
+             + ", ".join(f"{t} {_fmt(a, '{:.3f}')}" for t, a in base["accuracy"].items()) + ".", ""]
+    for heal in HEALS:
+        rows = [(m, r) for m in METRICS for r in RATIOS if (m, r, heal) in cells]
+        lines += [f"#### Healing: {heal}", "",
+                  "Each cell: held-out PPL / mean zero-shot accuracy / mean stability / decode speed-up "
+                  "(measured, FLOP-ideal). — = not run yet" + (" (replacement needs a consecutive selection)"
+                                                              if heal == "replace-layer" else "") + ".", "",
+                  "| metric | " + " | ".join(RATIOS) + " |", "|---|" + "---|" * len(RATIOS)]
+        for metric in METRICS:
+            row = []
+            for ratio in RATIOS:
+                cell = cells.get((metric, ratio, heal))
+                row.append("—" if cell is None else
+                           f"{cell['ppl']:.1f} / {_fmt(_mean(cell['accuracy']), '{:.3f}')} / "
+                           f"{_fmt(_mean(cell.get('stability', {})), '{:.2f}')} / "
+                           f"{cell['speedup']:.2f}× ({cell['ideal_speedup']:.2f}×)")
+            lines.append(f"| {metric} | " + " | ".join(row) + " |")
+        lines.append("")
+        if not rows:
+            lines.append(f"No {heal} cell has run yet.\n")
+    return "\n".join(lines)
+
+
+def draw_figures() -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in MODELS:
+        cells = _cells(name)
+        if not cells:
+            continue
+        figure, axis = plt.subplots(figsize=(7, 4.5))
+        for metric in METRICS:
+            points = [(int(r.rstrip("%")), cells[(metric, r, "none")]["ppl"]) for r in RATIOS
+                      if (metric, r, "none") in cells]
+            if points:
+                axis.plot(*zip(*points), marker="o", label=metric)
+        axis.set(xlabel="layers removed (%)", ylabel="held-out perplexity (log)", yscale="log",
+                 title=f"{name}: perplexity vs removal ratio, no healing")
+        axis.legend(fontsize=7, ncol=2)
+        figure.tight_layout()
+        path = FIGURES / f"study-{name}-ppl-vs-ratio.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path.name)
+    profiles = [(name, json.loads((study_dir(name) / "scores.json").read_text())) for name in MODELS
+                if (study_dir(name) / "scores.json").exists()]
+    if profiles:
+        figure, axes = plt.subplots(1, len(profiles), figsize=(6 * len(profiles), 4), squeeze=False)
+        for axis, (name, scores) in zip(axes[0], profiles):
+            for metric in ("bi", "block-cosine", "angular", "taylor", "magnitude-l2", "ppl"):
+                values = scores["importance"].get(metric)
+                if values:
+                    low, high = min(values), max(values)
+                    axis.plot([(v - low) / ((high - low) or 1) for v in values], marker=".", label=metric)
+            axis.set(xlabel="layer", ylabel="importance (min-max scaled)", title=f"{name}: layer importance")
+            axis.legend(fontsize=7)
+        figure.tight_layout()
+        path = FIGURES / "study-importance-profiles.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path.name)
+    return written
+
+
+def write_report(args: argparse.Namespace) -> None:
+    figures = draw_figures()
+    done = sum(len(_cells(name)) for name in MODELS)
+    header = [
+        "# Reproduction study", "",
+        f"Written by `python benchmarks/study.py` on {dt.date.today().isoformat()}; machine: "
+        f"{platform.machine()}, {torch.get_num_threads()} threads, Python {platform.python_version()}; versions: "
+        + ", ".join(f"{k} {v}" for k, v in versions().items()) + ".", "",
+        f"Settings: calibration {args.samples} x {args.seq_len} tokens of wiki-sample train; perplexity on the first "
+        f"{args.ppl_windows} windows of {args.seq_len} tokens of the held-out wiki-sample test split; zero-shot tasks "
+        f"{', '.join(TASKS)} (first {args.task_limit} examples each, through lm-eval); healing {args.heal_steps} steps "
+        f"x 8 rows x {args.seq_len} tokens of wiki-sample train. Cells finished: {done}.", "",
+        "Decode speed-ups are measured on a shared, noisy 2-core CPU in the same run as the reference; treat them "
+        "as rough. Cells not run yet are marked —; the study is resumable and fills them on the next run.", "",
+    ]
+    body = [model_tables(name) for name in MODELS]
+    pictures = [f"![{name}](figures/{name})" for name in figures]
+    claims = (ROOT / "docs" / "claims.md")
+    text = "\n".join(header + ["## Tables", ""] + body + ["## Figures", ""] + pictures + [""])
+    if claims.exists():
+        text += "\n" + claims.read_text()
+    write_bytes_atomic(RESULTS, text.encode())
+
+
+ARGS = argparse.Namespace()
+
+
+def main() -> int:
+    args = parse_args()
+    ARGS.__dict__.update(vars(args))
+    if not args.report_only:
+        for name in args.models.split(","):
+            run_model(name, args)
+    write_report(args)
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
