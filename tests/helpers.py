@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from contextlib import contextmanager
 
 from torch import nn
@@ -23,3 +24,12 @@ def skipping_layers(layers: nn.ModuleList, skip: Iterable[int]) -> Iterator[None
     finally:
         for handle in handles:
             handle.remove()
+
+
+def save_tiny_checkpoint(folder: Path, family: str, num_layers: int = 6) -> Path:
+    """Write a tiny random model of ``family`` and the byte tokenizer to ``folder`` as a checkpoint."""
+    from layerprune.models.tiny import byte_tokenizer, tiny_model
+
+    tiny_model(family, num_layers).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder

@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from layerprune.models.tiny import byte_tokenizer, tiny_model
+from layerprune.models.tiny import tiny_model
+from tests.helpers import save_tiny_checkpoint
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -20,10 +21,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-gemma3")
-    tiny_model("gemma3", 6).save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-gemma3"), "gemma3")
 
 
 def test_info_reports_family_and_layers(tiny_dir: Path) -> None:

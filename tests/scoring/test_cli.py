@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import layerprune.data
 from layerprune.cli.main import main
-from layerprune.models.tiny import byte_tokenizer, tiny_model
+from tests.helpers import save_tiny_checkpoint
 from tests.core.test_cli import run_cli  # a real process: used once, the rest run in-process to stay fast
 from tests.scoring.references import rows_with_padding
 
@@ -26,10 +26,7 @@ def run_in_process(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tup
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", 6).save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"), "llama")
 
 
 @pytest.fixture
