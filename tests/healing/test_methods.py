@@ -53,6 +53,22 @@ def test_partial_ft_trains_only_head_and_last_layers(distill: bool) -> None:
     assert entry["final_loss"] < entry["first_loss"]
 
 
+def test_partial_ft_backward_never_enters_the_frozen_prefix() -> None:
+    """Backward stops at the first trained layer, even where the tied head shares the embeddings."""
+    original, pruned = pruned_pair()
+    pruned.model.config.tie_word_embeddings = True
+    pruned.model.tie_weights()
+    layers = pruned.adapter.decoder_layers(pruned.model)
+    reached = []
+    for index, layer in enumerate(layers):
+        layer.register_full_backward_hook(lambda *_args, index=index: reached.append(index))
+    embedding = pruned.model.get_input_embeddings().weight
+    before = embedding.detach().clone()
+    heal(pruned, "partial-ft", training_rows(), original=original, **{**FAST, "steps": 2})
+    assert reached and set(reached) == {len(layers) - 2, len(layers) - 1}
+    assert not torch.equal(before, pruned.model.get_input_embeddings().weight)  # tied: the head's update shows
+
+
 def test_lora_changes_only_target_projections_and_merges() -> None:
     original, pruned = pruned_pair()
     data = training_rows()

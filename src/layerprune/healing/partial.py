@@ -3,10 +3,19 @@
 Train only the LM head and the last ``k`` decoder layers (paper default 3); everything else stays
 frozen. The frozen prefix runs without storing activations for backward, so this is cheap in
 both time and memory. Where the LM head is tied to the input embeddings (SmolLM2), training the
-head necessarily trains the embeddings too; the summary says so.
+head necessarily changes the embeddings too (one tensor); the summary says so. Its gradient is
+taken from the head's use only: the embedding lookup's output is detached, so backward stops at
+the first trained layer instead of running through the whole frozen prefix to reach the lookup
+(on SmolLM2 that prefix is most of the backward pass).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
 
 from layerprune.errors import UsageError
 from layerprune.healing.base import HEALERS, Healer, HealOutcome, HealSettings
@@ -24,6 +33,20 @@ def unfreeze_head_and_last_layers(loaded: LoadedModel, k: int) -> None:
         layer.requires_grad_(True)
 
 
+@contextmanager
+def head_only_gradient(model: nn.Module) -> Iterator[None]:
+    """Detach the input-embedding output while training, so no gradient flows through the frozen prefix."""
+
+    def detach(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output.detach()
+
+    handle = model.get_input_embeddings().register_forward_hook(detach)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @HEALERS.register("partial-ft")
 class PartialFineTuning(Healer):
     default_lr = 5e-5
@@ -39,8 +62,9 @@ class PartialFineTuning(Healer):
             original: LoadedModel | None) -> HealOutcome:
         unfreeze_head_and_last_layers(loaded, settings.train_layers)
         tied = getattr(loaded.model.config, "tie_word_embeddings", False)
-        report = fit_language_model(loaded.model, data, settings, original, lr=settings.lr or self.default_lr,
-                                    fingerprint=settings.fingerprint(), label="partial-ft")
+        with head_only_gradient(loaded.model):
+            report = fit_language_model(loaded.model, data, settings, original, lr=settings.lr or self.default_lr,
+                                        fingerprint=settings.fingerprint(), label="partial-ft")
         loaded.model.requires_grad_(False)
         head = "LM head (tied to the input embeddings, so those changed too)" if tied else "LM head"
         summary = (f"trained the {head} and the last {settings.train_layers} decoder layers with "
