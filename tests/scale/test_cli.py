@@ -85,5 +85,6 @@ def test_score_streaming_equals_score_in_memory(tmp_path: Path, capsys: pytest.C
     for name in ("bi", "ppl"):
         assert streamed["importance"][name] == pytest.approx(memory["importance"][name], rel=1e-5)
     assert streamed["selection"] == memory["selection"]
+    assert (streamed["data"]["batch_size"], memory["data"]["batch_size"]) == (1, 8)  # streaming saves memory by default
     assert main([*common[:-2], "--iterative", "--streaming"]) == 2
     assert "re-scores the pruned model in memory" in capsys.readouterr().err

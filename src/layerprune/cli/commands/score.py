@@ -35,7 +35,8 @@ def add_calibration_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--split", default="train", help="data split to draw from (default: train)")
     group.add_argument("--samples", type=int, default=64, help="calibration rows (default: 64)")
     group.add_argument("--seq-len", type=int, default=256, help="tokens per row (default: 256)")
-    group.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default: 8)")
+    group.add_argument("--batch-size", type=int,
+                       help="rows per forward pass (default: 8; 1 with --streaming, whose point is low memory)")
     group.add_argument("--seed", type=int, default=0, help="seed for sampling windows and the random metric")
     group.add_argument("--sampling", default="random", choices=SAMPLINGS,
                        help="random windows (default), contiguous windows from the start of the text, or one "
@@ -55,7 +56,9 @@ def add_selection_options(parser: argparse.ArgumentParser, *, required: bool) ->
 
 
 def check_calibration_args(args: argparse.Namespace) -> None:
-    """Refuse impossible sizes before any model or data is loaded."""
+    """Refuse impossible sizes before any model or data is loaded (and fill in the default batch)."""
+    if args.batch_size is None:
+        args.batch_size = 1 if getattr(args, "streaming", False) else 8
     for flag in ("samples", "seq_len", "batch_size"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
