@@ -12,14 +12,15 @@ from tests.scoring.references import loaded_tiny, rows_with_padding
 
 
 @pytest.mark.parametrize(("remove", "layers", "expected"), [
-    ("8", 32, 8), (3, 30, 3), ("25%", 32, 8), ("25%", 30, 7), ("50 %", 6, 3), ("12.5%", 16, 2),
+    ("8", 32, 8), (3, 30, 3), ("25%", 32, 8), ("25%", 30, 8), ("37%", 30, 11), ("12%", 30, 4),
+    ("50 %", 6, 3), ("12.5%", 16, 2), ("25%", 18, 5),
 ])
 def test_remove_counts_and_shares(remove: str | int, layers: int, expected: int) -> None:
     assert parse_remove(remove, layers) == expected
 
 
 @pytest.mark.parametrize(("remove", "message"), [
-    ("0", "more than 0"), ("6", "remove all 6"), ("10%", "removes no layer"), ("2.5", "cannot read"),
+    ("0", "more than 0"), ("6", "remove all 6"), ("5%", "removes no layer"), ("95%", "remove all 6"), ("2.5", "cannot read"),
     ("a quarter", "cannot read"), ("100%", "less than all"), ("-1", "cannot read"),
 ])
 def test_bad_remove_values_say_how_to_fix_them(remove: str, message: str) -> None:

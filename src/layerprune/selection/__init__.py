@@ -58,9 +58,13 @@ def check_remove(remove: int | str) -> tuple[float, bool]:
 
 
 def parse_remove(remove: int | str, num_layers: int) -> int:
-    """``8`` or ``"8"`` layers, or ``"25%"`` of ``num_layers`` (rounded down); 1 <= N < num_layers."""
+    """``8`` or ``"8"`` layers, or ``"25%"`` of ``num_layers``; 1 <= N < num_layers.
+
+    A share is rounded to the nearest layer, halves up: 25% of 30 layers is 8, as the papers count
+    (Reassessing Layer Pruning's "last 25%"); rounding down would make 25% of 30 mean 23%.
+    """
     value, percent = check_remove(remove)
-    count = math.floor(num_layers * value / 100 + 1e-9) if percent else int(value)
+    count = math.floor(num_layers * value / 100 + 0.5 + 1e-9) if percent else int(value)
     if count < 1:
         raise UsageError(f"--remove {remove} of a {num_layers}-layer model removes no layer; ask for at least one")
     if count >= num_layers:
