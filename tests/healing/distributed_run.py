@@ -1,8 +1,8 @@
-"""Heal a tiny pruned model and save its final weights; run plainly or under ``torchrun``.
+"""Heal a tiny pruned model and save its final weights; run plainly or under ``accelerate launch``.
 
 (``accelerate launch --cpu --num_processes 2`` starts a single process in accelerate 1.x unless
-an MPI hostfile is given; ``torchrun`` with ``ACCELERATE_USE_CPU=1`` gives accelerate two gloo
-CPU processes, and the file records how many processes really took part.)
+an MPI hostfile is given; ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2``
+(or ``torchrun``) gives two gloo CPU processes, and the file records how many really took part.)
 """
 
 from __future__ import annotations

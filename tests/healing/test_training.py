@@ -65,7 +65,10 @@ def test_resume_refuses_a_missing_or_different_checkpoint(tmp_path) -> None:
 @pytest.mark.parametrize("method", ["partial-ft", "replace-ffn"])
 def test_two_cpu_processes_match_one(method: str, tmp_path) -> None:
     out = tmp_path / "two.pt"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    # `--cpu` would make accelerate 1.x start one process; `--multi_gpu` on a machine without GPUs
+    # starts two, and ACCELERATE_USE_CPU=1 makes them join as CPU/gloo processes.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(ROOT / "tests" / "healing" / "distributed_run.py"), method, str(out)]
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
