@@ -33,3 +33,9 @@ def save_tiny_checkpoint(folder: Path, family: str, num_layers: int = 6) -> Path
     tiny_model(family, num_layers).save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     return folder
+
+
+def write_corpus(path: Path, documents: int = 200) -> Path:
+    """A small plain-text corpus (blank-line separated notes) for calibration, healing and evaluation."""
+    path.write_text("\n\n".join(f"Note {i}: the value {i * 7} follows {i}." for i in range(documents)))
+    return path

@@ -10,9 +10,9 @@ import pytest
 
 from layerprune.cli.main import main
 from layerprune.errors import UsageError
-from layerprune.models.tiny import byte_tokenizer, tiny_model
 from layerprune.recipes import load_recipe, run_recipe
 from layerprune.recipes import runner
+from tests.helpers import save_tiny_checkpoint, write_corpus
 
 SHIPPED = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
 
@@ -44,6 +44,7 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("model: m\nscoring: {}\n", r"line 2: unknown key 'scoring' in the recipe"),
         ("model: m\nselect: {remove: 2}\n", r"'select' needs a 'score' section"),
         ("score: {metrics: [bi]}\n", r"names no model"),
+        ("model: m\nload: {dtype: float32}\n", r"no stage to run; add a score, heal or eval section"),
         ("model: m\neval:\n  classify: rotten-tomatoes\n  classification: {ks: [1], epochs: two}\n",
          r"line 4: 'epochs' must be int"),
         ("model: [a\n", r"line 2: not valid YAML"),
@@ -73,9 +74,8 @@ def test_recipe_paths_may_not_escape_the_named_folders(tmp_path: Path, monkeypat
 @pytest.fixture
 def tiny_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
-    tiny_model("llama", 6).save_pretrained(tmp_path / "tiny")
-    byte_tokenizer().save_pretrained(tmp_path / "tiny")
-    (tmp_path / "corpus.txt").write_text("\n\n".join(f"Note {i}: the value {i * 7} follows {i}." for i in range(200)))
+    save_tiny_checkpoint(tmp_path / "tiny", "llama", 6)
+    write_corpus(tmp_path / "corpus.txt")
     return _write(tmp_path, """\
         model: tiny
         calibration: {source: corpus.txt, samples: 8, seq_len: 32}
@@ -127,3 +127,24 @@ def test_run_cli_refuses_a_bad_recipe_with_one_line(tmp_path: Path, capsys: pyte
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "unknown key 'stepz'" in error[0] and "line 2" in error[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stage_killed_after_writing_its_output_runs_again_on_resume(tiny_setup: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill between a stage's atomic write and its record in run.json leaves a complete output
+    that run.json does not know; the resumed run must redo the stage over it, not refuse."""
+    out = tiny_setup.parent / "run"
+    real_prune = runner._stage_prune
+
+    def prune_then_die(ctx: runner.RunContext) -> dict:
+        real_prune(ctx)
+        raise KeyboardInterrupt("killed before run.json records the stage")
+
+    stages = {stage.name: stage for stage in runner.STAGES}
+    monkeypatch.setattr(runner, "STAGES", (stages["score"], runner.Stage("prune", "select", prune_then_die)))
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(tiny_setup, out, log=lambda _: None)
+    assert (out / "pruned").is_dir() and "prune" not in json.loads((out / "run.json").read_text())["stages"]
+    monkeypatch.setattr(runner, "STAGES", (stages["score"], stages["prune"]))
+    run_recipe(tiny_setup, out, resume=True, log=lambda _: None)
+    assert "prune" in json.loads((out / "run.json").read_text())["stages"]

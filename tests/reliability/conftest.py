@@ -15,6 +15,7 @@ import torch
 
 from layerprune.cli.main import main
 from layerprune.models.tiny import byte_tokenizer, tiny_model
+from tests.helpers import save_tiny_checkpoint
 
 TINY_LAYERS = 4
 
@@ -70,9 +71,8 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 def save_tiny(folder: Path, family: str = "llama", num_layers: int = TINY_LAYERS) -> Path:
-    tiny_model(family, num_layers).save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
-    return folder
+    """A tiny checkpoint with this suite's default depth."""
+    return save_tiny_checkpoint(folder, family, num_layers)
 
 
 @pytest.fixture(scope="session")

@@ -185,3 +185,54 @@ def test_in_a_real_process_a_refusal_is_one_line_and_exit_2(broken: dict[str, Pa
                              "--out", tmp_path / "out")
     assert_refused(CliResult(result.returncode, result.stdout, result.stderr), "weight files intact")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("share", ["0%", "120%", "-5%", "100%"])
+def test_a_percent_outside_0_100_is_refused_before_loading(share: str, tiny_dir: Path, cli: Cli, tmp_path: Path,
+                                                           no_weight_loading: None) -> None:
+    assert_refused(cli("prune", "--model", tiny_dir, "--metric", "bi", "--remove", share, "--out", tmp_path / "out"),
+                   "--remove")
+    assert list(tmp_path.iterdir()) == []
+
+
+CALIBRATION_ROWS = {
+    "empty file": ("empty.txt", "\n \n", [], "holds no text"),
+    "shorter than one window": ("short.txt", "tiny", ["--seq-len", "16"], "fewer than --seq-len 16"),
+    "unknown format": ("data.xml", "<a/>", [], "unknown data format .xml"),
+    "--seq-len over the context": ("long.txt", "word " * 2000, ["--seq-len", "300"],
+                                   "longer than the model's context of 256 tokens"),
+}
+
+
+@pytest.mark.parametrize("row", sorted(CALIBRATION_ROWS))
+def test_bad_calibration_data_is_refused(row: str, tiny_dir: Path, cli: Cli, tmp_path: Path) -> None:
+    name, text, flags, message = CALIBRATION_ROWS[row]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / name).write_text(text)
+    assert_refused(cli("score", "--model", tiny_dir, "--data", data / name, "--output", tmp_path / "scores.json",
+                       *flags), message)
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+RECIPE_ROWS = {
+    "unknown key": ("score:\n  metrics: [bi]\n  positons: last\n", "line 4: unknown key 'positons' in section 'score'"),
+    "wrong type": ("score: {metrics: [bi]}\nselect:\n  remove: [1, 2]\n", "line 4: 'remove' must be int or str"),
+    "missing field": ("heal:\n  steps: 5\n", "line 2: section 'heal' is missing the required key(s) method, data"),
+    "model path escaping": ("model: ../elsewhere\nscore: {metrics: [bi]}\n", "line 1: path '../elsewhere' lies outside"),
+    "data path escaping": ("score: {metrics: [bi]}\ncalibration: {source: /etc/hostname}\n",
+                           "line 3: path '/etc/hostname' lies outside"),
+}
+
+
+@pytest.mark.parametrize("row", sorted(RECIPE_ROWS))
+def test_bad_recipes_are_refused_with_the_line(row: str, tiny_dir: Path, cli: Cli, tmp_path: Path,
+                                               no_weight_loading: None) -> None:
+    text, message = RECIPE_ROWS[row]
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    model_line = "" if text.startswith("model:") else f"model: {tiny_dir}\n"
+    (recipes / "recipe.yaml").write_text(model_line + text)
+    assert_refused(cli("run", recipes / "recipe.yaml", "--out", tmp_path / "out", "--allow-path", tiny_dir.parent),
+                   message)
+    assert [p.name for p in tmp_path.iterdir()] == ["recipes"]

@@ -1,6 +1,6 @@
 """Property-based tests: surgery invariants over random layer sets and random tiny configs of
-every supported family, and a fuzz run over ``prune``/``info`` arguments that must end in a result
-or a clean error, never a traceback.
+every supported family, and fuzz runs over ``prune``/``info`` arguments and over recipe files for
+``layerprune run`` that must end in a result or a clean error, never a traceback.
 
 ``LAYERPRUNE_FUZZ_EXAMPLES`` raises the number of cases (the default keeps the suite fast).
 """
@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+import yaml
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -23,8 +26,8 @@ from layerprune.models.architectures import adapter_for
 from layerprune.models.surgery import remove_layers
 from layerprune.models.tiny import TINY_CONFIGS
 from tests.conftest import FAMILIES
-from tests.helpers import skipping_layers
-from tests.reliability.conftest import CliResult, assert_refused
+from tests.helpers import skipping_layers, write_corpus
+from tests.reliability.conftest import CliResult, assert_refused, snapshot
 
 EXAMPLES = int(os.environ.get("LAYERPRUNE_FUZZ_EXAMPLES", "30"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -119,3 +122,103 @@ def test_cli_arguments_end_in_a_result_or_a_clean_error(command: str, flags: lis
     if result.code == 0 and command == "prune" and "--help" not in argv:
         out = Path(argv[len(argv) - 1 - argv[::-1].index("--out") + 1])
         assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers >= 1
+
+
+# Recipe fuzzing: documents built from a valid tiny recipe by random edits (misspelled, unknown or
+# missing keys, wrong types, bad values, odd paths, random YAML structures), plus raw random text.
+# Keys that reach the network or run for long (lm-eval tasks, classification, efficiency timing)
+# are left out: their validation is the same schema code as every other key's.
+RECIPE_EXAMPLES = 5 * EXAMPLES
+RECIPE_FUZZ = settings(max_examples=RECIPE_EXAMPLES, deadline=None,
+                       suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+SECTION_KEYS = {
+    "load": ["dtype", "device", "trust_remote_code", "allow_pickle", "gguf_file"],
+    "calibration": ["source", "split", "samples", "seq_len", "seed", "sampling", "text_field", "max_positions"],
+    "score": ["metrics", "batch_size", "positions", "seed"],
+    "select": ["remove", "strategy", "metric"],
+    "heal": ["method", "data", "original", "steps", "batch_size", "lr", "seq_len", "samples", "train_layers",
+             "lora_rank", "distill", "distill_weight", "block", "checkpoint_every", "precision"],
+    "eval": ["ppl", "seq_len", "max_windows", "batch_size"],
+}
+PLACES = ["CORPUS", "MISSING", "../outside.txt", "/etc/hostname", "~/x.txt", "MODEL", "dir/", "a b.txt", "é.txt"]
+SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(-2, 3), st.sampled_from([10**12, 2.5, -0.5, float("nan"), float("inf")]),
+    st.sampled_from(["", "x", "25%", "120%", "0%", "-5%", "1e3", "bi", "angular", "taylor", "random", "consecutive",
+                     "iterative", "partial-ft", "lora", "qlora", "replace-linear", "float16", "bf16", "cpu", "cuda",
+                     "documents", "contiguous", "test", "last", "0-1", "yes", "~", "null", *PLACES]),
+    st.text(max_size=8),
+)
+VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+    st.text(max_size=6), inner, max_size=3), max_leaves=6)
+
+
+def _base_recipe() -> dict:
+    """A valid recipe that runs every stage on the tiny model in about a second."""
+    return {"model": "MODEL", "calibration": {"source": "CORPUS", "samples": 2, "seq_len": 8},
+            "score": {"metrics": ["bi"], "batch_size": 2}, "select": {"remove": 1},
+            "heal": {"method": "partial-ft", "data": "CORPUS", "steps": 1, "batch_size": 2, "seq_len": 8,
+                     "train_layers": 1},
+            "eval": {"ppl": ["CORPUS"], "seq_len": 8, "max_windows": 1}}
+
+
+def _misspell(key: str, position: int) -> str:
+    index = position % max(1, len(key))
+    return key[:index] + key[index + 1:] if len(key) > 1 else key + "s"
+
+
+@st.composite
+def recipe_documents(draw: st.DrawFn) -> str:
+    """YAML text: mostly edits of the base recipe, sometimes random structures or raw text."""
+    kind = draw(st.sampled_from(["edits"] * 6 + ["structure", "text"]))
+    if kind == "text":
+        return draw(st.text(max_size=60))
+    if kind == "structure":
+        return yaml.safe_dump(draw(VALUES), allow_unicode=True)
+    recipe = _base_recipe()
+    for _ in range(draw(st.integers(1, 4))):
+        section = draw(st.sampled_from(["", *SECTION_KEYS]))
+        target = recipe if not section else recipe.get(section)
+        if not isinstance(target, dict):
+            continue
+        keys = list(SECTION_KEYS[section]) if section else ["model", "name", "description", *SECTION_KEYS]
+        edit = draw(st.sampled_from(["drop", "set", "misspell", "unknown", "replace-section"]))
+        key = draw(st.sampled_from(keys))
+        if edit == "drop":
+            target.pop(key, None)
+        elif edit == "set":
+            target[key] = draw(VALUES)
+        elif edit == "misspell" and key in target:
+            target[_misspell(key, draw(st.integers(0, 20)))] = target.pop(key)
+        elif edit == "unknown":
+            target[draw(st.text(min_size=1, max_size=8))] = draw(SCALARS)
+        elif section:
+            recipe[section] = draw(VALUES)
+    return yaml.safe_dump(recipe, allow_unicode=True)
+
+
+@RECIPE_FUZZ
+@given(document=recipe_documents(), out=st.sampled_from(["out", "MODEL", "MODEL/inside", "EXISTING", "A_FILE",
+                                                         "odd name é/out"]),
+       recipe_name=st.sampled_from(["recipe.yaml", "missing.yaml", "EXISTING", "binary.yaml"]))
+def test_recipe_files_end_in_a_result_or_a_clean_error(document: str, out: str, recipe_name: str,
+                                                       cli: Callable[..., CliResult], tiny_dir: Path,
+                                                       tmp_path_factory: pytest.TempPathFactory) -> None:
+    work = tmp_path_factory.mktemp("recipe-fuzz")
+    (work / "EXISTING").mkdir()
+    (work / "A_FILE").write_text("x")
+    (work / "binary.yaml").write_bytes(b"\xff\xfe\x00model: \x80\n")
+    corpus = write_corpus(work / "corpus.txt")
+    places = {"MODEL": str(tiny_dir), "CORPUS": str(corpus), "MISSING": str(work / "missing.txt")}
+    for name, path in places.items():
+        document = document.replace(name, path)
+    (work / "recipe.yaml").write_text(document)
+    out_path = places.get(out.split("/")[0], str(work / out.split("/")[0])) + out[len(out.split("/")[0]):]
+    model_before = snapshot(tiny_dir)
+    result = cli("run", work / recipe_name, "--model", tiny_dir, "--out", out_path, "--allow-path", tiny_dir.parent)
+    assert result.code in (0, 2), (document, result.code, result.stderr)
+    event("finished" if result.code == 0 else re.sub(r"\S*/\S*|'.*?'|\d+", "_", result.stderr)[22:80])
+    if result.code == 2:
+        assert_refused(result)
+    else:
+        assert json.loads((Path(out_path) / "run.json").read_text())["stages"]
+    assert snapshot(tiny_dir) == model_before, "nothing is written into the input model"

@@ -1,9 +1,11 @@
-"""Nothing lost: ``kill -9`` at random points of ``layerprune prune`` leaves the old state or the
-complete new one, and whatever a killed run left behind is never mistaken for output.
+"""Nothing lost: ``kill -9`` at random points of ``layerprune prune``, ``heal`` and ``run`` leaves the
+old state or the complete new one, whatever a killed run left behind is never mistaken for output,
+and ``heal --resume`` / ``run --resume`` finish with exactly the result of an uninterrupted run.
 
-A small fork server imports layerprune once and forks one ``layerprune prune`` (the real
-``main``) per request, so each killed run costs a fraction of a second instead of an interpreter
-start. The server never runs a torch operation itself, which keeps forking safe.
+A small fork server imports layerprune (and the modules ``heal`` and ``run`` need) once and forks
+one ``layerprune`` command (the real ``main``) per request, so each killed run costs a fraction of
+a second instead of an interpreter start. The server never runs a torch operation itself, which
+keeps forking safe.
 """
 
 from __future__ import annotations
@@ -22,11 +24,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from safetensors.torch import load_file
+
+from layerprune.healing.engine import STATE_FILE as HEAL_STATE
+from layerprune.recipes.runner import STATE_FILE as RUN_STATE
+from tests.helpers import write_corpus
 from tests.reliability.conftest import TINY_LAYERS, save_tiny
 
 FORK_SERVER = """
 import json, os, sys
 from layerprune.cli.main import main
+import layerprune.healing, layerprune.recipes.runner, layerprune.data, layerprune.reporting.scores
+import accelerate, matplotlib.pyplot
 print("ready", flush=True)
 for line in sys.stdin:
     pid = os.fork()
@@ -43,18 +52,31 @@ for line in sys.stdin:
 KILLS = 12
 
 
+def _alive(pid: int) -> bool:
+    """Whether the forked command still runs (the server reaps it as soon as it ends)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 class ForkServer:
     def __init__(self) -> None:
         self.process = subprocess.Popen([sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True)
         assert self.process.stdout.readline().strip() == "ready"
 
-    def run(self, argv: list[str], kill_after: float | None = None) -> tuple[bool, float]:
-        """Run ``layerprune ARGV``; kill -9 it after ``kill_after`` s. Returns (finished, seconds)."""
+    def run(self, argv: list[str], kill_after: float | None = None,
+            marker: Path | None = None) -> tuple[bool, float]:
+        """Run ``layerprune ARGV``; kill -9 it ``kill_after`` s after its start, or after ``marker``
+        appears (to aim at a phase, such as training once a checkpoint exists). Returns (finished, seconds)."""
         start = time.perf_counter()
         self.process.stdin.write(json.dumps(argv) + "\n")
         self.process.stdin.flush()
         pid = int(self.process.stdout.readline())
+        while marker is not None and not marker.exists() and _alive(pid):
+            time.sleep(0.01)
         if kill_after is not None:
             time.sleep(kill_after)
             try:
@@ -156,3 +178,120 @@ def test_leftovers_of_killed_runs_are_cleared_or_restored(tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["out", f".out.partial-{alive}", f".other.partial-{dead}"]
     )
+
+
+def weights_of(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a complete exported checkpoint (loading it also proves it is complete)."""
+    assert AutoModelForCausalLM.from_pretrained(folder) is not None
+    return load_file(folder / "model.safetensors")
+
+
+def assert_same_weights(folder: Path, reference: dict[str, torch.Tensor]) -> None:
+    weights = weights_of(folder)
+    assert weights.keys() == reference.keys()
+    assert all(torch.equal(weights[name], reference[name]) for name in reference), f"{folder} differs from reference"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+
+
+HEAL_ATTEMPTS = 3
+
+
+def test_kill_9_of_heal_then_resume_gives_the_uninterrupted_weights(server: ForkServer, tmp_path: Path,
+                                                                   corpus: Path) -> None:
+    """Each attempt kills a fresh ``heal`` at a random time, then the run that continues it at a
+    random time after a checkpoint exists (so that training is cut), and finishes with ``--resume``:
+    the output must equal an uninterrupted run."""
+    model = save_tiny(tmp_path / "input")
+    assert server.run(["prune", "--model", str(model), "--layers", "1", "--out", str(tmp_path / "pruned")])[0]
+
+    def heal(work: Path) -> list[str]:
+        """Start or continue healing into ``work``, resuming where a checkpoint says so."""
+        argv = ["heal", "--model", str(tmp_path / "pruned"), "--method", "partial-ft", "--data", str(corpus),
+                "--steps", "6", "--seq-len", "16", "--batch-size", "2", "--train-layers", "1",
+                "--checkpoint-every", "2", "--checkpoint-dir", str(work / "checkpoints"), "--out", str(work / "healed")]
+        return argv + ["--resume"] * (work / "checkpoints" / HEAL_STATE).exists()
+
+    reference_dir = tmp_path / "reference"
+    reference_dir.mkdir()
+    finished, duration = server.run(heal(reference_dir))
+    assert finished
+    reference = weights_of(reference_dir / "healed")
+    rng, finished_by_kill, resumed = random.Random(2), 0, 0
+    for attempt in range(HEAL_ATTEMPTS):
+        work = tmp_path / f"attempt{attempt}"
+        work.mkdir()
+        for marker in (None, work / "checkpoints" / HEAL_STATE):
+            if (work / "healed").exists():
+                break
+            server.run(heal(work), kill_after=rng.uniform(0, 1.2 * duration if marker is None else 0.5),
+                       marker=marker)
+            assert set(visible_entries(work)) <= {"checkpoints", "healed"}, f"attempt {attempt}: a stray appeared"
+            if (work / "healed").exists():
+                assert_same_weights(work / "healed", reference)
+                finished_by_kill += 1
+        if not (work / "healed").exists():
+            resumed += "--resume" in heal(work)
+            assert server.run(heal(work))[0], f"attempt {attempt}: heal did not finish after the kills"
+        assert_same_weights(work / "healed", reference)
+    print(f"kill -9 of heal: {finished_by_kill} of {2 * HEAL_ATTEMPTS} killed runs had finished, "
+          f"{resumed} of {HEAL_ATTEMPTS} finished with --resume")
+
+
+RUN_ATTEMPTS = 2
+RUN_OUTPUTS = {"recipe.yaml", RUN_STATE, "scores.json", "scores.png", "pruned", "model", "heal-checkpoints"}
+
+
+def assert_run_folder_consistent(out: Path) -> list[str]:
+    """Whatever a killed ``run`` left is complete: every visible output is whole, and every stage
+    ``run.json`` calls finished has its output. Returns the finished stages."""
+    if not out.exists():
+        return []
+    assert set(visible_entries(out)) <= RUN_OUTPUTS, visible_entries(out)
+    stages = list(json.loads((out / RUN_STATE).read_text())["stages"]) if (out / RUN_STATE).exists() else []
+    if (out / "scores.json").exists():
+        assert json.loads((out / "scores.json").read_text())["metrics"]["bi"]
+    for folder in ("pruned", "model"):
+        if (out / folder).exists():
+            weights_of(out / folder)
+    expected = {"score": "scores.json", "prune": "pruned", "heal": "model"}
+    assert all((out / expected[stage]).exists() for stage in stages), stages
+    return stages
+
+
+def test_kill_9_of_run_then_resume_gives_the_uninterrupted_result(server: ForkServer, tmp_path: Path,
+                                                                 corpus: Path) -> None:
+    """Each attempt kills a fresh ``run`` and then its ``--resume``, at random times, and finishes
+    with ``--resume``: scores and healed weights must equal those of an uninterrupted run."""
+    model = save_tiny(tmp_path / "input")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""\
+model: {model}
+calibration: {{source: {corpus}, samples: 4, seq_len: 16}}
+score: {{metrics: [bi], batch_size: 4}}
+select: {{metric: bi, remove: 1}}
+heal: {{method: partial-ft, data: {corpus}, steps: 4, batch_size: 2, seq_len: 16, train_layers: 1}}
+""")
+
+    def run(out: Path) -> list[str]:
+        return ["run", str(recipe), "--out", str(out), "--allow-path", str(corpus.parent)] + ["--resume"] * out.exists()
+
+    finished, duration = server.run(run(tmp_path / "reference"))
+    assert finished
+    reference_scores = json.loads((tmp_path / "reference" / "scores.json").read_text())["metrics"]
+    reference = weights_of(tmp_path / "reference" / "model")
+    rng, stages_at_kill = random.Random(3), []
+    for attempt in range(RUN_ATTEMPTS):
+        out = tmp_path / f"run{attempt}"
+        for _ in range(2):
+            server.run(run(out), kill_after=rng.uniform(0, 1.2 * duration))
+            assert set(visible_entries(tmp_path)) - {"input", "recipe.yaml", "reference"} <= {
+                f"run{i}" for i in range(attempt + 1)}, "a stray appeared beside the run folder"
+            stages_at_kill.append(len(assert_run_folder_consistent(out)))
+        assert server.run(run(out))[0], f"attempt {attempt}: run --resume did not finish after the kills"
+        assert json.loads((out / "scores.json").read_text())["metrics"] == reference_scores
+        assert_same_weights(out / "model", reference)
+    print(f"kill -9 of run: stages finished at each kill {stages_at_kill}")

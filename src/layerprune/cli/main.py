@@ -51,7 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except UsageError as error:
-        sys.stderr.write(f"layerprune {args.command}: error: {error}\n")
+        # messages quote user input (recipe keys, paths) that may hold line breaks: keep the one line
+        sys.stderr.write(f"layerprune {args.command}: error: {' '.join(str(error).splitlines())}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write(f"layerprune {args.command}: interrupted; outputs were left as they were\n")

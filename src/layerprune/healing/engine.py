@@ -143,8 +143,9 @@ def train(model: nn.Module, rows: Rows, loss_fn: LossFn, weight_fn: WeightFn, se
     share = settings.batch_size // processes
     first = accelerator.process_index * share
     begun = time.perf_counter()
+    # disable=None: no bar when stderr is not a terminal, so a failed run's log ends in its one-line error
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc=label,
-               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+               disable=None if accelerator.is_local_main_process else True, dynamic_ncols=True)
     for step in bar:
         batch_rows = global_rows(step, settings.batch_size, len(rows), settings.seed)
         normaliser = max(weight_fn(batch_rows), 1.0)

@@ -120,6 +120,8 @@ def load_recipe(path: str | Path, model: str | None = None, allowed_paths: list[
     chosen = model or values.get("model")
     if not chosen:
         raise UsageError(f"{file}: the recipe names no model; add 'model: smollm2-135m' or pass --model")
+    if not any(stage.needs in sections for stage in STAGES):
+        raise UsageError(f"{file}: the recipe has no stage to run; add a score, heal or eval section")
     if "select" in sections and "score" not in sections:
         raise UsageError(f"{file} line {lines.get(('select',), '?')}: 'select' needs a 'score' section to choose from")
     if "score" in sections and "calibration" not in sections:
@@ -213,7 +215,9 @@ def _stage_prune(ctx: RunContext) -> dict[str, Any]:
     loaded = ctx.load(ctx.recipe.model)
     reason = f"metric {selection.get('metric')}, {selection.get('strategy')} selection of {len(remove)} layers"
     prune(loaded, remove, reason=reason)
-    save(loaded, ctx.pruned_dir, recipe=_recipe_record(ctx))
+    # overwrite: a run killed after this save but before run.json recorded the stage left a
+    # complete folder that no finished stage owns; redoing the stage replaces it
+    save(loaded, ctx.pruned_dir, recipe=_recipe_record(ctx), overwrite=True)
     return {"removed_layers": remove, "model": str(ctx.pruned_dir)}
 
 

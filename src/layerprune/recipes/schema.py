@@ -11,13 +11,18 @@ import dataclasses
 import inspect
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from layerprune.errors import UsageError
 from layerprune.recipes.yamlfile import KeyPath
+
+
+# typing.get_origin() gives the collections.abc class for both typing.Sequence[X] and
+# collections.abc.Sequence[X]; a recipe writes every one of these as a YAML list
+LIST_ORIGINS = (list, tuple, Sequence, Iterable)
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(arg) for arg in typing.get_args(annotation))
-    if origin in (list, tuple, typing.Sequence, typing.Iterable) or annotation in (list, tuple):
+    if origin in LIST_ORIGINS or annotation in (list, tuple):
         args = typing.get_args(annotation)
         return f"list of {_type_name(args[0])}" if args else "list"
     if origin is dict or annotation is dict or dataclasses.is_dataclass(annotation):
@@ -64,7 +69,7 @@ def matches(value: Any, annotation: Any) -> bool:
         return any(matches(value, arg) for arg in typing.get_args(annotation))
     if origin is typing.Literal:
         return value in typing.get_args(annotation)
-    if origin in (list, tuple) or annotation in (list, tuple) or origin in (typing.Sequence, typing.Iterable):
+    if origin in LIST_ORIGINS or annotation in (list, tuple):
         args = typing.get_args(annotation)
         return isinstance(value, list) and all(matches(item, args[0]) for item in value) if args else isinstance(value, list)
     if origin is dict or annotation is dict:
