@@ -148,3 +148,78 @@ def test_a_stage_killed_after_writing_its_output_runs_again_on_resume(tiny_setup
     monkeypatch.setattr(runner, "STAGES", (stages["score"], stages["prune"]))
     run_recipe(tiny_setup, out, resume=True, log=lambda _: None)
     assert "prune" in json.loads((out / "run.json").read_text())["stages"]
+
+
+PREFLIGHT_RECIPE = {
+    "model": "model: tiny",
+    "calibration": "calibration: {source: corpus.txt, samples: 8, seq_len: 32}",
+    "score": "score: {metrics: [bi, block-cosine], batch_size: 4}",
+    "select": "select: {metric: block-cosine, remove: 2, strategy: consecutive}",
+    "heal": "heal: {method: partial-ft, data: corpus.txt, steps: 4, batch_size: 4, seq_len: 32, train_layers: 1}",
+    "eval": "eval: {ppl: [corpus.txt], seq_len: 32}",
+}
+
+
+@pytest.mark.parametrize(
+    ("section", "line", "fragments"),
+    [
+        ("model", "model: ./nowhere", ["model './nowhere' does not exist", "pass a checkpoint folder"]),
+        ("calibration", "calibration: {source: missing.txt}", ["line 2:", "data file missing.txt does not exist",
+                                                                "check the path"]),
+        ("calibration", "calibration: {source: corpus.txt, samples: 0}", ["line 2:", "--samples must be at least 1"]),
+        ("score", "score: {metrics: [bii]}", ["line 3:", "unknown metric 'bii'", "choose one of:"]),
+        ("select", "select: {remove: two}", ["line 4:", "cannot read --remove 'two'", "give a layer count"]),
+        ("select", "select: {remove: 6}", ["line 4:", "would remove all 6 layers", "keep at least one"]),
+        ("select", "select: {remove: 120%}", ["line 4:", "must be more than 0 and less than all layers"]),
+        ("select", "select: {remove: 2, metric: angular}", ["line 4:", "metric 'angular' was not scored",
+                                                           "score it too"]),
+        ("select", "select: {remove: 2, strategy: greedy}", ["line 4:", "unknown strategy 'greedy'", "choose one of"]),
+        ("heal", "heal: {method: partial-fT, data: corpus.txt}", ["line 5:", "unknown healing method 'partial-fT'",
+                                                                  "choose one of: "]),
+        ("heal", "heal: {method: partial-ft, data: gone.jsonl}", ["line 5:", "data file gone.jsonl does not exist"]),
+        ("heal", "heal: {method: partial-ft, data: corpus.txt, train_layers: 5}",
+         ["line 5:", "--train-layers 5 exceeds the model's 4 layers", "choose 1..4"]),
+        ("heal", "heal: {method: partial-ft, data: corpus.txt, steps: 0}", ["line 5:", "steps must be at least 1"]),
+        ("eval", "eval: {seq_len: 32}", ["line 6:", "nothing to evaluate", "pass --ppl"]),
+        ("eval", "eval: {ppl: [gone.txt]}", ["line 6:", "unknown perplexity data 'gone.txt'",
+                                             "the path of an existing text file"]),
+    ],
+    ids=["missing model", "missing calibration file", "zero samples", "unknown metric", "malformed remove",
+         "remove all layers", "remove over 100%", "metric not scored", "unknown strategy", "unknown heal method",
+         "missing heal data", "train_layers over the pruned model", "zero heal steps", "eval measures nothing",
+         "missing eval file"],
+)
+def test_bad_stage_values_are_refused_before_the_run_starts(
+    section: str, line: str, fragments: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Values a stage would refuse only when it starts (after the earlier stages ran) are refused by
+    the preflight: exit 2, one line naming the line, the problem and the fix, no run folder, and no
+    weights read (the layer count comes from config.json)."""
+    monkeypatch.chdir(tmp_path)
+    save_tiny_checkpoint(tmp_path / "tiny", "llama", 6)
+    write_corpus(tmp_path / "corpus.txt")
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("weights were loaded although the recipe could be refused before")
+
+    monkeypatch.setattr("layerprune.models.loading.AutoModelForCausalLM.from_pretrained", refuse)
+    path = _write(tmp_path, "\n".join({**PREFLIGHT_RECIPE, section: line}.values()) + "\n")
+    capsys.readouterr()  # the checkpoint's own progress bar
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1, error
+    for fragment in fragments:
+        assert fragment in error[0], (fragment, error[0])
+    assert not (tmp_path / "out").exists()
+
+
+def test_checks_that_need_the_layer_count_wait_for_a_model_without_a_local_config(tmp_path: Path) -> None:
+    """A hub id's config.json would cost a download, so the preflight leaves the out-of-range check
+    to the stage (which reads the config anyway) but still refuses what needs no layer count."""
+    recipe = load_recipe(_write(tmp_path, "model: some-org/not-downloaded\nscore: {metrics: [bi]}\n"
+                                          "select: {remove: 99}\n"))
+    runner.preflight(recipe, tmp_path / "out")
+    recipe.sections["select"]["remove"] = "0%"
+    with pytest.raises(UsageError, match="line 3: --remove 0% must be more than 0"):
+        runner.preflight(recipe, tmp_path / "out")

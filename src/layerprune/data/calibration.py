@@ -80,7 +80,8 @@ def token_stream(tokenizer: PreTrainedTokenizerBase, source: str | Path, split: 
     return stream
 
 
-def _check_options(samples: int, seq_len: int, sampling: str, max_positions: int | None) -> None:
+def check_calibration_options(samples: int, seq_len: int, sampling: str, max_positions: int | None) -> None:
+    """Refuse impossible window settings before any text is read or tokenized."""
     if sampling not in SAMPLINGS:
         raise UsageError(f"unknown sampling {sampling!r}; use one of: {', '.join(SAMPLINGS)}")
     if samples < 1:
@@ -102,7 +103,7 @@ def build_calibration(tokenizer: PreTrainedTokenizerBase, source: str | Path, *,
     ``documents`` gives one padded window per seeded-chosen document. ``max_positions`` (the
     model's context) turns a too-long ``seq_len`` into an error before anything is tokenized.
     """
-    _check_options(samples, seq_len, sampling, max_positions)
+    check_calibration_options(samples, seq_len, sampling, max_positions)
     info = {"source": str(source), "split": split, "samples": samples, "seq_len": seq_len, "seed": seed,
             "sampling": sampling, **({"text_field": text_field} if text_field else {})}
     if sampling == "documents":

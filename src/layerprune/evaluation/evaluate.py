@@ -45,6 +45,16 @@ class EvalPlan:
     classification: ClassificationSettings | None = None
     load_options: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, *, ppl: Sequence[str] = (), tasks: Sequence[str] = (), efficiency: Workload | bool | None = None,
+           **settings: Any) -> EvalPlan:
+        """The checked plan for :func:`evaluate`'s keyword arguments (``efficiency=True``: the default
+        workload), refused without a model, so a recipe can check its eval section before it runs."""
+        workload = Workload() if efficiency is True else (efficiency or None)
+        plan = cls(ppl=tuple(ppl), tasks=tuple(tasks), efficiency=workload, **settings)
+        plan.check()
+        return plan
+
     def check(self) -> None:
         if not (self.ppl or self.tasks or self.efficiency or self.classify):
             raise UsageError("nothing to evaluate; pass --ppl, --tasks, --efficiency and/or --classify")
@@ -124,11 +134,9 @@ def evaluate(model: ModelInput, *, compare: Sequence[ModelInput] = (), ppl: Sequ
     ``{"reference": name, "models": {name: {"perplexity": {data: {"ppl", "nll", "tokens"}},
     "tasks": ..., "stability": ..., "efficiency": ..., "classification": ...}}, "settings": ...}``.
     """
-    workload = Workload() if efficiency is True else (efficiency or None)
-    plan = EvalPlan(ppl=tuple(ppl), seq_len=seq_len, max_windows=max_windows, tasks=tuple(tasks), limit=limit,
-                    num_fewshot=num_fewshot, batch_size=batch_size, efficiency=workload, classify=classify,
-                    classification=classification, load_options=load_options)
-    plan.check()
+    plan = EvalPlan.of(ppl=ppl, seq_len=seq_len, max_windows=max_windows, tasks=tasks, limit=limit,
+                       num_fewshot=num_fewshot, batch_size=batch_size, efficiency=efficiency, classify=classify,
+                       classification=classification, load_options=load_options)
     inputs = [model, *compare]
     for item in inputs:
         _check_model_input(item)
@@ -145,11 +153,11 @@ def evaluate(model: ModelInput, *, compare: Sequence[ModelInput] = (), ppl: Sequ
         if "predictions" in results[name]:
             results[name]["stability"] = stability_by_task(results[reference]["predictions"],
                                                            results[name]["predictions"])
-    if workload:
-        measured = measure_efficiency({name: one.model for name, one in zip(names, loaded)}, workload)
+    if plan.efficiency:
+        measured = measure_efficiency({name: one.model for name, one in zip(names, loaded)}, plan.efficiency)
         for name in names:
             results[name]["efficiency"] = measured[name]
     settings = {key: value for key, value in vars(plan).items() if key not in ("efficiency", "classification",
                                                                                "load_options")}
-    settings["efficiency"] = vars(workload) if workload else None
+    settings["efficiency"] = vars(plan.efficiency) if plan.efficiency else None
     return {"reference": reference, "models": results, "settings": settings}

@@ -103,10 +103,16 @@ class Healer(ABC):
     def needs_original(self, settings: HealSettings) -> bool:
         return settings.distill
 
-    def check(self, loaded: LoadedModel, settings: HealSettings) -> None:
-        """Cheap validation against the loaded model, before data or the original are loaded."""
+    def check_settings(self, settings: HealSettings, num_layers: int | None) -> None:
+        """Validation that needs no model, only the layer count where known (``None``: unknown), so a
+        recipe can refuse bad healing settings before its first stage, reading the count from
+        ``config.json``."""
         if settings.distill and not self.supports_distill:
             raise UsageError(f"--distill is not available for {settings.method}; use it with partial-ft, lora or qlora")
+
+    def check(self, loaded: LoadedModel, settings: HealSettings) -> None:
+        """Cheap validation against the loaded model, before data or the original are loaded."""
+        self.check_settings(settings, loaded.num_layers)
 
     @abstractmethod
     def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealSettings,

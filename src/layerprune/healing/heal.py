@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,16 +35,13 @@ def heal(loaded: LoadedModel, method: str, data: str | Path | TrainingSet, *,
     process returns the same model: save it from the main process only.
     """
     healer = HEALERS.get(method)()
-    settings = HealSettings(
-        method=method, data=data.description if isinstance(data, TrainingSet) else str(data), steps=steps,
-        batch_size=batch_size, lr=lr, seq_len=seq_len, samples=samples, seed=seed, train_layers=train_layers,
-        lora_rank=lora_rank, distill=distill, distill_weight=distill_weight, distill_temperature=distill_temperature,
-        block=tuple(block) if block is not None else None,
-        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
+    settings = heal_settings(
+        method, data, steps=steps, batch_size=batch_size, lr=lr, seq_len=seq_len, samples=samples, seed=seed,
+        train_layers=train_layers, lora_rank=lora_rank, distill=distill, distill_weight=distill_weight,
+        distill_temperature=distill_temperature, block=block, checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every, resume=resume, gradient_checkpointing=gradient_checkpointing,
         precision=precision,
     )
-    settings.check()
     healer.check(loaded, settings)
     check_resumable(settings, settings.fingerprint())
     teacher = resolve_original(loaded, original, settings) if healer.needs_original(settings) else None
@@ -64,6 +62,19 @@ def heal(loaded: LoadedModel, method: str, data: str | Path | TrainingSet, *,
         "train_seconds": round(outcome.seconds, 1),
     })
     return outcome.loaded
+
+
+def heal_settings(method: str, data: str | Path | TrainingSet, *, block: tuple[int, int] | None = None,
+                  checkpoint_dir: str | Path | None = None, **options: Any) -> HealSettings:
+    """:func:`heal`'s keyword arguments (``original`` aside) as checked :class:`HealSettings`, refused
+    without a model or data, so a recipe can check its heal section before its first stage."""
+    settings = HealSettings(
+        method=method, data=data.description if isinstance(data, TrainingSet) else str(data),
+        block=tuple(block) if block is not None else None,
+        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None, **options,
+    )
+    settings.check()
+    return settings
 
 
 def resolve_original(loaded: LoadedModel, original: str | Path | LoadedModel | None,

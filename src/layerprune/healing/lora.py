@@ -56,8 +56,8 @@ class LoRA(Healer):
     default_lr = 2e-4
     supports_distill = True
 
-    def check(self, loaded: LoadedModel, settings: HealSettings) -> None:
-        super().check(loaded, settings)
+    def check_settings(self, settings: HealSettings, num_layers: int | None) -> None:
+        super().check_settings(settings, num_layers)
         _require_peft()
 
     def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealSettings,
@@ -78,8 +78,8 @@ class QLoRA(Healer):
     default_lr = 2e-4
     supports_distill = True
 
-    def check(self, loaded: LoadedModel, settings: HealSettings) -> None:
-        super().check(loaded, settings)
+    def check_settings(self, settings: HealSettings, num_layers: int | None) -> None:
+        super().check_settings(settings, num_layers)
         _require_peft()
         if not torch.cuda.is_available():
             raise UsageError("qlora needs a CUDA GPU (bitsandbytes 4-bit kernels) and none is available; "

@@ -52,11 +52,11 @@ class PartialFineTuning(Healer):
     default_lr = 5e-5
     supports_distill = True
 
-    def check(self, loaded: LoadedModel, settings: HealSettings) -> None:
-        super().check(loaded, settings)
-        if settings.train_layers > loaded.num_layers:
-            raise UsageError(f"--train-layers {settings.train_layers} exceeds the model's {loaded.num_layers} layers; "
-                             f"choose 1..{loaded.num_layers}")
+    def check_settings(self, settings: HealSettings, num_layers: int | None) -> None:
+        super().check_settings(settings, num_layers)
+        if num_layers is not None and settings.train_layers > num_layers:
+            raise UsageError(f"--train-layers {settings.train_layers} exceeds the model's {num_layers} layers; "
+                             f"choose 1..{num_layers}")
 
     def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealSettings,
             original: LoadedModel | None) -> HealOutcome:

@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from layerprune.errors import UsageError
-from layerprune.models.aliases import MODEL_ALIASES, resolve_alias
+from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir, resolve_alias
 from layerprune.models.architectures import ArchitectureAdapter, adapter_for, check_supported_config
 
 PROVENANCE_FILE = "layerprune.json"
@@ -181,13 +181,12 @@ def load_model(
         _check_local_folder(folder, allow_pickle)
         model, tokenizer = _load_pretrained(str(folder), torch_dtype, trust_remote_code, allow_pickle, check_config,
                                             device_map)
-    elif _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+    elif _is_hub_id(source):
         folder = None
         model, tokenizer = _load_pretrained(source, torch_dtype, trust_remote_code, allow_pickle, check_config,
                                             device_map)
     else:
-        raise UsageError(f"model {source!r} does not exist; pass a checkpoint folder, a .gguf file, a hub id or "
-                         f"one of the aliases {', '.join(MODEL_ALIASES)}")
+        raise _missing_model(source)
     if device_map is None:
         model.to(target_device)
     model.eval()
@@ -201,20 +200,7 @@ def _load_pretrained(
     where: str, dtype: torch.dtype, trust_remote_code: bool, allow_pickle: bool,
     check_config: Callable[[PretrainedConfig], None] | None = None, device_map: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    try:
-        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
-    except (ValueError, StrictDataclassError) as error:
-        if "trust_remote_code" in str(error):
-            raise UsageError(f"{where} needs custom code from its repository to load; pass --trust-remote-code "
-                             "only if you trust that code") from None
-        raise UsageError(f"cannot read the config of {where}: {_first_line(error)}") from None
-    except OSError as error:
-        if Path(where).is_dir():
-            raise UsageError(f"cannot read {Path(where) / 'config.json'} ({_first_line(error)}); fix the file or "
-                             "download the checkpoint again") from None
-        raise UsageError(f"cannot load model {where!r}: not a local folder, and the Hugging Face hub did not "
-                         f"provide it ({_first_line(error)}); check the name or your network") from None
-    check_supported_config(config)
+    config = _read_config(where, trust_remote_code)
     if check_config is not None:
         check_config(config)
     try:
@@ -231,3 +217,53 @@ def _load_pretrained(
         raise UsageError(f"cannot load model {where!r}: {_first_line(error)}; are the weight files intact? "
                          "Download the checkpoint again") from None
     return model, tokenizer
+
+
+def _read_config(where: str, trust_remote_code: bool) -> PretrainedConfig:
+    """The config of a folder or hub id, refused if it is unreadable or not a causal LM's."""
+    try:
+        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except (ValueError, StrictDataclassError) as error:
+        if "trust_remote_code" in str(error):
+            raise UsageError(f"{where} needs custom code from its repository to load; pass --trust-remote-code "
+                             "only if you trust that code") from None
+        raise UsageError(f"cannot read the config of {where}: {_first_line(error)}") from None
+    except OSError as error:
+        if Path(where).is_dir():
+            raise UsageError(f"cannot read {Path(where) / 'config.json'} ({_first_line(error)}); fix the file or "
+                             "download the checkpoint again") from None
+        raise UsageError(f"cannot load model {where!r}: not a local folder, and the Hugging Face hub did not "
+                         f"provide it ({_first_line(error)}); check the name or your network") from None
+    check_supported_config(config)
+    return config
+
+
+def _is_hub_id(source: str) -> bool:
+    return bool(_HUB_ID.match(source)) and not source.startswith((".", "/", "~"))
+
+
+def _missing_model(source: str) -> UsageError:
+    return UsageError(f"model {source!r} does not exist; pass a checkpoint folder, a .gguf file, a hub id or "
+                      f"one of the aliases {', '.join(MODEL_ALIASES)}")
+
+
+def read_local_config(name_or_path: str | Path, *, gguf_file: str | None = None, trust_remote_code: bool = False,
+                      allow_pickle: bool = False) -> PretrainedConfig | None:
+    """The config of a local checkpoint folder (or of an alias already in the cache), refused as
+    :func:`load_model` refuses it but without reading any weights, so a caller such as a recipe can
+    check layer indices before its first stage starts.
+
+    None where the config would cost a download or a GGUF file (a hub id, an alias not yet fetched,
+    a ``.gguf``); a local path that does not exist is refused as :func:`load_model` refuses it.
+    """
+    source = str(name_or_path)
+    alias = MODEL_ALIASES.get(source)
+    folder = alias_checkpoint_dir(alias) if alias is not None else Path(source).expanduser()
+    if gguf_file or folder.suffix == ".gguf" or (alias is not None and not (folder / "config.json").is_file()):
+        return None
+    if not folder.exists():
+        if _is_hub_id(source):
+            return None
+        raise _missing_model(source)
+    _check_local_folder(folder, allow_pickle)
+    return _read_config(str(folder), trust_remote_code)

@@ -13,16 +13,19 @@ names (see :data:`SECTIONS`), so the recipe schema is the API itself:
 The run folder keeps the recipe, the scores (JSON + figure), the final model (``model/``), the
 evaluation (JSON + Markdown + plots) and ``run.json``, which records each finished stage. Every
 stage writes its outputs atomically and is marked done only afterwards, so a killed run resumes
-at the first unfinished stage with ``--resume``.
+at the first unfinished stage with ``--resume``. Before the run folder is created, :func:`preflight`
+refuses every bad value that a stage would otherwise refuse only when it starts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,7 @@ from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel, load_model
 from layerprune.outputs import check_output_path, write_bytes_atomic, write_json_atomic
 from layerprune.recipes.schema import FieldSpec, build_arguments, check_section, fields_of
-from layerprune.recipes.yamlfile import read_yaml
+from layerprune.recipes.yamlfile import KeyPath, read_yaml
 
 STATE_FILE = "run.json"
 
@@ -100,6 +103,7 @@ class Recipe:
     text: str
     model: str
     sections: dict[str, dict[str, Any]]
+    lines: dict[KeyPath, int] = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
@@ -126,7 +130,7 @@ def load_recipe(path: str | Path, model: str | None = None, allowed_paths: list[
         raise UsageError(f"{file} line {lines.get(('select',), '?')}: 'select' needs a 'score' section to choose from")
     if "score" in sections and "calibration" not in sections:
         sections["calibration"] = {"source": "wiki-sample"}
-    return Recipe(file, file.read_text(), str(chosen), sections)
+    return Recipe(file, file.read_text(), str(chosen), sections, lines)
 
 
 @dataclass
@@ -227,10 +231,9 @@ def _stage_heal(ctx: RunContext) -> dict[str, Any]:
     from layerprune.healing.engine import STATE_FILE as HEAL_STATE
 
     loaded = ctx.load(ctx.pruned_dir if ctx.state.done("prune") else ctx.recipe.model)
-    options = dict(ctx.recipe.sections["heal"])
-    options.setdefault("checkpoint_every", max(1, int(options.get("steps", 100)) // 4))
-    checkpoints = ctx.out / "heal-checkpoints"
-    healed = heal(loaded, checkpoint_dir=checkpoints, resume=(checkpoints / HEAL_STATE).exists(), **options)
+    options = _heal_options(ctx.recipe, ctx.out)
+    checkpoints = options["checkpoint_dir"]
+    healed = heal(loaded, resume=(checkpoints / HEAL_STATE).exists(), **options)
     save(healed, ctx.final_dir, recipe=_recipe_record(ctx), overwrite=True)
     shutil.rmtree(checkpoints, ignore_errors=True)
     return {"method": options["method"], "model": str(ctx.final_dir)}
@@ -248,6 +251,14 @@ def _stage_eval(ctx: RunContext) -> dict[str, Any]:
     write_report(report, ctx.out / "eval.json")
     ctx.log(comparison_table(report))
     return {"compared": compare}
+
+
+def _heal_options(recipe: Recipe, out: Path) -> dict[str, Any]:
+    """The heal section as the stage passes it to :func:`layerprune.heal`: checkpoints in the run
+    folder, by default every quarter of the steps, so a killed heal resumes."""
+    options = dict(recipe.sections["heal"])
+    options.setdefault("checkpoint_every", max(1, int(options.get("steps", 100)) // 4))
+    return {**options, "checkpoint_dir": out / "heal-checkpoints"}
 
 
 def _recipe_record(ctx: RunContext) -> dict[str, Any]:
@@ -271,6 +282,84 @@ STAGES = (
 )
 
 
+def _with_defaults(function: Callable[..., Any], options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` completed with ``function``'s defaults: the values its stage will really use."""
+    bound = inspect.signature(function).bind_partial(**options)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+@contextmanager
+def _at(recipe: Recipe, *key_path: str) -> Iterator[None]:
+    """Prefix a refusal with the recipe line of ``key_path``, or of its section when the key is left
+    to its default (no line where the runner added the section itself)."""
+    try:
+        yield
+    except UsageError as error:
+        line = recipe.lines.get(key_path) or recipe.lines.get(key_path[:1])
+        where = f"{recipe.path} line {line}" if line else str(recipe.path)
+        raise UsageError(f"{where}: {error}") from None
+
+
+def preflight(recipe: Recipe, out: Path) -> None:
+    """Refuse every value a stage would refuse when it starts, before the run folder exists or any
+    model is loaded: a missing eval file must not cost a scoring and a healing run first.
+
+    Each check is the one the stage's API function runs itself. The layer count comes from the
+    model's ``config.json``; where reading it would cost a download (a hub id, an alias not yet
+    fetched, a GGUF file) the checks that need it wait for their stage.
+    """
+    from layerprune.data import build_calibration, check_source
+    from layerprune.data.calibration import check_calibration_options
+    from layerprune.evaluation.evaluate import EvalPlan
+    from layerprune.healing import HEALERS
+    from layerprune.healing.heal import heal_settings
+    from layerprune.models.loading import read_local_config
+    from layerprune.scoring import check_score_options, score
+    from layerprune.selection import check_remove, check_strategy, parse_remove, scored_metric, select
+
+    sections = recipe.sections
+    load = _with_defaults(load_model, sections.get("load", {}))
+    config = read_local_config(recipe.model, gguf_file=load["gguf_file"], trust_remote_code=load["trust_remote_code"],
+                               allow_pickle=load["allow_pickle"])
+    layers: int | None = getattr(config, "num_hidden_layers", None)  # after pruning, once select is read
+    if "score" in sections:
+        calibration = _with_defaults(build_calibration, sections["calibration"])
+        with _at(recipe, "calibration", "source"):
+            check_source(calibration["source"], calibration["split"])
+        with _at(recipe, "calibration"):
+            check_calibration_options(calibration["samples"], calibration["seq_len"], calibration["sampling"],
+                                      calibration["max_positions"])
+        options = _with_defaults(score, sections["score"])
+        with _at(recipe, "score"):
+            scored = check_score_options(options["metrics"], options["batch_size"], options["positions"])
+        if "select" in sections:  # load_recipe refuses a select section without a score section
+            options = _with_defaults(select, sections["select"])
+            with _at(recipe, "select", "strategy"):
+                check_strategy(options["strategy"])
+            with _at(recipe, "select", "metric"):
+                scored_metric(options["metric"], scored)
+            with _at(recipe, "select", "remove"):
+                if layers is None:
+                    check_remove(options["remove"])
+                else:
+                    layers -= parse_remove(options["remove"], layers)
+    if "heal" in sections:
+        options = _heal_options(recipe, out)
+        options.pop("original", None)
+        with _at(recipe, "heal", "method"):
+            healer = HEALERS.get(options["method"])()
+        with _at(recipe, "heal", "data"):
+            check_source(options["data"])
+        with _at(recipe, "heal"):
+            healer.check_settings(heal_settings(**options), layers)
+    if "eval" in sections:
+        with _at(recipe, "eval"):
+            plan = EvalPlan.of(**sections["eval"])
+            if plan.classification and layers is not None:
+                plan.classification.check(layers)
+
+
 def run_recipe(path: str | Path, out: str | Path, *, model: str | None = None, resume: bool = False,
                overwrite: bool = False, allowed_paths: list[Path] | None = None,
                log: Callable[[str], None] = print) -> Path:
@@ -279,6 +368,7 @@ def run_recipe(path: str | Path, out: str | Path, *, model: str | None = None, r
     model_folder = Path(recipe.model).expanduser()
     protected = [model_folder] if model_folder.exists() else []
     target = check_output_path(out, overwrite=True, protected=protected)  # existing: _open_run_folder decides
+    preflight(recipe, target)
     state = _open_run_folder(target, recipe, resume=resume, overwrite=overwrite)
     ctx = RunContext(recipe, target, state, log=log)
     for stage in STAGES:

@@ -70,6 +70,16 @@ def needs_data(metrics: Sequence[str]) -> bool:
     return any(METRICS.get(name).needs_data for name in metrics)
 
 
+def check_score_options(metrics: Sequence[str] | str, batch_size: int, positions: str) -> list[str]:
+    """Refuse bad scoring options without a model (a recipe checks them before its first stage);
+    returns the metric names deduplicated."""
+    names = check_metrics(metrics)
+    check_positions(positions)
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    return names
+
+
 def score(
     loaded: LoadedModel,
     calibration: CalibrationLike | torch.Tensor | None = None,
@@ -88,10 +98,7 @@ def score(
     ``last`` (the last real token of each row) for the similarity metrics. ``data`` describes the
     calibration set for the report. The model is not modified.
     """
-    names = check_metrics(metrics)
-    check_positions(positions)
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    names = check_score_options(metrics, batch_size, positions)
     if calibration is None and needs_data(names):
         wanting = [n for n in names if METRICS.get(n).needs_data]
         raise UsageError(f"metrics {', '.join(wanting)} need calibration data; pass --data (e.g. --data wiki-sample)")

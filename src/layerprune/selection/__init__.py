@@ -78,6 +78,15 @@ def check_strategy(strategy: str) -> str:
     return strategy
 
 
+def scored_metric(metric: str | None, scored: list[str]) -> str:
+    """The metric to select by: ``metric``, or the first of ``scored``; refused if it was not scored
+    (a recipe knows ``scored`` from its score section before anything runs)."""
+    name = metric or scored[0]
+    if name not in scored:
+        raise UsageError(f"metric {name!r} was not scored; score it too (scored: {', '.join(scored)})")
+    return name
+
+
 def least_important(importance: list[float], count: int) -> list[int]:
     """Indices of the ``count`` lowest values (ties go to the lower index), sorted."""
     order = sorted(range(len(importance)), key=lambda i: (importance[i], i))
@@ -99,9 +108,7 @@ def select(report: ScoreReport, remove: int | str, strategy: str = "independent"
     in ``report.selection`` so that ``report.to_json()`` carries it.
     """
     check_strategy(strategy)
-    name = metric or next(iter(report.results))
-    if name not in report.results:
-        raise UsageError(f"metric {name!r} was not scored; score it too (scored: {', '.join(report.results)})")
+    name = scored_metric(metric, list(report.results))
     count = parse_remove(remove, report.num_layers)
     result = report.results[name]
     if strategy == "independent":
