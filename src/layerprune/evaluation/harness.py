@@ -154,6 +154,8 @@ def run_tasks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     manager = task_manager(str(include_path) if include_path else None, not only_offline)
+    # HFLM warns that an in-memory model is "not of type str": that is how we mean to use it
+    logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     output = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                              log_samples=True, bootstrap_iters=0, verbosity="ERROR")
