@@ -40,10 +40,12 @@ def task_root(tmp_path_factory):
     return root
 
 
-def test_lm_eval_offline_task_matches_a_hand_computation(task_root) -> None:
+def test_lm_eval_offline_task_matches_a_hand_computation(task_root, tmp_path, monkeypatch, capfd) -> None:
     loaded = tiny_loaded(num_layers=2)
     data = letters_task(12, seed=3)
+    monkeypatch.chdir(tmp_path)  # outside any git repository: lm-eval's `git describe` would complain there
     run = run_tasks(loaded.model, loaded.tokenizer, [TASK], batch_size=4, include_path=task_root)
+    assert "fatal" not in capfd.readouterr().err
     expected = _reference_predictions(loaded, data)
     assert run.predictions[TASK] == expected
     assert run.metrics[TASK]["acc"] == pytest.approx(sum(p == y for p, y in zip(expected, data.labels)) / 12)

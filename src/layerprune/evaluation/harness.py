@@ -15,7 +15,8 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -157,13 +158,29 @@ def run_tasks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks:
     # HFLM warns that an in-memory model is "not of type str": that is how we mean to use it
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    output = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                             log_samples=True, bootstrap_iters=0, verbosity="ERROR")
+    with _without_environment_survey():
+        output = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                 num_fewshot=num_fewshot, log_samples=True, bootstrap_iters=0, verbosity="ERROR")
     if output is None:  # only on non-zero ranks of a distributed run
         return TaskRun({}, {})
     metrics = {task: _numeric(values) for task, values in output["results"].items()}
     predictions = {task: predictions_from_samples(samples) for task, samples in output.get("samples", {}).items()}
     return TaskRun(metrics, predictions)
+
+
+@contextmanager
+def _without_environment_survey() -> Iterator[None]:
+    """Skip what lm-eval adds to every result: a ``git describe`` of the working directory (which
+    prints "fatal: not a git repository" outside one) and torch's environment survey (~8 s of
+    subprocesses per call on a small CPU). We discard both; our results record versions themselves."""
+    import lm_eval.evaluator as evaluator
+
+    saved = evaluator.get_git_commit_hash, evaluator.add_env_info
+    evaluator.get_git_commit_hash, evaluator.add_env_info = (lambda: None), (lambda storage: None)
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash, evaluator.add_env_info = saved
 
 
 def _numeric(values: dict[str, Any]) -> dict[str, float]:
