@@ -32,9 +32,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default="rotten-tomatoes")
     parser.add_argument("--template", default="Review: {text}\nSentiment:")
-    parser.add_argument("--k", default="1,2,4,8,12,16,24,30")
-    parser.add_argument("--train-size", type=int, default=256)
-    parser.add_argument("--test-size", type=int, default=200)
+    parser.add_argument("--k", default="1,2,4,8,16,30")
+    parser.add_argument("--train-size", type=int, default=800)
+    parser.add_argument("--test-size", type=int, default=400)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -50,7 +50,7 @@ def main() -> None:
     folder = cache_dir() / "bench-evaluation"
     stem = f"classification-{args.model}-{args.data}"
     results_file = folder / f"{stem}.json"
-    curve = load_curve(results_file)
+    curve = load_curve(results_file, base)
     loaded = lp.load_model(args.model)
     train, test = load_labelled(args.data, "train"), load_labelled(args.data, "test")
     for k in ks:
@@ -81,9 +81,12 @@ def main() -> None:
         update_doc_section(DOC, "## Evaluation", f"### Classification depth curve ({args.data})", body)
 
 
-def load_curve(path: Path) -> dict | None:
-    """The curve saved by an earlier, possibly interrupted, run."""
-    return json.loads(path.read_text()) if path.exists() else None
+def load_curve(path: Path, settings: dict) -> dict | None:
+    """The curve saved by an earlier, possibly interrupted, run with the same settings (else start afresh)."""
+    if not path.exists():
+        return None
+    curve = json.loads(path.read_text())
+    return curve if all(curve["settings"].get(key) == value for key, value in settings.items()) else None
 
 
 def merge(curve: dict, one: dict) -> dict:
