@@ -17,6 +17,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 import layerprune as lp
 from layerprune.cache import cache_dir
 from layerprune.data import load_labelled
@@ -25,6 +27,7 @@ from layerprune.outputs import write_bytes_atomic, write_json_atomic
 from layerprune.reporting.eval_tables import curve_plot, curve_table, update_doc_section
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+FIGURES = DOC.parent / "figures"
 
 
 def main() -> None:
@@ -56,9 +59,10 @@ def main() -> None:
     for k in ks:
         if curve and str(k) in curve["accuracy"]["head"]:
             continue  # finished in an earlier run
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         one = classification_curve(loaded, train, test, ClassificationSettings(ks=(k,), **base))
         one["wall_seconds"] = {str(k): round(time.perf_counter() - start, 1)}
+        one["cpu_seconds"] = {str(k): round(time.process_time() - cpu_start, 1)}  # not inflated by other jobs
         curve = one if curve is None else merge(curve, one)
         curve["dataset"] = args.data
         write_json_atomic(results_file, curve)
@@ -68,7 +72,7 @@ def main() -> None:
     title = f"{args.model}, {args.data}: accuracy vs first k layers"
     table = curve_table(curve)
     write_bytes_atomic(folder / f"{stem}.md", table.encode())
-    png = write_bytes_atomic(folder / f"{stem}.png", curve_plot(curve, title))
+    png = write_bytes_atomic(FIGURES / f"{stem}.png", curve_plot(curve, title))
     total = sum(curve["wall_seconds"].values())
     print(table + f"\ntotal wall time {total / 60:.1f} min; plot {png}")
     if not args.no_doc:
@@ -76,8 +80,9 @@ def main() -> None:
                 f"{curve['train_examples']} {args.data} training examples for {args.epochs} epoch(s) (AdamW lr "
                 f"{args.lr}, batch {args.batch_size}, prompts cut to {args.max_tokens} tokens, embeddings frozen), "
                 f"accuracy on {curve['test_examples']} test examples (chance/majority {curve['chance']:.3f}). "
-                f"Wall time {total / 60:.1f} min on the shared 2-core CPU. Plot: "
-                f"`$LAYERPRUNE_CACHE/bench-evaluation/{stem}.png`.\n\n{table}")
+                f"Wall time {total / 60:.1f} min{cpu_note(curve)} with {torch.get_num_threads()} torch thread(s) on a "
+                f"2-core CPU shared with other jobs.\n\n"
+                f"![{stem}](figures/{stem}.png)\n\n{table}")
         update_doc_section(DOC, "## Evaluation", f"### Classification depth curve ({args.data})", body)
 
 
@@ -89,12 +94,19 @@ def load_curve(path: Path, settings: dict) -> dict | None:
     return curve if all(curve["settings"].get(key) == value for key, value in settings.items()) else None
 
 
+def cpu_note(curve: dict) -> str:
+    """The CPU time, where every k of the curve recorded it (older runs did not)."""
+    cpu = curve.get("cpu_seconds", {})
+    return f", CPU time {sum(cpu.values()) / 60:.1f} min" if cpu.keys() == curve["wall_seconds"].keys() else ""
+
+
 def merge(curve: dict, one: dict) -> dict:
     """Add one k's accuracies and timings to the curve so far."""
     for key in ("accuracy", "seconds"):
         for kind, by_k in one[key].items():
             curve[key][kind].update(by_k)
     curve["wall_seconds"].update(one["wall_seconds"])
+    curve.setdefault("cpu_seconds", {}).update(one["cpu_seconds"])
     return curve
 
 
