@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import datetime as dt
+import functools
 import json
+import math
 import platform
 import sys
 import time
@@ -237,7 +238,7 @@ def model_tables(name: str) -> str:
             for ratio in RATIOS:
                 cell = cells.get((metric, ratio, heal))
                 row.append("—" if cell is None else
-                           f"{cell['ppl']:.1f} / {_fmt(_mean(cell['accuracy']), '{:.3f}')} / "
+                           f"{cell['ppl']:.4g} / {_fmt(_mean(cell['accuracy']), '{:.3f}')} / "
                            f"{_fmt(_mean(cell.get('stability', {})), '{:.2f}')} / "
                            + (f"{cell['speedup']:.2f}×" if cell.get("timing") == "interleaved" else "n/a")
                            + f" ({cell['ideal_speedup']:.2f}×)"
@@ -283,6 +284,8 @@ def draw_figures() -> list[str]:
             for metric in ("bi", "block-cosine", "angular", "taylor", "magnitude-l2", "ppl"):
                 values = scores["importance"].get(metric)
                 if values:
+                    if metric == "ppl":  # removing layer 0 costs orders of magnitude more than the rest
+                        values, metric = [math.log(v) for v in values], "log ppl"
                     low, high = min(values), max(values)
                     axis.plot([(v - low) / ((high - low) or 1) for v in values], marker=".", label=metric)
             axis.set(xlabel="layer", ylabel="importance (min-max scaled)", title=f"{name}: layer importance")
