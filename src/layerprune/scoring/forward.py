@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -200,3 +200,19 @@ class Head:
         logits = self.logits(chosen, normed=normed)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return torch.nn.functional.cross_entropy(logits, targets.to(logits.device), reduction="sum")
+
+
+class LossSetup(NamedTuple):
+    """What the loss-based metrics (``ppl``, ``taylor``) start from: the calibration rows, their
+    next-token target count (each loss is the mean over them), the decoder layers and the head."""
+
+    calibration: Calibration
+    total: int
+    layers: nn.ModuleList
+    head: Head
+
+
+def loss_setup(loaded: LoadedModel, calibration: Calibration, metric: str) -> LossSetup:
+    """The :class:`LossSetup` of ``loaded`` on ``calibration``; refuses rows with nothing to predict."""
+    return LossSetup(calibration, count_targets(calibration, metric), loaded.adapter.decoder_layers(loaded.model),
+                     Head(loaded))

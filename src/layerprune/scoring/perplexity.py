@@ -17,7 +17,7 @@ import torch
 
 from layerprune.scoring.base import METRICS, Metric, MetricResult, ScoringContext
 from layerprune.scoring.forward import (
-    Head, check_finite, count_targets, lm_batches, replay_layer, run_decoder, watching_layers,
+    check_finite, lm_batches, loss_setup, replay_layer, run_decoder, watching_layers,
 )
 
 LayerCall = tuple[tuple[Any, ...], dict[str, Any]]
@@ -28,10 +28,7 @@ class LayerRemovalPerplexity(Metric):
 
     def compute(self, context: ScoringContext, name: str) -> MetricResult:
         loaded = context.loaded
-        calibration = context.data(name)
-        total = count_targets(calibration, name)
-        layers = loaded.adapter.decoder_layers(loaded.model)
-        head = Head(loaded)
+        calibration, total, layers, head = loss_setup(loaded, context.data(name), name)
         removed_nll = torch.zeros(len(layers), dtype=torch.float64)
         full_nll = 0.0
         for input_ids, attention_mask, where, targets in lm_batches(calibration, context.batch_size, name):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from layerprune.scoring.base import METRICS, Metric, MetricResult, ScoringContext
-from layerprune.scoring.forward import Head, check_finite, count_targets, lm_batches, run_decoder, watching_layers
+from layerprune.scoring.forward import check_finite, lm_batches, loss_setup, run_decoder, watching_layers
 
 
 @contextmanager
@@ -41,11 +41,8 @@ class TaylorImportance(Metric):
 
     def compute(self, context: ScoringContext, name: str) -> MetricResult:
         loaded = context.loaded
-        calibration = context.data(name)
-        total = count_targets(calibration, name)
-        layers = loaded.adapter.decoder_layers(loaded.model)
+        calibration, total, layers, head = loss_setup(loaded, context.data(name), name)
         weights = [list(layer.parameters()) for layer in layers]
-        head = Head(loaded)
         sums = torch.zeros(len(layers), dtype=torch.float64)
         with gradients_for(loaded.model, [p for group in weights for p in group]):
             for input_ids, attention_mask, where, targets in lm_batches(calibration, context.batch_size, name):
