@@ -21,6 +21,7 @@ import datetime as dt
 import functools
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -304,7 +305,7 @@ def write_report(args: argparse.Namespace) -> None:
     header = [
         "# Reproduction study", "",
         f"Written by `python benchmarks/study.py` on {dt.date.today().isoformat()}; machine: "
-        f"{platform.machine()}, {torch.get_num_threads()} threads, Python {platform.python_version()}; versions: "
+        f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs), Python {platform.python_version()}; versions: "
         + ", ".join(f"{k} {v}" for k, v in versions().items()) + ".", "",
         f"Settings: calibration {args.samples} x {args.seq_len} tokens of wiki-sample train; perplexity on the first "
         f"{args.ppl_windows} windows of {args.seq_len} tokens of the held-out wiki-sample test split; zero-shot tasks "
