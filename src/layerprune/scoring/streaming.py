@@ -42,10 +42,10 @@ from layerprune.models.shards import checkpoint_shards, layer_key_prefix, load_c
 from layerprune.scoring.accumulators import SimilarityAccumulator, unit_rows
 from layerprune.scoring.base import METRICS, MetricResult, ScoringContext
 from layerprune.scoring.forward import (
-    Calibration, CalibrationLike, Head, check_finite, check_positions, layer_input, next_token_targets,
+    Calibration, CalibrationLike, Head, check_finite, layer_input, next_token_targets,
     replay_layer, scored_positions,
 )
-from layerprune.scoring.report import ScoreReport, check_metrics
+from layerprune.scoring.report import ScoreReport, check_score_options
 
 SIMILARITY = ("bi", "angular", "block-cosine")
 MAGNITUDE = {"magnitude-l1": 1, "magnitude-l2": 2}
@@ -331,11 +331,8 @@ def stream_score(
     larger batches only buy some speed (~20% on SmolLM2) at the price of activation memory, which is
     what streaming exists to save. ``dtype`` is the compute dtype (float32 on CPU by default, as ``load_model``).
     """
-    names = check_metrics(metrics)
+    names = check_score_options(metrics, batch_size, positions)
     check_streamable(names)
-    check_positions(positions)
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     wanting = [n for n in names if METRICS.get(n).needs_data]
     if wanting and calibration is None:
         raise UsageError(f"metrics {', '.join(wanting)} need calibration data; pass --data (e.g. --data wiki-sample)")
