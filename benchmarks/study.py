@@ -73,20 +73,28 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ppl-windows", type=int, default=16, help="test-split windows scored (16 x 256 tokens)")
     parser.add_argument("--task-limit", type=int, default=100, help="examples per zero-shot task")
     parser.add_argument("--tasks", default=",".join(TASKS), help="offline zero-shot tasks run in every cell")
-    parser.add_argument("--heal-steps", type=int, default=40)
+    parser.add_argument("--heal-steps", type=int, default=20, help="optimizer steps per healed cell")
+    parser.add_argument("--heal-rows", type=int, default=4, help="rows of 128 tokens per healing step")
     parser.add_argument("--report-only", action="store_true", help="only rewrite docs/RESULTS.md from the cache")
     parser.add_argument("--retime", action="store_true",
                         help="re-measure the decode speed of finished cells timed before timing was interleaved")
     return parser.parse_args()
 
 
-SETTINGS = ("samples", "seq_len", "ppl_windows", "task_limit", "heal_steps", "tasks")
+SETTINGS = ("samples", "seq_len", "ppl_windows", "task_limit", "tasks")
 
 
 def study_dir(model: str) -> Path:
-    """Cells live under a folder named by the settings, so runs with other settings never mix."""
+    """Cells live under a folder named by the measurement settings, so runs with other settings never
+    mix. The healing budget is not in the name: unhealed cells do not depend on it, and a healed cell
+    records its budget and is redone when the budget changes (see :func:`heal_budget`)."""
     tag = "-".join(f"{key}{getattr(ARGS, key)}" for key in SETTINGS)
     return cache_dir() / "study" / tag / model
+
+
+def heal_budget(args: argparse.Namespace) -> dict[str, int]:
+    """What a healed cell was trained on; a cell healed on another budget is stale and redone."""
+    return {"steps": args.heal_steps, "rows": args.heal_rows, "seq_len": HEAL_SEQ_LEN}
 
 
 def measure(loaded: lp.LoadedModel, args: argparse.Namespace, reference: dict[str, Any] | None) -> dict[str, Any]:
@@ -127,13 +135,36 @@ class ModelRun:
 
     @functools.cached_property
     def report(self) -> ScoreReport:
-        """Every metric's scores, computed on first need (re-timing old cells needs none)."""
+        """Every metric's scores, computed on first need (re-timing old cells needs none). They are
+        merged into ``scores.json``, so a run over a few metrics keeps the others' profiles."""
         metrics = sorted({METRICS[m][0] for m in self.args.metrics.split(",") if m})
         calibration = build_calibration(self.original.tokenizer, "wiki-sample", samples=self.args.samples,
                                         seq_len=self.args.seq_len)
         report = score(self.original, calibration, metrics, batch_size=8)
-        write_json_atomic(self.folder / "scores.json", report.to_json())
+        scores_file, document = self.folder / "scores.json", report.to_json()
+        if scores_file.exists():
+            kept = json.loads(scores_file.read_text())
+            for key in ("metrics", "importance", "meaning", "details"):
+                document[key] = {**kept.get(key, {}), **document.get(key, {})}
+        write_json_atomic(scores_file, document)
         return report
+
+    def complete_profiles(self) -> None:
+        """Score every requested metric unless ``scores.json`` holds them all already: the importance
+        figure draws them, even when every cell was finished by an earlier run."""
+        scores_file = self.folder / "scores.json"
+        wanted = {METRICS[m][0] for m in self.args.metrics.split(",") if m}
+        if not scores_file.exists() or wanted - set(json.loads(scores_file.read_text())["importance"]):
+            _ = self.report
+
+    def removed_layers(self, metric: str, ratio: str) -> list[int]:
+        """The layers ``metric`` removes at ``ratio``: a healed cell heals the unhealed cell's model,
+        so it reads that cell's layers instead of scoring the model again."""
+        unhealed = self.folder / f"{metric}_{ratio.rstrip('%')}_none.json"
+        if unhealed.exists():
+            return json.loads(unhealed.read_text())["removed"]
+        scoring_metric, strategy = METRICS[metric]
+        return select(self.report, ratio, strategy, scoring_metric, attach=False).remove
 
     def pruned_copy(self, remove: list[int], reason: str) -> lp.LoadedModel:
         original = self.original
@@ -156,28 +187,40 @@ class ModelRun:
             write_json_atomic(path, {**cell, **timed[key]})
             print(f"{self.name} {path.stem}: decode speed-up {timed[key]['speedup']:.2f}x", flush=True)
 
+    def speed(self, metric: str, ratio: str, heal: str, pruned: lp.LoadedModel) -> dict[str, Any]:
+        """Decode speed-up of ``pruned``. Partial-ft and LoRA (merged) keep the architecture of the
+        unhealed cell, so they reuse its timing; a replacement adds a layer, so it is timed."""
+        unhealed = self.folder / f"{metric}_{ratio.rstrip('%')}_none.json"
+        if heal != "replace-layer" and unhealed.exists():
+            timed = json.loads(unhealed.read_text())
+            if timed.get("timing") == "interleaved":
+                return {key: timed[key] for key in ("speedup", "ideal_speedup", "timing")}
+        return decode_speed(self.original, pruned)
+
     def run_cell(self, metric: str, ratio: str, heal: str, args: argparse.Namespace) -> None:
-        scoring_metric, strategy = METRICS[metric]
-        if heal == "replace-layer" and strategy != "consecutive":
+        if heal == "replace-layer" and METRICS[metric][1] != "consecutive":
             return
         cell_file = self.folder / f"{metric}_{ratio.rstrip('%')}_{heal}.json"
-        if cell_file.exists():
+        budget = heal_budget(args) if heal != "none" else None
+        if cell_file.exists() and json.loads(cell_file.read_text()).get("heal_budget") == budget:
             return
-        remove = select(self.report, ratio, strategy, scoring_metric, attach=False).remove
-        twin = next((c for c in _cells(self.name).values() if c["heal"] == heal and c["removed"] == remove), None)
+        remove = self.removed_layers(metric, ratio)
+        twin = next((c for c in _cells(self.name).values()
+                     if c["heal"] == heal and c["removed"] == remove and c.get("heal_budget") == budget), None)
         if twin is not None:  # another metric chose the very same layers: the same model, measured once
             cell = {**twin, "metric": metric, "ratio": ratio, "same_as": twin.get("same_as") or twin["metric"]}
             write_json_atomic(cell_file, cell)
             return
         start = time.perf_counter()
         original = self.original
-        pruned = self.pruned_copy(remove, f"{metric} {strategy} {ratio}")
+        pruned = self.pruned_copy(remove, f"{metric} {METRICS[metric][1]} {ratio}")
         if heal != "none":
             torch.manual_seed(0)
             pruned = lp.heal(pruned, heal, "wiki-sample", original=original, steps=args.heal_steps,
-                             batch_size=8, seq_len=HEAL_SEQ_LEN)
-        cell = measure(pruned, args, self.base) | decode_speed(original, pruned)
-        cell.update(metric=metric, ratio=ratio, heal=heal, seconds=round(time.perf_counter() - start, 1))
+                             batch_size=args.heal_rows, seq_len=HEAL_SEQ_LEN)
+        cell = measure(pruned, args, self.base) | self.speed(metric, ratio, heal, pruned)
+        cell.update(metric=metric, ratio=ratio, heal=heal, heal_budget=budget,
+                    seconds=round(time.perf_counter() - start, 1))
         write_json_atomic(cell_file, cell)
         print(f"{self.name} {metric} {ratio} {heal}: ppl {cell['ppl']:.1f} ({cell['seconds']} s)", flush=True)
         write_report(args)
@@ -197,6 +240,9 @@ def run_study(args: argparse.Namespace) -> None:
                 for ratio in pass_ratios:
                     for metric in (m for m in args.metrics.split(",") if m):
                         runs[name].run_cell(metric, ratio, heal, args)
+        if heal == "none":
+            for run in runs.values():
+                run.complete_profiles()
 
 
 def _cells(name: str) -> dict[tuple[str, str, str], dict[str, Any]]:
@@ -310,7 +356,8 @@ def write_report(args: argparse.Namespace) -> None:
         f"Settings: calibration {args.samples} x {args.seq_len} tokens of wiki-sample train; perplexity on the first "
         f"{args.ppl_windows} windows of {args.seq_len} tokens of the held-out wiki-sample test split; zero-shot tasks "
         f"{args.tasks} (first {args.task_limit} examples each, through lm-eval); healing {args.heal_steps} steps "
-        f"x 8 rows x {HEAL_SEQ_LEN} tokens of wiki-sample train. Cells finished: {done}.", "",
+        f"x {args.heal_rows} rows x {HEAL_SEQ_LEN} tokens of wiki-sample train (the toolkit's default learning "
+        f"rates). Cells finished: {done}.", "",
         "Decode speed-ups: the pruned and the unpruned model decode in turns (64-token prompt, 32 new tokens, median "
         "of 3 after a warm-up) on a shared 2-core CPU, so load changes hit both alike; n/a marks cells timed before "
         "timing was interleaved (`--retime` re-measures them). Cells not run yet are marked —; the study is "
