@@ -117,7 +117,7 @@ def decode_speed(original: lp.LoadedModel, pruned: lp.LoadedModel) -> dict[str, 
     a shared machine's changing load hits both alike (timings from separate moments are noise here)."""
     with torch.no_grad():
         figures = measure_efficiency({"original": original.model, "pruned": pruned.model}, SPEED_WORKLOAD,
-                                     memory=False)["pruned"]
+                                     disk=False, memory=False)["pruned"]
     return {"speedup": figures["decode_speedup"], "ideal_speedup": figures["decode_ideal_speedup"],
             "timing": "interleaved"}
 

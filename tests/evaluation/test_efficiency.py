@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
+from layerprune.evaluation import efficiency
 from layerprune.evaluation.efficiency import Workload, flops_per_token, measure_efficiency
 from layerprune.models.tiny import tiny_model
 
@@ -42,4 +43,15 @@ def test_report_has_every_figure_and_speedups_relative_to_the_first_model() -> N
     assert three["decode_ideal_speedup"] == pytest.approx(six["decode_flops_per_token"] / three["decode_flops_per_token"])
     assert 1.0 < three["decode_ideal_speedup"] < 2.0  # the LM head and embeddings do not shrink
     assert three["decode_tokens_per_s"] > 0 and three["prefill_tokens_per_s"] > 0
+
+
+def test_speed_only_measurement_saves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse_saving(*_: object, **__: object) -> None:
+        raise AssertionError("a speed-only measurement saved a model")
+
+    monkeypatch.setattr(efficiency, "size_on_disk", refuse_saving)
+    results = measure_efficiency({"six": tiny_model("llama", 6), "three": tiny_model("llama", 3)}, WORKLOAD,
+                                 disk=False, memory=False)
+    assert "disk_bytes" not in results["three"] and "peak_memory_bytes" not in results["three"]
+    assert results["three"]["decode_speedup"] > 0
 

@@ -121,11 +121,13 @@ def peak_memory_bytes(model: PreTrainedModel, checkpoint: Path, workload: Worklo
 
 
 def measure_efficiency(models: dict[str, PreTrainedModel], workload: Workload = Workload(), *,
-                       memory: bool = True) -> dict[str, dict[str, Any]]:
+                       disk: bool = True, memory: bool = True) -> dict[str, dict[str, Any]]:
     """Efficiency figures of each model, the first being the reference for the speed-ups.
 
-    Returns per model: parameters, disk_bytes, prefill/decode tokens/s (medians), FLOPs per
-    token, peak_memory_bytes, and for the others measured and FLOP-ideal speed-ups.
+    Returns per model: parameters, disk_bytes (with ``disk``), prefill/decode tokens/s (medians),
+    FLOPs per token, peak_memory_bytes (with ``memory``), and for the others measured and
+    FLOP-ideal speed-ups. Both footprints save the model to a scratch folder, which for a
+    speed-only caller (a study timing dozens of models) is seconds of writing per model for nothing.
     """
     workload.check()
     if not models:
@@ -133,16 +135,19 @@ def measure_efficiency(models: dict[str, PreTrainedModel], workload: Workload = 
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="layerprune-eff-") as scratch:
         for index, (name, model) in enumerate(models.items()):
-            folder = Path(scratch) / f"model-{index}"
             prefill_flops, decode_flops = flops_per_token(model, workload)
             results[name] = {
                 "parameters": sum(p.numel() for p in model.parameters()),
-                "disk_bytes": size_on_disk(model, folder),
                 "prefill_flops_per_token": prefill_flops,
                 "decode_flops_per_token": decode_flops,
             }
-            if memory:
-                results[name]["peak_memory_bytes"] = peak_memory_bytes(model, folder, workload)
+            if disk or memory:
+                folder = Path(scratch) / f"model-{index}"
+                disk_bytes = size_on_disk(model, folder)
+                if disk:
+                    results[name]["disk_bytes"] = disk_bytes
+                if memory:
+                    results[name]["peak_memory_bytes"] = peak_memory_bytes(model, folder, workload)
     timings = {name: ([], []) for name in models}
     for round_index in range(workload.warmup + workload.repeats):
         for name, model in models.items():  # interleaved: drifts in machine load hit every model alike
