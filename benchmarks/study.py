@@ -309,18 +309,25 @@ def draw_figures() -> list[str]:
         cells = _cells(name)
         if not cells:
             continue
-        figure, axis = plt.subplots(figsize=(7, 4.5))
-        for metric in METRICS:
-            points = [(int(r.rstrip("%")), cells[(metric, r, "none")]["ppl"]) for r in RATIOS
-                      if (metric, r, "none") in cells]
-            if points:
-                axis.plot(*zip(*points), marker="o", label=metric)
-        axis.set(xlabel="layers removed (%)", ylabel="held-out perplexity (log)", yscale="log",
-                 title=f"{name}: perplexity vs removal ratio, no healing")
-        axis.legend(fontsize=7, ncol=2)
+        figure, axes = plt.subplots(2, len(HEALS), figsize=(4.2 * len(HEALS), 7), sharex=True,
+                                 sharey="row", squeeze=False)
+        for column, heal in enumerate(HEALS):
+            for metric in METRICS:
+                done = [(int(r.rstrip("%")), cells[(metric, r, heal)]) for r in RATIOS if (metric, r, heal) in cells]
+                if done:
+                    ratios = [ratio for ratio, _ in done]
+                    axes[0][column].plot(ratios, [cell["ppl"] for _, cell in done], marker="o", label=metric)
+                    axes[1][column].plot(ratios, [_mean(cell["accuracy"]) for _, cell in done], marker="o",
+                                         label=metric)
+            axes[0][column].set(title=f"healing: {heal}", yscale="log", ylabel="held-out perplexity (log)")
+            axes[1][column].set(xlabel="layers removed (%)", ylabel="zero-shot accuracy (mean)")
+            axes[1][column].axhline(_mean(json.loads((study_dir(name) / "unpruned.json").read_text())["accuracy"]),
+                                    color="grey", linestyle=":", label="unpruned")
+        axes[0][0].legend(fontsize=7, ncol=2)
+        figure.suptitle(f"{name}: perplexity and accuracy vs removal ratio, by healing method")
         figure.tight_layout()
-        path = FIGURES / f"study-{name}-ppl-vs-ratio.png"
-        figure.savefig(path, dpi=110)
+        path = FIGURES / f"study-{name}-ratio-curves.png"
+        figure.savefig(path, dpi=100)
         plt.close(figure)
         written.append(path.name)
     profiles = [(name, json.loads((study_dir(name) / "scores.json").read_text())) for name in MODELS
