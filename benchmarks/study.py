@@ -231,15 +231,16 @@ def run_study(args: argparse.Namespace) -> None:
     ones at 25% (the papers' headline ratio), then the other ratios; so a study cut short leaves
     the most useful part finished."""
     runs: dict[str, ModelRun] = {}
-    ratios = args.ratios.split(",")
-    ordered = sorted(ratios, key=lambda r: r != "25%")
-    for heal in args.heals.split(","):
-        for pass_ratios in ([ratios] if heal == "none" else [[r] for r in ordered]):
-            for name in args.models.split(","):
-                runs.setdefault(name, ModelRun(name, args))
-                for ratio in pass_ratios:
-                    for metric in (m for m in args.metrics.split(",") if m):
-                        runs[name].run_cell(metric, ratio, heal, args)
+    heals, ratios = args.heals.split(","), args.ratios.split(",")
+    passes = [("none", ratios)] if "none" in heals else []
+    passes += [(heal, [ratio]) for ratio in sorted(ratios, key=lambda r: r != "25%") for heal in heals
+               if heal != "none"]
+    for heal, pass_ratios in passes:
+        for name in args.models.split(","):
+            runs.setdefault(name, ModelRun(name, args))
+            for ratio in pass_ratios:
+                for metric in (m for m in args.metrics.split(",") if m):
+                    runs[name].run_cell(metric, ratio, heal, args)
         if heal == "none":
             for run in runs.values():
                 run.complete_profiles()
