@@ -7,6 +7,7 @@ from pathlib import Path
 from contextlib import contextmanager
 
 from torch import nn
+from transformers import PreTrainedTokenizerFast
 
 
 @contextmanager
@@ -39,3 +40,16 @@ def write_corpus(path: Path, documents: int = 200) -> Path:
     """A small plain-text corpus (blank-line separated notes) for calibration, healing and evaluation."""
     path.write_text("\n\n".join(f"Note {i}: the value {i * 7} follows {i}." for i in range(documents)))
     return path
+
+
+def bos_tokenizer(starts: int = 1) -> PreTrainedTokenizerFast:
+    """The tiny models' byte tokenizer, made to start every text with ``starts`` times ``<s>``
+    (id 257), the way Gemma's and Llama's tokenizers start it with one ``<bos>``."""
+    from tokenizers import processors
+
+    from layerprune.models.tiny import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> " * starts + "$A", special_tokens=[("<s>", 257)])
+    return tokenizer

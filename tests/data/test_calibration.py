@@ -9,9 +9,10 @@ import torch
 from transformers import AutoTokenizer
 
 import layerprune.data.calibration as calibration
-from layerprune.data import build_calibration, load_texts, token_stream
+from layerprune.data import build_calibration, load_texts, text_prefix, token_stream
 from layerprune.errors import UsageError
 from layerprune.models.tiny import byte_tokenizer
+from tests.helpers import bos_tokenizer
 
 TOKENIZER = byte_tokenizer()
 
@@ -70,6 +71,26 @@ def test_document_windows_are_seeded_truncated_and_masked(corpus) -> None:
     assert min(lengths) < 12 == max(lengths)  # short documents padded, long ones truncated
     with pytest.raises(UsageError, match="holds 30 documents, fewer than --samples 31"):
         build_calibration(TOKENIZER, corpus, samples=31, seq_len=12, sampling="documents")
+
+
+def test_windows_start_with_the_tokens_the_tokenizer_puts_before_text(corpus) -> None:
+    """Gemma-like tokenizers start every text with <bos>: so does every window, then seq_len - 1
+    text tokens at the same seeded offsets (the stream itself has no special tokens)."""
+    tokenizer = bos_tokenizer()
+    assert text_prefix(TOKENIZER) == [] and text_prefix(tokenizer) == [257]
+    stream = token_stream(tokenizer, corpus)
+    assert torch.equal(stream, token_stream(TOKENIZER, corpus))
+    windows = build_calibration(tokenizer, corpus, samples=4, seq_len=10, seed=7)
+    starts = torch.randint(0, stream.numel() - 9 + 1, (4,), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(windows.input_ids[:, 0], torch.full((4,), 257))
+    assert torch.equal(windows.input_ids[:, 1:], torch.stack([stream[s:s + 9] for s in starts.tolist()]))
+    assert windows.info["prefix"] == [257] and windows.tokens == 40
+    contiguous = build_calibration(tokenizer, corpus, samples=3, seq_len=10, sampling="contiguous")
+    assert torch.equal(contiguous.input_ids[:, 1:].reshape(-1), stream[:27])
+    documents = build_calibration(tokenizer, corpus, samples=30, seq_len=12, sampling="documents")
+    assert (documents.input_ids[:, 0] == 257).all() and documents.attention_mask.sum(dim=1).max() == 12
+    with pytest.raises(UsageError, match="leaves no room for text after the tokenizer's 2 start token"):
+        build_calibration(bos_tokenizer(starts=2), corpus, samples=1, seq_len=2)
 
 
 @pytest.mark.parametrize(

@@ -6,11 +6,16 @@ as one stream, cut into consecutive windows of ``seq_len`` tokens without overla
 but the first of each window is predicted from the tokens before it *in its window*. The result is
 the mean negative log-likelihood over all predicted tokens, its exponential, and the token count
 (so that two runs can be checked to have scored the same text).
+
+A tokenizer that starts every text with special tokens (Gemma's and Llama's ``<bos>``) gets them
+at the start of every window, as lm-eval's rolling windows do; the window then holds that many
+fewer text tokens, and every text token in it is predicted.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -70,24 +75,31 @@ def check_seq_len(seq_len: int) -> None:
         raise UsageError(f"--seq-len {seq_len} is too short: a window needs at least 2 tokens; use e.g. --seq-len 512")
 
 
-def windows(token_ids: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
-    """Consecutive non-overlapping windows; a trailing remainder of >= 2 tokens is a window too."""
+def windows(token_ids: torch.Tensor, seq_len: int, prefix: Sequence[int] = ()) -> list[torch.Tensor]:
+    """Consecutive non-overlapping windows of ``seq_len`` tokens, each starting with ``prefix``; a
+    trailing remainder is a window too if it holds a token to predict."""
     check_seq_len(seq_len)
     if token_ids.dim() != 1:
         raise UsageError(f"perplexity needs one 1-D token stream, got shape {tuple(token_ids.shape)}")
-    pieces = list(torch.split(token_ids, seq_len))
-    return [piece for piece in pieces if piece.numel() >= 2]
+    if len(prefix) >= seq_len:
+        raise UsageError(f"--seq-len {seq_len} leaves no room for text after the tokenizer's {len(prefix)} "
+                         f"start token(s); use --seq-len {len(prefix) + 1} or more")
+    start = torch.tensor(list(prefix), dtype=token_ids.dtype)
+    pieces = torch.split(token_ids, seq_len - len(prefix))
+    return [torch.cat([start, piece]) for piece in pieces if piece.numel() + len(prefix) >= 2]
 
 
 @torch.no_grad()
 def perplexity(model: PreTrainedModel, token_ids: torch.Tensor, seq_len: int, *, batch_size: int = 4,
-               max_windows: int | None = None) -> PerplexityResult:
-    """Score ``token_ids`` (the whole split as one stream) by the non-overlapping-window protocol.
+               max_windows: int | None = None, prefix: Sequence[int] = ()) -> PerplexityResult:
+    """Score ``token_ids`` (the whole split as one stream) by the non-overlapping-window protocol,
+    every window starting with ``prefix`` (see the module docstring).
 
     ``max_windows`` limits the text scored (the first windows), for quick looks; the token count
     in the result says how much was scored.
     """
-    chunks = windows(token_ids, seq_len)[:max_windows]
+    chunks = windows(token_ids, seq_len, prefix)[:max_windows]
+    first = max(len(prefix), 1)  # the first position whose token is predicted (a prefix is never a target)
     if not chunks:
         raise UsageError(f"the data has fewer than 2 tokens; perplexity needs text to score")
     device = next(model.parameters()).device
@@ -100,8 +112,8 @@ def perplexity(model: PreTrainedModel, token_ids: torch.Tensor, seq_len: int, *,
     for same_length in groups.values():
         for start in range(0, len(same_length), batch_size):
             batch = torch.stack(same_length[start:start + batch_size]).to(device)
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-            targets = batch[:, 1:]
+            logits = model(input_ids=batch, use_cache=False).logits[:, first - 1:-1].float()
+            targets = batch[:, first:]
             total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                          reduction="sum").item()
             total_tokens += targets.numel()
@@ -116,4 +128,5 @@ def dataset_perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
 
     spec = resolve_ppl_source(name)
     stream = data.token_stream(tokenizer, spec.source, split=spec.split, text_field=spec.text_field)
-    return perplexity(model, stream, seq_len, batch_size=batch_size, max_windows=max_windows)
+    return perplexity(model, stream, seq_len, batch_size=batch_size, max_windows=max_windows,
+                      prefix=data.text_prefix(tokenizer))
