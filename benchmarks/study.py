@@ -334,8 +334,9 @@ def draw_figures() -> list[str]:
     profiles = [(name, json.loads((study_dir(name) / "scores.json").read_text())) for name in MODELS
                 if (study_dir(name) / "scores.json").exists()]
     if profiles:
-        figure, axes = plt.subplots(1, len(profiles), figsize=(6 * len(profiles), 4), squeeze=False)
-        for axis, (name, scores) in zip(axes[0], profiles):
+        figure, axes = plt.subplots(2, len(profiles), figsize=(6 * len(profiles), 8), squeeze=False)
+        for column, (name, scores) in enumerate(profiles):
+            axis = axes[0][column]
             for metric in ("bi", "block-cosine", "angular", "taylor", "magnitude-l2", "ppl"):
                 values = scores["importance"].get(metric)
                 if values:
@@ -345,6 +346,15 @@ def draw_figures() -> list[str]:
                     axis.plot([(v - low) / ((high - low) or 1) for v in values], marker=".", label=metric)
             axis.set(xlabel="layer", ylabel="importance (min-max scaled)", title=f"{name}: layer importance")
             axis.legend(fontsize=7)
+            # What selection uses is the order: each metric's rank of every layer (0 = removed first).
+            ranked = [m for m in dict.fromkeys(METRICS[k][0] for k in METRICS) if m in scores["importance"]]
+            ranks = [sorted(range(len(values)), key=values.__getitem__) for values in
+                     (scores["importance"][m] for m in ranked)]
+            grid = [[order.index(layer) for layer in range(len(order))] for order in ranks]
+            image = axes[1][column].imshow(grid, aspect="auto", cmap="viridis")
+            axes[1][column].set(yticks=range(len(ranked)), yticklabels=ranked, xlabel="layer",
+                                title=f"{name}: importance rank (0 = removed first)")
+            figure.colorbar(image, ax=axes[1][column], fraction=0.04)
         figure.tight_layout()
         path = FIGURES / "study-importance-profiles.png"
         figure.savefig(path, dpi=110)
