@@ -157,14 +157,28 @@ class ModelRun:
         if not scores_file.exists() or wanted - set(json.loads(scores_file.read_text())["importance"]):
             _ = self.report
 
+    @functools.cached_property
+    def selections(self) -> dict[str, list[int]]:
+        """The layers of every requested (metric, ratio), chosen once after scoring and kept in
+        ``selections.json``: a run restarted before its cells are done does not score again."""
+        chosen_file = self.folder / "selections.json"
+        chosen = json.loads(chosen_file.read_text()) if chosen_file.exists() else {}
+        wanted = [(m, r) for m in self.args.metrics.split(",") if m for r in self.args.ratios.split(",")]
+        if any(f"{m} {r}" not in chosen for m, r in wanted):
+            for metric, ratio in wanted:
+                scoring_metric, strategy = METRICS[metric]
+                chosen.setdefault(f"{metric} {ratio}",
+                                  select(self.report, ratio, strategy, scoring_metric, attach=False).remove)
+            write_json_atomic(chosen_file, chosen)
+        return chosen
+
     def removed_layers(self, metric: str, ratio: str) -> list[int]:
         """The layers ``metric`` removes at ``ratio``: a healed cell heals the unhealed cell's model,
-        so it reads that cell's layers instead of scoring the model again."""
+        so it reads that cell's layers instead of choosing them again."""
         unhealed = self.folder / f"{metric}_{ratio.rstrip('%')}_none.json"
         if unhealed.exists():
             return json.loads(unhealed.read_text())["removed"]
-        scoring_metric, strategy = METRICS[metric]
-        return select(self.report, ratio, strategy, scoring_metric, attach=False).remove
+        return self.selections[f"{metric} {ratio}"]
 
     def pruned_copy(self, remove: list[int], reason: str) -> lp.LoadedModel:
         original = self.original
@@ -227,14 +241,14 @@ class ModelRun:
 
 
 def run_study(args: argparse.Namespace) -> None:
-    """Cheapest and most telling cells first: every unhealed cell of every model, then the healed
-    ones at 25% (the papers' headline ratio), then the other ratios; so a study cut short leaves
-    the most useful part finished."""
+    """Cheapest and most telling cells first: every unhealed cell of every model (25%, the papers'
+    headline ratio, first), then the healed ones at 25%, then the other ratios; so a study cut
+    short leaves the most useful part finished."""
     runs: dict[str, ModelRun] = {}
     heals, ratios = args.heals.split(","), args.ratios.split(",")
-    passes = [("none", ratios)] if "none" in heals else []
-    passes += [(heal, [ratio]) for ratio in sorted(ratios, key=lambda r: r != "25%") for heal in heals
-               if heal != "none"]
+    ordered = sorted(ratios, key=lambda r: r != "25%")
+    passes = [("none", ordered)] if "none" in heals else []
+    passes += [(heal, [ratio]) for ratio in ordered for heal in heals if heal != "none"]
     for heal, pass_ratios in passes:
         for name in args.models.split(","):
             runs.setdefault(name, ModelRun(name, args))
