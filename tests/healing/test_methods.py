@@ -94,6 +94,20 @@ def _block_mse(layer: torch.nn.Module, original: LoadedModel, data) -> float:
 
 
 @pytest.mark.usefixtures("pair_cache")
+def test_replacement_leaves_the_callers_original_untouched() -> None:
+    """The result is cut from the original's weights: from a copy, so the caller's original model
+    can serve the next pruned model (a study replaces block after block from one original)."""
+    original, pruned = pruned_pair()
+    before = _snapshot(original.model)
+    healed = heal(pruned, "replace-layer", training_rows(), original=original, steps=3, batch_size=4)
+    assert original.num_layers == NUM_LAYERS and "healing" not in original.lineage
+    assert original.model is not healed.model and not _changed(before, _snapshot(original.model))
+    assert set(before) == set(_snapshot(original.model))
+    _, again = pruned_pair()
+    assert heal(again, "replace-layer", training_rows(), original=original, steps=3, batch_size=4).num_layers == 5
+
+
+@pytest.mark.usefixtures("pair_cache")
 @pytest.mark.parametrize("kind", ["ffn", "layer"])
 def test_replacement_trains_one_layer_and_keeps_the_rest(kind: str) -> None:
     original, pruned = pruned_pair()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +80,16 @@ def heal_settings(method: str, data: str | Path | TrainingSet, *, block: tuple[i
 
 def resolve_original(loaded: LoadedModel, original: str | Path | LoadedModel | None,
                      settings: HealSettings) -> LoadedModel:
-    """The unpruned model: given, or the lineage's ``source_model``, loaded like ``loaded``."""
+    """The unpruned model: given, or the lineage's ``source_model``, loaded like ``loaded``.
+
+    A replacement cuts its result out of the original; a caller's original is copied first, so
+    it stays whole for its next use (another pruned model, the reference of an evaluation).
+    """
     if isinstance(original, LoadedModel):
-        return original
+        if not HEALERS.get(settings.method).rebuilds_from_original:
+            return original
+        return LoadedModel(copy.deepcopy(original.model), original.tokenizer, original.source, original.adapter,
+                           original.local_dir, copy.deepcopy(original.lineage))
     pruned = bool(loaded.lineage.get("removed_layers"))
     if original is None and not pruned:
         if HEALERS.get(settings.method).rebuilds_from_original:
