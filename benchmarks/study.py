@@ -220,7 +220,8 @@ class ModelRun:
             return
         remove = self.removed_layers(metric, ratio)
         twin = next((c for c in _cells(self.name).values()
-                     if c["heal"] == heal and c["removed"] == remove and c.get("heal_budget") == budget), None)
+                     if c["heal"] == heal and c.get("selected", c["removed"]) == remove
+                     and c.get("heal_budget") == budget), None)
         if twin is not None:  # another metric chose the very same layers: the same model, measured once
             cell = {**twin, "metric": metric, "ratio": ratio, "same_as": twin.get("same_as") or twin["metric"]}
             write_json_atomic(cell_file, cell)
@@ -233,7 +234,8 @@ class ModelRun:
             pruned = lp.heal(pruned, heal, "wiki-sample", original=original, steps=args.heal_steps,
                              batch_size=args.heal_rows, seq_len=HEAL_SEQ_LEN)
         cell = measure(pruned, args, self.base) | self.speed(metric, ratio, heal, pruned)
-        cell.update(metric=metric, ratio=ratio, heal=heal, heal_budget=budget,
+        # "selected": the layers chosen; a replacement's lineage lists one fewer as removed
+        cell.update(metric=metric, ratio=ratio, heal=heal, heal_budget=budget, selected=remove,
                     seconds=round(time.perf_counter() - start, 1))
         write_json_atomic(cell_file, cell)
         print(f"{self.name} {metric} {ratio} {heal}: ppl {cell['ppl']:.1f} ({cell['seconds']} s)", flush=True)
