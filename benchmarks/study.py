@@ -13,9 +13,10 @@ through lm-eval (accuracy, and stability = agreement with the unpruned model's a
 FLOP-ideal and measured decode speed-ups against the unpruned model.
 
 Cost on a 2-core x86 CPU (2026-11): SmolLM2 ~40 s per unhealed cell, ~55 s partial-ft, ~100-200 s
-LoRA, ~90 s replacement; Gemma-3-270M ~85 s unhealed, and its healing ~2-4x SmolLM2's (its 262k-word
-LM head is trained or back-propagated through at every step). The whole grid is ~6-7 hours there,
-in as many parts as wanted; the healed cells of Gemma-3 are most of it.
+LoRA, ~90 s replacement; Gemma-3-270M ~85 s per unhealed cell, and its healing steps cost 3-5x
+SmolLM2's (the LM head of its 262k-token vocabulary is trained or back-propagated through at every
+step). The whole grid is ~6-7 hours there, in as many parts as wanted; Gemma-3's healed cells are
+most of it.
 """
 
 from __future__ import annotations
