@@ -10,7 +10,7 @@ without it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,14 @@ def token_stream(tokenizer: PreTrainedTokenizerBase, source: str | Path, split: 
     return stream
 
 
+def text_per_window(seq_len: int, prefix: Sequence[int]) -> int:
+    """Text tokens in a window of ``seq_len`` that starts with ``prefix``; refuses a window with none."""
+    if len(prefix) >= seq_len:
+        raise UsageError(f"--seq-len {seq_len} leaves no room for text after the tokenizer's {len(prefix)} "
+                         f"start token(s); use --seq-len {len(prefix) + 1} or more")
+    return seq_len - len(prefix)
+
+
 def check_calibration_options(samples: int, seq_len: int, sampling: str, max_positions: int | None) -> None:
     """Refuse impossible window settings before any text is read or tokenized."""
     if sampling not in SAMPLINGS:
@@ -122,10 +130,7 @@ def build_calibration(tokenizer: PreTrainedTokenizerBase, source: str | Path, *,
     info = {"source": str(source), "split": split, "samples": samples, "seq_len": seq_len, "seed": seed,
             "sampling": sampling, **({"text_field": text_field} if text_field else {}),
             **({"prefix": prefix} if prefix else {})}
-    body = seq_len - len(prefix)  # text tokens per window
-    if body < 1:
-        raise UsageError(f"--seq-len {seq_len} leaves no room for text after the tokenizer's {len(prefix)} "
-                         f"start token(s); use --seq-len {len(prefix) + 1} or more")
+    body = text_per_window(seq_len, prefix)
     if sampling == "documents":
         return _document_windows(tokenizer, source, split, text_field, samples, seq_len, prefix, info)
     stream = token_stream(tokenizer, source, split, text_field)

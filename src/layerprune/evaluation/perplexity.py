@@ -81,11 +81,10 @@ def windows(token_ids: torch.Tensor, seq_len: int, prefix: Sequence[int] = ()) -
     check_seq_len(seq_len)
     if token_ids.dim() != 1:
         raise UsageError(f"perplexity needs one 1-D token stream, got shape {tuple(token_ids.shape)}")
-    if len(prefix) >= seq_len:
-        raise UsageError(f"--seq-len {seq_len} leaves no room for text after the tokenizer's {len(prefix)} "
-                         f"start token(s); use --seq-len {len(prefix) + 1} or more")
+    from layerprune.data.calibration import text_per_window
+
     start = torch.tensor(list(prefix), dtype=token_ids.dtype)
-    pieces = torch.split(token_ids, seq_len - len(prefix))
+    pieces = torch.split(token_ids, text_per_window(seq_len, prefix))
     return [torch.cat([start, piece]) for piece in pieces if piece.numel() + len(prefix) >= 2]
 
 
