@@ -11,7 +11,6 @@ The results JSON goes to ``$LAYERPRUNE_CACHE/bench-evaluation/efficiency.json``.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import platform
 import time
@@ -42,7 +41,7 @@ def main() -> None:
     layers = original.num_layers
     models = {f"{layers} layers (original)": original.model}
     for remove in args.remove:
-        pruned = copy.deepcopy(original)
+        pruned = original.copy()
         # the second-to-last layers: which ones does not change the cost, and the last layer stays
         lp.prune(pruned, range(layers - 1 - remove, layers - 1))
         models[f"{layers - remove} layers"] = pruned.model

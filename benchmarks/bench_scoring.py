@@ -34,7 +34,6 @@ import layerprune as lp
 from layerprune.models.surgery import remove_layers
 from layerprune.outputs import write_bytes_atomic, write_json_atomic
 from layerprune.scoring import SimilarityAccumulator, score
-from layerprune.selection import structural_copy
 
 MODEL = "smollm2-135m"
 DATA = "wiki-sample"
@@ -69,7 +68,7 @@ def pruned_copies(loaded: lp.LoadedModel) -> list[lp.LoadedModel]:
     """The L models with one layer removed (weights shared), built before any timing starts."""
     copies = []
     for layer in range(loaded.num_layers):
-        pruned = structural_copy(loaded)
+        pruned = loaded.copy(share_weights=True)
         remove_layers(pruned.model, [layer], pruned.adapter)
         copies.append(pruned)
     return copies

@@ -22,7 +22,6 @@ most of it.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as dt
 import functools
 import json
@@ -187,9 +186,7 @@ class ModelRun:
         return self.selections[f"{metric} {ratio}"]
 
     def pruned_copy(self, remove: list[int], reason: str) -> lp.LoadedModel:
-        original = self.original
-        pruned = lp.LoadedModel(copy.deepcopy(original.model), original.tokenizer, original.source,
-                                original.adapter, None, copy.deepcopy(original.lineage))
+        pruned = self.original.copy()
         lp.prune(pruned, remove, reason=reason)
         return pruned
 

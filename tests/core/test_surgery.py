@@ -113,6 +113,20 @@ def test_pruning_a_pruned_model_records_original_indices(tmp_path) -> None:
     assert record["source_model"] == "tiny"
 
 
+@pytest.mark.parametrize("share_weights", [False, True])
+def test_a_pruned_copy_leaves_the_model_whole(share_weights: bool) -> None:
+    loaded = LoadedModel(tiny_model("llama", NUM_LAYERS), byte_tokenizer(), "tiny", None)  # type: ignore[arg-type]
+    loaded.adapter = adapter_for(loaded.model)
+    before = loaded.model(_input_ids()).logits
+    pruned = loaded.copy(share_weights=share_weights)
+    lp.prune(pruned, [1, 2])
+    assert (loaded.num_layers, pruned.num_layers) == (NUM_LAYERS, NUM_LAYERS - 2)
+    assert "removed_layers" not in loaded.lineage and pruned.lineage["removed_layers"] == [1, 2]
+    torch.testing.assert_close(loaded.model(_input_ids()).logits, before, rtol=0, atol=0)
+    shared = pruned.model.lm_head.weight.data_ptr() == loaded.model.lm_head.weight.data_ptr()
+    assert shared == share_weights
+
+
 def test_replace_block_installs_one_layer_and_cuts_config() -> None:
     model = tiny_model("gemma3", NUM_LAYERS)
     layers = adapter_for(model).decoder_layers(model)

@@ -9,7 +9,6 @@ import torch
 
 import layerprune as lp
 from layerprune.data import build_calibration
-from layerprune.selection import structural_copy
 from tests.scoring.references import all_layer_states, masked_nll_sum, per_pair_means
 
 pytestmark = pytest.mark.real
@@ -43,7 +42,7 @@ def test_smollm2_ppl_predicts_the_pruned_models_perplexity(smollm2: lp.LoadedMod
     calibration = build_calibration(smollm2.tokenizer, "wiki-sample", samples=1, seq_len=32, seed=1)
     ppl = lp.score(smollm2, calibration, ["ppl"]).results["ppl"]
     victim = min(range(30), key=ppl.importance.__getitem__)
-    pruned = structural_copy(smollm2)
+    pruned = smollm2.copy(share_weights=True)
     lp.prune(pruned, [victim])
     targets = int(calibration.attention_mask[:, 1:].sum())
     assert ppl.values[victim] == pytest.approx(math.exp(masked_nll_sum(pruned.model, calibration) / targets), rel=1e-4)

@@ -7,7 +7,7 @@ import pytest
 from layerprune.errors import UsageError
 from layerprune.models.surgery import remove_layers
 from layerprune.scoring import MetricResult, score
-from layerprune.selection import least_important, least_important_run, parse_remove, select, structural_copy
+from layerprune.selection import least_important, least_important_run, parse_remove, select
 from tests.scoring.references import loaded_tiny, rows_with_padding
 
 
@@ -58,7 +58,7 @@ def test_iterative_equals_removing_and_rescoring_by_hand(metric: str) -> None:
     calibration = rows_with_padding()
     report = score(loaded, calibration, [metric])
     selection = select(report, 3, "iterative")
-    working, remaining, expected = structural_copy(loaded), list(range(loaded.num_layers)), []
+    working, remaining, expected = loaded.copy(share_weights=True), list(range(loaded.num_layers)), []
     for _ in range(3):
         importance = score(working, calibration, [metric]).results[metric].importance
         victim = min(range(len(importance)), key=importance.__getitem__)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +87,7 @@ def resolve_original(loaded: LoadedModel, original: str | Path | LoadedModel | N
     if isinstance(original, LoadedModel):
         if not HEALERS.get(settings.method).rebuilds_from_original:
             return original
-        return LoadedModel(copy.deepcopy(original.model), original.tokenizer, original.source, original.adapter,
-                           original.local_dir, copy.deepcopy(original.lineage))
+        return original.copy()
     pruned = bool(loaded.lineage.get("removed_layers"))
     if original is None and not pruned:
         if HEALERS.get(settings.method).rebuilds_from_original:

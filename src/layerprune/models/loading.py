@@ -7,6 +7,7 @@ unpickles weights unless they pass ``allow_pickle=True``. Every failure a user c
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import struct
@@ -51,6 +52,18 @@ class LoadedModel:
     def original_layer_ids(self) -> list[int]:
         """For each current layer, its index in the original (unpruned) model."""
         return list(self.lineage.get("kept_layers", range(self.num_layers)))
+
+    def copy(self, share_weights: bool = False) -> LoadedModel:
+        """An independent copy to cut or train, so this model stays whole for its next use.
+
+        The tokenizer and adapter, which pruning never changes, are always shared. With
+        ``share_weights`` only the module tree is copied and the weight tensors are shared: a
+        view that can be cut and evaluated (iterative re-scoring) at no second copy of the weights,
+        but must not be trained.
+        """
+        memo = {id(parameter): parameter for parameter in self.model.parameters()} if share_weights else None
+        return LoadedModel(copy.deepcopy(self.model, memo=memo), self.tokenizer, self.source, self.adapter,
+                           self.local_dir, copy.deepcopy(self.lineage))
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -14,14 +14,12 @@ Indices are those of the model as scored (what :func:`layerprune.prune` takes).
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from layerprune.errors import UsageError
-from layerprune.models.loading import LoadedModel
 from layerprune.models.surgery import remove_layers
 from layerprune.scoring.base import MetricResult
 from layerprune.scoring.report import ScoreReport, score
@@ -122,18 +120,10 @@ def select(report: ScoreReport, remove: int | str, strategy: str = "independent"
     return selection
 
 
-def structural_copy(loaded: LoadedModel) -> LoadedModel:
-    """A copy whose module tree can be cut without touching ``loaded``, sharing the weight tensors
-    (so re-scoring a shrinking model costs no second copy of the weights)."""
-    shared = {id(p): p for p in loaded.model.parameters()}
-    return LoadedModel(copy.deepcopy(loaded.model, memo=shared), loaded.tokenizer, loaded.source, loaded.adapter,
-                       loaded.local_dir, copy.deepcopy(loaded.lineage))
-
-
 def _iterative(report: ScoreReport, metric: str, count: int) -> Selection:
     """Remove the least important layer, re-score the rest, repeat; step 0 reuses ``report``."""
     context = report.context
-    working = structural_copy(context.loaded)
+    working = context.loaded.copy(share_weights=True)
     remaining = list(range(report.num_layers))
     result = report.results[metric]
     steps: list[dict[str, Any]] = []
