@@ -74,13 +74,11 @@ class LoRA(Healer):
 
 
 @HEALERS.register("qlora")
-class QLoRA(Healer):
-    default_lr = 2e-4
-    supports_distill = True
+class QLoRA(LoRA):
+    """LoRA's adapters, learning rate and objective, trained over a 4-bit copy of the base weights."""
 
     def check_settings(self, settings: HealSettings, num_layers: int | None) -> None:
         super().check_settings(settings, num_layers)
-        _require_peft()
         if not torch.cuda.is_available():
             raise UsageError("qlora needs a CUDA GPU (bitsandbytes 4-bit kernels) and none is available; "
                              "use --method lora on this machine")
