@@ -12,11 +12,11 @@ Measured per cell: perplexity on the held-out wiki-sample test split, the offlin
 through lm-eval (accuracy, and stability = agreement with the unpruned model's answers), and the
 FLOP-ideal and measured decode speed-ups against the unpruned model.
 
-Cost on a 2-core x86 CPU (2026-11): SmolLM2 ~40 s per unhealed cell, ~55 s partial-ft, ~100-200 s
-LoRA, ~90 s replacement; Gemma-3-270M ~85 s per unhealed cell, and its healing steps cost 3-5x
-SmolLM2's (the LM head of its 262k-token vocabulary is trained or back-propagated through at every
-step). The whole grid is ~6-7 hours there, in as many parts as wanted; Gemma-3's healed cells are
-most of it.
+Cost per cell on an idle 2-core x86 CPU (2026-11): SmolLM2 ~40 s unhealed, ~55 s partial-ft,
+~100-130 s LoRA, ~90 s replacement; Gemma-3-270M ~60-75 s unhealed, ~170-200 s partial-ft, ~140 s
+LoRA, ~90 s replacement (its LM head of 262k tokens is trained, or back-propagated through, at every
+step). Cells that choose the same layers as another metric are measured once. The whole grid is
+~6-7 hours there, in as many parts as wanted; Gemma-3's healed cells are half of it.
 """
 
 from __future__ import annotations
@@ -263,6 +263,7 @@ def run_study(args: argparse.Namespace) -> None:
         if heal == "none":
             for run in runs.values():
                 run.complete_profiles()
+    write_report(args)  # the last cells may have been twins, which do not rewrite the report themselves
 
 
 def _cells(name: str) -> dict[tuple[str, str, str], dict[str, Any]]:
