@@ -5,8 +5,8 @@
 
 Each cell (model, metric, ratio, healing) is computed once and cached as JSON under
 ``$LAYERPRUNE_CACHE/study/``; a re-run skips finished cells, so the study can run in parts. After
-every cell ``docs/RESULTS.md`` is rewritten from all cached cells, with the cells not yet run marked
-as such, and the plots are redrawn.
+every cell ``docs/RESULTS.md`` (or ``--results``) is rewritten from all cached cells, with the cells
+not yet run marked as such, and the plots are redrawn in the ``figures/`` folder beside it.
 
 Measured per cell: perplexity on the held-out wiki-sample test split, the offline zero-shot tasks
 through lm-eval (accuracy, and stability = agreement with the unpruned model's answers), and the
@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -48,8 +49,7 @@ from layerprune.scoring import ScoreReport, score
 from layerprune.selection import select
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "docs" / "RESULTS.md"
-FIGURES = ROOT / "docs" / "figures"
+CLAIMS = ROOT / "docs" / "claims.md"
 MODELS = ("smollm2-135m", "gemma3-270m")
 # metric name in the tables -> (scoring metric, selection strategy)
 METRICS = {
@@ -80,9 +80,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tasks", default=",".join(TASKS), help="offline zero-shot tasks run in every cell")
     parser.add_argument("--heal-steps", type=int, default=20, help="optimizer steps per healed cell")
     parser.add_argument("--heal-rows", type=int, default=4, help="rows of 128 tokens per healing step")
-    parser.add_argument("--report-only", action="store_true", help="only rewrite docs/RESULTS.md from the cache")
-    parser.add_argument("--retime", action="store_true",
-                        help="re-measure the decode speed of finished cells timed before timing was interleaved")
+    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "RESULTS.md",
+                        help="the report to write; its figures go to the figures/ folder beside it")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the report from the cache")
     return parser.parse_args()
 
 
@@ -92,9 +92,21 @@ SETTINGS = ("samples", "seq_len", "ppl_windows", "task_limit", "tasks")
 def study_dir(model: str) -> Path:
     """Cells live under a folder named by the measurement settings, so runs with other settings never
     mix. The healing budget is not in the name: unhealed cells do not depend on it, and a healed cell
-    records its budget and is redone when the budget changes (see :func:`heal_budget`)."""
+    records its budget and is redone when the budget changes (see :func:`heal_budget`). A model given
+    as a path or hub id gets a folder named after it, inside the cache, never the path itself."""
     tag = "-".join(f"{key}{getattr(ARGS, key)}" for key in SETTINGS)
-    return cache_dir() / "study" / tag / model
+    return cache_dir() / "study" / tag / file_stem(model)
+
+
+def file_stem(model: str) -> str:
+    """``model`` as one safe file name: an alias stays as it is, ``org/name`` becomes ``org_name``."""
+    return re.sub(r"[^\w.-]+", "_", model).strip("_")
+
+
+def reported_models(args: argparse.Namespace) -> list[str]:
+    """The two study models always (a run over one of them keeps the other's tables), then any other
+    model the run was given."""
+    return list(dict.fromkeys([*MODELS, *(m for m in args.models.split(",") if m)]))
 
 
 def heal_budget(args: argparse.Namespace) -> dict[str, int]:
@@ -123,8 +135,7 @@ def decode_speed(original: lp.LoadedModel, pruned: lp.LoadedModel) -> dict[str, 
     with torch.no_grad():
         figures = measure_efficiency({"original": original.model, "pruned": pruned.model}, SPEED_WORKLOAD,
                                      disk=False, memory=False)["pruned"]
-    return {"speedup": figures["decode_speedup"], "ideal_speedup": figures["decode_ideal_speedup"],
-            "timing": "interleaved"}
+    return {"speedup": figures["decode_speedup"], "ideal_speedup": figures["decode_ideal_speedup"]}
 
 
 class ModelRun:
@@ -185,33 +196,13 @@ class ModelRun:
             return json.loads(unhealed.read_text())["removed"]
         return self.selections[f"{metric} {ratio}"]
 
-    def pruned_copy(self, remove: list[int], reason: str) -> lp.LoadedModel:
-        pruned = self.original.copy()
-        lp.prune(pruned, remove, reason=reason)
-        return pruned
-
-    def retime(self) -> None:
-        """Re-measure the decode speed of finished cells timed before it was interleaved. Healing
-        keeps the architecture, so one timing serves every cell with the same removed layers."""
-        timed: dict[tuple[int, ...], dict[str, Any]] = {}
-        for path in sorted(self.folder.glob("*_*_*.json")):
-            cell = json.loads(path.read_text())
-            if cell.get("timing") == "interleaved" or cell["heal"] == "replace-layer":
-                continue
-            key = tuple(cell["removed"])
-            if key not in timed:
-                timed[key] = decode_speed(self.original, self.pruned_copy(list(key), "re-timing"))
-            write_json_atomic(path, {**cell, **timed[key]})
-            print(f"{self.name} {path.stem}: decode speed-up {timed[key]['speedup']:.2f}x", flush=True)
-
     def speed(self, metric: str, ratio: str, heal: str, pruned: lp.LoadedModel) -> dict[str, Any]:
         """Decode speed-up of ``pruned``. Partial-ft and LoRA (merged) keep the architecture of the
         unhealed cell, so they reuse its timing; a replacement adds a layer, so it is timed."""
         unhealed = self.folder / f"{metric}_{ratio.rstrip('%')}_none.json"
         if heal != "replace-layer" and unhealed.exists():
             timed = json.loads(unhealed.read_text())
-            if timed.get("timing") == "interleaved":
-                return {key: timed[key] for key in ("speedup", "ideal_speedup", "timing")}
+            return {key: timed[key] for key in ("speedup", "ideal_speedup")}
         return decode_speed(self.original, pruned)
 
     def run_cell(self, metric: str, ratio: str, heal: str, args: argparse.Namespace) -> None:
@@ -222,6 +213,8 @@ class ModelRun:
         if cell_file.exists() and json.loads(cell_file.read_text()).get("heal_budget") == budget:
             return
         remove = self.removed_layers(metric, ratio)
+        if heal == "replace-layer" and len(remove) < 2:  # one layer in place of one is no replacement
+            return
         twin = next((c for c in _cells(self.name).values()
                      if c["heal"] == heal and c.get("selected", c["removed"]) == remove
                      and c.get("heal_budget") == budget), None)
@@ -230,11 +223,11 @@ class ModelRun:
             write_json_atomic(cell_file, cell)
             return
         start = time.perf_counter()
-        original = self.original
-        pruned = self.pruned_copy(remove, f"{metric} {METRICS[metric][1]} {ratio}")
+        pruned = self.original.copy()
+        lp.prune(pruned, remove, reason=f"{metric} {METRICS[metric][1]} {ratio}")
         if heal != "none":
             torch.manual_seed(0)
-            pruned = lp.heal(pruned, heal, "wiki-sample", original=original, steps=args.heal_steps,
+            pruned = lp.heal(pruned, heal, "wiki-sample", original=self.original, steps=args.heal_steps,
                              batch_size=args.heal_rows, seq_len=HEAL_SEQ_LEN)
         cell = measure(pruned, args, self.base) | self.speed(metric, ratio, heal, pruned)
         # "selected": the layers chosen; a replacement's lineage lists one fewer as removed
@@ -298,7 +291,7 @@ def model_tables(name: str) -> str:
         rows = [(m, r) for m in METRICS for r in RATIOS if (m, r, heal) in cells]
         lines += [f"#### Healing: {heal}", "",
                   "Each cell: held-out PPL / mean zero-shot accuracy / mean stability / decode speed-up "
-                  "(measured, FLOP-ideal); \"= m\": the same layers as metric m chose, measured once. — = not run yet" + (" (replacement needs a consecutive selection)"
+                  "(measured, FLOP-ideal); \"= m\": the same layers as metric m chose, measured once. — = not run yet" + (" (replacement needs a consecutive selection of 2 or more layers)"
                                                               if heal == "replace-layer" else "") + ".", "",
                   "| metric | " + " | ".join(RATIOS) + " |", "|---|" + "---|" * len(RATIOS)]
         for metric in METRICS:
@@ -308,8 +301,7 @@ def model_tables(name: str) -> str:
                 row.append("—" if cell is None else
                            f"{cell['ppl']:.4g} / {_fmt(_mean(cell['accuracy']), '{:.3f}')} / "
                            f"{_fmt(_mean(cell.get('stability', {})), '{:.2f}')} / "
-                           + (f"{cell['speedup']:.2f}×" if cell.get("timing") == "interleaved" else "n/a")
-                           + f" ({cell['ideal_speedup']:.2f}×)"
+                           + f"{cell['speedup']:.2f}× ({cell['ideal_speedup']:.2f}×)"
                            + (f" = {cell['same_as']}" if cell.get("same_as") else ""))
             lines.append(f"| {metric} | " + " | ".join(row) + " |")
         lines.append("")
@@ -318,15 +310,17 @@ def model_tables(name: str) -> str:
     return "\n".join(lines)
 
 
-def draw_figures() -> list[str]:
+def draw_figures(folder: Path, names: list[str]) -> list[str]:
+    """Draw the ratio curves of every model in ``names`` and their importance profiles into
+    ``folder``; returns the file names written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    FIGURES.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in MODELS:
+    for name in names:
         cells = _cells(name)
         if not cells:
             continue
@@ -347,11 +341,11 @@ def draw_figures() -> list[str]:
         axes[0][0].legend(fontsize=7, ncol=2)
         figure.suptitle(f"{name}: perplexity and accuracy vs removal ratio, by healing method")
         figure.tight_layout()
-        path = FIGURES / f"study-{name}-ratio-curves.png"
+        path = folder / f"study-{file_stem(name)}-ratio-curves.png"
         figure.savefig(path, dpi=100)
         plt.close(figure)
         written.append(path.name)
-    profiles = [(name, json.loads((study_dir(name) / "scores.json").read_text())) for name in MODELS
+    profiles = [(name, json.loads((study_dir(name) / "scores.json").read_text())) for name in names
                 if (study_dir(name) / "scores.json").exists()]
     if profiles:
         figure, axes = plt.subplots(2, len(profiles), figsize=(6 * len(profiles), 8), squeeze=False)
@@ -376,7 +370,7 @@ def draw_figures() -> list[str]:
                                 title=f"{name}: importance rank (0 = removed first)")
             figure.colorbar(image, ax=axes[1][column], fraction=0.04)
         figure.tight_layout()
-        path = FIGURES / "study-importance-profiles.png"
+        path = folder / "study-importance-profiles.png"
         figure.savefig(path, dpi=110)
         plt.close(figure)
         written.append(path.name)
@@ -384,8 +378,9 @@ def draw_figures() -> list[str]:
 
 
 def write_report(args: argparse.Namespace) -> None:
-    figures = draw_figures()
-    done = sum(len(_cells(name)) for name in MODELS)
+    names = reported_models(args)
+    figures = draw_figures(args.results.parent / "figures", names)
+    done = sum(len(_cells(name)) for name in names)
     header = [
         "# Reproduction study", "",
         f"Written by `python benchmarks/study.py` on {dt.date.today().isoformat()}; machine: "
@@ -397,17 +392,15 @@ def write_report(args: argparse.Namespace) -> None:
         f"x {args.heal_rows} rows x {HEAL_SEQ_LEN} tokens of wiki-sample train (the toolkit's default learning "
         f"rates). Cells finished: {done}.", "",
         "Decode speed-ups: the pruned and the unpruned model decode in turns (64-token prompt, 32 new tokens, median "
-        "of 3 after a warm-up) on a shared 2-core CPU, so load changes hit both alike; n/a marks cells timed before "
-        "timing was interleaved (`--retime` re-measures them). Cells not run yet are marked —; the study is "
-        "resumable and fills them on the next run.", "",
+        "of 3 after a warm-up) on a shared 2-core CPU, so load changes hit both alike. Cells not run yet are "
+        "marked —; the study is resumable and fills them on the next run.", "",
     ]
-    body = [model_tables(name) for name in MODELS]
+    body = [model_tables(name) for name in names]
     pictures = [f"![{name}](figures/{name})" for name in figures]
-    claims = (ROOT / "docs" / "claims.md")
     text = "\n".join(header + ["## Tables", ""] + body + ["## Figures", ""] + pictures + [""])
-    if claims.exists():
-        text += "\n" + claims.read_text()
-    write_bytes_atomic(RESULTS, text.encode())
+    if CLAIMS.exists():
+        text += "\n" + CLAIMS.read_text()
+    write_bytes_atomic(args.results, text.encode())
 
 
 ARGS = argparse.Namespace()
@@ -416,14 +409,10 @@ ARGS = argparse.Namespace()
 def main() -> int:
     args = parse_args()
     ARGS.__dict__.update(vars(args))
-    if args.retime:
-        for name in args.models.split(","):
-            if (study_dir(name) / "unpruned.json").exists():
-                ModelRun(name, args).retime()
-    elif not args.report_only:
+    if not args.report_only:
         run_study(args)
     write_report(args)
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.results}")
     return 0
 
 
