@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -44,8 +45,12 @@ def test_lm_eval_offline_task_matches_a_hand_computation(task_root, tmp_path, mo
     loaded = tiny_loaded(num_layers=2)
     data = letters_task(12, seed=3)
     monkeypatch.chdir(tmp_path)  # outside any git repository: lm-eval's `git describe` would complain there
+    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(flag, raising=False)
     run = run_tasks(loaded.model, loaded.tokenizer, [TASK], batch_size=4, include_path=task_root)
     assert "fatal" not in capfd.readouterr().err
+    # offline only while it ran: a hub download later in this process is not switched offline
+    assert "HF_HUB_OFFLINE" not in os.environ and "HF_DATASETS_OFFLINE" not in os.environ
     expected = _reference_predictions(loaded, data)
     assert run.predictions[TASK] == expected
     assert run.metrics[TASK]["acc"] == pytest.approx(sum(p == y for p, y in zip(expected, data.labels)) / 12)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -140,8 +139,10 @@ def run_tasks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks:
               include_path: Path | None = None) -> TaskRun:
     """Score the in-memory ``model`` on ``tasks`` with lm-eval; offline tasks are prepared first.
 
-    Offline-only runs switch the Hugging Face libraries to offline mode and skip lm-eval's
-    built-in task index, so nothing is fetched and nothing waits on a network.
+    Offline-only runs skip lm-eval's built-in task index and read their data from local JSONL, so
+    nothing is fetched and nothing waits on a network. They leave ``HF_HUB_OFFLINE`` alone: the
+    Hugging Face libraries read it once, at import, so setting it here would only mislead later
+    code in the process (a hub download would believe the user asked for offline mode).
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -151,9 +152,6 @@ def run_tasks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks:
     if offline and include_path is None:
         include_path = prepare_offline_tasks(offline)
     only_offline = len(offline) == len(tasks)
-    if only_offline:
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     manager = task_manager(str(include_path) if include_path else None, not only_offline)
     # HFLM warns that an in-memory model is "not of type str": that is how we mean to use it
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
