@@ -12,11 +12,12 @@ Measured per cell: perplexity on the held-out wiki-sample test split, the offlin
 through lm-eval (accuracy, and stability = agreement with the unpruned model's answers), and the
 FLOP-ideal and measured decode speed-ups against the unpruned model.
 
-Cost per cell on an idle 2-core x86 CPU (2026-11): SmolLM2 ~40 s unhealed, ~55 s partial-ft,
-~55-130 s LoRA, ~45-90 s replacement; Gemma-3-270M ~60-75 s unhealed, ~170-390 s partial-ft, ~140 s
-LoRA, ~90 s replacement (its LM head of 262k tokens is trained, or back-propagated through, at every
-step). Cells that choose the same layers as another metric are measured once. The whole grid is
-~6-7 hours there, in as many parts as wanted; Gemma-3's healed cells are half of it.
+Cost per cell on a 2-core x86 CPU (2026-11): SmolLM2 ~40 s unhealed, ~55 s partial-ft, ~55-130 s
+LoRA, ~45-90 s replacement; Gemma-3-270M ~60-140 s unhealed, ~170-400 s partial-ft, ~140-320 s
+LoRA, ~90-170 s replacement (its LM head of 262k tokens is trained, or back-propagated through, at
+every step). Cells that choose the same layers as another metric are measured once. The whole grid
+is ~9 hours of cell time there (SmolLM2 2.5 h; Gemma-3 ~6.5 h, 4 h of it healing), so it runs in
+parts: each run continues where the last one stopped.
 """
 
 from __future__ import annotations
