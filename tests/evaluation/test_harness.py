@@ -49,7 +49,7 @@ def test_lm_eval_offline_task_matches_a_hand_computation(task_root, tmp_path, mo
         monkeypatch.delenv(flag, raising=False)
     run = run_tasks(loaded.model, loaded.tokenizer, [TASK], batch_size=4, include_path=task_root)
     assert "fatal" not in capfd.readouterr().err
-    # offline only while it ran: a hub download later in this process is not switched offline
+    # the run leaves the hub settings as the user set them: a later hub download here is not forced offline
     assert "HF_HUB_OFFLINE" not in os.environ and "HF_DATASETS_OFFLINE" not in os.environ
     expected = _reference_predictions(loaded, data)
     assert run.predictions[TASK] == expected
