@@ -270,6 +270,24 @@ def _cells(name: str) -> dict[tuple[str, str, str], dict[str, Any]]:
     return cells
 
 
+def _cell_text(cells: dict[tuple[str, str, str], dict[str, Any]], metric: str, ratio: str, heal: str) -> str:
+    """One table cell: its measurements, "—" while it has not run, "n/a" where its healing does not apply."""
+    cell = cells.get((metric, ratio, heal))
+    if cell is None:
+        return "n/a" if heal == "replace-layer" and not _replaceable(cells, metric, ratio) else "—"
+    return (f"{cell['ppl']:.4g} / {_fmt(_mean(cell['accuracy']), '{:.3f}')} / "
+            f"{_fmt(_mean(cell.get('stability', {})), '{:.2f}')} / "
+            f"{cell['speedup']:.2f}× ({cell['ideal_speedup']:.2f}×)"
+            + (f" = {cell['same_as']}" if cell.get("same_as") else ""))
+
+
+def _replaceable(cells: dict[tuple[str, str, str], dict[str, Any]], metric: str, ratio: str) -> bool:
+    """Whether replacement applies to ``metric`` at ``ratio``: its selection must be one consecutive
+    run of 2 or more layers (read from the unhealed cell; unknown before that cell has run)."""
+    unhealed = cells.get((metric, ratio, "none"))
+    return METRICS[metric][1] == "consecutive" and (unhealed is None or len(unhealed["removed"]) >= 2)
+
+
 def _mean(values: dict[str, float]) -> float | None:
     numbers = [v for v in values.values() if v is not None]
     return sum(numbers) / len(numbers) if numbers else None
@@ -293,18 +311,12 @@ def model_tables(name: str) -> str:
         rows = [(m, r) for m in METRICS for r in RATIOS if (m, r, heal) in cells]
         lines += [f"#### Healing: {heal}", "",
                   "Each cell: held-out PPL / mean zero-shot accuracy / mean stability / decode speed-up "
-                  "(measured, FLOP-ideal); \"= m\": the same layers as metric m chose, measured once. — = not run yet" + (" (replacement needs a consecutive selection of 2 or more layers)"
-                                                              if heal == "replace-layer" else "") + ".", "",
+                  "(measured, FLOP-ideal); \"= m\": the same layers as metric m chose, measured once. — = not run yet"
+                  + ("; n/a = does not apply: replacement needs a consecutive selection of 2 or more layers"
+                     if heal == "replace-layer" else "") + ".", "",
                   "| metric | " + " | ".join(RATIOS) + " |", "|---|" + "---|" * len(RATIOS)]
         for metric in METRICS:
-            row = []
-            for ratio in RATIOS:
-                cell = cells.get((metric, ratio, heal))
-                row.append("—" if cell is None else
-                           f"{cell['ppl']:.4g} / {_fmt(_mean(cell['accuracy']), '{:.3f}')} / "
-                           f"{_fmt(_mean(cell.get('stability', {})), '{:.2f}')} / "
-                           + f"{cell['speedup']:.2f}× ({cell['ideal_speedup']:.2f}×)"
-                           + (f" = {cell['same_as']}" if cell.get("same_as") else ""))
+            row = [_cell_text(cells, metric, ratio, heal) for ratio in RATIOS]
             lines.append(f"| {metric} | " + " | ".join(row) + " |")
         lines.append("")
         if not rows:

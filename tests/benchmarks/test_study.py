@@ -71,6 +71,12 @@ def test_study_fills_the_grid_measures_twins_once_and_resumes(study, tmp_path, m
     assert "Cells finished: 14." in text
     lora_row = text.split("#### Healing: lora")[1].split("\n| bi |")[1].split("\n")[0]
     assert lora_row.count("—") == 2 and lora_row.count("×") == 4  # 37% and 50% not run; 12% and 25% filled
+    replaced_table = text.split("#### Healing: replace-layer")[1]
+    bi_row, angular_row = (replaced_table.split(f"\n| {m} |")[1].split("\n")[0] for m in ("bi", "angular"))
+    assert bi_row.count("n/a") == 4  # BI's layers are not one consecutive block at any ratio
+    # angular: 12% is a single layer (does not apply), 25% is filled, 37% and 50% were not asked for
+    angular_cells = [part.strip() for part in angular_row.split("|")[:4]]
+    assert angular_cells[0] == "n/a" and "×" in angular_cells[1] and angular_cells[2:] == ["—", "—"]
     assert (results.parent / "figures" / f"study-{study.file_stem(str(model))}-ratio-curves.png").stat().st_size
 
     # A new healing budget redoes the healed cells it names, and nothing else.
