@@ -16,9 +16,9 @@ Cost per cell on a 2-core x86 CPU (2026-11): SmolLM2 ~40 s unhealed, ~55 s parti
 LoRA, ~45-90 s replacement; Gemma-3-270M ~60-140 s unhealed, ~170-400 s partial-ft, ~140-320 s
 LoRA, ~90-170 s replacement (its LM head of 262k tokens is trained, or back-propagated through, at
 every step). Cells that choose the same layers as another metric are measured once. The whole grid
-is ~9 hours of cell time there, so it runs in parts: each run continues where the last one stopped.
-SmolLM2 took 2.5 h. Gemma-3 is ~6.3 h, ~5.3 h of it healing: 5.0 h measured over its first 84
-distinct cells, and the last cells estimated at the rate of the ones like them.
+took 8.6 hours of cell time there (some of it beside other jobs), so it runs in parts: each run
+continues where the last one stopped. SmolLM2: 2.5 h over 110 distinct cells. Gemma-3: 6.2 h over
+100 distinct cells, 5.2 h of it healing.
 """
 
 from __future__ import annotations
