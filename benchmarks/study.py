@@ -91,6 +91,12 @@ def parse_args() -> argparse.Namespace:
 SETTINGS = ("samples", "seq_len", "ppl_windows", "task_limit", "tasks")
 
 
+def replacement_applies(metric: str, removed: list[int] | None = None) -> bool:
+    """Whether replacement can heal ``metric``'s cut: it must be one consecutive run of 2 or more
+    layers (one layer in place of one is no replacement). ``removed`` unknown: judged by strategy."""
+    return METRICS[metric][1] == "consecutive" and (removed is None or len(removed) >= 2)
+
+
 def study_dir(model: str) -> Path:
     """Cells live under a folder named by the measurement settings, so runs with other settings never
     mix. The healing budget is not in the name: unhealed cells do not depend on it, and a healed cell
@@ -208,14 +214,14 @@ class ModelRun:
         return decode_speed(self.original, pruned)
 
     def run_cell(self, metric: str, ratio: str, heal: str, args: argparse.Namespace) -> None:
-        if heal == "replace-layer" and METRICS[metric][1] != "consecutive":
+        if heal == "replace-layer" and not replacement_applies(metric):
             return  # checked before the selection is read: it needs no scores
         cell_file = self.folder / f"{metric}_{ratio.rstrip('%')}_{heal}.json"
         budget = heal_budget(args) if heal != "none" else None
         if cell_file.exists() and json.loads(cell_file.read_text()).get("heal_budget") == budget:
             return
         remove = self.removed_layers(metric, ratio)
-        if heal == "replace-layer" and len(remove) < 2:  # one layer in place of one is no replacement
+        if heal == "replace-layer" and not replacement_applies(metric, remove):
             return
         twin = next((c for c in _cells(self.name).values()
                      if c["heal"] == heal and c.get("selected", c["removed"]) == remove
@@ -274,18 +280,13 @@ def _cell_text(cells: dict[tuple[str, str, str], dict[str, Any]], metric: str, r
     """One table cell: its measurements, "—" while it has not run, "n/a" where its healing does not apply."""
     cell = cells.get((metric, ratio, heal))
     if cell is None:
-        return "n/a" if heal == "replace-layer" and not _replaceable(cells, metric, ratio) else "—"
+        unhealed = cells.get((metric, ratio, "none"))
+        applies = replacement_applies(metric, unhealed["removed"] if unhealed else None)
+        return "n/a" if heal == "replace-layer" and not applies else "—"
     return (f"{cell['ppl']:.4g} / {_fmt(_mean(cell['accuracy']), '{:.3f}')} / "
             f"{_fmt(_mean(cell.get('stability', {})), '{:.2f}')} / "
             f"{cell['speedup']:.2f}× ({cell['ideal_speedup']:.2f}×)"
             + (f" = {cell['same_as']}" if cell.get("same_as") else ""))
-
-
-def _replaceable(cells: dict[tuple[str, str, str], dict[str, Any]], metric: str, ratio: str) -> bool:
-    """Whether replacement applies to ``metric`` at ``ratio``: its selection must be one consecutive
-    run of 2 or more layers (read from the unhealed cell; unknown before that cell has run)."""
-    unhealed = cells.get((metric, ratio, "none"))
-    return METRICS[metric][1] == "consecutive" and (unhealed is None or len(unhealed["removed"]) >= 2)
 
 
 def _mean(values: dict[str, float]) -> float | None:
