@@ -279,10 +279,11 @@ def _cells(name: str) -> dict[tuple[str, str, str], dict[str, Any]]:
 def _cell_text(cells: dict[tuple[str, str, str], dict[str, Any]], metric: str, ratio: str, heal: str) -> str:
     """One table cell: its measurements, "—" while it has not run, "n/a" where its healing does not apply."""
     cell = cells.get((metric, ratio, heal))
-    if cell is None:
+    if cell is None and heal == "replace-layer":
         unhealed = cells.get((metric, ratio, "none"))
-        applies = replacement_applies(metric, unhealed["removed"] if unhealed else None)
-        return "n/a" if heal == "replace-layer" and not applies else "—"
+        return "—" if replacement_applies(metric, unhealed["removed"] if unhealed else None) else "n/a"
+    if cell is None:
+        return "—"
     return (f"{cell['ppl']:.4g} / {_fmt(_mean(cell['accuracy']), '{:.3f}')} / "
             f"{_fmt(_mean(cell.get('stability', {})), '{:.2f}')} / "
             f"{cell['speedup']:.2f}× ({cell['ideal_speedup']:.2f}×)"
