@@ -50,6 +50,9 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("model: [a\n", r"line 2: not valid YAML"),
         ("- just\n- a list\n", r"must be a mapping"),
         ("model: !!python/object/apply:os.system [echo hi]\n", r"not valid YAML"),
+        ("model: a\nscore: {metrics: [bi]}\nmodel: b\n", r"line 3: key 'model' is given twice \(first on line 1\)"),
+        ("model: m\nscore:\n  metrics: [bi]\n  batch_size: 2\n  batch_size: 4\n",
+         r"line 5: key 'score.batch_size' is given twice \(first on line 4\)"),
     ],
 )
 def test_bad_recipes_name_the_line_and_the_fix(tmp_path: Path, text: str, message: str) -> None:
