@@ -67,3 +67,12 @@ def test_every_tiny_family_is_registered_so_fuzzing_covers_all() -> None:
     from layerprune.models.architectures import ADAPTERS
 
     assert all(TINY_CONFIGS[f](2).model_type in ADAPTERS for f in TINY_CONFIGS)
+
+
+@pytest.mark.parametrize("name", ["../outside.gguf", "sub/model.gguf", "..", "/etc/model.gguf"])
+def test_a_gguf_file_name_cannot_leave_the_model_folder(tmp_path: Path, cli: Cli, name: str) -> None:
+    """``--gguf-file`` names a file inside ``--model``; a path would read from elsewhere."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "outside.gguf").write_bytes(b"GGUF")
+    assert_refused(cli("info", "--model", tmp_path / "models", "--gguf-file", name),
+                   "must be a file name inside the --model folder")

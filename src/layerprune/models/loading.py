@@ -186,7 +186,7 @@ def load_model(
     local = resolve_alias(source) if source in MODEL_ALIASES else Path(source).expanduser()
 
     if local.suffix == ".gguf" or gguf_file:
-        gguf_path = local if local.suffix == ".gguf" else local / str(gguf_file)
+        gguf_path = local if local.suffix == ".gguf" else local / check_gguf_name(gguf_file)
         model, tokenizer = load_gguf(gguf_path, torch_dtype)
         folder: Path | None = gguf_path.parent
     elif local.exists():
@@ -260,6 +260,16 @@ def _missing_model(source: str) -> UsageError:
                       f"one of the aliases {', '.join(MODEL_ALIASES)}")
 
 
+def check_gguf_name(gguf_file: str | None) -> str:
+    """``gguf_file`` is a file name inside the model folder, nothing more: a path with separators or
+    ``..`` would let a recipe (or a typo) read a file outside the folder it names."""
+    name = str(gguf_file)
+    if not name or name in (".", "..") or "/" in name or "\\" in name or Path(name).name != name:
+        raise UsageError(f"--gguf-file {name!r} must be a file name inside the --model folder, not a path; "
+                         "pass the .gguf file itself as --model to load one from elsewhere")
+    return name
+
+
 def read_local_config(name_or_path: str | Path, *, gguf_file: str | None = None, trust_remote_code: bool = False,
                       allow_pickle: bool = False) -> PretrainedConfig | None:
     """The config of a local checkpoint folder (or of an alias already in the cache), refused as
@@ -269,6 +279,8 @@ def read_local_config(name_or_path: str | Path, *, gguf_file: str | None = None,
     None where the config would cost a download or a GGUF file (a hub id, an alias not yet fetched,
     a ``.gguf``); a local path that does not exist is refused as :func:`load_model` refuses it.
     """
+    if gguf_file:
+        check_gguf_name(gguf_file)
     source = str(name_or_path)
     alias = MODEL_ALIASES.get(source)
     folder = alias_checkpoint_dir(alias) if alias is not None else Path(source).expanduser()
