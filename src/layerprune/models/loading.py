@@ -8,6 +8,7 @@ unpickles weights unless they pass ``allow_pickle=True``. Every failure a user c
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import re
 import struct
@@ -17,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from transformers import (
     AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase,
 )
 
+from layerprune import hub
 from layerprune.errors import UsageError
 from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir, resolve_alias
 from layerprune.models.architectures import ArchitectureAdapter, adapter_for, check_supported_config
@@ -195,6 +198,7 @@ def load_model(
         model, tokenizer = _load_pretrained(str(folder), torch_dtype, trust_remote_code, allow_pickle, check_config,
                                             device_map)
     elif _is_hub_id(source):
+        check_hub_id(source, network=True)
         folder = None
         model, tokenizer = _load_pretrained(source, torch_dtype, trust_remote_code, allow_pickle, check_config,
                                             device_map)
@@ -251,6 +255,20 @@ def _read_config(where: str, trust_remote_code: bool) -> PretrainedConfig:
     return config
 
 
+def check_hub_id(source: str, *, network: bool) -> None:
+    """Refuse, in seconds, a hub id that cannot load: one that is a near-miss of an alias (a typo such
+    as ``smolm2-135m`` would otherwise wait a minute on hub retries before failing), or, with
+    ``network``, any id while the hub is unreachable and the id is not in the local Hugging Face cache."""
+    close = difflib.get_close_matches(source, MODEL_ALIASES, n=1, cutoff=0.8)
+    if close:
+        raise UsageError(f"model {source!r} is neither a folder nor an alias; did you mean {close[0]}?")
+    if not network or hub.offline_requested() or try_to_load_from_cache(source, "config.json") is not None:
+        return
+    if not hub.hub_reachable(timeout=3.0):
+        raise UsageError(f"model {source!r} is not a local folder and the Hugging Face hub cannot be reached; "
+                         "check the name and your network, or download it and pass its folder")
+
+
 def _is_hub_id(source: str) -> bool:
     return bool(_HUB_ID.match(source)) and not source.startswith((".", "/", "~"))
 
@@ -288,6 +306,7 @@ def read_local_config(name_or_path: str | Path, *, gguf_file: str | None = None,
         return None
     if not folder.exists():
         if _is_hub_id(source):
+            check_hub_id(source, network=False)
             return None
         raise _missing_model(source)
     _check_local_folder(folder, allow_pickle)
