@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import json
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,13 +126,29 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[PreTraine
     if not path.is_file():
         raise UsageError(f"GGUF file {path} does not exist; check the path")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        with _quiet_gguf_conversion():
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     # struct.error: a truncated file; StrictDataclassError: metadata that makes no valid config
     except (ValueError, OSError, KeyError, RuntimeError, struct.error, StrictDataclassError) as error:
         raise UsageError(f"cannot read GGUF file {path}: {_first_line(error)}; is it a valid GGUF causal LM?") from None
     strip_gguf_quantizer(model)
     return model, tokenizer
+
+
+@contextmanager
+def _quiet_gguf_conversion() -> Iterator[None]:
+    """transformers draws its GGUF conversion bar with a plain ``tqdm`` that ignores its own
+    progress-bar switch; ``disable=None`` makes it show on a terminal only, as every other bar does,
+    so a log file is not filled with bar frames."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    plain = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(plain, disable=None)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = plain
 
 
 def _first_line(error: BaseException) -> str:
