@@ -76,3 +76,22 @@ def test_a_gguf_file_name_cannot_leave_the_model_folder(tmp_path: Path, cli: Cli
     (tmp_path / "outside.gguf").write_bytes(b"GGUF")
     assert_refused(cli("info", "--model", tmp_path / "models", "--gguf-file", name),
                    "must be a file name inside the --model folder")
+
+
+@pytest.mark.parametrize("layers", [TINY_LAYERS + 2, TINY_LAYERS - 1])
+def test_a_config_that_disagrees_with_its_weights_is_refused(tmp_path: Path, cli: Cli, layers: int) -> None:
+    """More layers in config.json than in the weights would load random layers; fewer would drop
+    weights. Both are refused, on the in-memory path as on shard surgery."""
+    import json
+
+    from tests.helpers import save_tiny_checkpoint
+
+    folder = save_tiny_checkpoint(tmp_path / "model", "llama", TINY_LAYERS)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
+    before = snapshot(folder)
+    kind = "missing" if layers > TINY_LAYERS else "unexpected"
+    assert_refused(cli("info", "--model", folder), f"config.json ({layers} layers) does not match its weight files",
+                   kind)
+    assert_refused(cli("prune", "--model", folder, "--layers", "0", "--out", tmp_path / "out"), kind)
+    assert snapshot(folder) == before and not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ import copy
 import difflib
 import functools
 import json
+import logging
 import re
 import struct
 from collections.abc import Callable, Iterator
@@ -239,10 +240,12 @@ def _load_pretrained(
     if check_config is not None:
         check_config(config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            where, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
-            use_safetensors=None if allow_pickle else True, device_map=device_map,
-        )
+        with _without_load_report():
+            model, loading_info = AutoModelForCausalLM.from_pretrained(
+                where, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
+                use_safetensors=None if allow_pickle else True, device_map=device_map, output_loading_info=True,
+            )
+        _check_weights_match_config(where, config, loading_info)
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except OSError as error:
         message = _first_line(error)
@@ -252,6 +255,46 @@ def _load_pretrained(
         raise UsageError(f"cannot load model {where!r}: {_first_line(error)}; are the weight files intact? "
                          "Download the checkpoint again") from None
     return model, tokenizer
+
+
+@contextmanager
+def _without_load_report() -> Iterator[None]:
+    """transformers logs a table of missing and unexpected weights; we refuse every such checkpoint
+    with one line (:func:`_check_weights_match_config`), so the table would only bury that line."""
+    # a filter, not a higher level: transformers runs extra checks (and logs them) when this
+    # logger's level is WARNING or above
+    logger = logging.getLogger("transformers.modeling_utils")
+    drop_report = _MessageFilter("LOAD REPORT")
+    logger.addFilter(drop_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop_report)
+
+
+class _MessageFilter(logging.Filter):
+    """Drops the log records whose message contains ``marker``."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.marker = marker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.marker not in record.getMessage()
+
+
+def _check_weights_match_config(where: str, config: PretrainedConfig, loading_info: dict[str, Any]) -> None:
+    """A checkpoint whose config and weights disagree is refused: transformers would initialise the
+    missing weights at random (a config that says more layers) or drop the extra ones (fewer), and
+    the model would load without a word and compute nonsense."""
+    missing, unexpected = sorted(loading_info.get("missing_keys") or ()), sorted(loading_info.get("unexpected_keys") or ())
+    if not missing and not unexpected:
+        return
+    layers = getattr(config, "num_hidden_layers", "?")
+    parts = [f"{len(names)} {kind} weight(s), e.g. {names[0]}" for kind, names in
+             (("missing", missing), ("unexpected", unexpected)) if names]
+    raise UsageError(f"{where}: config.json ({layers} layers) does not match its weight files: {'; '.join(parts)}; "
+                     "fix config.json or download the checkpoint again")
 
 
 def _read_config(where: str, trust_remote_code: bool) -> PretrainedConfig:
