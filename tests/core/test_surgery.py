@@ -151,6 +151,11 @@ def test_bad_indices_are_refused(indices: list[int], message: str) -> None:
 def test_parse_layer_list() -> None:
     assert parse_layer_list("3, 5,10-12") == [3, 5, 10, 11, 12]
     assert parse_layer_list("-1") == [-1]
+    assert parse_layer_list(" 7 ") == [7]
+    assert parse_layer_list(" , ") == []
+    for text in ("1,,2", "1,2,", "+3", "\uff13", "1-\u0663", "1.0", "0x3", "1_0"):
+        with pytest.raises(UsageError, match="cannot read"):
+            parse_layer_list(text)
     with pytest.raises(UsageError, match="cannot read"):
         parse_layer_list("a,b")
     with pytest.raises(UsageError, match="backwards"):

@@ -8,6 +8,7 @@ to match, so ``generate`` with a cache, ``save_pretrained`` and a plain reload a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 
 from torch import nn
@@ -43,23 +44,36 @@ def validate_layer_indices(indices: Iterable[int], num_layers: int | None = None
     return sorted(chosen)
 
 
+_LAYER_PART = re.compile(r"(-?[0-9]+)(?:-([0-9]+))?", re.ASCII)
+
+
 def parse_layer_list(text: str) -> list[int]:
-    """Parse ``"3,5,10-12"`` into ``[3, 5, 10, 11, 12]`` (ranges inclusive)."""
+    """Parse ``"3,5,10-12"`` into ``[3, 5, 10, 11, 12]`` (ranges inclusive).
+
+    Only what the help shows is read: ASCII integers and ranges, separated by commas (spaces
+    around them allowed). ``int()`` alone would also take ``+3``, other scripts' digits and, with
+    empty parts skipped, ``1,,2`` or a trailing comma: each likely a typo that would cut layers the
+    user did not mean, so each is refused. A text with no index at all gives ``[]`` (the caller says
+    there is nothing to remove); negative indices are read here and refused, with their own message,
+    by :func:`validate_layer_indices`.
+    """
+    parts = [part.strip() for part in text.split(",")]
+    if not any(parts):
+        return []  # nothing named at all: the caller says there is nothing to remove
     indices: list[int] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
+    for part in parts:
+        match = _LAYER_PART.fullmatch(part)
+        if match is None:
+            what = "an empty entry" if not part else f"layer index {part!r}"
+            raise UsageError(f"cannot read {what} in {text!r}; use integers like 3,5,10-12")
+        start, end = match.groups()
+        if end is None:
+            indices.append(int(start))
             continue
-        start, sep, end = part.partition("-") if not part.startswith("-") else (part, "", "")
-        try:
-            if sep:
-                first, last = int(start), int(end)
-                if last < first:
-                    raise UsageError(f"layer range {part!r} runs backwards; write it as {last}-{first}")
-                indices.extend(range(first, last + 1))
-            else:
-                indices.append(int(part))
-        except ValueError:
-            raise UsageError(f"cannot read layer index {part!r}; use integers like 3,5,10-12") from None
+        first, last = int(start), int(end)
+        if last < first:
+            raise UsageError(f"layer range {part!r} runs backwards; write it as {last}-{first}")
+        indices.extend(range(first, last + 1))
     return indices
 
 
