@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from layerprune.errors import NumericalError, UsageError
+from layerprune.models.hooks import layer_input, layer_output
 from layerprune.models.loading import LoadedModel
 
 POSITIONS = ("all", "last")
@@ -121,14 +122,6 @@ def check_finite(layer: int, x_out: torch.Tensor, real: torch.Tensor) -> None:
             f"decoder layer {layer} produced NaN/Inf activations in {str(x_out.dtype).removeprefix('torch.')}; "
             "load the model with --dtype float32 (or bfloat16, which has float32's range) and score again"
         )
-
-
-def layer_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def layer_output(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
 
 
 def replay_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
