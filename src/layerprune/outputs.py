@@ -2,10 +2,11 @@
 
 Every output folder, output file, checkpoint and cache entry is built under a hidden temporary name
 (``.NAME.partial-PID``) next to its destination and renamed into place at the end, so a crash or
-``kill -9`` leaves either the old state or the complete new one. An existing destination is refused unless the caller asked to overwrite it, and a
-destination that is (or lies inside) a protected folder, such as the source model, is refused
-always. What a killed run leaves behind (hidden ``.NAME.partial-PID`` / ``.NAME.old-PID`` folders
-of a process that no longer exists) is cleared, or put back, by the next run for that output.
+``kill -9`` leaves either the old state or the complete new one. An existing destination is
+refused unless the caller asked to overwrite it, and a destination that is (or lies inside) a
+protected folder, such as the source model, is refused always. What a killed run leaves behind
+(hidden ``.NAME.partial-PID`` / ``.NAME.old-PID`` files and folders of a process that no longer
+exists) is cleared, or put back, by the next run that writes there.
 """
 
 from __future__ import annotations
@@ -91,13 +92,14 @@ def clear_leftovers(folder: Path) -> None:
 
 
 def _remove(path: Path) -> None:
+    """Delete a leftover, whether a killed run left a file or a folder."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
 
 
-def staging_path(target: Path) -> Path:
+def _staging_path(target: Path) -> Path:
     """The hidden name this process builds ``target`` under (``.NAME.partial-PID``, beside it), which
     :func:`recover_interrupted` and :func:`clear_leftovers` recognise if the process dies."""
     return target.with_name(f".{target.name}.partial-{os.getpid()}")
@@ -145,7 +147,7 @@ def atomic_cache_dir(folder: Path) -> Iterator[Path]:
 @contextmanager
 def _staging_dir(target: Path) -> Iterator[Path]:
     """A fresh staging folder for ``target``; deleted afterwards unless the block moved it into place."""
-    staging = staging_path(target)
+    staging = _staging_path(target)
     _remove(staging)
     staging.mkdir()
     try:
@@ -210,14 +212,14 @@ def write_bytes_atomic(path: str | Path, data: bytes, *, overwrite: bool = True)
 
 @contextmanager
 def atomic_file(path: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary path to write (``torch.save``, ``np.save``, a copy) that becomes ``path``
-    only if the block finishes without error; readers never see half a file."""
+    """Yield a temporary path to write (``torch.save``, a copy) that becomes ``path`` only if the
+    block finishes without error; readers never see half a file."""
     target = Path(path).expanduser()
     if target.exists() and not overwrite:
         raise UsageError(f"{target} already exists; choose a new path or pass --overwrite")
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_interrupted(target)
-    staging = staging_path(target)
+    staging = _staging_path(target)
     try:
         yield staging
         os.replace(staging, target)

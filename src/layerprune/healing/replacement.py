@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from layerprune.cache import cache_dir
+from layerprune.data import TrainingSet
 from layerprune.distributed import process_state
 from layerprune.errors import UsageError
 from layerprune.healing.base import HEALERS, Healer, HealOutcome, HealSettings
-from layerprune.healing.data import TrainingSet
 from layerprune.healing.engine import LossFn, train
 from layerprune.models.editing import prune, replace
 from layerprune.models.hooks import capture_io, layer_output
