@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 
 from torch import nn
 from transformers import PreTrainedTokenizerFast
@@ -53,3 +55,10 @@ def bos_tokenizer(starts: int = 1) -> PreTrainedTokenizerFast:
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> " * starts + "$A", special_tokens=[("<s>", 257)])
     return tokenizer
+
+
+def dead_pid() -> int:
+    """The id of a process that has just exited: what a ``kill -9``-ed run leaves in its staging names."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid

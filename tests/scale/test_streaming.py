@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import layerprune as lp
+from layerprune.data import CalibrationSet
 from layerprune.errors import UsageError
 from layerprune.scoring import score
-from layerprune.scoring.forward import Calibration
 from layerprune.models.tiny import tiny_model
 from layerprune.scoring.streaming import stream_score
 from tests.conftest import FAMILIES
@@ -25,13 +25,13 @@ ROOT = Path(__file__).resolve().parents[2]
 ALL = "bi,angular,block-cosine,ppl,magnitude-l1,magnitude-l2,reverse-order,random"
 
 
-def calibration() -> Calibration:
+def calibration() -> CalibrationSet:
     """Rows with padding on either side, so masks and scored positions matter."""
     ids = torch.randint(0, 256, (5, 16), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, 11:] = 0
     mask[3, :5] = 0
-    return Calibration(ids, mask)
+    return CalibrationSet(ids, mask)
 
 
 def assert_same_scores(streamed: lp.scoring.ScoreReport, reference: lp.scoring.ScoreReport) -> None:

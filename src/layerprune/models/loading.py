@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import copy
 import difflib
-import functools
-import json
 import logging
 import re
-import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,11 +26,12 @@ from transformers import (
 )
 
 from layerprune import hub
-from layerprune.errors import UsageError
+from layerprune.errors import UsageError, first_line
 from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir, resolve_alias
 from layerprune.models.architectures import ArchitectureAdapter, adapter_for, check_supported_config
+from layerprune.models.gguf import load_gguf
+from layerprune.models.lineage import read_lineage
 
-PROVENANCE_FILE = "layerprune.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -110,53 +108,6 @@ def check_device_map(device_map: str | None, gguf: bool) -> None:
         raise UsageError("--device-map does not apply to GGUF files, which are de-quantized on the CPU; use --device")
 
 
-def strip_gguf_quantizer(model: PreTrainedModel) -> None:
-    """Mark a GGUF-loaded model as the ordinary float model it is after de-quantization.
-
-    transformers keeps the GGUF quantizer attached and refuses to save such a model, although
-    its weights are plain tensors; dropping the quantizer makes it saveable and reloadable.
-    """
-    model.hf_quantizer = None
-    for config in (model.config, getattr(model, "generation_config", None)):
-        if config is not None and hasattr(config, "quantization_config"):
-            delattr(config, "quantization_config")
-
-
-def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load and de-quantize a GGUF file into a saveable float model and its tokenizer."""
-    if not path.is_file():
-        raise UsageError(f"GGUF file {path} does not exist; check the path")
-    try:
-        with _quiet_gguf_conversion():
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    # struct.error: a truncated file; StrictDataclassError: metadata that makes no valid config
-    except (ValueError, OSError, KeyError, RuntimeError, struct.error, StrictDataclassError) as error:
-        raise UsageError(f"cannot read GGUF file {path}: {_first_line(error)}; is it a valid GGUF causal LM?") from None
-    strip_gguf_quantizer(model)
-    return model, tokenizer
-
-
-@contextmanager
-def _quiet_gguf_conversion() -> Iterator[None]:
-    """transformers draws its GGUF conversion bar with a plain ``tqdm`` that ignores its own
-    progress-bar switch; ``disable=None`` makes it show on a terminal only, as every other bar does,
-    so a log file is not filled with bar frames."""
-    from transformers import modeling_gguf_pytorch_utils as gguf_utils
-
-    plain = gguf_utils.tqdm
-    gguf_utils.tqdm = functools.partial(plain, disable=None)
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = plain
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _check_local_folder(folder: Path, allow_pickle: bool) -> None:
     if not (folder / "config.json").is_file():
         raise UsageError(f"{folder} is not a model folder (no config.json); pass a checkpoint folder, a .gguf file or a hub id")
@@ -169,15 +120,6 @@ def _check_local_folder(folder: Path, allow_pickle: bool) -> None:
         )
     if not has_safetensors and not has_pickle:
         raise UsageError(f"{folder} has a config.json but no weight files (*.safetensors); is the download complete?")
-
-
-def _read_lineage(folder: Path | None) -> dict[str, Any]:
-    if folder is None or not (folder / PROVENANCE_FILE).is_file():
-        return {}
-    try:
-        return json.loads((folder / PROVENANCE_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        raise UsageError(f"{folder / PROVENANCE_FILE} is unreadable; delete or fix it") from None
 
 
 def load_model(
@@ -229,7 +171,7 @@ def load_model(
     adapter = adapter_for(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, source, adapter, folder, _read_lineage(folder))
+    return LoadedModel(model, tokenizer, source, adapter, folder, read_lineage(folder))
 
 
 def _load_pretrained(
@@ -248,11 +190,11 @@ def _load_pretrained(
         _check_weights_match_config(where, config, loading_info)
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except OSError as error:
-        message = _first_line(error)
+        message = first_line(error)
         hint = " (pickle weights are refused unless you pass --allow-pickle)" if "safetensors" in message.lower() else ""
         raise UsageError(f"cannot load model {where!r}: {message}{hint}") from None
     except (ValueError, RuntimeError, SafetensorError) as error:
-        raise UsageError(f"cannot load model {where!r}: {_first_line(error)}; are the weight files intact? "
+        raise UsageError(f"cannot load model {where!r}: {first_line(error)}; are the weight files intact? "
                          "Download the checkpoint again") from None
     return model, tokenizer
 
@@ -305,13 +247,13 @@ def _read_config(where: str, trust_remote_code: bool) -> PretrainedConfig:
         if "trust_remote_code" in str(error):
             raise UsageError(f"{where} needs custom code from its repository to load; pass --trust-remote-code "
                              "only if you trust that code") from None
-        raise UsageError(f"cannot read the config of {where}: {_first_line(error)}") from None
+        raise UsageError(f"cannot read the config of {where}: {first_line(error)}") from None
     except OSError as error:
         if Path(where).is_dir():
-            raise UsageError(f"cannot read {Path(where) / 'config.json'} ({_first_line(error)}); fix the file or "
+            raise UsageError(f"cannot read {Path(where) / 'config.json'} ({first_line(error)}); fix the file or "
                              "download the checkpoint again") from None
         raise UsageError(f"cannot load model {where!r}: not a local folder, and the Hugging Face hub did not "
-                         f"provide it ({_first_line(error)}); check the name or your network") from None
+                         f"provide it ({first_line(error)}); check the name or your network") from None
     check_supported_config(config)
     return config
 

@@ -27,8 +27,7 @@ from transformers import AutoConfig, PretrainedConfig
 from layerprune.errors import UsageError
 from layerprune.models.architectures import ADAPTERS, ArchitectureAdapter, check_supported_config
 from layerprune.models.export import SAFETY_MARGIN_BYTES, provenance_json
-from layerprune.models.lineage import apply_removal, describe_result, new_lineage
-from layerprune.models.loading import PROVENANCE_FILE, _read_lineage
+from layerprune.models.lineage import PROVENANCE_FILE, apply_removal, describe_result, new_lineage, read_lineage
 from layerprune.models.surgery import check_position_independent, cut_layer_config, validate_layer_indices
 from layerprune.outputs import atomic_output_dir, check_free_space, check_output_path
 from layerprune.reporting.model_card import render_model_card
@@ -331,7 +330,7 @@ def prune_checkpoint(
     target = check_output_path(out, overwrite=overwrite, protected=[source])
     plan = plan_removal(source, layers)
     check_free_space(target.parent, sum(s.data_bytes for s in plan.shards) + SAFETY_MARGIN_BYTES)
-    lineage = _read_lineage(source)  # a pruned input: indices map back to the original model
+    lineage = read_lineage(source)  # a pruned input: indices map back to the original model
     if "kept_layers" not in lineage:
         lineage.update(new_lineage(source_name or str(source), len(plan.kept) + len(plan.removed),
                                    plan.parameters_before))

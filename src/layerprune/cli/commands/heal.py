@@ -8,9 +8,10 @@ from pathlib import Path
 
 from layerprune.api import save
 from layerprune.cli.options import add_model_options, add_output_options, load_from_args
+from layerprune.distributed import process_state
 from layerprune.errors import UsageError
 from layerprune.healing import HEALERS, HealSettings, heal
-from layerprune.healing.engine import STATE_FILE, process_state
+from layerprune.healing.engine import STATE_FILE
 from layerprune.models.surgery import parse_layer_list
 from layerprune.outputs import check_output_path
 

@@ -21,7 +21,8 @@ from layerprune.cli.options import (
     add_model_options, add_output_options, input_folders, load_from_args, safetensors_folder,
 )
 from layerprune.errors import UsageError
-from layerprune.models.loading import PROVENANCE_FILE, LoadedModel
+from layerprune.models.lineage import PROVENANCE_FILE
+from layerprune.models.loading import LoadedModel
 from layerprune.models.shards import prune_checkpoint
 from layerprune.models.surgery import parse_layer_list, validate_layer_indices
 from layerprune.outputs import check_output_path
