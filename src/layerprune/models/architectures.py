@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import yaml
@@ -44,7 +44,7 @@ class LogitStep:
     op: str
     config_field: str
 
-    OPS = ("multiply", "divide", "softcap")
+    OPS: ClassVar[tuple[str, ...]] = ("multiply", "divide", "softcap")
 
     def apply(self, logits: torch.Tensor, config: PretrainedConfig) -> torch.Tensor:
         value = getattr(config, self.config_field, None)
