@@ -8,6 +8,8 @@ the modules and logit steps the family file declares. If a family file forgot a 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -68,6 +70,32 @@ def test_the_new_families_are_data_whose_head_differs_from_llamas() -> None:
     assert by_family["cohere"].parallel_residual and by_family["cohere"].norm_kind == "layer"
     assert [(s.op, s.config_field) for s in by_family["granite"].logit_scaling] == [("divide", "logits_scaling")]
     assert {"cohere", "granite", "opt_post_norm"} <= set(FAMILIES)
+
+
+def test_every_family_file_brings_a_tiny_model_so_the_family_tests_cover_it() -> None:
+    assert all(definition.tiny for definition in FAMILY_FILES)
+    assert {name for definition in FAMILY_FILES for name in definition.tiny} == set(FAMILIES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_declared_layer_parts_exist_and_the_norm_kind_is_what_the_norms_compute(family: str) -> None:
+    """The paths that repair folds weights into point at real modules, and ``norm_kind`` says how they
+    normalise: a LayerNorm ignores a constant shift of its input, an RMS norm does not; with its weight
+    at zero a plain RMS norm outputs zeros, Gemma's ``(1 + w)`` norm the normalised input."""
+    loaded = tiny_loaded(family, num_layers=2, dtype=torch.float64)
+    adapter = loaded.adapter
+    layer = adapter.decoder_layers(loaded.model)[0]
+    for path in (*adapter.attention_outputs, adapter.mlp_output):
+        assert layer.get_submodule(path).weight.dim() == 2, path
+    paths = [adapter.input_norm, adapter.pre_mlp_norm, adapter.post_attention_norm, adapter.post_mlp_norm]
+    norms = [copy.deepcopy(layer.get_submodule(path)) for path in paths if path]
+    x = torch.randn(3, norms[0].weight.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for norm in norms:
+            assert torch.allclose(norm(x + 3.0), norm(x), atol=1e-5) == (adapter.norm_kind == "layer")
+            for parameter in norm.parameters():
+                parameter.zero_()
+            assert bool(norm(x).abs().max() > 0.1) == (adapter.norm_kind == "rms_one_plus")
 
 
 def test_config_flags_are_read_per_checkpoint() -> None:
