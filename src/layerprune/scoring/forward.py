@@ -186,7 +186,7 @@ class Head:
 
     def logits(self, hidden: torch.Tensor, *, normed: bool = False) -> torch.Tensor:
         """Logits for ``hidden`` (any leading shape); ``normed`` if the final norm (and head
-        projection) already ran, as in ``output_hidden_states``' last entry."""
+        projection) already ran, as in the base model's ``last_hidden_state`` (:func:`run_decoder`)."""
         if not normed:
             for module in self.before_head:
                 hidden = module(hidden)
