@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from layerprune.models.architectures import FAMILIES as FAMILY_FILES
-from layerprune.models.architectures import adapter_for, parse_family
+from layerprune.models.architectures import adapter_for, parse_family, register_families
 from layerprune.scoring.forward import Head, run_decoder
 from tests.conftest import FAMILIES
 from tests.helpers import tiny_loaded
@@ -122,3 +122,8 @@ def test_a_broken_family_file_is_refused_naming_the_file_and_key(data: dict, mes
     with pytest.raises(ValueError, match=message) as error:
         parse_family(data, "broken.yaml")
     assert "broken.yaml" in str(error.value)
+
+
+def test_a_model_type_claimed_by_two_family_files_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"family file llama.yaml: model type 'llama' is already covered"):
+        register_families(FAMILY_FILES + tuple(d for d in FAMILY_FILES if d.source == "llama.yaml"))

@@ -256,11 +256,20 @@ def _read_family_files() -> tuple[FamilyDefinition, ...]:
     return tuple(parse_family(yaml.safe_load(entry.read_text(encoding="utf-8")), entry.name) for entry in files)
 
 
+def register_families(definitions: tuple[FamilyDefinition, ...]) -> Registry[ArchitectureAdapter]:
+    """The adapters of ``definitions`` by model type; a model type claimed by two files is a mistake."""
+    adapters: Registry[ArchitectureAdapter] = Registry("architecture")
+    for definition in definitions:
+        for model_type in definition.model_types:
+            if model_type in adapters:
+                raise ValueError(f"family file {definition.source}: model type {model_type!r} is already "
+                                 "covered by another family file; list each model type in one file")
+            adapters.register(model_type)(definition.adapter)
+    return adapters
+
+
 FAMILIES: tuple[FamilyDefinition, ...] = _read_family_files()
-ADAPTERS: Registry[ArchitectureAdapter] = Registry("architecture")
-for _definition in FAMILIES:
-    for _model_type in _definition.model_types:
-        ADAPTERS.register(_model_type)(_definition.adapter)
+ADAPTERS: Registry[ArchitectureAdapter] = register_families(FAMILIES)
 
 
 def supported_families() -> list[str]:
