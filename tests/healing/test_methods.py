@@ -14,7 +14,8 @@ import layerprune as lp
 from layerprune.healing import heal
 from layerprune.healing.replacement import block_io
 from layerprune.models.loading import LoadedModel
-from tests.healing.conftest import BLOCK, NUM_LAYERS, pruned_pair, tiny_loaded, training_rows
+from tests.healing.conftest import BLOCK, NUM_LAYERS, pruned_pair, training_rows
+from tests.helpers import tiny_loaded
 
 FAST = dict(steps=30, batch_size=4, lr=5e-3, train_layers=2)
 

@@ -19,7 +19,8 @@ from layerprune.healing.base import HealSettings
 from layerprune.healing.data import IGNORE_INDEX, instruction_rows, is_instruction_file
 from layerprune.healing.objectives import token_loss_sums
 from layerprune.models.tiny import byte_tokenizer
-from tests.healing.conftest import pruned_pair, tiny_loaded, training_rows
+from tests.healing.conftest import pruned_pair, training_rows
+from tests.helpers import tiny_loaded
 from tests.healing.distributed_run import TRAINING, healed_state
 
 ROOT = Path(__file__).resolve().parents[2]

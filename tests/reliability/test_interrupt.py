@@ -28,8 +28,8 @@ from safetensors.torch import load_file
 
 from layerprune.healing.engine import STATE_FILE as HEAL_STATE
 from layerprune.recipes.runner import STATE_FILE as RUN_STATE
-from tests.helpers import dead_pid, write_corpus
-from tests.reliability.conftest import TINY_LAYERS, save_tiny
+from tests.helpers import dead_pid, save_tiny_checkpoint, write_corpus
+from tests.reliability.conftest import TINY_LAYERS
 
 FORK_SERVER = """
 import json, os, sys
@@ -113,7 +113,7 @@ def visible_entries(folder: Path) -> list[str]:
 
 
 def test_kill_9_during_overwrite_leaves_old_or_new(server: ForkServer, tmp_path: Path) -> None:
-    model = save_tiny(tmp_path / "input")
+    model = save_tiny_checkpoint(tmp_path / "input", num_layers=TINY_LAYERS)
     outputs = tmp_path / "outputs"
     outputs.mkdir()
     out = outputs / "pruned"
@@ -138,7 +138,7 @@ def test_kill_9_during_overwrite_leaves_old_or_new(server: ForkServer, tmp_path:
 
 
 def test_kill_9_of_a_first_run_leaves_nothing_or_everything(server: ForkServer, tmp_path: Path) -> None:
-    model = save_tiny(tmp_path / "input")
+    model = save_tiny_checkpoint(tmp_path / "input", num_layers=TINY_LAYERS)
     outputs = tmp_path / "outputs"
     outputs.mkdir()
     _, duration = server.run(["prune", "--model", str(model), "--layers", "1", "--out", str(outputs / "timing")])
@@ -301,7 +301,7 @@ def test_kill_9_of_heal_then_resume_gives_the_uninterrupted_weights(server: Fork
     """Each attempt kills a fresh ``heal`` at a random time, then the run that continues it at a
     random time after a checkpoint exists (so that training is cut), and finishes with ``--resume``:
     the output must equal an uninterrupted run."""
-    model = save_tiny(tmp_path / "input")
+    model = save_tiny_checkpoint(tmp_path / "input", num_layers=TINY_LAYERS)
     assert server.run(["prune", "--model", str(model), "--layers", "1", "--out", str(tmp_path / "pruned")])[0]
 
     def heal(work: Path) -> list[str]:
@@ -362,7 +362,7 @@ def test_kill_9_of_run_then_resume_gives_the_uninterrupted_result(server: ForkSe
                                                                  corpus: Path) -> None:
     """Each attempt kills a fresh ``run`` and then its ``--resume``, at random times, and finishes
     with ``--resume``: scores and healed weights must equal those of an uninterrupted run."""
-    model = save_tiny(tmp_path / "input")
+    model = save_tiny_checkpoint(tmp_path / "input", num_layers=TINY_LAYERS)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"""\
 model: {model}

@@ -9,18 +9,12 @@ import torch
 import layerprune as lp
 from layerprune.errors import NumericalError
 from layerprune.healing import TrainingSet
-from layerprune.models.architectures import adapter_for
 from layerprune.models.loading import LoadedModel
-from layerprune.models.tiny import byte_tokenizer, tiny_model
 from layerprune.scoring import score
 from layerprune.selection import select
+from tests.helpers import tiny_loaded
 
 OVERFLOWING_LAYER = 2
-
-
-def tiny_loaded(dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
-    model = tiny_model("llama", 6, seed=seed).to(dtype)
-    return LoadedModel(model, byte_tokenizer(), "tiny-llama", adapter_for(model))
 
 
 def calibration_ids(seed: int = 0) -> torch.Tensor:
@@ -29,7 +23,7 @@ def calibration_ids(seed: int = 0) -> torch.Tensor:
 
 def overflowing(dtype: torch.dtype) -> LoadedModel:
     """Layer 2's MLP scaled so that its output exceeds float16's range (65504) but not float32's."""
-    loaded = tiny_loaded(dtype)
+    loaded = tiny_loaded(dtype=dtype)
     with torch.no_grad():
         mlp = loaded.adapter.decoder_layers(loaded.model)[OVERFLOWING_LAYER].mlp
         mlp.up_proj.weight.mul_(20_000)

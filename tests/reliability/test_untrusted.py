@@ -10,7 +10,7 @@ import torch
 
 import layerprune as lp
 from layerprune.errors import UsageError
-from layerprune.models.tiny import TINY_CONFIGS
+from layerprune.models.tiny import TINY_FAMILIES, tiny_config
 from tests.reliability.conftest import TINY_LAYERS, CliResult, assert_refused, snapshot
 
 Cli = Callable[..., CliResult]
@@ -66,7 +66,7 @@ def test_yaml_is_read_with_the_safe_loader(tmp_path: Path) -> None:
 def test_every_tiny_family_is_registered_so_fuzzing_covers_all() -> None:
     from layerprune.models.architectures import ADAPTERS
 
-    assert all(TINY_CONFIGS[f](2).model_type in ADAPTERS for f in TINY_CONFIGS)
+    assert all(tiny_config(f, 2).model_type in ADAPTERS for f in TINY_FAMILIES)
 
 
 @pytest.mark.parametrize("name", ["../outside.gguf", "sub/model.gguf", "..", "/etc/model.gguf"])

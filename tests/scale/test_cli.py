@@ -13,12 +13,12 @@ import layerprune as lp
 from layerprune.cli.main import main
 from layerprune.models import loading
 from layerprune.scoring import score
-from tests.scale.conftest import save_tiny
+from tests.helpers import save_tiny_checkpoint
 from tests.scale.test_shards import assert_same_checkpoint, in_memory
 
 
 def test_prune_low_memory_equals_the_in_memory_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    source = save_tiny("gemma3", tmp_path / "in", max_shard_size="20KB")
+    source = save_tiny_checkpoint(tmp_path / "in", "gemma3", max_shard_size="20KB")
     assert main(["prune", "--model", str(source), "--layers", "1,3-4", "--out", str(tmp_path / "disk"),
                  "--low-memory"]) == 0
     assert "6 -> 3 layers" in capsys.readouterr().out
@@ -33,7 +33,7 @@ def test_prune_low_memory_equals_the_in_memory_command(tmp_path: Path, capsys: p
 ])
 def test_low_memory_refuses_what_it_cannot_do(extra: list[str], message: str, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    source = save_tiny("llama", tmp_path / "in")
+    source = save_tiny_checkpoint(tmp_path / "in", "llama")
     layers = [] if "--metric" in extra else ["--layers", "1"]
     assert main(["prune", "--model", str(source), *layers, "--out", str(tmp_path / "out"), "--low-memory",
                  *extra]) == 2
@@ -43,7 +43,7 @@ def test_low_memory_refuses_what_it_cannot_do(extra: list[str], message: str, tm
 
 
 def test_low_memory_needs_a_safetensors_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    source = save_tiny("llama", tmp_path / "in")
+    source = save_tiny_checkpoint(tmp_path / "in", "llama")
     (source / "model.safetensors").rename(source / "weights.bin")
     assert main(["prune", "--model", str(source), "--layers", "1", "--out", str(tmp_path / "out"),
                  "--low-memory"]) == 2
@@ -51,7 +51,7 @@ def test_low_memory_needs_a_safetensors_folder(tmp_path: Path, capsys: pytest.Ca
 
 
 def test_device_map_auto_loads_and_scores_like_a_plain_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    source = save_tiny("qwen2", tmp_path / "in")
+    source = save_tiny_checkpoint(tmp_path / "in", "qwen2")
     seen: list[object] = []
     plain = AutoModelForCausalLM.from_pretrained
 
@@ -75,7 +75,7 @@ def test_unknown_device_map_is_refused_before_loading(tmp_path: Path, capsys: py
 
 
 def test_score_streaming_equals_score_in_memory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    source = save_tiny("llama", tmp_path / "in", max_shard_size="20KB")
+    source = save_tiny_checkpoint(tmp_path / "in", "llama", max_shard_size="20KB")
     common = ["score", "--model", str(source), "--metrics", "bi,ppl", "--data", "wiki-sample", "--samples", "4",
               "--seq-len", "16", "--remove", "2", "--strategy", "consecutive"]
     assert main([*common, "--output", str(tmp_path / "memory.json")]) == 0

@@ -25,10 +25,10 @@ from typing import Any, BinaryIO
 from transformers import AutoConfig, PretrainedConfig
 
 from layerprune.errors import UsageError
-from layerprune.models.architectures import ADAPTERS, ArchitectureAdapter, check_supported_config
+from layerprune.models.architectures import ADAPTERS, ArchitectureAdapter, adapter_for_config, check_supported_config
 from layerprune.models.export import SAFETY_MARGIN_BYTES, provenance_json
 from layerprune.models.lineage import PROVENANCE_FILE, apply_removal, describe_result, new_lineage, read_lineage
-from layerprune.models.surgery import check_position_independent, cut_layer_config, validate_layer_indices
+from layerprune.models.surgery import cut_layer_config, validate_layer_indices
 from layerprune.outputs import atomic_output_dir, check_free_space, check_output_path
 from layerprune.reporting.model_card import render_model_card
 
@@ -253,8 +253,9 @@ def load_checkpoint_config(folder: Path) -> tuple[PretrainedConfig, Architecture
     if config.model_type not in ADAPTERS:
         raise UsageError(f"shard surgery needs a registered family and {config.model_type!r} is not one "
                          f"({', '.join(ADAPTERS.names())}); leave out --low-memory to prune it in memory")
-    check_position_independent(config)
-    return config, ADAPTERS.get(config.model_type)
+    adapter = adapter_for_config(config)
+    adapter.check_surgery_allowed(config)
+    return config, adapter
 
 
 def plan_removal(folder: str | Path, layers: Iterable[int]) -> CheckpointPlan:

@@ -77,16 +77,6 @@ def parse_layer_list(text: str) -> list[int]:
     return indices
 
 
-def check_position_independent(config: PretrainedConfig) -> None:
-    """Refuse models whose layers compute with their own index, which surgery would change."""
-    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
-        raise UsageError(
-            "this GPT-2 checkpoint scales attention by its layer index "
-            "(scale_attn_by_inverse_layer_idx=True), so moving layers would change their maths; "
-            "layer surgery is not possible for it"
-        )
-
-
 def cut_layer_config(
     config: PretrainedConfig, adapter: ArchitectureAdapter, source_indices: Sequence[int], old_count: int
 ) -> None:
@@ -113,16 +103,16 @@ def rebuild_layers(
     """
     adapter = adapter or adapter_for(model)
     config = model.config
-    check_position_independent(config)
+    adapter.check_surgery_allowed(config)
     cut_layer_config(config, adapter, source_indices, adapter.num_layers(model))
     adapter.set_decoder_layers(model, nn.ModuleList(layers))
     for new_index, layer in enumerate(layers):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index
-    base = model.get_submodule(adapter.layers.rpartition(".")[0])
-    if hasattr(base, "has_sliding_layers") and isinstance(getattr(config, "layer_types", None), list):
-        base.has_sliding_layers = "sliding_attention" in config.layer_types
+    if adapter.sliding_flag and isinstance(getattr(config, "layer_types", None), list):
+        base = model.get_submodule(adapter.layers.rpartition(".")[0])
+        setattr(base, adapter.sliding_flag, "sliding_attention" in config.layer_types)
 
 
 def remove_layers(model: PreTrainedModel, indices: Iterable[int], adapter: ArchitectureAdapter | None = None) -> list[int]:

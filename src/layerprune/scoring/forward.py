@@ -116,28 +116,29 @@ def run_decoder(loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: to
 
 
 class Head:
-    """The model's own path from a decoder-layer output to next-token logits: final norm (and
-    OPT's ``project_out`` where present), LM head, and logit soft-capping (Gemma-2/3)."""
+    """The model's own path from a decoder-layer output to next-token logits.
+
+    It calls the model's own modules that its family file declares between the last layer and the
+    logits (final norm, a head projection such as OPT's ``project_out``, the LM head), then the
+    family's declared logit steps (Gemma's soft-capping, Cohere's ``logit_scale``, Granite's
+    ``logits_scaling``). tests/scoring/test_head.py proves it equals ``model(...).logits`` for
+    every family's tiny model.
+    """
 
     def __init__(self, loaded: LoadedModel) -> None:
-        model = loaded.model
-        self.norm = model.get_submodule(loaded.adapter.final_norm) if loaded.adapter.final_norm else None
-        parent = loaded.adapter.final_norm.rpartition(".")[0]
-        self.project_out = getattr(model.get_submodule(parent), "project_out", None) if parent else None
-        self.lm_head = model.get_output_embeddings()
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        model, adapter = loaded.model, loaded.adapter
+        self.before_head = [model.get_submodule(path) for path in adapter.pre_head_paths(model)]
+        self.lm_head = model.get_submodule(adapter.lm_head)
+        self.config = model.config
+        self.adapter = adapter
 
     def logits(self, hidden: torch.Tensor, *, normed: bool = False) -> torch.Tensor:
-        """Logits for ``hidden`` (any leading shape); ``normed`` if the final norm already ran."""
+        """Logits for ``hidden`` (any leading shape); ``normed`` if the final norm (and head
+        projection) already ran, as in the base model's ``last_hidden_state`` (:func:`run_decoder`)."""
         if not normed:
-            if self.norm is not None:
-                hidden = self.norm(hidden)
-            if self.project_out is not None:
-                hidden = self.project_out(hidden)
-        logits = self.lm_head(hidden)
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+            for module in self.before_head:
+                hidden = module(hidden)
+        return self.adapter.scale_logits(self.lm_head(hidden), self.config)
 
     def nll_sum(self, hidden: torch.Tensor, where: torch.Tensor, targets: torch.Tensor, *,
                 normed: bool = False) -> torch.Tensor:

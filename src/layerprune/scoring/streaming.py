@@ -177,10 +177,11 @@ class StreamingScorer:
             setattr(target, attribute, nn.Parameter(value, requires_grad=False))
 
     def _head_key(self) -> str | None:
-        """Where the LM head lives when not under its module name: GPT-NeoX checkpoints call it
-        ``embed_out`` (transformers renames it on load), tied models store only the embedding."""
-        if "embed_out.weight" in self.checkpoint.where:
-            return "embed_out.weight"
+        """Where the LM head lives when not under its module name: under the family's checkpoint
+        name (GPT-NeoX's ``embed_out``), or, in tied models, only as the embedding."""
+        renamed = self.adapter.checkpoint_name(f"{self.adapter.lm_head}.weight")
+        if renamed in self.checkpoint.where:
+            return renamed
         if getattr(self.skeleton.config, "tie_word_embeddings", False):
             return self.checkpoint.key_for(f"{self.adapter.embeddings}.weight")
         return None
@@ -189,9 +190,9 @@ class StreamingScorer:
         """The modules before the decoder layers that have weights (embeddings, positions, project_in)."""
         base_path = self.adapter.layers.rpartition(".")[0]
         base = self.skeleton.get_submodule(base_path)
-        skip = {self.adapter.layers.rpartition(".")[2], self.adapter.final_norm.rpartition(".")[2], "project_out"}
+        skip = {self.adapter.layers, *self.adapter.pre_head_paths(self.skeleton)}
         return [(f"{base_path}.{name}", child) for name, child in base.named_children()
-                if name not in skip and any(True for _ in child.parameters())]
+                if f"{base_path}.{name}" not in skip and any(True for _ in child.parameters())]
 
     @torch.no_grad()
     def capture(self, calibration: CalibrationSet, batch_size: int, positions: str,
@@ -236,12 +237,9 @@ class StreamingScorer:
 
     @contextmanager
     def head(self) -> Iterator[Head]:
-        """The final norm, OPT's ``project_out`` and the LM head with real weights, for ``ppl``."""
-        parent = self.adapter.final_norm.rpartition(".")[0]
-        parts = [self.adapter.final_norm, self.adapter.lm_head]
-        if getattr(self.skeleton.get_submodule(parent), "project_out", None) is not None:
-            parts.append(f"{parent}.project_out")
-        modules = [(name, self.skeleton.get_submodule(name)) for name in parts if name]
+        """The modules after the decoder layers (final norm, head projection, LM head) with real weights, for ``ppl``."""
+        parts = [*self.adapter.pre_head_paths(self.skeleton), self.adapter.lm_head]
+        modules = [(name, self.skeleton.get_submodule(name)) for name in parts]
         for name, module in modules:
             self._materialise(module, name)
         try:
