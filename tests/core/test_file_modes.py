@@ -50,7 +50,7 @@ def expected(folder: Path, file_mode: int, dir_mode: int) -> dict[str, int]:
 
 
 @pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), UMASK_ROWS, indirect=["umask"], ids=UMASK_IDS)
-@pytest.mark.parametrize("how", [["--generate", "ab", "--max-new-tokens", "2"], ["--low-memory"]],
+@pytest.mark.parametrize("how", [["--generate", "ab", "--max-new-tokens", "2"], []],
                          ids=["in-memory", "shard-surgery"])
 def test_an_exported_model_follows_the_umask(how: list[str], umask: int, file_mode: int, dir_mode: int,
                                              private_source: Path, tmp_path: Path) -> None:
