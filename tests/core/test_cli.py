@@ -92,7 +92,8 @@ def test_help_shows_every_default(command: str) -> None:
     parser = COMMANDS[command]
     formatter = parser._get_formatter()
     for action in parser._actions:
-        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+        if action.option_strings and not (action.default is None or action.default is False
+                                          or action.default == argparse.SUPPRESS):
             shown = formatter._expand_help(action)
             assert "default" in shown, (action.option_strings, shown)
 

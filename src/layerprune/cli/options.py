@@ -11,9 +11,9 @@ Conventions (tests/core/test_cli.py checks each for every subcommand):
   folder), ``--output FILE`` names one results file whose companions (``.md``, ``.png``) are written beside
   it. The name tells the user which of the two to give;
 - ``--seq-len`` is 256 tokens for the rows that scoring and healing compute on, and 512 for evaluation's
-  perplexity windows: a perplexity is only comparable with others at the same window, and 512 gives each
-  token the context a model is normally judged with, while layer scores are stable from far shorter rows
-  and cost a forward (and for healing, a backward) pass per row;
+  perplexity windows, on purpose: a perplexity is comparable only with perplexities at the same window, so
+  evaluation keeps the window every reported result used, while scoring and healing pay a forward (and for
+  healing, a backward) pass per row and use the shorter rows their recipes were run with;
 - ``--dtype`` and ``--device`` are checked while the flags are read, before anything is loaded.
 """
 
@@ -51,7 +51,8 @@ class DefaultsShownFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if (not action.option_strings or "default" in text or action.default in (None, False, argparse.SUPPRESS)
+        says_nothing = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if (not action.option_strings or "default" in text or says_nothing
                 or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
             return action.help
         return f"{text} (default: %(default)s)"

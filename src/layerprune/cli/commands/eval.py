@@ -37,8 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group = parser.add_argument_group("perplexity")
     group.add_argument("--ppl", help=f"data sets, comma-separated: {', '.join(PPL_SOURCES)} or text files")
     group.add_argument("--seq-len", type=int, default=512,
-                       help="window length in tokens (default: 512, where scoring and healing use 256: a perplexity "
-                            "compares models at the context they are judged with)")
+                       help="window length in tokens (default: 512, twice the 256 of scoring and healing rows: a "
+                            "perplexity is comparable only at the window the reported results used)")
     group.add_argument("--max-windows", type=int, help="score only the first N windows (quick looks)")
     group = parser.add_argument_group("lm-eval")
     group.add_argument("--tasks", help=f"offline: {', '.join(OFFLINE_TASKS)}; online e.g. {','.join(ONLINE_TASKS)}")
