@@ -57,7 +57,10 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from layerprune.cli import commands
 
-    parser = OneLineParser(prog="layerprune", description="Depth pruning for Hugging Face causal LMs.")
+    parser = OneLineParser(prog="layerprune", description="Depth pruning for Hugging Face causal LMs.",
+                           epilog="Outputs: --out FOLDER where a command fills a folder (prune, heal, run), "
+                                  "--output FILE where it writes one results file with its .md/.png beside it "
+                                  "(score, eval).")
     parser.add_argument("--version", action="version", version=f"layerprune {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
