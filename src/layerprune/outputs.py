@@ -125,6 +125,7 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False, protected: It
     target.parent.mkdir(parents=True, exist_ok=True)
     with _staging_dir(target) as staging:
         yield staging
+        apply_umask(staging)
         _swap_into_place(staging, target)
 
 
@@ -163,6 +164,20 @@ def scratch_dir(parent: Path, purpose: str) -> Iterator[Path]:
     parent.mkdir(parents=True, exist_ok=True)
     with _staging_dir(parent / purpose) as scratch:
         yield scratch
+
+
+def apply_umask(folder: Path) -> None:
+    """Give everything under ``folder`` the mode a plainly created file or folder gets under the umask.
+
+    Some writers create files through a private temporary file (safetensors' ``save_file`` leaves
+    ``model.safetensors`` at 0600), so an exported model could not be shared even under umask 022.
+    Outputs hold data, never programs, so files get ``0o666 & ~umask`` and folders ``0o777 & ~umask``.
+    """
+    umask = os.umask(0)  # the only way to read the umask is to set it; put it back at once
+    os.umask(umask)
+    for path in (folder, *folder.rglob("*")):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _exchange(first: Path, second: Path) -> bool:

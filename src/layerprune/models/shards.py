@@ -71,7 +71,7 @@ class ShardHeader:
 def read_header(path: Path) -> ShardHeader:
     """Parse ``path``'s header (tensors in the order of their bytes), or say the file is broken."""
     broken = f"{path} is not a valid safetensors file"
-    fix = "download the checkpoint again"
+    fix = "are the weight files intact? download the checkpoint again"
     try:
         with path.open("rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
