@@ -6,7 +6,7 @@ import pytest
 
 from layerprune.errors import UsageError
 from layerprune.models.surgery import remove_layers
-from layerprune.scoring import MetricResult, score
+from layerprune.scoring import MetricResult, rescorer, score
 from layerprune.selection import least_important, least_important_run, parse_remove, select
 from tests.scoring.references import loaded_tiny, rows_with_padding
 
@@ -57,7 +57,7 @@ def test_iterative_equals_removing_and_rescoring_by_hand(metric: str) -> None:
     loaded = loaded_tiny("gemma3")
     calibration = rows_with_padding()
     report = score(loaded, calibration, [metric])
-    selection = select(report, 3, "iterative")
+    selection = select(report, 3, "iterative", rescore=rescorer(loaded, calibration))
     working, remaining, expected = loaded.copy(share_weights=True), list(range(loaded.num_layers)), []
     for _ in range(3):
         importance = score(working, calibration, [metric]).results[metric].importance
@@ -67,7 +67,7 @@ def test_iterative_equals_removing_and_rescoring_by_hand(metric: str) -> None:
     assert selection.remove == sorted(expected)
     assert [step["removed"] for step in selection.steps] == expected
     assert loaded.num_layers == 6, "the scored model itself must stay whole"
-    assert report.to_json()["selection"]["strategy"] == "iterative"
+    assert report.to_json(selection)["selection"]["strategy"] == "iterative"
 
 
 def test_selecting_an_unscored_metric_is_refused() -> None:

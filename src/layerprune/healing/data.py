@@ -100,8 +100,10 @@ def instruction_rows(tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, 
 
 
 def load_training_data(tokenizer: PreTrainedTokenizerBase, source: str | Path | TrainingSet, *, samples: int,
-                       seq_len: int, seed: int = 0) -> TrainingSet:
-    """Resolve ``source`` into training rows (train split of a text source, or an instruction file)."""
+                       seq_len: int, seed: int, sampling: str,
+                       text_field: str | None) -> TrainingSet:
+    """Resolve ``source`` into training rows: windows of the train split of a text source, drawn as
+    calibration windows are (``sampling``, ``text_field``), or the examples of an instruction file."""
     if isinstance(source, TrainingSet):
         return source
     from layerprune import data  # the data layer; imported late so healing imports without it
@@ -110,6 +112,6 @@ def load_training_data(tokenizer: PreTrainedTokenizerBase, source: str | Path | 
         examples = data.load_instructions(source)[:samples]
         return instruction_rows(tokenizer, [(e.prompt, e.response) for e in examples], seq_len, str(source))
     calibration = data.build_calibration(tokenizer, str(source), split="train", samples=samples,
-                                         seq_len=seq_len, seed=seed)
+                                         seq_len=seq_len, seed=seed, sampling=sampling, text_field=text_field)
     ids, mask = calibration.input_ids, calibration.attention_mask
     return TrainingSet(ids, mask, ids.masked_fill(mask == 0, IGNORE_INDEX), f"{source} (train split)")

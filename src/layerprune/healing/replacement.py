@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from layerprune.healing.base import HEALERS, Healer, HealOutcome, HealSettings
 from layerprune.healing.data import TrainingSet
 from layerprune.healing.engine import LossFn, process_state, train
 from layerprune.models.loading import LoadedModel
+from layerprune.models.surgery import parse_layer_list
 
 PAIR_CHUNK_ROWS = 64
 _FFN_NOTE = ("It is stored as a standard decoder layer whose attention output projection is zero, so its "
@@ -45,6 +47,26 @@ _FFN_NOTE = ("It is stored as a standard decoder layer whose attention output pr
 
 class _StopForward(Exception):
     """Raised by a hook once the block's output is captured: the rest of the model is not needed."""
+
+
+def parse_block(text: str) -> tuple[int, int]:
+    """``"20-27"`` (inclusive, like --layers) -> the half-open run ``(20, 28)``."""
+    indices = parse_layer_list(text)
+    if len(indices) < 2 or indices != list(range(indices[0], indices[-1] + 1)):
+        raise UsageError(f"--block {text!r} must be a range of at least two consecutive layers, e.g. 20-27")
+    return indices[0], indices[-1] + 1
+
+
+@dataclass(frozen=True)
+class ReplacementOptions:
+    block: tuple[int, int] | None = field(default=None, metadata={
+        "help": "the removed run to replace, original layer indices, e.g. 20-27 (in Python and recipes the "
+                "half-open [start, end)); default: the one removed run, read from layerprune.json",
+        "parse": parse_block, "metavar": "START-END"})
+
+    def check(self) -> None:
+        if self.block is not None and (len(self.block) != 2 or not 0 <= self.block[0] < self.block[1] - 1):
+            raise UsageError(f"block {list(self.block)} must name at least two consecutive layers as [start, end)")
 
 
 def consecutive_runs(indices: list[int]) -> list[tuple[int, int]]:
@@ -65,8 +87,8 @@ def locate_block(loaded: LoadedModel, settings: HealSettings) -> tuple[tuple[int
         raise UsageError("replacement rebuilds the model from the original weights, but this model was already "
                          "replaced or healed; start from the plainly pruned checkpoint")
     removed = list(lineage.get("removed_layers", []))
-    if settings.block is not None:
-        block = settings.block
+    if settings.options.block is not None:
+        block = tuple(settings.options.block)
     else:
         runs = [run for run in consecutive_runs(removed) if run[1] - run[0] >= 2]
         if len(runs) != 1:
@@ -233,6 +255,7 @@ def mse_loss(layer_kwargs: dict[str, Any]) -> LossFn:
 
 class _Replacement(Healer):
     kind: str
+    options_class = ReplacementOptions
     default_lr = 1e-4
     rebuilds_from_original = True
 
@@ -250,13 +273,13 @@ class _Replacement(Healer):
         if end > original.num_layers:
             raise UsageError(f"block {start}-{end - 1} lies outside the original model's {original.num_layers} layers")
         with process_state().main_process_first():  # one process computes the pairs, the others reuse them
-            pairs = cached_pairs(original, (start, end), data, settings.batch_size)
+            pairs = cached_pairs(original, (start, end), data, settings.training.batch_size)
         _, _, layer_kwargs = block_io(original, start, end, data.input_ids[:1],
                                       torch.ones_like(data.input_ids[:1]))
         module = replacement_layer(original, start, self.kind)
         mask_sums = pairs.mask.sum(dim=1)
         report = train(module, pairs, mse_loss(layer_kwargs), lambda rows: float(mask_sums[rows].sum()), settings,
-                       lr=settings.lr or self.default_lr, fingerprint=settings.fingerprint(),
+                       lr=settings.training.lr or self.default_lr, fingerprint=settings.fingerprint(),
                        label=f"replace-{self.kind}")
         module.requires_grad_(False).to(next(original.model.parameters()).dtype)
         for key in ("reason", "recipe"):

@@ -9,7 +9,7 @@ from layerprune.scoring import baselines, magnitude, perplexity, similarity, tay
 from layerprune.scoring.accumulators import SimilarityAccumulator
 from layerprune.scoring.base import METRICS, Metric, MetricResult, ScoringContext
 from layerprune.scoring.forward import Calibration
-from layerprune.scoring.report import ScoreReport, check_metrics, check_score_options, score
+from layerprune.scoring.report import ScoreReport, check_metrics, check_score_options, rescorer, score
 
 __all__ = ["METRICS", "Calibration", "Metric", "MetricResult", "ScoreReport", "ScoringContext",
-           "SimilarityAccumulator", "check_metrics", "check_score_options", "score"]
+           "SimilarityAccumulator", "check_metrics", "check_score_options", "rescorer", "score"]

@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel
+from layerprune.models.surgery import remove_layers
 from layerprune.scoring.base import METRICS, MetricResult, ScoringContext
 from layerprune.scoring.forward import Calibration, CalibrationLike, check_positions
 
-if TYPE_CHECKING:
-    from layerprune.selection import Selection
+
+class Documented(Protocol):
+    """Anything that writes itself as a JSON document (a :class:`layerprune.Selection`)."""
+
+    def to_json(self) -> dict[str, Any]: ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScoreReport:
-    """Scores of every requested metric for the model as scored, plus what they were computed on.
+    """Scores of every requested metric for the model as scored, plus a description of the data.
 
-    It remembers the model, the data and the options, so that the iterative strategy of
-    :func:`layerprune.select` can re-score the model with fewer layers the same way.
+    Plain data: it holds neither the model nor a selection, so selecting from it never changes
+    it and it can be rebuilt from its JSON. Re-scoring a smaller model (the iterative strategy)
+    goes through :func:`rescorer`.
     """
 
     model: str
@@ -31,11 +36,10 @@ class ScoreReport:
     layer_ids: list[int]
     data: dict[str, Any]
     results: dict[str, MetricResult]
-    context: ScoringContext = field(repr=False)
-    selection: Selection | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        """The ``scores.json`` document (see the issue's output shape; extra keys are additive)."""
+    def to_json(self, selection: Documented | None = None) -> dict[str, Any]:
+        """The ``scores.json`` document (see the issue's output shape; extra keys are additive),
+        with ``selection`` (what :func:`layerprune.select` chose from these scores) when given."""
         document: dict[str, Any] = {
             "model": self.model,
             "num_layers": self.num_layers,
@@ -50,8 +54,8 @@ class ScoreReport:
         details = {name: result.details for name, result in self.results.items() if result.details}
         if details:
             document["details"] = details
-        if self.selection is not None:
-            document["selection"] = self.selection.to_json()
+        if selection is not None:
+            document["selection"] = selection.to_json()
         return document
 
 
@@ -112,5 +116,19 @@ def score(
     described.update(positions=positions, batch_size=batch_size, seed=seed)
     return ScoreReport(
         model=loaded.source, num_layers=loaded.num_layers, tokens=rows.tokens if rows is not None else 0,
-        layer_ids=loaded.original_layer_ids, data=described, results=results, context=context,
+        layer_ids=loaded.original_layer_ids, data=described, results=results,
     )
+
+
+def rescorer(loaded: LoadedModel, calibration: CalibrationLike | torch.Tensor | None,
+             **options: Any) -> Callable[[str, list[int]], MetricResult]:
+    """The ``rescore`` function of :func:`layerprune.select`'s iterative strategy: ``rescore(metric,
+    removed)`` scores ``loaded`` without the layers ``removed`` (its indices) on ``calibration``
+    with :func:`score`'s ``options``. Each call cuts a weight-sharing copy, so ``loaded`` stays whole."""
+
+    def rescore(metric: str, removed: list[int]) -> MetricResult:
+        working = loaded.copy(share_weights=True)
+        remove_layers(working.model, removed, working.adapter)
+        return score(working, calibration, [metric], **options).results[metric]
+
+    return rescore

@@ -349,7 +349,7 @@ def stream_score(
         described.update(rows=int(rows.input_ids.shape[0]), seq_len=int(rows.input_ids.shape[1]))
     described.update(positions=positions, batch_size=batch_size, seed=seed, streaming=True)
     return ScoreReport(model=str(scorer.folder), num_layers=len(scorer.layers), tokens=rows.tokens if rows else 0,
-                       layer_ids=loaded.original_layer_ids, data=described, results=results, context=context)
+                       layer_ids=loaded.original_layer_ids, data=described, results=results)
 
 
 def _stream(scorer: StreamingScorer, rows: Calibration | None, names: list[str], context: ScoringContext,

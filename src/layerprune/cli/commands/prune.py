@@ -14,7 +14,7 @@ import torch
 
 from layerprune.api import prune, save
 from layerprune.cli.commands.score import (
-    add_calibration_options, add_selection_options, check_calibration_args, remove_check, score_from_args,
+    add_calibration_options, add_selection_options, check_calibration_args, remove_check, score_and_select,
     selection_strategy,
 )
 from layerprune.cli.options import (
@@ -26,7 +26,6 @@ from layerprune.models.shards import prune_checkpoint
 from layerprune.models.surgery import parse_layer_list, validate_layer_indices
 from layerprune.outputs import check_output_path
 from layerprune.scoring import check_metrics
-from layerprune.selection import select
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -98,8 +97,8 @@ def run_scored(args: argparse.Namespace) -> int:
     check_generate(args)
     check_output_path(args.out, overwrite=args.overwrite, protected=input_folders(args))
     loaded = load_from_args(args, check_config=check_layers)
-    report = score_from_args(loaded, args, metrics)
-    selection = select(report, args.remove, strategy, metrics[0])
+    report, selection = score_and_select(loaded, args, metrics, strategy, metrics[0])
+    assert selection is not None, "run_scored refuses a missing --remove before scoring"
     removed = prune(loaded, selection.remove, reason=f"{selection.metric} scores, {strategy} selection")
     recipe = {"selection": selection.to_json(), "importance": report.results[metrics[0]].importance,
               "data": report.data, "tokens": report.tokens}

@@ -18,12 +18,12 @@ from layerprune.data import SAMPLINGS
 from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel
 from layerprune.reporting.scores import format_table, plot_scores
-from layerprune.scoring import METRICS, ScoreReport, check_metrics, score
+from layerprune.scoring import METRICS, ScoreReport, check_metrics, rescorer, score
 from layerprune.scoring.forward import POSITIONS, check_positions
 from layerprune.scoring.report import needs_data
 from layerprune.scoring.streaming import check_streamable, open_streaming, stream_score
 from layerprune.outputs import write_json_atomic
-from layerprune.selection import STRATEGIES, check_remove, check_strategy, parse_remove, select
+from layerprune.selection import STRATEGIES, Selection, check_remove, check_strategy, parse_remove, select
 
 
 def add_calibration_options(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +49,7 @@ def add_calibration_options(parser: argparse.ArgumentParser) -> None:
 def add_selection_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
     group = parser.add_argument_group("selection")
     group.add_argument("--remove", required=required, help="layers to remove: a count (8) or a share (25%%)")
-    group.add_argument("--strategy", default="independent", choices=STRATEGIES,
+    group.add_argument("--strategy", default="independent", choices=STRATEGIES.names(),
                        help="independent: the N least important layers (ShortGPT); consecutive: the best run of N "
                             "layers (LLM-Streamline, Gromov); iterative: remove one, re-score, repeat (SLEB)")
     group.add_argument("--iterative", action="store_true", help="same as --strategy iterative")
@@ -103,11 +103,17 @@ def data_description(args: argparse.Namespace) -> dict[str, Any]:
             "seq_len": args.seq_len, "sampling": args.sampling}
 
 
-def score_from_args(loaded: LoadedModel, args: argparse.Namespace, metrics: list[str]) -> ScoreReport:
-    """Score ``loaded`` as the calibration flags say (loading data only if a metric needs it)."""
+def score_and_select(loaded: LoadedModel, args: argparse.Namespace, metrics: list[str], strategy: str,
+                     select_by: str) -> tuple[ScoreReport, Selection | None]:
+    """Score ``loaded`` as the calibration flags say (loading data only if a metric needs it) and,
+    with ``--remove``, choose the layers by ``select_by``; iterative selection re-scores the same way."""
     calibration = build_calibration_from_args(loaded, args) if needs_data(metrics) else None
-    return score(loaded, calibration, metrics, batch_size=args.batch_size, positions=args.positions,
-                 seed=args.seed, data=data_description(args) if calibration is not None else None)
+    options = dict(batch_size=args.batch_size, positions=args.positions, seed=args.seed)
+    report = score(loaded, calibration, metrics, data=data_description(args) if calibration is not None else None,
+                   **options)
+    if args.remove is None:
+        return report, None
+    return report, select(report, args.remove, strategy, select_by, rescore=rescorer(loaded, calibration, **options))
 
 
 def stream_from_args(args: argparse.Namespace, metrics: list[str], strategy: str,
@@ -173,15 +179,15 @@ def run(args: argparse.Namespace) -> int:
         _check_file_output(path, args.overwrite, input_folders(args))
     if args.streaming:
         report = stream_from_args(args, metrics, strategy, check_layers)
+        selection = select(report, args.remove, strategy, select_by) if args.remove is not None else None
     else:
-        report = score_from_args(load_from_args(args, check_config=check_layers), args, metrics)
-    if args.remove is not None:
-        select(report, args.remove, strategy, select_by)
-    print(format_table(report))
+        report, selection = score_and_select(load_from_args(args, check_config=check_layers), args, metrics,
+                                             strategy, select_by)
+    print(format_table(report, selection))
     if output is not None:
-        write_json_atomic(output, report.to_json(), overwrite=args.overwrite)
+        write_json_atomic(output, report.to_json(selection), overwrite=args.overwrite)
         print(f"scores written to {output}")
     if plot is not None:
-        plot_scores(report, plot, overwrite=args.overwrite)
+        plot_scores(report, plot, selection, overwrite=args.overwrite)
         print(f"figure written to {plot}")
     return 0
