@@ -136,16 +136,18 @@ def default_text(option: Option) -> str:
     return str(option.default)
 
 
-def add_option_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, options_class: type | None, *,
+def add_option_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *options_classes: type | None,
                      only_given: bool = False, skip: Iterable[str] = ()) -> None:
-    """Add one flag per option of ``options_class`` to ``parser``, its default shown in the help.
+    """Add one flag per option of ``options_classes`` to ``parser``, its default shown in the help
+    (an option several classes declare, e.g. by inheritance, gets one flag).
 
     With ``only_given`` a flag the user does not give leaves no attribute in the namespace (the
     help still shows the real default): the caller then passes on only what was asked for, and the
     unit's own declaration supplies the rest, so no second copy of a default exists.
     """
     skipped = set(skip)
-    for option in options_of(options_class):
+    declared = {o.name: o for options_class in options_classes for o in options_of(options_class)}
+    for option in declared.values():
         if option.name in skipped:
             continue
         shown = default_text(option)

@@ -45,7 +45,7 @@ class TrainingOptions:
     seed: int = field(default=0, metadata={"help": "data sampling and batch order seed"})
     sampling: str = field(default="random", metadata={
         "help": "how training windows are drawn from a text source (as for score's calibration data)",
-        "choices": SAMPLINGS})
+        "choices": tuple(SAMPLINGS.names())})
     text_field: str | None = field(default=None, metadata={
         "help": "the field holding the text in a JSON/CSV/hub dataset"})
     checkpoint_every: int | None = field(default=None, metadata={

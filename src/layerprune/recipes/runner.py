@@ -45,13 +45,14 @@ def _section_fields() -> dict[str, dict[str, FieldSpec]]:
     from layerprune.evaluation import evaluate
     from layerprune.healing import HEALERS, heal
     from layerprune.healing.base import TrainingOptions
-    from layerprune.scoring import score
+    from layerprune.scoring import METRICS, score
     from layerprune.selection import select
 
     return {
         "load": fields_of(load_model, skip=("name_or_path", "check_config")),
         "calibration": fields_of(build_calibration, skip=("tokenizer",)),
-        "score": fields_of(score, skip=("loaded", "calibration", "data")),
+        "score": {**fields_of(score, skip=("loaded", "calibration", "data")),
+                  **option_fields(*(METRICS.get(name).options_class for name in METRICS))},
         "select": fields_of(select, skip=("report", "rescore")),
         "heal": {**fields_of(heal, skip=("loaded", "checkpoint_dir", "resume")),
                  **option_fields(TrainingOptions, *(HEALERS.get(name).options_class for name in HEALERS))},
@@ -337,7 +338,7 @@ def preflight(recipe: Recipe, out: Path) -> None:
                                       calibration["max_positions"])
         options = _with_defaults(score, sections["score"])
         with _at(recipe, "score"):
-            scored = check_score_options(options["metrics"], options["batch_size"], options["positions"])
+            scored = check_score_options(options["metrics"], options["batch_size"], **options["options"])
         if "select" in sections:  # load_recipe refuses a select section without a score section
             options = _with_defaults(select, sections["select"])
             with _at(recipe, "select", "strategy"):

@@ -11,8 +11,8 @@ import torch
 from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel
 from layerprune.models.surgery import remove_layers
-from layerprune.scoring.base import METRICS, MetricResult, ScoringContext
-from layerprune.scoring.forward import Calibration, CalibrationLike, check_positions
+from layerprune.scoring.base import METRICS, MetricResult, ScoringContext, metric_options
+from layerprune.scoring.forward import Calibration, CalibrationLike
 
 
 class Documented(Protocol):
@@ -74,14 +74,26 @@ def needs_data(metrics: Sequence[str]) -> bool:
     return any(METRICS.get(name).needs_data for name in metrics)
 
 
-def check_score_options(metrics: Sequence[str] | str, batch_size: int, positions: str) -> list[str]:
-    """Refuse bad scoring options without a model (a recipe checks them before its first stage);
-    returns the metric names deduplicated."""
+def check_score_options(metrics: Sequence[str] | str, batch_size: int, **options: Any) -> list[str]:
+    """Refuse bad scoring options without a model (a recipe checks them before its first stage):
+    the metric names, the batch and each metric option against its declaration; returns the metric
+    names deduplicated."""
     names = check_metrics(metrics)
-    check_positions(positions)
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    metric_options(names, options)
     return names
+
+
+def describe_data(data: dict[str, Any] | None, rows: Calibration | None, batch_size: int, options: dict[str, Any],
+                  **extra: Any) -> dict[str, Any]:
+    """The report's ``data``: the caller's description, the rows' shape and the scoring options used."""
+    described = dict(data or {})
+    if rows is not None:
+        described.setdefault("source", rows.description)
+        described.update(rows=int(rows.input_ids.shape[0]), seq_len=int(rows.input_ids.shape[1]))
+    described.update(**options, batch_size=batch_size, **extra)
+    return described
 
 
 def score(
@@ -90,33 +102,29 @@ def score(
     metrics: Sequence[str] | str = ("bi",),
     *,
     batch_size: int = 8,
-    positions: str = "all",
-    seed: int = 0,
     data: dict[str, Any] | None = None,
+    **options: Any,
 ) -> ScoreReport:
     """Score every decoder layer of ``loaded`` with each of ``metrics``.
 
     ``calibration`` is a :class:`~layerprune.data.CalibrationSet`, anything with ``input_ids`` and
     ``attention_mask``, or a bare ``input_ids`` tensor; metrics that need no data (``magnitude-*``,
-    ``reverse-order``, ``random``) accept ``None``. ``positions`` is ``all`` (every real token) or
-    ``last`` (the last real token of each row) for the similarity metrics. ``data`` describes the
-    calibration set for the report. The model is not modified.
+    ``reverse-order``, ``random``) accept ``None``. ``options`` are the metrics' own options (each
+    metric's ``options_class``; docs/api.md lists them), e.g. ``positions="last"`` for the
+    similarity metrics or ``seed`` for ``random``; an option no metric declares is refused.
+    ``data`` describes the calibration set for the report. The model is not modified.
     """
-    names = check_score_options(metrics, batch_size, positions)
+    names = check_score_options(metrics, batch_size, **options)
     if calibration is None and needs_data(names):
         wanting = [n for n in names if METRICS.get(n).needs_data]
         raise UsageError(f"metrics {', '.join(wanting)} need calibration data; pass --data (e.g. --data wiki-sample)")
     rows = Calibration.of(calibration) if calibration is not None else None
-    context = ScoringContext(loaded, rows, batch_size=batch_size, positions=positions, seed=seed)
+    context = ScoringContext(loaded, rows, batch_size=batch_size, options=metric_options(names, options))
     results = {name: METRICS.get(name).compute(context, name) for name in names}
-    described = dict(data or {})
-    if rows is not None:
-        described.setdefault("source", rows.description)
-        described.update(rows=int(rows.input_ids.shape[0]), seq_len=int(rows.input_ids.shape[1]))
-    described.update(positions=positions, batch_size=batch_size, seed=seed)
     return ScoreReport(
         model=loaded.source, num_layers=loaded.num_layers, tokens=rows.tokens if rows is not None else 0,
-        layer_ids=loaded.original_layer_ids, data=described, results=results,
+        layer_ids=loaded.original_layer_ids, data=describe_data(data, rows, batch_size, context.options),
+        results=results,
     )
 
 
