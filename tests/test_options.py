@@ -90,7 +90,8 @@ def test_heal_flag_default_equals_api_default_equals_recipe_default(method: str,
 def test_checkpoint_default_is_a_quarter_of_the_steps_on_the_cli_in_recipes_and_the_api(tmp_path: Path) -> None:
     assert heal_settings("partial-ft", "d", steps=40, checkpoint_dir=tmp_path).checkpoint_interval == 10
     assert heal_settings("partial-ft", "d", steps=40).checkpoint_interval == 0  # nowhere to write
-    assert heal_settings("partial-ft", "d", steps=40, checkpoint_every=0, checkpoint_dir=tmp_path).checkpoint_interval == 0
+    never = heal_settings("partial-ft", "d", steps=40, checkpoint_every=0, checkpoint_dir=tmp_path)
+    assert never.checkpoint_interval == 0
     assert heal_settings("partial-ft", "d", steps=2, checkpoint_dir=tmp_path).checkpoint_interval == 1
 
 

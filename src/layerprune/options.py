@@ -60,7 +60,8 @@ class Option:
     def check(self, value: Any, unit: str) -> None:
         """Refuse a value of the wrong type, outside the choices or out of range, naming the option."""
         if not matches(value, self.annotation):
-            raise UsageError(f"{self.flag} of {unit} must be {type_name(self.annotation)}, got {value!r}; fix its value")
+            raise UsageError(f"{self.flag} of {unit} must be {type_name(self.annotation)}, got {value!r}; "
+                             "fix its value")
         if value is None:
             return
         if self.choices is not None and value not in self.choices:

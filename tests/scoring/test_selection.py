@@ -76,3 +76,16 @@ def test_selecting_an_unscored_metric_is_refused() -> None:
         select(report, 2, metric="bi")
     with pytest.raises(UsageError, match="unknown strategy"):
         select(report, 2, "greedy")
+
+
+def test_selection_leaves_the_plain_report_alone_and_iterative_needs_a_rescore_function() -> None:
+    report = score(loaded_tiny("llama"), None, ["magnitude-l1"])
+    before = report.to_json()
+    chosen = select(report, 2, "independent")
+    assert report.to_json() == before and "selection" not in before
+    importance = report.results["magnitude-l1"].importance
+    expected = sorted(sorted(range(len(importance)), key=importance.__getitem__)[:2])
+    assert report.to_json(chosen)["selection"] == {"metric": "magnitude-l1", "strategy": "independent",
+                                                   "remove": expected}
+    with pytest.raises(UsageError, match="pass rescore="):
+        select(report, 2, "iterative")

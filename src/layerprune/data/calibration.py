@@ -2,7 +2,8 @@
 
 Three samplings, each a registered unit in :data:`SAMPLINGS`: ``random`` (seeded random windows
 of the concatenated split, the default), ``contiguous`` (the first N non-overlapping windows) and
-``documents`` (one right-padded window per document, the only one with padding). The text is tokenized without special tokens; every
+``documents`` (one right-padded window per document, the only one with padding). The text is
+tokenized without special tokens; every
 window then starts with the tokens the tokenizer puts before any text (:func:`text_prefix`), as
 lm-eval's rolling windows do, because a model trained always to see its BOS first is far off
 without it.

@@ -134,16 +134,17 @@ class Metric:
     """A layer-importance metric: subclass, set the class attributes, implement :meth:`compute`,
     and register an instance in :data:`METRICS`.
 
-    ``options_class`` declares the metric's options (see :mod:`layerprune.options`). Under layer
-    streaming a metric either needs nothing from the layers (``layer_pass`` returns ``None`` and
-    ``compute`` runs on the weightless skeleton), or returns the :class:`LayerPass` that fills what
-    ``compute`` reads; ``streaming_refusal`` says why one cannot stream at all.
+    ``options_class`` declares the metric's options (see :mod:`layerprune.options`). A metric that
+    can run under layer streaming sets ``streaming_refusal = None`` and either needs nothing from
+    the layers (``layer_pass`` returns ``None`` and ``compute`` runs on the weightless skeleton) or
+    returns the :class:`LayerPass` that fills what ``compute`` reads; otherwise ``streaming_refusal``
+    says why it cannot stream.
     """
 
     options_class: type | None = None
     needs_data: bool = True
     meaning: str = ""
-    streaming_refusal: str | None = None
+    streaming_refusal: str | None = "it declares no way to run layer by layer"
 
     def compute(self, context: ScoringContext, name: str) -> MetricResult:
         raise NotImplementedError

@@ -15,6 +15,7 @@ from layerprune.scoring.base import METRICS, LayerPass, Metric, MetricResult, Sc
 
 class WeightMagnitude(Metric):
     needs_data = False
+    streaming_refusal = None
 
     def __init__(self, order: int) -> None:
         self.order = order

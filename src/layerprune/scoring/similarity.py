@@ -89,6 +89,7 @@ class _Similarity(Metric):
 
     options_class = SimilarityOptions
     pairs = True
+    streaming_refusal = None
 
     def accumulated(self, context: ScoringContext) -> SimilarityAccumulator:
         positions = context.options_of(self).positions

@@ -294,12 +294,13 @@ def all_reduce_sums(*tensors: torch.Tensor) -> None:
 
 
 def check_streamable(names: list[str]) -> None:
-    refused = [METRICS.get(n).streaming_refusal for n in names if METRICS.get(n).streaming_refusal]
+    """Refuse metrics that cannot run layer by layer, with each one's reason (its ``streaming_refusal``)."""
+    refused = {n: METRICS.get(n).streaming_refusal for n in names if METRICS.get(n).streaming_refusal}
     if refused:
         streamable = [n for n in METRICS.names() if not METRICS.get(n).streaming_refusal]
-        raise UsageError(f"metric(s) {', '.join(n for n in names if METRICS.get(n).streaming_refusal)} cannot be "
-                         f"computed layer by layer ({'; '.join(refused)}); stream only {', '.join(streamable)}, or "
-                         "score in memory without --streaming")
+        raise UsageError(f"metric(s) {', '.join(refused)} cannot be computed layer by layer "
+                         f"({'; '.join(map(str, refused.values()))}); stream only {', '.join(streamable)}, or score "
+                         "in memory without --streaming")
 
 
 def stream_score(
