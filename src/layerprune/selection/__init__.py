@@ -121,11 +121,15 @@ def least_important_run(result: MetricResult, count: int) -> list[int]:
 
 
 class Independent(Strategy):
+    """The ``count`` least important layers, wherever they are (ShortGPT)."""
+
     def choose(self, result: MetricResult, count: int, rescore: Rescore | None) -> Choice:
         return least_important(result.importance, count), []
 
 
 class Consecutive(Strategy):
+    """The run of ``count`` adjacent layers that matters least (LLM-Streamline, Gromov et al.)."""
+
     def choose(self, result: MetricResult, count: int, rescore: Rescore | None) -> Choice:
         return least_important_run(result, count), []
 
