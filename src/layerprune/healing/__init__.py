@@ -8,4 +8,5 @@ from layerprune.healing.base import HEALERS, DistillOptions, Healer, HealOutcome
 from layerprune.healing.data import TrainingSet
 from layerprune.healing.heal import heal
 
-__all__ = ["HEALERS", "DistillOptions", "HealOutcome", "HealSettings", "Healer", "TrainingOptions", "TrainingSet", "heal"]
+__all__ = ["HEALERS", "DistillOptions", "HealOutcome", "HealSettings", "Healer", "TrainingOptions", "TrainingSet",
+           "heal"]

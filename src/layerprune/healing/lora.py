@@ -106,8 +106,9 @@ class QLoRA(LoRA):
         quantized = prepare_model_for_kbit_training(quantized,
                                                     use_gradient_checkpointing=settings.training.gradient_checkpointing)
         peft_quantized = get_peft_model(quantized, config)
-        report = fit_language_model(peft_quantized, data, settings, original, lr=settings.training.lr or self.default_lr,
-                                    fingerprint=settings.fingerprint(), label="qlora")
+        report = fit_language_model(peft_quantized, data, settings, original,
+                                    lr=settings.training.lr or self.default_lr, fingerprint=settings.fingerprint(),
+                                    label="qlora")
         adapters = get_peft_model_state_dict(peft_quantized)
         full_precision = get_peft_model(loaded.model, config)
         set_peft_model_state_dict(full_precision, adapters)
