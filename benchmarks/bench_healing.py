@@ -77,8 +77,8 @@ def selections() -> dict[str, list[int]]:
     loaded = lp.load_model(MODEL)
     calibration = build_calibration(loaded.tokenizer, DATA, split="train", samples=32, seq_len=256)
     report = score(loaded, calibration, ["bi", "reverse-order"])
-    chosen = {"bi": select(report, REMOVE, "consecutive", "bi", attach=False).remove,
-              "reverse-order": select(report, REMOVE, "independent", "reverse-order", attach=False).remove}
+    chosen = {"bi": select(report, REMOVE, "consecutive", "bi").remove,
+              "reverse-order": select(report, REMOVE, "independent", "reverse-order").remove}
     write_json_atomic(path, chosen)
     return chosen
 

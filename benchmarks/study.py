@@ -47,7 +47,7 @@ from layerprune.evaluation.perplexity import dataset_perplexity
 from layerprune.evaluation.stability import stability_by_task
 from layerprune.models.lineage import versions
 from layerprune.outputs import write_bytes_atomic, write_json_atomic
-from layerprune.scoring import ScoreReport, score
+from layerprune.scoring import ScoreReport, rescorer, score
 from layerprune.selection import select
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,13 +158,16 @@ class ModelRun:
         self.base = json.loads(base_file.read_text())
 
     @functools.cached_property
+    def calibration(self) -> Any:
+        return build_calibration(self.original.tokenizer, "wiki-sample", samples=self.args.samples,
+                                 seq_len=self.args.seq_len)
+
+    @functools.cached_property
     def report(self) -> ScoreReport:
         """Every metric's scores, computed on first need (re-timing old cells needs none). They are
         merged into ``scores.json``, so a run over a few metrics keeps the others' profiles."""
         metrics = sorted({METRICS[m][0] for m in self.args.metrics.split(",") if m})
-        calibration = build_calibration(self.original.tokenizer, "wiki-sample", samples=self.args.samples,
-                                        seq_len=self.args.seq_len)
-        report = score(self.original, calibration, metrics, batch_size=8)
+        report = score(self.original, self.calibration, metrics, batch_size=8)
         scores_file, document = self.folder / "scores.json", report.to_json()
         if scores_file.exists():
             kept = json.loads(scores_file.read_text())
@@ -192,7 +195,8 @@ class ModelRun:
             for metric, ratio in wanted:
                 scoring_metric, strategy = METRICS[metric]
                 chosen.setdefault(f"{metric} {ratio}",
-                                  select(self.report, ratio, strategy, scoring_metric, attach=False).remove)
+                                  select(self.report, ratio, strategy, scoring_metric,
+                                         rescore=rescorer(self.original, self.calibration, batch_size=8)).remove)
             write_json_atomic(chosen_file, chosen)
         return chosen
 

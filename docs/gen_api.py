@@ -2,8 +2,10 @@
 
     python docs/gen_api.py
 
-The reference is generated (signatures and docstrings of everything in ``layerprune.__all__``) so
-it cannot drift from the code; a test checks that the committed file is current.
+The reference is generated (signatures and docstrings of everything in ``layerprune.__all__``,
+then every registered metric, healing method, selection strategy and sampling with the table of
+its options, read from their declarations) so it cannot drift from the code; a test checks that
+the committed file is current.
 """
 
 from __future__ import annotations
@@ -13,6 +15,13 @@ import sys
 from pathlib import Path
 
 import layerprune
+from layerprune.data.calibration import SAMPLINGS
+from layerprune.healing import HEALERS
+from layerprune.healing.base import TrainingOptions
+from layerprune.options import options_table, unit_options
+from layerprune.registry import Registry
+from layerprune.scoring import METRICS
+from layerprune.selection import STRATEGIES
 
 TARGET = Path(__file__).with_name("api.md")
 
@@ -29,7 +38,25 @@ def render() -> str:
             signature = ""
         lines += [f"## `lp.{name}`", "", f"```python\n{kind} {name}{signature}\n```", "",
                   inspect.cleandoc(item.__doc__ or "(no docstring)"), ""]
-    return "\n".join(lines)
+    return "\n".join(lines + render_units())
+
+
+def render_units() -> list[str]:
+    """Every registered unit with its options: the flags (``--name``), recipe keys and keyword
+    arguments (``name``) are all generated from these declarations, with these defaults."""
+    lines = ["# Registered units and their options", "",
+             "Each option is a keyword argument of the API function, a key of the recipe section and a "
+             "command-line flag, with the same default everywhere.", ""]
+    lines += ["## Healing: options every method takes", "", *options_table(TrainingOptions), ""]
+    sections: list[tuple[str, Registry]] = [("Metrics (`score`)", METRICS), ("Healing methods (`heal`)", HEALERS),
+                                            ("Selection strategies (`select`)", STRATEGIES),
+                                            ("Samplings (`build_calibration`)", SAMPLINGS)]
+    for title, registry in sections:
+        lines += [f"## {title}", ""]
+        for name in registry.names():
+            table = options_table(unit_options(registry.get(name)))
+            lines += [f"### `{name}`", "", *(table or ["No options of its own."]), ""]
+    return lines
 
 
 def main() -> int:

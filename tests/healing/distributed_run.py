@@ -15,12 +15,18 @@ from layerprune.distributed import process_state
 from layerprune.healing import heal
 from tests.healing.conftest import pruned_pair, training_rows
 
-TRAINING = dict(steps=6, batch_size=4, lr=1e-2, train_layers=2)
+TRAINING = dict(steps=6, batch_size=4, lr=1e-2)
+OWN_OPTIONS = {"partial-ft": dict(train_layers=2)}  # each method takes only its own options
+
+
+def training_options(method: str) -> dict:
+    """The options the tests heal ``method`` with: the shared ones and, where it has them, its own."""
+    return TRAINING | OWN_OPTIONS.get(method, {})
 
 
 def healed_state(method: str) -> dict[str, torch.Tensor]:
     original, pruned = pruned_pair()
-    healed = heal(pruned, method, training_rows(), original=original, **TRAINING)
+    healed = heal(pruned, method, training_rows(), original=original, **training_options(method))
     return {k: v.detach().clone() for k, v in healed.model.state_dict().items()}
 
 

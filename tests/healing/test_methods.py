@@ -17,7 +17,8 @@ from layerprune.models.loading import LoadedModel
 from tests.healing.conftest import BLOCK, NUM_LAYERS, pruned_pair, training_rows
 from tests.helpers import tiny_loaded
 
-FAST = dict(steps=30, batch_size=4, lr=5e-3, train_layers=2)
+FAST_TRAINING = dict(steps=30, batch_size=4, lr=5e-3)
+FAST = {**FAST_TRAINING, "train_layers": 2}  # partial-ft's own option; other methods refuse it
 # what a reader of the model card must learn about each replacement kind
 REPLACEMENT_NOTES = {"ffn": "attention output projection is zero", "layer": "initialised from the block's first layer"}
 
@@ -78,7 +79,7 @@ def test_lora_changes_only_target_projections_and_merges() -> None:
     data = training_rows()
     before = _snapshot(pruned.model)
     loss_before = _lm_loss(pruned.model, data.input_ids)
-    healed = heal(pruned, "lora", data, original=original, lora_rank=4, **FAST)
+    healed = heal(pruned, "lora", data, original=original, lora_rank=4, **FAST_TRAINING)
     assert type(healed.model).__name__ == "LlamaForCausalLM"
     after = _snapshot(healed.model)
     assert not any("lora" in k for k in after)
@@ -157,7 +158,8 @@ def test_ffn_replacement_is_exactly_a_pre_norm_mlp() -> None:
 @pytest.mark.parametrize("method", ["partial-ft", "lora", "replace-ffn", "replace-layer"])
 def test_export_reloads_in_plain_transformers_with_identical_logits(method: str, tmp_path) -> None:
     original, pruned = pruned_pair()
-    healed = heal(pruned, method, training_rows(), original=original, steps=3, batch_size=4, lr=1e-2, lora_rank=4)
+    own = {"lora_rank": 4} if method == "lora" else {}
+    healed = heal(pruned, method, training_rows(), original=original, steps=3, batch_size=4, lr=1e-2, **own)
     out = lp.save(healed, tmp_path / "healed")
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
     ids = training_rows(2, 12, seed=5).input_ids

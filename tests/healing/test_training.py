@@ -15,20 +15,20 @@ import torch.nn.functional as F
 
 from layerprune.errors import UsageError
 from layerprune.healing import TrainingSet, engine, heal
-from layerprune.healing.base import HealSettings
+from layerprune.healing.base import DistillOptions
 from layerprune.healing.data import IGNORE_INDEX, instruction_rows, is_instruction_file
 from layerprune.healing.objectives import token_loss_sums
 from layerprune.models.tiny import byte_tokenizer
 from tests.healing.conftest import pruned_pair, training_rows
+from tests.healing.distributed_run import healed_state, training_options
 from tests.helpers import tiny_loaded
-from tests.healing.distributed_run import TRAINING, healed_state
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _heal_state(method: str, **options) -> dict[str, torch.Tensor]:
     original, pruned = pruned_pair()
-    healed = heal(pruned, method, training_rows(), original=original, **(TRAINING | options))
+    healed = heal(pruned, method, training_rows(), original=original, **(training_options(method) | options))
     return healed.model.state_dict()
 
 
@@ -93,11 +93,11 @@ def test_loss_matches_reference_cross_entropy_and_kl() -> None:
     s, t, y = student[:, :-1][keep], teacher[:, :-1][keep], labels[:, 1:][keep]
     ce = F.cross_entropy(s, y, reduction="sum")
     kl = sum((t[i].softmax(-1) * (t[i].log_softmax(-1) - s[i].log_softmax(-1))).sum() for i in range(len(y)))
-    plain = HealSettings()
+    plain = DistillOptions()
     torch.testing.assert_close(token_loss_sums(student, labels, None, plain), ce)
-    mixed = HealSettings(distill=True, distill_weight=0.25)
+    mixed = DistillOptions(distill=True, distill_weight=0.25)
     torch.testing.assert_close(token_loss_sums(student, labels, teacher, mixed), 0.75 * ce + 0.25 * kl)
-    only_kl = HealSettings(distill=True, distill_weight=1.0)
+    only_kl = DistillOptions(distill=True, distill_weight=1.0)
     assert token_loss_sums(student, labels, student, only_kl).abs() < 1e-5
 
 

@@ -47,7 +47,7 @@ def test_same_seed_same_scores_and_selection() -> None:
     def run(seed: int) -> tuple[dict, list[int], list[int]]:
         report = score(tiny_loaded(), calibration_ids(), ["bi", "taylor", "random"], seed=seed)
         chosen = select(report, 2, metric="taylor").remove
-        by_random = select(report, "50%", metric="random", attach=False).remove
+        by_random = select(report, "50%", metric="random").remove
         return report.to_json()["metrics"], chosen, by_random
 
     first, again, other = run(7), run(7), run(8)

@@ -23,7 +23,7 @@ def test_smollm2_scores_select_and_prune_on_wiki_sample(smollm2: lp.LoadedModel)
     calibration = build_calibration(smollm2.tokenizer, "wiki-sample", samples=4, seq_len=64, seed=0)
     report = lp.score(smollm2, calibration, ["bi", "angular", "block-cosine"], batch_size=4)
     selection = lp.select(report, "25%", "independent", "bi")
-    document = report.to_json()
+    document = report.to_json(selection)
     assert document["num_layers"] == 30 and document["tokens"] == 256
     assert len(document["metrics"]["bi"]) == 30 and len(document["metrics"]["angular"]["30"]) == 1
     assert document["selection"] == {"metric": "bi", "strategy": "independent", "remove": selection.remove}

@@ -6,7 +6,7 @@ import pytest
 
 from layerprune.errors import UsageError
 from layerprune.models.surgery import remove_layers
-from layerprune.scoring import MetricResult, score
+from layerprune.scoring import MetricResult, rescorer, score
 from layerprune.selection import least_important, least_important_run, parse_remove, select
 from tests.helpers import tiny_loaded
 from tests.scoring.references import rows_with_padding
@@ -58,7 +58,7 @@ def test_iterative_equals_removing_and_rescoring_by_hand(metric: str) -> None:
     loaded = tiny_loaded("gemma3")
     calibration = rows_with_padding()
     report = score(loaded, calibration, [metric])
-    selection = select(report, 3, "iterative")
+    selection = select(report, 3, "iterative", rescore=rescorer(loaded, calibration))
     working, remaining, expected = loaded.copy(share_weights=True), list(range(loaded.num_layers)), []
     for _ in range(3):
         importance = score(working, calibration, [metric]).results[metric].importance
@@ -68,7 +68,7 @@ def test_iterative_equals_removing_and_rescoring_by_hand(metric: str) -> None:
     assert selection.remove == sorted(expected)
     assert [step["removed"] for step in selection.steps] == expected
     assert loaded.num_layers == 6, "the scored model itself must stay whole"
-    assert report.to_json()["selection"]["strategy"] == "iterative"
+    assert report.to_json(selection)["selection"]["strategy"] == "iterative"
 
 
 def test_selecting_an_unscored_metric_is_refused() -> None:
@@ -77,3 +77,16 @@ def test_selecting_an_unscored_metric_is_refused() -> None:
         select(report, 2, metric="bi")
     with pytest.raises(UsageError, match="unknown strategy"):
         select(report, 2, "greedy")
+
+
+def test_selection_leaves_the_plain_report_alone_and_iterative_needs_a_rescore_function() -> None:
+    report = score(tiny_loaded("llama"), None, ["magnitude-l1"])
+    before = report.to_json()
+    chosen = select(report, 2, "independent")
+    assert report.to_json() == before and "selection" not in before
+    importance = report.results["magnitude-l1"].importance
+    expected = sorted(sorted(range(len(importance)), key=importance.__getitem__)[:2])
+    assert report.to_json(chosen)["selection"] == {"metric": "magnitude-l1", "strategy": "independent",
+                                                   "remove": expected}
+    with pytest.raises(UsageError, match="pass rescore="):
+        select(report, 2, "iterative")

@@ -33,10 +33,11 @@ from layerprune.data import SAMPLINGS
 from layerprune.errors import UsageError
 from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir, resolve_alias
 from layerprune.models.loading import LoadedModel, load_model, resolve_dtype
-from layerprune.scoring import ScoreReport, score
-from layerprune.scoring.forward import POSITIONS, check_positions
+from layerprune.options import add_option_flags, options_of
+from layerprune.scoring import METRICS, ScoreReport, rescorer, score
+from layerprune.scoring.base import metric_options
 from layerprune.scoring.report import needs_data
-from layerprune.selection import STRATEGIES, check_remove, check_strategy, parse_remove
+from layerprune.selection import STRATEGIES, Selection, check_remove, check_strategy, parse_remove, select
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICE = re.compile(r"^(cpu|mps|auto|cuda(:\d+)?)$")
@@ -159,18 +160,27 @@ def add_calibration_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int,
                        help="rows per forward pass (default: 8; 1 with --streaming, whose point is low memory)")
     group.add_argument("--seed", type=int, default=0, help="seed for sampling windows and the random metric")
-    group.add_argument("--sampling", default="random", choices=SAMPLINGS,
+    group.add_argument("--sampling", default="random", choices=SAMPLINGS.names(),
                        help="random windows (default), contiguous windows from the start of the text, or one "
                             "padded window per document")
-    group.add_argument("--positions", default="all", choices=POSITIONS,
-                       help="similarity metrics average over all real tokens (default) or only each row's last "
-                            "token (Gromov et al.)")
+    add_option_flags(parser.add_argument_group("metric options (each read by the metrics that declare it)"),
+                     *metric_options_classes(), skip=("seed",))  # --seed above also seeds the data
+
+
+def metric_options_classes() -> list[type]:
+    """The options classes the registered metrics declare, each once."""
+    return list(dict.fromkeys(c for c in (METRICS.get(n).options_class for n in METRICS) if c is not None))
+
+
+def metric_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The value of every metric option on the command line (flags, and --seed for ``random``)."""
+    return {o.name: getattr(args, o.name) for c in metric_options_classes() for o in options_of(c)}
 
 
 def add_selection_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
     group = parser.add_argument_group("selection")
     group.add_argument("--remove", required=required, help="layers to remove: a count (8) or a share (25%%)")
-    group.add_argument("--strategy", default="independent", choices=STRATEGIES,
+    group.add_argument("--strategy", default="independent", choices=STRATEGIES.names(),
                        help="independent: the N least important layers (ShortGPT); consecutive: the best run of N "
                             "layers (LLM-Streamline, Gromov); iterative: remove one, re-score, repeat (SLEB)")
     group.add_argument("--iterative", action="store_true", help="same as --strategy iterative")
@@ -185,7 +195,7 @@ def check_calibration_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.seq_len < 2:
         raise UsageError(f"--seq-len must be at least 2 to have a next token to predict, got {args.seq_len}")
-    check_positions(args.positions)
+    metric_options([], metric_options_from_args(args))
     from layerprune.data import check_source  # reads no data: a mistyped --data fails before the model loads
 
     check_source(args.data, args.split)
@@ -224,11 +234,17 @@ def data_description(args: argparse.Namespace) -> dict[str, Any]:
             "seq_len": args.seq_len, "sampling": args.sampling}
 
 
-def score_from_args(loaded: LoadedModel, args: argparse.Namespace, metrics: list[str]) -> ScoreReport:
-    """Score ``loaded`` as the calibration flags say (loading data only if a metric needs it)."""
+def score_and_select(loaded: LoadedModel, args: argparse.Namespace, metrics: list[str], strategy: str,
+                     select_by: str) -> tuple[ScoreReport, Selection | None]:
+    """Score ``loaded`` as the calibration flags say (loading data only if a metric needs it) and,
+    with ``--remove``, choose the layers by ``select_by``; iterative selection re-scores the same way."""
     calibration = build_calibration_from_args(loaded, args) if needs_data(metrics) else None
-    return score(loaded, calibration, metrics, batch_size=args.batch_size, positions=args.positions,
-                 seed=args.seed, data=data_description(args) if calibration is not None else None)
+    options = dict(batch_size=args.batch_size, **metric_options_from_args(args))
+    report = score(loaded, calibration, metrics, data=data_description(args) if calibration is not None else None,
+                   **options)
+    if args.remove is None:
+        return report, None
+    return report, select(report, args.remove, strategy, select_by, rescore=rescorer(loaded, calibration, **options))
 
 
 def warn_if_most_layers_go(args: argparse.Namespace, removed: int, num_layers: int) -> None:

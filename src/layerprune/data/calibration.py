@@ -1,8 +1,9 @@
 """Token windows for calibration, training and perplexity.
 
-Three samplings: ``random`` (seeded random windows of the concatenated split, the default),
-``contiguous`` (the first N non-overlapping windows) and ``documents`` (one right-padded window
-per document, the only one with padding). The text is tokenized without special tokens; every
+Three samplings, each a registered unit in :data:`SAMPLINGS`: ``random`` (seeded random windows
+of the concatenated split, the default), ``contiguous`` (the first N non-overlapping windows) and
+``documents`` (one right-padded window per document, the only one with padding). The text is
+tokenized without special tokens; every
 window then starts with the tokens the tokenizer puts before any text (:func:`text_prefix`), as
 lm-eval's rolling windows do, because a model trained always to see its BOS first is far off
 without it.
@@ -10,9 +11,10 @@ without it.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -21,8 +23,8 @@ from layerprune.data.rows import CalibrationSet
 from layerprune.data.sources import load_texts, source_key
 from layerprune.data.store import cached_tokens, tokenizer_fingerprint
 from layerprune.errors import UsageError
+from layerprune.registry import Registry
 
-SAMPLINGS = ("random", "contiguous", "documents")
 DOCUMENT_SEPARATOR = "\n\n"
 
 
@@ -73,8 +75,7 @@ def text_per_window(seq_len: int, prefix: Sequence[int]) -> int:
 
 def check_calibration_options(samples: int, seq_len: int, sampling: str, max_positions: int | None) -> None:
     """Refuse impossible window settings before any text is read or tokenized."""
-    if sampling not in SAMPLINGS:
-        raise UsageError(f"unknown sampling {sampling!r}; use one of: {', '.join(SAMPLINGS)}")
+    SAMPLINGS.get(sampling)
     if samples < 1:
         raise UsageError(f"--samples must be at least 1, got {samples}")
     if seq_len < 2:
@@ -99,43 +100,103 @@ def build_calibration(tokenizer: PreTrainedTokenizerBase, source: str | Path, *,
     info = {"source": str(source), "split": split, "samples": samples, "seq_len": seq_len, "seed": seed,
             "sampling": sampling, **({"text_field": text_field} if text_field else {}),
             **({"prefix": prefix} if prefix else {})}
-    body = text_per_window(seq_len, prefix)
-    if sampling == "documents":
-        return _document_windows(tokenizer, source, split, text_field, samples, seq_len, prefix, info)
-    stream = token_stream(tokenizer, source, split, text_field)
-    if stream.numel() < body:
-        raise UsageError(f"{source} ({split} split) has {stream.numel()} tokens, fewer than --seq-len {seq_len}; "
-                         "lower --seq-len or use more data")
-    if sampling == "contiguous":
-        fit = stream.numel() // body
-        if fit < samples:
-            raise UsageError(f"{source} ({split} split) holds only {fit} non-overlapping windows of {seq_len} tokens, "
-                             f"fewer than --samples {samples}; lower --samples or --seq-len, or use random sampling")
-        texts = stream[: samples * body].view(samples, body)
-    else:
-        generator = torch.Generator().manual_seed(seed)
-        starts = torch.randint(0, stream.numel() - body + 1, (samples,), generator=generator)
-        texts = torch.stack([stream[start:start + body] for start in starts.tolist()])
-    rows = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(samples, -1), texts], dim=1)
-    return CalibrationSet(rows, torch.ones_like(rows), info)
-
-
-def _document_windows(tokenizer: PreTrainedTokenizerBase, source: str | Path, split: str, text_field: str | None,
-                      samples: int, seq_len: int, prefix: list[int], info: dict[str, Any]) -> CalibrationSet:
-    """``samples`` documents picked with the seed, each after ``prefix``, truncated to ``seq_len``
-    and right-padded."""
-    documents = [prefix + ids[:seq_len - len(prefix)]
-                 for ids in _tokenize(tokenizer, load_texts(source, split, text_field)) if ids]
-    if len(documents) < samples:
-        raise UsageError(f"{source} ({split} split) holds {len(documents)} documents, fewer than --samples {samples} "
-                         "(documents sampling takes one window per document); lower --samples or use random sampling")
-    generator = torch.Generator().manual_seed(info["seed"])
-    order = torch.randperm(len(documents), generator=generator)[:samples].tolist()
-    pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-    input_ids = torch.full((samples, seq_len), pad, dtype=torch.long)
-    attention_mask = torch.zeros((samples, seq_len), dtype=torch.long)
-    for row, index in enumerate(order):
-        document = torch.tensor(documents[index], dtype=torch.long)
-        input_ids[row, : document.numel()] = document
-        attention_mask[row, : document.numel()] = 1
+    text_per_window(seq_len, prefix)  # refuses a window with no room for text
+    request = WindowRequest(tokenizer, source, split, text_field, samples, seq_len, seed, prefix)
+    input_ids, attention_mask = SAMPLINGS.get(sampling).draw(request)
     return CalibrationSet(input_ids, attention_mask, info)
+
+
+@dataclass(frozen=True)
+class WindowRequest:
+    """What a sampling draws from and how many windows of what length, each starting with ``prefix``."""
+
+    tokenizer: PreTrainedTokenizerBase
+    source: str | Path
+    split: str
+    text_field: str | None
+    samples: int
+    seq_len: int
+    seed: int
+    prefix: list[int]
+
+
+class Sampling(ABC):
+    """One way to draw calibration windows: subclass, implement :meth:`draw`, register an instance
+    in :data:`SAMPLINGS`. ``options_class`` declares its options (none so far: the seed is the
+    calibration set's own)."""
+
+    options_class: type | None = None
+
+    @abstractmethod
+    def draw(self, request: WindowRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_ids`` and ``attention_mask``, ``[samples, seq_len]``."""
+
+
+class _StreamWindows(Sampling):
+    """Windows cut from the split's one token stream, all full (no padding)."""
+
+    def draw(self, request: WindowRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        body = text_per_window(request.seq_len, request.prefix)
+        stream = token_stream(request.tokenizer, request.source, request.split, request.text_field)
+        if stream.numel() < body:
+            raise UsageError(f"{request.source} ({request.split} split) has {stream.numel()} tokens, fewer than "
+                             f"--seq-len {request.seq_len}; lower --seq-len or use more data")
+        texts = self.texts(stream, body, request)
+        rows = torch.cat([torch.tensor(request.prefix, dtype=torch.long).expand(request.samples, -1), texts], dim=1)
+        return rows, torch.ones_like(rows)
+
+    @abstractmethod
+    def texts(self, stream: torch.Tensor, body: int, request: WindowRequest) -> torch.Tensor:
+        """``[samples, body]`` text tokens of the windows."""
+
+
+class RandomWindows(_StreamWindows):
+    """Seeded random offsets (overlaps allowed: a small corpus still yields many windows)."""
+
+    def texts(self, stream: torch.Tensor, body: int, request: WindowRequest) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(request.seed)
+        starts = torch.randint(0, stream.numel() - body + 1, (request.samples,), generator=generator)
+        return torch.stack([stream[start:start + body] for start in starts.tolist()])
+
+
+class ContiguousWindows(_StreamWindows):
+    """The first non-overlapping windows of the split."""
+
+    def texts(self, stream: torch.Tensor, body: int, request: WindowRequest) -> torch.Tensor:
+        fit = stream.numel() // body
+        if fit < request.samples:
+            raise UsageError(f"{request.source} ({request.split} split) holds only {fit} non-overlapping windows of "
+                             f"{request.seq_len} tokens, fewer than --samples {request.samples}; lower --samples or "
+                             "--seq-len, or use random sampling")
+        return stream[: request.samples * body].view(request.samples, body)
+
+
+class DocumentWindows(Sampling):
+    """``samples`` documents picked with the seed, each after the prefix, truncated to ``seq_len``
+    and right-padded."""
+
+    def draw(self, request: WindowRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        tokenizer, prefix, seq_len, samples = request.tokenizer, request.prefix, request.seq_len, request.samples
+        documents = [prefix + ids[:seq_len - len(prefix)]
+                     for ids in _tokenize(tokenizer, load_texts(request.source, request.split, request.text_field))
+                     if ids]
+        if len(documents) < samples:
+            raise UsageError(f"{request.source} ({request.split} split) holds {len(documents)} documents, fewer than "
+                             f"--samples {samples} (documents sampling takes one window per document); lower "
+                             "--samples or use random sampling")
+        generator = torch.Generator().manual_seed(request.seed)
+        order = torch.randperm(len(documents), generator=generator)[:samples].tolist()
+        pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+        input_ids = torch.full((samples, seq_len), pad, dtype=torch.long)
+        attention_mask = torch.zeros((samples, seq_len), dtype=torch.long)
+        for row, index in enumerate(order):
+            document = torch.tensor(documents[index], dtype=torch.long)
+            input_ids[row, : document.numel()] = document
+            attention_mask[row, : document.numel()] = 1
+        return input_ids, attention_mask
+
+
+SAMPLINGS: Registry[Sampling] = Registry("sampling")
+SAMPLINGS.register("random")(RandomWindows())
+SAMPLINGS.register("contiguous")(ContiguousWindows())
+SAMPLINGS.register("documents")(DocumentWindows())

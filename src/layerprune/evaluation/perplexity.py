@@ -100,7 +100,7 @@ def perplexity(model: PreTrainedModel, token_ids: torch.Tensor, seq_len: int, *,
     chunks = windows(token_ids, seq_len, prefix)[:max_windows]
     first = max(len(prefix), 1)  # the first position whose token is predicted (a prefix is never a target)
     if not chunks:
-        raise UsageError(f"the data has fewer than 2 tokens; perplexity needs text to score")
+        raise UsageError("the data has fewer than 2 tokens; perplexity needs text to score")
     device = next(model.parameters()).device
     total_nll = 0.0
     total_tokens = 0

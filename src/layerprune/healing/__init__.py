@@ -5,7 +5,8 @@ Each method is one registered unit in :data:`HEALERS`; importing this package re
 
 from layerprune.data import TrainingSet
 from layerprune.healing import lora, partial, replacement  # noqa: F401  (registers the methods)
-from layerprune.healing.base import HEALERS, Healer, HealOutcome, HealSettings
+from layerprune.healing.base import HEALERS, DistillOptions, Healer, HealOutcome, HealSettings, TrainingOptions
 from layerprune.healing.heal import heal
 
-__all__ = ["HEALERS", "HealOutcome", "HealSettings", "Healer", "TrainingSet", "heal"]
+__all__ = ["HEALERS", "DistillOptions", "HealOutcome", "HealSettings", "Healer", "TrainingOptions", "TrainingSet",
+           "heal"]

@@ -9,76 +9,116 @@ only decides *which* parameters train and *what* the loss is.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from layerprune.data.calibration import SAMPLINGS
 from layerprune.errors import UsageError
 from layerprune.healing.data import TrainingSet
 from layerprune.models.loading import LoadedModel
 from layerprune.registry import Registry
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "float32", "bfloat16")
+"""``--dtype``'s words for the training precision: ``auto`` is bfloat16 autocast on a GPU that
+supports it and float32 everywhere else."""
 
 
 @dataclass(frozen=True)
-class HealSettings:
-    """Every knob of one healing run; also the fingerprint a resumed run must match."""
+class TrainingOptions:
+    """The options every healing method shares: training data, schedule, checkpoints, precision.
 
-    method: str = ""
-    data: str = ""
-    steps: int = 100
-    batch_size: int = 8
-    lr: float | None = None
-    seq_len: int = 256
-    samples: int | None = None
-    seed: int = 0
-    train_layers: int = 3
-    lora_rank: int = 16
-    distill: bool = False
-    distill_weight: float = 0.5
-    distill_temperature: float = 1.0
-    block: tuple[int, int] | None = None
-    checkpoint_dir: Path | None = None
-    checkpoint_every: int = 0
-    resume: bool = False
-    gradient_checkpointing: bool = False
-    precision: str = "auto"
+    ``checkpoint_every`` defaults to a quarter of the steps wherever a checkpoint folder is given
+    (the command line always gives one, a recipe too), so a killed run loses at most a quarter of
+    its work; without a folder there is nothing to write and no checkpoint is taken.
+    """
+
+    steps: int = field(default=100, metadata={"help": "optimizer steps", "min": 1})
+    batch_size: int = field(default=8, metadata={"help": "global batch: sequences per step", "min": 1})
+    lr: float | None = field(default=None, metadata={
+        "help": "peak learning rate (default: the method's own, see its docs)"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per training sequence", "min": 1})
+    samples: int | None = field(default=None, metadata={
+        "help": "training sequences to draw (default: steps x batch size, so no sequence repeats)", "min": 1})
+    seed: int = field(default=0, metadata={"help": "data sampling and batch order seed"})
+    sampling: str = field(default="random", metadata={
+        "help": "how training windows are drawn from a text source (as for score's calibration data)",
+        "choices": tuple(SAMPLINGS.names())})
+    text_field: str | None = field(default=None, metadata={
+        "help": "the field holding the text in a JSON/CSV/hub dataset"})
+    checkpoint_every: int | None = field(default=None, metadata={
+        "help": "checkpoint every N steps, 0 = never (default: a quarter of the steps when there is a checkpoint "
+                "folder)", "min": 0})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
+    precision: str = field(default="auto", metadata={
+        "help": "training precision: auto (bfloat16 on capable GPUs, else float32), float32 or bfloat16",
+        "choices": PRECISIONS})
 
     def check(self) -> None:
-        """Refuse impossible settings before any model or data is loaded."""
-        positive = {"steps": self.steps, "batch_size": self.batch_size, "seq_len": self.seq_len,
-                    "train_layers": self.train_layers, "lora_rank": self.lora_rank}
-        for name, value in positive.items():
-            if value < 1:
-                raise UsageError(f"{name.replace('_', '-')} must be at least 1, got {value}")
+        """Rules between options, refused before any model or data is loaded."""
         if self.lr is not None and self.lr <= 0:
             raise UsageError(f"learning rate must be positive, got {self.lr}")
         if self.samples is not None and self.samples < self.batch_size:
             raise UsageError(f"samples ({self.samples}) must be at least the batch size ({self.batch_size})")
-        if not 0.0 <= self.distill_weight <= 1.0:
-            raise UsageError(f"distill-weight must lie in [0, 1] (1 = KL only), got {self.distill_weight}")
-        if self.distill_temperature <= 0:
-            raise UsageError(f"distill-temperature must be positive, got {self.distill_temperature}")
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"unknown precision {self.precision!r}; use one of: {', '.join(PRECISIONS)}")
-        if self.checkpoint_every < 0:
-            raise UsageError(f"checkpoint-every must be >= 0 (0 = never), got {self.checkpoint_every}")
-        if (self.resume or self.checkpoint_every) and self.checkpoint_dir is None:
-            raise UsageError("checkpointing and --resume need a checkpoint folder; pass --checkpoint-dir")
-        if self.block is not None and not 0 <= self.block[0] < self.block[1] - 1:
-            raise UsageError(f"block {self.block[0]}-{self.block[1] - 1} must name at least two consecutive layers")
 
     @property
     def num_samples(self) -> int:
         """Training sequences to draw: by default enough that no sequence repeats."""
         return self.samples if self.samples is not None else self.steps * self.batch_size
 
+
+@dataclass(frozen=True)
+class DistillOptions:
+    """Knowledge distillation from the unpruned model, for the methods whose loss is next-token loss."""
+
+    distill: bool = field(default=False, metadata={"help": "add KL to the unpruned model's logits to the loss"})
+    distill_weight: float = field(default=0.5, metadata={"help": "KL share of the loss, 1 = KL only",
+                                                         "min": 0.0, "max": 1.0})
+    distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the KL term"})
+
+    def check(self) -> None:
+        if self.distill_temperature <= 0:
+            raise UsageError(f"distill-temperature must be positive, got {self.distill_temperature}")
+
+
+@dataclass(frozen=True)
+class HealSettings:
+    """One healing run: the method, its data, the shared and the method's own options, and where
+    checkpoints go; also the fingerprint a resumed run must match."""
+
+    method: str
+    data: str
+    training: TrainingOptions = field(default_factory=TrainingOptions)
+    options: Any = None
+    """The method's own options (an instance of its ``options_class``), or ``None`` without any."""
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+
+    def check(self) -> None:
+        """Refuse checkpointing settings that have nowhere to write."""
+        if (self.resume or self.training.checkpoint_every) and self.checkpoint_dir is None:
+            raise UsageError("checkpointing and --resume need a checkpoint folder; pass --checkpoint-dir")
+
+    @property
+    def checkpoint_interval(self) -> int:
+        """Steps between checkpoints (0 = none): the option, or its default, a quarter of the steps."""
+        if self.checkpoint_dir is None:
+            return 0
+        every = self.training.checkpoint_every
+        return max(1, self.training.steps // 4) if every is None else every
+
+    @property
+    def distill(self) -> bool:
+        return isinstance(self.options, DistillOptions) and self.options.distill
+
     def fingerprint(self) -> dict[str, Any]:
         """The settings that must not change between an interrupted run and its resumption."""
-        ignored = {"checkpoint_dir", "checkpoint_every", "resume"}
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items() if k not in ignored}
+        values = {"method": self.method, "data": self.data,
+                  **{k: v for k, v in dataclasses.asdict(self.training).items() if k != "checkpoint_every"},
+                  **(dataclasses.asdict(self.options) if self.options is not None else {})}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
 
 
 @dataclass
@@ -93,10 +133,11 @@ class HealOutcome:
 
 
 class Healer(ABC):
-    """One healing method. ``needs_original`` says whether ``run`` gets the unpruned model."""
+    """One healing method. ``options_class`` declares its own options (beside :class:`TrainingOptions`);
+    ``needs_original`` says whether ``run`` gets the unpruned model."""
 
+    options_class: type | None = None
     default_lr: float = 1e-4
-    supports_distill: bool = False
     rebuilds_from_original: bool = False
     """True when the result is built from the original's weights (so an unpruned input is its own original)."""
 
@@ -107,8 +148,6 @@ class Healer(ABC):
         """Validation that needs no model, only the layer count where known (``None``: unknown), so a
         recipe can refuse bad healing settings before its first stage, reading the count from
         ``config.json``."""
-        if settings.distill and not self.supports_distill:
-            raise UsageError(f"--distill is not available for {settings.method}; use it with partial-ft, lora or qlora")
 
     def check(self, loaded: LoadedModel, settings: HealSettings) -> None:
         """Cheap validation against the loaded model, before data or the original are loaded."""

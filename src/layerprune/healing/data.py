@@ -64,14 +64,16 @@ def instruction_rows(tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, 
 
 
 def load_training_data(tokenizer: PreTrainedTokenizerBase, source: str | Path | TrainingSet, *, samples: int,
-                       seq_len: int, seed: int = 0) -> TrainingSet:
-    """Resolve ``source`` into training rows (train split of a text source, or an instruction file)."""
+                       seq_len: int, seed: int, sampling: str,
+                       text_field: str | None) -> TrainingSet:
+    """Resolve ``source`` into training rows: windows of the train split of a text source, drawn as
+    calibration windows are (``sampling``, ``text_field``), or the examples of an instruction file."""
     if isinstance(source, TrainingSet):
         return source
     if is_instruction_file(source):
         examples = load_instructions(source)[:samples]
         return instruction_rows(tokenizer, [(e.prompt, e.response) for e in examples], seq_len, str(source))
     calibration = build_calibration(tokenizer, str(source), split="train", samples=samples,
-                                         seq_len=seq_len, seed=seed)
+                                    seq_len=seq_len, seed=seed, sampling=sampling, text_field=text_field)
     ids, mask = calibration.input_ids, calibration.attention_mask
     return TrainingSet(ids, mask, ids.masked_fill(mask == 0, IGNORE_INDEX), f"{source} (train split)")

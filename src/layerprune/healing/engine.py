@@ -86,8 +86,10 @@ def warmup_cosine(total_steps: int) -> Callable[[int], float]:
 
 
 def mixed_precision(precision: str) -> str:
-    """bf16 autocast where asked, or by default where the GPU supports it; float32 otherwise."""
-    if precision == "bf16" or (precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+    """bfloat16 autocast where asked, or by default where the GPU supports it; float32 otherwise
+    (accelerate's names: ``bf16`` / ``no``)."""
+    if precision == "bfloat16" or (precision == "auto" and torch.cuda.is_available()
+                                   and torch.cuda.is_bf16_supported()):
         return "bf16"
     return "no"
 
@@ -109,21 +111,22 @@ def check_resumable(settings: HealSettings, fingerprint: dict[str, Any]) -> None
 def train(model: nn.Module, rows: Rows, loss_fn: LossFn, weight_fn: WeightFn, settings: HealSettings, *,
           lr: float, fingerprint: dict[str, Any], companions: Sequence[nn.Module] = (),
           label: str = "healing") -> TrainReport:
-    """Train ``model``'s ``requires_grad`` parameters for ``settings.steps`` steps.
+    """Train ``model``'s ``requires_grad`` parameters for ``settings.training.steps`` steps.
 
     ``companions`` are frozen models the loss uses (a distillation teacher); they are moved to
     the training device but never wrapped or optimised.
     """
-    accelerator = Accelerator(mixed_precision=mixed_precision(settings.precision))
+    options = settings.training
+    accelerator = Accelerator(mixed_precision=mixed_precision(options.precision))
     processes = accelerator.num_processes
-    if settings.batch_size % processes:
-        raise UsageError(f"batch size {settings.batch_size} does not split over {processes} processes; "
+    if options.batch_size % processes:
+        raise UsageError(f"batch size {options.batch_size} does not split over {processes} processes; "
                          f"use a multiple of {processes}")
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise RuntimeError(f"{label}: no trainable parameters")
     optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(settings.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(options.steps))
     for companion in companions:
         companion.to(accelerator.device)
     model.train()
@@ -133,14 +136,14 @@ def train(model: nn.Module, rows: Rows, loss_fn: LossFn, weight_fn: WeightFn, se
     start = 0
     if settings.resume and state_path is not None:
         start, losses = _load_state(state_path, named, optimizer, scheduler)
-    share = settings.batch_size // processes
+    share = options.batch_size // processes
     first = accelerator.process_index * share
     begun = time.perf_counter()
     # disable=None: no bar when stderr is not a terminal, so a failed run's log ends in its one-line error
-    bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc=label,
+    bar = tqdm(range(start, options.steps), initial=start, total=options.steps, desc=label,
                disable=None if accelerator.is_local_main_process else True, dynamic_ncols=True)
     for step in bar:
-        batch_rows = global_rows(step, settings.batch_size, len(rows), settings.seed)
+        batch_rows = global_rows(step, options.batch_size, len(rows), options.seed)
         normaliser = max(weight_fn(batch_rows), 1.0)
         batch = {k: v.to(accelerator.device) for k, v in rows.take(batch_rows[first:first + share]).items()}
         with accelerator.autocast():
@@ -153,7 +156,7 @@ def train(model: nn.Module, rows: Rows, loss_fn: LossFn, weight_fn: WeightFn, se
         losses.append(accelerator.reduce(loss_sum.detach().float(), "sum").item() / normaliser)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         done = step + 1
-        if state_path is not None and settings.checkpoint_every and done % settings.checkpoint_every == 0:
+        if state_path is not None and settings.checkpoint_interval and done % settings.checkpoint_interval == 0:
             if accelerator.is_main_process:
                 _save_state(state_path, done, named, optimizer, scheduler, losses, fingerprint)
             accelerator.wait_for_everyone()

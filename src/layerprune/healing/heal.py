@@ -8,54 +8,53 @@ from typing import Any
 import torch
 
 from layerprune.errors import UsageError
-from layerprune.healing.base import HEALERS, HealSettings
+from layerprune.healing.base import HEALERS, HealSettings, TrainingOptions
 from layerprune.healing.data import TrainingSet, load_training_data
 from layerprune.healing.engine import check_resumable
 from layerprune.models.lineage import ensure_lineage
 from layerprune.models.loading import LoadedModel, load_model
+from layerprune.options import build_options, options_of, refuse_unknown
 
 
 def heal(loaded: LoadedModel, method: str, data: str | Path | TrainingSet, *,
-         original: str | Path | LoadedModel | None = None, steps: int = 100, batch_size: int = 8,
-         lr: float | None = None, seq_len: int = 256, samples: int | None = None, seed: int = 0,
-         train_layers: int = 3, lora_rank: int = 16, distill: bool = False, distill_weight: float = 0.5,
-         distill_temperature: float = 1.0, block: tuple[int, int] | None = None,
-         checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False,
-         gradient_checkpointing: bool = False, precision: str = "auto") -> LoadedModel:
+         original: str | Path | LoadedModel | None = None, checkpoint_dir: str | Path | None = None,
+         resume: bool = False, **options: Any) -> LoadedModel:
     """Heal a pruned model with ``method`` (see ``HEALERS``) and return the healed model.
 
     ``data`` is a text source of the data layer (``wiki-sample``, a file, a hub name: its train
     split is used), an Alpaca-style JSON/JSONL instruction file, or a :class:`TrainingSet`.
     ``original`` is the unpruned model (replacement pairs, distillation teacher); by default the
-    ``source_model`` of the pruned model's lineage. ``block`` is the half-open run ``[start, end)``
-    of original layer indices a replacement stands in for; by default the one removed run.
+    ``source_model`` of the pruned model's lineage. ``checkpoint_dir`` is where training
+    checkpoints go (none without it) and ``resume`` continues the run checkpointed there.
+
+    ``options`` are the :class:`~layerprune.healing.base.TrainingOptions` every method shares
+    (``steps``, ``batch_size``, ``lr``, ...) and the method's own (its ``options_class``, e.g.
+    ``lora_rank`` for lora, ``block`` for the replacements: the half-open run ``[start, end)`` of
+    original layer indices a replacement stands in for); docs/api.md lists them all. An option
+    the method does not take is refused.
 
     The partial-ft and LoRA methods heal ``loaded`` in place; the replacement methods build the
     result from the original's weights and return a new model. Under ``accelerate launch`` every
     process returns the same model: save it from the main process only.
     """
+    settings = heal_settings(method, data, checkpoint_dir=checkpoint_dir, resume=resume, **options)
     healer = HEALERS.get(method)()
-    settings = heal_settings(
-        method, data, steps=steps, batch_size=batch_size, lr=lr, seq_len=seq_len, samples=samples, seed=seed,
-        train_layers=train_layers, lora_rank=lora_rank, distill=distill, distill_weight=distill_weight,
-        distill_temperature=distill_temperature, block=block, checkpoint_dir=checkpoint_dir,
-        checkpoint_every=checkpoint_every, resume=resume, gradient_checkpointing=gradient_checkpointing,
-        precision=precision,
-    )
     healer.check(loaded, settings)
     check_resumable(settings, settings.fingerprint())
     teacher = resolve_original(loaded, original, settings) if healer.needs_original(settings) else None
-    rows = load_training_data(loaded.tokenizer, data, samples=settings.num_samples, seq_len=seq_len, seed=seed)
+    training = settings.training
+    rows = load_training_data(loaded.tokenizer, data, samples=training.num_samples, seq_len=training.seq_len,
+                              seed=training.seed, sampling=training.sampling, text_field=training.text_field)
     outcome = healer.run(loaded, rows, settings, teacher)
     ensure_lineage(outcome.loaded)["healing"].append({
         "method": method,
         "summary": outcome.summary,
         "data": settings.data,
-        "steps": steps,
-        "batch_size": batch_size,
-        "seq_len": seq_len,
-        "lr": lr or healer.default_lr,
-        "distill": distill,
+        "steps": training.steps,
+        "batch_size": training.batch_size,
+        "seq_len": training.seq_len,
+        "lr": training.lr or healer.default_lr,
+        "distill": settings.distill,
         "trainable_parameters": outcome.trainable_parameters,
         "first_loss": outcome.losses[0] if outcome.losses else None,
         "final_loss": outcome.losses[-1] if outcome.losses else None,
@@ -64,14 +63,24 @@ def heal(loaded: LoadedModel, method: str, data: str | Path | TrainingSet, *,
     return outcome.loaded
 
 
-def heal_settings(method: str, data: str | Path | TrainingSet, *, block: tuple[int, int] | None = None,
-                  checkpoint_dir: str | Path | None = None, **options: Any) -> HealSettings:
+def heal_settings(method: str, data: str | Path | TrainingSet, *, checkpoint_dir: str | Path | None = None,
+                  resume: bool = False, **options: Any) -> HealSettings:
     """:func:`heal`'s keyword arguments (``original`` aside) as checked :class:`HealSettings`, refused
-    without a model or data, so a recipe can check its heal section before its first stage."""
+    without a model or data, so the command line and a recipe can check them before loading anything.
+
+    Each option goes to the class that declares it: :class:`TrainingOptions` or the method's own.
+    """
+    healer = HEALERS.get(method)
+    shared = [option.name for option in options_of(TrainingOptions)]
+    own = [option.name for option in options_of(healer.options_class)]
+    refuse_unknown(options, [*shared, *own], unit=method)
+    training = build_options(TrainingOptions, {k: v for k, v in options.items() if k in shared}, unit=method)
+    method_options = (build_options(healer.options_class, {k: v for k, v in options.items() if k in own}, unit=method)
+                      if healer.options_class is not None else None)
     settings = HealSettings(
-        method=method, data=data.description if isinstance(data, TrainingSet) else str(data),
-        block=tuple(block) if block is not None else None,
-        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None, **options,
+        method=method, data=data.description if isinstance(data, TrainingSet) else str(data), training=training,
+        options=method_options, checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
+        resume=resume,
     )
     settings.check()
     return settings

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import importlib.util
 import tempfile
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from layerprune.errors import UsageError
-from layerprune.healing.base import HEALERS, Healer, HealOutcome, HealSettings
+from layerprune.healing.base import HEALERS, DistillOptions, Healer, HealOutcome, HealSettings
 from layerprune.healing.data import TrainingSet
 from layerprune.healing.engine import TrainReport
 from layerprune.healing.objectives import distill_note, fit_language_model
@@ -28,7 +29,12 @@ if TYPE_CHECKING:
     from peft import LoraConfig
 
 
-def lora_config(loaded: LoadedModel, settings: HealSettings) -> LoraConfig:
+@dataclass(frozen=True)
+class LoRAOptions(DistillOptions):
+    lora_rank: int = field(default=16, metadata={"help": "adapter rank r (alpha = 2r)", "min": 1})
+
+
+def lora_config(loaded: LoadedModel, options: LoRAOptions) -> LoraConfig:
     """Rank ``r`` adapters (alpha = 2r, no dropout) on the family's attention and MLP projections."""
     from peft import LoraConfig
 
@@ -37,7 +43,7 @@ def lora_config(loaded: LoadedModel, settings: HealSettings) -> LoraConfig:
     if not targets:
         raise UsageError(f"none of the LoRA target modules {list(loaded.adapter.lora_targets)} exist in this "
                          f"{loaded.model.config.model_type} model; use --method partial-ft")
-    return LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, lora_dropout=0.0,
+    return LoraConfig(r=options.lora_rank, lora_alpha=2 * options.lora_rank, lora_dropout=0.0,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
 
 
@@ -46,31 +52,30 @@ def _require_peft() -> None:
         raise UsageError("LoRA healing needs peft; install it with: pip install 'layerprune[heal]'")
 
 
-def _summary(settings: HealSettings, kind: str, targets: list[str]) -> str:
-    return (f"{kind} (rank {settings.lora_rank}, alpha {2 * settings.lora_rank}) on {', '.join(targets)} with "
-            f"{distill_note(settings)}; adapters merged into the weights, so the checkpoint is plain")
+def _summary(options: LoRAOptions, kind: str, targets: list[str]) -> str:
+    return (f"{kind} (rank {options.lora_rank}, alpha {2 * options.lora_rank}) on {', '.join(targets)} with "
+            f"{distill_note(options)}; adapters merged into the weights, so the checkpoint is plain")
 
 
 @HEALERS.register("lora")
 class LoRA(Healer):
+    options_class = LoRAOptions
     default_lr = 2e-4
-    supports_distill = True
 
     def check_settings(self, settings: HealSettings, num_layers: int | None) -> None:
-        super().check_settings(settings, num_layers)
         _require_peft()
 
     def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealSettings,
             original: LoadedModel | None) -> HealOutcome:
         from peft import get_peft_model
 
-        config = lora_config(loaded, settings)
+        config = lora_config(loaded, settings.options)
         peft_model = get_peft_model(loaded.model, config)
-        report = fit_language_model(peft_model, data, settings, original, lr=settings.lr or self.default_lr,
+        report = fit_language_model(peft_model, data, settings, original, lr=settings.training.lr or self.default_lr,
                                     fingerprint=settings.fingerprint(), label="lora")
         loaded.model = peft_model.merge_and_unload()
         loaded.model.requires_grad_(False)
-        return _outcome(loaded, report, _summary(settings, "LoRA", sorted(config.target_modules)))
+        return _outcome(loaded, report, _summary(settings.options, "LoRA", sorted(config.target_modules)))
 
 
 @HEALERS.register("qlora")
@@ -91,7 +96,7 @@ class QLoRA(LoRA):
         from peft import get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training, set_peft_model_state_dict
         from transformers import BitsAndBytesConfig
 
-        config = lora_config(loaded, settings)
+        config = lora_config(loaded, settings.options)
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                           bnb_4bit_compute_dtype=torch.bfloat16)
         with tempfile.TemporaryDirectory(prefix="layerprune-qlora-") as scratch:
@@ -99,16 +104,17 @@ class QLoRA(LoRA):
             quantized = AutoModelForCausalLM.from_pretrained(scratch, quantization_config=quantization,
                                                              device_map={"": torch.cuda.current_device()})
         quantized = prepare_model_for_kbit_training(quantized,
-                                                    use_gradient_checkpointing=settings.gradient_checkpointing)
+                                                    use_gradient_checkpointing=settings.training.gradient_checkpointing)
         peft_quantized = get_peft_model(quantized, config)
-        report = fit_language_model(peft_quantized, data, settings, original, lr=settings.lr or self.default_lr,
-                                    fingerprint=settings.fingerprint(), label="qlora")
+        report = fit_language_model(peft_quantized, data, settings, original,
+                                    lr=settings.training.lr or self.default_lr, fingerprint=settings.fingerprint(),
+                                    label="qlora")
         adapters = get_peft_model_state_dict(peft_quantized)
         full_precision = get_peft_model(loaded.model, config)
         set_peft_model_state_dict(full_precision, adapters)
         loaded.model = full_precision.merge_and_unload()
         loaded.model.requires_grad_(False)
-        return _outcome(loaded, report, _summary(settings, "QLoRA (NF4 base)", sorted(config.target_modules)))
+        return _outcome(loaded, report, _summary(settings.options, "QLoRA (NF4 base)", sorted(config.target_modules)))
 
 
 def _outcome(loaded: LoadedModel, report: TrainReport, summary: str) -> HealOutcome:

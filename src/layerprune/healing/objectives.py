@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerprune.healing.base import HealSettings
+from layerprune.healing.base import DistillOptions, HealSettings
 from layerprune.healing.data import IGNORE_INDEX, TrainingSet
 from layerprune.healing.engine import LossFn, TrainReport, WeightFn, train
 from layerprune.models.loading import LoadedModel
 
 
 def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
-                    settings: HealSettings) -> torch.Tensor:
+                    distillation: DistillOptions) -> torch.Tensor:
     """Summed healing loss over the target tokens of a batch (positions ``t`` predict ``t + 1``)."""
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
@@ -28,11 +28,11 @@ def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: 
     ce = F.cross_entropy(student, targets[keep], reduction="sum")
     if teacher_logits is None:
         return ce
-    temperature = settings.distill_temperature
+    temperature = distillation.distill_temperature
     teacher = teacher_logits[:, :-1][keep].float()
     kl = F.kl_div(F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1),
                   reduction="sum", log_target=True) * temperature**2
-    return (1 - settings.distill_weight) * ce + settings.distill_weight * kl
+    return (1 - distillation.distill_weight) * ce + distillation.distill_weight * kl
 
 
 def target_counter(data: TrainingSet) -> WeightFn:
@@ -41,36 +41,38 @@ def target_counter(data: TrainingSet) -> WeightFn:
     return lambda rows: float(counts[rows].sum())
 
 
-def language_model_loss(settings: HealSettings, teacher: nn.Module | None) -> LossFn:
+def language_model_loss(distillation: DistillOptions, teacher: nn.Module | None) -> LossFn:
     def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         teacher_logits = None
         if teacher is not None:
             with torch.no_grad():
                 teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return token_loss_sums(logits, batch["labels"], teacher_logits, settings)
+        return token_loss_sums(logits, batch["labels"], teacher_logits, distillation)
 
     return loss
 
 
 def fit_language_model(model: nn.Module, data: TrainingSet, settings: HealSettings, original: LoadedModel | None,
                        *, lr: float, fingerprint: dict[str, Any], label: str) -> TrainReport:
-    """Train ``model``'s trainable parameters on ``data`` with the LM (+ distillation) objective."""
+    """Train ``model``'s trainable parameters on ``data`` with the LM (+ distillation) objective;
+    ``settings.options`` is the method's options, which include :class:`DistillOptions`."""
     teacher = original.model.eval().requires_grad_(False) if settings.distill and original is not None else None
-    if settings.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+    gradient_checkpointing = settings.training.gradient_checkpointing
+    if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     try:
-        return train(model, data, language_model_loss(settings, teacher), target_counter(data), settings, lr=lr,
+        return train(model, data, language_model_loss(settings.options, teacher), target_counter(data), settings, lr=lr,
                      fingerprint=fingerprint, companions=[teacher] if teacher is not None else [], label=label)
     finally:
         model.config.use_cache = True
-        if settings.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
+        if gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
             model.gradient_checkpointing_disable()
 
 
-def distill_note(settings: HealSettings) -> str:
-    if not settings.distill:
+def distill_note(distillation: DistillOptions) -> str:
+    if not distillation.distill:
         return "next-token loss"
-    return (f"next-token loss and distillation from the unpruned model (KL weight {settings.distill_weight}, "
-            f"temperature {settings.distill_temperature})")
+    return (f"next-token loss and distillation from the unpruned model (KL weight {distillation.distill_weight}, "
+            f"temperature {distillation.distill_temperature})")

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from layerprune.errors import UsageError
-from layerprune.healing.base import HEALERS, Healer, HealOutcome, HealSettings
+from layerprune.healing.base import HEALERS, DistillOptions, Healer, HealOutcome, HealSettings
 from layerprune.healing.data import TrainingSet
 from layerprune.healing.objectives import distill_note, fit_language_model
 from layerprune.models.loading import LoadedModel
@@ -47,26 +48,33 @@ def head_only_gradient(model: nn.Module) -> Iterator[None]:
         handle.remove()
 
 
+@dataclass(frozen=True)
+class PartialFineTuningOptions(DistillOptions):
+    train_layers: int = field(default=3, metadata={
+        "help": "the last K decoder layers to train, with the LM head (paper default 3)", "min": 1})
+
+
 @HEALERS.register("partial-ft")
 class PartialFineTuning(Healer):
+    options_class = PartialFineTuningOptions
     default_lr = 5e-5
-    supports_distill = True
 
     def check_settings(self, settings: HealSettings, num_layers: int | None) -> None:
-        super().check_settings(settings, num_layers)
-        if num_layers is not None and settings.train_layers > num_layers:
-            raise UsageError(f"--train-layers {settings.train_layers} exceeds the model's {num_layers} layers; "
+        train_layers = settings.options.train_layers
+        if num_layers is not None and train_layers > num_layers:
+            raise UsageError(f"--train-layers {train_layers} exceeds the model's {num_layers} layers; "
                              f"choose 1..{num_layers}")
 
     def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealSettings,
             original: LoadedModel | None) -> HealOutcome:
-        unfreeze_head_and_last_layers(loaded, settings.train_layers)
+        unfreeze_head_and_last_layers(loaded, settings.options.train_layers)
         tied = getattr(loaded.model.config, "tie_word_embeddings", False)
         with head_only_gradient(loaded.model):
-            report = fit_language_model(loaded.model, data, settings, original, lr=settings.lr or self.default_lr,
+            report = fit_language_model(loaded.model, data, settings, original,
+                                    lr=settings.training.lr or self.default_lr,
                                         fingerprint=settings.fingerprint(), label="partial-ft")
         loaded.model.requires_grad_(False)
         head = "LM head (tied to the input embeddings, so those changed too)" if tied else "LM head"
-        summary = (f"trained the {head} and the last {settings.train_layers} decoder layers with "
-                   f"{distill_note(settings)}; all other weights are unchanged")
+        summary = (f"trained the {head} and the last {settings.options.train_layers} decoder layers with "
+                   f"{distill_note(settings.options)}; all other weights are unchanged")
         return HealOutcome(loaded, summary, report.trainable_parameters, report.losses, report.seconds)

@@ -21,6 +21,7 @@ import copy
 import hashlib
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,32 @@ from layerprune.healing.engine import LossFn, train
 from layerprune.models.editing import prune, replace
 from layerprune.models.hooks import capture_io, layer_output
 from layerprune.models.loading import LoadedModel
+from layerprune.models.surgery import parse_layer_list
 from layerprune.outputs import atomic_cache_dir
 
 PAIR_CHUNK_ROWS = 64
 _FFN_NOTE = ("It is stored as a standard decoder layer whose attention output projection is zero, so its "
              "attention contributes nothing and the layer computes x + MLP(norm(x)).")
+
+
+def parse_block(text: str) -> tuple[int, int]:
+    """``"20-27"`` (inclusive, like --layers) -> the half-open run ``(20, 28)``."""
+    indices = parse_layer_list(text)
+    if len(indices) < 2 or indices != list(range(indices[0], indices[-1] + 1)):
+        raise UsageError(f"--block {text!r} must be a range of at least two consecutive layers, e.g. 20-27")
+    return indices[0], indices[-1] + 1
+
+
+@dataclass(frozen=True)
+class ReplacementOptions:
+    block: tuple[int, int] | None = field(default=None, metadata={
+        "help": "the removed run to replace, original layer indices, e.g. 20-27 (in Python and recipes the "
+                "half-open [start, end)); default: the one removed run, read from layerprune.json",
+        "parse": parse_block, "metavar": "START-END"})
+
+    def check(self) -> None:
+        if self.block is not None and (len(self.block) != 2 or not 0 <= self.block[0] < self.block[1] - 1):
+            raise UsageError(f"block {list(self.block)} must name at least two consecutive layers as [start, end)")
 
 
 def consecutive_runs(indices: list[int]) -> list[tuple[int, int]]:
@@ -62,8 +84,8 @@ def locate_block(loaded: LoadedModel, settings: HealSettings) -> tuple[tuple[int
         raise UsageError("replacement rebuilds the model from the original weights, but this model was already "
                          "replaced or healed; start from the plainly pruned checkpoint")
     removed = list(lineage.get("removed_layers", []))
-    if settings.block is not None:
-        block = settings.block
+    if settings.options.block is not None:
+        block = tuple(settings.options.block)
     else:
         runs = [run for run in consecutive_runs(removed) if run[1] - run[0] >= 2]
         if len(runs) != 1:
@@ -200,6 +222,7 @@ def mse_loss(layer_kwargs: dict[str, Any]) -> LossFn:
 
 class _Replacement(Healer):
     kind: str
+    options_class = ReplacementOptions
     default_lr = 1e-4
     rebuilds_from_original = True
 
@@ -217,13 +240,13 @@ class _Replacement(Healer):
         if end > original.num_layers:
             raise UsageError(f"block {start}-{end - 1} lies outside the original model's {original.num_layers} layers")
         with process_state().main_process_first():  # one process computes the pairs, the others reuse them
-            pairs = cached_pairs(original, (start, end), data, settings.batch_size)
+            pairs = cached_pairs(original, (start, end), data, settings.training.batch_size)
         _, _, layer_kwargs = block_io(original, start, end, data.input_ids[:1],
                                       torch.ones_like(data.input_ids[:1]))
         module = replacement_layer(original, start, self.kind)
         mask_sums = pairs.mask.sum(dim=1)
         report = train(module, pairs, mse_loss(layer_kwargs), lambda rows: float(mask_sums[rows].sum()), settings,
-                       lr=settings.lr or self.default_lr, fingerprint=settings.fingerprint(),
+                       lr=settings.training.lr or self.default_lr, fingerprint=settings.fingerprint(),
                        label=f"replace-{self.kind}")
         module.requires_grad_(False).to(next(original.model.parameters()).dtype)
         for key in ("reason", "recipe"):

@@ -33,7 +33,7 @@ from typing import Any
 from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel, load_model
 from layerprune.outputs import check_output_path, write_bytes_atomic, write_json_atomic
-from layerprune.recipes.schema import FieldSpec, build_arguments, check_section, fields_of
+from layerprune.recipes.schema import FieldSpec, build_arguments, check_section, fields_of, option_fields
 from layerprune.recipes.yamlfile import KeyPath, read_yaml
 
 STATE_FILE = "run.json"
@@ -43,16 +43,19 @@ def _section_fields() -> dict[str, dict[str, FieldSpec]]:
     """Recipe sections and their keys, read off the API functions they feed."""
     from layerprune.data import build_calibration
     from layerprune.evaluation import evaluate
-    from layerprune.healing import heal
-    from layerprune.scoring import score
+    from layerprune.healing import HEALERS, heal
+    from layerprune.healing.base import TrainingOptions
+    from layerprune.scoring import METRICS, score
     from layerprune.selection import select
 
     return {
         "load": fields_of(load_model, skip=("name_or_path", "check_config")),
         "calibration": fields_of(build_calibration, skip=("tokenizer",)),
-        "score": fields_of(score, skip=("loaded", "calibration", "data")),
-        "select": fields_of(select, skip=("report", "attach")),
-        "heal": fields_of(heal, skip=("loaded", "checkpoint_dir", "resume")),
+        "score": {**fields_of(score, skip=("loaded", "calibration", "data")),
+                  **option_fields(*(METRICS.get(name).options_class for name in METRICS))},
+        "select": fields_of(select, skip=("report", "rescore")),
+        "heal": {**fields_of(heal, skip=("loaded", "checkpoint_dir", "resume")),
+                 **option_fields(TrainingOptions, *(HEALERS.get(name).options_class for name in HEALERS))},
         "eval": fields_of(evaluate, skip=("model", "compare")),
     }
 
@@ -196,17 +199,21 @@ class RunContext:
 def _stage_score(ctx: RunContext) -> dict[str, Any]:
     from layerprune.data import build_calibration
     from layerprune.reporting.scores import format_table, plot_scores
-    from layerprune.scoring import score
+    from layerprune.scoring import rescorer, score
     from layerprune.selection import select
 
     loaded = ctx.load(ctx.recipe.model)
     options = ctx.recipe.sections["calibration"]
     calibration = build_calibration(loaded.tokenizer, **options)
-    report = score(loaded, calibration, data={k: str(v) for k, v in options.items()}, **ctx.recipe.sections["score"])
-    selection = select(report, **ctx.recipe.sections["select"]) if "select" in ctx.recipe.sections else None
-    ctx.log(format_table(report))
-    write_json_atomic(ctx.out / "scores.json", report.to_json())
-    plot_scores(report, ctx.out / "scores.png")
+    score_options = ctx.recipe.sections["score"]
+    report = score(loaded, calibration, data={k: str(v) for k, v in options.items()}, **score_options)
+    selection = None
+    if "select" in ctx.recipe.sections:
+        rescore = rescorer(loaded, calibration, **{k: v for k, v in score_options.items() if k != "metrics"})
+        selection = select(report, **ctx.recipe.sections["select"], rescore=rescore)
+    ctx.log(format_table(report, selection))
+    write_json_atomic(ctx.out / "scores.json", report.to_json(selection))
+    plot_scores(report, ctx.out / "scores.png", selection)
     return {"remove": selection.remove if selection else None}
 
 
@@ -255,10 +262,9 @@ def _stage_eval(ctx: RunContext) -> dict[str, Any]:
 
 def _heal_options(recipe: Recipe, out: Path) -> dict[str, Any]:
     """The heal section as the stage passes it to :func:`layerprune.heal`: checkpoints in the run
-    folder, by default every quarter of the steps, so a killed heal resumes."""
-    options = dict(recipe.sections["heal"])
-    options.setdefault("checkpoint_every", max(1, int(options.get("steps", 100)) // 4))
-    return {**options, "checkpoint_dir": out / "heal-checkpoints"}
+    folder (taken every quarter of the steps unless ``checkpoint_every`` says otherwise), so a
+    killed heal resumes."""
+    return {**recipe.sections["heal"], "checkpoint_dir": out / "heal-checkpoints"}
 
 
 def _recipe_record(ctx: RunContext) -> dict[str, Any]:
@@ -333,7 +339,7 @@ def preflight(recipe: Recipe, out: Path) -> None:
                                       calibration["max_positions"])
         options = _with_defaults(score, sections["score"])
         with _at(recipe, "score"):
-            scored = check_score_options(options["metrics"], options["batch_size"], options["positions"])
+            scored = check_score_options(options["metrics"], options["batch_size"], **options["options"])
         if "select" in sections:  # load_recipe refuses a select section without a score section
             options = _with_defaults(select, sections["select"])
             with _at(recipe, "select", "strategy"):

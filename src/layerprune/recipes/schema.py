@@ -11,18 +11,14 @@ import dataclasses
 import inspect
 import types
 import typing
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from layerprune.errors import UsageError
+from layerprune.options import matches, options_of, type_name
 from layerprune.recipes.yamlfile import KeyPath
-
-
-# typing.get_origin() gives the collections.abc class for both typing.Sequence[X] and
-# collections.abc.Sequence[X]; a recipe writes every one of these as a YAML list
-LIST_ORIGINS = (list, tuple, Sequence, Iterable)
 
 
 @dataclass(frozen=True)
@@ -44,47 +40,11 @@ def fields_of(function: Callable[..., Any], *, skip: tuple[str, ...] = ()) -> di
     return fields
 
 
-def _type_name(annotation: Any) -> str:
-    if annotation is type(None):
-        return "null"
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(arg) for arg in typing.get_args(annotation))
-    if origin in LIST_ORIGINS or annotation in (list, tuple):
-        args = typing.get_args(annotation)
-        return f"list of {_type_name(args[0])}" if args else "list"
-    if origin is dict or annotation is dict or dataclasses.is_dataclass(annotation):
-        return "mapping"
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def matches(value: Any, annotation: Any) -> bool:
-    """Whether a YAML value fits a (simple) type hint."""
-    if annotation is Any:
-        return True
-    if annotation is type(None):
-        return value is None
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(matches(value, arg) for arg in typing.get_args(annotation))
-    if origin is typing.Literal:
-        return value in typing.get_args(annotation)
-    if origin in LIST_ORIGINS or annotation in (list, tuple):
-        args = typing.get_args(annotation)
-        return isinstance(value, list) and all(matches(item, args[0]) for item in value) if args else isinstance(value, list)
-    if origin is dict or annotation is dict:
-        return isinstance(value, dict)
-    if dataclasses.is_dataclass(annotation):
-        return isinstance(value, dict)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is Path:
-        return isinstance(value, str)
-    if isinstance(annotation, type):
-        return isinstance(value, annotation)
-    return True
+def option_fields(*options_classes: type | None) -> dict[str, FieldSpec]:
+    """The options the classes declare (see :mod:`layerprune.options`) as recipe keys, all optional:
+    a key the recipe leaves out takes the declaration's default, the same as the flag's and the API's."""
+    return {option.name: FieldSpec(option.annotation) for options_class in options_classes
+            for option in options_of(options_class)}
 
 
 def check_section(
@@ -101,7 +61,7 @@ def check_section(
             raise UsageError(f"{key_where}: unknown key '{key}' in {label}; allowed keys: {', '.join(sorted(fields))}")
         if not matches(value, fields[key].annotation):
             raise UsageError(
-                f"{key_where}: '{key}' must be {_type_name(fields[key].annotation)}, got {value!r}; fix its value"
+                f"{key_where}: '{key}' must be {type_name(fields[key].annotation)}, got {value!r}; fix its value"
             )
     missing = [key for key, spec in fields.items() if spec.required and key not in values]
     if missing:
@@ -130,7 +90,7 @@ def build_arguments(
         if isinstance(value, dict) and settings_class is not None:
             nested = fields_of(settings_class)
             value = settings_class(**build_arguments(value, nested, file=file, lines=lines, path=(*path, key)))
-        elif isinstance(value, list) and "tuple" in _type_name(annotation) + repr(annotation):
+        elif isinstance(value, list) and "tuple" in type_name(annotation) + repr(annotation):
             value = tuple(value)
         arguments[key] = value
     return arguments

@@ -15,6 +15,7 @@ from pathlib import Path
 from layerprune.outputs import write_bytes_atomic
 from layerprune.scoring.base import MetricResult
 from layerprune.scoring.report import ScoreReport
+from layerprune.selection import Selection
 
 REMOVED_COLOR = "#d62728"
 KEPT_COLOR = "#1f77b4"
@@ -29,9 +30,9 @@ def _format(value: float) -> str:
     return f"{value:.4g}" if math.isfinite(value) else str(value)
 
 
-def format_table(report: ScoreReport) -> str:
-    """A fixed-width table: layer, original index, one column per metric, and a removal mark."""
-    removed = set(report.selection.remove) if report.selection else set()
+def format_table(report: ScoreReport, selection: Selection | None = None) -> str:
+    """A fixed-width table: layer, original index, one column per metric, and the ``selection``'s removal mark."""
+    removed = set(selection.remove) if selection else set()
     columns = {name: [_format(v) for v in per_layer_values(result)] for name, result in report.results.items()}
     headers = ["layer", "orig", *columns, "remove"] if removed else ["layer", "orig", *columns]
     rows = []
@@ -44,20 +45,20 @@ def format_table(report: ScoreReport) -> str:
     lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))]
     lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     footer = [f"{report.model}: {report.num_layers} layers, {report.tokens} tokens"]
-    if report.selection:
-        selection = report.selection
+    if selection:
         footer.append(f"remove {selection.remove} ({selection.metric}, {selection.strategy})")
     return "\n".join([*lines, "; ".join(footer)])
 
 
-def plot_scores(report: ScoreReport, path: str | Path, *, overwrite: bool = True) -> Path:
-    """Write the figure as a PNG (atomically) and return its path."""
+def plot_scores(report: ScoreReport, path: str | Path, selection: Selection | None = None, *,
+                overwrite: bool = True) -> Path:
+    """Write the figure as a PNG (atomically), the ``selection``'s layers marked, and return its path."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    removed = set(report.selection.remove) if report.selection else set()
+    removed = set(selection.remove) if selection else set()
     tables = {name: r for name, r in report.results.items() if isinstance(r.values, dict)}
     panels = len(report.results) + len(tables)
     figure, axes = plt.subplots(panels, 1, figsize=(max(6.0, 0.3 * report.num_layers + 2), 2.6 * panels),

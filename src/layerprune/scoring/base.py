@@ -10,11 +10,16 @@ without this code.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
+
+import torch
+from torch import nn
 
 from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel
+from layerprune.options import build_options, options_of, refuse_unknown
 from layerprune.registry import Registry
 from layerprune.data import CalibrationSet
 
@@ -52,13 +57,16 @@ class MetricResult:
 @dataclass
 class ScoringContext:
     """Everything metrics of one run share: the model, the data, the options, and a cache so
-    that ``bi``, ``angular`` and ``block-cosine`` come from one forward pass together."""
+    that ``bi``, ``angular`` and ``block-cosine`` come from one forward pass together.
+
+    ``options`` holds the value of every option the run's metrics declare (given or default);
+    a metric reads its own through :meth:`options_of`.
+    """
 
     loaded: LoadedModel
     calibration: CalibrationSet | None
     batch_size: int = 8
-    positions: str = "all"
-    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
     _cache: dict[str, Any] = field(default_factory=dict)
 
     def data(self, metric: str) -> CalibrationSet:
@@ -71,16 +79,94 @@ class ScoringContext:
             self._cache[key] = compute()
         return self._cache[key]
 
+    def options_of(self, metric: Metric) -> Any:
+        """``metric``'s options (an instance of its ``options_class``) for this run."""
+        assert metric.options_class is not None, f"{type(metric).__name__} declares no options"
+        return metric.options_class(**{o.name: self.options[o.name] for o in options_of(metric.options_class)})
+
+
+class LayerPass:
+    """A metric's share of layer streaming (:mod:`layerprune.scoring.streaming`), which loads one
+    decoder layer at a time and pushes every calibration batch through it.
+
+    The streaming loop calls :meth:`on_layer` once per loaded layer and, where
+    ``needs_activations``, :meth:`on_batch` for every batch; :meth:`finish` then leaves in the
+    scoring context what the metric's own :meth:`Metric.compute` reads, so a streamed score and an
+    in-memory one are the same code from there on. Metrics that share a pass return the same
+    object (the loop runs each pass once).
+    """
+
+    needs_activations: bool = True
+
+    def on_layer(self, index: int, layer: nn.Module) -> None:
+        """Decoder layer ``index`` is loaded with its real weights."""
+
+    def on_batch(self, index: int, batch: int, x_in: torch.Tensor, x_out: torch.Tensor, layer: nn.Module,
+                 stream: Stream) -> None:
+        """Layer ``index`` turned batch ``batch``'s input ``x_in`` into ``x_out``."""
+
+    def finish(self, stream: Stream) -> None:
+        """Every layer has passed: sum across processes and fill the context's cache."""
+
+
+class Stream(Protocol):
+    """What a :class:`LayerPass` may use of the streaming run (implemented in :mod:`.streaming`)."""
+
+    store: Any
+    """Tensors kept between layers, by key: ``put(key, tensor)``, ``get(key)`` (memory or spill files)."""
+    batches: list[Any]
+    """Per calibration batch: ``attention_mask``, next-token ``where``/``targets`` and the layers' ``calls``."""
+
+    def hidden(self, batch: int) -> torch.Tensor:
+        """Batch ``batch``'s hidden state after the last layer streamed so far (the full model's, at the end)."""
+
+    def replay(self, layer: nn.Module, index: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Run decoder ``layer`` (number ``index``) on ``hidden`` with batch ``batch``'s extra arguments."""
+
+    def head(self) -> AbstractContextManager[Any]:
+        """The final norm and LM head with real weights (a :class:`~.forward.Head`), while open."""
+
+    def all_reduce(self, *tensors: torch.Tensor) -> None:
+        """Sum ``tensors`` in place across the processes sharing the rows (none: nothing to do)."""
+
 
 class Metric:
     """A layer-importance metric: subclass, set the class attributes, implement :meth:`compute`,
-    and register an instance in :data:`METRICS`."""
+    and register an instance in :data:`METRICS`.
 
+    ``options_class`` declares the metric's options (see :mod:`layerprune.options`). A metric that
+    can run under layer streaming sets ``streaming_refusal = None`` and either needs nothing from
+    the layers (``layer_pass`` returns ``None`` and ``compute`` runs on the weightless skeleton) or
+    returns the :class:`LayerPass` that fills what ``compute`` reads; otherwise ``streaming_refusal``
+    says why it cannot stream.
+    """
+
+    options_class: type | None = None
     needs_data: bool = True
     meaning: str = ""
+    streaming_refusal: str | None = "it declares no way to run layer by layer"
 
     def compute(self, context: ScoringContext, name: str) -> MetricResult:
         raise NotImplementedError
 
+    def layer_pass(self, context: ScoringContext, name: str) -> LayerPass | None:
+        return None
+
 
 METRICS: Registry[Metric] = Registry("metric")
+
+
+def metric_options(names: list[str], values: dict[str, Any]) -> dict[str, Any]:
+    """Every option the registered metrics declare, valued from ``values`` or its default, after
+    checking each given value against its declaration (an option no metric declares is refused)."""
+    declared = {o.name: o for metric in METRICS.names() for o in options_of(METRICS.get(metric).options_class)}
+    refuse_unknown(values, declared, unit="scoring")
+    unit = ", ".join(names) or "scoring"
+    for name, value in values.items():
+        declared[name].check(value, unit)
+    resolved = {name: values.get(name, option.default) for name, option in declared.items()}
+    for metric in names:  # rules between options, per metric
+        options_class = METRICS.get(metric).options_class
+        if options_class is not None:
+            build_options(options_class, {o.name: resolved[o.name] for o in options_of(options_class)}, unit=metric)
+    return resolved

@@ -7,13 +7,21 @@ repeated.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from layerprune.scoring.base import METRICS, Metric, MetricResult, ScoringContext
 
 
+@dataclass(frozen=True)
+class RandomOptions:
+    seed: int = field(default=0, metadata={"help": "seed of the random importance (the command line's --seed)"})
+
+
 class ReverseOrder(Metric):
     needs_data = False
+    streaming_refusal = None
     meaning = "importance = number of layers below and including it; the top layer is the least important"
 
     def compute(self, context: ScoringContext, name: str) -> MetricResult:
@@ -23,11 +31,13 @@ class ReverseOrder(Metric):
 
 
 class RandomOrder(Metric):
+    options_class = RandomOptions
     needs_data = False
+    streaming_refusal = None
     meaning = "uniform random importance in [0, 1), seeded by --seed"
 
     def compute(self, context: ScoringContext, name: str) -> MetricResult:
-        generator = torch.Generator().manual_seed(context.seed)
+        generator = torch.Generator().manual_seed(context.options_of(self).seed)
         importance = torch.rand(context.loaded.num_layers, generator=generator, dtype=torch.float64).tolist()
         return MetricResult(name, importance, importance, self.meaning)
 

@@ -26,12 +26,6 @@ from layerprune.models.loading import LoadedModel
 POSITIONS = ("all", "last")
 
 
-def check_positions(positions: str) -> str:
-    if positions not in POSITIONS:
-        raise UsageError(f"unknown positions {positions!r}; use 'all' (every real token) or 'last' "
-                         "(the last real token of each row, as Gromov et al.)")
-    return positions
-
 
 def scored_positions(attention_mask: torch.Tensor, positions: str) -> torch.Tensor:
     """Bool mask of the tokens a similarity metric averages over: every real token, or only the

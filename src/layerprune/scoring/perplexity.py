@@ -14,19 +14,28 @@ import math
 from typing import Any
 
 import torch
+from torch import nn
 
-from layerprune.scoring.base import METRICS, Metric, MetricResult, ScoringContext
+from layerprune.errors import UsageError
+from layerprune.scoring.base import METRICS, LayerPass, Metric, MetricResult, ScoringContext, Stream
 from layerprune.scoring.forward import (
-    check_finite, lm_batches, loss_setup, replay_layer, run_decoder, watching_layers,
+    check_finite, lm_batches, loss_setup, next_token_targets, replay_layer, run_decoder, watching_layers,
 )
 
 LayerCall = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 class LayerRemovalPerplexity(Metric):
+    streaming_refusal = None
     meaning = "perplexity of the model with this layer removed; higher = removing it hurts more = more important"
 
     def compute(self, context: ScoringContext, name: str) -> MetricResult:
+        return context.cached(f"result:{name}", lambda: self._in_memory(context, name))
+
+    def layer_pass(self, context: ScoringContext, name: str) -> LayerPass:
+        return RemovalStream(self, context, name)
+
+    def _in_memory(self, context: ScoringContext, name: str) -> MetricResult:
         loaded = context.loaded
         calibration, total, layers, head = loss_setup(loaded, context.data(name), name)
         removed_nll = torch.zeros(len(layers), dtype=torch.float64)
@@ -53,6 +62,45 @@ class LayerRemovalPerplexity(Metric):
         perplexities = [math.exp(float(nll) / total) for nll in removed_nll]
         return MetricResult(name, perplexities, perplexities, self.meaning,
                             details={"full_model": math.exp(full_nll / total), "targets": total})
+
+
+class RemovalStream(LayerPass):
+    """``ppl`` under layer streaming: one partial stream per skipped layer. When layer ``j`` is
+    loaded, every stream that skipped an earlier layer goes through it, and the stream that skips
+    ``j`` starts from ``j``'s input; at the end each stream (and the full model) meets the head."""
+
+    def __init__(self, metric: LayerRemovalPerplexity, context: ScoringContext, name: str) -> None:
+        rows = context.data(name)
+        if not bool(next_token_targets(rows.input_ids, rows.attention_mask)[0].any()):
+            raise UsageError("ppl needs rows with at least two real tokens; raise --seq-len or use other data")
+        self.metric, self.context, self.name = metric, context, name
+        self.count = context.loaded.num_layers
+
+    def on_batch(self, index: int, batch: int, x_in: torch.Tensor, x_out: torch.Tensor, layer: nn.Module,
+                 stream: Stream) -> None:
+        for skipped in range(index):
+            key = ("h", skipped, batch)
+            stream.store.put(key, stream.replay(layer, index, batch, stream.store.get(key)))
+        stream.store.put(("h", index, batch), x_in)
+
+    def finish(self, stream: Stream) -> None:
+        removed = torch.zeros(self.count, dtype=torch.float64)
+        full = torch.zeros(1, dtype=torch.float64)
+        targets = torch.tensor([sum(int(b.where.sum()) for b in stream.batches)], dtype=torch.float64)
+        with stream.head() as head, torch.no_grad():
+            for b, batch in enumerate(stream.batches):
+                if not bool(batch.where.any()):
+                    continue
+                full += float(head.nll_sum(stream.hidden(b), batch.where, batch.targets))
+                for skipped in range(self.count):
+                    removed[skipped] += float(head.nll_sum(stream.store.get(("h", skipped, b)), batch.where,
+                                                           batch.targets))
+        stream.all_reduce(removed, full, targets)
+        total = float(targets)
+        perplexities = [math.exp(float(nll) / total) for nll in removed]
+        result = MetricResult(self.name, perplexities, perplexities, self.metric.meaning,
+                              details={"full_model": math.exp(float(full) / total), "targets": int(total)})
+        self.context.cached(f"result:{self.name}", lambda: result)
 
 
 METRICS.register("ppl")(LayerRemovalPerplexity())

@@ -2,28 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel
-from layerprune.scoring.base import METRICS, MetricResult, ScoringContext
 from layerprune.data.rows import CalibrationLike, CalibrationSet
-from layerprune.scoring.forward import check_positions
-
-if TYPE_CHECKING:
-    from layerprune.selection import Selection
+from layerprune.models.surgery import remove_layers
+from layerprune.scoring.base import METRICS, MetricResult, ScoringContext, metric_options
 
 
-@dataclass
+class Documented(Protocol):
+    """Anything that writes itself as a JSON document (a :class:`layerprune.Selection`)."""
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
 class ScoreReport:
-    """Scores of every requested metric for the model as scored, plus what they were computed on.
+    """Scores of every requested metric for the model as scored, plus a description of the data.
 
-    It remembers the model, the data and the options, so that the iterative strategy of
-    :func:`layerprune.select` can re-score the model with fewer layers the same way.
+    Plain data: it holds neither the model nor a selection, so selecting from it never changes
+    it and it can be rebuilt from its JSON. Re-scoring a smaller model (the iterative strategy)
+    goes through :func:`rescorer`.
     """
 
     model: str
@@ -32,11 +36,10 @@ class ScoreReport:
     layer_ids: list[int]
     data: dict[str, Any]
     results: dict[str, MetricResult]
-    context: ScoringContext = field(repr=False)
-    selection: Selection | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        """The ``scores.json`` document (see the issue's output shape; extra keys are additive)."""
+    def to_json(self, selection: Documented | None = None) -> dict[str, Any]:
+        """The ``scores.json`` document (see the issue's output shape; extra keys are additive),
+        with ``selection`` (what :func:`layerprune.select` chose from these scores) when given."""
         document: dict[str, Any] = {
             "model": self.model,
             "num_layers": self.num_layers,
@@ -51,8 +54,8 @@ class ScoreReport:
         details = {name: result.details for name, result in self.results.items() if result.details}
         if details:
             document["details"] = details
-        if self.selection is not None:
-            document["selection"] = self.selection.to_json()
+        if selection is not None:
+            document["selection"] = selection.to_json()
         return document
 
 
@@ -71,14 +74,26 @@ def needs_data(metrics: Sequence[str]) -> bool:
     return any(METRICS.get(name).needs_data for name in metrics)
 
 
-def check_score_options(metrics: Sequence[str] | str, batch_size: int, positions: str) -> list[str]:
-    """Refuse bad scoring options without a model (a recipe checks them before its first stage);
-    returns the metric names deduplicated."""
+def check_score_options(metrics: Sequence[str] | str, batch_size: int, **options: Any) -> list[str]:
+    """Refuse bad scoring options without a model (a recipe checks them before its first stage):
+    the metric names, the batch and each metric option against its declaration; returns the metric
+    names deduplicated."""
     names = check_metrics(metrics)
-    check_positions(positions)
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    metric_options(names, options)
     return names
+
+
+def describe_data(data: dict[str, Any] | None, rows: CalibrationSet | None, batch_size: int, options: dict[str, Any],
+                  **extra: Any) -> dict[str, Any]:
+    """The report's ``data``: the caller's description, the rows' shape and the scoring options used."""
+    described = dict(data or {})
+    if rows is not None:
+        described.setdefault("source", rows.description)
+        described.update(rows=int(rows.input_ids.shape[0]), seq_len=int(rows.input_ids.shape[1]))
+    described.update(**options, batch_size=batch_size, **extra)
+    return described
 
 
 def score(
@@ -87,31 +102,41 @@ def score(
     metrics: Sequence[str] | str = ("bi",),
     *,
     batch_size: int = 8,
-    positions: str = "all",
-    seed: int = 0,
     data: dict[str, Any] | None = None,
+    **options: Any,
 ) -> ScoreReport:
     """Score every decoder layer of ``loaded`` with each of ``metrics``.
 
     ``calibration`` is a :class:`~layerprune.data.CalibrationSet`, anything with ``input_ids`` and
     ``attention_mask``, or a bare ``input_ids`` tensor; metrics that need no data (``magnitude-*``,
-    ``reverse-order``, ``random``) accept ``None``. ``positions`` is ``all`` (every real token) or
-    ``last`` (the last real token of each row) for the similarity metrics. ``data`` describes the
-    calibration set for the report. The model is not modified.
+    ``reverse-order``, ``random``) accept ``None``. ``options`` are the metrics' own options (each
+    metric's ``options_class``; docs/api.md lists them), e.g. ``positions="last"`` for the
+    similarity metrics or ``seed`` for ``random``; an option no metric declares is refused.
+    ``data`` describes the calibration set for the report. The model is not modified.
     """
-    names = check_score_options(metrics, batch_size, positions)
+    names = check_score_options(metrics, batch_size, **options)
     if calibration is None and needs_data(names):
         wanting = [n for n in names if METRICS.get(n).needs_data]
         raise UsageError(f"metrics {', '.join(wanting)} need calibration data; pass --data (e.g. --data wiki-sample)")
     rows = CalibrationSet.of(calibration) if calibration is not None else None
-    context = ScoringContext(loaded, rows, batch_size=batch_size, positions=positions, seed=seed)
+    context = ScoringContext(loaded, rows, batch_size=batch_size, options=metric_options(names, options))
     results = {name: METRICS.get(name).compute(context, name) for name in names}
-    described = dict(data or {})
-    if rows is not None:
-        described.setdefault("source", rows.description)
-        described.update(rows=int(rows.input_ids.shape[0]), seq_len=int(rows.input_ids.shape[1]))
-    described.update(positions=positions, batch_size=batch_size, seed=seed)
     return ScoreReport(
         model=loaded.source, num_layers=loaded.num_layers, tokens=rows.tokens if rows is not None else 0,
-        layer_ids=loaded.original_layer_ids, data=described, results=results, context=context,
+        layer_ids=loaded.original_layer_ids, data=describe_data(data, rows, batch_size, context.options),
+        results=results,
     )
+
+
+def rescorer(loaded: LoadedModel, calibration: CalibrationLike | torch.Tensor | None,
+             **options: Any) -> Callable[[str, list[int]], MetricResult]:
+    """The ``rescore`` function of :func:`layerprune.select`'s iterative strategy: ``rescore(metric,
+    removed)`` scores ``loaded`` without the layers ``removed`` (its indices) on ``calibration``
+    with :func:`score`'s ``options``. Each call cuts a weight-sharing copy, so ``loaded`` stays whole."""
+
+    def rescore(metric: str, removed: list[int]) -> MetricResult:
+        working = loaded.copy(share_weights=True)
+        remove_layers(working.model, removed, working.adapter)
+        return score(working, calibration, [metric], **options).results[metric]
+
+    return rescore

@@ -5,8 +5,9 @@ embedding gets real weights only for the token ids the calibration data uses, an
 base model with every decoder layer stubbed out records what each layer would receive (its input
 and the exact masks / rotary embeddings / per-layer-type variants the family builds). Then the
 layers are loaded from the safetensors shards **one at a time**; every calibration batch is pushed
-through the loaded layer, the similarity sums (:class:`SimilarityAccumulator`), the weight norms and
-the ``ppl`` candidate streams are updated, and the layer is freed before the next one is read.
+through the loaded layer, each requested metric's :class:`~layerprune.scoring.base.LayerPass` sees
+the layer and its activations (the similarity sums, the weight norms, the ``ppl`` candidate
+streams), and the layer is freed before the next one is read.
 
 Each layer is read from disk once. What must survive between layers (the current hidden states,
 the unit inputs of earlier layers for ``angular``/``block-cosine``, one partial stream per skipped
@@ -20,11 +21,10 @@ the calibration rows and the sums are all-reduced, so N processes give the score
 from __future__ import annotations
 
 import ctypes
-import math
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,15 +42,10 @@ from layerprune.models.hooks import StopForward, layer_input, until_stopped
 from layerprune.models.lineage import read_lineage
 from layerprune.models.loading import LoadedModel, resolve_dtype
 from layerprune.models.shards import checkpoint_shards, layer_key_prefix, load_checkpoint_config, read_header
-from layerprune.scoring.accumulators import SimilarityAccumulator, unit_rows
-from layerprune.scoring.base import METRICS, MetricResult, ScoringContext
-from layerprune.scoring.forward import Head, check_finite, next_token_targets, replay_layer, scored_positions
-from layerprune.scoring.report import ScoreReport, check_score_options
+from layerprune.scoring.base import METRICS, LayerPass, ScoringContext, metric_options
+from layerprune.scoring.forward import Head, check_finite, next_token_targets, replay_layer
+from layerprune.scoring.report import ScoreReport, check_score_options, describe_data
 
-SIMILARITY = ("bi", "angular", "block-cosine")
-MAGNITUDE = {"magnitude-l1": 1, "magnitude-l2": 2}
-WITHOUT_MODEL = ("reverse-order", "random")
-STREAMABLE = (*SIMILARITY, *MAGNITUDE, "ppl", *WITHOUT_MODEL)
 _ROW_CHUNK = 4096  # embedding rows read at a time when gathering the used ones
 
 LayerCall = tuple[tuple[Any, ...], dict[str, Any]]
@@ -114,7 +109,6 @@ class _Batch:
     """One calibration batch: its masks, targets, and the extra arguments each layer receives."""
 
     attention_mask: torch.Tensor
-    keep: torch.Tensor
     where: torch.Tensor
     targets: torch.Tensor
     calls: list[LayerCall]
@@ -195,8 +189,7 @@ class StreamingScorer:
                 if f"{base_path}.{name}" not in skip and any(True for _ in child.parameters())]
 
     @torch.no_grad()
-    def capture(self, calibration: CalibrationSet, batch_size: int, positions: str,
-                store: ActivationStore) -> list[_Batch]:
+    def capture(self, calibration: CalibrationSet, batch_size: int, store: ActivationStore) -> list[_Batch]:
         """Run the skeleton with stubbed layers: store each batch's input to layer 0 and record
         the arguments of every layer. Only the rows of the embedding the data uses are read."""
         used = torch.unique(calibration.input_ids)
@@ -215,8 +208,7 @@ class StreamingScorer:
                                              attention_mask=attention_mask, use_cache=False)
                 store.put(("x", index), first[0])
                 where, targets = next_token_targets(input_ids, attention_mask)
-                batches.append(_Batch(attention_mask, scored_positions(attention_mask, positions), where, targets,
-                                      calls))
+                batches.append(_Batch(attention_mask, where, targets, calls))
         finally:
             for _, module in self._outside_layers():
                 module.to("meta")
@@ -287,10 +279,12 @@ def _rank_rows(calibration: CalibrationSet) -> CalibrationSet:
 
 
 def check_streamable(names: list[str]) -> None:
-    refused = [n for n in names if n not in STREAMABLE]
+    """Refuse metrics that cannot run layer by layer, with each one's reason (its ``streaming_refusal``)."""
+    refused = {n: METRICS.get(n).streaming_refusal for n in names if METRICS.get(n).streaming_refusal}
     if refused:
-        raise UsageError(f"metric(s) {', '.join(refused)} cannot be computed layer by layer (taylor needs "
-                         f"gradients through the whole model); stream only {', '.join(STREAMABLE)}, or score "
+        streamable = [n for n in METRICS.names() if not METRICS.get(n).streaming_refusal]
+        raise UsageError(f"metric(s) {', '.join(refused)} cannot be computed layer by layer "
+                         f"({'; '.join(map(str, refused.values()))}); stream only {', '.join(streamable)}, or score "
                          "in memory without --streaming")
 
 
@@ -300,12 +294,11 @@ def stream_score(
     metrics: list[str] | str = ("bi",),
     *,
     batch_size: int = 1,
-    positions: str = "all",
-    seed: int = 0,
     dtype: str | torch.dtype | None = "auto",
     spill_dir: str | Path | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     data: dict[str, Any] | None = None,
+    **options: Any,
 ) -> ScoreReport:
     """Score the safetensors checkpoint in ``folder`` one decoder layer at a time.
 
@@ -315,7 +308,7 @@ def stream_score(
     larger batches only buy some speed (~20% on SmolLM2) at the price of activation memory, which is
     what streaming exists to save. ``dtype`` is the compute dtype (float32 on CPU by default, as ``load_model``).
     """
-    names = check_score_options(metrics, batch_size, positions)
+    names = check_score_options(metrics, batch_size, **options)
     check_streamable(names)
     wanting = [n for n in names if METRICS.get(n).needs_data]
     if wanting and calibration is None:
@@ -324,91 +317,59 @@ def stream_score(
     scorer = StreamingScorer(folder, dtype)
     loaded = LoadedModel(scorer.skeleton, tokenizer, str(scorer.folder), scorer.adapter,  # type: ignore[arg-type]
                          scorer.folder, read_lineage(scorer.folder))
-    context = ScoringContext(loaded, rows, batch_size=batch_size, positions=positions, seed=seed)
-    streamed = _stream(scorer, _rank_rows(rows) if rows is not None else None, names, context, spill_dir)
-    results = {name: streamed[name] if name in streamed else METRICS.get(name).compute(context, name) for name in names}
-    described = dict(data or {})
-    if rows is not None:
-        described.setdefault("source", rows.description)
-        described.update(rows=int(rows.input_ids.shape[0]), seq_len=int(rows.input_ids.shape[1]))
-    described.update(positions=positions, batch_size=batch_size, seed=seed, streaming=True)
+    context = ScoringContext(loaded, rows, batch_size=batch_size, options=metric_options(names, options))
+    passes = list({id(p): p for p in (METRICS.get(n).layer_pass(context, n) for n in names) if p is not None}.values())
+    if passes:
+        _stream(scorer, _rank_rows(rows) if rows is not None else None, passes, context, spill_dir)
+    results = {name: METRICS.get(name).compute(context, name) for name in names}
     return ScoreReport(model=str(scorer.folder), num_layers=len(scorer.layers), tokens=rows.tokens if rows else 0,
-                       layer_ids=loaded.original_layer_ids, data=described, results=results, context=context)
+                       layer_ids=loaded.original_layer_ids, results=results,
+                       data=describe_data(data, rows, batch_size, context.options, streaming=True))
 
 
-def _stream(scorer: StreamingScorer, rows: CalibrationSet | None, names: list[str], context: ScoringContext,
-            spill_dir: str | Path | None) -> dict[str, MetricResult]:
-    """The one pass over the layers; returns the metrics it computes itself (magnitude, ppl) and
-    leaves the similarity sums in ``context`` for the registered similarity metrics to read."""
-    count = len(scorer.layers)
-    similarity = SimilarityAccumulator(count) if any(n in SIMILARITY for n in names) else None
-    pairs = any(n in ("angular", "block-cosine") for n in names)  # all i <= j, not only i == j
-    ppl = "ppl" in names
-    norms = {name: torch.zeros(count, dtype=torch.float64) for name in names if name in MAGNITUDE}
-    if not norms and (rows is None or (similarity is None and not ppl)):
-        return {}
-    if ppl and rows is not None and not bool(next_token_targets(rows.input_ids, rows.attention_mask)[0].any()):
-        raise UsageError("ppl needs rows with at least two real tokens; raise --seq-len or use other data")
+@dataclass
+class _Stream:
+    """The :class:`~layerprune.scoring.base.Stream` the metrics' passes see."""
+
+    scorer: StreamingScorer
+    store: ActivationStore
+    batches: list[_Batch]
+
+    def hidden(self, batch: int) -> torch.Tensor:
+        return self.store.get(("x", batch))
+
+    def replay(self, layer: nn.Module, index: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:
+        return replay_layer(layer, hidden, *self.batches[batch].calls[index])
+
+    def head(self) -> AbstractContextManager[Head]:
+        return self.scorer.head()
+
+    def all_reduce(self, *tensors: torch.Tensor) -> None:
+        all_reduce_sums(*tensors)
+
+
+def _stream(scorer: StreamingScorer, rows: CalibrationSet | None, passes: list[LayerPass], context: ScoringContext,
+            spill_dir: str | Path | None) -> None:
+    """The one pass over the layers: each loaded layer goes to every metric's pass, and every batch
+    through the layer to the passes that need activations; the passes then finish into ``context``."""
+    watching = [p for p in passes if p.needs_activations]
     store = ActivationStore(Path(spill_dir) if spill_dir is not None else None)
     try:
-        batches = scorer.capture(rows, context.batch_size, context.positions, store) if rows is not None else []
+        batches = scorer.capture(rows, context.batch_size, store) if rows is not None and watching else []
+        stream = _Stream(scorer, store, batches)
         with torch.no_grad():
-            for j in range(count):
+            for j in range(len(scorer.layers)):
                 with scorer.layer(j) as layer:
-                    for name, total in norms.items():
-                        total[j] = sum(float(torch.linalg.vector_norm(p.double(), ord=MAGNITUDE[name]))
-                                       for p in layer.parameters())
-                    for b, batch in enumerate(batches if similarity is not None or ppl else []):
-                        x_in = store.get(("x", b))
-                        x_out = replay_layer(layer, x_in, *batch.calls[j])
-                        check_finite(j, x_out, batch.attention_mask)
-                        if similarity is not None:
-                            _add_similarity(similarity, store, j, b, x_in[batch.keep], x_out[batch.keep], pairs)
-                        if ppl:
-                            for skipped in range(j):
-                                h = store.get(("h", skipped, b))
-                                store.put(("h", skipped, b), replay_layer(layer, h, *batch.calls[j]))
-                            store.put(("h", j, b), x_in)
+                    for layer_pass in passes:
+                        layer_pass.on_layer(j, layer)
+                    for b in range(len(batches)):
+                        x_in = stream.hidden(b)
+                        x_out = stream.replay(layer, j, b, x_in)
+                        check_finite(j, x_out, batches[b].attention_mask)
+                        for layer_pass in watching:
+                            layer_pass.on_batch(j, b, x_in, x_out, layer, stream)
                         store.put(("x", b), x_out)
-        results = {name: MetricResult(name, total.tolist(), total.tolist(), METRICS.get(name).meaning)
-                   for name, total in norms.items()}
-        if similarity is not None:
-            all_reduce_sums(similarity.cos_sum, similarity.angle_sum, similarity.count)
-            context.cached("similarity", lambda: similarity)
-        if ppl:
-            results["ppl"] = _perplexities(scorer, store, batches, count)
-        return results
+        for layer_pass in passes:
+            layer_pass.finish(stream)
     finally:
         store.close()
-
-
-def _add_similarity(accumulator: SimilarityAccumulator, store: ActivationStore, j: int, b: int,
-                    x_in: torch.Tensor, x_out: torch.Tensor, pairs: bool) -> None:
-    unit_out = unit_rows(x_out)
-    unit_in = unit_rows(x_in)
-    if not pairs:
-        accumulator.add_cosines([j], j, (unit_in * unit_out).sum(dim=-1)[None])
-        return
-    store.put(("u", j, b), unit_in)
-    for i in range(j + 1):
-        accumulator.add_cosines([i], j, (store.get(("u", i, b)) * unit_out).sum(dim=-1)[None])
-
-
-def _perplexities(scorer: StreamingScorer, store: ActivationStore, batches: list[_Batch], count: int) -> MetricResult:
-    """Finish ``ppl``: each candidate stream (and the full model) through the head."""
-    removed = torch.zeros(count, dtype=torch.float64)
-    full = torch.zeros(1, dtype=torch.float64)
-    targets = torch.tensor([sum(int(b.where.sum()) for b in batches)], dtype=torch.float64)
-    with scorer.head() as head, torch.no_grad():
-        for b, batch in enumerate(batches):
-            if not bool(batch.where.any()):
-                continue
-            full += float(head.nll_sum(store.get(("x", b)), batch.where, batch.targets))
-            for skipped in range(count):
-                removed[skipped] += float(head.nll_sum(store.get(("h", skipped, b)), batch.where, batch.targets))
-    all_reduce_sums(removed, full, targets)
-    total = float(targets)
-    perplexities = [math.exp(float(nll) / total) for nll in removed]
-    return MetricResult("ppl", perplexities, perplexities, METRICS.get("ppl").meaning,
-                        details={"full_model": math.exp(float(full) / total), "targets": int(total)})
-

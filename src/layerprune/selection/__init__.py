@@ -1,13 +1,14 @@
 """Turning layer scores into the layers to remove.
 
-Three strategies:
+Each strategy is one registered unit in :data:`STRATEGIES`:
 
 - ``independent`` (ShortGPT): the N layers with the lowest importance, wherever they are.
 - ``consecutive`` (LLM-Streamline, Gromov et al.): the run of N adjacent layers that matters least;
   for block metrics (``angular``, ``block-cosine``) that is the start whose n=N block changes its
   input least, for per-layer metrics the run with the lowest summed importance.
 - ``iterative`` (SLEB, Reassessing Layer Pruning): remove the least important layer, re-score the
-  smaller model with the same metric and data, and repeat N times.
+  smaller model with the same metric and data, and repeat N times. The scores are plain data, so
+  the re-scoring is a function the caller passes (:func:`layerprune.scoring.rescorer`).
 
 Indices are those of the model as scored (what :func:`layerprune.prune` takes).
 """
@@ -16,16 +17,23 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from layerprune.errors import UsageError
-from layerprune.models.surgery import remove_layers
+from layerprune.registry import Registry
 from layerprune.scoring.base import MetricResult
-from layerprune.scoring.report import ScoreReport, score
+from layerprune.scoring.report import ScoreReport
 
-STRATEGIES = ("independent", "consecutive", "iterative")
 _REMOVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%?)\s*$")
+
+Rescore = Callable[[str, list[int]], MetricResult]
+"""``rescore(metric, removed)``: ``metric``'s scores of the model as scored without the layers
+``removed`` (its indices); see :func:`layerprune.scoring.rescorer`."""
+
+Choice = tuple[list[int], list[dict[str, Any]]]
+"""What a strategy returns: the layers to remove (sorted) and its steps (empty for one-shot strategies)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,21 @@ class Selection:
         if self.steps:
             document["steps"] = self.steps
         return document
+
+
+class Strategy:
+    """A way to choose ``count`` layers from one metric's scores: subclass, implement :meth:`choose`,
+    and register an instance in :data:`STRATEGIES`. ``options_class`` declares its options, if any."""
+
+    options_class: type | None = None
+    rescores: bool = False
+    """True when :meth:`choose` needs a ``rescore`` function (it scores smaller models itself)."""
+
+    def choose(self, result: MetricResult, count: int, rescore: Rescore | None) -> Choice:
+        raise NotImplementedError
+
+
+STRATEGIES: Registry[Strategy] = Registry("strategy")
 
 
 def check_remove(remove: int | str) -> tuple[float, bool]:
@@ -71,8 +94,7 @@ def parse_remove(remove: int | str, num_layers: int) -> int:
 
 
 def check_strategy(strategy: str) -> str:
-    if strategy not in STRATEGIES:
-        raise UsageError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+    STRATEGIES.get(strategy)
     return strategy
 
 
@@ -98,42 +120,56 @@ def least_important_run(result: MetricResult, count: int) -> list[int]:
     return list(range(start, start + count))
 
 
+class Independent(Strategy):
+    """The ``count`` least important layers, wherever they are (ShortGPT)."""
+
+    def choose(self, result: MetricResult, count: int, rescore: Rescore | None) -> Choice:
+        return least_important(result.importance, count), []
+
+
+class Consecutive(Strategy):
+    """The run of ``count`` adjacent layers that matters least (LLM-Streamline, Gromov et al.)."""
+
+    def choose(self, result: MetricResult, count: int, rescore: Rescore | None) -> Choice:
+        return least_important_run(result, count), []
+
+
+class Iterative(Strategy):
+    """Remove the least important layer, re-score the rest, repeat; step 0 uses the given scores."""
+
+    rescores = True
+
+    def choose(self, result: MetricResult, count: int, rescore: Rescore | None) -> Choice:
+        assert rescore is not None, "select() refuses the iterative strategy without a rescore function"
+        remaining = list(range(len(result.importance)))
+        steps: list[dict[str, Any]] = []
+        for step in range(count):
+            if step:
+                result = rescore(result.name, sorted(s["removed"] for s in steps))
+            victim = least_important(result.importance, 1)[0]
+            steps.append({"layers": list(remaining), "importance": result.importance, "removed": remaining[victim]})
+            remaining.pop(victim)
+        return sorted(s["removed"] for s in steps), steps
+
+
+STRATEGIES.register("independent")(Independent())
+STRATEGIES.register("consecutive")(Consecutive())
+STRATEGIES.register("iterative")(Iterative())
+
+
 def select(report: ScoreReport, remove: int | str, strategy: str = "independent", metric: str | None = None,
-           *, attach: bool = True) -> Selection:
+           *, rescore: Rescore | None = None) -> Selection:
     """Choose the layers to remove from ``report`` by ``metric`` (default: its only or first metric).
 
-    ``remove`` is a count or a share like ``"25%"``. With ``attach`` the selection is also stored
-    in ``report.selection`` so that ``report.to_json()`` carries it.
+    ``remove`` is a count or a share like ``"25%"``. The ``iterative`` strategy re-scores the
+    smaller models through ``rescore`` (build it with :func:`layerprune.scoring.rescorer` from the
+    model and data the report was scored on). ``report.to_json(selection)`` writes both.
     """
-    check_strategy(strategy)
+    chosen = STRATEGIES.get(strategy)
     name = scored_metric(metric, list(report.results))
     count = parse_remove(remove, report.num_layers)
-    result = report.results[name]
-    if strategy == "independent":
-        selection = Selection(name, strategy, least_important(result.importance, count))
-    elif strategy == "consecutive":
-        selection = Selection(name, strategy, least_important_run(result, count))
-    else:
-        selection = _iterative(report, name, count)
-    if attach:
-        report.selection = selection
-    return selection
-
-
-def _iterative(report: ScoreReport, metric: str, count: int) -> Selection:
-    """Remove the least important layer, re-score the rest, repeat; step 0 reuses ``report``."""
-    context = report.context
-    working = context.loaded.copy(share_weights=True)
-    remaining = list(range(report.num_layers))
-    result = report.results[metric]
-    steps: list[dict[str, Any]] = []
-    for step in range(count):
-        if step:
-            result = score(working, context.calibration, [metric], batch_size=context.batch_size,
-                           positions=context.positions, seed=context.seed).results[metric]
-        victim = least_important(result.importance, 1)[0]
-        steps.append({"layers": list(remaining), "importance": result.importance, "removed": remaining[victim]})
-        remaining.pop(victim)
-        if step < count - 1:
-            remove_layers(working.model, [victim], working.adapter)
-    return Selection(metric, "iterative", sorted(step["removed"] for step in steps), steps)
+    if chosen.rescores and rescore is None:
+        raise UsageError(f"the {strategy} strategy re-scores the pruned model; pass rescore="
+                         "layerprune.scoring.rescorer(model, calibration), or choose another strategy")
+    layers, steps = chosen.choose(report.results[name], count, rescore)
+    return Selection(name, strategy, layers, steps)

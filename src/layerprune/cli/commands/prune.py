@@ -19,7 +19,7 @@ import torch
 from layerprune.api import prune, save
 from layerprune.cli.options import (
     add_calibration_options, add_command, add_model_options, add_output_options, add_selection_options,
-    check_calibration_args, input_folders, load_from_args, remove_check, safetensors_folder, score_from_args,
+    check_calibration_args, input_folders, load_from_args, remove_check, safetensors_folder, score_and_select,
     selection_strategy, warn_if_most_layers_go,
 )
 from layerprune.errors import UsageError
@@ -31,7 +31,6 @@ from layerprune.models.shards import is_safetensors_checkpoint, prune_checkpoint
 from layerprune.models.surgery import parse_layer_list, validate_layer_indices
 from layerprune.outputs import check_output_path
 from layerprune.scoring import check_metrics
-from layerprune.selection import select
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -130,8 +129,8 @@ def run_scored(args: argparse.Namespace) -> int:
     check_generate(args)
     check_output_path(args.out, overwrite=args.overwrite, protected=input_folders(args))
     loaded = load_from_args(args, check_config=check_layers)
-    report = score_from_args(loaded, args, metrics)
-    selection = select(report, args.remove, strategy, metrics[0])
+    report, selection = score_and_select(loaded, args, metrics, strategy, metrics[0])
+    assert selection is not None, "run_scored refuses a missing --remove before scoring"
     warn_if_most_layers_go(args, len(selection.remove), report.num_layers)
     removed = prune(loaded, selection.remove, reason=f"{selection.metric} scores, {strategy} selection")
     recipe = {"selection": selection.to_json(), "importance": report.results[metrics[0]].importance,

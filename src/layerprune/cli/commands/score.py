@@ -15,7 +15,8 @@ from transformers import PretrainedConfig
 from layerprune.cli.options import (
     add_calibration_options, add_command, add_model_options, add_output_file_options, add_selection_options,
     build_calibration_from_args, check_calibration_args, data_description, input_folders, load_from_args,
-    remove_check, safetensors_folder, score_from_args, selection_strategy, warn_if_most_layers_go,
+    metric_options_from_args, remove_check, safetensors_folder, score_and_select, selection_strategy,
+    warn_if_most_layers_go,
 )
 from layerprune.errors import UsageError
 from layerprune.reporting.scores import format_table, plot_scores
@@ -36,8 +37,8 @@ def stream_from_args(args: argparse.Namespace, metrics: list[str], strategy: str
     skeleton = open_streaming(folder)
     check_layers(skeleton.model.config)
     calibration = build_calibration_from_args(skeleton, args) if needs_data(metrics) else None
-    return stream_score(folder, calibration, metrics, batch_size=args.batch_size, positions=args.positions,
-                        seed=args.seed, dtype=args.dtype, spill_dir=args.spill_dir, tokenizer=skeleton.tokenizer,
+    return stream_score(folder, calibration, metrics, batch_size=args.batch_size, **metric_options_from_args(args),
+                        dtype=args.dtype, spill_dir=args.spill_dir, tokenizer=skeleton.tokenizer,
                         data=data_description(args) if calibration is not None else None)
 
 
@@ -89,16 +90,17 @@ def run(args: argparse.Namespace) -> int:
         _check_file_output(path, args.overwrite, input_folders(args))
     if args.streaming:
         report = stream_from_args(args, metrics, strategy, check_layers)
+        selection = select(report, args.remove, strategy, select_by) if args.remove is not None else None
     else:
-        report = score_from_args(load_from_args(args, check_config=check_layers), args, metrics)
-    if args.remove is not None:
-        selection = select(report, args.remove, strategy, select_by)
+        report, selection = score_and_select(load_from_args(args, check_config=check_layers), args, metrics,
+                                             strategy, select_by)
+    if selection is not None:
         warn_if_most_layers_go(args, len(selection.remove), report.num_layers)
-    print(format_table(report))
+    print(format_table(report, selection))
     if output is not None:
-        write_json_atomic(output, report.to_json(), overwrite=args.overwrite)
+        write_json_atomic(output, report.to_json(selection), overwrite=args.overwrite)
         print(f"scores written to {output}")
     if plot is not None:
-        plot_scores(report, plot, overwrite=args.overwrite)
+        plot_scores(report, plot, selection, overwrite=args.overwrite)
         print(f"figure written to {plot}")
     return 0

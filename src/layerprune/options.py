@@ -1,0 +1,250 @@
+"""Typed options: one declaration per registered unit, read by the CLI, the recipes, the API and the docs.
+
+A registered unit (metric, healing method, selection strategy, sampling) that takes options names
+a plain frozen dataclass in its class attribute ``options_class``::
+
+    @dataclass(frozen=True)
+    class LoRAOptions:
+        lora_rank: int = field(default=16, metadata={"help": "adapter rank", "min": 1})
+
+Each field has a type, a default and ``metadata={"help": "one sentence"}``; optional metadata keys
+are ``"choices"`` (a tuple), ``"min"``/``"max"`` (inclusive bounds), ``"flag"`` (a custom flag
+name), ``"parse"`` (turns the flag's text into the value, for types argparse cannot read) and
+``"metavar"``. Cross-field rules go in an optional ``check(self)`` method. This module turns the
+declaration into argparse flags, validated instances and Markdown tables, so an option is written
+once and its default is the same on the command line, in a recipe and in Python. (Recipe keys
+are built from it by :func:`layerprune.recipes.schema.option_fields`.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from layerprune.errors import UsageError
+
+# typing.get_origin() gives the collections.abc class for both typing.Sequence[X] and
+# collections.abc.Sequence[X]; a recipe writes every one of these as a YAML list
+LIST_ORIGINS = (list, tuple, Sequence, Iterable)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One declared option, read off a dataclass field."""
+
+    name: str
+    annotation: Any
+    default: Any
+    help: str
+    flag: str
+    choices: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    parse: Callable[[str], Any] | None = None
+    metavar: str | None = None
+
+    @property
+    def base_type(self) -> Any:
+        """The annotation without ``| None``: what a given (non-null) value must be."""
+        if typing.get_origin(self.annotation) in (typing.Union, types.UnionType):
+            args = [arg for arg in typing.get_args(self.annotation) if arg is not type(None)]
+            return args[0] if len(args) == 1 else self.annotation
+        return self.annotation
+
+    def check(self, value: Any, unit: str) -> None:
+        """Refuse a value of the wrong type, outside the choices or out of range, naming the option."""
+        if not matches(value, self.annotation):
+            raise UsageError(f"{self.flag} of {unit} must be {type_name(self.annotation)}, got {value!r}; "
+                             "fix its value")
+        if value is None:
+            return
+        if self.choices is not None and value not in self.choices:
+            raise UsageError(f"{self.flag} {value!r} is not a choice of {unit}; use one of: "
+                             f"{', '.join(map(str, self.choices))}")
+        if self.minimum is not None and value < self.minimum:
+            raise UsageError(f"{self.flag} must be at least {self.minimum}, got {value}")
+        if self.maximum is not None and value > self.maximum:
+            raise UsageError(f"{self.flag} must be at most {self.maximum}, got {value}")
+
+
+def options_of(options_class: type | None) -> list[Option]:
+    """The options ``options_class`` declares (none for ``None``), in declaration order."""
+    if options_class is None:
+        return []
+    hints = typing.get_type_hints(options_class)
+    declared = []
+    for item in dataclasses.fields(options_class):
+        if item.default is not dataclasses.MISSING:
+            default = item.default
+        elif item.default_factory is not dataclasses.MISSING:
+            default = item.default_factory()
+        else:
+            raise TypeError(f"option {options_class.__name__}.{item.name} has no default; every option needs one")
+        if "help" not in item.metadata:
+            raise TypeError(f"option {options_class.__name__}.{item.name} has no help sentence")
+        meta = item.metadata
+        declared.append(Option(
+            name=item.name, annotation=hints[item.name], default=default, help=meta["help"],
+            flag=meta.get("flag", "--" + item.name.replace("_", "-")), choices=meta.get("choices"),
+            minimum=meta.get("min"), maximum=meta.get("max"), parse=meta.get("parse"), metavar=meta.get("metavar"),
+        ))
+    return declared
+
+
+def unit_options(unit: Any) -> type | None:
+    """The options class a registered unit (class or instance) declares, or ``None``."""
+    return getattr(unit, "options_class", None)
+
+
+def build_options(options_class: type, values: Mapping[str, Any], *, unit: str) -> Any:
+    """``values`` (keyword arguments, recipe keys) as a checked ``options_class`` instance.
+
+    An unknown name is refused with the options ``unit`` does take; every value is checked against
+    its declaration, then the class's own ``check()`` (rules between options) runs.
+    """
+    declared = {option.name: option for option in options_of(options_class)}
+    refuse_unknown(values, declared, unit=unit)
+    for name, value in values.items():
+        declared[name].check(value, unit)
+    instance = options_class(**values)
+    check = getattr(instance, "check", None)
+    if callable(check):
+        check()
+    return instance
+
+
+def refuse_unknown(values: Iterable[str], allowed: Iterable[str], *, unit: str) -> None:
+    """Refuse option names ``unit`` does not declare, listing the ones it does."""
+    known = list(allowed)
+    unknown = [name for name in values if name not in known]
+    if unknown:
+        raise UsageError(f"option {', '.join(unknown)} is not available for {unit}; the options of {unit} are: "
+                         f"{', '.join(known) or 'none'}")
+
+
+def default_text(option: Option) -> str:
+    """How the default reads in help and docs; ``None`` defaults are explained by the help itself."""
+    if option.default is None:
+        return ""
+    if isinstance(option.default, bool):
+        return "on" if option.default else "off"
+    return str(option.default)
+
+
+def add_option_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *options_classes: type | None,
+                     only_given: bool = False, skip: Iterable[str] = ()) -> None:
+    """Add one flag per option of ``options_classes`` to ``parser``, its default shown in the help
+    (an option several classes declare, e.g. by inheritance, gets one flag).
+
+    With ``only_given`` a flag the user does not give leaves no attribute in the namespace (the
+    help still shows the real default): the caller then passes on only what was asked for, and the
+    unit's own declaration supplies the rest, so no second copy of a default exists.
+    """
+    skipped = set(skip)
+    declared = {o.name: o for options_class in options_classes for o in options_of(options_class)}
+    for option in declared.values():
+        if option.name in skipped:
+            continue
+        shown = default_text(option)
+        text = f"{option.help} (default: {shown})" if shown else option.help
+        keywords: dict[str, Any] = {"dest": option.name, "help": text.replace("%", "%%")}
+        keywords["default"] = argparse.SUPPRESS if only_given else option.default
+        if option.base_type is bool:
+            keywords["action"] = argparse.BooleanOptionalAction if option.default else "store_true"
+        else:
+            keywords["type"] = str if option.parse else _reader(option.base_type)  # parsed by given_options
+            if option.choices is not None:
+                keywords["choices"] = option.choices
+            if option.metavar is not None:
+                keywords["metavar"] = option.metavar
+        parser.add_argument(option.flag, **keywords)
+
+
+def given_options(args: argparse.Namespace, options_class: type | None) -> dict[str, Any]:
+    """The options of ``options_class`` present in ``args`` (see ``only_given``), flag texts read by
+    their ``parse`` here rather than inside argparse, so a bad one is a :class:`UsageError` like any
+    other refusal (one line, exit 2) and not argparse's exit."""
+    given = {}
+    for option in options_of(options_class):
+        if hasattr(args, option.name):
+            value = getattr(args, option.name)
+            given[option.name] = option.parse(value) if option.parse and isinstance(value, str) else value
+    return given
+
+
+def _reader(annotation: Any) -> Callable[[str], Any]:
+    if annotation in (int, float, str, Path):
+        return annotation
+    raise TypeError(f"an option of type {annotation!r} needs metadata 'parse' to be read from the command line")
+
+
+def options_table(options_class: type | None) -> list[str]:
+    """Markdown table rows documenting ``options_class`` (empty without options)."""
+    declared = options_of(options_class)
+    if not declared:
+        return []
+    rows = ["| option | flag | type | default | meaning |", "| --- | --- | --- | --- | --- |"]
+    for option in declared:
+        notes = [option.help]
+        if option.choices is not None:
+            notes.append(f"choices: {', '.join(map(str, option.choices))}")
+        bounds = [f">= {option.minimum}" if option.minimum is not None else "",
+                  f"<= {option.maximum}" if option.maximum is not None else ""]
+        if any(bounds):
+            notes.append(" and ".join(b for b in bounds if b))
+        default = "`None`" if option.default is None else f"`{option.default!r}`"
+        rows.append(f"| `{option.name}` | `{option.flag}` | {type_name(option.annotation)} | {default} | "
+                    f"{'; '.join(notes)} |")
+    return rows
+
+
+def type_name(annotation: Any) -> str:
+    """A type hint as a user reads it: ``int or null``, ``list of str``, ``mapping``."""
+    if annotation is type(None):
+        return "null"
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(arg) for arg in typing.get_args(annotation))
+    if origin in LIST_ORIGINS or annotation in (list, tuple):
+        args = typing.get_args(annotation)
+        return f"list of {type_name(args[0])}" if args else "list"
+    if origin is dict or annotation is dict or dataclasses.is_dataclass(annotation):
+        return "mapping"
+    if origin is typing.Literal:
+        return " or ".join(repr(arg) for arg in typing.get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def matches(value: Any, annotation: Any) -> bool:
+    """Whether a value (from YAML or a Python call) fits a simple type hint; lists stand for tuples."""
+    if annotation is Any:
+        return True
+    if annotation is type(None):
+        return value is None
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(matches(value, arg) for arg in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if origin in LIST_ORIGINS or annotation in (list, tuple):
+        args = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            return False
+        return all(matches(item, args[0]) for item in value) if args else True
+    if origin is dict or annotation is dict or dataclasses.is_dataclass(annotation):
+        return isinstance(value, dict)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is Path:
+        return isinstance(value, (str, Path))
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True

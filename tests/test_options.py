@@ -1,0 +1,172 @@
+"""Typed options: one declaration per unit gives the flag, the recipe key and the API default.
+
+The consistency tests walk every option of every registered unit, so a unit added later is
+checked without a new test; each compares the three places against the declaration read
+directly with ``dataclasses.fields`` (not through :mod:`layerprune.options`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from layerprune.cli.main import build_parser, main
+from layerprune.data.calibration import SAMPLINGS
+from layerprune.errors import UsageError
+from layerprune.healing import HEALERS
+from layerprune.healing.base import TrainingOptions
+from layerprune.healing.heal import heal_settings
+from layerprune.options import add_option_flags, build_options, given_options, options_table
+from layerprune.recipes.runner import _heal_options, _section_fields, load_recipe
+from layerprune.scoring import METRICS, score
+from layerprune.scoring.base import metric_options
+from layerprune.selection import STRATEGIES
+from tests.helpers import tiny_loaded
+from tests.scoring.references import rows_with_padding
+
+UNIT_REGISTRIES = {"metric": METRICS, "healing method": HEALERS, "strategy": STRATEGIES, "sampling": SAMPLINGS}
+
+
+def declared(options_class: type | None) -> dict[str, object]:
+    """Option name -> default, straight from the dataclass."""
+    if options_class is None:
+        return {}
+    return {f.name: f.default for f in dataclasses.fields(options_class)}
+
+
+def subcommand(name: str) -> argparse.ArgumentParser:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]
+
+
+def flag_action(parser: argparse.ArgumentParser, flag: str) -> argparse.Action:
+    return next(a for a in parser._actions if flag in a.option_strings)
+
+
+def test_every_unit_option_has_a_type_a_default_and_help() -> None:
+    for kind, registry in UNIT_REGISTRIES.items():
+        for name in registry.names():
+            options_class = getattr(registry.get(name), "options_class", None)
+            for item in dataclasses.fields(options_class) if options_class else ():
+                assert item.default is not dataclasses.MISSING, f"{kind} {name}: {item.name} has no default"
+                assert item.metadata.get("help"), f"{kind} {name}: {item.name} has no help"
+
+
+@pytest.mark.parametrize("method", HEALERS.names())
+def test_heal_flag_default_equals_api_default_equals_recipe_default(method: str, tmp_path: Path) -> None:
+    defaults = {**declared(TrainingOptions), **declared(HEALERS.get(method).options_class)}
+    # API: heal() with no options
+    api = heal_settings(method, "wiki-sample")
+    api_values = {**dataclasses.asdict(api.training),
+                  **(dataclasses.asdict(api.options) if api.options is not None else {})}
+    assert api_values == defaults
+    # CLI: each flag shows the declared default, and a run without the flag passes nothing
+    parser = subcommand("heal")
+    args = parser.parse_args(["--model", "m", "--method", method, "--data", "d", "--out", "o"])
+    assert given_options(args, TrainingOptions) == {}
+    for name, default in defaults.items():
+        action = flag_action(parser, "--" + name.replace("_", "-"))
+        assert action.dest == name
+        if default is not None:
+            shown = ("on" if default else "off") if isinstance(default, bool) else str(default)
+            assert f"(default: {shown})" in action.help, (name, action.help)
+    cli = heal_settings(method, "d", checkpoint_dir=tmp_path, **given_options(args, TrainingOptions))
+    assert dataclasses.asdict(cli.training) == dataclasses.asdict(api.training)
+    # recipe: every option is an optional key, and a recipe that leaves it out gets the declaration
+    keys = _section_fields()["heal"]
+    assert all(name in keys and not keys[name].required for name in defaults)
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(f"model: m\nheal: {{method: {method}, data: d}}\n")
+    options = _heal_options(load_recipe(recipe_file), tmp_path)
+    recipe = heal_settings(**options)
+    assert dataclasses.asdict(recipe.training) == dataclasses.asdict(api.training)
+    assert recipe.options == api.options
+
+
+def test_checkpoint_default_is_a_quarter_of_the_steps_on_the_cli_in_recipes_and_the_api(tmp_path: Path) -> None:
+    assert heal_settings("partial-ft", "d", steps=40, checkpoint_dir=tmp_path).checkpoint_interval == 10
+    assert heal_settings("partial-ft", "d", steps=40).checkpoint_interval == 0  # nowhere to write
+    never = heal_settings("partial-ft", "d", steps=40, checkpoint_every=0, checkpoint_dir=tmp_path)
+    assert never.checkpoint_interval == 0
+    assert heal_settings("partial-ft", "d", steps=2, checkpoint_dir=tmp_path).checkpoint_interval == 1
+
+
+@pytest.mark.parametrize("metric", METRICS.names())
+def test_metric_flag_default_equals_api_default_equals_recipe_default(metric: str) -> None:
+    defaults = declared(METRICS.get(metric).options_class)
+    resolved = metric_options([metric], {})
+    parser = subcommand("score")
+    args = parser.parse_args([])
+    keys = _section_fields()["score"]
+    for name, default in defaults.items():
+        assert resolved[name] == default
+        assert getattr(args, name) == default, f"--{name} of score"
+        assert name in keys and not keys[name].required
+
+
+def test_unknown_options_are_refused_naming_the_unit_and_its_options() -> None:
+    with pytest.raises(UsageError, match=r"lora_rnk is not available for lora; .*lora_rank"):
+        heal_settings("lora", "d", lora_rnk=4)
+    with pytest.raises(UsageError, match=r"train_layers is not available for lora"):
+        heal_settings("lora", "d", train_layers=2)
+    with pytest.raises(UsageError, match=r"position is not available for scoring; .*positions"):
+        score(tiny_loaded("llama"), rows_with_padding(), ["bi"], position="last")
+
+
+def test_heal_cli_refuses_another_methods_flag(tmp_path: Path, capsys) -> None:
+    code = main(["heal", "--model", str(tmp_path / "nowhere"), "--method", "partial-ft", "--data", "wiki-sample",
+                 "--lora-rank", "4", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "lora_rank is not available for partial-ft" in capsys.readouterr().err
+
+
+def test_precision_speaks_the_dtype_vocabulary() -> None:
+    assert heal_settings("lora", "d", precision="bfloat16").training.precision == "bfloat16"
+    with pytest.raises(UsageError, match="auto, float32, bfloat16"):
+        heal_settings("lora", "d", precision="bf16")
+    with pytest.raises(SystemExit):
+        subcommand("heal").parse_args(["--model", "m", "--method", "lora", "--data", "d", "--out", "o",
+                                       "--precision", "fp32"])
+
+
+@dataclass(frozen=True)
+class ToyOptions:
+    size: int = field(default=3, metadata={"help": "how many", "min": 1})
+    share: float = field(default=0.5, metadata={"help": "a share", "min": 0.0, "max": 1.0})
+    mode: str = field(default="a", metadata={"help": "which mode", "choices": ("a", "b")})
+    loud: bool = field(default=False, metadata={"help": "say more"})
+    span: tuple[int, int] | None = field(default=None, metadata={
+        "help": "two numbers", "parse": lambda text: tuple(int(x) for x in text.split("-")), "flag": "--range"})
+
+    def check(self) -> None:
+        if self.mode == "b" and self.size > 5:
+            raise UsageError("mode b takes at most 5")
+
+
+def test_machinery_builds_flags_checks_values_and_renders_a_table() -> None:
+    parser = argparse.ArgumentParser()
+    add_option_flags(parser, ToyOptions)
+    args = parser.parse_args(["--size", "4", "--loud", "--range", "2-7"])
+    assert given_options(args, ToyOptions) == {"size": 4, "share": 0.5, "mode": "a", "loud": True, "span": (2, 7)}
+    assert "(default: 3)" in flag_action(parser, "--size").help
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mode", "c"])
+    only_given = argparse.ArgumentParser()
+    add_option_flags(only_given, ToyOptions, only_given=True)
+    assert given_options(only_given.parse_args(["--mode", "b"]), ToyOptions) == {"mode": "b"}
+    assert build_options(ToyOptions, {"size": 2}, unit="toy") == ToyOptions(size=2)
+    for values, message in [({"size": 0}, "--size must be at least 1"), ({"share": 1.5}, "--share must be at most 1"),
+                            ({"size": "3"}, "--size of toy must be int"), ({"mode": "c"}, "not a choice of toy"),
+                            ({"mode": "b", "size": 6}, "mode b takes at most 5"),
+                            ({"sise": 2}, "sise is not available for toy; the options of toy are: size, share")]:
+        with pytest.raises(UsageError, match=message):
+            build_options(ToyOptions, values, unit="toy")
+    table = options_table(ToyOptions)
+    assert table[2] == "| `size` | `--size` | int | `3` | how many; >= 1 |"
+    assert "`--range`" in table[-1] and "list of int or null" in table[-1]
+    assert options_table(None) == []
