@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -64,6 +65,8 @@ class Option:
                              "fix its value")
         if value is None:
             return
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{self.flag} of {unit} must be a finite number, got {value}; fix its value")
         if self.choices is not None and value not in self.choices:
             raise UsageError(f"{self.flag} {value!r} is not a choice of {unit}; use one of: "
                              f"{', '.join(map(str, self.choices))}")
@@ -178,8 +181,22 @@ def given_options(args: argparse.Namespace, options_class: type | None) -> dict[
     return given
 
 
+def finite_float(text: str) -> float:
+    """A float flag's reader: ``nan`` and ``inf`` are numbers to Python but never a meaningful
+    setting (a learning rate of ``inf`` trains a model into non-finite weights), so argparse refuses them."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; give a value such as 1e-4")
+    return value
+
+
 def _reader(annotation: Any) -> Callable[[str], Any]:
-    if annotation in (int, float, str, Path):
+    if annotation is float:
+        return finite_float
+    if annotation in (int, str, Path):
         return annotation
     raise TypeError(f"an option of type {annotation!r} needs metadata 'parse' to be read from the command line")
 

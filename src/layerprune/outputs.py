@@ -26,21 +26,164 @@ from typing import Any
 from layerprune.errors import UsageError
 
 
-def check_output_path(out: str | Path, *, overwrite: bool, protected: Iterable[str | Path] = ()) -> Path:
-    """Validate an output folder before any work starts; returns it resolved."""
-    target = Path(out).expanduser().resolve()
-    recover_interrupted(target)
+# Files whose presence marks a folder as one layerprune wrote: a saved model's provenance and a
+# run folder's state. ``--overwrite`` replaces such a folder (or an empty one), never anything else.
+OUTPUT_MARKERS = ("layerprune.json", "run.json")
+NOT_OURS = "not a layerprune output; remove it yourself or choose another path"
+
+# errno -> why a write failed, in words a user can act on (see :func:`write_failure`)
+WRITE_FAILURES = {
+    errno.EROFS: "the file system is read-only; choose an output on a writable disk",
+    errno.ENOSPC: "the disk is full; free some space or choose an output on another disk",
+    errno.EDQUOT: "the disk quota is used up; free some space or choose an output on another disk",
+    errno.ENAMETOOLONG: "a name in the path is too long for the file system; choose a shorter name",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose a path under a folder",
+    errno.EACCES: "permission denied; choose an output you may write to",
+    errno.EPERM: "permission denied; choose an output you may write to",
+    errno.EEXIST: "it appeared while this run was writing (another run?); choose a new path or pass --overwrite",
+    errno.ENOTEMPTY: "it appeared while this run was writing (another run?); choose a new path or pass --overwrite",
+}
+
+
+def write_failure(error: OSError) -> UsageError:
+    """One line for an OSError raised while writing an output: what failed, where, and the fix."""
+    reason = WRITE_FAILURES.get(error.errno or 0, f"{error.strerror or error}; check the output path")
+    where = error.filename if error.filename is not None else "the output"
+    return UsageError(f"cannot write {where}: {reason}")
+
+
+@contextmanager
+def writing() -> Iterator[None]:
+    """Turn an OSError raised while writing an output into a one-line :class:`UsageError`
+    (:func:`write_failure`); every atomic writer here runs its block inside it."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except OSError as error:
+        raise write_failure(error) from error
+
+
+def _resolved(path: str | Path, flag: str) -> Path:
+    """``path`` with ``~``, symlinks and ``..`` resolved; an empty name (``--out ""``, which would
+    otherwise mean the current directory) is refused."""
+    if not str(path).strip():
+        raise UsageError(f"{flag} is empty; give the path of the output to write")
+    return Path(path).expanduser().resolve()
+
+
+def check_not_an_input(target: Path, protected: Iterable[str | Path], flag: str = "output", *,
+                       replaced: bool = True) -> None:
+    """Refuse an output that is, contains or lies inside an input, whatever ``--overwrite`` says:
+    replacing it would destroy what the run reads (symlinks and ``..`` resolved on both sides).
+    An output that is not ``replaced`` as a whole (a folder the run only adds its own files to)
+    may contain an input."""
     for guarded in protected:
         guarded_path = Path(guarded).expanduser().resolve()
         if target == guarded_path or guarded_path in target.parents:
-            raise UsageError(
-                f"output folder {target} is or lies inside the input {guarded_path}; "
-                "choose an output folder outside the input model"
-            )
-    if target.exists() and not overwrite:
-        raise UsageError(f"output {target} already exists; choose a new path or pass --overwrite")
+            raise UsageError(f"{flag} {target} is or lies inside the input {guarded_path}; "
+                             "choose an output outside the input")
+        if replaced and target in guarded_path.parents:
+            raise UsageError(f"{flag} {target} contains the input {guarded_path}; "
+                             "choose an output outside the input")
+
+
+def _check_writable_parent(target: Path) -> None:
+    """Refuse a path under a regular file, or on a disk this process cannot write, before any work."""
+    probe = target.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"cannot write {target}: {probe} is a file, not a folder; choose a path under a folder")
+    if not os.access(probe, os.W_OK):
+        reason = WRITE_FAILURES[errno.EROFS if _read_only(probe) else errno.EACCES]
+        raise UsageError(f"cannot write {target}: {reason}")
+
+
+def _read_only(folder: Path) -> bool:
+    return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+
+
+def _is_protected_place(target: Path) -> bool:
+    """The current directory, a home directory, a filesystem root or a folder above one of them:
+    never an output to replace, whatever they hold."""
+    places = {Path.cwd().resolve(), Path.home().resolve()}
+    return target.parent == target or any(target == place or target in place.parents for place in places)
+
+
+def is_layerprune_folder(folder: Path) -> bool:
+    """Whether ``folder`` is an output layerprune wrote (it holds one of :data:`OUTPUT_MARKERS`)."""
+    return any((folder / marker).is_file() for marker in OUTPUT_MARKERS)
+
+
+def check_output_path(out: str | Path, *, overwrite: bool, protected: Iterable[str | Path] = (),
+                      flag: str = "--out") -> Path:
+    """Validate an output folder before any work starts; returns it resolved.
+
+    The rules, for every folder any command writes: never an input (:func:`check_not_an_input`);
+    an existing folder only with ``overwrite``, and then only one layerprune wrote or an empty one
+    (never the current directory, a home directory or a root); its parent must be a writable folder.
+    """
+    target = _resolved(out, flag)
+    if _is_protected_place(target):
+        raise UsageError(f"{flag} {target} is {NOT_OURS}")
+    check_not_an_input(target, protected, "output folder")
+    recover_interrupted(target)
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise UsageError(f"output {target} already exists; choose a new path or pass --overwrite")
+        if not target.is_dir():
+            raise UsageError(f"output {target} exists and is not a folder; choose another path")
+        if not (is_layerprune_folder(target) or not any(target.iterdir())):
+            raise UsageError(f"{flag} {target} is {NOT_OURS}")
+    _check_writable_parent(target)
+    return target
+
+
+def check_scratch_folder(folder: str | Path, *, protected: Iterable[str | Path] = (), flag: str) -> Path:
+    """Validate a folder a command keeps working files in (``--spill-dir``, ``--checkpoint-dir``):
+    never an input, nor one containing an input; a folder (existing or not) on a writable disk.
+    Such a folder is shared, not replaced: the command writes only its own files into it."""
+    target = _resolved(folder, flag)
+    check_not_an_input(target, protected, flag, replaced=False)
     if target.exists() and not target.is_dir():
-        raise UsageError(f"output {target} exists and is not a folder; choose another path")
+        raise UsageError(f"{flag} {target} is a file, not a folder; choose a folder")
+    _check_writable_parent(target / "probe")
+    return target
+
+
+def is_layerprune_file(path: Path) -> bool:
+    """Whether ``path`` is a results file layerprune writes: a JSON object (scores, evaluation), the
+    Markdown table or PNG figure beside one, or a PNG figure. A file of any other kind is the
+    user's, and ``--overwrite`` does not replace it."""
+    try:
+        head = path.read_bytes()[:8] if path.suffix == ".png" else None
+        if head is not None:
+            return head == b"\x89PNG\r\n\x1a\n"
+        if path.suffix == ".md":
+            return is_layerprune_file(path.with_suffix(".json")) or is_layerprune_file(path.with_suffix(".png"))
+        return path.suffix == ".json" and isinstance(json.loads(path.read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def check_output_file(path: str | Path, *, overwrite: bool, protected: Iterable[str | Path] = (),
+                      flag: str = "--output") -> Path:
+    """Validate an output file (``--output``, ``--plot``) before any work starts; returns it resolved.
+
+    As :func:`check_output_path` for folders: never inside or containing an input, an existing one
+    only with ``overwrite`` and only if it is a file layerprune writes (:func:`is_layerprune_file`).
+    """
+    target = _resolved(path, flag)
+    check_not_an_input(target, protected, f"{flag}")
+    if target.is_dir():
+        raise UsageError(f"{flag} {target} is a folder; give a file name such as {target / 'results.json'}")
+    if target.exists():
+        if not overwrite:
+            raise UsageError(f"{target} already exists; choose a new path or pass --overwrite")
+        if not target.is_file() or not is_layerprune_file(target):
+            raise UsageError(f"{flag} {target} is {NOT_OURS}")
+    _check_writable_parent(target)
     return target
 
 
@@ -122,11 +265,12 @@ def check_free_space(folder: Path, needed_bytes: int) -> None:
 def atomic_output_dir(out: str | Path, *, overwrite: bool = False, protected: Iterable[str | Path] = ()) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``out`` only if the block finishes without error."""
     target = check_output_path(out, overwrite=overwrite, protected=protected)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _staging_dir(target) as staging:
-        yield staging
-        apply_umask(staging)
-        _swap_into_place(staging, target)
+    with writing():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _staging_dir(target) as staging:
+            yield staging
+            apply_umask(staging)
+            _swap_into_place(staging, target, overwrite=overwrite)
 
 
 @contextmanager
@@ -180,29 +324,44 @@ def apply_umask(folder: Path) -> None:
             path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def _exchange(first: Path, second: Path) -> bool:
-    """Swap two folders in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
-
-    Returns False where the platform or file system cannot, so the caller falls back to two renames.
-    """
+def _renameat2(first: Path, second: Path, flags: int) -> bool:
+    """Linux ``renameat2(first, second, flags)``; False where the platform or file system cannot
+    (the caller then falls back to plain renames), an OSError where it refused."""
     if not sys.platform.startswith("linux"):
         return False
     renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
     if renameat2 is None:
         return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), flags) == 0:
         return True
     code = ctypes.get_errno()
     if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False
-    raise OSError(code, os.strerror(code), str(first))
+    raise OSError(code, os.strerror(code), str(second))
 
 
-def _swap_into_place(staging: Path, target: Path) -> None:
-    """Make ``staging`` the ``target``; there is no moment at which neither exists."""
-    if not target.exists():
-        os.replace(staging, target)
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two folders in one atomic step (``RENAME_EXCHANGE``)."""
+    return _renameat2(first, second, 2)
+
+
+def _rename_no_replace(staging: Path, target: Path) -> None:
+    """Move ``staging`` to ``target`` unless something appeared there meanwhile (another run writing
+    the same output): then fail with EEXIST and leave that one alone. ``RENAME_NOREPLACE`` where
+    the kernel has it; elsewhere ``os.rename`` of a folder still refuses a non-empty destination."""
+    if _renameat2(staging, target, 1):
+        return
+    if target.exists():
+        raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+    os.rename(staging, target)
+
+
+def _swap_into_place(staging: Path, target: Path, *, overwrite: bool = True) -> None:
+    """Make ``staging`` the ``target``; there is no moment at which neither exists. Without
+    ``overwrite``, an output that appeared since the start is never replaced."""
+    if not overwrite or not target.exists():
+        _rename_no_replace(staging, target)
         return
     if _exchange(staging, target):
         shutil.rmtree(staging, ignore_errors=True)  # now holds the old folder
@@ -232,11 +391,12 @@ def atomic_file(path: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     target = Path(path).expanduser()
     if target.exists() and not overwrite:
         raise UsageError(f"{target} already exists; choose a new path or pass --overwrite")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    recover_interrupted(target)
-    staging = _staging_path(target)
-    try:
-        yield staging
-        os.replace(staging, target)
-    finally:
-        staging.unlink(missing_ok=True)
+    with writing():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        recover_interrupted(target)
+        staging = _staging_path(target)
+        try:
+            yield staging
+            os.replace(staging, target)
+        finally:
+            staging.unlink(missing_ok=True)

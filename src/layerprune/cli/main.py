@@ -8,18 +8,22 @@ with one line on stderr and exit code 2; no traceback is shown for input the use
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import pkgutil
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from layerprune import __version__
-from layerprune.cli.options import DefaultsShownFormatter
 from layerprune.errors import UsageError
+from layerprune.outputs import write_failure
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -31,6 +35,8 @@ class OneLineParser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from layerprune.cli.options import DefaultsShownFormatter  # imports torch: only inside main()'s guard
+
         kwargs.setdefault("allow_abbrev", False)
         kwargs.setdefault("formatter_class", DefaultsShownFormatter)
         super().__init__(*args, **kwargs)
@@ -70,24 +76,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _build_parser_holding_ctrl_c() -> argparse.ArgumentParser:
+    """:func:`build_parser`, with a Ctrl-C during it held until it returns.
+
+    Building the parser imports torch and transformers (seconds). A KeyboardInterrupt raised inside
+    a compiled extension's initialisation is not catchable: the process aborts with a C++ message.
+    So the signal is only noted while the imports run and raised as KeyboardInterrupt afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return build_parser()  # signals reach only the main thread; nothing to hold here
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        parser = build_parser()
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = _build_parser_holding_ctrl_c()
+    except KeyboardInterrupt:
+        sys.stderr.write("layerprune: interrupted while starting; nothing was written\n")
+        return EXIT_INTERRUPTED
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    if not sys.stderr.isatty():
-        # In a log file, progress bars are noise that buries the one-line error a failed run ends with.
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
     try:
+        if not sys.stderr.isatty():
+            # In a log file, progress bars are noise that buries the one-line error a failed run ends with.
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
         return int(args.run(args) or 0)
     except UsageError as error:
-        # messages quote user input (recipe keys, paths) that may hold line breaks: keep the one line
-        sys.stderr.write(f"layerprune {args.command}: error: {' '.join(str(error).splitlines())}\n")
-        return EXIT_USAGE
+        return _refuse(args.command, error)
+    except OSError as error:
+        if error.errno not in WRITE_ONLY_ERRNOS:
+            raise  # a read error or a bug: its traceback says where
+        return _refuse(args.command, write_failure(error))
     except KeyboardInterrupt:
         sys.stderr.write(f"layerprune {args.command}: interrupted; outputs were left as they were\n")
-        return 130
+        return EXIT_INTERRUPTED
+
+
+# errors only a write can raise: whatever wrote outside layerprune.outputs, they mean the output
+WRITE_ONLY_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG})
+
+
+def _refuse(command: str, error: Exception) -> int:
+    # messages quote user input (recipe keys, paths) that may hold line breaks: keep the one line
+    sys.stderr.write(f"layerprune {command}: error: {' '.join(str(error).splitlines())}\n")
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

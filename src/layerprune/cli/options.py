@@ -109,18 +109,34 @@ def load_from_args(
     )
 
 
-def input_folders(args: argparse.Namespace) -> list[Path]:
-    """The local folders ``--model`` reads from, known without loading it.
+# flags whose values name inputs, comma-separated where a flag takes several
+INPUT_FLAGS = ("model", "original", "data", "compare", "ppl", "classify", "recipe")
+LIST_INPUT_FLAGS = ("compare", "ppl")
 
-    Outputs must never land in them; checking this before the load (and not only at save time)
-    makes ``--out`` pointing into the model fail in the first second.
+
+def input_paths(args: argparse.Namespace) -> list[Path]:
+    """Every local file or folder the command's flags name as an input, known without loading anything.
+
+    Outputs must never equal, contain or lie inside one of them (:func:`layerprune.outputs.check_not_an_input`);
+    checking this before the load (and not only at save time) makes an output pointing into an input
+    fail in the first second. A model is guarded as its folder (a ``.gguf`` file's folder holds the
+    tokenizer beside it); an alias as the folder its checkpoint is built in.
     """
-    if args.model in MODEL_ALIASES:
-        return [alias_checkpoint_dir(MODEL_ALIASES[args.model])]
-    path = Path(args.model).expanduser()
-    if path.is_file():  # a .gguf file: its folder holds the input
-        return [path.parent]
-    return [path] if path.is_dir() else []
+    found: list[Path] = []
+    for flag in INPUT_FLAGS:
+        value = getattr(args, flag, None)
+        if not value:
+            continue
+        for name in (part.strip() for part in str(value).split(",")) if flag in LIST_INPUT_FLAGS else [str(value)]:
+            if name in MODEL_ALIASES and flag in ("model", "original", "compare"):
+                found.append(alias_checkpoint_dir(MODEL_ALIASES[name]))
+                continue
+            path = Path(name).expanduser()
+            if path.is_file() and flag in ("model", "original", "compare"):
+                found.append(path.parent)
+            elif path.exists():
+                found.append(path)
+    return found
 
 
 def add_output_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:

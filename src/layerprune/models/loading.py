@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+import pickle
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -193,6 +194,10 @@ def _load_pretrained(
         message = first_line(error)
         hint = " (pickle weights are refused unless you pass --allow-pickle)" if "safetensors" in message.lower() else ""
         raise UsageError(f"cannot load model {where!r}: {message}{hint}") from None
+    except pickle.UnpicklingError:
+        raise UsageError(f"cannot load model {where!r}: its pickle weights hold objects that torch's safe loader "
+                         "refuses even with --allow-pickle (they could run code); convert the checkpoint to "
+                         "safetensors where you trust it") from None
     except (ValueError, RuntimeError, SafetensorError) as error:
         raise UsageError(f"cannot load model {where!r}: {first_line(error)}; are the weight files intact? "
                          "Download the checkpoint again") from None

@@ -32,7 +32,7 @@ from typing import Any
 
 from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel, load_model
-from layerprune.outputs import check_output_path, write_bytes_atomic, write_json_atomic
+from layerprune.outputs import check_output_path, write_bytes_atomic, write_json_atomic, writing
 from layerprune.recipes.schema import FieldSpec, build_arguments, check_section, fields_of, option_fields
 from layerprune.recipes.yamlfile import KeyPath, read_yaml
 
@@ -372,20 +372,47 @@ def run_recipe(path: str | Path, out: str | Path, *, model: str | None = None, r
                log: Callable[[str], None] = print) -> Path:
     """Run every stage of the recipe at ``path`` into the folder ``out``; returns the folder."""
     recipe = load_recipe(path, model, allowed_paths)
-    model_folder = Path(recipe.model).expanduser()
-    protected = [model_folder] if model_folder.exists() else []
-    target = check_output_path(out, overwrite=True, protected=protected)  # existing: _open_run_folder decides
+    # existing: _open_run_folder decides between resuming, overwriting and refusing
+    target = check_output_path(out, overwrite=True, protected=recipe_inputs(recipe))
     preflight(recipe, target)
-    state = _open_run_folder(target, recipe, resume=resume, overwrite=overwrite)
+    with writing():
+        state = _open_run_folder(target, recipe, resume=resume, overwrite=overwrite)
     ctx = RunContext(recipe, target, state, log=log)
-    for stage in STAGES:
-        if stage.needs not in recipe.sections:
-            continue
-        if state.done(stage.name):
-            log(f"[{stage.name}] already done, skipping")
-            continue
-        log(f"[{stage.name}] running")
-        start = time.perf_counter()
-        facts = stage.run(ctx)
-        state.finish(stage.name, time.perf_counter() - start, **facts)
+    try:
+        for stage in STAGES:
+            if stage.needs not in recipe.sections:
+                continue
+            if state.done(stage.name):
+                log(f"[{stage.name}] already done, skipping")
+                continue
+            log(f"[{stage.name}] running")
+            start = time.perf_counter()
+            facts = stage.run(ctx)
+            state.finish(stage.name, time.perf_counter() - start, **facts)
+    except BaseException:
+        _drop_if_nothing_done(target)
+        raise
     return target
+
+
+def _drop_if_nothing_done(folder: Path) -> None:
+    """Delete a run folder that holds only what opening it wrote (the recipe and the state, no
+    stage's output, no checkpoint to resume from), so a run failing in its first stage leaves
+    nothing that looks like a run."""
+    if folder.is_dir() and {item.name for item in folder.iterdir()} <= {"recipe.yaml", STATE_FILE}:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def recipe_inputs(recipe: Recipe) -> list[Path]:
+    """Every local file or folder the recipe reads (itself, its model and the paths of
+    :data:`PATH_KEYS`): the run folder must not be, contain or lie inside any of them."""
+    values: dict[str, Any] = {"model": recipe.model, **recipe.sections}
+    found = [recipe.path]
+    for key_path in PATH_KEYS:
+        value: Any = values
+        for key in key_path:
+            value = value.get(key) if isinstance(value, dict) else None
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, (str, Path)) and Path(item).expanduser().exists():
+                found.append(Path(item).expanduser())
+    return found

@@ -4,6 +4,7 @@ curve of a model and the models it is compared with, as JSON + a Markdown table 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 from layerprune.errors import UsageError
@@ -12,19 +13,70 @@ from layerprune.evaluation.efficiency import Workload
 from layerprune.evaluation.evaluate import evaluate
 from layerprune.evaluation.harness import OFFLINE_TASKS, ONLINE_TASKS
 from layerprune.evaluation.perplexity import PPL_SOURCES
-from layerprune.cli.options import add_command, add_model_options, add_output_file_options
+from layerprune.cli.options import add_command, add_model_options, add_output_file_options, input_paths
+from layerprune.models.loading import read_local_config
+from layerprune.options import finite_float
+from layerprune.outputs import check_output_file
 from layerprune.reporting.eval_tables import write_report
 
 
-def _names(text: str | None) -> list[str]:
-    return [part.strip() for part in (text or "").split(",") if part.strip()]
+def _names(text: str | None, flag: str) -> list[str]:
+    """A comma-separated flag as its entries; an empty entry (``--compare ,,``, ``a,,b``, ``a,``) is
+    refused, since it silently dropped would run a different evaluation than the one typed."""
+    if text is None:
+        return []
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):
+        raise UsageError(f"{flag} {text!r} has an empty entry; separate the names with single commas, e.g. "
+                         f"{flag} a,b")
+    return parts
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
     try:
-        return tuple(int(part) for part in _names(text))
+        return tuple(int(part) for part in _names(text, flag))
     except ValueError:
         raise UsageError(f"{flag} {text!r} must be comma-separated integers, e.g. {flag} 1,2,4,8") from None
+
+
+# the smallest meaningful value of every integer flag of eval (None: the flag was not given)
+INT_MINIMUMS = {"seq_len": 2, "max_windows": 1, "limit": 1, "num_fewshot": 0, "batch_size": 1, "prompt_len": 1,
+                "new_tokens": 1, "repeats": 1, "train_size": 1, "test_size": 1, "epochs": 1}
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Refuse, before any model loads, a number no evaluation can use: below its flag's minimum,
+    a non-positive learning rate, or a ``--seq-len`` longer than a local model's context."""
+    for name, minimum in INT_MINIMUMS.items():
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+    for name in ("lr", "head_lr"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.ppl:
+        for model in [args.model, *_names(args.compare, "--compare")]:
+            check_seq_len_fits(model, args)
+
+
+def check_seq_len_fits(model: str, args: argparse.Namespace) -> None:
+    """``--seq-len`` within the context of ``model``, read from its local config (a hub id is checked
+    when it loads); windows longer than the position table give meaningless perplexities, slowly."""
+    try:
+        config = read_local_config(model, gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code,
+                                   allow_pickle=args.allow_pickle)
+    except UsageError:
+        return  # the load reports an unreadable model in its own words
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and args.seq_len > context:
+        raise UsageError(f"--seq-len {args.seq_len} is longer than the context of {model} ({context} tokens); "
+                         f"use --seq-len {context} or less")
+
+
+def check_lm_eval_installed(tasks: list[str]) -> None:
+    """``--tasks`` runs lm-eval, an optional extra: say how to install it before any model loads."""
+    if tasks and importlib.util.find_spec("lm_eval") is None:
+        raise UsageError("--tasks needs lm-eval; install it with: pip install 'layerprune[eval]'")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,8 +111,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--train-size", type=int, default=512, help="training examples (default: 512)")
     group.add_argument("--test-size", type=int, default=400, help="test examples (default: 400)")
     group.add_argument("--epochs", type=int, default=2, help="training epochs per k (default: 2)")
-    group.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the layers (default: 1e-4)")
-    group.add_argument("--head-lr", type=float, default=1e-3, help="learning rate of the new head (default: 1e-3)")
+    group.add_argument("--lr", type=finite_float, default=1e-4, help="AdamW learning rate of the layers (default: 1e-4)")
+    group.add_argument("--head-lr", type=finite_float, default=1e-3, help="learning rate of the new head (default: 1e-3)")
     parser.set_defaults(run=run)
 
 
@@ -69,7 +121,8 @@ def _classification(args: argparse.Namespace) -> ClassificationSettings | None:
         return None
     if not args.k:
         raise UsageError("--classify needs --k, the layer counts to keep, e.g. --k 1,2,4,8,16,30")
-    options = dict(ks=_ints(args.k, "--k"), heads=tuple(_names(args.heads)), verbalizer=tuple(_names(args.verbalizer)),
+    options = dict(ks=_ints(args.k, "--k"), heads=tuple(_names(args.heads, "--heads")),
+                   verbalizer=tuple(_names(args.verbalizer, "--verbalizer")),
                    train_size=args.train_size, test_size=args.test_size, epochs=args.epochs, lr=args.lr,
                    head_lr=args.head_lr)
     if args.template:
@@ -81,15 +134,18 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output).expanduser()
     if output.suffix != ".json":
         raise UsageError(f"--output {args.output} must end in .json (the .md and .png are written beside it)")
-    existing = [path for path in (output, output.with_suffix(".md"), output.with_suffix(".png"),
-                                  *output.parent.glob(f"{output.stem}-curve-*.png")) if path.exists()]
-    if existing and not args.overwrite:
-        raise UsageError(f"{existing[0]} already exists; choose another --output or pass --overwrite")
+    check_numbers(args)
+    check_lm_eval_installed(_names(args.tasks, "--tasks"))
+    inputs = input_paths(args)
+    for path in (output, output.with_suffix(".md"), output.with_suffix(".png"),
+                 *output.parent.glob(f"{output.stem}-curve-*.png")):
+        check_output_file(path, overwrite=args.overwrite, protected=inputs)
     workload = (Workload(prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
                 if args.efficiency else None)
     report = evaluate(
-        args.model, compare=_names(args.compare), ppl=_names(args.ppl), seq_len=args.seq_len,
-        max_windows=args.max_windows, tasks=_names(args.tasks), limit=args.limit, num_fewshot=args.num_fewshot,
+        args.model, compare=_names(args.compare, "--compare"), ppl=_names(args.ppl, "--ppl"),
+        seq_len=args.seq_len, max_windows=args.max_windows, tasks=_names(args.tasks, "--tasks"), limit=args.limit,
+        num_fewshot=args.num_fewshot,
         batch_size=args.batch_size, efficiency=workload, classify=args.classify, classification=_classification(args),
         gguf_file=args.gguf_file, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
         allow_pickle=args.allow_pickle, device_map=args.device_map,

@@ -7,14 +7,15 @@ import shutil
 from pathlib import Path
 
 from layerprune.api import save
-from layerprune.cli.options import add_command, add_model_options, add_output_options, load_from_args
+from layerprune.cli.options import add_command, add_model_options, add_output_options, input_paths, load_from_args
 from layerprune.distributed import process_state
+from layerprune.errors import UsageError
 from layerprune.healing import HEALERS, heal
 from layerprune.healing.base import TrainingOptions
 from layerprune.healing.engine import STATE_FILE
 from layerprune.healing.heal import heal_settings
 from layerprune.options import add_option_flags, given_options, options_of
-from layerprune.outputs import check_output_path
+from layerprune.outputs import check_output_path, check_scratch_folder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,9 +52,13 @@ def method_option_groups() -> dict[tuple[str, ...], list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    protected = [Path(p) for p in (args.model, args.original) if p and Path(p).expanduser().exists()]
+    protected = input_paths(args)
     out = check_output_path(args.out, overwrite=args.overwrite, protected=protected)
-    checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.name + ".heal-checkpoints")
+    checkpoints = check_scratch_folder(args.checkpoint_dir or out.with_name(out.name + ".heal-checkpoints"),
+                                       protected=protected, flag="--checkpoint-dir")
+    if checkpoints == out or out in checkpoints.parents:
+        raise UsageError(f"--checkpoint-dir {checkpoints} lies inside --out {out}, which is replaced when the healed "
+                         "model is saved; choose a checkpoint folder outside --out")
     # only the flags given: the declarations hold the defaults, and heal refuses another method's flag
     options = given_options(args, TrainingOptions)
     for method in HEALERS.names():

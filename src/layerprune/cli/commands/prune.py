@@ -19,7 +19,7 @@ import torch
 from layerprune.api import prune, save
 from layerprune.cli.options import (
     add_calibration_options, add_command, add_model_options, add_output_options, add_selection_options,
-    check_calibration_args, input_folders, load_from_args, remove_check, safetensors_folder, score_and_select,
+    check_calibration_args, input_paths, load_from_args, remove_check, safetensors_folder, score_and_select,
     selection_strategy, warn_if_most_layers_go,
 )
 from layerprune.errors import UsageError
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     layers = parse_layer_list(args.layers)
     validate_layer_indices(layers)  # empty, negative, repeated: no model needed to tell
     check_generate(args)
-    check_output_path(args.out, overwrite=args.overwrite, protected=input_folders(args))
+    check_output_path(args.out, overwrite=args.overwrite, protected=input_paths(args))
     if args.low_memory or can_prune_on_disk(args):
         return run_on_disk(args, layers)
     loaded = load_from_args(
@@ -127,7 +127,7 @@ def run_scored(args: argparse.Namespace) -> int:
     strategy = selection_strategy(args)
     check_layers = remove_check(args.remove)
     check_generate(args)
-    check_output_path(args.out, overwrite=args.overwrite, protected=input_folders(args))
+    check_output_path(args.out, overwrite=args.overwrite, protected=input_paths(args))
     loaded = load_from_args(args, check_config=check_layers)
     report, selection = score_and_select(loaded, args, metrics, strategy, metrics[0])
     assert selection is not None, "run_scored refuses a missing --remove before scoring"

@@ -14,7 +14,7 @@ from transformers import PretrainedConfig
 
 from layerprune.cli.options import (
     add_calibration_options, add_command, add_model_options, add_output_file_options, add_selection_options,
-    build_calibration_from_args, check_calibration_args, data_description, input_folders, load_from_args,
+    build_calibration_from_args, check_calibration_args, data_description, input_paths, load_from_args,
     metric_options_from_args, remove_check, safetensors_folder, score_and_select, selection_strategy,
     warn_if_most_layers_go,
 )
@@ -23,7 +23,7 @@ from layerprune.reporting.scores import format_table, plot_scores
 from layerprune.scoring import METRICS, ScoreReport, check_metrics
 from layerprune.scoring.report import needs_data
 from layerprune.scoring.streaming import check_streamable, open_streaming, stream_score
-from layerprune.outputs import write_json_atomic
+from layerprune.outputs import check_output_file, check_scratch_folder, write_json_atomic
 from layerprune.selection import select
 
 
@@ -61,19 +61,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def _check_file_output(path: Path | None, overwrite: bool, protected: list[Path]) -> None:
-    if path is None:
-        return
-    target = path.expanduser().resolve()
-    for folder in protected:
-        if folder.resolve() in target.parents:
-            raise UsageError(f"output {target} lies inside the input model folder {folder}; write it elsewhere")
-    if target.exists() and not overwrite:
-        raise UsageError(f"{target} already exists; choose a new path or pass --overwrite")
-    if target.is_dir():
-        raise UsageError(f"{target} is a folder; give a file name such as scores.json")
-
-
 def run(args: argparse.Namespace) -> int:
     metrics = check_metrics(args.metrics)
     check_calibration_args(args)
@@ -86,8 +73,12 @@ def run(args: argparse.Namespace) -> int:
     check_layers = remove_check(args.remove)
     output = Path(args.output) if args.output else None
     plot = Path(args.plot) if args.plot else (output.with_suffix(".png") if output else None)
-    for path in (output, plot):
-        _check_file_output(path, args.overwrite, input_folders(args))
+    inputs = input_paths(args)
+    for path, flag in ((output, "--output"), (plot, "--plot")):
+        if path is not None:
+            check_output_file(path, overwrite=args.overwrite, protected=inputs, flag=flag)
+    if args.spill_dir:
+        check_scratch_folder(args.spill_dir, protected=inputs, flag="--spill-dir")
     if args.streaming:
         report = stream_from_args(args, metrics, strategy, check_layers)
         selection = select(report, args.remove, strategy, select_by) if args.remove is not None else None
