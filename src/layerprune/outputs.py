@@ -347,14 +347,19 @@ def _exchange(first: Path, second: Path) -> bool:
 
 
 def _rename_no_replace(staging: Path, target: Path) -> None:
-    """Move ``staging`` to ``target`` unless something appeared there meanwhile (another run writing
-    the same output): then fail with EEXIST and leave that one alone. ``RENAME_NOREPLACE`` where
-    the kernel has it; elsewhere ``os.rename`` of a folder still refuses a non-empty destination."""
+    """Move ``staging`` (a file or a folder) to ``target`` unless something appeared there meanwhile
+    (another run writing the same output): then fail with EEXIST and leave that one alone.
+    ``RENAME_NOREPLACE`` where the kernel has it; elsewhere a file is hard-linked (``link`` refuses
+    an existing name) and a folder renamed (``rename`` refuses a non-empty destination)."""
     if _renameat2(staging, target, 1):
         return
     if target.exists():
         raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
-    os.rename(staging, target)
+    if staging.is_dir():
+        os.rename(staging, target)
+    else:
+        os.link(staging, target)
+        staging.unlink()
 
 
 def _swap_into_place(staging: Path, target: Path, *, overwrite: bool = True) -> None:
@@ -397,6 +402,9 @@ def atomic_file(path: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
         staging = _staging_path(target)
         try:
             yield staging
-            os.replace(staging, target)
+            if overwrite:
+                os.replace(staging, target)
+            else:
+                _rename_no_replace(staging, target)
         finally:
             staging.unlink(missing_ok=True)

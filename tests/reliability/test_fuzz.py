@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -22,9 +23,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from layerprune.errors import UsageError
 from layerprune.models.architectures import adapter_for
 from layerprune.models.surgery import remove_layers
 from layerprune.models.tiny import tiny_config
+from layerprune.outputs import NOT_OURS
 from tests.conftest import FAMILIES
 from tests.helpers import skipping_layers, write_corpus
 from tests.reliability.conftest import CliResult, assert_refused, snapshot
@@ -86,7 +89,8 @@ FLAG_VALUES: dict[str, list[str | None]] = {
     "--layers": ["1", "0,2", "1-2", "0-3", "0-9", "-1", "1,1", "", "x", "3-1", "2-", " , ", "99999999999999999999"],
     "--dtype": ["float32", "bf16", "float16", "auto", "int8", ""],
     "--device": ["cpu", "auto", "cuda:7", "tpu", ""],
-    "--out": ["OUT", "MODEL", "MODEL/inside", "EXISTING", "A_FILE"],
+    "--out": ["OUT", "MODEL", "MODEL/inside", "MODEL/..", "EXISTING", "EXISTING/sub", "A_FILE", "A_FILE/sub", "",
+              "/", ".", "~"],
     "--max-new-tokens": ["1", "0", "-3", "two"],
     "--generate": ["hi", ""],
     "--gguf-file": ["nope.gguf"],
@@ -222,3 +226,110 @@ def test_recipe_files_end_in_a_result_or_a_clean_error(document: str, out: str, 
     else:
         assert json.loads((Path(out_path) / "run.json").read_text())["stages"]
     assert snapshot(tiny_dir) == model_before, "nothing is written into the input model"
+
+
+# Output-path and overwrite rules (issue 21): random folder trees with an input somewhere in
+# them, and an output path drawn among the tree's places (the input itself, its parents, places
+# inside it, siblings, files, `..` detours, symlinks, empty names). The rules decide from the
+# resolved paths alone, so the expected outcome is computed independently here, from the tree.
+TREE_NAMES = st.sampled_from(["a", "b", "in", "out", "é", "x y"])
+
+
+@st.composite
+def output_cases(draw: st.DrawFn) -> dict:
+    depth = draw(st.integers(1, 3))
+    input_parts = [draw(TREE_NAMES) for _ in range(depth)]
+    kind = draw(st.sampled_from(["input", "parent", "inside", "sibling", "new", "detour", "symlink", "empty"]))
+    state = draw(st.sampled_from(["missing", "empty folder", "layerprune folder", "user folder", "user file"]))
+    extra = [draw(TREE_NAMES) for _ in range(draw(st.integers(1, 2)))]
+    return {"input": input_parts, "kind": kind, "state": state, "extra": extra,
+            "overwrite": draw(st.booleans()), "parent_up": draw(st.integers(1, depth))}
+
+
+def _expected_refusal(target: Path, model: Path, existed: str, overwrite: bool) -> str | None:
+    """What check_output_path must say, derived from the resolved paths and the target's state."""
+    if target == model or model in target.parents or target in model.parents:
+        return "input"
+    if existed == "missing":
+        return None
+    if not overwrite:
+        return "already exists"
+    if existed == "user file":
+        return "is not a folder"
+    return NOT_OURS if existed == "user folder" else None
+
+
+@FUZZ
+@given(case=output_cases())
+def test_output_folder_rules_hold_for_random_trees(case: dict, tmp_path_factory: pytest.TempPathFactory) -> None:
+    from layerprune.outputs import check_output_path
+
+    root = tmp_path_factory.mktemp("tree")
+    model = root.joinpath(*case["input"])
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    target = {"input": model, "parent": model.parents[case["parent_up"] - 1], "inside": model.joinpath(*case["extra"]),
+              "sibling": model.parent / ("sib-" + case["extra"][0]), "new": root / "new" / case["extra"][0],
+              "detour": model.joinpath(*case["extra"], *[".."] * len(case["extra"])), "symlink": root / "link",
+              "empty": None}[case["kind"]]
+    if case["kind"] == "symlink":
+        target.symlink_to(model)
+    if target is None:
+        with pytest.raises(UsageError, match="is empty"):
+            check_output_path("", overwrite=case["overwrite"], protected=[model])
+        return
+    resolved = target.resolve()
+    existed = case["state"] if not resolved.exists() else (
+        "layerprune folder" if (resolved / "layerprune.json").exists() else "user folder")
+    if not resolved.exists() and case["state"] != "missing":
+        if case["state"] == "user file":
+            resolved.parent.mkdir(parents=True, exist_ok=True)
+            resolved.write_text("mine")
+        else:
+            resolved.mkdir(parents=True)
+            if case["state"] == "layerprune folder":
+                (resolved / "layerprune.json").write_text("{}")
+            elif case["state"] == "user folder":
+                (resolved / "notes.txt").write_text("mine")
+    before = snapshot(root)
+    expected = _expected_refusal(resolved, model.resolve(), existed, case["overwrite"])
+    if expected is None:
+        assert check_output_path(target, overwrite=case["overwrite"], protected=[model]) == resolved
+    else:
+        with pytest.raises(UsageError, match=re.escape(expected)):
+            check_output_path(target, overwrite=case["overwrite"], protected=[model])
+    assert snapshot(root) == before, "a check writes nothing"
+
+
+NUMBER_TEXTS = st.one_of(st.sampled_from(["nan", "NaN", "inf", "-inf", "+inf", "1e400", "-1e400", "0", "-0.0", "1e-4",
+                                          "2", "-1", "1e-300", "infinity", "0x10", "", "one"]),
+                         st.floats(allow_nan=True, allow_infinity=True).map(repr))
+
+
+@FUZZ
+@given(text=NUMBER_TEXTS)
+def test_float_options_accept_exactly_the_finite_numbers(text: str) -> None:
+    """Every float option reads its flag with finite_float and checks its value as Option.check does:
+    a learning rate is accepted exactly when it is a finite positive number."""
+    import argparse
+
+    from layerprune.healing.base import TrainingOptions
+    from layerprune.options import build_options, finite_float
+
+    try:
+        expected = float(text)
+    except ValueError:
+        expected = None
+    try:
+        value = finite_float(text)
+    except argparse.ArgumentTypeError:
+        assert expected is None or not math.isfinite(expected), text
+    else:
+        assert expected is not None and math.isfinite(expected) and value == expected, text
+    if expected is None:
+        return
+    if math.isfinite(expected) and expected > 0:
+        assert build_options(TrainingOptions, {"lr": expected}, unit="healing").lr == expected
+    else:
+        with pytest.raises(UsageError):
+            build_options(TrainingOptions, {"lr": expected}, unit="healing")

@@ -55,6 +55,10 @@ def swallowing_cases(model: Path, corpus: Path, tmp: Path) -> dict[str, list[str
                       "score: {metrics: [bi]}\n")
     link = tmp / "link-to-model"
     link.symlink_to(model)
+    original = tmp / "original"
+    original.mkdir()
+    (original / "config.json").write_text("{}")
+    (model / "layerprune.json").write_text(json.dumps({"source_model": str(original)}))
     return {
         "prune into the model's parent": ["prune", "--model", model, "--layers", "1", "--out", model.parent],
         "prune onto a symlink to the model": ["prune", "--model", model, "--layers", "1", "--out", link],
@@ -71,6 +75,8 @@ def swallowing_cases(model: Path, corpus: Path, tmp: Path) -> dict[str, list[str
                                         "--out", corpus.parent],
         "heal checkpoints in the model": ["heal", "--model", model, "--method", "partial-ft", "--data", corpus,
                                           "--out", tmp / "healed", "--checkpoint-dir", model / "ckpt"],
+        "heal into the lineage's original": ["heal", "--model", model, "--method", "partial-ft", "--data", corpus,
+                                             "--out", original / "healed"],
         "run over its recipe's folder": ["run", recipe, "--out", recipe.parent, "--allow-path", tmp],
     }
 
@@ -78,7 +84,7 @@ def swallowing_cases(model: Path, corpus: Path, tmp: Path) -> dict[str, list[str
 CASES = ["prune into the model's parent", "prune onto a symlink to the model", "prune through ..",
          "eval over the model's config", "eval over the compared model", "score over its data file",
          "score spilling into the model", "heal over its data's folder", "heal checkpoints in the model",
-         "run over its recipe's folder"]
+         "heal into the lineage's original", "run over its recipe's folder"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -288,6 +294,26 @@ def test_an_output_that_appears_while_writing_is_never_replaced(model: Path, cli
     monkeypatch.setattr(outputs, "apply_umask", other_run_finishes_first)
     assert_refused(cli("prune", "--model", model, "--layers", "1", "--out", out), "appeared")
     assert json.loads((out / "layerprune.json").read_text()) == {"winner": True}
+    assert no_leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("renameat2", [True, False])
+def test_a_results_file_that_appears_while_writing_is_never_replaced(renameat2: bool, model: Path, cli: Cli,
+                                                                     tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    output = tmp_path / "scores.json"
+    real = Path.write_bytes
+    if not renameat2:
+        monkeypatch.setattr(outputs, "_renameat2", lambda first, second, flags: False)
+
+    def other_run_finishes_first(self: Path, data: bytes) -> int:
+        if ".partial-" in self.name:
+            real(output, b'{"winner": true}')
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", other_run_finishes_first)
+    assert_refused(cli("score", "--model", model, "--metrics", "random", "--output", output), "appeared")
+    assert json.loads(output.read_text()) == {"winner": True}
     assert no_leftovers(tmp_path) == []
 
 

@@ -14,6 +14,7 @@ from layerprune.healing import HEALERS, heal
 from layerprune.healing.base import TrainingOptions
 from layerprune.healing.engine import STATE_FILE
 from layerprune.healing.heal import heal_settings
+from layerprune.models.lineage import read_lineage
 from layerprune.options import add_option_flags, given_options, options_of
 from layerprune.outputs import check_output_path, check_scratch_folder
 
@@ -53,6 +54,9 @@ def method_option_groups() -> dict[tuple[str, ...], list[str]]:
 
 def run(args: argparse.Namespace) -> int:
     protected = input_paths(args)
+    if not args.original:  # heal reads the original the pruned model's lineage names: an input too
+        source = Path(str(read_lineage(Path(args.model).expanduser()).get("source_model", ""))).expanduser()
+        protected += [source] if source.name and source.exists() else []
     out = check_output_path(args.out, overwrite=args.overwrite, protected=protected)
     checkpoints = check_scratch_folder(args.checkpoint_dir or out.with_name(out.name + ".heal-checkpoints"),
                                        protected=protected, flag="--checkpoint-dir")
