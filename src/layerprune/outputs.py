@@ -16,6 +16,7 @@ import errno
 import glob
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterable, Iterator
@@ -48,8 +49,12 @@ WRITE_FAILURES = {
 def write_failure(error: OSError) -> UsageError:
     """One line for an OSError raised while writing an output: what failed, where, and the fix."""
     reason = WRITE_FAILURES.get(error.errno or 0, f"{error.strerror or error}; check the output path")
-    where = error.filename if error.filename is not None else "the output"
+    where = "the output" if error.filename is None else _STAGING_NAME.sub(r"\1", os.fsdecode(error.filename))
     return UsageError(f"cannot write {where}: {reason}")
+
+
+# ``.NAME.partial-PID`` (see :func:`_staging_path`): a user knows the output as NAME
+_STAGING_NAME = re.compile(r"\.([^/]+)\.partial-\d+")
 
 
 @contextmanager
@@ -142,8 +147,8 @@ def check_output_path(out: str | Path, *, overwrite: bool, protected: Iterable[s
 
 def check_scratch_folder(folder: str | Path, *, protected: Iterable[str | Path] = (), flag: str) -> Path:
     """Validate a folder a command keeps working files in (``--spill-dir``, ``--checkpoint-dir``):
-    never an input, nor one containing an input; a folder (existing or not) on a writable disk.
-    Such a folder is shared, not replaced: the command writes only its own files into it."""
+    never an input nor inside one; a folder (existing or not) on a writable disk. Such a folder is
+    shared, not replaced (the command adds only its own files), so it may contain an input."""
     target = _resolved(folder, flag)
     check_not_an_input(target, protected, flag, replaced=False)
     if target.exists() and not target.is_dir():

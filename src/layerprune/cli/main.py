@@ -24,6 +24,8 @@ from layerprune.outputs import write_failure
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+# errors only a write (or a path check of an output) can raise: whatever raised them, they concern an output
+WRITE_ONLY_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG})
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -120,10 +122,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"layerprune {args.command}: interrupted; outputs were left as they were\n")
         return EXIT_INTERRUPTED
-
-
-# errors only a write can raise: whatever wrote outside layerprune.outputs, they mean the output
-WRITE_ONLY_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG})
 
 
 def _refuse(command: str, error: Exception) -> int:
