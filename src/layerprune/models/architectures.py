@@ -11,6 +11,7 @@ blocks and warns, so that users of new architectures are not stopped by a missin
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 
@@ -34,6 +35,17 @@ class ArchitectureAdapter:
     attention_outputs: tuple[str, ...] = ("self_attn.o_proj",)
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     per_layer_config: tuple[str, ...] = ("layer_types",)
+    mlp_output: str = "mlp.down_proj"
+    """The MLP's output projection inside a layer (a training-free repair folds its map into it)."""
+    post_attention_norm: str | None = None
+    """A norm applied to the attention output before it joins the residual (Gemma-2/3)."""
+    post_mlp_norm: str | None = None
+    """A norm applied to the MLP output before it joins the residual (Gemma-2/3)."""
+    norm_kind: str = "rms"
+    """``rms``, ``rms_one_plus`` (Gemma's norms scale by ``1 + weight``) or ``layer`` (LayerNorm)."""
+    post_norm: bool = False
+    """True when layers normalise the residual after adding to it (OPT-350m), so nothing reads the
+    stream through a scale-invariant norm; decided from the config by :func:`adapter_for`."""
     inferred: bool = field(default=False, compare=False)
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
@@ -61,7 +73,11 @@ register(("llama",), ArchitectureAdapter("llama", **_LLAMA_LIKE))
 register(("mistral",), ArchitectureAdapter("mistral", **_LLAMA_LIKE))
 register(("qwen2",), ArchitectureAdapter("qwen2", **_LLAMA_LIKE))
 register(("qwen3",), ArchitectureAdapter("qwen3", **_LLAMA_LIKE))
-register(("gemma2", "gemma3_text", "gemma3"), ArchitectureAdapter("gemma", **_LLAMA_LIKE))
+register(
+    ("gemma2", "gemma3_text", "gemma3"),
+    ArchitectureAdapter("gemma", **_LLAMA_LIKE, post_attention_norm="post_attention_layernorm",
+                        post_mlp_norm="post_feedforward_layernorm", norm_kind="rms_one_plus"),
+)
 register(
     ("phi3",),
     ArchitectureAdapter("phi3", **_LLAMA_LIKE, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
@@ -70,7 +86,8 @@ register(
     ("gpt2",),
     ArchitectureAdapter(
         "gpt2", layers="transformer.h", embeddings="transformer.wte", final_norm="transformer.ln_f",
-        attention_outputs=("attn.c_proj",), lora_targets=("c_attn", "c_proj", "c_fc"),
+        attention_outputs=("attn.c_proj",), lora_targets=("c_attn", "c_proj", "c_fc"), mlp_output="mlp.c_proj",
+        norm_kind="layer",
     ),
 )
 register(
@@ -78,7 +95,7 @@ register(
     ArchitectureAdapter(
         "opt", layers="model.decoder.layers", embeddings="model.decoder.embed_tokens",
         final_norm="model.decoder.final_layer_norm", attention_outputs=("self_attn.out_proj",),
-        lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+        lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), mlp_output="fc2", norm_kind="layer",
     ),
 )
 register(
@@ -87,6 +104,7 @@ register(
         "gpt_neox", layers="gpt_neox.layers", embeddings="gpt_neox.embed_in",
         final_norm="gpt_neox.final_layer_norm", attention_outputs=("attention.dense",),
         lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+        mlp_output="mlp.dense_4h_to_h", norm_kind="layer",
     ),
 )
 
@@ -123,7 +141,10 @@ def adapter_for(model: PreTrainedModel) -> ArchitectureAdapter:
     """The registered adapter for ``model``'s family, or an inferred one with a warning."""
     model_type = model.config.model_type
     if model_type in ADAPTERS:
-        return ADAPTERS.get(model_type)
+        adapter = ADAPTERS.get(model_type)
+        if getattr(model.config, "do_layer_norm_before", True) is False:  # OPT-350m
+            adapter = dataclasses.replace(adapter, post_norm=True)
+        return adapter
     adapter = infer_adapter(model)
     warnings.warn(
         f"architecture {model_type!r} has no registered adapter; using the decoder layers found at "
