@@ -99,6 +99,11 @@ class Healer(ABC):
     supports_distill: bool = False
     rebuilds_from_original: bool = False
     """True when the result is built from the original's weights (so an unpruned input is its own original)."""
+    options_class: type | None = None
+    """The method's own options (a frozen dataclass, see the design contract), or None."""
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options
 
     def needs_original(self, settings: HealSettings) -> bool:
         return settings.distill

@@ -100,16 +100,24 @@ def instruction_rows(tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, 
 
 
 def load_training_data(tokenizer: PreTrainedTokenizerBase, source: str | Path | TrainingSet, *, samples: int,
-                       seq_len: int, seed: int = 0) -> TrainingSet:
-    """Resolve ``source`` into training rows (train split of a text source, or an instruction file)."""
+                       seq_len: int, seed: int = 0, sampling: str = "random") -> TrainingSet:
+    """Resolve ``source`` into training rows (train split of a text source, or an instruction file).
+
+    ``sampling`` is the data layer's window sampling for a text source (``contiguous``: the first
+    non-overlapping windows, as a training-free repair's calibration usually takes them).
+    """
     if isinstance(source, TrainingSet):
         return source
     from layerprune import data  # the data layer; imported late so healing imports without it
 
     if is_instruction_file(source):
+        if sampling != "random":
+            raise UsageError(f"--sampling {sampling} applies to text data; {source} is an instruction file, which "
+                             "gives one row per example; drop --sampling")
         examples = data.load_instructions(source)[:samples]
         return instruction_rows(tokenizer, [(e.prompt, e.response) for e in examples], seq_len, str(source))
     calibration = data.build_calibration(tokenizer, str(source), split="train", samples=samples,
-                                         seq_len=seq_len, seed=seed)
+                                         seq_len=seq_len, seed=seed, sampling=sampling)
     ids, mask = calibration.input_ids, calibration.attention_mask
-    return TrainingSet(ids, mask, ids.masked_fill(mask == 0, IGNORE_INDEX), f"{source} (train split)")
+    windows = "" if sampling == "random" else f", {sampling} windows"
+    return TrainingSet(ids, mask, ids.masked_fill(mask == 0, IGNORE_INDEX), f"{source} (train split{windows})")

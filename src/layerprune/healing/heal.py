@@ -21,7 +21,7 @@ def heal(loaded: LoadedModel, method: str, data: str | Path | TrainingSet, *,
          train_layers: int = 3, lora_rank: int = 16, distill: bool = False, distill_weight: float = 0.5,
          distill_temperature: float = 1.0, block: tuple[int, int] | None = None,
          checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False,
-         gradient_checkpointing: bool = False, precision: str = "auto") -> LoadedModel:
+         gradient_checkpointing: bool = False, precision: str = "auto", options: Any = None) -> LoadedModel:
     """Heal a pruned model with ``method`` (see ``HEALERS``) and return the healed model.
 
     ``data`` is a text source of the data layer (``wiki-sample``, a file, a hub name: its train
@@ -29,12 +29,13 @@ def heal(loaded: LoadedModel, method: str, data: str | Path | TrainingSet, *,
     ``original`` is the unpruned model (replacement pairs, distillation teacher); by default the
     ``source_model`` of the pruned model's lineage. ``block`` is the half-open run ``[start, end)``
     of original layer indices a replacement stands in for; by default the one removed run.
+    ``options`` is the method's own options object (its ``options_class``), by default its defaults.
 
     The partial-ft and LoRA methods heal ``loaded`` in place; the replacement methods build the
     result from the original's weights and return a new model. Under ``accelerate launch`` every
     process returns the same model: save it from the main process only.
     """
-    healer = HEALERS.get(method)()
+    healer = HEALERS.get(method)(options)
     settings = heal_settings(
         method, data, steps=steps, batch_size=batch_size, lr=lr, seq_len=seq_len, samples=samples, seed=seed,
         train_layers=train_layers, lora_rank=lora_rank, distill=distill, distill_weight=distill_weight,

@@ -127,7 +127,7 @@ def compensate(loaded: LoadedModel, layers: Iterable[int], method: str, data: To
                  for (start, end), stats, record in zip(runs, statistics or [None] * len(runs), records)]
     prune(loaded, chosen, reason)
     report = RepairReport(method, options_record(options), describe_rows(data) if data is not None else {},
-                          runs_json, note[0].upper() + note[1:] + ".", time.perf_counter() - began, statistics_seconds)
+                          runs_json, note, time.perf_counter() - began, statistics_seconds)
     ensure_lineage(loaded).setdefault("repairs", []).append(report.to_json())
     return report
 

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 from pathlib import Path
+from typing import Any
 
 from layerprune.api import save
 from layerprune.cli.options import add_model_options, add_output_options, load_from_args
+from layerprune.data import SAMPLINGS
 from layerprune.errors import UsageError
 from layerprune.healing import HEALERS, HealSettings, heal
+from layerprune.healing.data import load_training_data
 from layerprune.healing.engine import STATE_FILE, process_state
 from layerprune.models.surgery import parse_layer_list
 from layerprune.outputs import check_output_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("heal", help="heal a pruned model (replacement, partial fine-tuning, LoRA)")
+    parser = subparsers.add_parser("heal", help="heal a pruned model (replacement, partial fine-tuning, LoRA, "
+                                                "training-free repair)")
     add_model_options(parser, default=None)
     parser.add_argument("--method", required=True, choices=HEALERS.names(), help="healing method")
     parser.add_argument("--data", required=True,
@@ -41,8 +46,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
     parser.add_argument("--precision", default="auto", help="auto (bf16 on capable GPUs) | fp32 | bf16")
+    parser.add_argument("--sampling", default="random", choices=SAMPLINGS,
+                        help="text windows: random (default), contiguous (the first non-overlapping ones) or "
+                             "documents (one padded window per document)")
+    add_method_options(parser, [HEALERS.get(name) for name in HEALERS.names()])
     add_output_options(parser)
     parser.set_defaults(run=run)
+
+
+def add_method_options(parser: argparse.ArgumentParser, units: list[Any]) -> None:
+    """One flag per field of each unit's ``options_class`` (the design contract), named for the units using it."""
+    users: dict[str, list[str]] = {}
+    declared: dict[str, dataclasses.Field] = {}
+    for unit in units:
+        for option in dataclasses.fields(unit.options_class) if unit.options_class else ():
+            users.setdefault(option.name, []).append(getattr(unit, "method_name", unit.__name__))
+            declared[option.name] = option
+    for name, option in declared.items():
+        flag = option.metadata.get("flag", "--" + name.replace("_", "-"))
+        kind = {"type": type(option.default), "choices": option.metadata.get("choices")}
+        parser.add_argument(flag, dest=name, default=option.default,
+                            help=f"{'/'.join(users[name])}: {option.metadata['help']} (default: {option.default})",
+                            **({"action": "store_true"} if isinstance(option.default, bool) else kind))
+
+
+def method_options(unit: Any, args: argparse.Namespace) -> Any:
+    """The unit's options object from the flags of :func:`add_method_options` (``None`` if it has none)."""
+    if unit.options_class is None:
+        return None
+    return unit.options_class(**{option.name: getattr(args, option.name)
+                                 for option in dataclasses.fields(unit.options_class)})
 
 
 def parse_block(text: str) -> tuple[int, int]:
@@ -65,8 +98,14 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, resume=args.resume,
         gradient_checkpointing=args.gradient_checkpointing, precision=args.precision,
     )
-    HealSettings(method=args.method, data=args.data, **options).check()  # fail before loading anything
-    healed = heal(load_from_args(args), args.method, args.data, original=args.original, **options)
+    settings = HealSettings(method=args.method, data=args.data, **options)
+    settings.check()  # fail before loading anything
+    own_options = method_options(HEALERS.get(args.method), args)
+    loaded = load_from_args(args)
+    data = args.data if args.sampling == "random" else load_training_data(
+        loaded.tokenizer, args.data, samples=settings.num_samples, seq_len=args.seq_len, seed=args.seed,
+        sampling=args.sampling)
+    healed = heal(loaded, args.method, data, original=args.original, options=own_options, **options)
     if not process_state().is_main_process:
         return 0
     folder = save(healed, out, overwrite=args.overwrite)
@@ -74,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
     if checkpoints.is_dir() and not any(checkpoints.iterdir()):
         shutil.rmtree(checkpoints)
     step = healed.lineage["healing"][-1]
+    if step["first_loss"] is None:  # a training-free repair: nothing was trained
+        print(f"repaired with {args.method} in {step['train_seconds']} s: {step['summary']}; saved to {folder}")
+        return 0
     print(f"healed with {args.method}: loss {step['first_loss']:.4g} -> {step['final_loss']:.4g} over {step['steps']} "
           f"steps ({step['train_seconds']} s, {step['trainable_parameters']:,} trainable parameters); saved to {folder}")
     return 0
