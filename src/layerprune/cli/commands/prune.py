@@ -1,30 +1,36 @@
 """``layerprune prune``: remove layers and export a standard checkpoint.
 
 The layers are named (``--layers 25-27``) or chosen by a metric in the same command
-(``--metric bi --remove 25%``, with the calibration and selection flags of ``layerprune score``).
+(``--metric bi --remove 25%``, with the calibration and selection flags of ``layerprune score``),
+and the cut can be repaired without training (``--compensate replace-linear|rescale|merge``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from typing import Any
 
 import torch
 
 from layerprune.api import prune, save
+from layerprune.cli.commands.heal import add_method_options, method_options
 from layerprune.cli.commands.score import (
-    add_calibration_options, add_selection_options, check_calibration_args, remove_check, score_from_args,
-    selection_strategy,
+    add_calibration_options, add_selection_options, build_calibration_from_args, check_calibration_args,
+    data_description, remove_check, score_from_args, selection_strategy,
 )
 from layerprune.cli.options import (
     add_model_options, add_output_options, input_folders, load_from_args, safetensors_folder,
 )
 from layerprune.errors import UsageError
+from layerprune.healing import HEALERS
 from layerprune.models.loading import PROVENANCE_FILE, LoadedModel
 from layerprune.models.shards import prune_checkpoint
 from layerprune.models.surgery import parse_layer_list, validate_layer_indices
 from layerprune.outputs import check_output_path
+from layerprune.repair import REPAIRS, check_repair, compensate
+from layerprune.repair.iterative import compensate_iteratively
 from layerprune.scoring import check_metrics
 from layerprune.selection import select
 
@@ -40,6 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_calibration_options(parser)
     parser.add_argument("--generate", metavar="PROMPT", help="after pruning, greedily continue PROMPT and print it")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="length of the --generate continuation")
+    parser.add_argument("--compensate", choices=list(REPAIRS),
+                        help="repair the cut without training, on the calibration data: replace-linear (ReplaceMe), "
+                             "rescale (Prune&Comp; with --iterative every step re-scores the repaired model) or "
+                             "merge (LaCo)")
+    add_method_options(parser, [HEALERS.get(name) for name in REPAIRS])
     parser.add_argument("--low-memory", action="store_true",
                         help="with --layers: rewrite the safetensors checkpoint shard by shard without loading the "
                              "model (memory: a few MB, whatever its size); keeps the checkpoint's dtype")
@@ -58,22 +69,23 @@ def run(args: argparse.Namespace) -> int:
     layers = parse_layer_list(args.layers)
     validate_layer_indices(layers)  # empty, negative, repeated: no model needed to tell
     check_generate(args)
+    options = compensation_options(args)
     check_output_path(args.out, overwrite=args.overwrite, protected=input_folders(args))
     if args.low_memory:
         return run_on_disk(args, layers)
     loaded = load_from_args(
         args, check_config=lambda config: validate_layer_indices(layers, getattr(config, "num_hidden_layers", None))
     )
-    removed = prune(loaded, layers)
+    removed = cut(loaded, layers, args, options)
     finish(loaded, args, removed)
     return 0
 
 
 def run_on_disk(args: argparse.Namespace, layers: list[int]) -> int:
     """``--low-memory``: shard surgery on the files (:mod:`layerprune.models.shards`); no model is loaded."""
-    if args.generate or args.gguf_file or args.dtype != "auto":
-        raise UsageError("--low-memory copies the safetensors files as they are, so it cannot --generate, read "
-                         "GGUF or change --dtype; leave those out or drop --low-memory")
+    if args.generate or args.gguf_file or args.dtype != "auto" or args.compensate:
+        raise UsageError("--low-memory copies the safetensors files as they are, so it cannot --generate, "
+                         "--compensate, read GGUF or change --dtype; leave those out or drop --low-memory")
     folder = safetensors_folder(args, "--low-memory")
     out = prune_checkpoint(folder, layers, args.out, overwrite=args.overwrite, source_name=args.model)
     record = json.loads((out / PROVENANCE_FILE).read_text())
@@ -96,15 +108,57 @@ def run_scored(args: argparse.Namespace) -> int:
     strategy = selection_strategy(args)
     check_layers = remove_check(args.remove)
     check_generate(args)
+    options = compensation_options(args)
     check_output_path(args.out, overwrite=args.overwrite, protected=input_folders(args))
     loaded = load_from_args(args, check_config=check_layers)
     report = score_from_args(loaded, args, metrics)
-    selection = select(report, args.remove, strategy, metrics[0])
-    removed = prune(loaded, selection.remove, reason=f"{selection.metric} scores, {strategy} selection")
+    reason = f"{metrics[0]} scores, {strategy} selection"
+    if args.compensate and strategy == "iterative":  # Prune&Comp: each step re-scores the repaired model
+        began = time.perf_counter()
+        selection = compensate_iteratively(loaded, report, args.remove, args.compensate, calibration_rows(loaded, args),
+                                           metric=metrics[0], options=options, batch_size=args.batch_size,
+                                           reason=f"{reason}, {args.compensate} after every step")
+        record_compensation(loaded, args, loaded.lineage["repairs"][-1]["summary"], time.perf_counter() - began)
+        removed = selection.remove
+    else:
+        selection = select(report, args.remove, strategy, metrics[0])
+        removed = cut(loaded, selection.remove, args, options, reason=reason)
     recipe = {"selection": selection.to_json(), "importance": report.results[metrics[0]].importance,
               "data": report.data, "tokens": report.tokens}
     finish(loaded, args, removed, recipe)
     return 0
+
+
+def compensation_options(args: argparse.Namespace) -> Any:
+    """The ``--compensate`` method's options from its flags, checked before any model is loaded."""
+    if not args.compensate:
+        return None
+    check_calibration_args(args)
+    return method_options(HEALERS.get(args.compensate), args)
+
+
+def calibration_rows(loaded: LoadedModel, args: argparse.Namespace) -> Any:
+    """The calibration windows of the data flags, or ``None`` for a method that reads weights only."""
+    return build_calibration_from_args(loaded, args) if REPAIRS[args.compensate].needs_statistics else None
+
+
+def cut(loaded: LoadedModel, layers: list[int], args: argparse.Namespace, options: Any,
+        reason: str = "layers named by the user") -> list[int]:
+    """Remove ``layers``; with ``--compensate``, repair the cut (statistics from ``loaded`` before it)."""
+    if not args.compensate:
+        return prune(loaded, layers, reason)
+    check_repair(loaded, layers, args.compensate, options)  # refuse before reading any data
+    report = compensate(loaded, layers, args.compensate, calibration_rows(loaded, args), options=options,
+                        batch_size=args.batch_size, reason=reason)
+    record_compensation(loaded, args, report.summary, report.seconds)
+    return sorted(layers)
+
+
+def record_compensation(loaded: LoadedModel, args: argparse.Namespace, summary: str, seconds: float) -> None:
+    """A healing entry, so the model card says how the cut was repaired (details: ``repairs``)."""
+    loaded.lineage["healing"].append({"method": args.compensate, "summary": f"training-free: {summary}",
+                                      "data": data_description(args), "trainable_parameters": 0,
+                                      "train_seconds": round(seconds, 1)})
 
 
 def check_generate(args: argparse.Namespace) -> None:
