@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -55,12 +55,11 @@ class RepairReport:
     summary: str
     seconds: float
     statistics_seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"method": self.method, "options": self.options, "data": self.data, "runs": self.runs,
                 "summary": self.summary, "seconds": round(self.seconds, 3),
-                "statistics_seconds": round(self.statistics_seconds, 3), **self.extra}
+                "statistics_seconds": round(self.statistics_seconds, 3)}
 
 
 def repair_method(name: str) -> RepairMethod:
@@ -102,7 +101,7 @@ def compensate(loaded: LoadedModel, layers: Iterable[int], method: str, data: To
     """
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
-    chosen = validate_layer_indices(layers, loaded.num_layers)
+    chosen = list(layers)
     repairer = repair_method(method)
     options = default_options(repairer, options)
     runs = check_repair(loaded, chosen, method, options)
@@ -112,14 +111,13 @@ def compensate(loaded: LoadedModel, layers: Iterable[int], method: str, data: To
     if repairer.needs_statistics:
         if data is None:
             raise UsageError(f"{method} estimates its repair on calibration data; pass calibration rows")
-        hidden = loaded.model.config.hidden_size
+        hidden = loaded.model.config.get_text_config().hidden_size
         tokens = int(data.attention_mask.sum())
         if repairer.linear_statistics and tokens < hidden:
             raise UsageError(f"{method} fits a {hidden}x{hidden} map but got only {tokens} calibration tokens, fewer "
                              f"than the hidden size {hidden}; raise --samples or --seq-len")
-        keep = getattr(options, "solver", None) == "cosine"
         statistics = collect_statistics(loaded.model, loaded.adapter, runs, _batches(data, batch_size),
-                                        linear=repairer.linear_statistics, keep_tokens=keep)
+                                        linear=repairer.linear_statistics, keep_tokens=repairer.keeps_tokens(options))
     statistics_seconds = time.perf_counter() - began
     records, note = repairer.apply(loaded, runs, statistics, options)
     runs_json = [{"start": original_ids[start], "end": original_ids[end - 1] + 1,

@@ -33,6 +33,10 @@ class RepairMethod(ABC):
             raise UsageError(f"{self.name} needs to know where {loaded.adapter.family} layers keep their norms and "
                              "output projections, but this family has no registered adapter; prune it plainly")
 
+    def keeps_tokens(self, options: Any) -> bool:
+        """Whether the statistics pass must also keep the real tokens' activations (bounded memory otherwise)."""
+        return False
+
     def refuse_first_layer(self, runs: list[tuple[int, int]], how: str) -> None:
         """A run starting at layer 0 has no kept layer before it to fold into."""
         if runs and runs[0][0] == 0:

@@ -78,7 +78,7 @@ def refine_by_cosine(start: torch.Tensor, kept: list[tuple[torch.Tensor, ...]], 
                      seed: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
     """Adam from the least-squares ``T`` on random token batches; reports its own steps and time."""
     began = time.perf_counter()
-    tokens = tuple(torch.cat([batch[i] for batch in kept]) for i in range(3))
+    tokens = tuple(torch.cat([batch[i] for batch in kept]).to(start.device) for i in range(3))
     parameter = (start.diagonal() if diagonal else start).float().clone().requires_grad_(True)
 
     def as_matrix(value: torch.Tensor) -> torch.Tensor:
@@ -90,7 +90,7 @@ def refine_by_cosine(start: torch.Tensor, kept: list[tuple[torch.Tensor, ...]], 
     generator = torch.Generator().manual_seed(seed)
     count = tokens[0].shape[0]
     for _ in range(steps):
-        rows = torch.randint(0, count, (min(COSINE_BATCH_TOKENS, count),), generator=generator)
+        rows = torch.randint(0, count, (min(COSINE_BATCH_TOKENS, count),), generator=generator).to(start.device)
         loss = cosine_distance(as_matrix(parameter), tuple(t[rows] for t in tokens))
         optimizer.zero_grad()
         loss.backward()
@@ -114,6 +114,9 @@ class ReplaceLinear(RepairMethod):
             raise UsageError("replace-linear needs the MLP branch added to an unnormalised residual, but this model "
                              "normalises after the addition (do_layer_norm_before=False, e.g. OPT-350m); use merge")
         self.refuse_first_layer(runs, "folds its map into the MLP of")
+
+    def keeps_tokens(self, options: ReplaceLinearOptions) -> bool:
+        return options.solver == "cosine"  # it optimises on the tokens themselves
 
     def apply(self, loaded: LoadedModel, runs: list[tuple[int, int]], statistics: list[RunStatistics],
               options: ReplaceLinearOptions) -> tuple[list[dict[str, Any]], str]:

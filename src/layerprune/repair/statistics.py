@@ -110,6 +110,8 @@ def collect_statistics(model: nn.Module, adapter: ArchitectureAdapter, runs: lis
     ``linear`` asks for the ``M`` statistics (a run must then start after layer 0, which the
     caller checks); otherwise only the magnitudes are summed.
     """
+    if linear and runs[0][0] == 0:
+        raise UsageError("the removed run starting at layer 0 has no layer before it whose MLP output could be read")
     layers = adapter.decoder_layers(model)
     stats = [RunStatistics(start, end) for start, end in runs]
     captured: dict[tuple[str, int], torch.Tensor] = {}
