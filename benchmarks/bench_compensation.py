@@ -25,8 +25,8 @@ import layerprune as lp
 from layerprune.cache import cache_dir
 from layerprune.evaluation.perplexity import dataset_perplexity
 from layerprune.outputs import write_json_atomic
-from layerprune.reporting.eval_tables import update_doc_section
 from layerprune.repair import REPAIRS, compensate
+from layerprune.reporting.eval_tables import update_doc_section
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 CUTS = {"angular": ("angular", "consecutive"), "bi": ("bi", "independent")}

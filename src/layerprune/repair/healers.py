@@ -13,8 +13,8 @@ from typing import Any
 from layerprune.errors import UsageError
 from layerprune.healing.base import HEALERS, Healer, HealOutcome, HealSettings
 from layerprune.healing.data import TrainingSet
-from layerprune.models.loading import LoadedModel
 from layerprune.healing.replacement import consecutive_runs
+from layerprune.models.loading import LoadedModel
 from layerprune.repair import REPAIRS, compensate
 from layerprune.repair.base import default_options
 
