@@ -157,3 +157,26 @@ def test_training_set_shapes_are_checked() -> None:
     with pytest.raises(UsageError, match="same"):
         TrainingSet(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 4, dtype=torch.long),
                     torch.zeros(2, 3, dtype=torch.long))
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one mixed precision per process and refuses another; this test's bf16 must
+    neither meet nor leave behind the float32 state of the tests around it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+@pytest.mark.usefixtures("fresh_accelerator_state")
+def test_a_model_healed_under_bf16_autocast_computes_as_its_export_will() -> None:
+    """accelerate wraps the trained model's forward in the autocast; the healed model must not keep it."""
+    _, pruned = pruned_pair()
+    healed = heal(pruned, "partial-ft", training_rows(), steps=2, batch_size=4, precision="bf16")
+    _, reloaded = pruned_pair()
+    reloaded.model.load_state_dict(healed.model.state_dict())
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(healed.model(input_ids=ids).logits, reloaded.model(input_ids=ids).logits)

@@ -188,6 +188,9 @@ def train(model: nn.Module, rows: Rows, loss_fn: LossFn, weight_fn: WeightFn, se
             accelerator.wait_for_everyone()
     bar.close()
     accelerator.wait_for_everyone()
+    # prepare() put the bf16 autocast around the model's forward; take it off, so that the healed
+    # model computes in memory as it will once exported and reloaded
+    accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
     model.eval()
     return TrainReport(losses, time.perf_counter() - begun, sum(p.numel() for p in trainable))
 
