@@ -138,7 +138,7 @@ def train(model: nn.Module, rows: Rows, loss_fn: LossFn, weight_fn: WeightFn, se
     the training device but never wrapped or optimised.
     """
     accelerator = Accelerator(mixed_precision=mixed_precision(settings.precision))
-    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+    if accelerator.distributed_type == DistributedType.FSDP and not getattr(accelerator, "is_fsdp2", False):
         raise UsageError("healing under FSDP needs FSDP2: FSDP1's flat parameters cannot be gathered from the model "
                          "for its checkpoint and export; set fsdp_version: 2 in the accelerate config")
     processes = accelerator.num_processes
@@ -196,8 +196,9 @@ def train(model: nn.Module, rows: Rows, loss_fn: LossFn, weight_fn: WeightFn, se
 
 
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The optimizer inside accelerate's wrapper: the state-dict API steps it once if it has no state yet,
-    and that step must not go through the wrapper's gradient-scaler bookkeeping."""
+    """The optimizer inside accelerate's wrapper. The state-dict API reads its parameter groups and
+    state, and steps it once (at learning rate 0) to create a state it lacks; that is the plain
+    optimizer's business, not the wrapper's, which adds gradient-scaler and accumulation bookkeeping."""
     return getattr(optimizer, "optimizer", optimizer)
 
 
