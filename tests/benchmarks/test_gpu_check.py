@@ -51,6 +51,7 @@ def test_refuses_without_cuda_and_a_cpu_run_never_writes_the_repository_doc(gpu_
     assert "must not write docs/benchmarks.md" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("fresh_accelerator_state")  # it heals in bf16
 def test_dry_run_exercises_every_step_on_a_tiny_checkpoint(gpu_check, tmp_path) -> None:
     model = str(save_tiny_checkpoint(tmp_path / "tiny", "llama"))
     doc = tmp_path / "benchmarks.md"

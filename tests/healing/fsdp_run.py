@@ -21,6 +21,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch.distributed.tensor import DTensor
 
 import layerprune as lp
+from layerprune.errors import UsageError
 from layerprune.healing import engine, heal
 from layerprune.healing.engine import STATE_FILE, process_state
 from tests.healing.conftest import pruned_pair, training_rows
@@ -43,12 +44,20 @@ class FSDPOnCPU(Accelerator):
 
 
 def heal_and_export(method: str, out: Path, **options) -> bool:
-    """Heal a fresh pruned pair; every process takes part, the main process exports. Returns whether
-    the healed model was really sharded (else the export would not test the gather)."""
+    """Heal a fresh pruned pair; every process takes part, the main process exports, and the others
+    must refuse to export their shards. Returns whether the healed model was really sharded (else
+    the export would not test the gather)."""
     original, pruned = pruned_pair()
     healed = heal(pruned, method, training_rows(), original=original, **(TRAINING | options))
     if process_state().is_main_process:
         lp.save(healed, out)
+    else:
+        try:
+            lp.save(healed, out.with_name(f"{out.name}-shards"))
+        except UsageError:
+            pass
+        else:
+            raise AssertionError("a process that holds only shards exported them")
     return all(isinstance(parameter, DTensor) for parameter in healed.model.parameters())
 
 

@@ -70,7 +70,9 @@ def test_two_cpu_processes_match_one(method: str, tmp_path) -> None:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(ROOT / "tests" / "healing" / "distributed_run.py"), method, str(out)]
-    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    # src first: the launched processes must import this checkout's layerprune, not an installed one
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "OMP_NUM_THREADS": "1",
+                        "ACCELERATE_USE_CPU": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = torch.load(out, weights_only=True)
@@ -157,17 +159,6 @@ def test_training_set_shapes_are_checked() -> None:
     with pytest.raises(UsageError, match="same"):
         TrainingSet(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 4, dtype=torch.long),
                     torch.zeros(2, 3, dtype=torch.long))
-
-
-@pytest.fixture
-def fresh_accelerator_state():
-    """accelerate keeps one mixed precision per process and refuses another; this test's bf16 must
-    neither meet nor leave behind the float32 state of the tests around it."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
-    yield
-    AcceleratorState._reset_state()
 
 
 @pytest.mark.usefixtures("fresh_accelerator_state")

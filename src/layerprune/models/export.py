@@ -15,8 +15,10 @@ from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from layerprune.errors import UsageError
 from layerprune.outputs import atomic_output_dir, check_free_space, check_output_path
 
 SAFETY_MARGIN_BYTES = 64 * 2**20
@@ -55,6 +57,9 @@ def save_checkpoint(
     protected = list(protected)
     target = check_output_path(out, overwrite=overwrite, protected=protected)
     gathered = _EXPORT_STATES.get(model)
+    if gathered is None and any(isinstance(parameter, DTensor) for parameter in model.parameters()):
+        raise UsageError("this process holds only its FSDP shards of the model, so it cannot export it; save from "
+                         "the main process, as `layerprune heal` does (recipes do not run under FSDP)")
     size = sum(t.numel() * t.element_size() for t in gathered.values()) if gathered else model_size_bytes(model)
     check_free_space(target.parent, size + SAFETY_MARGIN_BYTES)
     with atomic_output_dir(target, overwrite=overwrite, protected=protected) as staging:
