@@ -42,7 +42,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -322,23 +322,23 @@ def render(check: Check, device: str, budget: Budget, seconds: float) -> str:
     """The § GPU body: the setting, every check row, the efficiency table."""
     verdict = "**some checks failed**" if check.failed else "**every check passed**"
     lines = [
-        f"`python benchmarks/gpu_check.py` — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {device_name(device)}; "
-        f"{versions()}. {seconds / 60:.1f} min in all; {verdict} "
-        f"({', '.join(f'{status}: {sum(r.status == status for r in check.rows)}' for status in STATUSES)}).",
+        (f"`python benchmarks/gpu_check.py` — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {device_name(device)}; "
+         f"{versions()}. {seconds / 60:.1f} min in all; {verdict} "
+         f"({', '.join(f'{status}: {sum(r.status == status for r in check.rows)}' for status in STATUSES)})."),
         "",
-        f"Calibration: {budget.samples} x {budget.seq_len} tokens of `{DATA}` (train split); pruning removes the "
-        f"{REMOVE} consecutive layers of lowest `bi` (CPU float32); healing: {budget.heal_steps} steps (QLoRA "
-        f"{budget.qlora_steps}) x {budget.heal_batch} x {budget.heal_seq_len} tokens; perplexity on the first "
-        f"{budget.ppl_windows} windows of {budget.ppl_seq_len} tokens of its test split. Tolerances are in the "
-        "script's docstring.",
+        (f"Calibration: {budget.samples} x {budget.seq_len} tokens of `{DATA}` (train split); pruning removes the "
+         f"{REMOVE} consecutive layers of lowest `bi` (CPU float32); healing: {budget.heal_steps} steps (QLoRA "
+         f"{budget.qlora_steps}) x {budget.heal_batch} x {budget.heal_seq_len} tokens; perplexity on the first "
+         f"{budget.ppl_windows} windows of {budget.ppl_seq_len} tokens of its test split. Tolerances are in the "
+         "script's docstring."),
         "",
         "| model | step | setting | result | bar | status |",
         "|---|---|---|---|---|---|",
         *(f"| {r.model} | {r.step} | {r.setting} | {r.value} | {r.bar} | {r.status} |" for r in check.rows),
         "",
-        f"Efficiency (no bar; prompt {budget.prompt_len} tokens, {budget.new_tokens} greedy decode steps, median of "
-        f"{budget.repeats} interleaved repeats; tokens/s count every row of the batch; speed-up = pruned / unpruned, "
-        "measured / FLOP-ideal):",
+        (f"Efficiency (no bar; prompt {budget.prompt_len} tokens, {budget.new_tokens} greedy decode steps, median of "
+         f"{budget.repeats} interleaved repeats; tokens/s count every row of the batch; speed-up = pruned / unpruned, "
+         "measured / FLOP-ideal):"),
         "",
         "| model | dtype | batch | layers | prefill tok/s | decode tok/s | prefill speed-up | decode speed-up |",
         "|---|---|---|---|---|---|---|---|",

@@ -23,7 +23,7 @@ from tests.healing.distributed_run import TRAINING, healed_state
 from tests.healing.fsdp_run import CHECKPOINT_EVERY
 
 ROOT = Path(__file__).resolve().parents[2]
-TOLERANCE = dict(rtol=1e-4, atol=2e-5)  # as the DDP test: another batch split moves weights by ~1e-1
+TOLERANCE = {"rtol": 1e-4, "atol": 2e-5}  # as the DDP test: another batch split moves weights by ~1e-1
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def fsdp_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # src first: the launched processes must import this checkout's layerprune, not an installed one
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "OMP_NUM_THREADS": "1",
                         "ACCELERATE_USE_CPU": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     facts = torch.load(out / "facts.pt", weights_only=True)
     assert facts["processes"] == 2
