@@ -21,9 +21,10 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch.distributed.tensor import DTensor
 
 import layerprune as lp
+from layerprune.distributed import process_state
 from layerprune.errors import UsageError
 from layerprune.healing import engine, heal
-from layerprune.healing.engine import STATE_FILE, process_state
+from layerprune.healing.engine import STATE_FILE
 from tests.healing.conftest import pruned_pair, training_rows
 from tests.healing.distributed_run import TRAINING
 

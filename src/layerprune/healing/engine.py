@@ -21,7 +21,6 @@ scatters them back into the shards of however the run is sharded.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,8 +29,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, parse_flag_from_env
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -45,6 +44,7 @@ from tqdm.auto import tqdm
 from layerprune.errors import UsageError
 from layerprune.healing.base import HealSettings
 from layerprune.models.export import keep_export_state
+from layerprune.outputs import atomic_file
 
 STATE_FILE = "heal-state.pt"
 WARMUP_FRACTION = 0.05
@@ -105,12 +105,6 @@ def warmup_cosine(total_steps: int) -> Callable[[int], float]:
         return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-def process_state() -> PartialState:
-    """This process's place in the run. Built as ``Accelerator`` builds it: a bare ``PartialState()``
-    ignores ``ACCELERATE_USE_CPU`` and would see one process where a CPU launch started several."""
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def mixed_precision(precision: str) -> str:
@@ -218,11 +212,9 @@ def _gather_checkpoint(wrapped: nn.Module, optimizer: Any, scheduler: Any, step:
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
-    """Write the checkpoint through a temporary file and a rename: never half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    torch.save(state, staging)
-    os.replace(staging, path)
+    """Write the checkpoint atomically: never half a checkpoint."""
+    with atomic_file(path) as staging:
+        torch.save(state, staging)
 
 
 def _load_state(path: Path, wrapped: nn.Module, optimizer: Any, scheduler: Any) -> tuple[int, list[float]]:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel
 from layerprune.registry import Registry
-from layerprune.scoring.forward import Calibration
+from layerprune.data import CalibrationSet
 
 T = TypeVar("T")
 BlockTable = dict[int, list[float]]
@@ -55,13 +55,13 @@ class ScoringContext:
     that ``bi``, ``angular`` and ``block-cosine`` come from one forward pass together."""
 
     loaded: LoadedModel
-    calibration: Calibration | None
+    calibration: CalibrationSet | None
     batch_size: int = 8
     positions: str = "all"
     seed: int = 0
     _cache: dict[str, Any] = field(default_factory=dict)
 
-    def data(self, metric: str) -> Calibration:
+    def data(self, metric: str) -> CalibrationSet:
         if self.calibration is None:
             raise UsageError(f"metric {metric!r} needs calibration data; pass --data (e.g. --data wiki-sample)")
         return self.calibration

@@ -11,7 +11,8 @@ import torch
 from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel
 from layerprune.scoring.base import METRICS, MetricResult, ScoringContext
-from layerprune.scoring.forward import Calibration, CalibrationLike, check_positions
+from layerprune.data.rows import CalibrationLike, CalibrationSet
+from layerprune.scoring.forward import check_positions
 
 if TYPE_CHECKING:
     from layerprune.selection import Selection
@@ -102,7 +103,7 @@ def score(
     if calibration is None and needs_data(names):
         wanting = [n for n in names if METRICS.get(n).needs_data]
         raise UsageError(f"metrics {', '.join(wanting)} need calibration data; pass --data (e.g. --data wiki-sample)")
-    rows = Calibration.of(calibration) if calibration is not None else None
+    rows = CalibrationSet.of(calibration) if calibration is not None else None
     context = ScoringContext(loaded, rows, batch_size=batch_size, positions=positions, seed=seed)
     results = {name: METRICS.get(name).compute(context, name) for name in names}
     described = dict(data or {})

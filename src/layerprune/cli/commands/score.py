@@ -1,7 +1,7 @@
 """``layerprune score``: how important is each layer, and which ones would go.
 
-Also defines the calibration and selection options that ``layerprune prune --metric`` shares, so
-both commands accept the same flags with the same defaults.
+Its calibration and selection flags live in :mod:`layerprune.cli.options`, shared with
+``layerprune prune --metric``, so both commands accept the same flags with the same defaults.
 """
 
 from __future__ import annotations
@@ -9,105 +9,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any
 
 from transformers import PretrainedConfig
 
-from layerprune.cli.options import add_model_options, input_folders, load_from_args, safetensors_folder
-from layerprune.data import SAMPLINGS
+from layerprune.cli.options import (
+    add_calibration_options, add_command, add_model_options, add_output_file_options, add_selection_options,
+    build_calibration_from_args, check_calibration_args, data_description, input_folders, load_from_args,
+    remove_check, safetensors_folder, score_from_args, selection_strategy, warn_if_most_layers_go,
+)
 from layerprune.errors import UsageError
-from layerprune.models.loading import LoadedModel
 from layerprune.reporting.scores import format_table, plot_scores
-from layerprune.scoring import METRICS, ScoreReport, check_metrics, score
-from layerprune.scoring.forward import POSITIONS, check_positions
+from layerprune.scoring import METRICS, ScoreReport, check_metrics
 from layerprune.scoring.report import needs_data
 from layerprune.scoring.streaming import check_streamable, open_streaming, stream_score
 from layerprune.outputs import write_json_atomic
-from layerprune.selection import STRATEGIES, check_remove, check_strategy, parse_remove, select
-
-
-def add_calibration_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("calibration data (for metrics that run the model)")
-    group.add_argument("--data", default="wiki-sample",
-                       help="wiki-sample | news-sample (offline), a local text/JSON/JSONL/CSV file, or a hub dataset "
-                            "name when online (default: wiki-sample)")
-    group.add_argument("--text-field", help="the field holding the text in a JSON/CSV/hub dataset")
-    group.add_argument("--split", default="train", help="data split to draw from (default: train)")
-    group.add_argument("--samples", type=int, default=64, help="calibration rows (default: 64)")
-    group.add_argument("--seq-len", type=int, default=256, help="tokens per row (default: 256)")
-    group.add_argument("--batch-size", type=int,
-                       help="rows per forward pass (default: 8; 1 with --streaming, whose point is low memory)")
-    group.add_argument("--seed", type=int, default=0, help="seed for sampling windows and the random metric")
-    group.add_argument("--sampling", default="random", choices=SAMPLINGS,
-                       help="random windows (default), contiguous windows from the start of the text, or one "
-                            "padded window per document")
-    group.add_argument("--positions", default="all", choices=POSITIONS,
-                       help="similarity metrics average over all real tokens (default) or only each row's last "
-                            "token (Gromov et al.)")
-
-
-def add_selection_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
-    group = parser.add_argument_group("selection")
-    group.add_argument("--remove", required=required, help="layers to remove: a count (8) or a share (25%%)")
-    group.add_argument("--strategy", default="independent", choices=STRATEGIES,
-                       help="independent: the N least important layers (ShortGPT); consecutive: the best run of N "
-                            "layers (LLM-Streamline, Gromov); iterative: remove one, re-score, repeat (SLEB)")
-    group.add_argument("--iterative", action="store_true", help="same as --strategy iterative")
-
-
-def check_calibration_args(args: argparse.Namespace) -> None:
-    """Refuse impossible sizes before any model or data is loaded (and fill in the default batch)."""
-    if args.batch_size is None:
-        args.batch_size = 1 if getattr(args, "streaming", False) else 8
-    for flag in ("samples", "seq_len", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.seq_len < 2:
-        raise UsageError(f"--seq-len must be at least 2 to have a next token to predict, got {args.seq_len}")
-    check_positions(args.positions)
-    from layerprune.data import check_source  # reads no data: a mistyped --data fails before the model loads
-
-    check_source(args.data, args.split)
-
-
-def selection_strategy(args: argparse.Namespace) -> str:
-    if args.iterative and args.strategy not in ("independent", "iterative"):
-        raise UsageError(f"--iterative contradicts --strategy {args.strategy}; give one of them")
-    return check_strategy("iterative" if args.iterative else args.strategy)
-
-
-def remove_check(remove: str | None) -> Callable[[PretrainedConfig], None]:
-    """A ``check_config`` hook: validate ``--remove`` against the layer count before loading weights."""
-    if remove is not None:
-        check_remove(remove)
-
-    def check(config: PretrainedConfig) -> None:
-        layers = getattr(config, "num_hidden_layers", None)
-        if remove is not None and layers:
-            parse_remove(remove, layers)
-
-    return check
-
-
-def build_calibration_from_args(loaded: LoadedModel, args: argparse.Namespace) -> Any:
-    from layerprune import data  # looked up at call time, so tests can stand in for the data layer
-
-    return data.build_calibration(loaded.tokenizer, args.data, split=args.split, samples=args.samples,
-                                  seq_len=args.seq_len, seed=args.seed, sampling=args.sampling,
-                                  text_field=args.text_field,
-                                  max_positions=getattr(loaded.model.config, "max_position_embeddings", None))
-
-
-def data_description(args: argparse.Namespace) -> dict[str, Any]:
-    return {"source": args.data, "split": args.split, "text_field": args.text_field, "samples": args.samples,
-            "seq_len": args.seq_len, "sampling": args.sampling}
-
-
-def score_from_args(loaded: LoadedModel, args: argparse.Namespace, metrics: list[str]) -> ScoreReport:
-    """Score ``loaded`` as the calibration flags say (loading data only if a metric needs it)."""
-    calibration = build_calibration_from_args(loaded, args) if needs_data(metrics) else None
-    return score(loaded, calibration, metrics, batch_size=args.batch_size, positions=args.positions,
-                 seed=args.seed, data=data_description(args) if calibration is not None else None)
+from layerprune.selection import select
 
 
 def stream_from_args(args: argparse.Namespace, metrics: list[str], strategy: str,
@@ -126,16 +42,16 @@ def stream_from_args(args: argparse.Namespace, metrics: list[str], strategy: str
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("score", help="score layer importance and pick the layers to remove")
+    parser = add_command(subparsers, "score", "Score how important each layer is, and pick the layers to remove.")
     add_model_options(parser)
     parser.add_argument("--metrics", default="bi",
                         help=f"comma-separated metrics (default: bi); one of: {', '.join(METRICS.names())}")
     add_calibration_options(parser)
     add_selection_options(parser, required=False)
     parser.add_argument("--select-by", help="the metric that picks the layers to remove (default: the first)")
-    parser.add_argument("--output", help="write the scores as JSON here (and the figure beside it as .png)")
-    parser.add_argument("--plot", help="write the figure here (default: --output with .png)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing --output/--plot files")
+    add_output_file_options(parser, required=False, what="write the scores as JSON here (and the figure beside it "
+                                                         "as .png)", overwrite="replace existing --output/--plot files")
+    parser.add_argument("--plot", metavar="FILE", help="write the figure here (default: --output with .png)")
     parser.add_argument("--streaming", action="store_true",
                         help="load one decoder layer at a time from the safetensors files (for models that do not "
                              "fit in memory; CPU); not for taylor or --iterative")
@@ -176,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         report = score_from_args(load_from_args(args, check_config=check_layers), args, metrics)
     if args.remove is not None:
-        select(report, args.remove, strategy, select_by)
+        selection = select(report, args.remove, strategy, select_by)
+        warn_if_most_layers_go(args, len(selection.remove), report.num_layers)
     print(format_table(report))
     if output is not None:
         write_json_atomic(output, report.to_json(), overwrite=args.overwrite)
