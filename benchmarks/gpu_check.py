@@ -25,7 +25,8 @@ What is compared, and how closely (``TOLERANCES``):
   prefill and decode tokens/s, measured speed-up of the pruned model vs its FLOP-ideal, batch 1 and 16.
 
 Any mismatch or error makes the exit status 1 (2 when it cannot run at all); skipped steps (QLoRA
-without CUDA or bitsandbytes) are reported as skipped, with the reason.
+without CUDA or bitsandbytes) are reported as skipped, with the reason. Not covered yet: the
+training-free repairs, FSDP (see docs/multi-gpu.md) and ``--device-map auto`` over several GPUs.
 """
 
 from __future__ import annotations
@@ -75,7 +76,11 @@ LOGIT_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 
 @dataclass(frozen=True)
 class Budget:
-    """How much work each step does: the full check on a GPU, or a dry run's crumbs on a CPU."""
+    """How much work each step does: the full check on a GPU, or a dry run's crumbs on a CPU.
+
+    The full budget is sized (estimated, not yet measured) to fit 8 minutes on a GPU machine with
+    16 cores, whose largest part is the CPU float32 reference: ``ppl`` scoring runs the model once
+    per layer, and Gemma-3's LM head has 262k rows."""
 
     samples: int
     seq_len: int
@@ -93,7 +98,7 @@ class Budget:
     """A dry run trains too few steps for its loss to fall reliably: only finiteness is checked then."""
 
 
-FULL = Budget(samples=16, seq_len=256, heal_steps=50, qlora_steps=20, heal_batch=8, heal_seq_len=256,
+FULL = Budget(samples=8, seq_len=256, heal_steps=50, qlora_steps=20, heal_batch=8, heal_seq_len=256,
               ppl_seq_len=256, ppl_windows=32, prompt_len=128, new_tokens=64, repeats=5)
 QUICK = Budget(samples=2, seq_len=32, heal_steps=2, qlora_steps=2, heal_batch=2, heal_seq_len=32,
                ppl_seq_len=64, ppl_windows=2, prompt_len=8, new_tokens=2, repeats=1, judge_training=False)
