@@ -185,7 +185,7 @@ def task_manager(include_path: str | None, include_defaults: bool) -> Any:
     return TaskManager(verbosity="ERROR", include_path=include_path, include_defaults=include_defaults)
 
 
-TASKS_VERSION = 2  # part of the cache path: raise it when a builder or a task YAML changes, so tasks are rebuilt
+TASKS_VERSION = 3  # part of the cache path: raise it when a builder or a task YAML changes, so tasks are rebuilt
 
 
 def tasks_root() -> Path:
