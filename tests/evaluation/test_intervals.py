@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 from layerprune.errors import UsageError
-from layerprune.evaluation.intervals import perplexity_interval, retained_performance, stderr_of_mean
+from layerprune.evaluation.intervals import (
+    perplexity_interval,
+    retained_performance,
+    stderr_of_mean,
+)
 from layerprune.reporting.eval_tables import comparison_table, metric_intervals
 
 TRIALS = 200

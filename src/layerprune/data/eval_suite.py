@@ -19,7 +19,8 @@ import hashlib
 import json
 import random
 import re
-from collections.abc import Sequence, Set as AbstractSet
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 
 from layerprune.data.labelled import LabelledDataset
 
