@@ -1,13 +1,20 @@
-"""Reference implementations the tests compare layerprune against."""
+"""Reference implementations the tests compare layerprune against, and the one tiny-model factory they share."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerFast
+
+from layerprune.models.architectures import adapter_for
+from layerprune.models.loading import LoadedModel
+from layerprune.models.tiny import byte_tokenizer, tiny_model
 
 
 @contextmanager
@@ -27,11 +34,19 @@ def skipping_layers(layers: nn.ModuleList, skip: Iterable[int]) -> Iterator[None
             handle.remove()
 
 
-def save_tiny_checkpoint(folder: Path, family: str, num_layers: int = 6) -> Path:
-    """Write a tiny random model of ``family`` and the byte tokenizer to ``folder`` as a checkpoint."""
-    from layerprune.models.tiny import byte_tokenizer, tiny_model
+def tiny_loaded(family: str = "llama", num_layers: int = 6, *, seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """The tiny random ``family`` model as a :class:`LoadedModel` with the byte tokenizer: the one
+    in-memory tiny-model factory of the test suite."""
+    model = tiny_model(family, num_layers, seed=seed).to(dtype)
+    return LoadedModel(model, byte_tokenizer(), f"tiny-{family}", adapter_for(model))
 
-    tiny_model(family, num_layers).save_pretrained(folder)
+
+def save_tiny_checkpoint(folder: Path, family: str = "llama", num_layers: int = 6, *,
+                         max_shard_size: str = "2GB") -> Path:
+    """Write a tiny random model of ``family`` and the byte tokenizer to ``folder`` as transformers
+    writes a checkpoint (sharded when ``max_shard_size`` is small): the one on-disk factory."""
+    tiny_model(family, num_layers).save_pretrained(folder, max_shard_size=max_shard_size)
     byte_tokenizer().save_pretrained(folder)
     return folder
 
@@ -47,9 +62,14 @@ def bos_tokenizer(starts: int = 1) -> PreTrainedTokenizerFast:
     (id 257), the way Gemma's and Llama's tokenizers start it with one ``<bos>``."""
     from tokenizers import processors
 
-    from layerprune.models.tiny import byte_tokenizer
-
     tokenizer = byte_tokenizer()
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> " * starts + "$A", special_tokens=[("<s>", 257)])
     return tokenizer
+
+
+def dead_pid() -> int:
+    """The id of a process that has just exited: what a ``kill -9``-ed run leaves in its staging names."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid

@@ -25,7 +25,8 @@ from layerprune.recipes.runner import _heal_options, _section_fields, load_recip
 from layerprune.scoring import METRICS, score
 from layerprune.scoring.base import metric_options
 from layerprune.selection import STRATEGIES
-from tests.scoring.references import loaded_tiny, rows_with_padding
+from tests.helpers import tiny_loaded
+from tests.scoring.references import rows_with_padding
 
 UNIT_REGISTRIES = {"metric": METRICS, "healing method": HEALERS, "strategy": STRATEGIES, "sampling": SAMPLINGS}
 
@@ -100,7 +101,7 @@ def test_metric_flag_default_equals_api_default_equals_recipe_default(metric: st
     defaults = declared(METRICS.get(metric).options_class)
     resolved = metric_options([metric], {})
     parser = subcommand("score")
-    args = parser.parse_args([])
+    args = parser.parse_args(["--model", "m"])
     keys = _section_fields()["score"]
     for name, default in defaults.items():
         assert resolved[name] == default
@@ -114,7 +115,7 @@ def test_unknown_options_are_refused_naming_the_unit_and_its_options() -> None:
     with pytest.raises(UsageError, match=r"train_layers is not available for lora"):
         heal_settings("lora", "d", train_layers=2)
     with pytest.raises(UsageError, match=r"position is not available for scoring; .*positions"):
-        score(loaded_tiny("llama"), rows_with_padding(), ["bi"], position="last")
+        score(tiny_loaded("llama"), rows_with_padding(), ["bi"], position="last")
 
 
 def test_heal_cli_refuses_another_methods_flag(tmp_path: Path, capsys) -> None:

@@ -8,33 +8,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
+from layerprune.models.editing import prune, replace
 from layerprune.models.export import provenance_json, save_checkpoint
-from layerprune.models.lineage import count_parameters, ensure_lineage, final_record, record_removal, record_replacement
-from layerprune.models.loading import PROVENANCE_FILE, LoadedModel
-from layerprune.models.surgery import remove_layers, replace_block
+from layerprune.models.lineage import PROVENANCE_FILE, count_parameters, final_record
+from layerprune.models.loading import LoadedModel
 from layerprune.reporting.model_card import render_model_card
-
-
-def prune(loaded: LoadedModel, layers: Iterable[int], reason: str = "layers named by the user") -> list[int]:
-    """Remove ``layers`` (indices of the model as loaded) in place; returns them sorted."""
-    kept_before = ensure_lineage(loaded)["kept_layers"]
-    removed = remove_layers(loaded.model, layers, loaded.adapter)
-    record_removal(loaded, kept_before, removed, reason)
-    return removed
-
-
-def replace(loaded: LoadedModel, start: int, end: int, module: nn.Module, kind: str, note: str = "",
-            source_index: int | None = None) -> None:
-    """Replace layers ``[start, end)`` by ``module`` in place, recording it in the lineage."""
-    kept_before = ensure_lineage(loaded)["kept_layers"]
-    replace_block(loaded.model, start, end, module, source_index, loaded.adapter)
-    record_replacement(loaded, kept_before, start, end, kind, note)
 
 
 def save(loaded: LoadedModel, out: str | Path, *, overwrite: bool = False, recipe: dict[str, Any] | None = None,

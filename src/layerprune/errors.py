@@ -14,3 +14,10 @@ class UsageError(Exception):
 
 class NumericalError(UsageError):
     """Activations became NaN/Inf; the message names the layer and a safer dtype."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (or its type's name): libraries' messages run to
+    paragraphs, and a :class:`UsageError` is printed as one line."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

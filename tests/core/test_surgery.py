@@ -16,7 +16,7 @@ from layerprune.errors import UsageError
 from layerprune.models.architectures import adapter_for
 from layerprune.models.loading import LoadedModel
 from layerprune.models.surgery import parse_layer_list, remove_layers, replace_block, validate_layer_indices
-from layerprune.models.tiny import byte_tokenizer, tiny_model
+from layerprune.models.tiny import byte_tokenizer, tiny_config, tiny_model
 from tests.conftest import FAMILIES
 from tests.helpers import skipping_layers
 
@@ -138,6 +138,27 @@ def test_replace_block_installs_one_layer_and_cuts_config() -> None:
     assert replacement.self_attn.layer_idx == 1
 
 
+def test_gpt2_scaling_attention_by_layer_index_is_refused() -> None:
+    model = tiny_model("gpt2", NUM_LAYERS)
+    model.config.scale_attn_by_inverse_layer_idx = True
+    with pytest.raises(UsageError, match="GPT-2 checkpoint scales attention by its layer index"):
+        remove_layers(model, [1])
+    assert adapter_for(model).num_layers(model) == NUM_LAYERS
+
+
+def test_the_sliding_layer_flag_follows_the_cut_layer_types() -> None:
+    """Qwen2 decides once, at init, whether any layer slides; cutting the only sliding layer must say so."""
+    config = tiny_config("qwen2", 4)
+    config.layer_types = ["sliding_attention", "full_attention", "full_attention", "full_attention"]
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config)
+    assert model.model.has_sliding_layers
+    remove_layers(model, [2])
+    assert model.model.has_sliding_layers
+    remove_layers(model, [0])
+    assert not model.model.has_sliding_layers
+
+
 @pytest.mark.parametrize(
     ("indices", "message"),
     [([], "no layers"), ([-1], ">= 0"), ([6], "out of range"), ([1, 1], "more than once"),
@@ -151,6 +172,11 @@ def test_bad_indices_are_refused(indices: list[int], message: str) -> None:
 def test_parse_layer_list() -> None:
     assert parse_layer_list("3, 5,10-12") == [3, 5, 10, 11, 12]
     assert parse_layer_list("-1") == [-1]
+    assert parse_layer_list(" 7 ") == [7]
+    assert parse_layer_list(" , ") == []
+    for text in ("1,,2", "1,2,", "+3", "\uff13", "1-\u0663", "1.0", "0x3", "1_0"):
+        with pytest.raises(UsageError, match="cannot read"):
+            parse_layer_list(text)
     with pytest.raises(UsageError, match="cannot read"):
         parse_layer_list("a,b")
     with pytest.raises(UsageError, match="backwards"):

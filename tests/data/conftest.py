@@ -17,6 +17,4 @@ def private_cache(tmp_path, monkeypatch) -> None:
 @pytest.fixture
 def hub_reachable(monkeypatch) -> None:
     """Tests of hub names use a fake ``datasets``: pretend the hub answers, without touching the network."""
-    import layerprune.data.sources as sources
-
-    monkeypatch.setattr(sources, "_hub_reachable", lambda: True)
+    monkeypatch.setattr("layerprune.hub.hub_reachable", lambda timeout=5.0: True)

@@ -10,7 +10,8 @@ import types
 import pytest
 
 from layerprune.data import SPLITS, load_texts
-from layerprune.data.sources import _hub_reachable, check_source, source_key
+from layerprune import hub
+from layerprune.data.sources import check_source, source_key
 from layerprune.data.wikitext import iter_articles, strip_markup
 from layerprune.errors import UsageError
 
@@ -144,11 +145,11 @@ def test_hub_names_offline_name_the_builtins(monkeypatch, hub_reachable) -> None
 def test_an_unreachable_hub_fails_fast_unless_the_user_asked_for_the_hf_cache(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "datasets", FakeDatasets(error=AssertionError("datasets was not to be asked")))
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
-    assert not _hub_reachable()
+    assert not hub.hub_reachable()
     with pytest.raises(UsageError, match=r"cannot reach the Hugging Face hub to load 'wikitext2'.*HF_HUB_OFFLINE"):
         load_texts("wikitext2", "test")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert _hub_reachable()
+    assert hub.offline_requested()
 
 
 def test_check_source_refuses_bad_names_without_reading(tmp_path) -> None:

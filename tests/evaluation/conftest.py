@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from layerprune.models.architectures import adapter_for
 from layerprune.models.loading import LoadedModel
-from layerprune.models.tiny import byte_tokenizer, tiny_model
+from tests.helpers import tiny_loaded
 
 
 @dataclass
@@ -33,11 +32,6 @@ def letters_task(size: int, seed: int) -> Labelled:
     return Labelled(texts, labels, ["low", "high"])
 
 
-def tiny_loaded(num_layers: int = 4, family: str = "llama", seed: int = 0) -> LoadedModel:
-    model = tiny_model(family, num_layers, seed=seed)
-    return LoadedModel(model, byte_tokenizer(), f"tiny-{family}-{num_layers}", adapter_for(model))
-
-
 @pytest.fixture
 def loaded() -> LoadedModel:
-    return tiny_loaded()
+    return tiny_loaded(num_layers=4)

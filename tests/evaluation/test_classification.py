@@ -7,7 +7,8 @@ import pytest
 from layerprune.errors import UsageError
 from layerprune.evaluation.classification import ClassificationSettings, classification_curve, verbalizer_token_ids
 from layerprune.models.tiny import byte_tokenizer
-from tests.evaluation.conftest import letters_task, tiny_loaded
+from tests.evaluation.conftest import letters_task
+from tests.helpers import tiny_loaded
 
 SETTINGS = ClassificationSettings(ks=(1, 3), train_size=96, test_size=64, epochs=3, batch_size=16, lr=3e-3,
                                   max_tokens=24)

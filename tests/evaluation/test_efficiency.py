@@ -31,11 +31,23 @@ def test_decode_flops_match_the_analytic_count(layers: int) -> None:
     assert decode == _analytic_decode_flops(model, WORKLOAD.prompt_len + WORKLOAD.new_tokens // 2)
 
 
-def test_report_has_every_figure_and_speedups_relative_to_the_first_model() -> None:
+# seconds per (prefill, decode) of the timed pass, by layer count: stands in for the clock, so the
+# speed-ups have known values (six layers: 12 / 0.4 and 8 / 0.8 tokens/s; three: 12 / 0.25 and 8 / 0.5)
+FAKE_SECONDS = {6: (0.4, 0.8), 3: (0.25, 0.5)}
+
+
+def test_report_has_every_figure_and_speedups_relative_to_the_first_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(efficiency, "time_prefill_decode",
+                        lambda model, workload: FAKE_SECONDS[model.config.num_hidden_layers])
     models = {"six": tiny_model("llama", 6), "three": tiny_model("llama", 3)}
     results = measure_efficiency(models, WORKLOAD, memory=False)
     six, three = results["six"], results["three"]
     assert six["decode_speedup"] == six["prefill_ideal_speedup"] == 1.0
+    assert (six["prefill_tokens_per_s"], six["decode_tokens_per_s"]) == pytest.approx((30.0, 10.0))
+    assert (three["prefill_speedup"], three["decode_speedup"]) == pytest.approx((1.6, 1.6))
+    analytic = {name: _analytic_decode_flops(model, WORKLOAD.prompt_len + WORKLOAD.new_tokens // 2)
+                for name, model in models.items()}
+    assert three["decode_ideal_speedup"] == pytest.approx(analytic["six"] / analytic["three"])
     assert three["parameters"] < six["parameters"]
     # float32 safetensors: 4 bytes per parameter plus a small header
     for values in results.values():

@@ -12,7 +12,8 @@ import layerprune as lp
 from layerprune.errors import UsageError
 from layerprune.evaluation.harness import OFFLINE_TASKS, predictions_from_samples, run_tasks, write_offline_task
 from layerprune.evaluation.stability import stability, stability_by_task
-from tests.evaluation.conftest import letters_task, tiny_loaded
+from tests.evaluation.conftest import letters_task
+from tests.helpers import tiny_loaded
 
 TASK = "lp_sentiment_rt"
 

@@ -12,7 +12,8 @@ import layerprune as lp
 from layerprune import data
 from layerprune.cli.main import main
 from layerprune.reporting.eval_tables import comparison_table, update_doc_section
-from tests.evaluation.conftest import letters_task, tiny_loaded
+from tests.evaluation.conftest import letters_task
+from tests.helpers import tiny_loaded
 
 
 @pytest.fixture

@@ -7,24 +7,18 @@ import torch
 
 import layerprune as lp
 from layerprune.healing import TrainingSet
-from layerprune.models.architectures import adapter_for
 from layerprune.models.loading import LoadedModel
-from layerprune.models.tiny import byte_tokenizer, tiny_model
+from tests.helpers import tiny_loaded
 
 NUM_LAYERS = 6
 BLOCK = (2, 4)
 
 
-def tiny_loaded(family: str = "llama", seed: int = 0) -> LoadedModel:
-    model = tiny_model(family, NUM_LAYERS, seed=seed)
-    return LoadedModel(model, byte_tokenizer(), f"tiny-{family}", adapter_for(model))
-
-
 def pruned_pair(family: str = "llama") -> tuple[LoadedModel, LoadedModel]:
     """(original, the same model with BLOCK removed), as two independent objects."""
-    pruned = tiny_loaded(family)
+    pruned = tiny_loaded(family, NUM_LAYERS)
     lp.prune(pruned, range(*BLOCK))
-    return tiny_loaded(family), pruned
+    return tiny_loaded(family, NUM_LAYERS), pruned
 
 
 def training_rows(rows: int = 32, seq_len: int = 16, seed: int = 0) -> TrainingSet:

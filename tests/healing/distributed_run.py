@@ -11,8 +11,8 @@ import sys
 
 import torch
 
+from layerprune.distributed import process_state
 from layerprune.healing import heal
-from layerprune.healing.engine import process_state
 from tests.healing.conftest import pruned_pair, training_rows
 
 TRAINING = dict(steps=6, batch_size=4, lr=1e-2)

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from layerprune.cli.main import main
-from tests.healing.conftest import tiny_loaded
+from tests.helpers import tiny_loaded
 
 ALPACA = [{"instruction": f"Repeat the word number {i}.", "input": "" if i % 2 else "word", "output": f"word {i}"}
           for i in range(16)]

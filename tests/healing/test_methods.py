@@ -14,10 +14,13 @@ import layerprune as lp
 from layerprune.healing import heal
 from layerprune.healing.replacement import block_io
 from layerprune.models.loading import LoadedModel
-from tests.healing.conftest import BLOCK, NUM_LAYERS, pruned_pair, tiny_loaded, training_rows
+from tests.healing.conftest import BLOCK, NUM_LAYERS, pruned_pair, training_rows
+from tests.helpers import tiny_loaded
 
 FAST_TRAINING = dict(steps=30, batch_size=4, lr=5e-3)
 FAST = {**FAST_TRAINING, "train_layers": 2}  # partial-ft's own option; other methods refuse it
+# what a reader of the model card must learn about each replacement kind
+REPLACEMENT_NOTES = {"ffn": "attention output projection is zero", "layer": "initialised from the block's first layer"}
 
 
 def _lm_loss(model: torch.nn.Module, ids: torch.Tensor) -> float:
@@ -132,8 +135,10 @@ def test_replacement_trains_one_layer_and_keeps_the_rest(kind: str) -> None:
     else:
         assert any(k.startswith("self_attn.") for k in changed) and any(k.startswith("mlp.") for k in changed)
     assert _block_mse(replacement, reference, data) < _block_mse(source, reference, data)
-    assert healed.lineage["replaced_blocks"] == [{"start": 2, "end": 4, "kind": kind,
-                                                  "note": healed.lineage["replaced_blocks"][0]["note"]}]
+    (block,) = healed.lineage["replaced_blocks"]
+    assert {key: value for key, value in block.items() if key != "note"} == {"start": 2, "end": 4, "kind": kind}
+    # the model card's explanation of what the replacement computes, for this kind
+    assert REPLACEMENT_NOTES[kind] in block["note"]
     assert healed.lineage["removed_layers"] == [3]
 
 

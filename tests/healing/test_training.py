@@ -19,7 +19,8 @@ from layerprune.healing.base import DistillOptions
 from layerprune.healing.data import IGNORE_INDEX, instruction_rows, is_instruction_file
 from layerprune.healing.objectives import token_loss_sums
 from layerprune.models.tiny import byte_tokenizer
-from tests.healing.conftest import pruned_pair, tiny_loaded, training_rows
+from tests.healing.conftest import pruned_pair, training_rows
+from tests.helpers import tiny_loaded
 from tests.healing.distributed_run import healed_state, training_options
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,10 +118,26 @@ def test_instruction_rows_train_on_the_response_only(tmp_path) -> None:
 
 
 def test_padded_instruction_rows_heal() -> None:
-    original, pruned = pruned_pair()
+    """Padding is invisible to training: other tokens in the padded positions change neither the
+    losses nor the healed weights (they would if padding leaked into the loss or the attention)."""
     rows = instruction_rows(byte_tokenizer(), [(f"Q{i}: ", "answer " * (i % 3 + 1)) for i in range(8)], 24, "test")
-    healed = heal(pruned, "partial-ft", rows, original=original, steps=4, batch_size=4, distill=True)
-    assert healed.lineage["healing"][-1]["final_loss"] is not None
+    padding = rows.attention_mask == 0
+    assert padding.any() and (rows.labels[padding] == IGNORE_INDEX).all()
+    noise = torch.randint(0, 256, rows.input_ids.shape, generator=torch.Generator().manual_seed(1))
+    noisy_rows = TrainingSet(torch.where(padding, noise, rows.input_ids), rows.attention_mask, rows.labels, "noisy")
+    assert not torch.equal(noisy_rows.input_ids, rows.input_ids)
+
+    def healed_with(training: TrainingSet) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        original, pruned = pruned_pair()
+        healed = heal(pruned, "partial-ft", training, original=original, steps=4, batch_size=4, distill=True)
+        step = healed.lineage["healing"][-1]
+        return {key: step[key] for key in ("first_loss", "final_loss")}, healed.model.state_dict()
+
+    (losses, weights), (noisy_losses, noisy_weights) = healed_with(rows), healed_with(noisy_rows)
+    assert all(torch.isfinite(torch.tensor(value)) and value > 0 for value in losses.values()), losses
+    assert noisy_losses == pytest.approx(losses, rel=1e-6)
+    for name, tensor in weights.items():
+        torch.testing.assert_close(noisy_weights[name], tensor, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

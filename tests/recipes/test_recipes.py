@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from layerprune.cli.main import main
 from layerprune.errors import UsageError
@@ -18,10 +20,48 @@ SHIPPED = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("recipe", SHIPPED, ids=lambda p: p.stem)
-def test_shipped_recipes_validate_and_run_smollm2_by_default(recipe: Path) -> None:
+def test_shipped_recipes_validate_for_smollm2_by_default(recipe: Path, tmp_path: Path) -> None:
     loaded = load_recipe(recipe)
     assert loaded.model == "smollm2-135m"
+    runner.preflight(loaded, tmp_path / "run")  # every stage's own checks, against SmolLM2's 30 layers
     assert load_recipe(recipe, model="gemma3-270m").model == "gemma3-270m"
+
+
+# the sizes and text that make a shipped recipe run in seconds on a 6-layer tiny model; the stages stay the same
+TINY_SIZES = {"samples": 8, "seq_len": 32, "steps": 2, "batch_size": 4, "train_size": 16, "test_size": 8,
+              "epochs": 1, "ks": [1, 2], "source": "corpus.txt", "data": "corpus.txt", "ppl": ["corpus.txt"],
+              "verbalizer": ["negative", "positive"]}  # the byte tokenizer splits " negative" into " " first
+
+
+def _shrunk(values: Any) -> Any:
+    if isinstance(values, dict):
+        return {key: TINY_SIZES.get(key, _shrunk(value)) for key, value in values.items()}
+    return values
+
+
+@pytest.mark.parametrize("recipe", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_recipes_run_end_to_end_on_a_tiny_model(recipe: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    save_tiny_checkpoint(tmp_path / "tiny", "llama", 6)
+    write_corpus(tmp_path / "corpus.txt")
+    values = _shrunk(yaml.safe_load(recipe.read_text()))
+    values["model"] = "tiny"
+    if "eval" in values and "ppl" in values["eval"]:
+        values["eval"]["max_windows"] = 2
+    small = tmp_path / recipe.name
+    small.write_text(yaml.safe_dump(values))
+    out = run_recipe(small, tmp_path / "run", log=lambda _: None)
+    stages = [stage for stage, section in (("score", "score"), ("prune", "select"), ("heal", "heal"), ("eval", "eval"))
+              if section in values]
+    assert list(json.loads((out / "run.json").read_text())["stages"]) == stages
+    assert json.loads((out / "eval.json").read_text())["models"]
+    if "prune" in stages:
+        record = json.loads((out / "model" / "layerprune.json").read_text())
+        # 25% of 6 layers go; a replacement puts one module back in their place
+        assert record["num_layers"] == 6 - 2 + len(record["replaced_blocks"])
+        healed_by = [values["heal"]["method"]] if "heal" in values else []
+        assert [step["method"] for step in record.get("healing", [])] == healed_by
 
 
 def test_every_paper_has_a_recipe() -> None:
@@ -50,6 +90,9 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("model: [a\n", r"line 2: not valid YAML"),
         ("- just\n- a list\n", r"must be a mapping"),
         ("model: !!python/object/apply:os.system [echo hi]\n", r"not valid YAML"),
+        ("model: a\nscore: {metrics: [bi]}\nmodel: b\n", r"line 3: key 'model' is given twice \(first on line 1\)"),
+        ("model: m\nscore:\n  metrics: [bi]\n  batch_size: 2\n  batch_size: 4\n",
+         r"line 5: key 'score.batch_size' is given twice \(first on line 4\)"),
     ],
 )
 def test_bad_recipes_name_the_line_and_the_fix(tmp_path: Path, text: str, message: str) -> None:
@@ -183,11 +226,12 @@ PREFLIGHT_RECIPE = {
         ("eval", "eval: {seq_len: 32}", ["line 6:", "nothing to evaluate", "pass --ppl"]),
         ("eval", "eval: {ppl: [gone.txt]}", ["line 6:", "unknown perplexity data 'gone.txt'",
                                              "the path of an existing text file"]),
+        ("load", "load: {gguf_file: ../outside.gguf}", ["line 7:", "must be a file name inside the --model folder"]),
     ],
     ids=["missing model", "missing calibration file", "zero samples", "unknown metric", "malformed remove",
          "remove all layers", "remove over 100%", "metric not scored", "unknown strategy", "unknown heal method",
          "missing heal data", "train_layers over the pruned model", "zero heal steps", "eval measures nothing",
-         "missing eval file"],
+         "missing eval file", "gguf file outside the model folder"],
 )
 def test_bad_stage_values_are_refused_before_the_run_starts(
     section: str, line: str, fragments: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

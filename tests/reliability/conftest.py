@@ -70,15 +70,10 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def save_tiny(folder: Path, family: str = "llama", num_layers: int = TINY_LAYERS) -> Path:
-    """A tiny checkpoint with this suite's default depth."""
-    return save_tiny_checkpoint(folder, family, num_layers)
-
-
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A healthy 4-layer tiny Llama checkpoint; tests check that nothing ever writes into it."""
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", num_layers=TINY_LAYERS)
 
 
 def _copy_of(good: Path, where: Path) -> Path:

@@ -85,6 +85,12 @@ LAYER_ROWS = {
     "not a number": (["--layers", "two"], "cannot read layer index 'two'"),
     "backwards range": (["--layers", "3-1"], "runs backwards"),
     "half a range": (["--layers", "2-"], "cannot read layer index '2-'"),
+    "empty entry": (["--layers", "1,,2"], "cannot read an empty entry in '1,,2'"),
+    "trailing comma": (["--layers", "1,2,"], "cannot read an empty entry in '1,2,'"),
+    "only commas": (["--layers", ",,"], "no layers to remove"),
+    "plus sign": (["--layers", "+3"], "cannot read layer index '+3'"),
+    "non-ASCII digits": (["--layers", "\uff13"], "cannot read layer index '\uff13'"),
+    "Arabic-Indic digits in a range": (["--layers", "1-\u0663"], "cannot read layer index '1-\u0663'"),
 }
 
 

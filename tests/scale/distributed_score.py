@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from layerprune.healing.engine import process_state
+from layerprune.distributed import process_state
 from layerprune.scoring.streaming import stream_score
 
 METRICS = "bi,angular,block-cosine,ppl"

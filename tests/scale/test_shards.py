@@ -18,7 +18,7 @@ from layerprune.models import shards
 from layerprune.models.shards import prune_checkpoint, read_header
 from layerprune.models.tiny import tiny_model
 from tests.conftest import FAMILIES
-from tests.scale.conftest import save_tiny
+from tests.helpers import save_tiny_checkpoint
 
 REMOVE = [0, 3, 5]
 
@@ -54,7 +54,7 @@ def assert_same_checkpoint(on_disk: Path, reference: Path) -> None:
 @pytest.mark.parametrize("shard_size", ["2GB", "20KB"], ids=["single-file", "sharded"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_equals_in_memory_path(family: str, shard_size: str, tmp_path: Path) -> None:
-    source = save_tiny(family, tmp_path / "in", max_shard_size=shard_size)
+    source = save_tiny_checkpoint(tmp_path / "in", family, max_shard_size=shard_size)
     out = prune_checkpoint(source, REMOVE, tmp_path / "disk")
     assert_same_checkpoint(out, in_memory(source, REMOVE, tmp_path / "memory"))
     assert (out / shards.INDEX_FILE).is_file() == (shard_size == "20KB")
@@ -69,7 +69,7 @@ def test_equals_in_memory_path(family: str, shard_size: str, tmp_path: Path) -> 
 
 
 def test_output_loads_and_runs_like_the_in_memory_result(tmp_path: Path) -> None:
-    source = save_tiny("gemma3", tmp_path / "in", max_shard_size="20KB")
+    source = save_tiny_checkpoint(tmp_path / "in", "gemma3", max_shard_size="20KB")
     ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = AutoModelForCausalLM.from_pretrained(prune_checkpoint(source, [1, 2], tmp_path / "disk"))(ids).logits
@@ -95,7 +95,7 @@ def test_gpt2_base_checkpoint_without_transformer_prefix(tmp_path: Path) -> None
 
 
 def test_pruning_twice_maps_indices_back_to_the_original(tmp_path: Path) -> None:
-    source = save_tiny("llama", tmp_path / "in", num_layers=8)
+    source = save_tiny_checkpoint(tmp_path / "in", "llama", num_layers=8)
     once = prune_checkpoint(source, [1], tmp_path / "once")
     twice = prune_checkpoint(once, [1, 5], tmp_path / "twice")
     record = json.loads((twice / "layerprune.json").read_text())
@@ -108,7 +108,7 @@ def test_pruning_twice_maps_indices_back_to_the_original(tmp_path: Path) -> None
 
 def test_copy_without_copy_file_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Platforms without ``os.copy_file_range`` (macOS) take the chunked copy; same bytes."""
-    source = save_tiny("qwen3", tmp_path / "in", max_shard_size="20KB")
+    source = save_tiny_checkpoint(tmp_path / "in", "qwen3", max_shard_size="20KB")
     monkeypatch.delattr(os, "copy_file_range", raising=False)
     monkeypatch.setattr(shards, "_COPY_CHUNK", 1000)  # many chunks per tensor
     assert_same_checkpoint(prune_checkpoint(source, REMOVE, tmp_path / "disk"),
@@ -122,20 +122,20 @@ def _refused(source: Path, layers: list[int], out: Path, match: str) -> None:
 
 
 def test_bad_layer_indices_are_refused_before_writing(tmp_path: Path) -> None:
-    source = save_tiny("llama", tmp_path / "in")
+    source = save_tiny_checkpoint(tmp_path / "in", "llama")
     _refused(source, [6], tmp_path / "out", "out of range")
     _refused(source, list(range(6)), tmp_path / "out", "cannot remove all")
     _refused(source, [], tmp_path / "out", "no layers")
 
 
 def test_output_inside_the_input_is_refused(tmp_path: Path) -> None:
-    source = save_tiny("llama", tmp_path / "in")
+    source = save_tiny_checkpoint(tmp_path / "in", "llama")
     with pytest.raises(UsageError, match="lies inside the input"):
         prune_checkpoint(source, [1], source / "pruned")
 
 
 def test_inconsistent_or_broken_checkpoints_are_refused(tmp_path: Path) -> None:
-    source = save_tiny("llama", tmp_path / "in")
+    source = save_tiny_checkpoint(tmp_path / "in", "llama")
     config = json.loads((source / "config.json").read_text())
     (source / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 8}))
     _refused(source, [1], tmp_path / "out", "says 8 layers")
@@ -150,7 +150,7 @@ def test_inconsistent_or_broken_checkpoints_are_refused(tmp_path: Path) -> None:
 
 
 def test_gpt2_scaling_by_layer_index_is_refused(tmp_path: Path) -> None:
-    source = save_tiny("gpt2", tmp_path / "in")
+    source = save_tiny_checkpoint(tmp_path / "in", "gpt2")
     config = json.loads((source / "config.json").read_text())
     (source / "config.json").write_text(json.dumps({**config, "scale_attn_by_inverse_layer_idx": True}))
     _refused(source, [1], tmp_path / "out", "scales attention by its layer index")
@@ -158,7 +158,7 @@ def test_gpt2_scaling_by_layer_index_is_refused(tmp_path: Path) -> None:
 
 def test_header_round_trip_matches_the_library(tmp_path: Path) -> None:
     """Our header reader agrees with safetensors on every tensor's dtype, shape and bytes."""
-    source = save_tiny("phi3", tmp_path / "in")
+    source = save_tiny_checkpoint(tmp_path / "in", "phi3")
     header = read_header(source / "model.safetensors")
     raw = (source / "model.safetensors").read_bytes()
     reference = tensors(source)

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import layerprune as lp
+from layerprune.data import CalibrationSet
 from layerprune.errors import UsageError
 from layerprune.scoring import score
-from layerprune.scoring.forward import Calibration
 from layerprune.models.tiny import tiny_model
 from layerprune.scoring.streaming import stream_score
 from tests.conftest import FAMILIES
-from tests.scale.conftest import save_tiny
+from tests.helpers import save_tiny_checkpoint
 from tests.scale.distributed_score import METRICS as DISTRIBUTED_METRICS
 from tests.scale.distributed_score import importance
 
@@ -25,13 +25,13 @@ ROOT = Path(__file__).resolve().parents[2]
 ALL = "bi,angular,block-cosine,ppl,magnitude-l1,magnitude-l2,reverse-order,random"
 
 
-def calibration() -> Calibration:
+def calibration() -> CalibrationSet:
     """Rows with padding on either side, so masks and scored positions matter."""
     ids = torch.randint(0, 256, (5, 16), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, 11:] = 0
     mask[3, :5] = 0
-    return Calibration(ids, mask)
+    return CalibrationSet(ids, mask)
 
 
 def assert_same_scores(streamed: lp.scoring.ScoreReport, reference: lp.scoring.ScoreReport) -> None:
@@ -51,7 +51,7 @@ def assert_same_scores(streamed: lp.scoring.ScoreReport, reference: lp.scoring.S
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_streaming_equals_in_memory_scoring(family: str, tmp_path: Path) -> None:
-    folder = save_tiny(family, tmp_path / "model", num_layers=5, max_shard_size="30KB")
+    folder = save_tiny_checkpoint(tmp_path / "model", family, num_layers=5, max_shard_size="30KB")
     reference = score(lp.load_model(folder), calibration(), ALL, batch_size=2)
     assert len(set(reference.results["bi"].importance)) == 5  # layers differ, so a mix-up would show
     assert_same_scores(stream_score(folder, calibration(), ALL, batch_size=2), reference)
@@ -59,7 +59,7 @@ def test_streaming_equals_in_memory_scoring(family: str, tmp_path: Path) -> None
 
 @pytest.mark.parametrize("family", ["gemma3", "gpt2"])
 def test_spilled_activations_and_last_positions_give_the_same_scores(family: str, tmp_path: Path) -> None:
-    folder = save_tiny(family, tmp_path / "model", num_layers=5)
+    folder = save_tiny_checkpoint(tmp_path / "model", family, num_layers=5)
     reference = score(lp.load_model(folder), calibration(), "bi,angular,ppl", batch_size=3, positions="last")
     spill = tmp_path / "spill"
     spill.mkdir()
@@ -69,7 +69,7 @@ def test_spilled_activations_and_last_positions_give_the_same_scores(family: str
 
 
 def test_refuses_what_cannot_stream_before_loading(tmp_path: Path) -> None:
-    folder = save_tiny("llama", tmp_path / "model")
+    folder = save_tiny_checkpoint(tmp_path / "model", "llama")
     with pytest.raises(UsageError, match="taylor"):
         stream_score(folder, calibration(), "bi,taylor")
     with pytest.raises(UsageError, match="need calibration data"):
@@ -80,7 +80,7 @@ def test_refuses_what_cannot_stream_before_loading(tmp_path: Path) -> None:
 
 def test_two_cpu_processes_match_one(tmp_path: Path) -> None:
     """torchrun with 2 gloo processes: each streams half the rows, the sums are all-reduced."""
-    folder = save_tiny("qwen3", tmp_path / "model", num_layers=4)
+    folder = save_tiny_checkpoint(tmp_path / "model", "qwen3", num_layers=4)
     out = tmp_path / "two.pt"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                str(ROOT / "tests" / "scale" / "distributed_score.py"), str(folder), str(out)]

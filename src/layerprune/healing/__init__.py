@@ -3,9 +3,9 @@
 Each method is one registered unit in :data:`HEALERS`; importing this package registers them all.
 """
 
+from layerprune.data import TrainingSet
 from layerprune.healing import lora, partial, replacement  # noqa: F401  (registers the methods)
 from layerprune.healing.base import HEALERS, DistillOptions, Healer, HealOutcome, HealSettings, TrainingOptions
-from layerprune.healing.data import TrainingSet
 from layerprune.healing.heal import heal
 
 __all__ = ["HEALERS", "DistillOptions", "HealOutcome", "HealSettings", "Healer", "TrainingOptions", "TrainingSet",

@@ -8,53 +8,17 @@ which only the response tokens are targets, so the model is taught to answer, no
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from layerprune.data import TrainingSet, build_calibration, load_instructions
 from layerprune.errors import UsageError
 
 IGNORE_INDEX = -100
 _INSTRUCTION_KEYS = {"instruction", "output"}
-
-
-@dataclass(frozen=True)
-class TrainingSet:
-    """Equal-length training rows: tokens, which tokens are real, and which are targets."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-    description: str = "tensors"
-
-    def __post_init__(self) -> None:
-        shapes = {tuple(t.shape) for t in (self.input_ids, self.attention_mask, self.labels)}
-        if len(shapes) != 1 or self.input_ids.dim() != 2:
-            raise UsageError(f"training tensors must all have the same [rows, seq_len] shape, got {sorted(shapes)}")
-
-    @classmethod
-    def from_ids(cls, input_ids: torch.Tensor, description: str = "tensors") -> TrainingSet:
-        """Every token is real and every token is a target (language modelling on windows)."""
-        return cls(input_ids, torch.ones_like(input_ids), input_ids.clone(), description)
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    def take(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        index = torch.tensor(rows, dtype=torch.long)
-        return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index],
-                "labels": self.labels[index]}
-
-    def digest(self) -> str:
-        """A content hash, so cached teacher pairs are reused only for the very same data."""
-        hasher = hashlib.sha256()
-        for tensor in (self.input_ids, self.attention_mask, self.labels):
-            hasher.update(tensor.contiguous().numpy().tobytes())
-        return hasher.hexdigest()[:16]
 
 
 def is_instruction_file(source: str | Path) -> bool:
@@ -106,12 +70,10 @@ def load_training_data(tokenizer: PreTrainedTokenizerBase, source: str | Path | 
     calibration windows are (``sampling``, ``text_field``), or the examples of an instruction file."""
     if isinstance(source, TrainingSet):
         return source
-    from layerprune import data  # the data layer; imported late so healing imports without it
-
     if is_instruction_file(source):
-        examples = data.load_instructions(source)[:samples]
+        examples = load_instructions(source)[:samples]
         return instruction_rows(tokenizer, [(e.prompt, e.response) for e in examples], seq_len, str(source))
-    calibration = data.build_calibration(tokenizer, str(source), split="train", samples=samples,
-                                         seq_len=seq_len, seed=seed, sampling=sampling, text_field=text_field)
+    calibration = build_calibration(tokenizer, str(source), split="train", samples=samples,
+                                    seq_len=seq_len, seed=seed, sampling=sampling, text_field=text_field)
     ids, mask = calibration.input_ids, calibration.attention_mask
     return TrainingSet(ids, mask, ids.masked_fill(mask == 0, IGNORE_INDEX), f"{source} (train split)")

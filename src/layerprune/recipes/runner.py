@@ -326,8 +326,9 @@ def preflight(recipe: Recipe, out: Path) -> None:
 
     sections = recipe.sections
     load = _with_defaults(load_model, sections.get("load", {}))
-    config = read_local_config(recipe.model, gguf_file=load["gguf_file"], trust_remote_code=load["trust_remote_code"],
-                               allow_pickle=load["allow_pickle"])
+    with _at(recipe, "load", "gguf_file"):
+        config = read_local_config(recipe.model, gguf_file=load["gguf_file"],
+                                   trust_remote_code=load["trust_remote_code"], allow_pickle=load["allow_pickle"])
     layers: int | None = getattr(config, "num_hidden_layers", None)  # after pruning, once select is read
     if "score" in sections:
         calibration = _with_defaults(build_calibration, sections["calibration"])

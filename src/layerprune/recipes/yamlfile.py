@@ -16,12 +16,19 @@ from layerprune.errors import UsageError
 KeyPath = tuple[str, ...]
 
 
-def _key_lines(node: yaml.Node, prefix: KeyPath, lines: dict[KeyPath, int]) -> None:
+def _key_lines(node: yaml.Node, prefix: KeyPath, lines: dict[KeyPath, int], file: Path) -> None:
+    """Record the line of every key, refusing a key given twice in one mapping: the YAML loader
+    keeps the later value without a word, so a recipe would silently run with a setting its author
+    may believe was the first one."""
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             path = (*prefix, str(key_node.value))
-            lines[path] = key_node.start_mark.line + 1
-            _key_lines(value_node, path, lines)
+            line = key_node.start_mark.line + 1
+            if path in lines:
+                raise UsageError(f"{file} line {line}: key {'.'.join(path)!r} is given twice (first on line "
+                                 f"{lines[path]}); keep one of them")
+            lines[path] = line
+            _key_lines(value_node, path, lines, file)
 
 
 def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
@@ -45,5 +52,5 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
         raise UsageError(f"{file}: a recipe must be a mapping of sections (model:, score:, ...), got {type(data).__name__}")
     lines: dict[KeyPath, int] = {}
     if node is not None:
-        _key_lines(node, (), lines)
+        _key_lines(node, (), lines, file)
     return data, lines

@@ -8,8 +8,7 @@ pass; ``ppl`` reuses each layer's cached input instead of L full passes.
 from layerprune.scoring import baselines, magnitude, perplexity, similarity, taylor  # noqa: F401  (register)
 from layerprune.scoring.accumulators import SimilarityAccumulator
 from layerprune.scoring.base import METRICS, Metric, MetricResult, ScoringContext
-from layerprune.scoring.forward import Calibration
 from layerprune.scoring.report import ScoreReport, check_metrics, check_score_options, rescorer, score
 
-__all__ = ["METRICS", "Calibration", "Metric", "MetricResult", "ScoreReport", "ScoringContext",
+__all__ = ["METRICS", "Metric", "MetricResult", "ScoreReport", "ScoringContext",
            "SimilarityAccumulator", "check_metrics", "check_score_options", "rescorer", "score"]

@@ -21,7 +21,7 @@ from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel
 from layerprune.options import build_options, options_of, refuse_unknown
 from layerprune.registry import Registry
-from layerprune.scoring.forward import Calibration
+from layerprune.data import CalibrationSet
 
 T = TypeVar("T")
 BlockTable = dict[int, list[float]]
@@ -64,12 +64,12 @@ class ScoringContext:
     """
 
     loaded: LoadedModel
-    calibration: Calibration | None
+    calibration: CalibrationSet | None
     batch_size: int = 8
     options: dict[str, Any] = field(default_factory=dict)
     _cache: dict[str, Any] = field(default_factory=dict)
 
-    def data(self, metric: str) -> Calibration:
+    def data(self, metric: str) -> CalibrationSet:
         if self.calibration is None:
             raise UsageError(f"metric {metric!r} needs calibration data; pass --data (e.g. --data wiki-sample)")
         return self.calibration

@@ -13,61 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from layerprune.data import CalibrationSet
 from layerprune.errors import NumericalError, UsageError
+from layerprune.models.hooks import layer_input, layer_output
 from layerprune.models.loading import LoadedModel
 
 POSITIONS = ("all", "last")
-
-
-class CalibrationLike(Protocol):
-    """Anything with ``input_ids`` and ``attention_mask`` ``[rows, seq_len]`` (a CalibrationSet)."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Calibration rows as plain tensors, checked once before any model work."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    description: str = "tensors"
-
-    @classmethod
-    def of(cls, data: CalibrationLike | torch.Tensor, description: str | None = None) -> Calibration:
-        """Accept a CalibrationSet, anything shaped like one, or a bare ``input_ids`` tensor."""
-        if isinstance(data, torch.Tensor):
-            ids, mask = data, torch.ones_like(data)
-        else:
-            ids, mask = data.input_ids, data.attention_mask
-        name = description or getattr(data, "description", None) or getattr(data, "source", None) or "tensors"
-        if ids.dim() != 2 or mask.shape != ids.shape:
-            raise UsageError(f"calibration input_ids and attention_mask must both be [rows, seq_len], got "
-                             f"{tuple(ids.shape)} and {tuple(mask.shape)}")
-        if int(mask.sum()) == 0:
-            raise UsageError("the calibration data holds no real tokens (attention_mask is all 0); use other data")
-        return cls(ids.long(), mask.long(), str(name))
-
-    @property
-    def tokens(self) -> int:
-        """Real (non-padding) tokens."""
-        return int(self.attention_mask.sum())
-
-    def batches(self, batch_size: int, label: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if batch_size < 1:
-            raise UsageError(f"batch size must be >= 1, got {batch_size}")
-        rows = self.input_ids.shape[0]
-        starts = range(0, rows, batch_size)
-        for start in tqdm(starts, desc=label, disable=True if label is None else None, leave=False):
-            yield self.input_ids[start:start + batch_size], self.attention_mask[start:start + batch_size]
 
 
 def scored_positions(attention_mask: torch.Tensor, positions: str) -> torch.Tensor:
@@ -89,7 +45,7 @@ def next_token_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
     return where, input_ids[:, 1:][where]
 
 
-def count_targets(calibration: Calibration, metric: str) -> int:
+def count_targets(calibration: CalibrationSet, metric: str) -> int:
     """Next-token targets in the whole set (the loss is their mean); refuses a set without any."""
     total = int(next_token_targets(calibration.input_ids, calibration.attention_mask)[0].sum())
     if total == 0:
@@ -97,13 +53,13 @@ def count_targets(calibration: Calibration, metric: str) -> int:
     return total
 
 
-def lm_batches(calibration: Calibration, batch_size: int, label: str
+def lm_batches(calibration: CalibrationSet, batch_size: int, label: str
                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``(input_ids, attention_mask, where, targets)`` per batch, skipping batches with no target."""
-    for input_ids, attention_mask in calibration.batches(batch_size, label):
-        where, targets = next_token_targets(input_ids, attention_mask)
+    for batch in calibration.batches(batch_size, label):
+        where, targets = next_token_targets(batch["input_ids"], batch["attention_mask"])
         if bool(where.any()):
-            yield input_ids, attention_mask, where, targets
+            yield batch["input_ids"], batch["attention_mask"], where, targets
 
 
 def check_finite(layer: int, x_out: torch.Tensor, real: torch.Tensor) -> None:
@@ -114,14 +70,6 @@ def check_finite(layer: int, x_out: torch.Tensor, real: torch.Tensor) -> None:
             f"decoder layer {layer} produced NaN/Inf activations in {str(x_out.dtype).removeprefix('torch.')}; "
             "load the model with --dtype float32 (or bfloat16, which has float32's range) and score again"
         )
-
-
-def layer_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def layer_output(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
 
 
 def replay_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
@@ -161,28 +109,29 @@ def run_decoder(loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: to
 
 
 class Head:
-    """The model's own path from a decoder-layer output to next-token logits: final norm (and
-    OPT's ``project_out`` where present), LM head, and logit soft-capping (Gemma-2/3)."""
+    """The model's own path from a decoder-layer output to next-token logits.
+
+    It calls the model's own modules that its family file declares between the last layer and the
+    logits (final norm, a head projection such as OPT's ``project_out``, the LM head), then the
+    family's declared logit steps (Gemma's soft-capping, Cohere's ``logit_scale``, Granite's
+    ``logits_scaling``). tests/scoring/test_head.py proves it equals ``model(...).logits`` for
+    every family's tiny model.
+    """
 
     def __init__(self, loaded: LoadedModel) -> None:
-        model = loaded.model
-        self.norm = model.get_submodule(loaded.adapter.final_norm) if loaded.adapter.final_norm else None
-        parent = loaded.adapter.final_norm.rpartition(".")[0]
-        self.project_out = getattr(model.get_submodule(parent), "project_out", None) if parent else None
-        self.lm_head = model.get_output_embeddings()
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        model, adapter = loaded.model, loaded.adapter
+        self.before_head = [model.get_submodule(path) for path in adapter.pre_head_paths(model)]
+        self.lm_head = model.get_submodule(adapter.lm_head)
+        self.config = model.config
+        self.adapter = adapter
 
     def logits(self, hidden: torch.Tensor, *, normed: bool = False) -> torch.Tensor:
-        """Logits for ``hidden`` (any leading shape); ``normed`` if the final norm already ran."""
+        """Logits for ``hidden`` (any leading shape); ``normed`` if the final norm (and head
+        projection) already ran, as in the base model's ``last_hidden_state`` (:func:`run_decoder`)."""
         if not normed:
-            if self.norm is not None:
-                hidden = self.norm(hidden)
-            if self.project_out is not None:
-                hidden = self.project_out(hidden)
-        logits = self.lm_head(hidden)
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+            for module in self.before_head:
+                hidden = module(hidden)
+        return self.adapter.scale_logits(self.lm_head(hidden), self.config)
 
     def nll_sum(self, hidden: torch.Tensor, where: torch.Tensor, targets: torch.Tensor, *,
                 normed: bool = False) -> torch.Tensor:
@@ -199,13 +148,13 @@ class LossSetup(NamedTuple):
     """What the loss-based metrics (``ppl``, ``taylor``) start from: the calibration rows, their
     next-token target count (each loss is the mean over them), the decoder layers and the head."""
 
-    calibration: Calibration
+    calibration: CalibrationSet
     total: int
     layers: nn.ModuleList
     head: Head
 
 
-def loss_setup(loaded: LoadedModel, calibration: Calibration, metric: str) -> LossSetup:
+def loss_setup(loaded: LoadedModel, calibration: CalibrationSet, metric: str) -> LossSetup:
     """The :class:`LossSetup` of ``loaded`` on ``calibration``; refuses rows with nothing to predict."""
     return LossSetup(calibration, count_targets(calibration, metric), loaded.adapter.decoder_layers(loaded.model),
                      Head(loaded))

@@ -8,11 +8,11 @@ from typing import Any, Protocol
 
 import torch
 
+from layerprune.data.rows import CalibrationLike, CalibrationSet
 from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel
 from layerprune.models.surgery import remove_layers
 from layerprune.scoring.base import METRICS, MetricResult, ScoringContext, metric_options
-from layerprune.scoring.forward import Calibration, CalibrationLike
 
 
 class Documented(Protocol):
@@ -85,7 +85,7 @@ def check_score_options(metrics: Sequence[str] | str, batch_size: int, **options
     return names
 
 
-def describe_data(data: dict[str, Any] | None, rows: Calibration | None, batch_size: int, options: dict[str, Any],
+def describe_data(data: dict[str, Any] | None, rows: CalibrationSet | None, batch_size: int, options: dict[str, Any],
                   **extra: Any) -> dict[str, Any]:
     """The report's ``data``: the caller's description, the rows' shape and the scoring options used."""
     described = dict(data or {})
@@ -118,7 +118,7 @@ def score(
     if calibration is None and needs_data(names):
         wanting = [n for n in names if METRICS.get(n).needs_data]
         raise UsageError(f"metrics {', '.join(wanting)} need calibration data; pass --data (e.g. --data wiki-sample)")
-    rows = Calibration.of(calibration) if calibration is not None else None
+    rows = CalibrationSet.of(calibration) if calibration is not None else None
     context = ScoringContext(loaded, rows, batch_size=batch_size, options=metric_options(names, options))
     results = {name: METRICS.get(name).compute(context, name) for name in names}
     return ScoreReport(

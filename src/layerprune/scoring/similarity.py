@@ -35,7 +35,8 @@ def similarity_pass(context: ScoringContext, positions: str) -> SimilarityAccumu
     accumulator = SimilarityAccumulator(len(layers))
     calibration = context.data("bi/angular/block-cosine")
     device = loaded.model.device
-    for input_ids, attention_mask in calibration.batches(context.batch_size, "similarity pass"):
+    for batch in calibration.batches(context.batch_size, "similarity pass"):
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         keep = scored_positions(attention_mask, positions).to(device)
         seen: list[torch.Tensor] = []  # one [L, tokens, hidden] buffer of unit inputs, this batch only
 

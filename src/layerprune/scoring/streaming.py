@@ -35,14 +35,15 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from layerprune.data.rows import CalibrationLike, CalibrationSet
+from layerprune.distributed import all_reduce_sums, process_state
 from layerprune.errors import UsageError
-from layerprune.healing.engine import process_state
-from layerprune.models.loading import LoadedModel, _read_lineage, resolve_dtype
+from layerprune.models.hooks import StopForward, layer_input, until_stopped
+from layerprune.models.lineage import read_lineage
+from layerprune.models.loading import LoadedModel, resolve_dtype
 from layerprune.models.shards import checkpoint_shards, layer_key_prefix, load_checkpoint_config, read_header
 from layerprune.scoring.base import METRICS, LayerPass, ScoringContext, metric_options
-from layerprune.scoring.forward import (
-    Calibration, CalibrationLike, Head, check_finite, layer_input, next_token_targets, replay_layer,
-)
+from layerprune.scoring.forward import Head, check_finite, next_token_targets, replay_layer
 from layerprune.scoring.report import ScoreReport, check_score_options, describe_data
 
 _ROW_CHUNK = 4096  # embedding rows read at a time when gathering the used ones
@@ -113,10 +114,6 @@ class _Batch:
     calls: list[LayerCall]
 
 
-class _Captured(Exception):
-    """Stops the skeleton's forward once the last decoder layer has been reached."""
-
-
 @contextmanager
 def _stubbed_layers(layers: nn.ModuleList, calls: list[LayerCall], first_input: list[torch.Tensor]) -> Iterator[None]:
     """Make every decoder layer record its arguments and pass its input on, untouched."""
@@ -131,7 +128,7 @@ def _stubbed_layers(layers: nn.ModuleList, calls: list[LayerCall], first_input: 
                 rest["hidden_states"] = None  # replay_layer puts the real input back; keep no copy
             calls.append((args[1:], rest))
             if index == len(layers) - 1:
-                raise _Captured
+                raise StopForward  # the skeleton's forward ends at the last decoder layer
             return hidden
 
         return stub
@@ -174,10 +171,11 @@ class StreamingScorer:
             setattr(target, attribute, nn.Parameter(value, requires_grad=False))
 
     def _head_key(self) -> str | None:
-        """Where the LM head lives when not under its module name: GPT-NeoX checkpoints call it
-        ``embed_out`` (transformers renames it on load), tied models store only the embedding."""
-        if "embed_out.weight" in self.checkpoint.where:
-            return "embed_out.weight"
+        """Where the LM head lives when not under its module name: under the family's checkpoint
+        name (GPT-NeoX's ``embed_out``), or, in tied models, only as the embedding."""
+        renamed = self.adapter.checkpoint_name(f"{self.adapter.lm_head}.weight")
+        if renamed in self.checkpoint.where:
+            return renamed
         if getattr(self.skeleton.config, "tie_word_embeddings", False):
             return self.checkpoint.key_for(f"{self.adapter.embeddings}.weight")
         return None
@@ -186,12 +184,12 @@ class StreamingScorer:
         """The modules before the decoder layers that have weights (embeddings, positions, project_in)."""
         base_path = self.adapter.layers.rpartition(".")[0]
         base = self.skeleton.get_submodule(base_path)
-        skip = {self.adapter.layers.rpartition(".")[2], self.adapter.final_norm.rpartition(".")[2], "project_out"}
+        skip = {self.adapter.layers, *self.adapter.pre_head_paths(self.skeleton)}
         return [(f"{base_path}.{name}", child) for name, child in base.named_children()
-                if name not in skip and any(True for _ in child.parameters())]
+                if f"{base_path}.{name}" not in skip and any(True for _ in child.parameters())]
 
     @torch.no_grad()
-    def capture(self, calibration: Calibration, batch_size: int, store: ActivationStore) -> list[_Batch]:
+    def capture(self, calibration: CalibrationSet, batch_size: int, store: ActivationStore) -> list[_Batch]:
         """Run the skeleton with stubbed layers: store each batch's input to layer 0 and record
         the arguments of every layer. Only the rows of the embedding the data uses are read."""
         used = torch.unique(calibration.input_ids)
@@ -201,15 +199,13 @@ class StreamingScorer:
         token_embedding.padding_idx = None  # its index may not exist among the gathered rows
         batches = []
         try:
-            for index, (input_ids, attention_mask) in enumerate(calibration.batches(batch_size)):
+            for index, batch in enumerate(calibration.batches(batch_size)):
+                input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
                 calls: list[LayerCall] = []
                 first: list[torch.Tensor] = []
-                with _stubbed_layers(self.layers, calls, first):
-                    try:
-                        self.skeleton.base_model(input_ids=torch.searchsorted(used, input_ids),
-                                                 attention_mask=attention_mask, use_cache=False)
-                    except _Captured:
-                        pass
+                with _stubbed_layers(self.layers, calls, first), until_stopped():
+                    self.skeleton.base_model(input_ids=torch.searchsorted(used, input_ids),
+                                             attention_mask=attention_mask, use_cache=False)
                 store.put(("x", index), first[0])
                 where, targets = next_token_targets(input_ids, attention_mask)
                 batches.append(_Batch(attention_mask, where, targets, calls))
@@ -233,12 +229,9 @@ class StreamingScorer:
 
     @contextmanager
     def head(self) -> Iterator[Head]:
-        """The final norm, OPT's ``project_out`` and the LM head with real weights, for ``ppl``."""
-        parent = self.adapter.final_norm.rpartition(".")[0]
-        parts = [self.adapter.final_norm, self.adapter.lm_head]
-        if getattr(self.skeleton.get_submodule(parent), "project_out", None) is not None:
-            parts.append(f"{parent}.project_out")
-        modules = [(name, self.skeleton.get_submodule(name)) for name in parts if name]
+        """The modules after the decoder layers (final norm, head projection, LM head) with real weights, for ``ppl``."""
+        parts = [*self.adapter.pre_head_paths(self.skeleton), self.adapter.lm_head]
+        modules = [(name, self.skeleton.get_submodule(name)) for name in parts]
         for name, module in modules:
             self._materialise(module, name)
         try:
@@ -258,7 +251,7 @@ def open_streaming(folder: str | Path) -> LoadedModel:
     except (OSError, ValueError) as error:
         raise UsageError(f"cannot load the tokenizer of {scorer.folder}: {str(error).splitlines()[0]}") from None
     return LoadedModel(scorer.skeleton, tokenizer, str(scorer.folder), scorer.adapter, scorer.folder,
-                       _read_lineage(scorer.folder))
+                       read_lineage(scorer.folder))
 
 
 def _return_freed_memory() -> None:
@@ -271,7 +264,7 @@ def _return_freed_memory() -> None:
         pass
 
 
-def _rank_rows(calibration: Calibration) -> Calibration:
+def _rank_rows(calibration: CalibrationSet) -> CalibrationSet:
     """This process's share of the rows when several were launched (all of them otherwise).
     Asking accelerate for the process state also sets up the process group under a launcher."""
     state = process_state()
@@ -281,16 +274,8 @@ def _rank_rows(calibration: Calibration) -> Calibration:
     if calibration.input_ids.shape[0] < world:
         raise UsageError(f"{calibration.input_ids.shape[0]} calibration rows cannot be shared by {world} processes; "
                          "use more rows or fewer processes")
-    return Calibration(calibration.input_ids[rank::world], calibration.attention_mask[rank::world],
-                       calibration.description)
-
-
-def all_reduce_sums(*tensors: torch.Tensor) -> None:
-    """Sum ``tensors`` in place across processes, if there are several (sums and counts only:
-    every streaming accumulator is a sum, so the reduction is exact up to float addition order)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        for tensor in tensors:
-            torch.distributed.all_reduce(tensor)
+    return CalibrationSet(calibration.input_ids[rank::world], calibration.attention_mask[rank::world],
+                          calibration.info)
 
 
 def check_streamable(names: list[str]) -> None:
@@ -328,10 +313,10 @@ def stream_score(
     wanting = [n for n in names if METRICS.get(n).needs_data]
     if wanting and calibration is None:
         raise UsageError(f"metrics {', '.join(wanting)} need calibration data; pass --data (e.g. --data wiki-sample)")
-    rows = Calibration.of(calibration) if calibration is not None else None
+    rows = CalibrationSet.of(calibration) if calibration is not None else None
     scorer = StreamingScorer(folder, dtype)
     loaded = LoadedModel(scorer.skeleton, tokenizer, str(scorer.folder), scorer.adapter,  # type: ignore[arg-type]
-                         scorer.folder, _read_lineage(scorer.folder))
+                         scorer.folder, read_lineage(scorer.folder))
     context = ScoringContext(loaded, rows, batch_size=batch_size, options=metric_options(names, options))
     passes = list({id(p): p for p in (METRICS.get(n).layer_pass(context, n) for n in names) if p is not None}.values())
     if passes:
@@ -363,7 +348,7 @@ class _Stream:
         all_reduce_sums(*tensors)
 
 
-def _stream(scorer: StreamingScorer, rows: Calibration | None, passes: list[LayerPass], context: ScoringContext,
+def _stream(scorer: StreamingScorer, rows: CalibrationSet | None, passes: list[LayerPass], context: ScoringContext,
             spill_dir: str | Path | None) -> None:
     """The one pass over the layers: each loaded layer goes to every metric's pass, and every batch
     through the layer to the passes that need activations; the passes then finish into ``context``."""

@@ -12,7 +12,7 @@ from layerprune.evaluation.efficiency import Workload
 from layerprune.evaluation.evaluate import evaluate
 from layerprune.evaluation.harness import OFFLINE_TASKS, ONLINE_TASKS
 from layerprune.evaluation.perplexity import PPL_SOURCES
-from layerprune.cli.options import add_model_options
+from layerprune.cli.options import add_command, add_model_options, add_output_file_options
 from layerprune.reporting.eval_tables import write_report
 
 
@@ -28,14 +28,17 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("eval", help="evaluate a model (and compare others with it): ppl, lm-eval, speed")
-    add_model_options(parser, default=None)
+    parser = add_command(subparsers, "eval", "Evaluate a model, and compare others with it: perplexity, lm-eval "
+                                             "tasks, speed, the classification curve.")
+    add_model_options(parser)
     parser.add_argument("--compare", help="models to put beside --model (the reference), comma-separated")
-    parser.add_argument("--output", required=True, help="results JSON; the .md table and .png plot go beside it")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_output_file_options(parser, required=True, what="results JSON; the .md table and .png plot go beside it",
+                            overwrite="replace existing output files")
     group = parser.add_argument_group("perplexity")
     group.add_argument("--ppl", help=f"data sets, comma-separated: {', '.join(PPL_SOURCES)} or text files")
-    group.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default: 512)")
+    group.add_argument("--seq-len", type=int, default=512,
+                       help="window length in tokens (default: 512, twice the 256 of scoring and healing rows: a "
+                            "perplexity is comparable only at the window the reported results used)")
     group.add_argument("--max-windows", type=int, help="score only the first N windows (quick looks)")
     group = parser.add_argument_group("lm-eval")
     group.add_argument("--tasks", help=f"offline: {', '.join(OFFLINE_TASKS)}; online e.g. {','.join(ONLINE_TASKS)}")

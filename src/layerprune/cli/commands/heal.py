@@ -7,18 +7,20 @@ import shutil
 from pathlib import Path
 
 from layerprune.api import save
-from layerprune.cli.options import add_model_options, add_output_options, load_from_args
+from layerprune.cli.options import add_command, add_model_options, add_output_options, load_from_args
+from layerprune.distributed import process_state
 from layerprune.healing import HEALERS, heal
 from layerprune.healing.base import TrainingOptions
-from layerprune.healing.engine import STATE_FILE, process_state
+from layerprune.healing.engine import STATE_FILE
 from layerprune.healing.heal import heal_settings
 from layerprune.options import add_option_flags, given_options, options_of
 from layerprune.outputs import check_output_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("heal", help="heal a pruned model (replacement, partial fine-tuning, LoRA)")
-    add_model_options(parser, default=None)
+    parser = add_command(subparsers, "heal", "Heal a pruned model by training it back towards the original "
+                                             "(replacement, partial fine-tuning, LoRA) and save it.")
+    add_model_options(parser)
     parser.add_argument("--method", required=True, choices=HEALERS.names(), help="healing method")
     parser.add_argument("--data", required=True,
                         help="training text (wiki-sample, news-sample, a file, a hub name: train split) or an "

@@ -6,11 +6,11 @@ import argparse
 import json
 
 from layerprune.api import info
-from layerprune.cli.options import add_model_options, load_from_args
+from layerprune.cli.options import add_command, add_model_options, load_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("info", help="show a model's family, layer count and parameters")
+    parser = add_command(subparsers, "info", "Show a model's family, layer count and parameters.")
     add_model_options(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.set_defaults(run=run)

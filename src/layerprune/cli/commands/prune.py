@@ -2,34 +2,39 @@
 
 The layers are named (``--layers 25-27``) or chosen by a metric in the same command
 (``--metric bi --remove 25%``, with the calibration and selection flags of ``layerprune score``).
+Named layers of a local safetensors checkpoint are cut on the files (shard surgery: the same
+tensors bit for bit, in megabytes of memory whatever the model's size); the model is loaded only
+when a flag needs it in memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from layerprune.api import prune, save
-from layerprune.cli.commands.score import (
-    add_calibration_options, add_selection_options, check_calibration_args, remove_check, score_and_select,
-    selection_strategy,
-)
 from layerprune.cli.options import (
-    add_model_options, add_output_options, input_folders, load_from_args, safetensors_folder,
+    add_calibration_options, add_command, add_model_options, add_output_options, add_selection_options,
+    check_calibration_args, input_folders, load_from_args, remove_check, safetensors_folder, score_and_select,
+    selection_strategy, warn_if_most_layers_go,
 )
 from layerprune.errors import UsageError
-from layerprune.models.loading import PROVENANCE_FILE, LoadedModel
-from layerprune.models.shards import prune_checkpoint
+from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir
+from layerprune.models.architectures import ADAPTERS
+from layerprune.models.lineage import PROVENANCE_FILE
+from layerprune.models.loading import LoadedModel
+from layerprune.models.shards import is_safetensors_checkpoint, prune_checkpoint
 from layerprune.models.surgery import parse_layer_list, validate_layer_indices
 from layerprune.outputs import check_output_path
 from layerprune.scoring import check_metrics
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("prune", help="remove decoder layers and save a standard checkpoint")
+    parser = add_command(subparsers, "prune", "Remove decoder layers and save a standard checkpoint.")
     add_model_options(parser)
     parser.add_argument("--layers", help="layer indices to remove, e.g. 25,26,27 or 20-27")
     parser.add_argument("--metric", help="instead of --layers: score with this metric (e.g. bi) and remove the "
@@ -40,8 +45,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--generate", metavar="PROMPT", help="after pruning, greedily continue PROMPT and print it")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="length of the --generate continuation")
     parser.add_argument("--low-memory", action="store_true",
-                        help="with --layers: rewrite the safetensors checkpoint shard by shard without loading the "
-                             "model (memory: a few MB, whatever its size); keeps the checkpoint's dtype")
+                        help="with --layers: refuse instead of loading the model when shard surgery cannot be used. "
+                             "Shard surgery (the safetensors files rewritten in a few MB of memory, in their own "
+                             "dtype) is the default for a local safetensors checkpoint anyway, unless --generate, "
+                             "--dtype, --gguf-file, --device, --device-map or --trust-remote-code needs the model")
     parser.set_defaults(run=run)
 
 
@@ -58,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     validate_layer_indices(layers)  # empty, negative, repeated: no model needed to tell
     check_generate(args)
     check_output_path(args.out, overwrite=args.overwrite, protected=input_folders(args))
-    if args.low_memory:
+    if args.low_memory or can_prune_on_disk(args):
         return run_on_disk(args, layers)
     loaded = load_from_args(
         args, check_config=lambda config: validate_layer_indices(layers, getattr(config, "num_hidden_layers", None))
@@ -68,11 +75,36 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def needs_model_in_memory(args: argparse.Namespace) -> bool:
+    """Whether a flag asks for something only the loaded model can give: a continuation, another
+    dtype, a GGUF file, a placement, or the repository's own code (which may not match our adapters)."""
+    return bool(args.generate or args.gguf_file or args.dtype != "auto" or args.device != "cpu" or args.device_map
+                or args.trust_remote_code)
+
+
+def can_prune_on_disk(args: argparse.Namespace) -> bool:
+    """Whether shard surgery applies: a local safetensors checkpoint of a registered family and no flag
+    that needs the model in memory. Anything else (a hub id, pickle weights, a broken or unknown
+    checkpoint) goes through the loader, whose checks and messages cover every format."""
+    if needs_model_in_memory(args):
+        return False
+    alias = MODEL_ALIASES.get(args.model)  # an alias not yet built is built by loading it, once
+    folder = alias_checkpoint_dir(alias) if alias else Path(args.model).expanduser()
+    if not is_safetensors_checkpoint(folder):
+        return False
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return model_type in ADAPTERS
+
+
 def run_on_disk(args: argparse.Namespace, layers: list[int]) -> int:
-    """``--low-memory``: shard surgery on the files (:mod:`layerprune.models.shards`); no model is loaded."""
-    if args.generate or args.gguf_file or args.dtype != "auto":
+    """Shard surgery on the files (:mod:`layerprune.models.shards`); no model is loaded."""
+    if needs_model_in_memory(args):
         raise UsageError("--low-memory copies the safetensors files as they are, so it cannot --generate, read "
-                         "GGUF or change --dtype; leave those out or drop --low-memory")
+                         "GGUF, change --dtype or place the model (--device, --device-map, --trust-remote-code); "
+                         "leave those out or drop --low-memory")
     folder = safetensors_folder(args, "--low-memory")
     out = prune_checkpoint(folder, layers, args.out, overwrite=args.overwrite, source_name=args.model)
     record = json.loads((out / PROVENANCE_FILE).read_text())
@@ -99,6 +131,7 @@ def run_scored(args: argparse.Namespace) -> int:
     loaded = load_from_args(args, check_config=check_layers)
     report, selection = score_and_select(loaded, args, metrics, strategy, metrics[0])
     assert selection is not None, "run_scored refuses a missing --remove before scoring"
+    warn_if_most_layers_go(args, len(selection.remove), report.num_layers)
     removed = prune(loaded, selection.remove, reason=f"{selection.metric} scores, {strategy} selection")
     recipe = {"selection": selection.to_json(), "importance": report.results[metrics[0]].importance,
               "data": report.data, "tokens": report.tokens}

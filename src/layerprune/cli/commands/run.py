@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from layerprune.cli.options import add_command
 from layerprune.recipes import run_recipe
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("run", help="run a YAML recipe: score, select, prune, heal, evaluate")
+    parser = add_command(subparsers, "run", "Run a YAML recipe: score, select, prune, heal and evaluate.")
     parser.add_argument("recipe", help="the recipe file (see recipes/)")
-    parser.add_argument("--model", help="run the recipe on this model instead of the one it names")
-    parser.add_argument("--out", required=True, help="run folder (recipe, scores, model/, evaluation)")
+    parser.add_argument("--model", help="run the recipe on this model instead of the one it names (a recipe "
+                                        "names its model, so here --model is optional)")
+    parser.add_argument("--out", required=True, metavar="FOLDER", help="run folder (recipe, scores, model/, evaluation)")
     parser.add_argument("--allow-path", action="append", default=[], metavar="DIR",
                         help="let the recipe read files under DIR (besides its own folder and the working directory)")
     mode = parser.add_mutually_exclusive_group()

@@ -1,0 +1,62 @@
+"""Reading GGUF files (llama.cpp's quantized format) as ordinary float models.
+
+Apart from :mod:`layerprune.models.loading` so that the offline aliases, which ship as GGUF files
+and are de-quantized once into the cache, can convert them without importing the loader that
+resolves those aliases.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from layerprune.errors import UsageError, first_line
+
+
+def strip_gguf_quantizer(model: PreTrainedModel) -> None:
+    """Mark a GGUF-loaded model as the ordinary float model it is after de-quantization.
+
+    transformers keeps the GGUF quantizer attached and refuses to save such a model, although
+    its weights are plain tensors; dropping the quantizer makes it saveable and reloadable.
+    """
+    model.hf_quantizer = None
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is not None and hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load and de-quantize a GGUF file into a saveable float model and its tokenizer."""
+    if not path.is_file():
+        raise UsageError(f"GGUF file {path} does not exist; check the path")
+    try:
+        with _quiet_conversion():
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # struct.error: a truncated file; StrictDataclassError: metadata that makes no valid config
+    except (ValueError, OSError, KeyError, RuntimeError, struct.error, StrictDataclassError) as error:
+        raise UsageError(f"cannot read GGUF file {path}: {first_line(error)}; is it a valid GGUF causal LM?") from None
+    strip_gguf_quantizer(model)
+    return model, tokenizer
+
+
+@contextmanager
+def _quiet_conversion() -> Iterator[None]:
+    """transformers draws its GGUF conversion bar with a plain ``tqdm`` that ignores its own
+    progress-bar switch; ``disable=None`` makes it show on a terminal only, as every other bar does,
+    so a log file is not filled with bar frames."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    plain = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(plain, disable=None)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = plain
