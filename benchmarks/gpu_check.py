@@ -179,8 +179,8 @@ def check_scores(check: Check, alias: str, device: str, dtype: str, calibration:
             check.add(alias, "score", f"{metric}, {device} {dtype}", f"error {error:.2e}", f"<= {tolerance:g}",
                       error <= tolerance)
             for strategy in STRATEGIES:
-                chosen = lp.select(report, REMOVE, strategy, metric, attach=False).remove
-                expected = lp.select(reference, REMOVE, strategy, metric, attach=False).remove
+                chosen = lp.select(report, REMOVE, strategy, metric).remove
+                expected = lp.select(reference, REMOVE, strategy, metric).remove
                 passed, text = equivalent_selection(chosen, expected, reference.results[metric].importance, metric,
                                                     0.0 if strict_selection else tolerance)
                 bar = "the same layers" if strict_selection else f"same, or a tie within {tolerance:g}"
@@ -279,7 +279,7 @@ def check_model(check: Check, alias: str, device: str, budget: Budget, scratch: 
                                        seq_len=budget.seq_len)
     reference = lp.score(reference_model, calibration, METRICS, batch_size=4)
     reference_ppl = perplexity(reference_model, budget)
-    layers = lp.select(reference, REMOVE, "consecutive", "bi", attach=False).remove
+    layers = lp.select(reference, REMOVE, "consecutive", "bi").remove
     del reference_model
     for dtype in ("float32", "bfloat16"):
         check_scores(check, alias, device, dtype, calibration, reference, strict_selection=dtype == "float32")
