@@ -1,6 +1,6 @@
 """layerprune: depth pruning for Hugging Face causal LMs.
 
-Score layer importance, pick layers, cut or replace them, heal, evaluate, and export a checkpoint
+Score layer importance, pick layers, cut or replace them, repair or heal, evaluate, and export a checkpoint
 that loads anywhere transformers loads.
 
 The public names are imported on first use (PEP 562), not with the package: ``import layerprune``
@@ -19,7 +19,7 @@ _EXPORTS = {
     "info": "layerprune.api", "prune": "layerprune.api", "replace": "layerprune.api", "save": "layerprune.api",
     "build_calibration": "layerprune.data", "UsageError": "layerprune.errors", "evaluate": "layerprune.evaluation",
     "heal": "layerprune.healing", "LoadedModel": "layerprune.models.loading", "load_model": "layerprune.models.loading",
-    "run_recipe": "layerprune.recipes", "ScoreReport": "layerprune.scoring", "score": "layerprune.scoring",
+    "run_recipe": "layerprune.recipes", "compensate": "layerprune.repair", "ScoreReport": "layerprune.scoring", "score": "layerprune.scoring",
     "Selection": "layerprune.selection", "select": "layerprune.selection",
 }
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from layerprune.healing import heal
     from layerprune.models.loading import LoadedModel, load_model
     from layerprune.recipes import run_recipe
+    from layerprune.repair import compensate
     from layerprune.scoring import ScoreReport, score
     from layerprune.selection import Selection, select
 

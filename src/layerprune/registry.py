@@ -6,6 +6,8 @@ touches one file: the module defines the class and decorates it with ``@REGISTRY
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -46,3 +48,10 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def import_package_modules(package: str, path: list[str]) -> None:
+    """Import every module of ``package`` (its ``__path__``), so that a unit registers itself by
+    existing: adding a metric or a healing method is one new file, with no list to extend."""
+    for module in sorted(pkgutil.iter_modules(path), key=lambda m: m.name):
+        importlib.import_module(f"{package}.{module.name}")

@@ -5,10 +5,12 @@ Every metric returns one importance value per decoder layer where **higher = mor
 pass; ``ppl`` reuses each layer's cached input instead of L full passes.
 """
 
-from layerprune.scoring import baselines, magnitude, perplexity, similarity, taylor  # noqa: F401  (register)
+from layerprune.registry import import_package_modules
 from layerprune.scoring.accumulators import SimilarityAccumulator
 from layerprune.scoring.base import METRICS, Metric, MetricResult, ScoringContext
 from layerprune.scoring.report import ScoreReport, check_metrics, check_score_options, rescorer, score
+
+import_package_modules(__name__, __path__)  # every metric module registers its metrics
 
 __all__ = ["METRICS", "Metric", "MetricResult", "ScoreReport", "ScoringContext",
            "SimilarityAccumulator", "check_metrics", "check_score_options", "rescorer", "score"]

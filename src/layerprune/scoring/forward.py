@@ -26,7 +26,6 @@ from layerprune.models.loading import LoadedModel
 POSITIONS = ("all", "last")
 
 
-
 def scored_positions(attention_mask: torch.Tensor, positions: str) -> torch.Tensor:
     """Bool mask of the tokens a similarity metric averages over: every real token, or only the
     last real token of each row (wherever the padding is)."""

@@ -8,9 +8,9 @@ from typing import Any, Protocol
 
 import torch
 
+from layerprune.data.rows import CalibrationLike, CalibrationSet
 from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel
-from layerprune.data.rows import CalibrationLike, CalibrationSet
 from layerprune.models.surgery import remove_layers
 from layerprune.scoring.base import METRICS, MetricResult, ScoringContext, metric_options
 

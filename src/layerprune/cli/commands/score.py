@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     if args.streaming:
         report = stream_from_args(args, metrics, strategy, check_layers)
         selection = select(report, args.remove, strategy, select_by) if args.remove is not None else None
+        if selection is not None:
+            warn_if_most_layers_go(args, len(selection.remove), report.num_layers)
     else:
         report, selection = score_and_select(load_from_args(args, check_config=check_layers), args, metrics,
                                              strategy, select_by)
