@@ -223,8 +223,11 @@ def test_a_real_name_too_long_and_a_path_under_a_file_are_one_line(model: Path, 
     assert_refused(cli("prune", "--model", model, "--layers", "1", "--out", tmp_path / ("y" * 300)), "too long")
     assert_refused(cli("score", "--model", model, "--output", tmp_path / "a-file" / "s.json"), "is a file")
     assert_refused(cli("prune", "--model", model, "--layers", "1", "--out", tmp_path / "a-file" / "o"), "is a file")
-    assert_refused(cli("score", "--model", model, "--output", tmp_path / "models"), "is a folder", "results.json")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "models"]
+    (tmp_path / "a-folder").mkdir()
+    assert_refused(cli("score", "--model", model, "--output", tmp_path / "a-folder"), "is a folder", "results.json")
+    assert_refused(cli("score", "--model", model, "--streaming", "--spill-dir", tmp_path / "none"), "does not exist")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder", "models"]
+    assert list((tmp_path / "a-folder").iterdir()) == []
 
 
 # --- 4. bad numbers, refused up front ----------------------------------------------------------------

@@ -77,8 +77,9 @@ def run(args: argparse.Namespace) -> int:
     for path, flag in ((output, "--output"), (plot, "--plot")):
         if path is not None:
             check_output_file(path, overwrite=args.overwrite, protected=inputs, flag=flag)
-    if args.spill_dir:
-        check_scratch_folder(args.spill_dir, protected=inputs, flag="--spill-dir")
+    if args.spill_dir and not check_scratch_folder(args.spill_dir, protected=inputs, flag="--spill-dir").is_dir():
+        raise UsageError(f"--spill-dir {args.spill_dir} does not exist; create it first (the activations go into "
+                         "a private folder inside it) or choose an existing folder")
     if args.streaming:
         report = stream_from_args(args, metrics, strategy, check_layers)
         selection = select(report, args.remove, strategy, select_by) if args.remove is not None else None
