@@ -107,6 +107,8 @@ def test_an_empty_out_is_refused(model: Path, cli: Cli, tmp_path: Path, monkeypa
     before = snapshot(tmp_path)
     assert_refused(cli("prune", "--model", model, "--layers", "1", "--out", "", "--overwrite"), "--out is empty")
     assert_refused(cli("score", "--model", model, "--output", " ", "--overwrite"), "--output is empty")
+    assert_refused(cli("score", "--model", model, "--output", ""), "--output is empty")
+    assert_refused(cli("score", "--model", model, "--plot", ""), "--plot is empty")
     assert snapshot(tmp_path) == before
 
 

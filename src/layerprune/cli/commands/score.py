@@ -71,9 +71,12 @@ def run(args: argparse.Namespace) -> int:
     if args.remove is None and (args.iterative or args.strategy != "independent" or args.select_by):
         raise UsageError("--strategy/--iterative/--select-by choose layers to remove; say how many with --remove")
     check_layers = remove_check(args.remove)
+    inputs = input_paths(args)
+    for given, flag in ((args.output, "--output"), (args.plot, "--plot"), (args.spill_dir, "--spill-dir")):
+        if given is not None and not given.strip():  # "" would otherwise mean no file, or the current directory
+            raise UsageError(f"{flag} is empty; give the path to write, or leave {flag} out")
     output = Path(args.output) if args.output else None
     plot = Path(args.plot) if args.plot else (output.with_suffix(".png") if output else None)
-    inputs = input_paths(args)
     for path, flag in ((output, "--output"), (plot, "--plot")):
         if path is not None:
             check_output_file(path, overwrite=args.overwrite, protected=inputs, flag=flag)
