@@ -236,7 +236,7 @@ def check_healing(check: Check, alias: str, device: str, layers: list[int], prun
             pruned = load(alias, device, "float32")
             lp.prune(pruned, layers, reason="gpu check")
             healed = lp.heal(pruned, method, DATA, steps=steps, batch_size=budget.heal_batch,
-                             seq_len=budget.heal_seq_len, precision="bf16")
+                             seq_len=budget.heal_seq_len, precision="bfloat16")
             record = healed.lineage["healing"][-1]
             losses = [record["first_loss"], record["final_loss"]]
             finite = all(math.isfinite(v) for v in losses)

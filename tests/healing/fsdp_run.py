@@ -26,7 +26,7 @@ from layerprune.errors import UsageError
 from layerprune.healing import engine, heal
 from layerprune.healing.engine import STATE_FILE
 from tests.healing.conftest import pruned_pair, training_rows
-from tests.healing.distributed_run import TRAINING
+from tests.healing.distributed_run import training_options
 
 CRASH_STEP = 5
 CHECKPOINT_EVERY = 4
@@ -49,7 +49,7 @@ def heal_and_export(method: str, out: Path, **options) -> bool:
     must refuse to export their shards. Returns whether the healed model was really sharded (else
     the export would not test the gather)."""
     original, pruned = pruned_pair()
-    healed = heal(pruned, method, training_rows(), original=original, **(TRAINING | options))
+    healed = heal(pruned, method, training_rows(), original=original, **(training_options(method) | options))
     if process_state().is_main_process:
         lp.save(healed, out)
     else:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from layerprune.healing import heal
 from layerprune.healing.engine import STATE_FILE
 from tests.healing.conftest import pruned_pair, training_rows
-from tests.healing.distributed_run import TRAINING, healed_state
+from tests.healing.distributed_run import TRAINING, healed_state, training_options
 from tests.healing.fsdp_run import CHECKPOINT_EVERY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +56,7 @@ def test_fsdp_checkpoint_holds_whole_trainable_tensors(fsdp_out: Path, tmp_path:
     original, pruned = pruned_pair()
     assert TRAINING["steps"] % CHECKPOINT_EVERY, "the last checkpoint must be the one of the interrupted run"
     heal(pruned, "partial-ft", training_rows(), original=original, checkpoint_dir=tmp_path,
-         checkpoint_every=CHECKPOINT_EVERY, **TRAINING)
+         checkpoint_every=CHECKPOINT_EVERY, **training_options("partial-ft"))
     one = torch.load(tmp_path / STATE_FILE, weights_only=True)["params"]
     sharded_run = torch.load(fsdp_out / "facts.pt", weights_only=True)["checkpoint_params"]
     assert sharded_run.keys() == one.keys()

@@ -182,7 +182,7 @@ def test_training_set_shapes_are_checked() -> None:
 def test_a_model_healed_under_bf16_autocast_computes_as_its_export_will() -> None:
     """accelerate wraps the trained model's forward in the autocast; the healed model must not keep it."""
     _, pruned = pruned_pair()
-    healed = heal(pruned, "partial-ft", training_rows(), steps=2, batch_size=4, precision="bf16")
+    healed = heal(pruned, "partial-ft", training_rows(), steps=2, batch_size=4, precision="bfloat16")
     _, reloaded = pruned_pair()
     reloaded.model.load_state_dict(healed.model.state_dict())
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))

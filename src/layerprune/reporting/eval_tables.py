@@ -145,7 +145,8 @@ def comparison_plot(report: dict[str, Any]) -> bytes | None:
         for index, name in enumerate(names):
             values = [flat[name].get(label, math.nan) for label in labels]
             spans = [intervals[name].get(label) for label in labels]
-            # max(0, ...): an interval of zero width can sit a rounding error beside its value
+            # max(0, ...): an interval's end can sit a rounding error on the far side of the value (one
+            # window's interval is that window's perplexity, computed once more), which matplotlib refuses
             errors = [[max(0.0, value - span[0]) if span else 0.0 for value, span in zip(values, spans)],
                       [max(0.0, span[1] - value) if span else 0.0 for value, span in zip(values, spans)]]
             axis.bar([i + index * width for i in range(len(labels))], values, width, label=name, yerr=errors,
