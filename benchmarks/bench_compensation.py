@@ -15,11 +15,16 @@ docs/benchmarks.md § Compensation.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
+import os
 import resource
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
+import transformers
 
 import layerprune as lp
 from layerprune.cache import cache_dir
@@ -53,7 +58,8 @@ def run_cell(original: lp.LoadedModel, calibration: Any, layers: list[int], meth
     ppl = dataset_perplexity(loaded.model, loaded.tokenizer, args.eval_data, args.seq_len,
                              max_windows=args.max_windows)
     return {"method": method, "removed": layers, "ppl": ppl.ppl, "tokens": ppl.tokens, "seconds": round(seconds, 2),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), **details}
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "load_average": round(os.getloadavg()[0], 2), **details}
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
@@ -107,9 +113,14 @@ def main() -> None:
                     print(f"{key}: ppl {results[key]['ppl']:.2f} in {results[key]['seconds']} s")
     print(table(results))
     if not args.no_doc:
-        body = (f"Held-out perplexity ({args.eval_data}, {args.seq_len}-token windows) after cutting and repairing "
-                f"without training on the first {args.samples} contiguous {args.seq_len}-token windows of "
-                f"{args.data}. `none` is plain removal.\n\n{table(results)}")
+        loads = [cell["load_average"] for cell in results.values() if "load_average" in cell]
+        load = f"{min(loads)}-{max(loads)}" if loads else "not recorded"
+        windows = f"the first {args.max_windows}" if args.max_windows else "all"
+        body = (f"Held-out perplexity ({args.eval_data} test split, {windows} {args.seq_len}-token windows) after "
+                f"cutting and repairing without training on the first {args.samples} contiguous {args.seq_len}-token "
+                f"windows of {args.data}. `none` is plain removal. Written {dt.date.today()}, CPU, "
+                f"{os.cpu_count()} cores shared with other jobs (1-minute load average at the cells' ends: {load}), "
+                f"torch {torch.__version__}, transformers {transformers.__version__}.\n\n{table(results)}")
         update_doc_section(DOC, "## Compensation", "### Perplexity after a training-free repair", body)
 
 
