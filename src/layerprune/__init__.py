@@ -12,8 +12,9 @@ from layerprune.healing import heal
 from layerprune.models.loading import LoadedModel, load_model
 from layerprune.recipes import run_recipe
 from layerprune.scoring import ScoreReport, score
+from layerprune.search import search
 from layerprune.selection import Selection, select
 
 __all__ = ["LoadedModel", "ScoreReport", "Selection", "UsageError", "build_calibration", "evaluate", "heal", "info",
-           "load_model", "prune", "replace", "run_recipe", "save", "score", "select"]
+           "load_model", "prune", "replace", "run_recipe", "save", "score", "search", "select"]
 __version__ = "0.1.0"
