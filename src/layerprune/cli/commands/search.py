@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_options(parser)
     add_output_options(parser)
     budget = parser.add_argument_group("budget")
-    budget.add_argument("--remove", help=f"layers to remove: a count (8) or a share (25%%); default {DEFAULT_REMOVE} "
+    budget.add_argument("--remove", help=f"layers to remove: a count (8) or a share (25%%); default {DEFAULT_REMOVE.replace('%', '%%')} "
                                          "unless --target-speedup is given")
     budget.add_argument("--target-speedup", type=float, metavar="X",
                         help="instead of --remove: the fewest layers whose removal gives a measured decode speed-up "
