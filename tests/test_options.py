@@ -101,7 +101,7 @@ def test_metric_flag_default_equals_api_default_equals_recipe_default(metric: st
     defaults = declared(METRICS.get(metric).options_class)
     resolved = metric_options([metric], {})
     parser = subcommand("score")
-    args = parser.parse_args([])
+    args = parser.parse_args(["--model", "m"])  # --model is required on every command
     keys = _section_fields()["score"]
     for name, default in defaults.items():
         assert resolved[name] == default

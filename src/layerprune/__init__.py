@@ -1,6 +1,6 @@
 """layerprune: depth pruning for Hugging Face causal LMs.
 
-Score layer importance, pick layers, cut or replace them, heal, evaluate, and export a checkpoint
+Score layer importance, pick layers, cut or replace them, repair or heal, evaluate, and export a checkpoint
 that loads anywhere transformers loads.
 """
 
@@ -11,10 +11,11 @@ from layerprune.evaluation import evaluate
 from layerprune.healing import heal
 from layerprune.models.loading import LoadedModel, load_model
 from layerprune.recipes import run_recipe
+from layerprune.repair import compensate
 from layerprune.scoring import ScoreReport, score
 from layerprune.search import search
 from layerprune.selection import Selection, select
 
-__all__ = ["LoadedModel", "ScoreReport", "Selection", "UsageError", "build_calibration", "evaluate", "heal", "info",
-           "load_model", "prune", "replace", "run_recipe", "save", "score", "search", "select"]
+__all__ = ["LoadedModel", "ScoreReport", "Selection", "UsageError", "build_calibration", "compensate", "evaluate",
+           "heal", "info", "load_model", "prune", "replace", "run_recipe", "save", "score", "search", "select"]
 __version__ = "0.1.0"

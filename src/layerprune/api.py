@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from layerprune.models.editing import prune, replace
+from layerprune.models.editing import prune, replace  # noqa: F401  (the public API re-exports them)
 from layerprune.models.export import provenance_json, save_checkpoint
 from layerprune.models.lineage import PROVENANCE_FILE, count_parameters, final_record
 from layerprune.models.loading import LoadedModel

@@ -119,6 +119,14 @@ def build_options(options_class: type, values: Mapping[str, Any], *, unit: str) 
     return instance
 
 
+def check_declared(instance: Any, unit: str) -> None:
+    """Check every field of an options instance against its declaration (type, choices, range): for
+    instances built directly in Python (``ReplaceLinearOptions(ridge=-1)``), which skip
+    :func:`build_options`."""
+    for option in options_of(type(instance)):
+        option.check(getattr(instance, option.name), unit)
+
+
 def refuse_unknown(values: Iterable[str], allowed: Iterable[str], *, unit: str) -> None:
     """Refuse option names ``unit`` does not declare, listing the ones it does."""
     known = list(allowed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 
 import pytest
 import torch
@@ -91,3 +92,43 @@ def test_unknown_task_fails_before_any_work() -> None:
     loaded = tiny_loaded(num_layers=1)
     with pytest.raises(UsageError, match="unknown offline task"):
         run_tasks(loaded.model, loaded.tokenizer, ["lp_sentiment_typo"])
+
+
+def _greedy(loaded: lp.LoadedModel, ids: list[int], steps: int) -> list[int]:
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = ids + [int(loaded.model(torch.tensor([ids])).logits[0, -1].argmax())]
+    return ids[-steps:]
+
+
+def _context_followed_by_a_word(loaded: lp.LoadedModel) -> tuple[str, str]:
+    """A context after which the tiny model greedily writes " <letters>": a target it gets right."""
+    rng = random.Random(0)
+    space = loaded.tokenizer(" ", add_special_tokens=False)["input_ids"]
+    for _ in range(5000):
+        context = "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(3, 12))).strip()
+        ids = loaded.tokenizer(context, add_special_tokens=False)["input_ids"]
+        following = _greedy(loaded, ids, 3)
+        word = loaded.tokenizer.decode(following[1:])
+        if context and following[:1] == space and word.isalpha():
+            return context, word
+    raise AssertionError("no context found after which the tiny model writes a word")
+
+
+def test_cloze_accuracy_is_greedy_prediction_of_every_target_token(tmp_path, monkeypatch) -> None:
+    """lp_offline_cloze through lm-eval: right only where the model's greedy continuation is every
+    token of " target" (the space is part of the target), as computed here by hand."""
+    from layerprune.evaluation.harness import write_task_files
+
+    loaded = tiny_loaded(num_layers=2)
+    context, word = _context_followed_by_a_word(loaded)
+    other = "z" if word[0] != "z" else "y"
+    rows = [{"context": context, "target": word}, {"context": context, "target": other + word[1:]},
+            {"context": context, "target": word[:1]}]
+    root = tmp_path / "tasks"
+    write_task_files("lp_offline_cloze", rows, root)
+    monkeypatch.chdir(tmp_path)
+    run = run_tasks(loaded.model, loaded.tokenizer, ["lp_offline_cloze"], include_path=root)
+    assert run.correct["lp_offline_cloze"] == [1, 0, 1]
+    assert run.metrics["lp_offline_cloze"]["acc"] == pytest.approx(2 / 3)
+    assert run.predictions["lp_offline_cloze"] == []  # no choices: stability does not apply

@@ -41,10 +41,21 @@ def test_evaluate_compares_models_with_the_reference(fake_data_layer) -> None:
                          tasks=["lp_sentiment_rt"])
     assert list(report["models"]) == [loaded.source, loaded.source + "'", "pruned"]
     reference, itself, cut = report["models"].values()
-    assert set(reference["perplexity"][str(fake_data_layer)]) == {"ppl", "nll", "tokens"}
+    reference_ppl = reference["perplexity"][str(fake_data_layer)]
+    assert set(reference_ppl) == {"ppl", "nll", "tokens", "ci95"}
+    assert reference_ppl["ci95"][0] <= reference_ppl["ppl"] <= reference_ppl["ci95"][1]
     assert itself["perplexity"] == reference["perplexity"]
     assert cut["perplexity"] != reference["perplexity"]
     assert itself["stability"] == {"lp_sentiment_rt": 1.0}
+    task = reference["tasks"]["lp_sentiment_rt"]
+    right = reference["correct"]["lp_sentiment_rt"]
+    assert (task["available"], task["evaluated"], len(right)) == (10, 10, 10)
+    assert task["acc"] == pytest.approx(sum(right) / 10)
+    assert task["stderr"] == pytest.approx((task["acc"] * (1 - task["acc"]) / 9) ** 0.5)
+    assert itself["retained"]["mean"] == 1.0 and itself["retained"]["ci95"] == [1.0, 1.0]
+    ratio = sum(cut["correct"]["lp_sentiment_rt"]) / sum(right)
+    assert cut["retained"]["mean"] == pytest.approx(ratio)
+    assert cut["retained"]["ci95"][0] <= ratio <= cut["retained"]["ci95"][1]
     assert cut["num_layers"] == 2 and cut["removed_layers"] == [2, 3]
     table = comparison_table(report)
     assert "| layers | 4 |" in table and "| 2 | -2 |" in table

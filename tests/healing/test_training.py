@@ -71,7 +71,9 @@ def test_two_cpu_processes_match_one(method: str, tmp_path) -> None:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(ROOT / "tests" / "healing" / "distributed_run.py"), method, str(out)]
-    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    # src first: the launched processes must import this checkout's layerprune, not an installed one
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "OMP_NUM_THREADS": "1",
+                        "ACCELERATE_USE_CPU": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = torch.load(out, weights_only=True)
@@ -174,3 +176,15 @@ def test_training_set_shapes_are_checked() -> None:
     with pytest.raises(UsageError, match="same"):
         TrainingSet(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 4, dtype=torch.long),
                     torch.zeros(2, 3, dtype=torch.long))
+
+
+@pytest.mark.usefixtures("fresh_accelerator_state")
+def test_a_model_healed_under_bf16_autocast_computes_as_its_export_will() -> None:
+    """accelerate wraps the trained model's forward in the autocast; the healed model must not keep it."""
+    _, pruned = pruned_pair()
+    healed = heal(pruned, "partial-ft", training_rows(), steps=2, batch_size=4, precision="bf16")
+    _, reloaded = pruned_pair()
+    reloaded.model.load_state_dict(healed.model.state_dict())
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(healed.model(input_ids=ids).logits, reloaded.model(input_ids=ids).logits)

@@ -239,12 +239,21 @@ def score_and_select(loaded: LoadedModel, args: argparse.Namespace, metrics: lis
     """Score ``loaded`` as the calibration flags say (loading data only if a metric needs it) and,
     with ``--remove``, choose the layers by ``select_by``; iterative selection re-scores the same way."""
     calibration = build_calibration_from_args(loaded, args) if needs_data(metrics) else None
-    options = dict(batch_size=args.batch_size, **metric_options_from_args(args))
-    report = score(loaded, calibration, metrics, data=data_description(args) if calibration is not None else None,
-                   **options)
+    report = score_from_args(loaded, args, metrics, calibration)
     if args.remove is None:
         return report, None
-    return report, select(report, args.remove, strategy, select_by, rescore=rescorer(loaded, calibration, **options))
+    rescore = rescorer(loaded, calibration, batch_size=args.batch_size, **metric_options_from_args(args))
+    return report, select(report, args.remove, strategy, select_by, rescore=rescore)
+
+
+def score_from_args(loaded: LoadedModel, args: argparse.Namespace, metrics: list[str],
+                    calibration: Any = None) -> ScoreReport:
+    """Score ``loaded`` as the calibration flags say, on ``calibration`` or on rows built from the
+    flags when a metric needs data."""
+    if calibration is None and needs_data(metrics):
+        calibration = build_calibration_from_args(loaded, args)
+    return score(loaded, calibration, metrics, data=data_description(args) if calibration is not None else None,
+                 batch_size=args.batch_size, **metric_options_from_args(args))
 
 
 def warn_if_most_layers_go(args: argparse.Namespace, removed: int, num_layers: int) -> None:

@@ -33,22 +33,24 @@ from layerprune.errors import UsageError
 
 @dataclass(frozen=True)
 class Workload:
-    """One measurement: prefill ``prompt_len`` tokens, then greedily decode ``new_tokens`` with a KV cache."""
+    """One measurement: prefill ``prompt_len`` tokens, then greedily decode ``new_tokens`` with a KV cache,
+    for ``batch`` rows at once (tokens/s count every row: a GPU is only busy at a larger batch)."""
 
     prompt_len: int = 128
     new_tokens: int = 64
     repeats: int = 5
     warmup: int = 1
+    batch: int = 1
 
     def check(self) -> None:
-        if min(self.prompt_len, self.new_tokens, self.repeats) < 1 or self.warmup < 0:
-            raise UsageError("efficiency needs --prompt-len, --new-tokens and --repeats >= 1 and --warmup >= 0")
+        if min(self.prompt_len, self.new_tokens, self.repeats, self.batch) < 1 or self.warmup < 0:
+            raise UsageError("efficiency needs --prompt-len, --new-tokens, --repeats and the batch >= 1 and --warmup >= 0")
 
 
-def _prompt(model: PreTrainedModel, length: int) -> torch.Tensor:
+def _prompt(model: PreTrainedModel, length: int, batch: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().num_embeddings
-    return torch.randint(0, vocab, (1, length), generator=generator).to(next(model.parameters()).device)
+    return torch.randint(0, vocab, (batch, length), generator=generator).to(next(model.parameters()).device)
 
 
 def _sync(device: torch.device) -> None:
@@ -60,7 +62,7 @@ def _sync(device: torch.device) -> None:
 def time_prefill_decode(model: PreTrainedModel, workload: Workload) -> tuple[float, float]:
     """Seconds for the prefill and for the ``new_tokens`` greedy decode steps (KV cache on)."""
     device = next(model.parameters()).device
-    ids = _prompt(model, workload.prompt_len)
+    ids = _prompt(model, workload.prompt_len, workload.batch)
     _sync(device)
     start = time.perf_counter()
     output = model(input_ids=ids, use_cache=True)
@@ -111,7 +113,8 @@ def peak_memory_bytes(model: PreTrainedModel, checkpoint: Path, workload: Worklo
         time_prefill_decode(model, workload)
         return int(torch.cuda.max_memory_allocated(device))
     command = [sys.executable, "-m", "layerprune.evaluation.efficiency", str(checkpoint),
-               json.dumps({"prompt_len": workload.prompt_len, "new_tokens": workload.new_tokens}),
+               json.dumps({"prompt_len": workload.prompt_len, "new_tokens": workload.new_tokens,
+                           "batch": workload.batch}),
                str(next(model.parameters()).dtype).removeprefix("torch.")]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -155,8 +158,8 @@ def measure_efficiency(models: dict[str, PreTrainedModel], workload: Workload = 
                 timings[name][0].append(prefill)
                 timings[name][1].append(decode)
     for name, (prefills, decodes) in timings.items():
-        results[name]["prefill_tokens_per_s"] = workload.prompt_len / statistics.median(prefills)
-        results[name]["decode_tokens_per_s"] = workload.new_tokens / statistics.median(decodes)
+        results[name]["prefill_tokens_per_s"] = workload.batch * workload.prompt_len / statistics.median(prefills)
+        results[name]["decode_tokens_per_s"] = workload.batch * workload.new_tokens / statistics.median(decodes)
     reference = results[next(iter(models))]
     for values in results.values():
         for phase in ("prefill", "decode"):

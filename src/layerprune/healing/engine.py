@@ -11,6 +11,11 @@ keeps three promises the tests check:
 * **Resume gives the same result as an uninterrupted run.** A checkpoint holds the trainable
   parameters, optimizer, schedule, RNG and step; the batch order is a function of the step.
 * **Frozen parameters stay bit-identical.** Only ``requires_grad`` parameters reach the optimizer.
+
+Under FSDP each process holds only a shard of every parameter and of its optimizer state, so the
+checkpoint and the exported model are gathered into full tensors (``torch.distributed.checkpoint``'s
+state-dict API, which accelerate's own FSDP2 saving uses) and written by the main process; a resume
+scatters them back into the shards of however the run is sharded.
 """
 
 from __future__ import annotations
@@ -25,15 +30,32 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from layerprune.errors import UsageError
 from layerprune.healing.base import HealSettings
+from layerprune.models.export import keep_export_state
 from layerprune.outputs import atomic_file
 
 STATE_FILE = "heal-state.pt"
 WARMUP_FRACTION = 0.05
+GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)
+"""Full tensors on the main process's CPU (empty elsewhere), gathered one tensor at a time, so no
+GPU ever holds the whole model."""
+GATHERED_TRAINABLE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+"""The same for a checkpoint, which holds only the trainable parameters: frozen weights are never
+gathered (a partial fine-tune of a 70B model gathers its last layers, not the 70B)."""
+FULL_INPUT = StateDictOptions(full_state_dict=True, strict=False)
+"""Full tensors in, each process keeping its shard; ``strict=False`` because the frozen weights are absent."""
 
 
 class Rows(Protocol):
@@ -118,14 +140,17 @@ def train(model: nn.Module, rows: Rows, loss_fn: LossFn, weight_fn: WeightFn, se
     """
     options = settings.training
     accelerator = Accelerator(mixed_precision=mixed_precision(options.precision))
+    if accelerator.distributed_type == DistributedType.FSDP and not getattr(accelerator, "is_fsdp2", False):
+        raise UsageError("healing under FSDP needs FSDP2: FSDP1's flat parameters cannot be gathered from the model "
+                         "for its checkpoint and export; set fsdp_version: 2 in the accelerate config")
     processes = accelerator.num_processes
     if options.batch_size % processes:
         raise UsageError(f"batch size {options.batch_size} does not split over {processes} processes; "
                          f"use a multiple of {processes}")
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if not named:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
         raise RuntimeError(f"{label}: no trainable parameters")
-    optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(options.steps))
     for companion in companions:
         companion.to(accelerator.device)
@@ -135,7 +160,7 @@ def train(model: nn.Module, rows: Rows, loss_fn: LossFn, weight_fn: WeightFn, se
     losses: list[float] = []
     start = 0
     if settings.resume and state_path is not None:
-        start, losses = _load_state(state_path, named, optimizer, scheduler)
+        start, losses = _load_state(state_path, wrapped, optimizer, scheduler)
     share = options.batch_size // processes
     first = accelerator.process_index * share
     begun = time.perf_counter()
@@ -149,7 +174,9 @@ def train(model: nn.Module, rows: Rows, loss_fn: LossFn, weight_fn: WeightFn, se
         with accelerator.autocast():
             loss_sum = loss_fn(wrapped, batch)
         accelerator.backward(loss_sum * processes / normaliser)
-        accelerator.clip_grad_norm_([p for _, p in named], 1.0)
+        # all of the prepared model's parameters (frozen ones have no gradient): under FSDP these are
+        # the shards, the only list accelerate clips with one norm over every process
+        accelerator.clip_grad_norm_(list(wrapped.parameters()), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -157,32 +184,61 @@ def train(model: nn.Module, rows: Rows, loss_fn: LossFn, weight_fn: WeightFn, se
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         done = step + 1
         if state_path is not None and settings.checkpoint_interval and done % settings.checkpoint_interval == 0:
+            checkpoint = _gather_checkpoint(wrapped, optimizer, scheduler, done, losses, fingerprint)
             if accelerator.is_main_process:
-                _save_state(state_path, done, named, optimizer, scheduler, losses, fingerprint)
+                _save_state(state_path, checkpoint)
             accelerator.wait_for_everyone()
     bar.close()
     accelerator.wait_for_everyone()
+    # prepare() put the bf16 autocast around the model's forward; take it off, so that the healed
+    # model computes in memory as it will once exported and reloaded
+    accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
     model.eval()
-    return TrainReport(losses, time.perf_counter() - begun, sum(p.numel() for _, p in named))
+    return TrainReport(losses, time.perf_counter() - begun, sum(p.numel() for p in trainable))
 
 
-def _save_state(path: Path, step: int, named: list[tuple[str, nn.Parameter]], optimizer: Any, scheduler: Any,
-                losses: list[float], fingerprint: dict[str, Any]) -> None:
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The optimizer inside accelerate's wrapper. The state-dict API reads its parameter groups and
+    state, and steps it once (at learning rate 0) to create a state it lacks; that is the plain
+    optimizer's business, not the wrapper's, which adds gradient-scaler and accumulation bookkeeping."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _gather_checkpoint(wrapped: nn.Module, optimizer: Any, scheduler: Any, step: int, losses: list[float],
+                       fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint: full trainable parameters and optimizer state, gathered from every process's
+    shards, keyed by parameter name (so it does not depend on how the run is sharded). Every process
+    must call it; only the main process's copy holds the tensors."""
+    params, optimizer_state = get_state_dict(wrapped, _torch_optimizer(optimizer), options=GATHERED_TRAINABLE)
+    return {"step": step, "fingerprint": fingerprint, "losses": losses, "rng": torch.get_rng_state(),
+            "params": params, "optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
     """Write the checkpoint atomically: never half a checkpoint."""
-    state = {"step": step, "fingerprint": fingerprint, "losses": losses, "rng": torch.get_rng_state(),
-             "params": {name: p.detach().cpu().clone() for name, p in named},
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
     with atomic_file(path) as staging:
         torch.save(state, staging)
 
 
-def _load_state(path: Path, named: list[tuple[str, nn.Parameter]], optimizer: Any,
-                scheduler: Any) -> tuple[int, list[float]]:
+def _load_state(path: Path, wrapped: nn.Module, optimizer: Any, scheduler: Any) -> tuple[int, list[float]]:
+    """Every process reads the full checkpoint and keeps its own shard of each tensor."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    with torch.no_grad():
-        for name, parameter in named:
-            parameter.copy_(state["params"][name])
-    optimizer.load_state_dict(state["optimizer"])
+    set_state_dict(wrapped, _torch_optimizer(optimizer), model_state_dict=state["params"],
+                   optim_state_dict=state["optimizer"], options=FULL_INPUT)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
     return int(state["step"]), list(state["losses"])
+
+
+def gather_for_export(model: nn.Module) -> None:
+    """Gather the full weights of an FSDP-sharded ``model`` so that saving it from the main process
+    writes whole tensors, not this process's shards; a no-op for a model that is not sharded.
+
+    Every process must call it (it is collective). The main process keeps the gathered weights
+    (on its CPU) until the model is saved; the other processes keep only their shards.
+    """
+    if not any(isinstance(parameter, DTensor) for parameter in model.parameters()):
+        return
+    state = get_model_state_dict(model, options=GATHERED)
+    if state:
+        keep_export_state(model, state)

@@ -10,7 +10,7 @@ import torch
 from layerprune.errors import UsageError
 from layerprune.healing.base import HEALERS, HealSettings, TrainingOptions
 from layerprune.healing.data import TrainingSet, load_training_data
-from layerprune.healing.engine import check_resumable
+from layerprune.healing.engine import check_resumable, gather_for_export
 from layerprune.models.lineage import ensure_lineage
 from layerprune.models.loading import LoadedModel, load_model
 from layerprune.options import build_options, options_of, refuse_unknown
@@ -35,7 +35,9 @@ def heal(loaded: LoadedModel, method: str, data: str | Path | TrainingSet, *,
 
     The partial-ft and LoRA methods heal ``loaded`` in place; the replacement methods build the
     result from the original's weights and return a new model. Under ``accelerate launch`` every
-    process returns the same model: save it from the main process only.
+    process returns the same model: save it from the main process only. Under FSDP the processes
+    keep their shards, and the main process's model carries the gathered full weights, which
+    :func:`layerprune.save` writes.
     """
     settings = heal_settings(method, data, checkpoint_dir=checkpoint_dir, resume=resume, **options)
     healer = HEALERS.get(method)()
@@ -46,6 +48,7 @@ def heal(loaded: LoadedModel, method: str, data: str | Path | TrainingSet, *,
     rows = load_training_data(loaded.tokenizer, data, samples=training.num_samples, seq_len=training.seq_len,
                               seed=training.seed, sampling=training.sampling, text_field=training.text_field)
     outcome = healer.run(loaded, rows, settings, teacher)
+    gather_for_export(outcome.loaded.model)
     ensure_lineage(outcome.loaded)["healing"].append({
         "method": method,
         "summary": outcome.summary,

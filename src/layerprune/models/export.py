@@ -11,12 +11,24 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from layerprune.errors import UsageError
 from layerprune.outputs import atomic_output_dir, check_free_space, check_output_path
 
 SAFETY_MARGIN_BYTES = 64 * 2**20
+_EXPORT_STATES: WeakKeyDictionary[nn.Module, dict[str, torch.Tensor]] = WeakKeyDictionary()
+
+
+def keep_export_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Save ``model`` with these full weights: after FSDP training its own ``state_dict()`` holds only
+    this process's shards (gathered by ``layerprune.healing.engine.gather_for_export``)."""
+    _EXPORT_STATES[model] = state
 
 
 def model_size_bytes(model: PreTrainedModel) -> int:
@@ -44,9 +56,14 @@ def save_checkpoint(
     """Write ``model`` and ``tokenizer`` to ``out`` atomically; returns the final folder."""
     protected = list(protected)
     target = check_output_path(out, overwrite=overwrite, protected=protected)
-    check_free_space(target.parent, model_size_bytes(model) + SAFETY_MARGIN_BYTES)
+    gathered = _EXPORT_STATES.get(model)
+    if gathered is None and any(isinstance(parameter, DTensor) for parameter in model.parameters()):
+        raise UsageError("this process holds only its FSDP shards of the model, so it cannot export it; save from "
+                         "the main process, as `layerprune heal` does (recipes do not run under FSDP)")
+    size = sum(t.numel() * t.element_size() for t in gathered.values()) if gathered else model_size_bytes(model)
+    check_free_space(target.parent, size + SAFETY_MARGIN_BYTES)
     with atomic_output_dir(target, overwrite=overwrite, protected=protected) as staging:
-        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        model.save_pretrained(staging, max_shard_size=max_shard_size, state_dict=gathered)
         tokenizer.save_pretrained(staging)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)

@@ -1,13 +1,16 @@
 """Evaluation results as people read them: Markdown tables with Δ columns, and PNG plots.
 
 A comparison puts the reference model (usually the original) first and every other model beside
-it with its difference, so "what did pruning cost" is one glance: perplexity, accuracy, stability
-and efficiency in one table.
+it with its difference, so "what did pruning cost" is one glance: perplexity, accuracy, stability,
+retained performance and efficiency in one table. Perplexity, accuracy and retained performance
+carry their 95% intervals (in the table as "value (low–high)", in the plot as error bars), so a
+difference smaller than the noise reads as such.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -41,11 +44,30 @@ def flatten_metrics(result: dict[str, Any]) -> dict[str, float]:
                 rows[f"{task} {metric}"] = values[metric]
     for task, value in result.get("stability", {}).items():
         rows[f"{task} stability"] = value
+    if "retained" in result:
+        rows["retained"] = result["retained"]["mean"]
     efficiency = result.get("efficiency", {})
     for key, label, scale in _EFFICIENCY_ROWS:
         if key in efficiency:
             rows[label] = scale(efficiency[key])
     return rows
+
+
+def metric_intervals(result: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """95% intervals of ``flatten_metrics``'s rows that have one: perplexity and retained performance
+    (bootstrap, stored), and accuracy (acc ± 1.96 standard errors, within [0, 1])."""
+    intervals: dict[str, tuple[float, float]] = {}
+    for data, values in result.get("perplexity", {}).items():
+        if "ci95" in values:
+            intervals[f"ppl {data}"] = (values["ci95"][0], values["ci95"][1])
+    for task, values in result.get("tasks", {}).items():
+        if "acc" in values and math.isfinite(values.get("stderr", math.nan)):
+            margin = 1.96 * values["stderr"]
+            intervals[f"{task} acc"] = (max(0.0, values["acc"] - margin), min(1.0, values["acc"] + margin))
+    if "retained" in result:
+        low, high = result["retained"]["ci95"]
+        intervals["retained"] = (low, high)
+    return intervals
 
 
 def _format(value: float | None) -> str:
@@ -69,14 +91,21 @@ def comparison_table(report: dict[str, Any]) -> str:
     reference = report.get("reference", names[0])
     others = [name for name in names if name != reference]
     flat = {name: flatten_metrics(report["models"][name]) for name in names}
+    intervals = {name: metric_intervals(report["models"][name]) for name in names}
     labels = list(dict.fromkeys(label for name in [reference, *others] for label in flat[name]))
     header = ["metric", reference] + [column for name in others for column in (name, f"Δ {name}")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def cell(name: str, label: str) -> str:
+        interval = intervals[name].get(label)
+        value = _format(flat[name].get(label))
+        return f"{value} ({_format(interval[0])}–{_format(interval[1])})" if interval else value
+
     for label in labels:
         base = flat[reference].get(label)
-        cells = [label, _format(base)]
+        cells = [label, cell(reference, label)]
         for name in others:
-            cells += [_format(flat[name].get(label)), _delta(flat[name].get(label), base)]
+            cells += [cell(name, label), _delta(flat[name].get(label), base)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -92,7 +121,8 @@ def _png(figure: Any) -> bytes:
 
 
 def comparison_plot(report: dict[str, Any]) -> bytes | None:
-    """PNG: grouped bars of perplexity (log scale) and task accuracy per model; None if neither."""
+    """PNG: grouped bars of perplexity (log scale) and of task accuracy, stability and retained
+    performance per model, with 95% intervals as error bars; None if there is nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,9 +130,12 @@ def comparison_plot(report: dict[str, Any]) -> bytes | None:
 
     names = list(report["models"])
     flat = {name: flatten_metrics(report["models"][name]) for name in names}
-    groups = [(title, [label for label in flat[names[0]] if match(label)], log)
+    intervals = {name: metric_intervals(report["models"][name]) for name in names}
+    all_labels = list(dict.fromkeys(label for name in names for label in flat[name]))
+    groups = [(title, [label for label in all_labels if match(label)], log)
               for title, match, log in (("perplexity (lower is better)", lambda l: l.startswith("ppl "), True),
-                                        ("accuracy / stability", lambda l: l.endswith((" acc", " stability")), False))]
+                                        ("accuracy / stability / retained",
+                                         lambda l: l.endswith((" acc", " stability")) or l == "retained", False))]
     groups = [group for group in groups if group[1]]
     if not groups:
         return None
@@ -110,8 +143,12 @@ def comparison_plot(report: dict[str, Any]) -> bytes | None:
     width = 0.8 / len(names)
     for axis, (title, labels, log) in zip(axes[0], groups):
         for index, name in enumerate(names):
-            values = [flat[name].get(label, float("nan")) for label in labels]
-            axis.bar([i + index * width for i in range(len(labels))], values, width, label=name)
+            values = [flat[name].get(label, math.nan) for label in labels]
+            spans = [intervals[name].get(label) for label in labels]
+            errors = [[value - span[0] if span else 0.0 for value, span in zip(values, spans)],
+                      [span[1] - value if span else 0.0 for value, span in zip(values, spans)]]
+            axis.bar([i + index * width for i in range(len(labels))], values, width, label=name, yerr=errors,
+                     capsize=2, error_kw={"elinewidth": 0.8})
         axis.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(labels))], labels, rotation=30,
                         ha="right", fontsize=8)
         axis.set_title(title)

@@ -41,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "perplexity is comparable only at the window the reported results used)")
     group.add_argument("--max-windows", type=int, help="score only the first N windows (quick looks)")
     group = parser.add_argument_group("lm-eval")
-    group.add_argument("--tasks", help=f"offline: {', '.join(OFFLINE_TASKS)}; online e.g. {','.join(ONLINE_TASKS)}")
+    group.add_argument("--tasks", help=f"lp_offline (the offline suite) or offline tasks {', '.join(OFFLINE_TASKS)}; "
+                       f"online: paper ({','.join(ONLINE_TASKS)}) or any lm-eval task")
     group.add_argument("--limit", type=int, help="documents per task (default: all)")
     group.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's own)")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default: 4)")

@@ -1,7 +1,8 @@
 """``layerprune prune``: remove layers and export a standard checkpoint.
 
 The layers are named (``--layers 25-27``) or chosen by a metric in the same command
-(``--metric bi --remove 25%``, with the calibration and selection flags of ``layerprune score``).
+(``--metric bi --remove 25%``, with the calibration and selection flags of ``layerprune score``),
+and the cut can be repaired without training (``--compensate replace-linear|rescale|merge``).
 Named layers of a local safetensors checkpoint are cut on the files (shard surgery: the same
 tensors bit for bit, in megabytes of memory whatever the model's size); the model is loaded only
 when a flag needs it in memory.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,8 @@ import torch
 from layerprune.api import prune, save
 from layerprune.cli.options import (
     add_calibration_options, add_command, add_model_options, add_output_options, add_selection_options,
-    check_calibration_args, input_folders, load_from_args, remove_check, safetensors_folder, score_and_select,
-    selection_strategy, warn_if_most_layers_go,
+    build_calibration_from_args, check_calibration_args, data_description, input_folders, load_from_args,
+    remove_check, safetensors_folder, score_and_select, score_from_args, selection_strategy, warn_if_most_layers_go,
 )
 from layerprune.errors import UsageError
 from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir
@@ -29,7 +31,10 @@ from layerprune.models.lineage import PROVENANCE_FILE
 from layerprune.models.loading import LoadedModel
 from layerprune.models.shards import is_safetensors_checkpoint, prune_checkpoint
 from layerprune.models.surgery import parse_layer_list, validate_layer_indices
+from layerprune.options import add_option_flags, build_options, given_options
 from layerprune.outputs import check_output_path
+from layerprune.repair import REPAIRS, check_repair, compensate
+from layerprune.repair.iterative import compensate_iteratively
 from layerprune.scoring import check_metrics
 
 
@@ -44,6 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_calibration_options(parser)
     parser.add_argument("--generate", metavar="PROMPT", help="after pruning, greedily continue PROMPT and print it")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="length of the --generate continuation")
+    parser.add_argument("--compensate", choices=list(REPAIRS),
+                        help="repair the cut without training, on the calibration data: replace-linear (ReplaceMe), "
+                             "rescale (Prune&Comp; with --iterative every step re-scores the repaired model) or "
+                             "merge (LaCo)")
+    add_option_flags(parser.add_argument_group("--compensate options"),
+                     *(repair.options_class for repair in REPAIRS.values()), only_given=True)
     parser.add_argument("--low-memory", action="store_true",
                         help="with --layers: refuse instead of loading the model when shard surgery cannot be used. "
                              "Shard surgery (the safetensors files rewritten in a few MB of memory, in their own "
@@ -64,22 +75,24 @@ def run(args: argparse.Namespace) -> int:
     layers = parse_layer_list(args.layers)
     validate_layer_indices(layers)  # empty, negative, repeated: no model needed to tell
     check_generate(args)
+    options = compensation_options(args)
     check_output_path(args.out, overwrite=args.overwrite, protected=input_folders(args))
     if args.low_memory or can_prune_on_disk(args):
         return run_on_disk(args, layers)
     loaded = load_from_args(
         args, check_config=lambda config: validate_layer_indices(layers, getattr(config, "num_hidden_layers", None))
     )
-    removed = prune(loaded, layers)
+    removed = cut(loaded, layers, args, options)
     finish(loaded, args, removed)
     return 0
 
 
 def needs_model_in_memory(args: argparse.Namespace) -> bool:
-    """Whether a flag asks for something only the loaded model can give: a continuation, another
-    dtype, a GGUF file, a placement, or the repository's own code (which may not match our adapters)."""
-    return bool(args.generate or args.gguf_file or args.dtype != "auto" or args.device != "cpu" or args.device_map
-                or args.trust_remote_code)
+    """Whether a flag asks for something only the loaded model can give: a continuation, a repair,
+    another dtype, a GGUF file, a placement, or the repository's own code (which may not match our
+    adapters)."""
+    return bool(args.generate or args.compensate or args.gguf_file or args.dtype != "auto" or args.device != "cpu"
+                or args.device_map or args.trust_remote_code)
 
 
 def can_prune_on_disk(args: argparse.Namespace) -> bool:
@@ -102,9 +115,9 @@ def can_prune_on_disk(args: argparse.Namespace) -> bool:
 def run_on_disk(args: argparse.Namespace, layers: list[int]) -> int:
     """Shard surgery on the files (:mod:`layerprune.models.shards`); no model is loaded."""
     if needs_model_in_memory(args):
-        raise UsageError("--low-memory copies the safetensors files as they are, so it cannot --generate, read "
-                         "GGUF, change --dtype or place the model (--device, --device-map, --trust-remote-code); "
-                         "leave those out or drop --low-memory")
+        raise UsageError("--low-memory copies the safetensors files as they are, so it cannot --generate, "
+                         "--compensate, read GGUF, change --dtype or place the model (--device, --device-map, "
+                         "--trust-remote-code); leave those out or drop --low-memory")
     folder = safetensors_folder(args, "--low-memory")
     out = prune_checkpoint(folder, layers, args.out, overwrite=args.overwrite, source_name=args.model)
     record = json.loads((out / PROVENANCE_FILE).read_text())
@@ -127,16 +140,74 @@ def run_scored(args: argparse.Namespace) -> int:
     strategy = selection_strategy(args)
     check_layers = remove_check(args.remove)
     check_generate(args)
+    options = compensation_options(args)
     check_output_path(args.out, overwrite=args.overwrite, protected=input_folders(args))
     loaded = load_from_args(args, check_config=check_layers)
-    report, selection = score_and_select(loaded, args, metrics, strategy, metrics[0])
-    assert selection is not None, "run_scored refuses a missing --remove before scoring"
+    reason = f"{metrics[0]} scores, {strategy} selection"
+    if args.compensate and strategy == "iterative":  # Prune&Comp: each step re-scores the repaired model
+        calibration = build_calibration_from_args(loaded, args)
+        report = score_from_args(loaded, args, metrics, calibration)
+        began = time.perf_counter()
+        selection = compensate_iteratively(
+            loaded, report, args.remove, args.compensate,
+            calibration if REPAIRS[args.compensate].needs_statistics else None,
+            rescore=lambda name: score_from_args(loaded, args, [name], calibration).results[name],
+            metric=metrics[0], options=options, batch_size=args.batch_size,
+            reason=f"{reason}, {args.compensate} after every step")
+        record_compensation(loaded, args, loaded.lineage["repairs"][-1]["summary"], time.perf_counter() - began)
+        removed = selection.remove
+    else:
+        report, selection = score_and_select(loaded, args, metrics, strategy, metrics[0])
+        assert selection is not None, "run_scored refuses a missing --remove before scoring"
+        removed = cut(loaded, selection.remove, args, options, reason=reason)
     warn_if_most_layers_go(args, len(selection.remove), report.num_layers)
-    removed = prune(loaded, selection.remove, reason=f"{selection.metric} scores, {strategy} selection")
     recipe = {"selection": selection.to_json(), "importance": report.results[metrics[0]].importance,
               "data": report.data, "tokens": report.tokens}
     finish(loaded, args, removed, recipe)
     return 0
+
+
+def compensation_options(args: argparse.Namespace) -> Any:
+    """The ``--compensate`` method's options from its flags, checked before any model is loaded; a
+    flag of another method (or without --compensate) is refused."""
+    given = {name: value for repair in REPAIRS.values() for name, value in given_options(args, repair.options_class).items()}
+    if not args.compensate:
+        if given:
+            raise UsageError(f"--{next(iter(given)).replace('_', '-')} is an option of --compensate; add --compensate "
+                             "METHOD or drop it")
+        return None
+    check_calibration_args(args)
+    own = REPAIRS[args.compensate].options_class
+    if own is None:
+        if given:
+            raise UsageError(f"--compensate {args.compensate} takes no options; drop "
+                             f"--{next(iter(given)).replace('_', '-')}")
+        return None
+    return build_options(own, given, unit=args.compensate)
+
+
+def calibration_rows(loaded: LoadedModel, args: argparse.Namespace) -> Any:
+    """The calibration windows of the data flags, or ``None`` for a method that reads weights only."""
+    return build_calibration_from_args(loaded, args) if REPAIRS[args.compensate].needs_statistics else None
+
+
+def cut(loaded: LoadedModel, layers: list[int], args: argparse.Namespace, options: Any,
+        reason: str = "layers named by the user") -> list[int]:
+    """Remove ``layers``; with ``--compensate``, repair the cut (statistics from ``loaded`` before it)."""
+    if not args.compensate:
+        return prune(loaded, layers, reason)
+    check_repair(loaded, layers, args.compensate, options)  # refuse before reading any data
+    report = compensate(loaded, layers, args.compensate, calibration_rows(loaded, args), options=options,
+                        batch_size=args.batch_size, reason=reason)
+    record_compensation(loaded, args, report.summary, report.seconds)
+    return sorted(layers)
+
+
+def record_compensation(loaded: LoadedModel, args: argparse.Namespace, summary: str, seconds: float) -> None:
+    """A healing entry, so the model card says how the cut was repaired (details: ``repairs``)."""
+    loaded.lineage["healing"].append({"method": args.compensate, "summary": f"training-free: {summary}",
+                                      "data": data_description(args), "trainable_parameters": 0,
+                                      "train_seconds": round(seconds, 1)})
 
 
 def check_generate(args: argparse.Namespace) -> None:

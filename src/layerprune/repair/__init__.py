@@ -1,0 +1,133 @@
+"""Training-free repair of a cut: ReplaceMe linear maps, Prune&Comp rescaling, LaCo merging.
+
+    import layerprune as lp
+    loaded = lp.load_model("smollm2-135m")
+    rows = lp.build_calibration(loaded.tokenizer, "wiki-sample", samples=40, seq_len=256, sampling="contiguous")
+    lp.compensate(loaded, [20, 21, 22], "replace-linear", rows)   # cuts and repairs in place
+    lp.save(loaded, "out/smollm2-repaired")
+
+:func:`compensate` reads the statistics from the model *before* the cut (one forward pass,
+:mod:`.statistics`), folds the method's correction into layers the cut keeps, then removes the
+layers by plain surgery: the result has exactly the parameters of plain removal and loads in
+plain transformers. A scattered cut is repaired run by run, all runs from the same pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from layerprune.errors import UsageError
+from layerprune.healing.replacement import consecutive_runs
+from layerprune.models.lineage import ensure_lineage
+from layerprune.models.editing import prune
+from layerprune.models.loading import LoadedModel
+from layerprune.models.surgery import validate_layer_indices
+from layerprune.repair.base import RepairMethod, default_options, options_record
+from layerprune.repair.linear import ReplaceLinear, ReplaceLinearOptions
+from layerprune.repair.merge import Merge, MergeOptions
+from layerprune.repair.rescale import Rescale
+from layerprune.repair.statistics import collect_statistics
+
+REPAIRS: dict[str, RepairMethod] = {method.name: method for method in (ReplaceLinear(), Rescale(), Merge())}
+"""The training-free methods by name; each is also a healing method of ``layerprune heal``."""
+
+
+class TokenRows(Protocol):
+    """Calibration rows: a :class:`~layerprune.data.CalibrationSet` or a healing ``TrainingSet``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+@dataclass
+class RepairReport:
+    """What one :func:`compensate` call did, as recorded in ``layerprune.json`` under ``repairs``."""
+
+    method: str
+    options: dict[str, Any]
+    data: dict[str, Any]
+    runs: list[dict[str, Any]]
+    summary: str
+    seconds: float
+    statistics_seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, "options": self.options, "data": self.data, "runs": self.runs,
+                "summary": self.summary, "seconds": round(self.seconds, 3),
+                "statistics_seconds": round(self.statistics_seconds, 3)}
+
+
+def repair_method(name: str) -> RepairMethod:
+    try:
+        return REPAIRS[name]
+    except KeyError:
+        raise UsageError(f"unknown repair method {name!r}; use one of: {', '.join(REPAIRS)}") from None
+
+
+def describe_rows(data: TokenRows) -> dict[str, Any]:
+    """Provenance of the calibration rows (a CalibrationSet knows its windows; a TrainingSet its source)."""
+    describe = getattr(data, "describe", None)
+    described = describe() if callable(describe) else {"source": str(getattr(data, "description", "tensors"))}
+    return {**described, "tokens": int(data.attention_mask.sum())}
+
+
+def _batches(data: TokenRows, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for first in range(0, data.input_ids.shape[0], batch_size):
+        yield data.input_ids[first:first + batch_size], data.attention_mask[first:first + batch_size]
+
+
+def check_repair(loaded: LoadedModel, layers: Iterable[int], method: str, options: Any = None) -> list[tuple[int, int]]:
+    """Refuse a cut ``method`` cannot repair, before data or an original is loaded; returns the runs."""
+    chosen = validate_layer_indices(layers, loaded.num_layers)
+    runs = consecutive_runs(chosen)
+    repairer = repair_method(method)
+    repairer.check(loaded, runs, default_options(repairer, options))
+    return runs
+
+
+def compensate(loaded: LoadedModel, layers: Iterable[int], method: str, data: TokenRows | None, *,
+               options: Any = None, batch_size: int = 8, reason: str = "layers named by the user") -> RepairReport:
+    """Cut ``layers`` (indices of ``loaded`` as loaded) from ``loaded`` in place and repair the cut
+    with ``method`` (``replace-linear``, ``rescale`` or ``merge``), training-free.
+
+    ``loaded`` before the cut is the original the statistics come from; ``data`` are the
+    calibration rows (``merge`` reads none and accepts ``None``). ``options`` is the method's
+    options class (``ReplaceLinearOptions``, ``MergeOptions``); by default its defaults.
+    """
+    if batch_size < 1:
+        raise UsageError(f"batch size must be at least 1, got {batch_size}")
+    chosen = list(layers)
+    repairer = repair_method(method)
+    options = default_options(repairer, options)
+    runs = check_repair(loaded, chosen, method, options)
+    original_ids = loaded.original_layer_ids
+    began = time.perf_counter()
+    statistics = []
+    if repairer.needs_statistics:
+        if data is None:
+            raise UsageError(f"{method} estimates its repair on calibration data; pass calibration rows")
+        hidden = loaded.model.config.get_text_config().hidden_size
+        tokens = int(data.attention_mask.sum())
+        if repairer.linear_statistics and tokens < hidden:
+            raise UsageError(f"{method} fits a {hidden}x{hidden} map but got only {tokens} calibration tokens, fewer "
+                             f"than the hidden size {hidden}; raise --samples or --seq-len")
+        statistics = collect_statistics(loaded.model, loaded.adapter, runs, _batches(data, batch_size),
+                                        linear=repairer.linear_statistics, keep_tokens=repairer.keeps_tokens(options))
+    statistics_seconds = time.perf_counter() - began
+    records, note = repairer.apply(loaded, runs, statistics, options)
+    runs_json = [{"start": original_ids[start], "end": original_ids[end - 1] + 1,
+                  **({"tokens": stats.tokens} if statistics else {}), **record}
+                 for (start, end), stats, record in zip(runs, statistics or [None] * len(runs), records)]
+    prune(loaded, chosen, reason)
+    report = RepairReport(method, options_record(options), describe_rows(data) if data is not None else {},
+                          runs_json, note, time.perf_counter() - began, statistics_seconds)
+    ensure_lineage(loaded).setdefault("repairs", []).append(report.to_json())
+    return report
+
+
+__all__ = ["REPAIRS", "MergeOptions", "RepairReport", "ReplaceLinearOptions", "check_repair", "compensate"]

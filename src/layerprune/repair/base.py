@@ -1,0 +1,69 @@
+"""What every training-free repair method shares: its contract and the table that names it.
+
+A repair method sees the model *before* the cut (the statistics come from the original), folds
+its correction into layers that the cut keeps, and leaves the removal itself to plain layer
+surgery afterwards. So the result has exactly the parameters of plain removal, and each method
+only says which statistics it needs, what it refuses, and how it folds.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import fields
+from typing import Any, ClassVar
+
+from layerprune.errors import UsageError
+from layerprune.models.loading import LoadedModel
+from layerprune.repair.statistics import RunStatistics
+
+
+class RepairMethod(ABC):
+    """One training-free repair. ``runs`` are half-open ``[a, b)`` in the indices of the model as given."""
+
+    name: ClassVar[str]
+    options_class: ClassVar[type | None] = None
+    needs_statistics: ClassVar[bool] = True
+    """False for a method that reads weights only (merge): no calibration pass runs."""
+    linear_statistics: ClassVar[bool] = False
+    """True when the method needs ``MᵀM`` and ``MᵀY``, not only the magnitudes."""
+
+    def check(self, loaded: LoadedModel, runs: list[tuple[int, int]], options: Any) -> None:
+        """Refuse a cut this method cannot repair, before any data is read."""
+        if loaded.adapter.inferred:
+            raise UsageError(f"{self.name} needs to know where {loaded.adapter.family} layers keep their norms and "
+                             "output projections, but this family has no registered adapter; prune it plainly")
+
+    def keeps_tokens(self, options: Any) -> bool:
+        """Whether the statistics pass must also keep the real tokens' activations (bounded memory otherwise)."""
+        return False
+
+    def refuse_first_layer(self, runs: list[tuple[int, int]], how: str) -> None:
+        """A run starting at layer 0 has no kept layer before it to fold into."""
+        if runs and runs[0][0] == 0:
+            first = runs[0]
+            raise UsageError(f"{self.name} {how} the layer kept before the cut, but the removed run "
+                             f"{first[0]}-{first[1] - 1} starts at layer 0, which has none; keep layer 0 "
+                             f"(cut from layer 1) or repair this cut with --method rescale")
+
+    @abstractmethod
+    def apply(self, loaded: LoadedModel, runs: list[tuple[int, int]], statistics: list[RunStatistics],
+              options: Any) -> tuple[list[dict[str, Any]], str]:
+        """Fold the repair into ``loaded`` (still uncut); returns one statistics record per run and
+        a sentence for the model card that says what was changed."""
+
+
+def default_options(method: RepairMethod, options: Any) -> Any:
+    """``options`` checked against the method's own class, or that class's defaults."""
+    if method.options_class is None:
+        if options is not None:
+            raise UsageError(f"{method.name} takes no options, got {options!r}")
+        return None
+    if options is None:
+        return method.options_class()
+    if not isinstance(options, method.options_class):
+        raise UsageError(f"{method.name} takes {method.options_class.__name__}, got {type(options).__name__}")
+    return options
+
+
+def options_record(options: Any) -> dict[str, Any]:
+    return {f.name: getattr(options, f.name) for f in fields(options)} if options is not None else {}

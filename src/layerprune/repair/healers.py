@@ -1,0 +1,94 @@
+"""The training-free repairs as healing methods, so ``layerprune heal --method replace-linear`` works.
+
+Like the replacement methods, they rebuild the result from the original model: the statistics
+must come from the original, and the folds land on its weights before the cut. The removed
+layers are read from the pruned model's lineage, plus any ``--block`` (which also lets an
+unpruned model be cut and repaired in one step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from layerprune.errors import UsageError
+from layerprune.healing.base import HEALERS, Healer, HealOutcome, HealSettings
+from layerprune.healing.data import TrainingSet
+from layerprune.healing.replacement import ReplacementOptions, consecutive_runs
+from layerprune.models.loading import LoadedModel
+from layerprune.repair import REPAIRS, RepairMethod, compensate
+
+
+def removed_layers(loaded: LoadedModel, settings: HealSettings) -> list[int]:
+    """The original layers to cut and repair: the lineage's removed layers and ``--block``."""
+    lineage = loaded.lineage
+    if lineage.get("replaced_blocks") or lineage.get("healing") or lineage.get("repairs"):
+        raise UsageError(f"{settings.method} folds its repair into the original weights, but this model was already "
+                         "replaced, healed or repaired; start from the plainly pruned checkpoint")
+    removed = set(lineage.get("removed_layers", []))
+    block = settings.options.block
+    if block is not None:
+        removed.update(range(*block))
+    if not removed:
+        raise UsageError(f"{settings.method} repairs a cut, but this model's layerprune.json records no removed layers "
+                         "(or it has none); pass the pruned checkpoint, or name the original layers to cut with "
+                         "--block START-END")
+    return sorted(removed)
+
+
+class _TrainingFreeRepair(Healer):
+    """Calls :func:`layerprune.repair.compensate` on the original; nothing is trained."""
+
+    rebuilds_from_original = True
+    method_name: str
+
+    def repair_options(self, settings: HealSettings) -> Any:
+        """The repair's own options out of the healer's (which add ``block``), for :func:`compensate`."""
+        own = REPAIRS[self.method_name].options_class
+        if own is None:
+            return None
+        return own(**{f.name: getattr(settings.options, f.name) for f in dataclasses.fields(own)})
+
+    def needs_original(self, settings: HealSettings) -> bool:
+        return True
+
+    def check(self, loaded: LoadedModel, settings: HealSettings) -> None:
+        super().check(loaded, settings)
+        removed = removed_layers(loaded, settings)
+        original_layers = loaded.lineage.get("original_num_layers", loaded.num_layers)
+        if removed[-1] >= original_layers:
+            raise UsageError(f"--block reaches layer {removed[-1]}, but the original model has {original_layers} "
+                             f"layers (0..{original_layers - 1})")
+        # the pruned model has the original's family, so the cut (original indices) is checked on it
+        REPAIRS[self.method_name].check(loaded, consecutive_runs(removed), self.repair_options(settings))
+
+    def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealSettings,
+            original: LoadedModel | None) -> HealOutcome:
+        assert original is not None, "a training-free repair always receives the original model"
+        removed = removed_layers(loaded, settings)
+        for key in ("reason", "recipe"):
+            if key in loaded.lineage:
+                original.lineage[key] = loaded.lineage[key]
+        report = compensate(original, removed, self.method_name, data, options=self.repair_options(settings),
+                            batch_size=settings.training.batch_size,
+                            reason=loaded.lineage.get("reason", "layers named by the user"))
+        return HealOutcome(original, f"training-free: {report.summary}", 0, [], report.seconds)
+
+
+def healer_options(repair: RepairMethod) -> type:
+    """The repair's options plus ``--block`` (the original layers to cut, as for the replacements):
+    the healing method cuts the original itself, so it must know the cut."""
+    bases = (repair.options_class, ReplacementOptions) if repair.options_class else (ReplacementOptions,)
+    return dataclasses.make_dataclass(f"{type(repair).__name__}HealOptions", [], bases=bases, frozen=True)
+
+
+def _register(name: str) -> type[Healer]:
+    repair = REPAIRS[name]
+    healer = type(f"Repair{name.title().replace('-', '')}", (_TrainingFreeRepair,),
+                  {"method_name": name, "options_class": healer_options(repair),
+                   "__doc__": f"``{name}`` as a healing method: {type(repair).__module__}."})
+    return HEALERS.register(name)(healer)
+
+
+for _name in REPAIRS:
+    _register(_name)

@@ -1,0 +1,160 @@
+"""The statistics every training-free repair needs, from ONE pass of the original model.
+
+For each removed run of original layers ``[a, b)`` three signals are read through hooks on the
+real submodules (never ``output_hidden_states``, whose last entry is final-normed):
+
+* ``M``: layer ``a-1``'s MLP branch exactly as it is added to the residual (after Gemma's
+  post-feedforward norm), the input of ReplaceMe's linear map;
+* ``h_a``: the input of layer ``a`` (the stream entering the cut);
+* ``h_b``: the output of layer ``b-1`` (the stream the layers after the cut were trained on).
+
+Only real tokens count (the attention mask drops padding) and everything is summed in float64,
+so the statistics are exact whatever the batch split. Memory is a few H×H matrices per run:
+``MᵀM``, ``MᵀY`` with ``Y = h_b - h_a + M``, and the per-channel sums of ``|h_a|``, ``|h_b|``.
+Only the cosine solver, which optimises on the tokens themselves, keeps them (``keep_tokens``).
+The forward pass stops at the last layer any run needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from layerprune.errors import UsageError
+from layerprune.models.architectures import ArchitectureAdapter
+
+ACCUMULATOR = torch.float64
+
+
+@dataclass
+class RunStatistics:
+    """Sums over the real calibration tokens for one removed run ``[start, end)`` (original indices)."""
+
+    start: int
+    end: int
+    tokens: int = 0
+    gram: torch.Tensor | None = None
+    """``MᵀM`` (H×H, float64); ``None`` when the method needs no linear map."""
+    cross: torch.Tensor | None = None
+    """``MᵀY`` with ``Y = h_b - h_a + M`` (H×H, float64)."""
+    abs_in: torch.Tensor | None = None
+    """Per channel, the sum of ``|h_a|`` over tokens."""
+    abs_out: torch.Tensor | None = None
+    """Per channel, the sum of ``|h_b|`` over tokens."""
+    kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    """Per batch, the real tokens' ``(M, h_a - M, h_b)`` in float32 on the CPU (cosine solver only)."""
+
+    def add(self, branch: torch.Tensor | None, entering: torch.Tensor, leaving: torch.Tensor, keep: bool) -> None:
+        """Accumulate one batch of real tokens (rows of ``[tokens, H]``)."""
+        entering64, leaving64 = entering.to(ACCUMULATOR), leaving.to(ACCUMULATOR)
+        self.tokens += entering.shape[0]
+        self.abs_in = _plus(self.abs_in, entering64.abs().sum(dim=0))
+        self.abs_out = _plus(self.abs_out, leaving64.abs().sum(dim=0))
+        if branch is None:
+            return
+        branch64 = branch.to(ACCUMULATOR)
+        self.gram = _plus(self.gram, branch64.T @ branch64)
+        self.cross = _plus(self.cross, branch64.T @ (leaving64 - entering64 + branch64))
+        if keep:
+            self.kept.append((branch.float().cpu(), (entering - branch).float().cpu(), leaving.float().cpu()))
+
+    def magnitude_ratio(self) -> float:
+        """Prune&Comp's ``s``: the mean over channels of ``mean|h_b| / mean|h_a|``.
+
+        A channel that is zero on every token entering the cut has no ratio and is left out.
+        """
+        assert self.abs_in is not None and self.abs_out is not None, "no tokens were accumulated"
+        live = self.abs_in > 0
+        if not live.any():
+            raise UsageError(f"the stream entering layer {self.start} is zero on every calibration token; "
+                             "rescale cannot measure its magnitude: use other calibration data")
+        return float((self.abs_out[live] / self.abs_in[live]).mean())
+
+
+def _plus(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+    return term if total is None else total + term
+
+
+class _Finished(Exception):
+    """Raised by the hook of the deepest layer any run needs: the rest of the model is not needed."""
+
+
+def branch_module(layer: nn.Module, adapter: ArchitectureAdapter) -> nn.Module:
+    """The module whose output is the MLP branch as added to the residual (Gemma: its post-norm)."""
+    path = adapter.post_mlp_norm or adapter.mlp_output
+    try:
+        return layer.get_submodule(path)
+    except AttributeError:
+        raise UsageError(f"{adapter.family} layers have no {path!r} module, the MLP output a training-free repair "
+                         "folds into; this family is not supported by replace-linear or merge") from None
+
+
+def _hidden_argument(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _hidden_output(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def collect_statistics(model: nn.Module, adapter: ArchitectureAdapter, runs: list[tuple[int, int]],
+                       batches: Iterator[tuple[torch.Tensor, torch.Tensor]], *, linear: bool,
+                       keep_tokens: bool = False) -> list[RunStatistics]:
+    """One pass of ``model`` (unpruned: ``runs`` are its layer indices) over ``batches`` of
+    ``(input_ids, attention_mask)``; returns one :class:`RunStatistics` per run.
+
+    ``linear`` asks for the ``M`` statistics (a run must then start after layer 0, which the
+    caller checks); otherwise only the magnitudes are summed.
+    """
+    if linear and runs[0][0] == 0:
+        raise UsageError("the removed run starting at layer 0 has no layer before it whose MLP output could be read")
+    layers = adapter.decoder_layers(model)
+    stats = [RunStatistics(start, end) for start, end in runs]
+    captured: dict[tuple[str, int], torch.Tensor] = {}
+    real: dict[str, torch.Tensor] = {}
+    last_layer = max(end for _, end in runs) - 1
+
+    def rows(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.reshape(-1, tensor.shape[-1])[real["mask"]]
+
+    def keep_branch(index: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            captured["branch", index] = rows(output.detach())
+        return hook
+
+    def keep_input(index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            captured["entering", index] = rows(_hidden_argument(args, kwargs).detach())
+        return hook
+
+    def finish_run(index: int, run: RunStatistics):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            run.add(captured.pop(("branch", index), None), captured.pop(("entering", index)),
+                    rows(_hidden_output(output).detach()), keep_tokens)
+            if run.end - 1 == last_layer:
+                raise _Finished
+        return hook
+
+    handles = []
+    for index, run in enumerate(stats):
+        if linear:
+            handles.append(branch_module(layers[run.start - 1], adapter).register_forward_hook(keep_branch(index)))
+        handles.append(layers[run.start].register_forward_pre_hook(keep_input(index), with_kwargs=True))
+        handles.append(layers[run.end - 1].register_forward_hook(finish_run(index, run)))
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for input_ids, attention_mask in batches:
+                real["mask"] = attention_mask.reshape(-1).to(device).bool()
+                try:
+                    model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+                except _Finished:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats

@@ -1,0 +1,102 @@
+"""Error bars: standard errors, the paired bootstrap of retained performance and the perplexity
+interval cover known values at about the stated 95%, and RP equals a hand computation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from layerprune.errors import UsageError
+from layerprune.evaluation.intervals import (
+    perplexity_interval,
+    retained_performance,
+    stderr_of_mean,
+)
+from layerprune.reporting.eval_tables import comparison_table, metric_intervals
+
+TRIALS = 200
+
+
+def test_retained_performance_equals_a_hand_computation() -> None:
+    reference = {"a": [1, 1, 0, 0], "b": [1, 1, 1, 0]}  # acc 0.5 and 0.75
+    candidate = {"a": [1, 0, 0, 0], "b": [1, 1, 0, 0]}  # acc 0.25 and 0.5
+    result = retained_performance(reference, candidate)
+    assert result["tasks"] == {"a": 0.5, "b": pytest.approx(2 / 3)}
+    assert result["mean"] == pytest.approx((0.5 + 2 / 3) / 2)
+    assert result["ci95"][0] < result["mean"] < result["ci95"][1]
+    assert retained_performance(reference, reference) == {"mean": 1.0, "ci95": [1.0, 1.0],
+                                                          "tasks": {"a": 1.0, "b": 1.0}}
+
+
+def test_retained_performance_leaves_out_tasks_the_reference_never_gets_right() -> None:
+    result = retained_performance({"a": [1, 0], "z": [0, 0]}, {"a": [1, 1], "z": [1, 0]})
+    assert result["tasks"] == {"a": 2.0} and result["excluded"] == ["z"]
+    with pytest.raises(UsageError, match="same --limit"):
+        retained_performance({"a": [1, 0]}, {"a": [1]})
+    with pytest.raises(UsageError, match="no task"):
+        retained_performance({"z": [0, 0]}, {"z": [1, 1]})
+
+
+def test_paired_bootstrap_covers_the_true_retained_performance_at_about_95_percent() -> None:
+    """Two tasks whose true accuracy ratios are 0.8 and 0.9 (true RP 0.85); the pruned model keeps
+    a random share of the reference's right answers, so the two models' errors are paired."""
+    rng = np.random.default_rng(1)
+    covered = 0
+    for trial in range(TRIALS):
+        reference, candidate = {}, {}
+        for task, (accuracy, kept) in {"a": (0.7, 0.8), "b": (0.5, 0.9)}.items():
+            right = rng.random(300) < accuracy
+            reference[task], candidate[task] = right.astype(int), (right & (rng.random(300) < kept)).astype(int)
+        low, high = retained_performance(reference, candidate, iterations=500, seed=trial)["ci95"]
+        covered += low <= 0.85 <= high
+    assert 0.90 <= covered / TRIALS <= 0.99
+
+
+def test_paired_interval_is_narrower_than_the_spread_of_unpaired_accuracies() -> None:
+    """A model that differs from the reference on few examples gets a tight RP interval, though each
+    accuracy alone is uncertain by several points: the pairing is what makes methods rankable."""
+    rng = np.random.default_rng(0)
+    right = (rng.random(400) < 0.6).astype(int)
+    flipped = right.copy()
+    flipped[np.flatnonzero(right)[:8]] = 0  # 8 of the ~240 right answers lost
+    low, high = retained_performance({"t": right}, {"t": flipped})["ci95"]
+    accuracy_width = 2 * 1.96 * stderr_of_mean(right) / right.mean()
+    assert high - low < accuracy_width / 3
+
+
+def test_standard_error_interval_covers_the_true_accuracy_at_about_95_percent() -> None:
+    rng = np.random.default_rng(2)
+    covered = 0
+    for _ in range(TRIALS):
+        right = (rng.random(200) < 0.3).astype(int)
+        margin = 1.96 * stderr_of_mean(right)
+        covered += right.mean() - margin <= 0.3 <= right.mean() + margin
+    assert 0.90 <= covered / TRIALS <= 0.99
+    assert stderr_of_mean([1, 0, 1, 1]) == pytest.approx(math.sqrt(0.75 * 0.25 / 3))
+    assert math.isnan(stderr_of_mean([1]))
+
+
+def test_perplexity_interval_covers_the_true_perplexity_at_about_95_percent() -> None:
+    """Windows of 100 tokens with a mean NLL drawn around 3 nats: the true perplexity is e^3."""
+    rng = np.random.default_rng(3)
+    covered = 0
+    for trial in range(TRIALS):
+        window_nll = 100 * rng.normal(3.0, 0.3, size=60)
+        low, high = perplexity_interval(window_nll, [100] * 60, iterations=500, seed=trial)
+        covered += low <= math.exp(3.0) <= high
+    assert 0.90 <= covered / TRIALS <= 0.99
+    assert perplexity_interval([200.0], [100]) == pytest.approx([math.exp(2.0)] * 2)
+
+
+def test_table_shows_intervals_and_retained_performance() -> None:
+    model = {"perplexity": {"wiki": {"ppl": 30.0, "nll": 3.4, "tokens": 9, "ci95": [28.0, 32.5]}},
+             "tasks": {"t": {"acc": 0.5, "stderr": 0.05, "available": 500, "evaluated": 100}}}
+    pruned = {**model, "retained": {"mean": 0.9, "ci95": [0.85, 0.95], "tasks": {"t": 0.9}}}
+    report = {"reference": "dense", "models": {"dense": model, "pruned": pruned}}
+    assert metric_intervals(model)["t acc"] == pytest.approx((0.5 - 0.098, 0.5 + 0.098))
+    table = comparison_table(report)
+    assert "| ppl wiki | 30 (28–32.5) |" in table
+    assert "| t acc | 0.5 (0.402–0.598) |" in table
+    assert "| retained | — | 0.9 (0.85–0.95) | — |" in table
