@@ -28,7 +28,7 @@ import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from layerprune.cache import cache_dir
-from layerprune.data.sources import _hub_reachable
+from layerprune import hub
 from layerprune.errors import UsageError
 from layerprune.evaluation.intervals import stderr_of_mean
 from layerprune.outputs import write_bytes_atomic
@@ -36,7 +36,6 @@ from layerprune.outputs import write_bytes_atomic
 log = logging.getLogger(__name__)
 
 ONLINE_TASKS = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa", "mmlu")
-_OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 class Labelled(Protocol):
@@ -132,12 +131,11 @@ def check_hub_reachable(tasks: Sequence[str]) -> None:
     if not online:
         return
     fix = f"offline, use --tasks lp_offline ({', '.join(TASK_GROUPS['lp_offline'])})"
-    flags = [flag for flag in _OFFLINE_FLAGS if os.environ.get(flag, "").lower() in ("1", "true", "yes", "on")]
-    if flags:
+    if hub.offline_requested():
         if not _hugging_face_cache_has_datasets():
-            raise UsageError(f"task(s) {', '.join(online)} need data from the Hugging Face hub, but {flags[0]} is set "
-                             f"and the Hugging Face cache holds no datasets; {fix}")
-    elif not _hub_reachable(timeout=2.0):
+            raise UsageError(f"task(s) {', '.join(online)} need data from the Hugging Face hub, but HF_HUB_OFFLINE or "
+                             f"HF_DATASETS_OFFLINE is set and the Hugging Face cache holds no datasets; {fix}")
+    elif not hub.hub_reachable(timeout=2.0):
         raise UsageError(f"task(s) {', '.join(online)} need data from the Hugging Face hub, which cannot be reached; "
                          f"{fix}")
 
