@@ -118,3 +118,37 @@ def test_bad_budgets_exit_2_with_the_reason_and_write_nothing(flags: list[str], 
     assert code == 2
     assert reason in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["rescale", "replace-linear"])
+def test_a_recipe_repair_section_gives_the_weights_of_compensate(method: str, corpus: dict[str, Path],
+                                                                 tmp_path: Path) -> None:
+    """The recipe stage a search's recipe relies on, for the repairs that read calibration rows."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {corpus['model']}\n"
+                      f"calibration: {{source: {corpus['calibration']}, samples: 8, seq_len: 64}}\n"
+                      "score: {metrics: [ppl]}\nselect: {remove: 2, strategy: consecutive}\n"
+                      f"repair: {{method: {method}, batch_size: 4}}\n")
+    run = lp.run_recipe(recipe, tmp_path / "run", allowed_paths=[corpus["folder"]], log=lambda line: None)
+    layers = json.loads((run / "scores.json").read_text())["selection"]["remove"]
+    loaded = lp.load_model(corpus["model"])
+    rows = lp.build_calibration(loaded.tokenizer, str(corpus["calibration"]), samples=8, seq_len=64)
+    lp.compensate(loaded, layers, method, rows, batch_size=4)
+    lp.save(loaded, tmp_path / "direct")
+    expected, got = weights(tmp_path / "direct"), weights(run / "model")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_the_command_writes_the_folder_and_names_the_winner(corpus: dict[str, Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    code = main(["search", "--model", str(corpus["model"]), "--data", str(corpus["calibration"]), "--rank-data",
+                 str(corpus["held_out"]), "--samples", "8", "--seq-len", "64", "--rank-windows", "4",
+                 "--remove", "33%", "--max-candidates", "3", "--no-repair", "--out", str(out)])
+    assert code == 0
+    document = json.loads((out / "search.json").read_text())
+    assert len(document["candidates"]) == 3 and document["remove"] == 2
+    assert document["winner_label"] in capsys.readouterr().out
+    assert main(["search", "--model", str(corpus["model"]), "--data", str(corpus["calibration"]), "--out",
+                 str(tmp_path / "other")]) == 2  # a local file without --rank-data has no held-out text
+    assert "--rank-data" in capsys.readouterr().err
