@@ -71,12 +71,12 @@ def bench(model: str, scratch: Path) -> dict[str, object]:
 
 def render(results: list[dict[str, object]]) -> str:
     lines = ["## Search", "",
-             f"`layerprune search --remove {REMOVE}` (default data and budget) against `layerprune prune --metric ppl "
-             f"--remove {REMOVE}` on the same data; wall-clock of each command. Perplexity on the wiki-sample test "
-             f"split ({EVAL_WINDOWS} windows of {EVAL_WINDOW} tokens), which neither calibration (train) nor the "
-             "search's ranking (validation) reads. Produced by `python benchmarks/bench_search.py`.", "",
-             "| model | prune --metric ppl (s) | search (s) | ratio | candidates | winner | winner ppl | "
-             "best single-metric cut (ppl) | winner at least as good |", "|---|---|---|---|---|---|---|---|---|"]
+             (f"`layerprune search --remove {REMOVE}` (default data and budget) against `layerprune prune --metric ppl "
+              f"--remove {REMOVE}` on the same data; wall-clock of each command. Perplexity on the wiki-sample test "
+              f"split ({EVAL_WINDOWS} windows of {EVAL_WINDOW} tokens), which neither calibration (train) nor the "
+              "search's ranking (validation) reads. Produced by `python benchmarks/bench_search.py`."), "",
+             ("| model | prune --metric ppl (s) | search (s) | ratio | candidates | winner | winner ppl | "
+              "best single-metric cut (ppl) | winner at least as good |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         cuts: dict[str, float] = r["cuts"]  # type: ignore[assignment]
         best = min(cuts, key=cuts.__getitem__)
@@ -94,7 +94,7 @@ def render(results: list[dict[str, object]]) -> str:
 def write_section(text: str) -> None:
     """Replace only our section of the shared results file (other sections belong to others)."""
     current = DOC.read_text() if DOC.is_file() else "# Benchmarks\n\n"
-    pattern = re.compile(r"^## Search\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(r"^## Search\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
     updated = pattern.sub(lambda _: text, current) if pattern.search(current) else current.rstrip("\n") + "\n\n" + text
     DOC.write_text(updated)
 

@@ -21,7 +21,7 @@ from layerprune.search import DropRule, SearchRecord, rank
 from layerprune.search.report import pareto_front
 
 QUICK = Workload(prompt_len=8, new_tokens=2, repeats=1, warmup=0)
-SETTINGS = dict(samples=8, seq_len=64, rank_windows=6, batch_size=4, workload=QUICK)
+SETTINGS = {"samples": 8, "seq_len": 64, "rank_windows": 6, "batch_size": 4, "workload": QUICK}
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,7 @@ from typing import Any
 
 from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel
-from layerprune.scoring import METRICS, ScoreReport
-from layerprune.scoring import baselines
+from layerprune.scoring import METRICS, ScoreReport, baselines
 from layerprune.selection import Rescore, Selection, select
 
 ONE_SHOT_STRATEGIES = ("independent", "consecutive")

@@ -33,12 +33,12 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 def search_table(record: Any) -> str:
     """``search.md``: one row per candidate tried, the winner marked, best perplexity first."""
     order = sorted(range(len(record.tried)), key=lambda i: (record.tried[i].dropped, record.tried[i].ppl))
+    ranking = record.settings["ranking"]
     lines = [f"# Search: {record.model}, {record.remove} of {record.num_layers} layers removed", "",
-             f"Ranked on {record.settings['ranking']['source']} ({record.settings['ranking']['split']} split), "
-             f"{record.settings['ranking']['windows']} windows of {record.settings['ranking']['seq_len']} tokens; "
-             f"{len(record.tried)} candidates tried in {record.seconds:.0f} s.", "",
-             "| | candidate | removed layers | held-out ppl | parameters | decode speed-up (measured / FLOP-ideal) "
-             "| seconds |", "|---|---|---|---|---|---|---|"]
+             (f"Ranked on {ranking['source']} ({ranking['split']} split), {ranking['windows']} windows of "
+              f"{ranking['seq_len']} tokens; {len(record.tried)} candidates tried in {record.seconds:.0f} s."), "",
+             ("| | candidate | removed layers | held-out ppl | parameters | decode speed-up (measured / FLOP-ideal) "
+              "| seconds |"), "|---|---|---|---|---|---|---|"]
     for index in order:
         tried = record.tried[index]
         mark = "**winner**" if index == record.winner_index else ("dropped" if tried.dropped else "")

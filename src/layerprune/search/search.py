@@ -35,7 +35,15 @@ from layerprune.evaluation.efficiency import Workload
 from layerprune.models.lineage import count_parameters
 from layerprune.models.loading import LoadedModel, load_model
 from layerprune.search.candidates import (
-    Candidate, available_repairs, candidate_metrics, cut, plain_candidates, repaired_candidates, unique_selections,
+    ONE_SHOT_STRATEGIES,
+    RESCORING_STRATEGIES,
+    Candidate,
+    available_repairs,
+    candidate_metrics,
+    cut,
+    plain_candidates,
+    repaired_candidates,
+    unique_selections,
 )
 from layerprune.search.ranking import DropRule, held_out_windows, rank, window_losses
 from layerprune.search.speed import SEARCH_WORKLOAD, decode_speedup, layers_for_speedup
@@ -43,6 +51,7 @@ from layerprune.selection import check_remove, parse_remove
 
 DEFAULT_REMOVE = "25%"
 HELD_OUT_SPLITS = ("validation", "test")
+DEFAULT_DROP_RULE = DropRule()
 
 
 @dataclass
@@ -135,7 +144,7 @@ def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, 
            data: str | Path = "wiki-sample", split: str = "train", text_field: str | None = None,
            samples: int = 64, seq_len: int = 256, seed: int = 0, sampling: str = "random", batch_size: int = 8,
            metric_options: dict[str, Any] | None = None, rank_data: str | Path | None = None,
-           rank_windows: int = 16, drop_rule: DropRule = DropRule(), repairs: bool = True,
+           rank_windows: int = 16, drop_rule: DropRule = DEFAULT_DROP_RULE, repairs: bool = True,
            heal: str | None = None, heal_options: dict[str, Any] | None = None,
            time_budget: float | None = None, max_candidates: int | None = None,
            out: str | Path | None = None, overwrite: bool = False, workload: Workload = SEARCH_WORKLOAD,
@@ -164,8 +173,8 @@ def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, 
         from layerprune.healing import HEALERS
 
         HEALERS.get(heal)
-    model_folder = None if isinstance(model, LoadedModel) else Path(str(model)).expanduser()
-    protected = [model_folder] if model_folder is not None and model_folder.exists() else []
+    model_folder = model.local_dir if isinstance(model, LoadedModel) else Path(str(model)).expanduser()
+    protected = [model_folder] if model_folder is not None and Path(model_folder).exists() else []
     if out is not None:
         check_output_path(out, overwrite=overwrite, protected=protected)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, **(load_options or {}))
@@ -189,6 +198,9 @@ def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, 
     metrics = candidate_metrics()
     report = score(loaded, calibration, metrics, data=calibration_options, **options)
     selections = unique_selections(report, count, rescorer(loaded, calibration, **options), out_of_time)
+    selected = {(s.metric, s.strategy) for s in selections}
+    not_selected = [f"{metric}/{strategy}" for strategy in (*ONE_SHOT_STRATEGIES, *RESCORING_STRATEGIES)
+                    for metric in metrics if (metric, strategy) not in selected]
     plain = plain_candidates(selections)
     repaired, skipped = repaired_candidates(loaded, plain, available_repairs()) if repairs else ([], [])
     queue = [*plain, *repaired]
@@ -229,7 +241,10 @@ def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, 
                     else "the --rank-data text",
                     "drop_rule": f"dropped once, after {drop_rule.after} or more windows, the running perplexity "
                                  f"exceeds {drop_rule.factor:g}x the best final perplexity so far"},
-        "metrics": metrics, "importance": {name: r.importance for name, r in report.results.items()},
+        "metrics": metrics,
+        "selections_not_made": {"pairs": not_selected, "reason": "the time budget was spent before these "
+                                "re-scoring selections"} if not_selected else None,
+        "importance": {name: r.importance for name, r in report.results.items()},
         "speed_workload": {"prompt_len": workload.prompt_len, "new_tokens": workload.new_tokens,
                            "repeats": workload.repeats},
         "heal": heal,
@@ -244,7 +259,8 @@ def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, 
         if heal is not None:
             from layerprune.healing import heal as heal_model
 
-            winner_model = heal_model(winner_model, heal, data, original=loaded, **(heal_options or {}))
+            # a plain cut shares its weights with the original (the teacher): train an own copy
+            winner_model = heal_model(winner_model.copy(), heal, data, original=loaded, **(heal_options or {}))
         record.out = write_search(record, winner_model, out, overwrite=overwrite, protected=protected,
                                   source=source, calibration=calibration_options, batch_size=batch_size,
                                   metric_options=metric_options or {}, heal_options=heal_options or {})

@@ -10,8 +10,14 @@ from __future__ import annotations
 import argparse
 
 from layerprune.cli.options import (
-    add_calibration_options, add_command, add_model_options, add_output_options, check_calibration_args,
-    input_folders, metric_options_from_args, remove_check,
+    add_calibration_options,
+    add_command,
+    add_model_options,
+    add_output_options,
+    check_calibration_args,
+    input_folders,
+    metric_options_from_args,
+    remove_check,
 )
 from layerprune.outputs import check_output_path
 from layerprune.search import DropRule, check_budget, search
@@ -23,8 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_options(parser)
     add_output_options(parser)
     budget = parser.add_argument_group("budget")
-    budget.add_argument("--remove", help=f"layers to remove: a count (8) or a share (25%%); default {DEFAULT_REMOVE.replace('%', '%%')} "
-                                         "unless --target-speedup is given")
+    default = DEFAULT_REMOVE.replace("%", "%%")  # argparse formats help with %
+    budget.add_argument("--remove", help=f"layers to remove: a count (8) or a share (25%%); default {default} unless "
+                                         "--target-speedup is given")
     budget.add_argument("--target-speedup", type=float, metavar="X",
                         help="instead of --remove: the fewest layers whose removal gives a measured decode speed-up "
                              "of X over the original")
@@ -50,9 +57,10 @@ def run(args: argparse.Namespace) -> int:
     remove = check_budget(args.remove, args.target_speedup, args.time_budget, args.max_candidates)
     check_calibration_args(args)
     check_output_path(args.out, overwrite=args.overwrite, protected=input_folders(args))
-    load_options = dict(gguf_file=args.gguf_file, dtype=args.dtype, device=args.device, device_map=args.device_map,
-                        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
-                        check_config=remove_check(remove if args.target_speedup is None else None))
+    load_options = {"gguf_file": args.gguf_file, "dtype": args.dtype, "device": args.device,
+                    "device_map": args.device_map, "trust_remote_code": args.trust_remote_code,
+                    "allow_pickle": args.allow_pickle,
+                    "check_config": remove_check(remove if args.target_speedup is None else None)}
     record = search(
         args.model, args.remove, target_speedup=args.target_speedup, data=args.data, split=args.split,
         text_field=args.text_field, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
