@@ -152,3 +152,12 @@ def test_the_command_writes_the_folder_and_names_the_winner(corpus: dict[str, Pa
     assert main(["search", "--model", str(corpus["model"]), "--data", str(corpus["calibration"]), "--out",
                  str(tmp_path / "other")]) == 2  # a local file without --rank-data has no held-out text
     assert "--rank-data" in capsys.readouterr().err
+
+
+def test_a_spent_time_budget_still_ranks_one_candidate_and_lists_the_rest(corpus: dict[str, Path]) -> None:
+    record = lp.search(str(corpus["model"]), 2, data=str(corpus["calibration"]), rank_data=str(corpus["held_out"]),
+                       time_budget=1e-6, repairs=False, **SETTINGS)
+    assert len(record.tried) == 1 and record.winner_index == 0
+    document = record.to_json()
+    assert len(document["not_tried"]) >= 1
+    assert all(pair.endswith("/iterative") for pair in document["selections_not_made"]["pairs"])
