@@ -140,6 +140,39 @@ def held_out_source(data: str | Path, split: str, rank_data: str | Path | None) 
                      "rank the candidates on")
 
 
+def rank_queue(loaded: LoadedModel, queue: list[Candidate], calibration: Any, windows: list[Any], first: int, *,
+               batch_size: int, drop_rule: DropRule, workload: Workload, out_of_time: Callable[[], bool],
+               progress: bool | None) -> tuple[list[Tried], LoadedModel]:
+    """Cut, rank and time each candidate of ``queue`` in order until it ends or time is out (the
+    first is always ranked); returns what was tried and the best model, kept to be saved.
+
+    ``first`` is the first predicted position of a window (after the tokenizer's prefix).
+    """
+    speeds: dict[int, tuple[float, float]] = {}
+    tried: list[Tried] = []
+    best: tuple[float, LoadedModel] | None = None
+    bar = tqdm(queue, desc="search", unit="candidate", disable=None if progress is None else not progress,
+               file=sys.stderr)
+    for candidate in bar:
+        if tried and out_of_time():
+            break
+        bar.set_postfix_str(f"trying {candidate.label}" + (f", best ppl {best[0]:.2f}" if best else ""))
+        start = time.perf_counter()
+        working = cut(loaded, candidate, calibration, batch_size)
+        ranked = rank(window_losses(working.model, windows, batch_size, first), drop_rule, best[0] if best else None)
+        depth = len(candidate.remove)
+        if depth not in speeds:  # speed depends on how many layers run, not which (see .speed)
+            measured = decode_speedup(loaded.model, working.model, workload)
+            speeds[depth] = (measured.ideal, measured.measured)
+        tried.append(Tried(candidate, ranked.ppl, ranked.tokens, ranked.windows, ranked.dropped,
+                           count_parameters(working.model), *speeds[depth], time.perf_counter() - start))
+        if not ranked.dropped and (best is None or ranked.ppl < best[0]):
+            best = (ranked.ppl, working)
+    bar.close()
+    assert best is not None, "the first candidate is always ranked in full (nothing to compare it with)"
+    return tried, best[1]
+
+
 def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, target_speedup: float | None = None,
            data: str | Path = "wiki-sample", split: str = "train", text_field: str | None = None,
            samples: int = 64, seq_len: int = 256, seed: int = 0, sampling: str = "random", batch_size: int = 8,
@@ -206,29 +239,9 @@ def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, 
     queue = [*plain, *repaired]
     limit = len(queue) if max_candidates is None else max_candidates
 
-    speeds: dict[int, tuple[float, float]] = {}
-    tried: list[Tried] = []
-    best: tuple[float, LoadedModel] | None = None
-    bar = tqdm(queue[:limit], desc="search", unit="candidate", disable=None if progress is None else not progress,
-               file=sys.stderr)
-    for candidate in bar:
-        if tried and out_of_time():
-            break
-        bar.set_postfix_str(f"trying {candidate.label}" + (f", best ppl {best[0]:.2f}" if best else ""))
-        start = time.perf_counter()
-        working = cut(loaded, candidate, calibration, batch_size)
-        ranked = rank(window_losses(working.model, windows, batch_size, max(len(prefix), 1)), drop_rule,
-                      best[0] if best else None)
-        depth = len(candidate.remove)
-        if depth not in speeds:  # speed depends on how many layers run, not which (see .speed)
-            measured = decode_speedup(loaded.model, working.model, workload)
-            speeds[depth] = (measured.ideal, measured.measured)
-        tried.append(Tried(candidate, ranked.ppl, ranked.tokens, ranked.windows, ranked.dropped,
-                           count_parameters(working.model), *speeds[depth], time.perf_counter() - start))
-        if not ranked.dropped and (best is None or ranked.ppl < best[0]):
-            best = (ranked.ppl, working)
-    bar.close()
-    assert best is not None, "the first candidate is always ranked in full (nothing to compare it with)"
+    tried, winner_model = rank_queue(loaded, queue[:limit], calibration, windows, max(len(prefix), 1),
+                                     batch_size=batch_size, drop_rule=drop_rule, workload=workload,
+                                     out_of_time=out_of_time, progress=progress)
     winner_index = min((i for i, t in enumerate(tried) if not t.dropped), key=lambda i: (tried[i].ppl, i))
     settings = {
         "budget": {"remove": chosen_remove if target_speedup is None else None, "target_speedup": target_speedup,
@@ -255,7 +268,6 @@ def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, 
         from layerprune.search.report import write_search
 
         source = str(model) if not isinstance(model, LoadedModel) else str(loaded.local_dir or loaded.source)
-        winner_model = best[1]
         if heal is not None:
             from layerprune.healing import heal as heal_model
 
