@@ -20,7 +20,7 @@ _EXPORTS = {
     "build_calibration": "layerprune.data", "UsageError": "layerprune.errors", "evaluate": "layerprune.evaluation",
     "heal": "layerprune.healing", "LoadedModel": "layerprune.models.loading", "load_model": "layerprune.models.loading",
     "run_recipe": "layerprune.recipes", "compensate": "layerprune.repair", "ScoreReport": "layerprune.scoring", "score": "layerprune.scoring",
-    "Selection": "layerprune.selection", "select": "layerprune.selection",
+    "search": "layerprune.search", "Selection": "layerprune.selection", "select": "layerprune.selection",
 }
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from layerprune.recipes import run_recipe
     from layerprune.repair import compensate
     from layerprune.scoring import ScoreReport, score
+    from layerprune.search import search
     from layerprune.selection import Selection, select
 
 __all__ = sorted(_EXPORTS)

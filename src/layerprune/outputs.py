@@ -29,7 +29,7 @@ from layerprune.errors import UsageError
 
 # Files whose presence marks a folder as one layerprune wrote: a saved model's provenance and a
 # run folder's state. ``--overwrite`` replaces such a folder (or an empty one), never anything else.
-OUTPUT_MARKERS = ("layerprune.json", "run.json")
+OUTPUT_MARKERS = ("layerprune.json", "run.json", "search.json")
 NOT_OURS = "not a layerprune output; remove it yourself or choose another path"
 
 # errno -> why a write failed, in words a user can act on (see :func:`write_failure`)

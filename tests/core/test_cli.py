@@ -67,7 +67,7 @@ COMMANDS = {name: parser for action in PARSER._actions if isinstance(action, arg
 
 
 def test_every_command_is_checked() -> None:
-    assert set(COMMANDS) == {"eval", "heal", "info", "prune", "run", "score"}
+    assert set(COMMANDS) == {"eval", "heal", "info", "prune", "run", "score", "search"}
 
 
 def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:

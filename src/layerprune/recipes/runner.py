@@ -7,6 +7,7 @@ names (see :data:`SECTIONS`), so the recipe schema is the API itself:
     calibration: {source: wiki-sample, samples: 64, seq_len: 256}   # -> layerprune.data.build_calibration
     score: {metrics: [bi]}                                           # -> layerprune.score
     select: {remove: 25%, strategy: independent}                      # -> layerprune.select
+    repair: {method: replace-linear}                                  # -> layerprune.repair.compensate
     heal: {method: partial-ft, data: wiki-sample, steps: 100}          # -> layerprune.heal
     eval: {ppl: [wiki-sample], seq_len: 256}                          # -> layerprune.evaluate
 
@@ -49,6 +50,7 @@ def _section_fields() -> dict[str, dict[str, FieldSpec]]:
     from layerprune.selection import select
 
     return {
+        "repair": _repair_fields(),
         "load": fields_of(load_model, skip=("name_or_path", "check_config")),
         "calibration": fields_of(build_calibration, skip=("tokenizer",)),
         "score": {**fields_of(score, skip=("loaded", "calibration", "data")),
@@ -58,6 +60,31 @@ def _section_fields() -> dict[str, dict[str, FieldSpec]]:
                  **option_fields(TrainingOptions, *(HEALERS.get(name).options_class for name in HEALERS))},
         "eval": fields_of(evaluate, skip=("model", "compare")),
     }
+
+
+def _repair_fields() -> dict[str, FieldSpec]:
+    """The repair section: :func:`layerprune.repair.compensate`'s method and batch, and every repair
+    method's own options (each method reads those its options class declares)."""
+    from layerprune.repair import REPAIRS, compensate
+
+    return {**fields_of(compensate, skip=("loaded", "layers", "data", "options", "reason")),
+            **option_fields(*(method.options_class for method in REPAIRS.values()))}
+
+
+def _repair_options(section: dict[str, Any]) -> dict[str, Any]:
+    """The repair section as :func:`compensate`'s keyword arguments: its method's options class
+    built from the keys that class declares."""
+    from layerprune.options import options_of
+    from layerprune.repair import repair_method
+
+    method = repair_method(section["method"])
+    own = {o.name for o in options_of(method.options_class)} if method.options_class is not None else set()
+    given = {key: value for key, value in section.items() if key in own}
+    stray = set(section) - own - {"method", "batch_size"}
+    if stray:
+        raise UsageError(f"{method.name} takes no option {', '.join(sorted(stray))}; remove it from the repair section")
+    options = method.options_class(**given) if given else None
+    return {"method": method.name, "batch_size": section.get("batch_size", 8), "options": options}
 
 
 PATH_KEYS: tuple[tuple[str, ...], ...] = (
@@ -94,7 +121,7 @@ def check_recipe_paths(values: dict[str, Any], lines: dict[tuple[str, ...], int]
 
 TOP_LEVEL = {
     "name": FieldSpec(str), "description": FieldSpec(str), "model": FieldSpec(str),
-    **{section: FieldSpec(dict) for section in ("load", "calibration", "score", "select", "heal", "eval")},
+    **{section: FieldSpec(dict) for section in ("load", "calibration", "score", "select", "repair", "heal", "eval")},
 }
 
 
@@ -131,6 +158,9 @@ def load_recipe(path: str | Path, model: str | None = None, allowed_paths: list[
         raise UsageError(f"{file}: the recipe has no stage to run; add a score, heal or eval section")
     if "select" in sections and "score" not in sections:
         raise UsageError(f"{file} line {lines.get(('select',), '?')}: 'select' needs a 'score' section to choose from")
+    if "repair" in sections and "select" not in sections:
+        raise UsageError(f"{file} line {lines.get(('repair',), '?')}: 'repair' repairs the cut a 'select' section "
+                         "chooses; add one")
     if "score" in sections and "calibration" not in sections:
         sections["calibration"] = {"source": "wiki-sample"}
     return Recipe(file, file.read_text(), str(chosen), sections, lines)
@@ -225,7 +255,16 @@ def _stage_prune(ctx: RunContext) -> dict[str, Any]:
     selection = scores.get("selection", {})
     loaded = ctx.load(ctx.recipe.model)
     reason = f"metric {selection.get('metric')}, {selection.get('strategy')} selection of {len(remove)} layers"
-    prune(loaded, remove, reason=reason)
+    if "repair" in ctx.recipe.sections:
+        from layerprune.data import build_calibration
+        from layerprune.repair import compensate
+
+        # the rows the score stage scored on: the same section, so the same windows
+        rows = build_calibration(loaded.tokenizer, **ctx.recipe.sections["calibration"])
+        options = _repair_options(ctx.recipe.sections["repair"])
+        compensate(loaded, remove, options.pop("method"), rows, reason=reason, **options)
+    else:
+        prune(loaded, remove, reason=reason)
     # overwrite: a run killed after this save but before run.json recorded the stage left a
     # complete folder that no finished stage owns; redoing the stage replaces it
     save(loaded, ctx.pruned_dir, recipe=_recipe_record(ctx), overwrite=True)
@@ -351,6 +390,9 @@ def preflight(recipe: Recipe, out: Path) -> None:
                     check_remove(options["remove"])
                 else:
                     layers -= parse_remove(options["remove"], layers)
+    if "repair" in sections:
+        with _at(recipe, "repair", "method"):
+            _repair_options(sections["repair"])
     if "heal" in sections:
         options = _heal_options(recipe, out)
         options.pop("original", None)

@@ -1,0 +1,123 @@
+"""The candidates a search ranks: every metric's selection under every strategy, de-duplicated by
+the layers they remove, each also with every training-free repair that applies.
+
+All metrics are scored in one :func:`layerprune.score` call on one calibration set, so the
+similarity metrics (``bi``, ``angular``, ``block-cosine``) share their one forward pass. The
+baselines (``random``, ``reverse-order``) are references a metric must beat, not candidates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from layerprune.errors import UsageError
+from layerprune.models.loading import LoadedModel
+from layerprune.scoring import METRICS, ScoreReport, baselines
+from layerprune.selection import Rescore, Selection, select
+
+ONE_SHOT_STRATEGIES = ("independent", "consecutive")
+"""Strategies that only read the scores: cheap, so their candidates come first."""
+RESCORING_STRATEGIES = ("iterative",)
+"""Strategies that re-score the smaller model once per removed layer: tried after the one-shot ones."""
+
+
+def candidate_metrics() -> list[str]:
+    """Every registered metric except the baselines of :mod:`layerprune.scoring.baselines`."""
+    return [name for name in METRICS.names() if type(METRICS.get(name)).__module__ != baselines.__name__]
+
+
+@dataclass
+class Candidate:
+    """One cut to rank: the layers (indices of the model as loaded), how they were found, and the
+    training-free repair applied to the cut (``None``: plain removal)."""
+
+    remove: list[int]
+    metric: str
+    strategy: str
+    repair: str | None = None
+    also_found_by: list[str] = field(default_factory=list)
+    """Other ``metric/strategy`` pairs that chose the same layers (de-duplicated into this one)."""
+
+    @property
+    def label(self) -> str:
+        found = f"{self.metric}/{self.strategy}"
+        return f"{found}+{self.repair}" if self.repair else found
+
+    def to_json(self) -> dict[str, Any]:
+        return {"removed_layers": self.remove, "metric": self.metric, "strategy": self.strategy,
+                "repair": self.repair, "also_found_by": self.also_found_by}
+
+
+def unique_selections(report: ScoreReport, count: int, rescore: Rescore,
+                      out_of_time: Callable[[], bool] = lambda: False) -> list[Selection]:
+    """Every metric's selection of ``count`` layers, one-shot strategies first, each distinct layer
+    set once (the first pair to find it keeps it; the others are noted on its candidate later).
+
+    ``out_of_time`` is asked before each re-scoring selection, which costs ``count`` scorings."""
+    selections: list[Selection] = []
+    for strategies in (ONE_SHOT_STRATEGIES, RESCORING_STRATEGIES):
+        for strategy in strategies:
+            for metric in report.results:
+                if strategy in RESCORING_STRATEGIES and out_of_time():
+                    return selections
+                selections.append(select(report, count, strategy, metric, rescore=rescore))
+    return selections
+
+
+def plain_candidates(selections: list[Selection]) -> list[Candidate]:
+    """One plain-removal candidate per distinct layer set, in the order the selections came."""
+    by_layers: dict[tuple[int, ...], Candidate] = {}
+    for selection in selections:
+        key = tuple(selection.remove)
+        if key in by_layers:
+            by_layers[key].also_found_by.append(f"{selection.metric}/{selection.strategy}")
+        else:
+            by_layers[key] = Candidate(list(selection.remove), selection.metric, selection.strategy)
+    return list(by_layers.values())
+
+
+def repaired_candidates(loaded: LoadedModel, plain: list[Candidate],
+                        repairs: list[str]) -> tuple[list[Candidate], list[dict[str, Any]]]:
+    """Each plain candidate once more with every repair in ``repairs`` that accepts its cut; a
+    refused one is returned as a record ``{removed_layers, repair, reason}`` (the method's own words)."""
+    from layerprune.repair import check_repair
+
+    repaired, skipped = [], []
+    for repair in repairs:
+        for candidate in plain:
+            try:
+                check_repair(loaded, candidate.remove, repair)
+            except UsageError as refusal:
+                skipped.append({"removed_layers": candidate.remove, "metric": candidate.metric,
+                                "strategy": candidate.strategy, "repair": repair, "reason": str(refusal)})
+                continue
+            repaired.append(Candidate(candidate.remove, candidate.metric, candidate.strategy, repair,
+                                      list(candidate.also_found_by)))
+    return repaired, skipped
+
+
+def available_repairs() -> list[str]:
+    """The training-free repair methods, cheapest first (merge reads no data, replace-linear solves a map)."""
+    from layerprune.repair import REPAIRS
+
+    cost = {"merge": 0, "rescale": 1, "replace-linear": 2}
+    return sorted(REPAIRS, key=lambda name: cost.get(name, len(cost)))
+
+
+def cut(loaded: LoadedModel, candidate: Candidate, calibration: Any, batch_size: int) -> LoadedModel:
+    """A copy of ``loaded`` with ``candidate`` applied: plain removal, or removal repaired with its
+    method on ``calibration`` (the rows the metrics were scored on, never the ranking windows).
+    ``loaded`` itself stays whole for the next candidate."""
+    from layerprune.api import prune
+
+    working = loaded.copy(share_weights=candidate.repair is None)  # a repair writes into kept layers
+    reason = f"{candidate.metric} scores, {candidate.strategy} selection (layerprune search)"
+    if candidate.repair is None:
+        prune(working, candidate.remove, reason=reason)
+    else:
+        from layerprune.repair import compensate
+
+        compensate(working, candidate.remove, candidate.repair, calibration, batch_size=batch_size, reason=reason)
+    return working

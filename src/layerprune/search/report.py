@@ -1,0 +1,118 @@
+"""A search's output folder: the winner, ``search.json``, ``search.md``, ``pareto.png`` and ``recipe.yaml``.
+
+The folder is built under a temporary name and renamed into place at the end
+(:func:`layerprune.outputs.atomic_output_dir`), so a failed search leaves nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from layerprune.models.loading import LoadedModel
+from layerprune.outputs import atomic_output_dir
+
+SEARCH_FILE = "search.json"
+TABLE_FILE = "search.md"
+PLOT_FILE = "pareto.png"
+RECIPE_FILE = "recipe.yaml"
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the ``(speedup, ppl)`` points no other point beats on both (faster and not worse,
+    or as fast and better)."""
+    return [i for i, (speed, ppl) in enumerate(points)
+            if not any((s >= speed and p < ppl) or (s > speed and p <= ppl) for s, p in points)]
+
+
+def search_table(record: Any) -> str:
+    """``search.md``: one row per candidate tried, the winner marked, best perplexity first."""
+    order = sorted(range(len(record.tried)), key=lambda i: (record.tried[i].dropped, record.tried[i].ppl))
+    ranking = record.settings["ranking"]
+    lines = [f"# Search: {record.model}, {record.remove} of {record.num_layers} layers removed", "",
+             (f"Ranked on {ranking['source']} ({ranking['split']} split), {ranking['windows']} windows of "
+              f"{ranking['seq_len']} tokens; {len(record.tried)} candidates tried in {record.seconds:.0f} s."), "",
+             ("| | candidate | removed layers | held-out ppl | parameters | decode speed-up (measured / FLOP-ideal) "
+              "| seconds |"), "|---|---|---|---|---|---|---|"]
+    for index in order:
+        tried = record.tried[index]
+        mark = "**winner**" if index == record.winner_index else ("dropped" if tried.dropped else "")
+        ppl = f"> {tried.ppl:.2f}" if tried.dropped else f"{tried.ppl:.2f}"
+        lines.append(f"| {mark} | {tried.label} | {','.join(map(str, tried.candidate.remove))} | {ppl} | "
+                     f"{tried.parameters:,} | {tried.measured_speedup:.2f}x / {tried.ideal_speedup:.2f}x | "
+                     f"{tried.seconds:.1f} |")
+    if record.skipped:
+        lines += ["", "Repairs that do not apply:", ""]
+        lines += [f"- {s['repair']} on {','.join(map(str, s['removed_layers']))}: {s['reason']}" for s in record.skipped]
+    return "\n".join(lines) + "\n"
+
+
+def plot_pareto(record: Any) -> bytes:
+    """PNG: held-out perplexity against measured decode speed-up, every point labelled, the front joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    points = [(t.measured_speedup, t.ppl) for t in record.tried]
+    front = sorted(pareto_front(points), key=lambda i: points[i][0])
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for index, (tried, (speed, ppl)) in enumerate(zip(record.tried, points, strict=True)):
+        winner = index == record.winner_index
+        axis.scatter([speed], [ppl], marker="*" if winner else "o", s=140 if winner else 30,
+                     facecolors="none" if tried.dropped else ("#d62728" if winner else "#1f77b4"),
+                     edgecolors="#d62728" if winner else "#1f77b4")
+        axis.annotate(tried.label, (speed, ppl), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    axis.plot([points[i][0] for i in front], [points[i][1] for i in front], color="#7f7f7f", linewidth=0.8,
+              label="Pareto front")
+    axis.set_xlabel("measured decode speed-up over the original")
+    axis.set_ylabel("held-out perplexity (hollow: dropped early, a lower bound)")
+    axis.set_title(f"{record.model}: {len(record.tried)} candidates", fontsize=10)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def recipe_document(record: Any, source: str, calibration: dict[str, Any], batch_size: int,
+                    metric_options: dict[str, Any], heal_options: dict[str, Any]) -> dict[str, Any]:
+    """The recipe that replays the winner without searching: its metric alone, its strategy, its repair."""
+    winner = record.winner.candidate
+    document: dict[str, Any] = {
+        "name": f"search winner: {winner.label}",
+        "description": f"replays the winner of layerprune search ({record.remove} of {record.num_layers} layers)",
+        "model": source,
+        "calibration": calibration,
+        "score": {"metrics": [winner.metric], "batch_size": batch_size, **metric_options},
+        "select": {"remove": record.remove, "strategy": winner.strategy, "metric": winner.metric},
+    }
+    if winner.repair is not None:
+        document["repair"] = {"method": winner.repair, "batch_size": batch_size}
+    if record.settings.get("heal"):
+        document["heal"] = {"method": record.settings["heal"], "data": calibration["source"], **heal_options}
+    return document
+
+
+def write_search(record: Any, winner: LoadedModel, out: str | Path, *, overwrite: bool, protected: Iterable[Path],
+                 source: str, calibration: dict[str, Any], batch_size: int, metric_options: dict[str, Any],
+                 heal_options: dict[str, Any]) -> Path:
+    """Write the whole output folder atomically; returns it."""
+    from layerprune.api import save
+
+    recipe = recipe_document(record, source, calibration, batch_size, metric_options, heal_options)
+    recipe_text = yaml.safe_dump(recipe, sort_keys=False)
+    with atomic_output_dir(out, overwrite=overwrite, protected=protected) as staging:
+        save(winner, staging / "model", recipe={"file": RECIPE_FILE, "text": recipe_text, "model": source,
+                                                 "search": record.winner.to_json()})
+        (staging / SEARCH_FILE).write_text(json.dumps(record.to_json(), indent=2) + "\n")
+        (staging / TABLE_FILE).write_text(search_table(record))
+        (staging / PLOT_FILE).write_bytes(plot_pareto(record))
+        (staging / RECIPE_FILE).write_text(recipe_text)
+    return Path(out).expanduser().resolve()

@@ -1,0 +1,279 @@
+"""``layerprune.search``: the best smaller model for a layer or speed budget, and the front it came from.
+
+    import layerprune as lp
+    record = lp.search("smollm2-135m", remove=8, out="out/search")
+    record.winner.label, record.winner.ppl
+
+Steps, each sharing what it can with the others:
+
+1. one calibration set, and one :func:`layerprune.score` call for every candidate metric (the
+   similarity metrics share one forward pass);
+2. every metric's selection under every strategy, de-duplicated by the layers removed, then each
+   distinct cut again with every training-free repair that accepts it (a refusal is recorded
+   with its reason); plain cuts first, then the repairs, cheapest first. ``replace-linear`` and
+   ``rescale`` each run their own statistics pass per cut: :func:`layerprune.repair.compensate`
+   reads them from the model it cuts, so one pass cannot serve two cuts;
+3. each candidate scored on held-out windows (:mod:`.ranking`), dropped early when clearly worse;
+4. the winner saved (healed with ``heal`` if asked), with ``search.json``, ``search.md``,
+   ``pareto.png`` and a ``recipe.yaml`` that ``layerprune run`` replays to the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from layerprune.errors import UsageError
+from layerprune.evaluation.efficiency import Workload
+from layerprune.models.lineage import count_parameters
+from layerprune.models.loading import LoadedModel, load_model
+from layerprune.search.candidates import (
+    ONE_SHOT_STRATEGIES,
+    RESCORING_STRATEGIES,
+    Candidate,
+    available_repairs,
+    candidate_metrics,
+    cut,
+    plain_candidates,
+    repaired_candidates,
+    unique_selections,
+)
+from layerprune.search.ranking import DropRule, held_out_windows, rank, window_losses
+from layerprune.search.speed import SEARCH_WORKLOAD, decode_speedup, layers_for_speedup
+from layerprune.selection import check_remove, parse_remove
+
+DEFAULT_REMOVE = "25%"
+HELD_OUT_SPLITS = ("validation", "test")
+DEFAULT_DROP_RULE = DropRule()
+
+
+@dataclass
+class Tried:
+    """A candidate and what ranking it found (``ppl`` is a lower bound when ``dropped``)."""
+
+    candidate: Candidate
+    ppl: float
+    tokens: int
+    windows: int
+    dropped: bool
+    parameters: int
+    ideal_speedup: float
+    measured_speedup: float
+    seconds: float
+
+    @property
+    def label(self) -> str:
+        return self.candidate.label
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.candidate.to_json(), "held_out_ppl": self.ppl, "held_out_tokens": self.tokens,
+                "held_out_windows": self.windows, "dropped_early": self.dropped, "parameters": self.parameters,
+                "flop_ideal_decode_speedup": self.ideal_speedup, "measured_decode_speedup": self.measured_speedup,
+                "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class SearchRecord:
+    """What a search found: every candidate tried, the winner, and how the work was done (``search.json``)."""
+
+    model: str
+    num_layers: int
+    remove: int
+    tried: list[Tried]
+    winner_index: int
+    settings: dict[str, Any]
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    not_tried: list[Candidate] = field(default_factory=list)
+    seconds: float = 0.0
+    out: Path | None = None
+
+    @property
+    def winner(self) -> Tried:
+        return self.tried[self.winner_index]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "num_layers": self.num_layers, "remove": self.remove,
+                "winner": self.winner_index, "winner_label": self.winner.label, **self.settings,
+                "candidates": [tried.to_json() for tried in self.tried],
+                "skipped_repairs": self.skipped,
+                "not_tried": [{**c.to_json(), "reason": "time or candidate budget spent"} for c in self.not_tried],
+                "seconds": round(self.seconds, 1)}
+
+
+def check_budget(remove: int | str | None, target_speedup: float | None, time_budget: float | None,
+                 max_candidates: int | None) -> int | str:
+    """Refuse an impossible budget before any model is loaded; returns the ``remove`` to use."""
+    if remove is not None and target_speedup is not None:
+        raise UsageError("give either --remove (a layer count) or --target-speedup (a measured decode speed-up), "
+                         "not both")
+    if target_speedup is not None and not (target_speedup > 1 and math.isfinite(target_speedup)):
+        raise UsageError(f"--target-speedup must be more than 1 (a speed-up over the original), got {target_speedup}")
+    if time_budget is not None and not time_budget > 0:
+        raise UsageError(f"--time-budget must be more than 0 minutes, got {time_budget}; leave it out for no limit")
+    if max_candidates is not None and max_candidates < 1:
+        raise UsageError(f"--max-candidates must be at least 1, got {max_candidates}; leave it out for no limit")
+    chosen = DEFAULT_REMOVE if remove is None else remove
+    check_remove(chosen)
+    return chosen
+
+
+def held_out_source(data: str | Path, split: str, rank_data: str | Path | None) -> tuple[str, str]:
+    """Where ranking reads: ``rank_data`` (its train split), another split of ``data``, or a refusal
+    for a local file, whose every split is the whole file (the windows used to score)."""
+    from layerprune.data import BUILTIN_CORPORA, HUB_CORPORA, check_source
+
+    if rank_data is not None:
+        if Path(str(rank_data)).expanduser().resolve() == Path(str(data)).expanduser().resolve():
+            raise UsageError("--rank-data is the calibration file itself; rank on held-out text (another file)")
+        check_source(rank_data)
+        return str(rank_data), "train" if str(rank_data) in BUILTIN_CORPORA or str(rank_data) in HUB_CORPORA else split
+    if str(data) in BUILTIN_CORPORA or str(data) in HUB_CORPORA:
+        return str(data), next(s for s in HELD_OUT_SPLITS if s != split)
+    raise UsageError(f"{data} is a local file, which has no held-out split; pass --rank-data with other text to "
+                     "rank the candidates on")
+
+
+def rank_queue(loaded: LoadedModel, queue: list[Candidate], calibration: Any, windows: list[Any], first: int, *,
+               batch_size: int, drop_rule: DropRule, workload: Workload, out_of_time: Callable[[], bool],
+               progress: bool | None) -> tuple[list[Tried], LoadedModel]:
+    """Cut, rank and time each candidate of ``queue`` in order until it ends or time is out (the
+    first is always ranked); returns what was tried and the best model, kept to be saved.
+
+    ``first`` is the first predicted position of a window (after the tokenizer's prefix).
+    """
+    speeds: dict[int, tuple[float, float]] = {}
+    tried: list[Tried] = []
+    best: tuple[float, LoadedModel] | None = None
+    bar = tqdm(queue, desc="search", unit="candidate", disable=None if progress is None else not progress,
+               file=sys.stderr)
+    for candidate in bar:
+        if tried and out_of_time():
+            break
+        bar.set_postfix_str(f"trying {candidate.label}" + (f", best ppl {best[0]:.2f}" if best else ""))
+        start = time.perf_counter()
+        working = cut(loaded, candidate, calibration, batch_size)
+        ranked = rank(window_losses(working.model, windows, batch_size, first), drop_rule, best[0] if best else None)
+        depth = len(candidate.remove)
+        if depth not in speeds:  # speed depends on how many layers run, not which (see .speed)
+            measured = decode_speedup(loaded.model, working.model, workload)
+            speeds[depth] = (measured.ideal, measured.measured)
+        tried.append(Tried(candidate, ranked.ppl, ranked.tokens, ranked.windows, ranked.dropped,
+                           count_parameters(working.model), *speeds[depth], time.perf_counter() - start))
+        if not ranked.dropped and (best is None or ranked.ppl < best[0]):
+            best = (ranked.ppl, working)
+    bar.close()
+    assert best is not None, "the first candidate is always ranked in full (nothing to compare it with)"
+    return tried, best[1]
+
+
+def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, target_speedup: float | None = None,
+           data: str | Path = "wiki-sample", split: str = "train", text_field: str | None = None,
+           samples: int = 64, seq_len: int = 256, seed: int = 0, sampling: str = "random", batch_size: int = 8,
+           metric_options: dict[str, Any] | None = None, rank_data: str | Path | None = None,
+           rank_windows: int = 16, drop_rule: DropRule = DEFAULT_DROP_RULE, repairs: bool = True,
+           heal: str | None = None, heal_options: dict[str, Any] | None = None,
+           time_budget: float | None = None, max_candidates: int | None = None,
+           out: str | Path | None = None, overwrite: bool = False, workload: Workload = SEARCH_WORKLOAD,
+           progress: bool | None = None, load_options: dict[str, Any] | None = None) -> SearchRecord:
+    """Find the best cut of ``remove`` layers (a count or ``"25%"``; default 25%) of ``model``, or of the
+    fewest layers that reach a measured decode ``target_speedup``, and with ``out`` write the winner
+    and the search's record there (see the module docstring).
+
+    ``time_budget`` (minutes) stops trying new candidates once spent; ``max_candidates`` caps how
+    many are ranked (at least one always is). ``heal`` heals the winner only, with ``heal_options``
+    (:func:`layerprune.heal`'s) on ``data``. ``progress``: a bar over candidates (default: on a terminal).
+    """
+    from layerprune.data import build_calibration, check_source, token_stream
+    from layerprune.data.calibration import check_calibration_options, text_prefix
+    from layerprune.outputs import check_output_path
+    from layerprune.scoring import rescorer, score
+
+    began = time.perf_counter()
+    chosen_remove = check_budget(remove, target_speedup, time_budget, max_candidates)
+    if rank_windows < 1:
+        raise UsageError(f"--rank-windows must be at least 1, got {rank_windows}")
+    check_source(data, split)
+    check_calibration_options(samples, seq_len, sampling, None)
+    rank_source, rank_split = held_out_source(data, split, rank_data)
+    if heal is not None:
+        from layerprune.healing import HEALERS
+
+        HEALERS.get(heal)
+    model_folder = model.local_dir if isinstance(model, LoadedModel) else Path(str(model)).expanduser()
+    protected = [model_folder] if model_folder is not None and Path(model_folder).exists() else []
+    if out is not None:
+        check_output_path(out, overwrite=overwrite, protected=protected)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, **(load_options or {}))
+    deadline = began + time_budget * 60 if time_budget is not None else math.inf
+    out_of_time: Callable[[], bool] = lambda: time.perf_counter() > deadline
+
+    measured_at_count = None
+    if target_speedup is not None:
+        count, measured_at_count = layers_for_speedup(loaded, target_speedup, workload)
+    else:
+        count = parse_remove(chosen_remove, loaded.num_layers)
+    max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
+    calibration_options = {"source": str(data), "split": split, "samples": samples, "seq_len": seq_len,
+                           "seed": seed, "sampling": sampling, **({"text_field": text_field} if text_field else {})}
+    calibration = build_calibration(loaded.tokenizer, max_positions=max_positions, **calibration_options)
+    prefix = text_prefix(loaded.tokenizer)
+    windows = held_out_windows(token_stream(loaded.tokenizer, rank_source, rank_split, text_field), seq_len, prefix,
+                               rank_windows)
+
+    options = {"batch_size": batch_size, **(metric_options or {})}
+    metrics = candidate_metrics()
+    report = score(loaded, calibration, metrics, data=calibration_options, **options)
+    selections = unique_selections(report, count, rescorer(loaded, calibration, **options), out_of_time)
+    selected = {(s.metric, s.strategy) for s in selections}
+    not_selected = [f"{metric}/{strategy}" for strategy in (*ONE_SHOT_STRATEGIES, *RESCORING_STRATEGIES)
+                    for metric in metrics if (metric, strategy) not in selected]
+    plain = plain_candidates(selections)
+    repaired, skipped = repaired_candidates(loaded, plain, available_repairs()) if repairs else ([], [])
+    queue = [*plain, *repaired]
+    limit = len(queue) if max_candidates is None else max_candidates
+
+    tried, winner_model = rank_queue(loaded, queue[:limit], calibration, windows, max(len(prefix), 1),
+                                     batch_size=batch_size, drop_rule=drop_rule, workload=workload,
+                                     out_of_time=out_of_time, progress=progress)
+    winner_index = min((i for i, t in enumerate(tried) if not t.dropped), key=lambda i: (tried[i].ppl, i))
+    settings = {
+        "budget": {"remove": chosen_remove if target_speedup is None else None, "target_speedup": target_speedup,
+                   "measured_decode_speedup_at_count": measured_at_count, "time_budget_minutes": time_budget,
+                   "max_candidates": max_candidates},
+        "calibration": {**calibration_options, "used_for": "scoring every metric and fitting every repair"},
+        "ranking": {"source": rank_source, "split": rank_split, "seq_len": seq_len, "windows": len(windows),
+                    "tokens": tried[winner_index].tokens,
+                    "held_out": "another split of the calibration source (split by document)" if rank_data is None
+                    else "the --rank-data text",
+                    "drop_rule": f"dropped once, after {drop_rule.after} or more windows, the running perplexity "
+                                 f"exceeds {drop_rule.factor:g}x the best final perplexity so far"},
+        "metrics": metrics,
+        "selections_not_made": {"pairs": not_selected, "reason": "the time budget was spent before these "
+                                "re-scoring selections"} if not_selected else None,
+        "importance": {name: r.importance for name, r in report.results.items()},
+        "speed_workload": {"prompt_len": workload.prompt_len, "new_tokens": workload.new_tokens,
+                           "repeats": workload.repeats},
+        "heal": heal,
+    }
+    record = SearchRecord(loaded.source, loaded.num_layers, count, tried, winner_index, settings, skipped,
+                          queue[len(tried):], time.perf_counter() - began)
+    if out is not None:
+        from layerprune.search.report import write_search
+
+        source = str(model) if not isinstance(model, LoadedModel) else str(loaded.local_dir or loaded.source)
+        if heal is not None:
+            from layerprune.healing import heal as heal_model
+
+            # a plain cut shares its weights with the original (the teacher): train an own copy
+            winner_model = heal_model(winner_model.copy(), heal, data, original=loaded, **(heal_options or {}))
+        record.out = write_search(record, winner_model, out, overwrite=overwrite, protected=protected,
+                                  source=source, calibration=calibration_options, batch_size=batch_size,
+                                  metric_options=metric_options or {}, heal_options=heal_options or {})
+    return record
