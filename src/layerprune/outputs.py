@@ -27,8 +27,9 @@ from typing import Any
 from layerprune.errors import UsageError
 
 
-# Files whose presence marks a folder as one layerprune wrote: a saved model's provenance and a
-# run folder's state. ``--overwrite`` replaces such a folder (or an empty one), never anything else.
+# Files whose presence marks a folder as one layerprune wrote: a saved model's provenance, a run
+# folder's state, a search folder's record. ``--overwrite`` replaces such a folder (or an empty one),
+# never anything else.
 OUTPUT_MARKERS = ("layerprune.json", "run.json", "search.json")
 NOT_OURS = "not a layerprune output; remove it yourself or choose another path"
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from layerprune import outputs
+from layerprune.errors import UsageError
 from layerprune.recipes import runner
 from layerprune.outputs import NOT_OURS
 from tests.helpers import write_corpus
@@ -142,6 +143,18 @@ def test_overwrite_replaces_an_empty_folder_and_a_layerprune_output(model: Path,
     assert json.loads((out / "layerprune.json").read_text())["removed_layers"] == [1]
     assert cli("prune", "--model", model, "--layers", "2", "--out", out, "--overwrite").code == 0
     assert json.loads((out / "layerprune.json").read_text())["removed_layers"] == [2]
+
+
+def test_a_search_folder_counts_as_a_layerprune_output(tmp_path: Path) -> None:
+    """A search folder holds its record at the top (the model is one level down): --overwrite may
+    replace it, and nothing else that merely contains a model folder."""
+    searched = tmp_path / "searched"
+    (searched / "model").mkdir(parents=True)
+    (searched / "model" / "layerprune.json").write_text("{}")
+    with pytest.raises(UsageError, match="not a layerprune output"):
+        outputs.check_output_path(searched, overwrite=True)
+    (searched / "search.json").write_text("{}")
+    assert outputs.check_output_path(searched, overwrite=True) == searched.resolve()
 
 
 @pytest.mark.parametrize("content", [b"my notes", b'["a json list is not a results file"]'])
