@@ -251,10 +251,12 @@ def data_description(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def score_and_select(loaded: LoadedModel, args: argparse.Namespace, metrics: list[str], strategy: str,
-                     select_by: str) -> tuple[ScoreReport, Selection | None]:
-    """Score ``loaded`` as the calibration flags say (loading data only if a metric needs it) and,
-    with ``--remove``, choose the layers by ``select_by``; iterative selection re-scores the same way."""
-    calibration = build_calibration_from_args(loaded, args) if needs_data(metrics) else None
+                     select_by: str, calibration: Any = None) -> tuple[ScoreReport, Selection | None]:
+    """Score ``loaded`` as the calibration flags say (on ``calibration``, or on rows built from the
+    flags only if a metric needs data) and, with ``--remove``, choose the layers by ``select_by``;
+    iterative selection re-scores the same way."""
+    if calibration is None and needs_data(metrics):
+        calibration = build_calibration_from_args(loaded, args)
     report = score_from_args(loaded, args, metrics, calibration)
     if args.remove is None:
         return report, None

@@ -36,6 +36,7 @@ from layerprune.outputs import check_output_path
 from layerprune.repair import REPAIRS, check_repair, compensate
 from layerprune.repair.iterative import compensate_iteratively
 from layerprune.scoring import check_metrics
+from layerprune.scoring.report import needs_data
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -144,22 +145,24 @@ def run_scored(args: argparse.Namespace) -> int:
     check_output_path(args.out, overwrite=args.overwrite, protected=input_paths(args))
     loaded = load_from_args(args, check_config=check_layers)
     reason = f"{metrics[0]} scores, {strategy} selection"
+    # one set of calibration rows for scoring and for the repair's statistics
+    repair_rows = bool(args.compensate) and REPAIRS[args.compensate].needs_statistics
+    calibration = build_calibration_from_args(loaded, args) if needs_data(metrics) or repair_rows else None
     if args.compensate and strategy == "iterative":  # Prune&Comp: each step re-scores the repaired model
-        calibration = build_calibration_from_args(loaded, args)
         report = score_from_args(loaded, args, metrics, calibration)
         began = time.perf_counter()
         selection = compensate_iteratively(
-            loaded, report, args.remove, args.compensate,
-            calibration if REPAIRS[args.compensate].needs_statistics else None,
+            loaded, report, args.remove, args.compensate, calibration if repair_rows else None,
             rescore=lambda name: score_from_args(loaded, args, [name], calibration).results[name],
             metric=metrics[0], options=options, batch_size=args.batch_size,
             reason=f"{reason}, {args.compensate} after every step")
         record_compensation(loaded, args, loaded.lineage["repairs"][-1]["summary"], time.perf_counter() - began)
         removed = selection.remove
     else:
-        report, selection = score_and_select(loaded, args, metrics, strategy, metrics[0])
+        report, selection = score_and_select(loaded, args, metrics, strategy, metrics[0], calibration)
         assert selection is not None, "run_scored refuses a missing --remove before scoring"
-        removed = cut(loaded, selection.remove, args, options, reason=reason)
+        removed = cut(loaded, selection.remove, args, options, reason=reason,
+                      calibration=calibration if repair_rows else None)
     warn_if_most_layers_go(args, len(selection.remove), report.num_layers)
     recipe = {"selection": selection.to_json(), "importance": report.results[metrics[0]].importance,
               "data": report.data, "tokens": report.tokens}
@@ -192,12 +195,14 @@ def calibration_rows(loaded: LoadedModel, args: argparse.Namespace) -> Any:
 
 
 def cut(loaded: LoadedModel, layers: list[int], args: argparse.Namespace, options: Any,
-        reason: str = "layers named by the user") -> list[int]:
-    """Remove ``layers``; with ``--compensate``, repair the cut (statistics from ``loaded`` before it)."""
+        reason: str = "layers named by the user", calibration: Any = None) -> list[int]:
+    """Remove ``layers``; with ``--compensate``, repair the cut (statistics from ``loaded`` before it,
+    on ``calibration`` when the caller already built the rows)."""
     if not args.compensate:
         return prune(loaded, layers, reason)
     check_repair(loaded, layers, args.compensate, options)  # refuse before reading any data
-    report = compensate(loaded, layers, args.compensate, calibration_rows(loaded, args), options=options,
+    rows = calibration if calibration is not None else calibration_rows(loaded, args)
+    report = compensate(loaded, layers, args.compensate, rows, options=options,
                         batch_size=args.batch_size, reason=reason)
     record_compensation(loaded, args, report.summary, report.seconds)
     return sorted(layers)
