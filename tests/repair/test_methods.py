@@ -18,7 +18,7 @@ from layerprune.healing import TrainingSet
 from layerprune.models.architectures import adapter_for_config
 from layerprune.models.loading import LoadedModel
 from layerprune.models.tiny import TINY_FAMILIES, tiny_config
-from layerprune.repair import MergeOptions, ReplaceLinearOptions, compensate
+from layerprune.repair import MergeOptions, ReplaceLinearOptions, collect_run_statistics, compensate
 from layerprune.repair.linear import cosine_distance, solve_linear_map
 from layerprune.repair.statistics import collect_statistics
 from tests.helpers import tiny_loaded
@@ -145,6 +145,22 @@ def test_a_scattered_cut_is_repaired_run_by_run_from_one_pass() -> None:
     probe = rows(3, 12, seed=5).input_ids
     torch.testing.assert_close(logits(together.model, probe), logits(one_by_one.model, probe), rtol=1e-4, atol=1e-4)
     assert [(r["start"], r["end"]) for r in together.lineage["repairs"][0]["runs"]] == [(1, 2), (3, 5)]
+
+
+@pytest.mark.parametrize("method", ["replace-linear", "rescale"])
+def test_statistics_shared_by_many_cuts_give_the_weights_of_each_cut_alone(method: str) -> None:
+    """A search fits every candidate from one pass over runs that share starts and ends, overlap,
+    and (for rescale) start at layer 0: each cut must get exactly the weights of its own pass."""
+    data = rows()
+    cuts = [[1, 2], [1, 2, 3], [2, 3], [3, 4], [1, 3, 4]] + ([[0, 1]] if method == "rescale" else [])
+    runs = [(1, 3), (1, 4), (2, 4), (3, 5), (1, 2)] + ([(0, 2)] if method == "rescale" else [])
+    shared = collect_run_statistics(loaded_tiny("llama"), runs, data, batch_size=5)
+    for cut in cuts:
+        alone, together = loaded_tiny("llama"), loaded_tiny("llama")
+        compensate(alone, cut, method, data, batch_size=5)
+        compensate(together, cut, method, data, batch_size=5, statistics=shared)
+        expected, got = alone.model.state_dict(), together.model.state_dict()
+        assert all(torch.equal(expected[k], got[k]) for k in expected), (method, cut)
 
 
 def test_the_cosine_solver_starts_from_least_squares_and_lowers_the_cosine_distance() -> None:

@@ -71,6 +71,26 @@ def test_iterative_equals_removing_and_rescoring_by_hand(metric: str) -> None:
     assert report.to_json(selection)["selection"]["strategy"] == "iterative"
 
 
+def test_one_rescorer_scores_each_smaller_model_once_and_a_shared_pass_for_all_its_metrics(monkeypatch) -> None:
+    """Iterative bi and angular through one rescorer: every re-scoring pass of the similarity
+    metrics serves both, and the selections equal those of separate rescorers."""
+    import layerprune.scoring.similarity as similarity
+
+    loaded, calibration = tiny_loaded("llama"), rows_with_padding()
+    report = score(loaded, calibration, ["bi", "angular"])
+    alone = {metric: select(report, 3, "iterative", metric, rescore=rescorer(loaded, calibration))
+             for metric in ("bi", "angular")}
+    passes = []
+    original_pass = similarity.similarity_pass
+    monkeypatch.setattr(similarity, "similarity_pass", lambda *a, **k: passes.append(1) or original_pass(*a, **k))
+    shared = rescorer(loaded, calibration)
+    together = {metric: select(report, 3, "iterative", metric, rescore=shared) for metric in ("bi", "angular")}
+    assert together == alone
+    removed_sets = {tuple(sorted(s["removed"] for s in selection.steps[:step]))
+                    for selection in together.values() for step in (1, 2)}
+    assert len(passes) == len(removed_sets)  # one pass per distinct smaller model, not per metric
+
+
 def test_selecting_an_unscored_metric_is_refused() -> None:
     report = score(tiny_loaded("llama"), None, ["magnitude-l1"])
     with pytest.raises(UsageError, match="was not scored"):

@@ -160,4 +160,29 @@ def test_a_spent_time_budget_still_ranks_one_candidate_and_lists_the_rest(corpus
     assert len(record.tried) == 1 and record.winner_index == 0
     document = record.to_json()
     assert len(document["not_tried"]) >= 1
-    assert all(pair.endswith("/iterative") for pair in document["selections_not_made"]["pairs"])
+    not_made = document["selections_not_made"]
+    assert not_made and all(pair.endswith("/iterative") for pair in not_made)
+    assert "time budget" in not_made["bi/iterative"] and "--exhaustive" in not_made["ppl/iterative"]
+
+
+def test_a_recipe_search_stage_finds_the_winner_then_evaluates_it(searched, corpus: dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    """``search:`` in a recipe runs lp.search on the calibration section's data; the later stages
+    take its winner. Same settings as the ``searched`` fixture, so the same winner."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {corpus['model']}\n"
+                      f"calibration: {{source: {corpus['calibration']}, samples: 8, seq_len: 64}}\n"
+                      f"search: {{remove: 2, rank_data: {corpus['held_out']}, rank_windows: 6, batch_size: 4,\n"
+                      "         drop_rule: {factor: 0}}\n"
+                      f"eval: {{ppl: [{corpus['held_out']}], seq_len: 64, max_windows: 2}}\n")
+    run = lp.run_recipe(recipe, tmp_path / "run", allowed_paths=[corpus["folder"]], log=lambda line: None)
+    state = json.loads((run / "run.json").read_text())["stages"]
+    assert state["search"]["winner"] == searched.winner.label
+    expected, got = weights(searched.out / "model"), weights(run / "search" / "model")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert state["eval"]["compared"] == [str(run / "search" / "model")]
+    clash = tmp_path / "clash.yaml"
+    clash.write_text(recipe.read_text() + "score: {metrics: [bi]}\n")
+    with pytest.raises(lp.UsageError, match="'search' chooses and repairs the cut itself"):
+        lp.run_recipe(clash, tmp_path / "clash", allowed_paths=[corpus["folder"]], log=lambda line: None)
+    assert not (tmp_path / "clash").exists()

@@ -8,6 +8,10 @@ names (see :data:`SECTIONS`), so the recipe schema is the API itself:
     score: {metrics: [bi]}                                           # -> layerprune.score
     select: {remove: 25%, strategy: independent}                      # -> layerprune.select
     repair: {method: replace-linear}                                  # -> layerprune.repair.compensate
+
+or, instead of score/select/repair, a search for the cut (on the calibration section's data):
+
+    search: {remove: 25%, max_candidates: 20}                          # -> layerprune.search
     heal: {method: partial-ft, data: wiki-sample, steps: 100}          # -> layerprune.heal
     eval: {ppl: [wiki-sample], seq_len: 256}                          # -> layerprune.evaluate
 
@@ -47,10 +51,13 @@ def _section_fields() -> dict[str, dict[str, FieldSpec]]:
     from layerprune.healing import HEALERS, heal
     from layerprune.healing.base import TrainingOptions
     from layerprune.scoring import METRICS, score
+    from layerprune.search import search
     from layerprune.selection import select
 
     return {
         "repair": _repair_fields(),
+        "search": fields_of(search, skip=("model", *SEARCH_FROM_OTHER_SECTIONS, "heal", "heal_options", "out",
+                                          "overwrite", "workload", "progress", "load_options")),
         "load": fields_of(load_model, skip=("name_or_path", "check_config")),
         "calibration": fields_of(build_calibration, skip=("tokenizer",)),
         "score": {**fields_of(score, skip=("loaded", "calibration", "data")),
@@ -67,7 +74,7 @@ def _repair_fields() -> dict[str, FieldSpec]:
     method's own options (each method reads those its options class declares)."""
     from layerprune.repair import REPAIRS, compensate
 
-    return {**fields_of(compensate, skip=("loaded", "layers", "data", "options", "reason")),
+    return {**fields_of(compensate, skip=("loaded", "layers", "data", "options", "reason", "statistics")),
             **option_fields(*(method.options_class for method in REPAIRS.values()))}
 
 
@@ -121,8 +128,14 @@ def check_recipe_paths(values: dict[str, Any], lines: dict[tuple[str, ...], int]
 
 TOP_LEVEL = {
     "name": FieldSpec(str), "description": FieldSpec(str), "model": FieldSpec(str),
-    **{section: FieldSpec(dict) for section in ("load", "calibration", "score", "select", "repair", "heal", "eval")},
+    **{section: FieldSpec(dict) for section in ("load", "calibration", "score", "select", "repair", "search", "heal",
+                                                "eval")},
 }
+
+SEARCH_FROM_OTHER_SECTIONS = {"data": "source", "split": "split", "text_field": "text_field", "samples": "samples",
+                              "seq_len": "seq_len", "seed": "seed", "sampling": "sampling"}
+""":func:`layerprune.search`'s calibration arguments, taken from the calibration section's keys
+(search's name: the section's name); healing is the heal section's, applied after the search."""
 
 
 @dataclass
@@ -161,7 +174,12 @@ def load_recipe(path: str | Path, model: str | None = None, allowed_paths: list[
     if "repair" in sections and "select" not in sections:
         raise UsageError(f"{file} line {lines.get(('repair',), '?')}: 'repair' repairs the cut a 'select' section "
                          "chooses; add one")
-    if "score" in sections and "calibration" not in sections:
+    if "search" in sections:
+        clash = [name for name in ("score", "select", "repair") if name in sections]
+        if clash:
+            raise UsageError(f"{file} line {lines.get(('search',), '?')}: 'search' chooses and repairs the cut itself; "
+                             f"remove the {', '.join(clash)} section(s), or the search section")
+    if ("score" in sections or "search" in sections) and "calibration" not in sections:
         sections["calibration"] = {"source": "wiki-sample"}
     return Recipe(file, file.read_text(), str(chosen), sections, lines)
 
@@ -271,12 +289,36 @@ def _stage_prune(ctx: RunContext) -> dict[str, Any]:
     return {"removed_layers": remove, "model": str(ctx.pruned_dir)}
 
 
+def _stage_search(ctx: RunContext) -> dict[str, Any]:
+    from layerprune.search import search
+
+    calibration = ctx.recipe.sections["calibration"]
+    given = {name: calibration[key] for name, key in SEARCH_FROM_OTHER_SECTIONS.items() if key in calibration}
+    stray = set(calibration) - set(SEARCH_FROM_OTHER_SECTIONS.values())
+    if stray:
+        raise UsageError(f"{ctx.recipe.path}: a search reads no calibration key {', '.join(sorted(stray))}; remove it")
+    record = search(ctx.recipe.model, **given, **ctx.recipe.sections["search"], out=ctx.out / "search",
+                    overwrite=True, load_options=ctx.recipe.sections.get("load", {}), progress=False)
+    assert record.out is not None, "a search with an output folder records it"
+    return {"winner": record.winner.label, "removed_layers": record.winner.candidate.remove,
+            "model": str(record.out / "model")}
+
+
+def _cut_model(ctx: RunContext) -> Path | None:
+    """The cut model a finished prune or search stage saved, if any."""
+    for stage in ("prune", "search"):
+        if ctx.state.done(stage):
+            return Path(ctx.state.finished[stage]["model"])
+    return None
+
+
 def _stage_heal(ctx: RunContext) -> dict[str, Any]:
     from layerprune.api import save
     from layerprune.healing import heal
     from layerprune.healing.engine import STATE_FILE as HEAL_STATE
 
-    loaded = ctx.load(ctx.pruned_dir if ctx.state.done("prune") else ctx.recipe.model)
+    cut = _cut_model(ctx)
+    loaded = ctx.load(cut if cut is not None else ctx.recipe.model)
     options = _heal_options(ctx.recipe, ctx.out)
     checkpoints = options["checkpoint_dir"]
     healed = heal(loaded, resume=(checkpoints / HEAL_STATE).exists(), **options)
@@ -289,9 +331,11 @@ def _stage_eval(ctx: RunContext) -> dict[str, Any]:
     from layerprune.evaluation import evaluate
     from layerprune.reporting.eval_tables import comparison_table, write_report
 
-    candidates = [ctx.out / "pruned", ctx.final_dir] if ctx.state.done("heal") and ctx.state.done("prune") else [
-        ctx.final_dir]
-    compare = [str(path) for path in candidates if path.exists()]
+    cut = _cut_model(ctx)
+    candidates = [cut] if cut is not None else []
+    if ctx.state.done("heal") or cut is None:
+        candidates.append(ctx.final_dir)
+    compare = [str(path) for path in dict.fromkeys(candidates) if path.exists()]
     load_options = ctx.recipe.sections.get("load", {})
     report = evaluate(ctx.recipe.model, compare=compare, **ctx.recipe.sections["eval"], **load_options)
     write_report(report, ctx.out / "eval.json")
@@ -322,6 +366,7 @@ class Stage:
 STAGES = (
     Stage("score", "score", _stage_score),
     Stage("prune", "select", _stage_prune),
+    Stage("search", "search", _stage_search),
     Stage("heal", "heal", _stage_heal),
     Stage("eval", "eval", _stage_eval),
 )
@@ -369,13 +414,24 @@ def preflight(recipe: Recipe, out: Path) -> None:
         config = read_local_config(recipe.model, gguf_file=load["gguf_file"],
                                    trust_remote_code=load["trust_remote_code"], allow_pickle=load["allow_pickle"])
     layers: int | None = getattr(config, "num_hidden_layers", None)  # after pruning, once select is read
-    if "score" in sections:
+    if "calibration" in sections:
         calibration = _with_defaults(build_calibration, sections["calibration"])
         with _at(recipe, "calibration", "source"):
             check_source(calibration["source"], calibration["split"])
         with _at(recipe, "calibration"):
             check_calibration_options(calibration["samples"], calibration["seq_len"], calibration["sampling"],
                                       calibration["max_positions"])
+    if "search" in sections:
+        from layerprune.search import check_budget, search
+        from layerprune.search.search import DEFAULT_REMOVE as DEFAULT_SEARCH_REMOVE
+
+        options = _with_defaults(search, sections["search"])
+        with _at(recipe, "search"):
+            check_budget(options["remove"], options["target_speedup"], options["time_budget"],
+                         options["max_candidates"])
+            if layers is not None and options["target_speedup"] is None:
+                layers -= parse_remove(options["remove"] or DEFAULT_SEARCH_REMOVE, layers)
+    if "score" in sections:
         options = _with_defaults(score, sections["score"])
         with _at(recipe, "score"):
             scored = check_score_options(options["metrics"], options["batch_size"], **options["options"])

@@ -15,7 +15,7 @@ plain transformers. A scattered cut is repaired run by run, all runs from the sa
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,7 +30,7 @@ from layerprune.repair.base import RepairMethod, default_options, options_record
 from layerprune.repair.linear import ReplaceLinear, ReplaceLinearOptions
 from layerprune.repair.merge import Merge, MergeOptions
 from layerprune.repair.rescale import Rescale
-from layerprune.repair.statistics import collect_statistics
+from layerprune.repair.statistics import RunStatistics, collect_statistics
 
 REPAIRS: dict[str, RepairMethod] = {method.name: method for method in (ReplaceLinear(), Rescale(), Merge())}
 """The training-free methods by name; each is also a healing method of ``layerprune heal``."""
@@ -80,6 +80,24 @@ def _batches(data: TokenRows, batch_size: int) -> Iterator[tuple[torch.Tensor, t
         yield data.input_ids[first:first + batch_size], data.attention_mask[first:first + batch_size]
 
 
+def collect_run_statistics(loaded: LoadedModel, runs: Iterable[tuple[int, int]], data: TokenRows, *,
+                           batch_size: int = 8, linear: bool = True,
+                           keep_tokens: bool = False) -> dict[tuple[int, int], RunStatistics]:
+    """The statistics of every run ``[a, b)`` of ``loaded`` (its indices, uncut) on ``data``, from
+    one pass, by run: what :func:`compensate` takes as ``statistics``. The runs may come from many
+    different cuts; ``linear`` adds ``MᵀM``/``MᵀY`` to each run after layer 0. Refuses fewer real
+    tokens than the hidden size when ``linear`` (a map of H×H would be underdetermined)."""
+    distinct = sorted(set(runs))
+    hidden = loaded.model.config.get_text_config().hidden_size
+    tokens = int(data.attention_mask.sum())
+    if linear and tokens < hidden:
+        raise UsageError(f"replace-linear fits a {hidden}x{hidden} map but got only {tokens} calibration tokens, "
+                         f"fewer than the hidden size {hidden}; raise --samples or --seq-len")
+    collected = collect_statistics(loaded.model, loaded.adapter, distinct, _batches(data, batch_size), linear=linear,
+                                   keep_tokens=keep_tokens)
+    return dict(zip(distinct, collected))
+
+
 def check_repair(loaded: LoadedModel, layers: Iterable[int], method: str, options: Any = None) -> list[tuple[int, int]]:
     """Refuse a cut ``method`` cannot repair, before data or an original is loaded; returns the runs."""
     chosen = validate_layer_indices(layers, loaded.num_layers)
@@ -92,13 +110,18 @@ def check_repair(loaded: LoadedModel, layers: Iterable[int], method: str, option
 
 
 def compensate(loaded: LoadedModel, layers: Iterable[int], method: str, data: TokenRows | None, *,
-               options: Any = None, batch_size: int = 8, reason: str = "layers named by the user") -> RepairReport:
+               options: Any = None, batch_size: int = 8, reason: str = "layers named by the user",
+               statistics: Mapping[tuple[int, int], RunStatistics] | None = None) -> RepairReport:
     """Cut ``layers`` (indices of ``loaded`` as loaded) from ``loaded`` in place and repair the cut
     with ``method`` (``replace-linear``, ``rescale`` or ``merge``), training-free.
 
     ``loaded`` before the cut is the original the statistics come from; ``data`` are the
     calibration rows (``merge`` reads none and accepts ``None``). ``options`` is the method's
     options class (``ReplaceLinearOptions``, ``MergeOptions``); by default its defaults.
+
+    ``statistics``: the runs' statistics already collected from ``loaded`` on ``data`` by
+    :func:`collect_run_statistics` (a search fits many cuts from one pass); by default one pass
+    runs here.
     """
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
@@ -108,22 +131,24 @@ def compensate(loaded: LoadedModel, layers: Iterable[int], method: str, data: To
     runs = check_repair(loaded, chosen, method, options)
     original_ids = loaded.original_layer_ids
     began = time.perf_counter()
-    statistics = []
+    run_statistics: list[RunStatistics] = []
     if repairer.needs_statistics:
         if data is None:
             raise UsageError(f"{method} estimates its repair on calibration data; pass calibration rows")
-        hidden = loaded.model.config.get_text_config().hidden_size
-        tokens = int(data.attention_mask.sum())
-        if repairer.linear_statistics and tokens < hidden:
-            raise UsageError(f"{method} fits a {hidden}x{hidden} map but got only {tokens} calibration tokens, fewer "
-                             f"than the hidden size {hidden}; raise --samples or --seq-len")
-        statistics = collect_statistics(loaded.model, loaded.adapter, runs, _batches(data, batch_size),
-                                        linear=repairer.linear_statistics, keep_tokens=repairer.keeps_tokens(options))
+        if statistics is None:
+            statistics = collect_run_statistics(loaded, runs, data, batch_size=batch_size,
+                                                linear=repairer.linear_statistics,
+                                                keep_tokens=repairer.keeps_tokens(options))
+        run_statistics = [statistics[run] for run in runs]
+        if repairer.linear_statistics and any(stats.gram is None for stats in run_statistics):
+            raise ValueError(f"{method} needs the linear statistics (MᵀM, MᵀY), which were not collected")
+        if repairer.keeps_tokens(options) and any(not stats.kept for stats in run_statistics):
+            raise ValueError(f"{method} with these options needs the kept tokens, which were not collected")
     statistics_seconds = time.perf_counter() - began
-    records, note = repairer.apply(loaded, runs, statistics, options)
+    records, note = repairer.apply(loaded, runs, run_statistics, options)
     runs_json = [{"start": original_ids[start], "end": original_ids[end - 1] + 1,
-                  **({"tokens": stats.tokens} if statistics else {}), **record}
-                 for (start, end), stats, record in zip(runs, statistics or [None] * len(runs), records)]
+                  **({"tokens": stats.tokens} if stats is not None else {}), **record}
+                 for (start, end), stats, record in zip(runs, run_statistics or [None] * len(runs), records)]
     prune(loaded, chosen, reason)
     report = RepairReport(method, options_record(options), describe_rows(data) if data is not None else {},
                           runs_json, note, time.perf_counter() - began, statistics_seconds)
@@ -131,4 +156,5 @@ def compensate(loaded: LoadedModel, layers: Iterable[int], method: str, data: To
     return report
 
 
-__all__ = ["REPAIRS", "MergeOptions", "RepairReport", "ReplaceLinearOptions", "check_repair", "compensate"]
+__all__ = ["REPAIRS", "MergeOptions", "RepairReport", "ReplaceLinearOptions", "RunStatistics", "check_repair",
+           "collect_run_statistics", "compensate"]

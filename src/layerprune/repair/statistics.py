@@ -48,19 +48,22 @@ class RunStatistics:
     kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     """Per batch, the real tokens' ``(M, h_a - M, h_b)`` in float32 on the CPU (cosine solver only)."""
 
-    def add(self, branch: torch.Tensor | None, entering: torch.Tensor, leaving: torch.Tensor, keep: bool) -> None:
-        """Accumulate one batch of real tokens (rows of ``[tokens, H]``)."""
+    def add(self, branch: tuple[torch.Tensor, torch.Tensor] | None, entering: torch.Tensor, leaving: torch.Tensor,
+            keep: bool) -> None:
+        """Accumulate one batch of real tokens (rows of ``[tokens, H]``); ``branch`` is ``(M, MᵀM)`` of
+        the batch (``MᵀM`` in float64, computed once for every run with this start)."""
         entering64, leaving64 = entering.to(ACCUMULATOR), leaving.to(ACCUMULATOR)
         self.tokens += entering.shape[0]
         self.abs_in = _plus(self.abs_in, entering64.abs().sum(dim=0))
         self.abs_out = _plus(self.abs_out, leaving64.abs().sum(dim=0))
         if branch is None:
             return
-        branch64 = branch.to(ACCUMULATOR)
-        self.gram = _plus(self.gram, branch64.T @ branch64)
-        self.cross = _plus(self.cross, branch64.T @ (leaving64 - entering64 + branch64))
+        output, gram = branch
+        output64 = output.to(ACCUMULATOR)
+        self.gram = _plus(self.gram, gram)
+        self.cross = _plus(self.cross, output64.T @ (leaving64 - entering64 + output64))
         if keep:
-            self.kept.append((branch.float().cpu(), (entering - branch).float().cpu(), leaving.float().cpu()))
+            self.kept.append((output.float().cpu(), (entering - output).float().cpu(), leaving.float().cpu()))
 
     def magnitude_ratio(self) -> float:
         """Prune&Comp's ``s``: the mean over channels of ``mean|h_b| / mean|h_a|``.
@@ -105,15 +108,18 @@ def collect_statistics(model: nn.Module, adapter: ArchitectureAdapter, runs: lis
                        batches: Iterator[tuple[torch.Tensor, torch.Tensor]], *, linear: bool,
                        keep_tokens: bool = False) -> list[RunStatistics]:
     """One pass of ``model`` (unpruned: ``runs`` are its layer indices) over ``batches`` of
-    ``(input_ids, attention_mask)``; returns one :class:`RunStatistics` per run.
+    ``(input_ids, attention_mask)``; returns one :class:`RunStatistics` per run, in order.
 
-    ``linear`` asks for the ``M`` statistics (a run must then start after layer 0, which the
-    caller checks); otherwise only the magnitudes are summed.
+    ``runs`` may be the runs of many different cuts (a search fits every candidate's repair from
+    this one pass): they may share a start, an end, or overlap. ``linear`` asks for the ``M``
+    statistics of every run that starts after layer 0 (one at layer 0 has no layer before it, and
+    only its magnitudes are summed; the methods that need ``M`` refuse such a run beforehand).
+    Runs with the same start share one ``MᵀM`` per batch.
     """
-    if linear and runs[0][0] == 0:
-        raise UsageError("the removed run starting at layer 0 has no layer before it whose MLP output could be read")
     layers = adapter.decoder_layers(model)
     stats = [RunStatistics(start, end) for start, end in runs]
+    starts = sorted({start for start, _ in runs})
+    branch_starts = {start for start in starts if linear and start > 0}
     captured: dict[tuple[str, int], torch.Tensor] = {}
     real: dict[str, torch.Tensor] = {}
     last_layer = max(end for _, end in runs) - 1
@@ -121,35 +127,42 @@ def collect_statistics(model: nn.Module, adapter: ArchitectureAdapter, runs: lis
     def rows(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.reshape(-1, tensor.shape[-1])[real["mask"]]
 
-    def keep_branch(index: int):
+    def keep_branch(start: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            captured["branch", index] = rows(output.detach())
+            branch = rows(output.detach())
+            branch64 = branch.to(ACCUMULATOR)
+            captured["branch", start] = branch
+            captured["gram", start] = branch64.T @ branch64
         return hook
 
-    def keep_input(index: int):
+    def keep_input(start: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            captured["entering", index] = rows(_hidden_argument(args, kwargs).detach())
+            captured["entering", start] = rows(_hidden_argument(args, kwargs).detach())
         return hook
 
-    def finish_run(index: int, run: RunStatistics):
+    def finish_run(run: RunStatistics):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            run.add(captured.pop(("branch", index), None), captured.pop(("entering", index)),
-                    rows(_hidden_output(output).detach()), keep_tokens)
-            if run.end - 1 == last_layer:
-                raise _Finished
+            branch = (captured["branch", run.start], captured["gram", run.start]) if run.start in branch_starts else None
+            run.add(branch, captured["entering", run.start], rows(_hidden_output(output).detach()), keep_tokens)
         return hook
+
+    def finish_pass(module: nn.Module, args: tuple, output: Any) -> None:
+        raise _Finished  # registered last: every run ending at the deepest layer has been summed
 
     handles = []
-    for index, run in enumerate(stats):
-        if linear:
-            handles.append(branch_module(layers[run.start - 1], adapter).register_forward_hook(keep_branch(index)))
-        handles.append(layers[run.start].register_forward_pre_hook(keep_input(index), with_kwargs=True))
-        handles.append(layers[run.end - 1].register_forward_hook(finish_run(index, run)))
+    for start in branch_starts:
+        handles.append(branch_module(layers[start - 1], adapter).register_forward_hook(keep_branch(start)))
+    for start in starts:
+        handles.append(layers[start].register_forward_pre_hook(keep_input(start), with_kwargs=True))
+    for run in stats:
+        handles.append(layers[run.end - 1].register_forward_hook(finish_run(run)))
+    handles.append(layers[last_layer].register_forward_hook(finish_pass))
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
             for input_ids, attention_mask in batches:
                 real["mask"] = attention_mask.reshape(-1).to(device).bool()
+                captured.clear()
                 try:
                     model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
                 except _Finished:

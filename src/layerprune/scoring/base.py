@@ -145,6 +145,13 @@ class Metric:
     needs_data: bool = True
     meaning: str = ""
     streaming_refusal: str | None = "it declares no way to run layer by layer"
+    shared_pass: str | None = None
+    """The name of the pass this metric shares with others (``bi``, ``angular`` and ``block-cosine``:
+    ``"similarity"``). Metrics of one pass are scored together for the cost of one, so a re-scoring
+    (:func:`~layerprune.scoring.rescorer`) scores them all at once."""
+    costly: bool = False
+    """True when one scoring costs several forward passes (``ppl``: about half the layers' worth;
+    ``taylor``: a backward pass as well): a search re-scores it iteratively only when asked."""
 
     def compute(self, context: ScoringContext, name: str) -> MetricResult:
         raise NotImplementedError

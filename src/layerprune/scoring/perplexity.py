@@ -27,6 +27,7 @@ LayerCall = tuple[tuple[Any, ...], dict[str, Any]]
 
 class LayerRemovalPerplexity(Metric):
     streaming_refusal = None
+    costly = True
     meaning = "perplexity of the model with this layer removed; higher = removing it hurts more = more important"
 
     def compute(self, context: ScoringContext, name: str) -> MetricResult:

@@ -132,11 +132,25 @@ def rescorer(loaded: LoadedModel, calibration: CalibrationLike | torch.Tensor | 
              **options: Any) -> Callable[[str, list[int]], MetricResult]:
     """The ``rescore`` function of :func:`layerprune.select`'s iterative strategy: ``rescore(metric,
     removed)`` scores ``loaded`` without the layers ``removed`` (its indices) on ``calibration``
-    with :func:`score`'s ``options``. Each call cuts a weight-sharing copy, so ``loaded`` stays whole."""
+    with :func:`score`'s ``options``. Each call cuts a weight-sharing copy, so ``loaded`` stays whole.
+
+    Several iterative selections may share one rescorer (a search runs one per metric): each
+    smaller model is scored once per metric, and a metric with a ``shared_pass`` is scored with
+    every metric of that pass, so iterative ``bi`` and ``angular`` walking the same layers pay
+    one pass per step between them.
+    """
+    results: dict[tuple[str, tuple[int, ...]], MetricResult] = {}
 
     def rescore(metric: str, removed: list[int]) -> MetricResult:
-        working = loaded.copy(share_weights=True)
-        remove_layers(working.model, removed, working.adapter)
-        return score(working, calibration, [metric], **options).results[metric]
+        key = (metric, tuple(sorted(removed)))
+        if key not in results:
+            shared = METRICS.get(metric).shared_pass
+            together = [metric] if shared is None else [n for n in METRICS.names()
+                                                         if METRICS.get(n).shared_pass == shared]
+            working = loaded.copy(share_weights=True)
+            remove_layers(working.model, list(key[1]), working.adapter)
+            for name, result in score(working, calibration, together, **options).results.items():
+                results[name, key[1]] = result
+        return results[key]
 
     return rescore

@@ -91,6 +91,7 @@ class _Similarity(Metric):
     options_class = SimilarityOptions
     pairs = True
     streaming_refusal = None
+    shared_pass = "similarity"
 
     def accumulated(self, context: ScoringContext) -> SimilarityAccumulator:
         positions = context.options_of(self).positions

@@ -38,6 +38,7 @@ def gradients_for(model: nn.Module, trainable: list[nn.Parameter]) -> Iterator[N
 
 class TaylorImportance(Metric):
     streaming_refusal = "taylor needs gradients through the whole model"
+    costly = True
     meaning = "|sum over the layer's weights of w * dLoss/dw| on the calibration LM loss; higher = more important"
 
     def compute(self, context: ScoringContext, name: str) -> MetricResult:

@@ -8,12 +8,13 @@ baselines (``random``, ``reverse-order``) are references a metric must beat, not
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel
+from layerprune.repair.statistics import RunStatistics
 from layerprune.scoring import METRICS, ScoreReport, baselines
 from layerprune.selection import Rescore, Selection, select
 
@@ -50,20 +51,28 @@ class Candidate:
                 "repair": self.repair, "also_found_by": self.also_found_by}
 
 
-def unique_selections(report: ScoreReport, count: int, rescore: Rescore,
-                      out_of_time: Callable[[], bool] = lambda: False) -> list[Selection]:
-    """Every metric's selection of ``count`` layers, one-shot strategies first, each distinct layer
-    set once (the first pair to find it keeps it; the others are noted on its candidate later).
+def unique_selections(report: ScoreReport, count: int, rescore: Rescore, out_of_time: Callable[[], bool] = lambda: False,
+                      *, exhaustive: bool = False) -> tuple[list[Selection], dict[str, str]]:
+    """Every metric's selection of ``count`` layers, one-shot strategies first; and the
+    ``metric/strategy`` pairs not selected, with the reason.
 
-    ``out_of_time`` is asked before each re-scoring selection, which costs ``count`` scorings."""
+    A re-scoring selection costs ``count - 1`` scorings of smaller models: for a ``costly`` metric
+    (``ppl``, ``taylor``) that is many times the whole search, so those run only when
+    ``exhaustive``; ``out_of_time`` is asked before each one that runs."""
     selections: list[Selection] = []
+    not_made: dict[str, str] = {}
     for strategies in (ONE_SHOT_STRATEGIES, RESCORING_STRATEGIES):
         for strategy in strategies:
             for metric in report.results:
-                if strategy in RESCORING_STRATEGIES and out_of_time():
-                    return selections
-                selections.append(select(report, count, strategy, metric, rescore=rescore))
-    return selections
+                pair = f"{metric}/{strategy}"
+                if strategy in RESCORING_STRATEGIES and METRICS.get(metric).costly and not exhaustive:
+                    not_made[pair] = ("re-scoring this metric after every removal costs several times the search; "
+                                      "--exhaustive includes it")
+                elif strategy in RESCORING_STRATEGIES and out_of_time():
+                    not_made[pair] = "the time budget was spent before this re-scoring selection"
+                else:
+                    selections.append(select(report, count, strategy, metric, rescore=rescore))
+    return selections, not_made
 
 
 def plain_candidates(selections: list[Selection]) -> list[Candidate]:
@@ -106,10 +115,11 @@ def available_repairs() -> list[str]:
     return sorted(REPAIRS, key=lambda name: cost.get(name, len(cost)))
 
 
-def cut(loaded: LoadedModel, candidate: Candidate, calibration: Any, batch_size: int) -> LoadedModel:
+def cut(loaded: LoadedModel, candidate: Candidate, calibration: Any, batch_size: int,
+        statistics: Mapping[tuple[int, int], RunStatistics] | None = None) -> LoadedModel:
     """A copy of ``loaded`` with ``candidate`` applied: plain removal, or removal repaired with its
-    method on ``calibration`` (the rows the metrics were scored on, never the ranking windows).
-    ``loaded`` itself stays whole for the next candidate."""
+    method on ``calibration`` (the rows the metrics were scored on, never the ranking windows),
+    from ``statistics`` when given (:func:`repair_statistics`). ``loaded`` itself stays whole."""
     from layerprune.api import prune
 
     working = loaded.copy(share_weights=candidate.repair is None)  # a repair writes into kept layers
@@ -119,5 +129,22 @@ def cut(loaded: LoadedModel, candidate: Candidate, calibration: Any, batch_size:
     else:
         from layerprune.repair import compensate
 
-        compensate(working, candidate.remove, candidate.repair, calibration, batch_size=batch_size, reason=reason)
+        compensate(working, candidate.remove, candidate.repair, calibration, batch_size=batch_size, reason=reason,
+                   statistics=statistics)
     return working
+
+
+def repair_statistics(loaded: LoadedModel, candidates: list[Candidate], calibration: Any,
+                      batch_size: int) -> dict[tuple[int, int], RunStatistics]:
+    """The statistics of every removed run of every repaired candidate that reads data, from one
+    pass of ``loaded``: the statistics depend only on the run and the original, so a run shared
+    by several cuts (or methods) is summed once."""
+    from layerprune.healing.replacement import consecutive_runs
+    from layerprune.repair import REPAIRS, collect_run_statistics
+
+    runs = {run for candidate in candidates if candidate.repair is not None and REPAIRS[candidate.repair].needs_statistics
+            for run in consecutive_runs(candidate.remove)}
+    if not runs:
+        return {}
+    linear = any(REPAIRS[c.repair].linear_statistics for c in candidates if c.repair is not None)
+    return collect_run_statistics(loaded, runs, calibration, batch_size=batch_size, linear=linear)

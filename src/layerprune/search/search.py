@@ -8,12 +8,14 @@ Steps, each sharing what it can with the others:
 
 1. one calibration set, and one :func:`layerprune.score` call for every candidate metric (the
    similarity metrics share one forward pass);
-2. every metric's selection under every strategy, de-duplicated by the layers removed, then each
-   distinct cut again with every training-free repair that accepts it (a refusal is recorded
-   with its reason); plain cuts first, then the repairs, cheapest first. ``replace-linear`` and
-   ``rescale`` each run their own statistics pass per cut: :func:`layerprune.repair.compensate`
-   reads them from the model it cuts, so one pass cannot serve two cuts;
+2. every metric's selection under every strategy, de-duplicated by the layers removed (the
+   iterative selections share one re-scoring per smaller model; those of the ``costly`` metrics,
+   ``ppl`` and ``taylor``, only with ``exhaustive``), then each distinct cut again with every
+   training-free repair that accepts it (a refusal is recorded with its reason); plain cuts
+   first, then the repairs, cheapest first;
 3. each candidate scored on held-out windows (:mod:`.ranking`), dropped early when clearly worse;
+   the repairs that read data take their statistics from one pass of the original over the
+   calibration rows, for every run of every candidate at once (:func:`.repair_statistics`);
 4. the winner saved (healed with ``heal`` if asked), with ``search.json``, ``search.md``,
    ``pareto.png`` and a ``recipe.yaml`` that ``layerprune run`` replays to the same weights.
 """
@@ -35,13 +37,12 @@ from layerprune.evaluation.efficiency import Workload
 from layerprune.models.lineage import count_parameters
 from layerprune.models.loading import LoadedModel, load_model
 from layerprune.search.candidates import (
-    ONE_SHOT_STRATEGIES,
-    RESCORING_STRATEGIES,
     Candidate,
     available_repairs,
     candidate_metrics,
     cut,
     plain_candidates,
+    repair_statistics,
     repaired_candidates,
     unique_selections,
 )
@@ -146,9 +147,11 @@ def rank_queue(loaded: LoadedModel, queue: list[Candidate], calibration: Any, wi
     """Cut, rank and time each candidate of ``queue`` in order until it ends or time is out (the
     first is always ranked); returns what was tried and the best model, kept to be saved.
 
-    ``first`` is the first predicted position of a window (after the tokenizer's prefix).
+    ``first`` is the first predicted position of a window (after the tokenizer's prefix). The
+    repair statistics are collected when the first repaired candidate comes up, for all of them.
     """
     speeds: dict[int, tuple[float, float]] = {}
+    statistics: dict[tuple[int, int], Any] | None = None
     tried: list[Tried] = []
     best: tuple[float, LoadedModel] | None = None
     bar = tqdm(queue, desc="search", unit="candidate", disable=None if progress is None else not progress,
@@ -158,7 +161,9 @@ def rank_queue(loaded: LoadedModel, queue: list[Candidate], calibration: Any, wi
             break
         bar.set_postfix_str(f"trying {candidate.label}" + (f", best ppl {best[0]:.2f}" if best else ""))
         start = time.perf_counter()
-        working = cut(loaded, candidate, calibration, batch_size)
+        if candidate.repair is not None and statistics is None:
+            statistics = repair_statistics(loaded, queue, calibration, batch_size)
+        working = cut(loaded, candidate, calibration, batch_size, statistics)
         ranked = rank(window_losses(working.model, windows, batch_size, first), drop_rule, best[0] if best else None)
         depth = len(candidate.remove)
         if depth not in speeds:  # speed depends on how many layers run, not which (see .speed)
@@ -178,7 +183,7 @@ def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, 
            samples: int = 64, seq_len: int = 256, seed: int = 0, sampling: str = "random", batch_size: int = 8,
            metric_options: dict[str, Any] | None = None, rank_data: str | Path | None = None,
            rank_windows: int = 16, drop_rule: DropRule = DEFAULT_DROP_RULE, repairs: bool = True,
-           heal: str | None = None, heal_options: dict[str, Any] | None = None,
+           exhaustive: bool = False, heal: str | None = None, heal_options: dict[str, Any] | None = None,
            time_budget: float | None = None, max_candidates: int | None = None,
            out: str | Path | None = None, overwrite: bool = False, workload: Workload = SEARCH_WORKLOAD,
            progress: bool | None = None, load_options: dict[str, Any] | None = None) -> SearchRecord:
@@ -187,7 +192,9 @@ def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, 
     and the search's record there (see the module docstring).
 
     ``time_budget`` (minutes) stops trying new candidates once spent; ``max_candidates`` caps how
-    many are ranked (at least one always is). ``heal`` heals the winner only, with ``heal_options``
+    many are ranked (at least one always is). ``exhaustive`` adds the iterative selections of the
+    ``costly`` metrics (``ppl``: SLEB; ``taylor``), each about ``remove`` times that metric's own
+    scoring. ``heal`` heals the winner only, with ``heal_options``
     (:func:`layerprune.heal`'s) on ``data``. ``progress``: a bar over candidates (default: on a terminal).
     """
     from layerprune.data import build_calibration, check_source, token_stream
@@ -230,10 +237,8 @@ def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, 
     options = {"batch_size": batch_size, **(metric_options or {})}
     metrics = candidate_metrics()
     report = score(loaded, calibration, metrics, data=calibration_options, **options)
-    selections = unique_selections(report, count, rescorer(loaded, calibration, **options), out_of_time)
-    selected = {(s.metric, s.strategy) for s in selections}
-    not_selected = [f"{metric}/{strategy}" for strategy in (*ONE_SHOT_STRATEGIES, *RESCORING_STRATEGIES)
-                    for metric in metrics if (metric, strategy) not in selected]
+    selections, not_selected = unique_selections(report, count, rescorer(loaded, calibration, **options), out_of_time,
+                                                 exhaustive=exhaustive)
     plain = plain_candidates(selections)
     repaired, skipped = repaired_candidates(loaded, plain, available_repairs()) if repairs else ([], [])
     queue = [*plain, *repaired]
@@ -255,8 +260,8 @@ def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, 
                     "drop_rule": f"dropped once, after {drop_rule.after} or more windows, the running perplexity "
                                  f"exceeds {drop_rule.factor:g}x the best final perplexity so far"},
         "metrics": metrics,
-        "selections_not_made": {"pairs": not_selected, "reason": "the time budget was spent before these "
-                                "re-scoring selections"} if not_selected else None,
+        "exhaustive": exhaustive,
+        "selections_not_made": not_selected or None,
         "importance": {name: r.importance for name, r in report.results.items()},
         "speed_workload": {"prompt_len": workload.prompt_len, "new_tokens": workload.new_tokens,
                            "repeats": workload.repeats},

@@ -48,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ranking.add_argument("--drop-after", type=int, default=DropRule.after,
                          help="windows a candidate is scored on before it can be dropped")
     ranking.add_argument("--no-repair", action="store_true", help="rank plain cuts only (no training-free repair)")
+    ranking.add_argument("--exhaustive", action="store_true",
+                         help="also the iterative selections of the costly metrics (ppl: SLEB; taylor), which re-score "
+                              "the model after every removal: each costs about --remove times that metric's scoring")
     parser.add_argument("--heal", metavar="METHOD", help="heal the winner only with this method (e.g. lora), on --data")
     add_calibration_options(parser)
     parser.set_defaults(run=run)
@@ -67,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         sampling=args.sampling, batch_size=args.batch_size, metric_options=metric_options_from_args(args),
         rank_data=args.rank_data, rank_windows=args.rank_windows,
         drop_rule=DropRule(after=args.drop_after, factor=args.drop_factor), repairs=not args.no_repair,
+        exhaustive=args.exhaustive,
         heal=args.heal, time_budget=args.time_budget, max_candidates=args.max_candidates, out=args.out,
         overwrite=args.overwrite, load_options=load_options,
     )
