@@ -1,14 +1,19 @@
 """Training-free repair of a cut: held-out perplexity unrepaired and after replace-linear (ReplaceMe),
-rescale (Prune&Comp) and merge (LaCo), for the angular (consecutive) cut and BI's cut.
+rescale (Prune&Comp) and merge (LaCo), for the angular (consecutive) cut and BI's cut; then each
+of them followed by LoRA, beside LoRA, partial-ft and replace-layer on the plain cut, all trained
+on as many tokens as the repairs read.
 
     python benchmarks/bench_compensation.py                       # SmolLM2 and Gemma-3, 12/25/37%
-    python benchmarks/bench_compensation.py --models smollm2-135m --shares 25 --max-windows 8
+    python benchmarks/bench_compensation.py --models smollm2-135m --shares 25 --columns none,rescale,lora
 
-Each cell (model, cut, share, method) starts from a fresh copy of the original, cuts and repairs
+Each cell (model, cut, share, column) starts from a fresh copy of the original, cuts and repairs
 it with the same calibration windows (the first ``--samples`` contiguous windows of the train
-split), and scores the held-out split. Wall time of the repair (the statistics pass and, for the
-cosine solver, its own steps) and the process's peak RSS are reported. Results are saved per cell
-under ``$LAYERPRUNE_CACHE/bench-compensation/`` so an interrupted run resumes; the table goes to
+split), heals it where the column says so, and scores the held-out split. The healing budget is
+the study's (``--heal-steps`` x ``--heal-rows`` rows of ``--heal-seq-len`` tokens: 20 x 4 x 128 =
+10,240 tokens, the same count as the repairs' 40 x 256), so "does a repaired start heal better?"
+and "training-free against trained" are both compared at equal data. Wall time (repair plus
+healing) and the process's peak RSS are reported. Results are saved per cell under
+``$LAYERPRUNE_CACHE/bench-compensation/`` so an interrupted run resumes; the table goes to
 docs/benchmarks.md § Compensation.
 """
 
@@ -35,7 +40,21 @@ from layerprune.reporting.eval_tables import update_doc_section
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 CUTS = {"angular": ("angular", "consecutive"), "bi": ("bi", "independent")}
-METHODS = ("none", *REPAIRS)
+HEALERS = ("lora", "partial-ft", "replace-layer")
+COLUMNS = ("none", *REPAIRS, "lora", *(f"{method}+lora" for method in REPAIRS), "partial-ft", "replace-layer")
+"""Plain removal, each repair, LoRA after plain removal and after each repair, then the other healers."""
+
+
+def column_parts(column: str) -> tuple[str | None, str | None]:
+    """``(repair, healer)`` of a column: ``none`` is plain removal, ``rescale+lora`` both."""
+    repair, _, healer = column.partition("+")
+    if repair in HEALERS:
+        return None, repair
+    return (None if repair == "none" else repair), (healer or None)
+
+
+def consecutive(layers: list[int]) -> bool:
+    return layers == list(range(layers[0], layers[0] + len(layers)))
 
 
 def cut_layers(loaded: lp.LoadedModel, calibration: Any, cut: str, share: int) -> list[int]:
@@ -44,34 +63,41 @@ def cut_layers(loaded: lp.LoadedModel, calibration: Any, cut: str, share: int) -
     return lp.select(report, f"{share}%", strategy, metric).remove
 
 
-def run_cell(original: lp.LoadedModel, calibration: Any, layers: list[int], method: str,
+def run_cell(original: lp.LoadedModel, calibration: Any, layers: list[int], column: str,
              args: argparse.Namespace) -> dict[str, Any]:
+    repair, healer = column_parts(column)
     loaded = original.copy()
     began = time.perf_counter()
-    if method == "none":
+    details: dict[str, Any] = {}
+    if repair is None:
         lp.prune(loaded, layers)
-        details: dict[str, Any] = {}
     else:
-        report = compensate(loaded, layers, method, calibration, batch_size=args.batch_size)
+        report = compensate(loaded, layers, repair, calibration, batch_size=args.batch_size)
         details = {"runs": report.runs, "statistics_seconds": round(report.statistics_seconds, 2)}
+    if healer is not None:
+        torch.manual_seed(0)
+        loaded = lp.heal(loaded, healer, args.data, original=original, steps=args.heal_steps,
+                         batch_size=args.heal_rows, seq_len=args.heal_seq_len)
+        details["heal_budget"] = {"steps": args.heal_steps, "rows": args.heal_rows, "seq_len": args.heal_seq_len}
     seconds = time.perf_counter() - began
     ppl = dataset_perplexity(loaded.model, loaded.tokenizer, args.eval_data, args.seq_len,
                              max_windows=args.max_windows)
-    return {"method": method, "removed": layers, "ppl": ppl.ppl, "tokens": ppl.tokens, "seconds": round(seconds, 2),
+    return {"method": column, "removed": layers, "ppl": ppl.ppl, "ci95": ppl.as_dict().get("ci95"),
+            "tokens": ppl.tokens, "seconds": round(seconds, 2),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "load_average": round(os.getloadavg()[0], 2), **details}
 
 
-def table(results: dict[str, dict[str, Any]]) -> str:
-    lines = ["| model | cut | removed | " + " | ".join(METHODS) + " | repair s (max) |",
-             "|---|---|---|" + "---|" * len(METHODS) + "---|"]
+def table(results: dict[str, dict[str, Any]], columns: tuple[str, ...]) -> str:
+    lines = ["| model | cut | removed | " + " | ".join(columns) + " | slowest cell s |",
+             "|---|---|---|" + "---|" * len(columns) + "---|"]
     groups: dict[tuple[str, str, int], dict[str, Any]] = {}
     for key, cell in results.items():
-        model, cut, share, method = key.split("|")
-        groups.setdefault((model, cut, int(share)), {})[method] = cell
+        model, cut, share, column = key.split("|")
+        groups.setdefault((model, cut, int(share)), {})[column] = cell
     for (model, cut, share), cells in sorted(groups.items()):
-        ppl = " | ".join(f"{cells[m]['ppl']:.1f}" if m in cells else "–" for m in METHODS)
-        slowest = max((c["seconds"] for m, c in cells.items() if m != "none"), default=0.0)
+        ppl = " | ".join(f"{cells[c]['ppl']:.4g}" if c in cells else "–" for c in columns)
+        slowest = max((c["seconds"] for name, c in cells.items() if name != "none"), default=0.0)
         lines.append(f"| {model} | {cut} | {share}% | {ppl} | {slowest:.1f} |")
     return "\n".join(lines)
 
@@ -87,6 +113,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-windows", type=int, default=None, help="score only the first N test windows")
+    parser.add_argument("--columns", default=",".join(COLUMNS), help="which cells of each cut to measure")
+    parser.add_argument("--heal-steps", type=int, default=20, help="the study's healing budget: optimizer steps")
+    parser.add_argument("--heal-rows", type=int, default=4, help="rows per healing step")
+    parser.add_argument("--heal-seq-len", type=int, default=128, help="tokens per healing row")
     parser.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
     args = parser.parse_args()
 
@@ -100,27 +130,35 @@ def main() -> None:
         for cut in args.cuts.split(","):
             for share in (int(s) for s in args.shares.split(",")):
                 layers = cut_layers(original, calibration, cut, share)
-                for method in METHODS:
-                    key = f"{model}|{cut}|{share}|{method}"
+                for column in args.columns.split(","):
+                    key = f"{model}|{cut}|{share}|{column}"
                     if key in results:
                         continue
+                    if column == "replace-layer" and not consecutive(layers):
+                        print(f"{key}: skipped (replace-layer stands in for one consecutive run; this cut has several)")
+                        continue
                     try:
-                        results[key] = run_cell(original, calibration, layers, method, args)
+                        results[key] = run_cell(original, calibration, layers, column, args)
                     except lp.UsageError as error:  # e.g. a cut from layer 0 that replace-linear cannot fold
                         print(f"{key}: skipped ({error})")
                         continue
                     write_json_atomic(results_file, results, overwrite=True)
                     print(f"{key}: ppl {results[key]['ppl']:.2f} in {results[key]['seconds']} s")
-    print(table(results))
+    shown = tuple(c for c in COLUMNS if any(key.endswith(f"|{c}") for key in results))
+    print(table(results, shown))
     if not args.no_doc:
         loads = [cell["load_average"] for cell in results.values() if "load_average" in cell]
         load = f"{min(loads)}-{max(loads)}" if loads else "not recorded"
         windows = f"the first {args.max_windows}" if args.max_windows else "all"
         body = (f"Held-out perplexity ({args.eval_data} test split, {windows} {args.seq_len}-token windows) after "
                 f"cutting and repairing without training on the first {args.samples} contiguous {args.seq_len}-token "
-                f"windows of {args.data}. `none` is plain removal. Written {dt.date.today()}, CPU, "
+                f"windows of {args.data}. `none` is plain removal; `X+lora` is repair X then LoRA; `lora`, `partial-ft` and "
+                f"`replace-layer` heal the plain cut, each for {args.heal_steps} steps of {args.heal_rows} x "
+                f"{args.heal_seq_len} tokens of {args.data} ({args.heal_steps * args.heal_rows * args.heal_seq_len:,} "
+                f"tokens, as many as the repairs read: {args.samples * args.seq_len:,}). `replace-layer` applies to "
+                f"one consecutive run only. Written {dt.date.today()}, CPU, "
                 f"{os.cpu_count()} cores shared with other jobs (1-minute load average at the cells' ends: {load}), "
-                f"torch {torch.__version__}, transformers {transformers.__version__}.\n\n{table(results)}")
+                f"torch {torch.__version__}, transformers {transformers.__version__}.\n\n{table(results, shown)}")
         update_doc_section(DOC, "## Compensation", "### Perplexity after a training-free repair", body)
 
 

@@ -30,6 +30,8 @@ CUT = [2, 3]
 # What each family adds to the residual as its MLP branch, written down here independently of the adapters.
 MLP_BRANCH = {"gpt2": "mlp", "opt": "fc2", "gpt_neox": "mlp", "gemma2": "post_feedforward_layernorm",
               "gemma3": "post_feedforward_layernorm"}
+# What multiplies the MLP output before the residual addition, where not 1 (Granite's modeling code).
+BRANCH_MULTIPLIER = {"granite": lambda config: config.residual_multiplier}
 TIED = ("gemma2", "gemma3", "gpt2", "opt")
 
 
@@ -64,7 +66,8 @@ def stacked_pairs(loaded: LoadedModel, start: int, end: int, ids: torch.Tensor) 
     finally:
         handle.remove()
     hidden = states[start].shape[-1]
-    return tuple(t.reshape(-1, hidden).double() for t in (seen[0], states[start], states[end]))
+    added = seen[0] * BRANCH_MULTIPLIER.get(family, lambda config: 1.0)(loaded.model.config)
+    return tuple(t.reshape(-1, hidden).double() for t in (added, states[start], states[end]))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

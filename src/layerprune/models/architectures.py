@@ -93,6 +93,9 @@ class ArchitectureAdapter:
     pre_mlp_norm: str | None = "post_attention_layernorm"
     post_attention_norm: str | None = None
     post_mlp_norm: str | None = None
+    branch_multiplier: str | None = None
+    """The config field that multiplies each sublayer's output before it is added to the residual
+    (Granite's ``residual_multiplier``): a repair that reads the MLP branch as added applies it."""
     norm_kind: str = "rms"
     post_norm: bool = False
     parallel_residual: bool = False
@@ -170,7 +173,8 @@ class FamilyDefinition:
 
 
 _PATH_KEYS = ("family", "layers", "embeddings", "final_norm", "lm_head", "mlp_output", "input_norm")
-_OPTIONAL_PATH_KEYS = ("head_projection", "pre_mlp_norm", "post_attention_norm", "post_mlp_norm", "sliding_flag")
+_OPTIONAL_PATH_KEYS = ("head_projection", "pre_mlp_norm", "post_attention_norm", "post_mlp_norm", "sliding_flag",
+                       "branch_multiplier")  # the last is a config field's name, checked the same way
 _LIST_KEYS = ("attention_outputs", "lora_targets", "per_layer_config")
 _FLAG_KEYS = ("post_norm", "parallel_residual")
 _MAPPING_KEYS = ("checkpoint_names", "surgery_refused_when")

@@ -95,7 +95,8 @@ def _repair_options(section: dict[str, Any]) -> dict[str, Any]:
 
 
 PATH_KEYS: tuple[tuple[str, ...], ...] = (
-    ("model",), ("calibration", "source"), ("heal", "data"), ("heal", "original"), ("eval", "ppl"),
+    ("model",), ("calibration", "source"), ("search", "rank_data"), ("heal", "data"), ("heal", "original"),
+    ("eval", "ppl"),
 )
 
 

@@ -4,7 +4,7 @@ For each removed run of original layers ``[a, b)`` three signals are read throug
 real submodules (never ``output_hidden_states``, whose last entry is final-normed):
 
 * ``M``: layer ``a-1``'s MLP branch exactly as it is added to the residual (after Gemma's
-  post-feedforward norm), the input of ReplaceMe's linear map;
+  post-feedforward norm, times Granite's ``residual_multiplier``), the input of ReplaceMe's map;
 * ``h_a``: the input of layer ``a`` (the stream entering the cut);
 * ``h_b``: the output of layer ``b-1`` (the stream the layers after the cut were trained on).
 
@@ -127,9 +127,13 @@ def collect_statistics(model: nn.Module, adapter: ArchitectureAdapter, runs: lis
     def rows(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.reshape(-1, tensor.shape[-1])[real["mask"]]
 
+    # the branch as added to the residual: Granite scales it by residual_multiplier first
+    multiplier = float(getattr(model.config.get_text_config(), adapter.branch_multiplier)) \
+        if adapter.branch_multiplier else 1.0
+
     def keep_branch(start: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            branch = rows(output.detach())
+            branch = rows(output.detach()) * multiplier if multiplier != 1.0 else rows(output.detach())
             branch64 = branch.to(ACCUMULATOR)
             captured["branch", start] = branch
             captured["gram", start] = branch64.T @ branch64
