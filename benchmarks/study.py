@@ -8,9 +8,12 @@ Each cell (model, metric, ratio, healing) is computed once and cached as JSON un
 every cell ``docs/RESULTS.md`` (or ``--results``) is rewritten from all cached cells, with the cells
 not yet run marked as such, and the plots are redrawn in the ``figures/`` folder beside it.
 
-Measured per cell: perplexity on the held-out wiki-sample test split, the offline zero-shot tasks
-through lm-eval (accuracy, and stability = agreement with the unpruned model's answers), and the
-FLOP-ideal and measured decode speed-ups against the unpruned model.
+Measured per cell: perplexity on the held-out wiki-sample test split (with its bootstrap interval),
+the offline zero-shot tasks through lm-eval (accuracy with its standard error, stability =
+agreement with the unpruned model's answers, and retained performance with a paired-bootstrap 95%
+interval: ``--tasks lp_offline`` gives the four-task suite), and the FLOP-ideal and measured decode
+speed-ups against the unpruned model. The healings are the trained ones (partial-ft, LoRA,
+replace-layer) and the training-free repairs (replace-linear, rescale, merge) on the same rows.
 
 Cost per cell on a 2-core x86 CPU (2026-11): SmolLM2 ~40 s unhealed, ~55 s partial-ft, ~55-130 s
 LoRA, ~45-90 s replacement; Gemma-3-270M ~60-140 s unhealed, ~170-400 s partial-ft, ~140-320 s
@@ -43,6 +46,7 @@ from layerprune.cache import cache_dir
 from layerprune.data import build_calibration
 from layerprune.evaluation.efficiency import Workload, measure_efficiency
 from layerprune.evaluation.harness import run_tasks
+from layerprune.evaluation.intervals import retained_performance
 from layerprune.evaluation.perplexity import dataset_perplexity
 from layerprune.evaluation.stability import stability_by_task
 from layerprune.models.lineage import versions
@@ -61,7 +65,11 @@ METRICS = {
     "taylor": ("taylor", "independent"), "ppl": ("ppl", "independent"), "bi-iterative": ("bi", "iterative"),
 }
 RATIOS = ("12%", "25%", "37%", "50%")
-HEALS = ("none", "partial-ft", "lora", "replace-layer")
+TRAINED = ("partial-ft", "lora", "replace-layer")
+REPAIRS = ("replace-linear", "rescale", "merge")
+"""The training-free repairs (ReplaceMe, Prune&Comp, LaCo), run through ``lp.heal`` on the healing
+budget's rows (steps x rows windows of 128 tokens): the same data as the trained healers read."""
+HEALS = ("none", *TRAINED, *REPAIRS)
 # R8 is left out of the grid by default: its 8 answers over ~220-token stories cost ~10x the
 # sentiment task per cell on this CPU; add it with --tasks where there is time.
 TASKS = ("lp_sentiment_rt",)
@@ -97,6 +105,12 @@ def replacement_applies(metric: str, removed: list[int] | None = None) -> bool:
     return METRICS[metric][1] == "consecutive" and (removed is None or len(removed) >= 2)
 
 
+def repair_applies(heal: str, removed: list[int] | None) -> bool:
+    """Whether ``heal`` can repair the cut ``removed`` (unknown: assume so). replace-linear and merge
+    fold into the layer kept before the cut, which a cut starting at layer 0 does not have."""
+    return not (heal in ("replace-linear", "merge") and removed is not None and 0 in removed)
+
+
 def study_dir(model: str) -> Path:
     """Cells live under a folder named by the measurement settings, so runs with other settings never
     mix. The healing budget is not in the name: unhealed cells do not depend on it, and a healed cell
@@ -129,11 +143,15 @@ def measure(loaded: lp.LoadedModel, args: argparse.Namespace, reference: dict[st
         ppl = dataset_perplexity(model, tokenizer, "wiki-sample", args.seq_len, max_windows=args.ppl_windows)
         tasks = run_tasks(model, tokenizer, args.tasks.split(","), limit=args.task_limit, batch_size=8)
     cell = {"layers": loaded.num_layers, "removed": loaded.lineage.get("removed_layers", []),
-            "ppl": ppl.ppl, "nll": ppl.nll, "ppl_tokens": ppl.tokens,
+            "ppl": ppl.ppl, "nll": ppl.nll, "ppl_tokens": ppl.tokens, "ppl_ci95": ppl.ci95,
             "accuracy": {task: values.get("acc") for task, values in tasks.metrics.items()},
-            "predictions": tasks.predictions}
+            "stderr": {task: values.get("stderr") for task, values in tasks.metrics.items()},
+            "predictions": tasks.predictions, "correct": tasks.correct}
     if reference is not None:
         cell["stability"] = stability_by_task(reference["predictions"], tasks.predictions)
+        # cells of older runs stored no per-example correctness; RP needs a task the reference gets right
+        if tasks.correct and any(sum(right) for right in reference.get("correct", {}).values()):
+            cell["retained"] = retained_performance(reference["correct"], tasks.correct)
     return cell
 
 
@@ -227,6 +245,8 @@ class ModelRun:
         remove = self.removed_layers(metric, ratio)
         if heal == "replace-layer" and not replacement_applies(metric, remove):
             return
+        if not repair_applies(heal, remove):
+            return
         twin = next((c for c in _cells(self.name).values()
                      if c["heal"] == heal and c.get("selected", c["removed"]) == remove
                      and c.get("heal_budget") == budget), None)
@@ -283,15 +303,23 @@ def _cells(name: str) -> dict[tuple[str, str, str], dict[str, Any]]:
 def _cell_text(cells: dict[tuple[str, str, str], dict[str, Any]], metric: str, ratio: str, heal: str) -> str:
     """One table cell: its measurements, "—" while it has not run, "n/a" where its healing does not apply."""
     cell = cells.get((metric, ratio, heal))
-    if cell is None and heal == "replace-layer":
+    if cell is None and heal in ("replace-layer", *REPAIRS):
         unhealed = cells.get((metric, ratio, "none"))
-        return "—" if replacement_applies(metric, unhealed["removed"] if unhealed else None) else "n/a"
+        removed = unhealed["removed"] if unhealed else None
+        applies = replacement_applies(metric, removed) if heal == "replace-layer" else repair_applies(heal, removed)
+        return "—" if applies else "n/a"
     if cell is None:
         return "—"
     return (f"{cell['ppl']:.4g} / {_fmt(_mean(cell['accuracy']), '{:.3f}')} / "
             f"{_fmt(_mean(cell.get('stability', {})), '{:.2f}')} / "
             f"{cell['speedup']:.2f}× ({cell['ideal_speedup']:.2f}×)"
+            + (f" / RP {_retained_text(cell['retained'])}" if cell.get("retained") else "")
             + (f" = {cell['same_as']}" if cell.get("same_as") else ""))
+
+
+def _retained_text(retained: dict[str, Any]) -> str:
+    low, high = retained["ci95"]
+    return f"{retained['mean']:.2f} [{low:.2f}, {high:.2f}]"
 
 
 def _mean(values: dict[str, float]) -> float | None:
@@ -317,9 +345,13 @@ def model_tables(name: str) -> str:
         rows = [(m, r) for m in METRICS for r in RATIOS if (m, r, heal) in cells]
         lines += [f"#### Healing: {heal}", "",
                   "Each cell: held-out PPL / mean zero-shot accuracy / mean stability / decode speed-up "
-                  "(measured, FLOP-ideal); \"= m\": the same layers as metric m chose, measured once. — = not run yet"
+                  "(measured, FLOP-ideal), then, where the cell kept every example's answer, retained performance "
+                  "(RP: accuracy over the unpruned model's, averaged over tasks) with its paired-bootstrap 95% "
+                  "interval; \"= m\": the same layers as metric m chose, measured once. — = not run yet"
                   + ("; n/a = does not apply: replacement needs a consecutive selection of 2 or more layers"
-                     if heal == "replace-layer" else "") + ".", "",
+                     if heal == "replace-layer" else "")
+                  + ("; n/a = does not apply: the cut starts at layer 0, so no kept layer precedes it to fold into"
+                     if heal in ("replace-linear", "merge") else "") + ".", "",
                   "| metric | " + " | ".join(RATIOS) + " |", "|---|" + "---|" * len(RATIOS)]
         for metric in METRICS:
             row = [_cell_text(cells, metric, ratio, heal) for ratio in RATIOS]

@@ -94,3 +94,27 @@ def test_study_fills_the_grid_measures_twins_once_and_resumes(study, tmp_path, m
     run(study, monkeypatch, model, results, *narrow)
     run(study, monkeypatch, model, results, "--heals", "none,replace-layer")
     assert {path.name: path.stat().st_mtime_ns for path in folder.glob("*.json")} == after
+
+
+def test_training_free_repairs_are_study_cells_with_retained_performance(study, tmp_path, monkeypatch) -> None:
+    """The repairs run as healings on the healing budget's rows; every cell keeps each example's
+    answer, and RP against the unpruned model equals a hand computation from them."""
+    model = save_tiny_checkpoint(tmp_path / "tiny", "llama", num_layers=6)
+    results = tmp_path / "docs" / "RESULTS.md"
+    run(study, monkeypatch, model, results, "--metrics", "bi", "--ratios", "25%",
+        "--heals", "none,rescale,replace-linear,merge", "--task-limit", "16")
+    folder = study.study_dir(str(model))
+    done = cells(folder)
+    base = json.loads((folder / "unpruned.json").read_text())
+    removed = done["bi_25_none"]["removed"]
+    expected = {"bi_25_none", "bi_25_rescale"} | ({"bi_25_replace-linear", "bi_25_merge"} if 0 not in removed else set())
+    assert set(done) == expected
+    text = results.read_text()
+    # a two-way sentiment task on balanced examples: even a constant answer gets half right
+    assert all(sum(right) for right in base["correct"].values())
+    for stem, cell in done.items():
+        assert cell["removed"] == removed and set(cell["correct"]) == set(base["correct"])
+        by_hand = [sum(cell["correct"][t]) / sum(base["correct"][t]) for t in base["correct"]]
+        assert cell["retained"]["mean"] == pytest.approx(sum(by_hand) / len(by_hand))
+    assert "RP " in text
+    assert "#### Healing: rescale" in text and "#### Healing: merge" in text
