@@ -69,7 +69,7 @@ def test_shipped_recipes_run_end_to_end_on_a_tiny_model(recipe: Path, tmp_path: 
 
 def test_every_paper_has_a_recipe() -> None:
     assert {p.stem for p in SHIPPED} >= {"shortgpt", "llm-streamline-layer", "llm-streamline-ffn", "reassessing",
-                                         "reassessing-iterative", "why-lift-so-heavy", "gromov", "replaceme"}
+                                         "reassessing-iterative", "why-lift-so-heavy", "gromov"}
 
 
 def _write(tmp_path: Path, text: str) -> Path:
