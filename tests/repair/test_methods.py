@@ -77,7 +77,7 @@ def test_the_map_equals_lstsq_on_the_stacked_pairs(family: str) -> None:
                                   linear=True)
     branch, entering, leaving = stacked_pairs(loaded, 2, 4, data.input_ids)
     expected = torch.linalg.lstsq(branch, leaving - entering + branch).solution
-    transform, condition = solve_linear_map(stats.gram, stats.cross, 0.0, diagonal=False, label="2-3")
+    transform, condition, _ = solve_linear_map(stats.gram, stats.cross, 0.0, diagonal=False, label="2-3")
     assert stats.tokens == branch.shape[0]
     torch.testing.assert_close(transform, expected, rtol=1e-6, atol=1e-8)
     assert condition == pytest.approx(float(torch.linalg.cond(branch.T @ branch)), rel=1e-6)
@@ -132,6 +132,23 @@ def test_replace_linear_refuses_what_it_cannot_fold_or_solve() -> None:
         ReplaceLinearOptions(solver="adam")
 
 
+def test_a_dead_channel_of_a_diagonal_map_keeps_factor_one_and_only_an_all_dead_branch_is_refused() -> None:
+    """Diagonal least squares is one 1x1 problem per channel: a channel the branch never drives has
+    no say in the loss, so it keeps its weight; the others get sum(m y) / sum(m m)."""
+    generator = torch.Generator().manual_seed(0)
+    branch = torch.randn(50, 4, generator=generator, dtype=torch.float64)
+    branch[:, 2] = 0
+    target = torch.randn(50, 4, generator=generator, dtype=torch.float64)
+    transform, condition, dead = solve_linear_map(branch.T @ branch, branch.T @ target, 0.0, diagonal=True, label="3-4")
+    expected = (branch * target).sum(0) / (branch * branch).sum(0)
+    expected[2] = 1.0
+    torch.testing.assert_close(transform, torch.diag(expected))
+    assert dead == 1 and condition >= 1
+    with pytest.raises(UsageError, match="zero on every calibration token"):
+        solve_linear_map(torch.zeros(4, 4, dtype=torch.float64), torch.zeros(4, 4, dtype=torch.float64), 0.0,
+                         diagonal=True, label="3-4")
+
+
 def test_a_scattered_cut_is_repaired_run_by_run_from_one_pass() -> None:
     data = rows()
     together = loaded_tiny("llama")
@@ -171,7 +188,7 @@ def test_the_cosine_solver_starts_from_least_squares_and_lowers_the_cosine_dista
     loaded = loaded_tiny("llama")
     (stats,) = collect_statistics(loaded.model, loaded.adapter, [(2, 4)], iter([(data.input_ids, data.attention_mask)]),
                                   linear=True, keep_tokens=True)
-    start, _ = solve_linear_map(stats.gram, stats.cross, 0.0, diagonal=False, label="2-3")
+    start, _, _ = solve_linear_map(stats.gram, stats.cross, 0.0, diagonal=False, label="2-3")
     tokens = tuple(torch.cat([batch[i] for batch in stats.kept]) for i in range(3))
     compensate(loaded, CUT, "replace-linear", data, options=ReplaceLinearOptions(solver="cosine", cosine_steps=40))
     (run,) = loaded.lineage["repairs"][0]["runs"]

@@ -47,26 +47,34 @@ class ReplaceLinearOptions:
 
 
 def solve_linear_map(gram: torch.Tensor, cross: torch.Tensor, ridge: float, *, diagonal: bool,
-                     label: str) -> tuple[torch.Tensor, float]:
-    """``T`` solving ``(MᵀM + αI) T = MᵀY`` (or its diagonal version) and the system's condition number.
+                     label: str) -> tuple[torch.Tensor, float, int]:
+    """``T`` solving ``(MᵀM + αI) T = MᵀY`` (or its diagonal version), the system's condition
+    number, and how many channels were dead (diagonal only).
 
-    A system whose smallest eigenvalue is within rounding of zero relative to its largest (the
-    numerical-rank rule of ``matrix_rank``) is refused rather than solved into noise.
+    A full system whose smallest eigenvalue is within rounding of zero relative to its largest (the
+    numerical-rank rule of ``matrix_rank``) is refused rather than solved into noise. A diagonal
+    system is one 1x1 system per channel: a channel the branch never drives (zero on every token,
+    e.g. a post-norm weight of 0) has no say in the loss whatever its factor, so it keeps factor 1
+    (its weight unchanged) and is counted; only a branch dead in every channel is refused.
     """
     hidden = gram.shape[0]
     if diagonal:
         spectrum = gram.diagonal() + ridge
-    else:
-        spectrum = torch.linalg.eigvalsh(gram + ridge * torch.eye(hidden, dtype=gram.dtype, device=gram.device))
+        largest = float(spectrum.max())
+        live = spectrum > largest * hidden * torch.finfo(spectrum.dtype).eps
+        if largest <= 0 or not bool(live.any()):
+            raise UsageError(f"the MLP branch before the removed run {label} is zero on every calibration token; "
+                             "use other calibration data, or repair this cut with --method rescale")
+        factors = torch.where(live, cross.diagonal() / torch.where(live, spectrum, 1.0), 1.0)
+        return torch.diag(factors), largest / float(spectrum[live].min()), int((~live).sum())
+    spectrum = torch.linalg.eigvalsh(gram + ridge * torch.eye(hidden, dtype=gram.dtype, device=gram.device))
     largest, smallest = float(spectrum.max()), float(spectrum.min())
     if largest <= 0 or smallest <= largest * hidden * torch.finfo(spectrum.dtype).eps:
         raise UsageError(f"the least-squares system of the removed run {label} is singular (the calibration tokens do "
                          f"not span the {hidden} channels of the MLP output); use more or more varied calibration "
                          "data (--samples, --seq-len) or add a ridge (e.g. --ridge 1e-3)")
-    if diagonal:
-        return torch.diag(cross.diagonal() / spectrum), largest / smallest
     system = gram + ridge * torch.eye(hidden, dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve(system, cross), largest / smallest
+    return torch.linalg.solve(system, cross), largest / smallest, 0
 
 
 def cosine_distance(transform: torch.Tensor, tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -127,9 +135,11 @@ class ReplaceLinear(RepairMethod):
         records = []
         for (start, end), stats in zip(runs, statistics):
             assert stats.gram is not None and stats.cross is not None, "replace-linear collects MᵀM and MᵀY"
-            transform, condition = solve_linear_map(stats.gram, stats.cross, options.ridge, diagonal=diagonal,
-                                                    label=f"{start}-{end - 1}")
+            transform, condition, dead = solve_linear_map(stats.gram, stats.cross, options.ridge, diagonal=diagonal,
+                                                          label=f"{start}-{end - 1}")
             record: dict[str, Any] = {"map": "diagonal" if diagonal else "full", "condition_number": condition}
+            if diagonal:
+                record["dead_channels"] = dead
             if options.solver == "cosine":
                 transform, solved = refine_by_cosine(transform, stats.kept, options.cosine_steps, diagonal=diagonal)
                 record.update(solved)

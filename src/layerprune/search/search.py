@@ -143,9 +143,10 @@ def held_out_source(data: str | Path, split: str, rank_data: str | Path | None) 
 
 def rank_queue(loaded: LoadedModel, queue: list[Candidate], calibration: Any, windows: list[Any], first: int, *,
                batch_size: int, drop_rule: DropRule, workload: Workload, out_of_time: Callable[[], bool],
-               progress: bool | None) -> tuple[list[Tried], LoadedModel]:
+               progress: bool | None) -> tuple[list[Tried], LoadedModel, list[dict[str, Any]]]:
     """Cut, rank and time each candidate of ``queue`` in order until it ends or time is out (the
-    first is always ranked); returns what was tried and the best model, kept to be saved.
+    first is always ranked); returns what was tried, the best model (kept to be saved) and the
+    repaired candidates whose repair refused its data (e.g. a singular system), with the reason.
 
     ``first`` is the first predicted position of a window (after the tokenizer's prefix). The
     repair statistics are collected when the first repaired candidate comes up, for all of them.
@@ -153,6 +154,7 @@ def rank_queue(loaded: LoadedModel, queue: list[Candidate], calibration: Any, wi
     speeds: dict[int, tuple[float, float]] = {}
     statistics: dict[tuple[int, int], Any] | None = None
     tried: list[Tried] = []
+    refused: list[dict[str, Any]] = []
     best: tuple[float, LoadedModel] | None = None
     bar = tqdm(queue, desc="search", unit="candidate", disable=None if progress is None else not progress,
                file=sys.stderr)
@@ -163,7 +165,13 @@ def rank_queue(loaded: LoadedModel, queue: list[Candidate], calibration: Any, wi
         start = time.perf_counter()
         if candidate.repair is not None and statistics is None:
             statistics = repair_statistics(loaded, queue, calibration, batch_size)
-        working = cut(loaded, candidate, calibration, batch_size, statistics)
+        try:
+            working = cut(loaded, candidate, calibration, batch_size, statistics)
+        except UsageError as refusal:
+            if candidate.repair is None:
+                raise
+            refused.append({"candidate": candidate, "record": {**candidate.to_json(), "reason": str(refusal)}})
+            continue
         ranked = rank(window_losses(working.model, windows, batch_size, first), drop_rule, best[0] if best else None)
         depth = len(candidate.remove)
         if depth not in speeds:  # speed depends on how many layers run, not which (see .speed)
@@ -175,7 +183,7 @@ def rank_queue(loaded: LoadedModel, queue: list[Candidate], calibration: Any, wi
             best = (ranked.ppl, working)
     bar.close()
     assert best is not None, "the first candidate is always ranked in full (nothing to compare it with)"
-    return tried, best[1]
+    return tried, best[1], refused
 
 
 def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, target_speedup: float | None = None,
@@ -240,11 +248,11 @@ def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, 
     selections, not_selected = unique_selections(report, count, rescorer(loaded, calibration, **options), out_of_time,
                                                  exhaustive=exhaustive)
     plain = plain_candidates(selections)
-    repaired, skipped = repaired_candidates(loaded, plain, available_repairs()) if repairs else ([], [])
+    repaired, skipped = repaired_candidates(loaded, plain, available_repairs(), calibration.tokens) if repairs else ([], [])
     queue = [*plain, *repaired]
     limit = len(queue) if max_candidates is None else max_candidates
 
-    tried, winner_model = rank_queue(loaded, queue[:limit], calibration, windows, max(len(prefix), 1),
+    tried, winner_model, refused = rank_queue(loaded, queue[:limit], calibration, windows, max(len(prefix), 1),
                                      batch_size=batch_size, drop_rule=drop_rule, workload=workload,
                                      out_of_time=out_of_time, progress=progress)
     winner_index = min((i for i, t in enumerate(tried) if not t.dropped), key=lambda i: (tried[i].ppl, i))
@@ -267,8 +275,10 @@ def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, 
                            "repeats": workload.repeats},
         "heal": heal,
     }
-    record = SearchRecord(loaded.source, loaded.num_layers, count, tried, winner_index, settings, skipped,
-                          queue[len(tried):], time.perf_counter() - began)
+    done = [t.candidate for t in tried] + [refusal["candidate"] for refusal in refused]
+    record = SearchRecord(loaded.source, loaded.num_layers, count, tried, winner_index, settings,
+                          skipped + [refusal["record"] for refusal in refused],
+                          [c for c in queue if c not in done], time.perf_counter() - began)
     if out is not None:
         from layerprune.search.report import write_search
 
