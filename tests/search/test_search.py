@@ -186,3 +186,22 @@ def test_a_recipe_search_stage_finds_the_winner_then_evaluates_it(searched, corp
     with pytest.raises(lp.UsageError, match="'search' chooses and repairs the cut itself"):
         lp.run_recipe(clash, tmp_path / "clash", allowed_paths=[corpus["folder"]], log=lambda line: None)
     assert not (tmp_path / "clash").exists()
+
+
+def test_a_repair_that_refuses_its_data_is_recorded_and_the_search_goes_on(corpus: dict[str, Path],
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A singular system (here: every replace-linear fit refused) ends no search: the refusal is
+    listed with its reason under skipped_repairs, and every other candidate is still ranked."""
+    import layerprune.repair.linear as linear
+
+    def refuse(*args, label: str, **kwargs):
+        raise lp.UsageError(f"the least-squares system of the removed run {label} is singular")
+
+    monkeypatch.setattr(linear, "solve_linear_map", refuse)
+    record = lp.search(str(corpus["model"]), 2, data=str(corpus["calibration"]), rank_data=str(corpus["held_out"]),
+                       drop_rule=DropRule(factor=0), **SETTINGS)
+    document = record.to_json()
+    refused = [s for s in document["skipped_repairs"] if s["repair"] == "replace-linear" and "singular" in s["reason"]]
+    assert refused and not any(t.candidate.repair == "replace-linear" for t in record.tried)
+    assert {t.candidate.repair for t in record.tried} >= {None, "rescale", "merge"}
+    assert not document["not_tried"]  # refused is not "not tried for lack of budget"
