@@ -80,6 +80,15 @@ def _batches(data: TokenRows, batch_size: int) -> Iterator[tuple[torch.Tensor, t
         yield data.input_ids[first:first + batch_size], data.attention_mask[first:first + batch_size]
 
 
+def check_map_tokens(loaded: LoadedModel, tokens: int, method: str = "replace-linear") -> None:
+    """Refuse fitting an H×H linear map on fewer real calibration tokens than the hidden size H
+    (the system would be underdetermined)."""
+    hidden = loaded.model.config.get_text_config().hidden_size
+    if tokens < hidden:
+        raise UsageError(f"{method} fits a {hidden}x{hidden} map but got only {tokens} calibration tokens, fewer "
+                         f"than the hidden size {hidden}; raise --samples or --seq-len")
+
+
 def collect_run_statistics(loaded: LoadedModel, runs: Iterable[tuple[int, int]], data: TokenRows, *,
                            batch_size: int = 8, linear: bool = True,
                            keep_tokens: bool = False) -> dict[tuple[int, int], RunStatistics]:
@@ -88,11 +97,8 @@ def collect_run_statistics(loaded: LoadedModel, runs: Iterable[tuple[int, int]],
     different cuts; ``linear`` adds ``MᵀM``/``MᵀY`` to each run after layer 0. Refuses fewer real
     tokens than the hidden size when ``linear`` (a map of H×H would be underdetermined)."""
     distinct = sorted(set(runs))
-    hidden = loaded.model.config.get_text_config().hidden_size
-    tokens = int(data.attention_mask.sum())
-    if linear and tokens < hidden:
-        raise UsageError(f"replace-linear fits a {hidden}x{hidden} map but got only {tokens} calibration tokens, "
-                         f"fewer than the hidden size {hidden}; raise --samples or --seq-len")
+    if linear:
+        check_map_tokens(loaded, int(data.attention_mask.sum()))
     collected = collect_statistics(loaded.model, loaded.adapter, distinct, _batches(data, batch_size), linear=linear,
                                    keep_tokens=keep_tokens)
     return dict(zip(distinct, collected))
@@ -156,5 +162,5 @@ def compensate(loaded: LoadedModel, layers: Iterable[int], method: str, data: To
     return report
 
 
-__all__ = ["REPAIRS", "MergeOptions", "RepairReport", "ReplaceLinearOptions", "RunStatistics", "check_repair",
-           "collect_run_statistics", "compensate"]
+__all__ = ["REPAIRS", "MergeOptions", "RepairReport", "ReplaceLinearOptions", "RunStatistics", "check_map_tokens",
+           "check_repair", "collect_run_statistics", "compensate"]

@@ -92,16 +92,14 @@ def repaired_candidates(loaded: LoadedModel, plain: list[Candidate], repairs: li
     """Each plain candidate once more with every repair in ``repairs`` that accepts its cut and the
     ``tokens`` real calibration tokens (a linear map needs at least the hidden size); a refused one
     is returned as a record ``{removed_layers, repair, reason}`` (the method's own words)."""
-    from layerprune.repair import REPAIRS, check_repair
+    from layerprune.repair import REPAIRS, check_map_tokens, check_repair
 
-    hidden = loaded.model.config.get_text_config().hidden_size
     repaired, skipped = [], []
     for repair in repairs:
         for candidate in plain:
             try:
-                if REPAIRS[repair].linear_statistics and tokens < hidden:
-                    raise UsageError(f"{repair} fits a {hidden}x{hidden} map but the calibration holds only {tokens} "
-                                     "tokens; raise --samples or --seq-len")
+                if REPAIRS[repair].linear_statistics:
+                    check_map_tokens(loaded, tokens, repair)
                 check_repair(loaded, candidate.remove, repair)
             except UsageError as refusal:
                 skipped.append({"removed_layers": candidate.remove, "metric": candidate.metric,
