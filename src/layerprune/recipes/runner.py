@@ -424,14 +424,13 @@ def preflight(recipe: Recipe, out: Path) -> None:
                                       calibration["max_positions"])
     if "search" in sections:
         from layerprune.search import check_budget, search
-        from layerprune.search.search import DEFAULT_REMOVE as DEFAULT_SEARCH_REMOVE
 
         options = _with_defaults(search, sections["search"])
         with _at(recipe, "search"):
-            check_budget(options["remove"], options["target_speedup"], options["time_budget"],
-                         options["max_candidates"])
+            remove = check_budget(options["remove"], options["target_speedup"], options["time_budget"],
+                                  options["max_candidates"])
             if layers is not None and options["target_speedup"] is None:
-                layers -= parse_remove(options["remove"] or DEFAULT_SEARCH_REMOVE, layers)
+                layers -= parse_remove(remove, layers)
     if "score" in sections:
         options = _with_defaults(score, sections["score"])
         with _at(recipe, "score"):
