@@ -341,8 +341,9 @@ def model_tables(name: str) -> str:
              f"Unpruned: {base['layers']} layers, held-out perplexity {base['ppl']:.2f} "
              f"({base['ppl_tokens']:,} tokens), zero-shot accuracy "
              + ", ".join(f"{t} {_fmt(a, '{:.3f}')}" for t, a in base["accuracy"].items()) + ".", ""]
+    shown = [ratio for ratio in RATIOS if any(key[1] == ratio for key in cells)] or list(RATIOS)
     for heal in HEALS:
-        rows = [(m, r) for m in METRICS for r in RATIOS if (m, r, heal) in cells]
+        rows = [(m, r) for m in METRICS for r in shown if (m, r, heal) in cells]
         lines += [f"#### Healing: {heal}", "",
                   "Each cell: held-out PPL / mean zero-shot accuracy / mean stability / decode speed-up "
                   "(measured, FLOP-ideal), then, where the cell kept every example's answer, retained performance "
@@ -352,14 +353,39 @@ def model_tables(name: str) -> str:
                      if heal == "replace-layer" else "")
                   + ("; n/a = does not apply: the cut starts at layer 0, so no kept layer precedes it to fold into"
                      if heal in ("replace-linear", "merge") else "") + ".", "",
-                  "| metric | " + " | ".join(RATIOS) + " |", "|---|" + "---|" * len(RATIOS)]
+                  "| metric | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
         for metric in METRICS:
-            row = [_cell_text(cells, metric, ratio, heal) for ratio in RATIOS]
+            row = [_cell_text(cells, metric, ratio, heal) for ratio in shown]
             lines.append(f"| {metric} | " + " | ".join(row) + " |")
         lines.append("")
         if not rows:
             lines.append(f"No {heal} cell has run yet.\n")
+    for ratio in shown:
+        lines += retained_table(cells, ratio)
     return "\n".join(lines)
+
+
+def retained_table(cells: dict[tuple[str, str, str], dict[str, Any]], ratio: str) -> list[str]:
+    """Metric x healing at one ratio, each cell its retained performance with the interval, then its
+    held-out perplexity: the one table that ranks the healings and repairs against each other.
+    Empty where no cell of ``ratio`` kept its examples' answers (cells of older runs)."""
+    if not any(cell.get("retained") for key, cell in cells.items() if key[1] == ratio):
+        return []
+    lines = [f"#### Retained performance at {ratio}, by healing", "",
+             "Each cell: RP [95% interval] / held-out PPL; — = not run yet, n/a = the healing does not apply.", "",
+             "| metric | " + " | ".join(HEALS) + " |", "|---|" + "---|" * len(HEALS)]
+    for metric in METRICS:
+        row = []
+        for heal in HEALS:
+            cell = cells.get((metric, ratio, heal))
+            if cell is None:
+                row.append(_cell_text(cells, metric, ratio, heal))  # "—" or "n/a"
+            elif not cell.get("retained"):
+                row.append("—")
+            else:
+                row.append(f"{_retained_text(cell['retained'])} / {cell['ppl']:.4g}")
+        lines.append(f"| {metric} | " + " | ".join(row) + " |")
+    return lines + [""]
 
 
 def draw_figures(folder: Path, names: list[str]) -> list[str]:

@@ -70,13 +70,14 @@ def test_study_fills_the_grid_measures_twins_once_and_resumes(study, tmp_path, m
     text = results.read_text()
     assert "Cells finished: 14." in text
     lora_row = text.split("#### Healing: lora")[1].split("\n| bi |")[1].split("\n")[0]
-    assert lora_row.count("—") == 2 and lora_row.count("×") == 4  # 37% and 50% not run; 12% and 25% filled
+    # 12% and 25% filled; 37% and 50% were not asked for, so they get no column
+    assert "—" not in lora_row and lora_row.count("×") == 4 and "| 37% |" not in text
     replaced_table = text.split("#### Healing: replace-layer")[1]
     bi_row, angular_row = (replaced_table.split(f"\n| {m} |")[1].split("\n")[0] for m in ("bi", "angular"))
-    assert bi_row.count("n/a") == 4  # BI's layers are not one consecutive block at any ratio
-    # angular: 12% is a single layer (does not apply), 25% is filled, 37% and 50% were not asked for
-    angular_cells = [part.strip() for part in angular_row.split("|")[:4]]
-    assert angular_cells[0] == "n/a" and "×" in angular_cells[1] and angular_cells[2:] == ["—", "—"]
+    assert bi_row.count("n/a") == 2  # BI's layers are not one consecutive block at either ratio
+    # angular: 12% is a single layer (does not apply), 25% is filled
+    angular_cells = [part.strip() for part in angular_row.split("|")[:2]]
+    assert angular_cells[0] == "n/a" and "×" in angular_cells[1]
     assert (results.parent / "figures" / f"study-{study.file_stem(str(model))}-ratio-curves.png").stat().st_size
 
     # A new healing budget redoes the healed cells it names, and nothing else.
@@ -118,3 +119,13 @@ def test_training_free_repairs_are_study_cells_with_retained_performance(study, 
         assert cell["retained"]["mean"] == pytest.approx(sum(by_hand) / len(by_hand))
     assert "RP " in text
     assert "#### Healing: rescale" in text and "#### Healing: merge" in text
+    # one ratio ran: the tables show its column only, and the summary puts the healings side by side
+    assert "| metric | 25% |" in text and "| 12% |" not in text
+    summary = text.split("#### Retained performance at 25%, by healing")[1]
+    bi_row = next(line for line in summary.splitlines() if line.startswith("| bi |")).split(" | ")[1:]
+    heals = summary.split("| metric | ")[1].split(" |\n")[0].split(" | ")
+    for heal, entry in zip(heals, bi_row):
+        cell = done.get(f"bi_25_{heal}")
+        expected_entry = (f"{study._retained_text(cell['retained'])} / {cell['ppl']:.4g}" if cell
+                          else "n/a" if heal in ("replace-linear", "merge", "replace-layer") else "—")
+        assert entry.rstrip(" |") == expected_entry
