@@ -25,6 +25,7 @@ import json
 import os
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,17 +64,59 @@ def cut_layers(loaded: lp.LoadedModel, calibration: Any, cut: str, share: int) -
     return lp.select(report, f"{share}%", strategy, metric).remove
 
 
+def _status_mib(field: str) -> float | None:
+    """A ``/proc/self/status`` memory field in MiB; ``None`` off Linux."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    line = next(line for line in status.read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def peak_growth(work: Callable[[], Any]) -> tuple[Any, float, float | None]:
+    """Run ``work``; return its result, its wall seconds and how far the resident set peaked above
+    where it started (MiB: VmHWM after resetting it through ``/proc/self/clear_refs``; ``None``
+    where that is not possible). The process's lifetime peak (ru_maxrss) cannot tell one step's
+    memory from the models loaded before it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_mib("VmRSS")
+    except OSError:
+        before = None
+    began = time.perf_counter()
+    result = work()
+    seconds = time.perf_counter() - began
+    peak = _status_mib("VmHWM") if before is not None else None
+    return result, seconds, (None if peak is None or before is None else round(peak - before, 1))
+
+
+def plain_forward(original: lp.LoadedModel, calibration: Any, batch_size: int) -> None:
+    """One forward pass of the original over the calibration rows, as the repair batches them:
+    what a repair's cost is measured against."""
+    with torch.no_grad():
+        for first in range(0, calibration.input_ids.shape[0], batch_size):
+            original.model(input_ids=calibration.input_ids[first:first + batch_size],
+                           attention_mask=calibration.attention_mask[first:first + batch_size], use_cache=False)
+
+
 def run_cell(original: lp.LoadedModel, calibration: Any, layers: list[int], column: str,
              args: argparse.Namespace) -> dict[str, Any]:
     repair, healer = column_parts(column)
     loaded = original.copy()
-    began = time.perf_counter()
     details: dict[str, Any] = {}
+    began = time.perf_counter()
     if repair is None:
         lp.prune(loaded, layers)
     else:
-        report = compensate(loaded, layers, repair, calibration, batch_size=args.batch_size)
-        details = {"runs": report.runs, "statistics_seconds": round(report.statistics_seconds, 2)}
+        # the plain pass right before the repair, so a load change hits both sides alike
+        _, forward_seconds, forward_mib = peak_growth(lambda: plain_forward(original, calibration, args.batch_size))
+        began = time.perf_counter()
+        report, repair_seconds, repair_mib = peak_growth(
+            lambda: compensate(loaded, layers, repair, calibration, batch_size=args.batch_size))
+        details = {"runs": report.runs, "statistics_seconds": round(report.statistics_seconds, 4),
+                   "repair_seconds": round(repair_seconds, 4), "forward_seconds": round(forward_seconds, 4),
+                   "cost_vs_forward": round(repair_seconds / forward_seconds, 3),
+                   "repair_peak_mib": repair_mib, "forward_peak_mib": forward_mib}
     if healer is not None:
         torch.manual_seed(0)
         loaded = lp.heal(loaded, healer, args.data, original=original, steps=args.heal_steps,
@@ -89,8 +132,9 @@ def run_cell(original: lp.LoadedModel, calibration: Any, layers: list[int], colu
 
 
 def table(results: dict[str, dict[str, Any]], columns: tuple[str, ...]) -> str:
-    lines = ["| model | cut | removed | " + " | ".join(columns) + " | slowest cell s |",
-             "|---|---|---|" + "---|" * len(columns) + "---|"]
+    lines = ["| model | cut | removed | " + " | ".join(columns)
+             + " | slowest cell s | repair s / forward s (max) | repair peak − forward peak, MiB (max) |",
+             "|---|---|---|" + "---|" * len(columns) + "---|---|---|"]
     groups: dict[tuple[str, str, int], dict[str, Any]] = {}
     for key, cell in results.items():
         model, cut, share, column = key.split("|")
@@ -98,7 +142,13 @@ def table(results: dict[str, dict[str, Any]], columns: tuple[str, ...]) -> str:
     for (model, cut, share), cells in sorted(groups.items()):
         ppl = " | ".join(f"{cells[c]['ppl']:.4g}" if c in cells else "–" for c in columns)
         slowest = max((c["seconds"] for name, c in cells.items() if name != "none"), default=0.0)
-        lines.append(f"| {model} | {cut} | {share}% | {ppl} | {slowest:.1f} |")
+        repairs = [c for name, c in cells.items() if name in REPAIRS and "cost_vs_forward" in c]
+        cost = max((c["cost_vs_forward"] for c in repairs), default=None)
+        extra = [c["repair_peak_mib"] - c["forward_peak_mib"] for c in repairs
+                 if c.get("repair_peak_mib") is not None and c.get("forward_peak_mib") is not None]
+        lines.append(f"| {model} | {cut} | {share}% | {ppl} | {slowest:.1f} | "
+                     + (f"{cost:.2f}" if cost is not None else "–") + " | "
+                     + (f"{max(extra):.0f}" if extra else "–") + " |")
     return "\n".join(lines)
 
 

@@ -476,8 +476,10 @@ def write_report(args: argparse.Namespace) -> None:
     body = [model_tables(name) for name in names]
     pictures = [f"![{name}](figures/{name})" for name in figures]
     text = "\n".join(header + ["## Tables", ""] + body + ["## Figures", ""] + pictures + [""])
-    if CLAIMS.exists():
+    if CLAIMS.exists() and args.results.resolve().parent == CLAIMS.parent:
         text += "\n" + CLAIMS.read_text()
+    elif CLAIMS.exists():  # its links are relative to docs/: a report elsewhere points to it instead
+        text += f"\nThe papers' claims beside these measurements: {CLAIMS.relative_to(ROOT)} (also at the end of docs/RESULTS.md).\n"
     write_bytes_atomic(args.results, text.encode())
 
 

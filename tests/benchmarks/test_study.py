@@ -118,6 +118,8 @@ def test_training_free_repairs_are_study_cells_with_retained_performance(study, 
         by_hand = [sum(cell["correct"][t]) / sum(base["correct"][t]) for t in base["correct"]]
         assert cell["retained"]["mean"] == pytest.approx(sum(by_hand) / len(by_hand))
     assert "RP " in text
+    # a report outside docs/ would break the claims' relative links: it points to them instead
+    assert "## The papers' claims" not in text and "docs/claims.md" in text
     assert "#### Healing: rescale" in text and "#### Healing: merge" in text
     # one ratio ran: the tables show its column only, and the summary puts the healings side by side
     assert "| metric | 25% |" in text and "| 12% |" not in text

@@ -1,0 +1,60 @@
+"""The compensation benchmark on a tiny checkpoint: every column of a cut is measured, a repair is
+timed against a plain forward pass over the same rows, and its memory is the growth of the
+resident set during the repair alone (the models loaded before it do not count)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from tests.helpers import save_tiny_checkpoint
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_compensation.py"
+
+
+@pytest.fixture
+def bench(tmp_path, monkeypatch) -> ModuleType:
+    from layerprune.healing import replacement
+
+    spec = importlib.util.spec_from_file_location("bench_compensation_under_test", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(replacement, "cache_dir", lambda: tmp_path / "cache")  # its trained pairs
+    return module
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable peak RSS")
+def test_peak_growth_sees_what_the_work_allocates_and_not_what_came_before(bench) -> None:
+    held = torch.ones(64 * 2**20 // 4)  # 64 MiB resident before the measured work: not its cost
+    _, _, idle = bench.peak_growth(lambda: None)
+    block, seconds, grown = bench.peak_growth(lambda: torch.ones(128 * 2**20 // 4))  # 128 MiB, touched
+    assert idle < 16 and 120 <= grown < 160 and seconds >= 0
+    del held, block
+
+
+def test_every_column_of_a_cut_is_measured_and_repairs_are_timed_against_a_forward(bench, tmp_path,
+                                                                                  monkeypatch) -> None:
+    model = save_tiny_checkpoint(tmp_path / "tiny", "llama", num_layers=6)
+    argv = ["bench_compensation.py", "--models", str(model), "--shares", "34", "--cuts", "angular",
+            "--samples", "8", "--seq-len", "64", "--max-windows", "2", "--heal-steps", "1", "--heal-rows", "2",
+            "--heal-seq-len", "32", "--no-doc"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(bench, "cut_layers", lambda *args: [2, 3])  # a block every column applies to
+    bench.main()
+    results = json.loads(next((tmp_path / "cache" / "bench-compensation").glob("results-*.json")).read_text())
+    cells = {key.split("|")[-1]: cell for key, cell in results.items()}
+    assert set(cells) == set(bench.COLUMNS) and all(cell["removed"] == [2, 3] for cell in cells.values())
+    for column in ("replace-linear", "rescale", "merge"):
+        cell = cells[column]
+        assert cell["forward_seconds"] > 0 and cell["repair_seconds"] >= cell["statistics_seconds"]
+        # the stored seconds are rounded to 0.1 ms, the ratio to 0.001: they agree to that
+        assert abs(cell["cost_vs_forward"] * cell["forward_seconds"] - cell["repair_seconds"]) <= 2e-4
+    assert cells["lora"]["heal_budget"] == {"steps": 1, "rows": 2, "seq_len": 32}
+    assert cells["rescale+lora"]["runs"] == cells["rescale"]["runs"]  # the same repair, then healed
