@@ -46,7 +46,7 @@ from layerprune.cache import cache_dir
 from layerprune.data import build_calibration
 from layerprune.evaluation.efficiency import Workload, measure_efficiency
 from layerprune.evaluation.harness import run_tasks
-from layerprune.evaluation.intervals import retained_performance
+from layerprune.evaluation.intervals import retained_difference, retained_performance
 from layerprune.evaluation.perplexity import dataset_perplexity
 from layerprune.evaluation.stability import stability_by_task
 from layerprune.models.lineage import versions
@@ -317,6 +317,41 @@ def _cell_text(cells: dict[tuple[str, str, str], dict[str, Any]], metric: str, r
             + (f" = {cell['same_as']}" if cell.get("same_as") else ""))
 
 
+def healing_gain_table(cells: dict[tuple[str, str, str], dict[str, Any]], ratio: str,
+                       base: dict[str, Any]) -> list[str]:
+    """Metric x healing at one ratio: how much RP each healing adds to the unhealed cut, with the
+    paired interval of that difference (the same examples resampled for the unpruned, the unhealed
+    and the healed model). A healing "helps" only where the interval excludes 0; overlapping RP
+    intervals alone cannot say so."""
+    heals = [heal for heal in HEALS if heal != "none"]
+    gains: dict[tuple[str, str], str] = {}
+    for metric in METRICS:
+        unhealed = cells.get((metric, ratio, "none"))
+        for heal in heals:
+            healed = cells.get((metric, ratio, heal))
+            if unhealed and healed and unhealed.get("correct") and healed.get("correct") and base.get("correct"):
+                gain = retained_difference(base["correct"], healed["correct"], unhealed["correct"])
+                low, high = gain["ci95"]
+                gains[metric, heal] = f"{gain['mean']:+.2f} [{low:+.2f}, {high:+.2f}]" + (" *" if low > 0 or high < 0 else "")
+    if not gains:
+        return []
+    lines = [f"#### RP gained by healing at {ratio} (paired against the unhealed cut)", "",
+             "Each cell: RP of the healed model minus RP of the same cut unhealed [paired-bootstrap 95% interval]; "
+             "* = the interval excludes 0.", "",
+             "| metric | " + " | ".join(heals) + " |", "|---|" + "---|" * len(heals)]
+    for metric in METRICS:
+        row = []
+        for heal in heals:
+            if (metric, heal) in gains:
+                row.append(gains[metric, heal])
+            elif (metric, ratio, heal) in cells:
+                row.append("—")  # a cell of an older run, without its examples' answers
+            else:
+                row.append(_cell_text(cells, metric, ratio, heal))  # "—" or "n/a"
+        lines.append(f"| {metric} | " + " | ".join(row) + " |")
+    return lines + [""]
+
+
 def _retained_text(retained: dict[str, Any]) -> str:
     low, high = retained["ci95"]
     return f"{retained['mean']:.2f} [{low:.2f}, {high:.2f}]"
@@ -361,7 +396,7 @@ def model_tables(name: str) -> str:
         if not rows:
             lines.append(f"No {heal} cell has run yet.\n")
     for ratio in shown:
-        lines += retained_table(cells, ratio)
+        lines += retained_table(cells, ratio) + healing_gain_table(cells, ratio, base)
     return "\n".join(lines)
 
 

@@ -131,3 +131,8 @@ def test_training_free_repairs_are_study_cells_with_retained_performance(study, 
         expected_entry = (f"{study._retained_text(cell['retained'])} / {cell['ppl']:.4g}" if cell
                           else "n/a" if heal in ("replace-linear", "merge", "replace-layer") else "—")
         assert entry.rstrip(" |") == expected_entry
+    gains = text.split("#### RP gained by healing at 25%")[1]
+    bi_gains = next(line for line in gains.splitlines() if line.startswith("| bi |"))
+    rescaled = study.retained_difference(base["correct"], done["bi_25_rescale"]["correct"],
+                                         done["bi_25_none"]["correct"])
+    assert f"{rescaled['mean']:+.2f} [{rescaled['ci95'][0]:+.2f}, {rescaled['ci95'][1]:+.2f}]" in bi_gains

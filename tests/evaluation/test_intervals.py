@@ -11,6 +11,7 @@ import pytest
 from layerprune.errors import UsageError
 from layerprune.evaluation.intervals import (
     perplexity_interval,
+    retained_difference,
     retained_performance,
     stderr_of_mean,
 )
@@ -52,6 +53,37 @@ def test_paired_bootstrap_covers_the_true_retained_performance_at_about_95_perce
         low, high = retained_performance(reference, candidate, iterations=500, seed=trial)["ci95"]
         covered += low <= 0.85 <= high
     assert 0.90 <= covered / TRIALS <= 0.99
+
+
+def test_retained_difference_is_the_difference_of_the_two_rps_and_covers_the_true_gap() -> None:
+    """Two pruned models of one reference: ``better`` keeps 90% and 95% of the right answers of two
+    tasks, ``worse`` a subset of those (80% and 85% overall: a true RP gap of 0.10). The paired
+    interval of the difference covers the gap at about 95%, and it is narrower than two
+    independent intervals would make it: the two models' errors go together."""
+    reference = {"a": [1, 1, 0, 0], "b": [1, 1, 1, 0]}
+    one, other = {"a": [1, 0, 0, 0], "b": [1, 1, 0, 0]}, {"a": [1, 1, 0, 0], "b": [1, 0, 0, 0]}
+    expected = retained_performance(reference, one)["mean"] - retained_performance(reference, other)["mean"]
+    assert retained_difference(reference, one, other)["mean"] == pytest.approx(expected)
+    assert retained_difference(reference, one, one) == {"mean": 0.0, "ci95": [0.0, 0.0]}
+    with pytest.raises(UsageError, match="same --limit"):
+        retained_difference(reference, one, {"a": [1], "b": [1, 0, 0, 0]})
+
+    rng = np.random.default_rng(2)
+    covered, narrower = 0, 0
+    for trial in range(TRIALS):
+        reference, better, worse = {}, {}, {}
+        for task, (kept, dropped) in {"a": (0.9, 0.8 / 0.9), "b": (0.95, 0.85 / 0.95)}.items():
+            right = rng.random(300) < 0.6
+            better[task] = right & (rng.random(300) < kept)
+            worse[task] = (better[task] & (rng.random(300) < dropped)).astype(int)
+            reference[task], better[task] = right.astype(int), better[task].astype(int)
+        low, high = retained_difference(reference, better, worse, iterations=500, seed=trial)["ci95"]
+        covered += low <= 0.10 <= high
+        widths = [np.subtract(*retained_performance(reference, model, iterations=500, seed=trial)["ci95"][::-1])
+                  for model in (better, worse)]
+        narrower += (high - low) < math.hypot(*widths)  # what two independent intervals would give
+    assert 0.90 <= covered / TRIALS <= 0.99
+    assert narrower >= 0.95 * TRIALS
 
 
 def test_paired_interval_is_narrower_than_the_spread_of_unpaired_accuracies() -> None:

@@ -35,6 +35,45 @@ def _percentile_interval(samples: np.ndarray) -> list[float]:
     return [float(low), float(high)]
 
 
+def _usable_tasks(reference: Mapping[str, Sequence[int]], *others: Mapping[str, Sequence[int]]) -> tuple[list, list]:
+    """The tasks every model answered, checked for equal lengths; then those of them with a ratio
+    (the reference gets at least one right). Returns ``(shared, usable)``."""
+    shared = [task for task in reference if all(task in other for other in others)]
+    for task in shared:
+        for other in others:
+            if len(reference[task]) != len(other[task]):
+                raise UsageError(f"cannot compare {task}: {len(reference[task])} vs {len(other[task])} examples; "
+                                 "evaluate both models with the same --limit")
+    usable = [task for task in shared if len(reference[task]) and sum(reference[task]) > 0]
+    if not usable:
+        raise UsageError("no task to compute retained performance on: the models share no task the reference "
+                         "answers at least once correctly; evaluate both on the same --tasks")
+    return shared, usable
+
+
+def _bootstrap_retained(reference: Mapping[str, Sequence[int]], candidates: Sequence[Mapping[str, Sequence[int]]],
+                        tasks: list[str], iterations: int, seed: int) -> np.ndarray:
+    """RP of each candidate in each paired resample: shape ``(len(candidates), iterations)``. Every
+    task is resampled on its own, with the same example indices for the reference and every
+    candidate (they answered the same questions)."""
+    rng = np.random.default_rng(seed)
+    resampled = np.zeros((len(candidates), iterations))
+    for task in tasks:
+        ref = np.asarray(reference[task], dtype=float)
+        draws = rng.integers(0, len(ref), size=(iterations, len(ref)))
+        ref_acc = ref[draws].mean(axis=1)
+        for row, candidate in enumerate(candidates):
+            cand = np.asarray(candidate[task], dtype=float)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                resampled[row] += np.where(ref_acc > 0, cand[draws].mean(axis=1) / ref_acc, np.nan)
+    return resampled / len(tasks)
+
+
+def _task_ratios(reference: Mapping[str, Sequence[int]], candidate: Mapping[str, Sequence[int]],
+                 tasks: list[str]) -> dict[str, float]:
+    return {task: float(np.mean(candidate[task]) / np.mean(reference[task])) for task in tasks}
+
+
 def retained_performance(reference: Mapping[str, Sequence[int]], candidate: Mapping[str, Sequence[int]], *,
                          iterations: int = BOOTSTRAP_ITERATIONS, seed: int = BOOTSTRAP_SEED) -> dict:
     """RP of ``candidate`` against ``reference`` from their per-example correctness (0/1) per task.
@@ -44,31 +83,32 @@ def retained_performance(reference: Mapping[str, Sequence[int]], candidate: Mapp
     (each task resampled on its own, the same indices for both models). Tasks the reference gets
     all wrong have no ratio and are left out (named in ``excluded``).
     """
-    shared = [task for task in reference if task in candidate]
-    for task in shared:
-        if len(reference[task]) != len(candidate[task]):
-            raise UsageError(f"cannot compare {task}: {len(reference[task])} vs {len(candidate[task])} examples; "
-                             "evaluate both models with the same --limit")
-    usable = [task for task in shared if len(reference[task]) and sum(reference[task]) > 0]
-    if not usable:
-        raise UsageError("no task to compute retained performance on: the models share no task the reference "
-                         "answers at least once correctly; evaluate both on the same --tasks")
-    rng = np.random.default_rng(seed)
-    ratios: dict[str, float] = {}
-    resampled = np.zeros(iterations)
-    for task in usable:
-        ref, cand = np.asarray(reference[task], dtype=float), np.asarray(candidate[task], dtype=float)
-        ratios[task] = float(cand.mean() / ref.mean())
-        draws = rng.integers(0, len(ref), size=(iterations, len(ref)))
-        ref_acc = ref[draws].mean(axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            resampled += np.where(ref_acc > 0, cand[draws].mean(axis=1) / ref_acc, np.nan)
-    result = {"mean": float(np.mean(list(ratios.values()))),
-              "ci95": _percentile_interval(resampled / len(usable)), "tasks": ratios}
+    shared, usable = _usable_tasks(reference, candidate)
+    ratios = _task_ratios(reference, candidate, usable)
+    resampled = _bootstrap_retained(reference, [candidate], usable, iterations, seed)[0]
+    result = {"mean": float(np.mean(list(ratios.values()))), "ci95": _percentile_interval(resampled), "tasks": ratios}
     excluded = [task for task in shared if task not in usable]
     if excluded:
         result["excluded"] = excluded
     return result
+
+
+def retained_difference(reference: Mapping[str, Sequence[int]], candidate: Mapping[str, Sequence[int]],
+                        baseline: Mapping[str, Sequence[int]], *, iterations: int = BOOTSTRAP_ITERATIONS,
+                        seed: int = BOOTSTRAP_SEED) -> dict:
+    """How much more RP ``candidate`` keeps than ``baseline`` (both against ``reference``), with a
+    paired 95% interval: ``{"mean", "ci95"}``.
+
+    Two RP intervals that overlap do not show that two methods are alike: both models answered the
+    same examples, so their errors go together, and the interval of the *difference*, resampling
+    the same examples for all three models, is narrower than two independent intervals would make
+    it. An interval that excludes 0 is a difference this evaluation can see.
+    """
+    _, usable = _usable_tasks(reference, candidate, baseline)
+    gained = _bootstrap_retained(reference, [candidate, baseline], usable, iterations, seed)
+    point = np.mean(list(_task_ratios(reference, candidate, usable).values())) \
+        - np.mean(list(_task_ratios(reference, baseline, usable).values()))
+    return {"mean": float(point), "ci95": _percentile_interval(gained[0] - gained[1])}
 
 
 def perplexity_interval(window_nll: Sequence[float], window_tokens: Sequence[int], *,
