@@ -77,7 +77,8 @@ def peak_growth(work: Callable[[], Any]) -> tuple[Any, float, float | None]:
     """Run ``work``; return its result, its wall seconds and how far the resident set peaked above
     where it started (MiB: VmHWM after resetting it through ``/proc/self/clear_refs``; ``None``
     where that is not possible). The process's lifetime peak (ru_maxrss) cannot tell one step's
-    memory from the models loaded before it."""
+    memory from the models loaded before it. Only the first steps of a process read true: later
+    ones reuse memory the allocator kept from earlier cells, and read as growing by ~0."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
         before = _status_mib("VmRSS")
@@ -133,8 +134,8 @@ def run_cell(original: lp.LoadedModel, calibration: Any, layers: list[int], colu
 
 def table(results: dict[str, dict[str, Any]], columns: tuple[str, ...]) -> str:
     lines = ["| model | cut | removed | " + " | ".join(columns)
-             + " | slowest cell s | repair s / forward s (max) | repair peak − forward peak, MiB (max) |",
-             "|---|---|---|" + "---|" * len(columns) + "---|---|---|"]
+             + " | slowest cell s | repair s / forward s (max) |",
+             "|---|---|---|" + "---|" * len(columns) + "---|---|"]
     groups: dict[tuple[str, str, int], dict[str, Any]] = {}
     for key, cell in results.items():
         model, cut, share, column = key.split("|")
@@ -144,11 +145,8 @@ def table(results: dict[str, dict[str, Any]], columns: tuple[str, ...]) -> str:
         slowest = max((c["seconds"] for name, c in cells.items() if name != "none"), default=0.0)
         repairs = [c for name, c in cells.items() if name in REPAIRS and "cost_vs_forward" in c]
         cost = max((c["cost_vs_forward"] for c in repairs), default=None)
-        extra = [c["repair_peak_mib"] - c["forward_peak_mib"] for c in repairs
-                 if c.get("repair_peak_mib") is not None and c.get("forward_peak_mib") is not None]
         lines.append(f"| {model} | {cut} | {share}% | {ppl} | {slowest:.1f} | "
-                     + (f"{cost:.2f}" if cost is not None else "–") + " | "
-                     + (f"{max(extra):.0f}" if extra else "–") + " |")
+                     + (f"{cost:.2f}" if cost is not None else "–") + " |")
     return "\n".join(lines)
 
 
