@@ -34,6 +34,7 @@ import transformers
 
 import layerprune as lp
 from layerprune.cache import cache_dir
+from layerprune.evaluation.efficiency import status_bytes
 from layerprune.evaluation.perplexity import dataset_perplexity
 from layerprune.outputs import write_json_atomic
 from layerprune.repair import REPAIRS, compensate
@@ -64,15 +65,6 @@ def cut_layers(loaded: lp.LoadedModel, calibration: Any, cut: str, share: int) -
     return lp.select(report, f"{share}%", strategy, metric).remove
 
 
-def _status_mib(field: str) -> float | None:
-    """A ``/proc/self/status`` memory field in MiB; ``None`` off Linux."""
-    status = Path("/proc/self/status")
-    if not status.exists():
-        return None
-    line = next(line for line in status.read_text().splitlines() if line.startswith(field + ":"))
-    return int(line.split()[1]) / 1024
-
-
 def peak_growth(work: Callable[[], Any]) -> tuple[Any, float, float | None]:
     """Run ``work``; return its result, its wall seconds and how far the resident set peaked above
     where it started (MiB: VmHWM after resetting it through ``/proc/self/clear_refs``; ``None``
@@ -81,14 +73,13 @@ def peak_growth(work: Callable[[], Any]) -> tuple[Any, float, float | None]:
     ones reuse memory the allocator kept from earlier cells, and read as growing by ~0."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
-        before = _status_mib("VmRSS")
+        before = status_bytes("VmRSS")
     except OSError:
         before = None
     began = time.perf_counter()
     result = work()
     seconds = time.perf_counter() - began
-    peak = _status_mib("VmHWM") if before is not None else None
-    return result, seconds, (None if peak is None or before is None else round(peak - before, 1))
+    return result, seconds, (None if before is None else round((status_bytes("VmHWM") - before) / 2**20, 1))
 
 
 def plain_forward(original: lp.LoadedModel, calibration: Any, batch_size: int) -> None:

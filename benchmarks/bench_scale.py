@@ -30,22 +30,16 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 MiB = 2**20
 
 
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def _child(argv: list[str]) -> None:
     """Run one measured step and print its memory as JSON (imports first, so they are baseline)."""
     kind = argv[0]
+    from layerprune.evaluation.efficiency import status_bytes
     from layerprune.models.shards import prune_checkpoint
     from layerprune.scoring import score
     from layerprune.scoring.streaming import stream_score
     import layerprune as lp
 
-    baseline = _status_bytes("VmRSS")
+    baseline = status_bytes("VmRSS")
     start = time.perf_counter()
     if kind == "prune":
         source, out, layers = argv[1], argv[2], [int(i) for i in argv[3].split(",")]
@@ -59,7 +53,7 @@ def _child(argv: list[str]) -> None:
             spill = Path(argv[5])
             report = stream_score(folder, rows, metrics, batch_size=batch, spill_dir=spill)
         torch.save({name: r.importance for name, r in report.results.items()}, Path(rows_file).with_suffix(f".{kind}"))
-    print(json.dumps({"baseline": baseline, "peak": _status_bytes("VmHWM"), "seconds": time.perf_counter() - start}))
+    print(json.dumps({"baseline": baseline, "peak": status_bytes("VmHWM"), "seconds": time.perf_counter() - start}))
 
 
 def measure(*argv: str) -> dict[str, float]:

@@ -36,6 +36,7 @@ import platform
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -335,21 +336,26 @@ def healing_gain_table(cells: dict[tuple[str, str, str], dict[str, Any]], ratio:
                 gains[metric, heal] = f"{gain['mean']:+.2f} [{low:+.2f}, {high:+.2f}]" + (" *" if low > 0 or high < 0 else "")
     if not gains:
         return []
-    lines = [f"#### RP gained by healing at {ratio} (paired against the unhealed cut)", "",
-             "Each cell: RP of the healed model minus RP of the same cut unhealed [paired-bootstrap 95% interval]; "
-             "* = the interval excludes 0.", "",
-             "| metric | " + " | ".join(heals) + " |", "|---|" + "---|" * len(heals)]
+    return [f"#### RP gained by healing at {ratio} (paired against the unhealed cut)", "",
+            "Each cell: RP of the healed model minus RP of the same cut unhealed [paired-bootstrap 95% interval]; "
+            "* = the interval excludes 0.", "",
+            *_metric_by_healing(cells, ratio, heals, lambda metric, heal: gains.get((metric, heal))), ""]
+
+
+def _metric_by_healing(cells: dict[tuple[str, str, str], dict[str, Any]], ratio: str, heals: list[str],
+                       entry: Callable[[str, str], str | None]) -> list[str]:
+    """A metric x healing table at ``ratio``: ``entry(metric, heal)`` where it gives a text; else "—"
+    for a cell of an older run (it kept no answers), or "—"/"n/a" for a cell not run."""
+    lines = ["| metric | " + " | ".join(heals) + " |", "|---|" + "---|" * len(heals)]
     for metric in METRICS:
         row = []
         for heal in heals:
-            if (metric, heal) in gains:
-                row.append(gains[metric, heal])
-            elif (metric, ratio, heal) in cells:
-                row.append("—")  # a cell of an older run, without its examples' answers
-            else:
-                row.append(_cell_text(cells, metric, ratio, heal))  # "—" or "n/a"
+            text = entry(metric, heal)
+            if text is None:
+                text = "—" if (metric, ratio, heal) in cells else _cell_text(cells, metric, ratio, heal)
+            row.append(text)
         lines.append(f"| {metric} | " + " | ".join(row) + " |")
-    return lines + [""]
+    return lines
 
 
 def _retained_text(retained: dict[str, Any]) -> str:
@@ -406,21 +412,13 @@ def retained_table(cells: dict[tuple[str, str, str], dict[str, Any]], ratio: str
     Empty where no cell of ``ratio`` kept its examples' answers (cells of older runs)."""
     if not any(cell.get("retained") for key, cell in cells.items() if key[1] == ratio):
         return []
-    lines = [f"#### Retained performance at {ratio}, by healing", "",
-             "Each cell: RP [95% interval] / held-out PPL; — = not run yet, n/a = the healing does not apply.", "",
-             "| metric | " + " | ".join(HEALS) + " |", "|---|" + "---|" * len(HEALS)]
-    for metric in METRICS:
-        row = []
-        for heal in HEALS:
-            cell = cells.get((metric, ratio, heal))
-            if cell is None:
-                row.append(_cell_text(cells, metric, ratio, heal))  # "—" or "n/a"
-            elif not cell.get("retained"):
-                row.append("—")
-            else:
-                row.append(f"{_retained_text(cell['retained'])} / {cell['ppl']:.4g}")
-        lines.append(f"| {metric} | " + " | ".join(row) + " |")
-    return lines + [""]
+    def entry(metric: str, heal: str) -> str | None:
+        cell = cells.get((metric, ratio, heal))
+        return f"{_retained_text(cell['retained'])} / {cell['ppl']:.4g}" if cell and cell.get("retained") else None
+
+    return [f"#### Retained performance at {ratio}, by healing", "",
+            "Each cell: RP [95% interval] / held-out PPL; — = not run yet, n/a = the healing does not apply.", "",
+            *_metric_by_healing(cells, ratio, list(HEALS), entry), ""]
 
 
 def draw_figures(folder: Path, names: list[str]) -> list[str]:

@@ -169,8 +169,8 @@ def measure_efficiency(models: dict[str, PreTrainedModel], workload: Workload = 
     return results
 
 
-def _status_bytes(field: str) -> int:
-    """A ``/proc/self/status`` memory field in bytes (Linux)."""
+def status_bytes(field: str) -> int:
+    """A ``/proc/self/status`` memory field in bytes (Linux): ``VmRSS`` now, ``VmHWM`` the peak."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
@@ -183,10 +183,10 @@ def _probe(checkpoint: str, workload_json: str, dtype: str) -> None:
 
     VmHWM, not ``ru_maxrss``: the latter survives ``exec`` and would report the parent's peak.
     """
-    baseline = _status_bytes("VmRSS")
+    baseline = status_bytes("VmRSS")
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).eval()
     time_prefill_decode(model, Workload(**json.loads(workload_json)))
-    print(json.dumps({"peak_bytes": _status_bytes("VmHWM") - baseline}))
+    print(json.dumps({"peak_bytes": status_bytes("VmHWM") - baseline}))
 
 
 if __name__ == "__main__":
