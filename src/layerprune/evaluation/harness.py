@@ -1,7 +1,8 @@
 """Zero-shot benchmarks through lm-evaluation-harness, on the model already in memory.
 
-The model is wrapped by lm-eval's own ``HFLM`` (never re-loaded from disk), so a pruned model is
-scored exactly as it is, and the numbers are the harness's, comparable with published ones.
+The model is wrapped by lm-eval's ``HFLM`` (never re-loaded from disk), so a pruned model is
+scored exactly as it is, and the numbers are the harness's, comparable with published ones; our
+subclass of it (``scored_positions``) only skips the LM head where no answer is scored.
 
 Offline tasks (``lp_*``) need no network: their YAML definitions ship in ``evaluation/tasks/``,
 and at run time their data is built from the data layer's labelled sets and held-out corpora
@@ -240,7 +241,8 @@ def run_tasks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks:
     code in the process (a hub download would believe the user asked for offline mode).
     """
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+
+    from layerprune.evaluation.scored_positions import ScoredPositionsLM
 
     check_task_names(tasks)
     tasks = expand_task_names(tasks)
@@ -249,9 +251,9 @@ def run_tasks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks:
         include_path = prepare_offline_tasks(offline)
     only_offline = len(offline) == len(tasks)
     manager = task_manager(str(include_path) if include_path else None, not only_offline)
-    # HFLM warns that an in-memory model is "not of type str": that is how we mean to use it
+    # lm-eval's HFLM warns that an in-memory model is "not of type str": that is how we mean to use it
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = ScoredPositionsLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     with _without_environment_survey():
         output = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                                  num_fewshot=num_fewshot, log_samples=True, bootstrap_iters=0, verbosity="ERROR")
