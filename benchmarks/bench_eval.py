@@ -26,9 +26,7 @@ from typing import Any
 import lm_eval
 import torch
 import transformers
-from lm_eval.api.task import Task
 from lm_eval.models.huggingface import HFLM
-from lm_eval.tasks import get_task_dict
 
 import layerprune as lp
 from layerprune.evaluation.harness import expand_task_names, prepare_offline_tasks, task_manager
@@ -41,18 +39,12 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 def suite_requests(limit: int) -> list[Any]:
     """The loglikelihood instances of every ``lp_offline`` task, first ``limit`` examples each."""
     names = expand_task_names(["lp_offline"])
-    tasks = get_task_dict(names, task_manager(str(prepare_offline_tasks(names)), False))
+    tasks = task_manager(str(prepare_offline_tasks(names)), False).load(names)["tasks"]
     instances = []
-    for task in _leaves(tasks):
+    for task in tasks.values():
         task.build_all_requests(limit=limit)
         instances += [i for i in task.instances if i.request_type == "loglikelihood"]
     return instances
-
-
-def _leaves(tasks: dict) -> list[Task]:
-    """The tasks of lm-eval's (possibly nested) group dictionary."""
-    return [leaf for value in tasks.values()
-            for leaf in (_leaves(value) if isinstance(value, dict) else [value] if isinstance(value, Task) else [])]
 
 
 def compare(name: str, limit: int, rounds: int, batch_size: int) -> dict[str, Any]:
