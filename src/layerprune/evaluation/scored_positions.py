@@ -56,10 +56,9 @@ class ScoredPositionsLM(HFLM):
         for start in range(0, len(inputs), self.batch_size):
             batch = inputs[start:start + self.batch_size]
             scored = [max(len(requests[i][2]) for i in askers[tokens]) for tokens in batch]
-            log_probs, columns = self._scored_log_probs(batch, scored)
-            for row, tokens in enumerate(batch):
+            for tokens, log_probs in zip(batch, self._scored_log_probs(batch, scored)):
                 for index in askers[tokens]:
-                    answers[index] = self._answer(log_probs[row], columns[row], requests[index][2])
+                    answers[index] = _answer(log_probs, requests[index][2])
                     request_strings = requests[index][0]
                     if request_strings is not None:
                         self.cache_hook.add_partial("loglikelihood", request_strings, answers[index])
@@ -67,10 +66,10 @@ class ScoredPositionsLM(HFLM):
         progress.close()
         return answers  # type: ignore[return-value]
 
-    def _scored_log_probs(self, batch: Sequence[tuple[int, ...]],
-                          scored: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Log-probabilities at the union of the batch's scored positions, and for each row the
-        columns of that union holding its own last ``scored[row]`` positions."""
+    def _scored_log_probs(self, batch: Sequence[tuple[int, ...]], scored: Sequence[int]) -> list[torch.Tensor]:
+        """For each row, the log-probabilities at its own last ``scored[row]`` positions
+        (``[scored[row], vocab]``): the head runs once on the union of the batch's scored positions,
+        the log-softmax only on each row's own."""
         width = len(batch[0])
         ids = torch.zeros(len(batch), width, dtype=torch.long)  # right padding: a causal model never reads it
         wanted = []
@@ -81,14 +80,14 @@ class ScoredPositionsLM(HFLM):
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                              enabled=self.mixed_precision_dtype is not None):
             logits = self.model(ids.to(self.device), logits_to_keep=positions.to(self.device)).logits
-        log_probs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
-        return log_probs, [torch.searchsorted(positions, rows).to(self.device) for rows in wanted]
+        return [F.log_softmax(logits[row, torch.searchsorted(positions, rows).to(self.device)], dim=-1,
+                              dtype=self.softmax_dtype) for row, rows in enumerate(wanted)]
 
-    def _answer(self, log_probs: torch.Tensor, columns: torch.Tensor,
-                continuation: list[int]) -> tuple[float, bool]:
-        """(summed log-probability of ``continuation``, whether greedy decoding gives it exactly),
-        read from the last ``len(continuation)`` of this row's scored columns."""
-        rows = log_probs[columns[-len(continuation):]]
-        targets = torch.tensor(continuation, device=rows.device)
-        chosen = rows.gather(1, targets.unsqueeze(1)).squeeze(1)
-        return float(chosen.sum()), bool((rows.argmax(dim=-1) == targets).all())
+
+def _answer(log_probs: torch.Tensor, continuation: list[int]) -> tuple[float, bool]:
+    """(summed log-probability of ``continuation``, whether greedy decoding gives it exactly), read
+    from the last ``len(continuation)`` of a row's scored positions."""
+    rows = log_probs[-len(continuation):]
+    targets = torch.tensor(continuation, device=rows.device)
+    chosen = rows.gather(1, targets.unsqueeze(1)).squeeze(1)
+    return float(chosen.sum()), bool((rows.argmax(dim=-1) == targets).all())
