@@ -63,6 +63,19 @@ def test_heal_repairs_the_cut_named_by_the_lineage_like_the_api(method, original
     assert record["parameters"] == json.loads((tmp_path / "pruned-2-3" / "layerprune.json").read_text())["parameters"]
 
 
+def test_heal_repair_reads_the_calibration_default_not_steps_times_batch(original, corpus, tmp_path) -> None:
+    """Without --samples a repair reads 64 windows (as score and prune --compensate calibrate), not
+    the 100 steps x 8 rows a trained method would draw; --samples still sets the count."""
+    model = pruned(original, "2-3", tmp_path)
+    for samples, expected in ((None, 64), (12, 12)):
+        out = tmp_path / f"repaired-{samples}"
+        count = [] if samples is None else ["--samples", str(samples)]
+        assert main(["heal", "--model", str(model), "--method", "rescale", "--data", str(corpus), "--sampling",
+                     "contiguous", "--seq-len", "16", *count, "--out", str(out)]) == 0
+        (repair,) = json.loads((out / "layerprune.json").read_text())["repairs"]
+        assert repair["data"]["tokens"] == expected * 16
+
+
 def test_heal_cuts_and_repairs_an_unpruned_model_with_block(original, corpus, tmp_path) -> None:
     out = tmp_path / "repaired"
     assert main(["heal", "--model", str(original), "--method", "rescale", "--block", "3-4", "--data", str(corpus),

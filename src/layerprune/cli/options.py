@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
-from layerprune.data import SAMPLINGS
+from layerprune.data import COMMAND_LINE_SAMPLES, SAMPLINGS
 from layerprune.errors import UsageError
 from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir, resolve_alias
 from layerprune.models.loading import LoadedModel, load_model, resolve_dtype
@@ -171,7 +171,8 @@ def add_calibration_options(parser: argparse.ArgumentParser) -> None:
                             "name when online (default: wiki-sample)")
     group.add_argument("--text-field", help="the field holding the text in a JSON/CSV/hub dataset")
     group.add_argument("--split", default="train", help="data split to draw from (default: train)")
-    group.add_argument("--samples", type=int, default=64, help="calibration rows (default: 64)")
+    group.add_argument("--samples", type=int, default=COMMAND_LINE_SAMPLES,
+                       help=f"calibration rows (default: {COMMAND_LINE_SAMPLES})")
     group.add_argument("--seq-len", type=int, default=256, help="tokens per row (default: 256)")
     group.add_argument("--batch-size", type=int,
                        help="rows per forward pass (default: 8; 1 with --streaming, whose point is low memory)")

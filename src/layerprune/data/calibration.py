@@ -26,6 +26,9 @@ from layerprune.errors import UsageError
 from layerprune.registry import Registry
 
 DOCUMENT_SEPARATOR = "\n\n"
+COMMAND_LINE_SAMPLES = 64
+"""Calibration rows the command line draws by default (``score``, ``prune``, and the statistics of a
+training-free repair under ``heal``): enough for stable layer statistics at a small model's cost."""
 
 
 def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:

@@ -41,7 +41,8 @@ class TrainingOptions:
         "help": "peak learning rate (default: the method's own, see its docs)"})
     seq_len: int = field(default=256, metadata={"help": "tokens per training sequence", "min": 1})
     samples: int | None = field(default=None, metadata={
-        "help": "training sequences to draw (default: steps x batch size, so no sequence repeats)", "min": 1})
+        "help": "training sequences to draw (default: steps x batch size, so no sequence repeats; for a "
+                "training-free repair, which takes no steps, 64 as for score's calibration)", "min": 1})
     seed: int = field(default=0, metadata={"help": "data sampling and batch order seed"})
     sampling: str = field(default="random", metadata={
         "help": "how training windows are drawn from a text source (as for score's calibration data)",
@@ -143,6 +144,10 @@ class Healer(ABC):
 
     def needs_original(self, settings: HealSettings) -> bool:
         return settings.distill
+
+    def rows_to_draw(self, training: TrainingOptions) -> int:
+        """Sequences to load for the run: ``--samples``, by default one per step and batch row."""
+        return training.num_samples
 
     def check_settings(self, settings: HealSettings, num_layers: int | None) -> None:
         """Validation that needs no model, only the layer count where known (``None``: unknown), so a

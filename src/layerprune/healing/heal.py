@@ -45,8 +45,9 @@ def heal(loaded: LoadedModel, method: str, data: str | Path | TrainingSet, *,
     check_resumable(settings, settings.fingerprint())
     teacher = resolve_original(loaded, original, settings) if healer.needs_original(settings) else None
     training = settings.training
-    rows = load_training_data(loaded.tokenizer, data, samples=training.num_samples, seq_len=training.seq_len,
-                              seed=training.seed, sampling=training.sampling, text_field=training.text_field)
+    rows = load_training_data(loaded.tokenizer, data, samples=healer.rows_to_draw(training),
+                              seq_len=training.seq_len, seed=training.seed, sampling=training.sampling,
+                              text_field=training.text_field)
     outcome = healer.run(loaded, rows, settings, teacher)
     gather_for_export(outcome.loaded.model)
     ensure_lineage(outcome.loaded)["healing"].append({

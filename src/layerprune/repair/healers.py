@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from layerprune.data import COMMAND_LINE_SAMPLES
 from layerprune.errors import UsageError
-from layerprune.healing.base import HEALERS, Healer, HealOutcome, HealSettings
+from layerprune.healing.base import HEALERS, Healer, HealOutcome, HealSettings, TrainingOptions
 from layerprune.healing.data import TrainingSet
 from layerprune.healing.replacement import ReplacementOptions, consecutive_runs
 from layerprune.models.loading import LoadedModel
@@ -51,6 +52,11 @@ class _TrainingFreeRepair(Healer):
 
     def needs_original(self, settings: HealSettings) -> bool:
         return True
+
+    def rows_to_draw(self, training: TrainingOptions) -> int:
+        """A repair takes no steps, so steps x batch (800 rows by default) would only make its statistics
+        pass long: without ``--samples`` it reads as many rows as ``prune --compensate`` calibrates on."""
+        return training.samples if training.samples is not None else COMMAND_LINE_SAMPLES
 
     def check(self, loaded: LoadedModel, settings: HealSettings) -> None:
         super().check(loaded, settings)
