@@ -46,6 +46,9 @@ def test_heal_repairs_the_cut_named_by_the_lineage_like_the_api(method, original
     assert f"repaired with {method}" in capsys.readouterr().out
     record = json.loads((out / "layerprune.json").read_text())
     assert record["removed_layers"] == [2, 3] and record["healing"][0]["method"] == method
+    # nothing was trained: no schedule is recorded, as prune --compensate records none
+    assert "steps" not in record["healing"][0] and "lr" not in record["healing"][0]
+    assert record["healing"][0]["trainable_parameters"] == 0
     (repair,) = record["repairs"]
     assert repair["method"] == method and [(r["start"], r["end"]) for r in repair["runs"]] == [(2, 4)]
     if method != "merge":  # the first 8 non-overlapping 64-token windows of the file: 512 tokens

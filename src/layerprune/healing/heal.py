@@ -50,20 +50,19 @@ def heal(loaded: LoadedModel, method: str, data: str | Path | TrainingSet, *,
                               text_field=training.text_field)
     outcome = healer.run(loaded, rows, settings, teacher)
     gather_for_export(outcome.loaded.model)
-    ensure_lineage(outcome.loaded)["healing"].append({
-        "method": method,
-        "summary": outcome.summary,
-        "data": settings.data,
-        "steps": training.steps,
-        "batch_size": training.batch_size,
-        "seq_len": training.seq_len,
-        "lr": training.lr or healer.default_lr,
-        "distill": settings.distill,
-        "trainable_parameters": outcome.trainable_parameters,
-        "first_loss": outcome.losses[0] if outcome.losses else None,
-        "final_loss": outcome.losses[-1] if outcome.losses else None,
-        "train_seconds": round(outcome.seconds, 1),
-    })
+    entry: dict[str, Any] = {"method": method, "summary": outcome.summary, "data": settings.data}
+    if healer.trains:  # a training-free repair took no steps: its rows and statistics are under "repairs"
+        entry.update({
+            "steps": training.steps,
+            "batch_size": training.batch_size,
+            "seq_len": training.seq_len,
+            "lr": training.lr or healer.default_lr,
+            "distill": settings.distill,
+            "first_loss": outcome.losses[0] if outcome.losses else None,
+            "final_loss": outcome.losses[-1] if outcome.losses else None,
+        })
+    entry.update({"trainable_parameters": outcome.trainable_parameters, "train_seconds": round(outcome.seconds, 1)})
+    ensure_lineage(outcome.loaded)["healing"].append(entry)
     return outcome.loaded
 
 

@@ -41,6 +41,7 @@ class _TrainingFreeRepair(Healer):
     """Calls :func:`layerprune.repair.compensate` on the original; nothing is trained."""
 
     rebuilds_from_original = True
+    trains = False
     method_name: str
 
     def repair_options(self, settings: HealSettings) -> Any:

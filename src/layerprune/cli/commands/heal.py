@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if checkpoints.is_dir() and not any(checkpoints.iterdir()):
         shutil.rmtree(checkpoints)
     step = healed.lineage["healing"][-1]
-    if step["first_loss"] is None:  # a training-free repair: nothing was trained
+    if "steps" not in step:  # a training-free repair: nothing was trained
         print(f"repaired with {args.method} in {step['train_seconds']} s: {step['summary']}; saved to {folder}")
         return 0
     print(f"healed with {args.method}: loss {step['first_loss']:.4g} -> {step['final_loss']:.4g} over {step['steps']} "
