@@ -56,5 +56,9 @@ def test_every_column_of_a_cut_is_measured_and_repairs_are_timed_against_a_forwa
         assert cell["forward_seconds"] > 0 and cell["repair_seconds"] >= cell["statistics_seconds"]
         # the stored seconds are rounded to 0.1 ms, the ratio to 0.001: they agree to that
         assert abs(cell["cost_vs_forward"] * cell["forward_seconds"] - cell["repair_seconds"]) <= 2e-4
+    cosine = cells["replace-linear-cosine"]  # its Adam steps are timed apart from the statistics and fold
+    assert 0 < cosine["solver_seconds"] < cosine["repair_seconds"] and cells["replace-linear"]["solver_seconds"] == 0
+    run = cosine["runs"][0]
+    assert run["cosine_steps"] == 300 and run["cosine_distance_after"] < run["cosine_distance_before"]
     assert cells["lora"]["heal_budget"] == {"steps": 1, "rows": 2, "seq_len": 32}
     assert cells["rescale+lora"]["runs"] == cells["rescale"]["runs"]  # the same repair, then healed
