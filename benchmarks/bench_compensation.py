@@ -1,7 +1,8 @@
 """Training-free repair of a cut: held-out perplexity unrepaired and after replace-linear (ReplaceMe),
-rescale (Prune&Comp) and merge (LaCo), for the angular (consecutive) cut and BI's cut; then each
-of them followed by LoRA, beside LoRA, partial-ft and replace-layer on the plain cut, all trained
-on as many tokens as the repairs read.
+rescale (Prune&Comp) and merge (LaCo), for the angular (consecutive) cut and BI's cut, plus
+ReplaceMe's cosine solver and Prune&Comp's iterative pruning; then each repair followed by LoRA,
+beside LoRA, partial-ft and replace-layer on the plain cut, all trained on as many tokens as the
+repairs read.
 
     python benchmarks/bench_compensation.py                       # SmolLM2 and Gemma-3, 12/25/37%
     python benchmarks/bench_compensation.py --models smollm2-135m --shares 25 --columns none,rescale,lora
@@ -38,6 +39,7 @@ from layerprune.evaluation.efficiency import status_bytes
 from layerprune.evaluation.perplexity import dataset_perplexity
 from layerprune.outputs import write_json_atomic
 from layerprune.repair import REPAIRS, compensate
+from layerprune.repair.iterative import compensate_iteratively
 from layerprune.repair.linear import ReplaceLinearOptions
 from layerprune.reporting.eval_tables import update_doc_section
 
@@ -47,7 +49,11 @@ HEALERS = ("lora", "partial-ft", "replace-layer")
 VARIANTS = {"replace-linear-cosine": ("replace-linear", ReplaceLinearOptions(solver="cosine"))}
 """Repairs with other options than their defaults: ReplaceMe's cosine solver, whose Adam steps after
 the least-squares start are timed on their own (the cost bar is for the statistics and the fold)."""
-COLUMNS = ("none", *REPAIRS, *VARIANTS, "lora", *(f"{method}+lora" for method in REPAIRS), "partial-ft",
+ITERATIVE = {"rescale-iterative": "rescale"}
+"""Prune&Comp's iterative pruning: remove the cut metric's least important layer, repair, re-score the
+repaired model, repeat, for as many layers as the one-shot cut. It chooses its own layers, so it
+stands beside an independent cut only (BI's)."""
+COLUMNS = ("none", *REPAIRS, *VARIANTS, *ITERATIVE, "lora", *(f"{method}+lora" for method in REPAIRS), "partial-ft",
            "replace-layer")
 """Plain removal, each repair and variant, LoRA after plain removal and after each repair, then the other healers."""
 
@@ -97,13 +103,21 @@ def plain_forward(original: lp.LoadedModel, calibration: Any, batch_size: int) -
 
 
 def run_cell(original: lp.LoadedModel, calibration: Any, layers: list[int], column: str,
-             args: argparse.Namespace) -> dict[str, Any]:
+             args: argparse.Namespace, metric: str) -> dict[str, Any]:
     repair, healer = column_parts(column)
     loaded = original.copy()
     details: dict[str, Any] = {}
     began = time.perf_counter()
     if repair is None:
         lp.prune(loaded, layers)
+    elif repair in ITERATIVE:  # re-scoring is part of the method: timed whole, no ratio to one forward pass
+        report = lp.score(loaded, calibration, [metric])
+        selection = compensate_iteratively(loaded, report, len(layers), ITERATIVE[repair], calibration,
+                                           rescore=lambda name: lp.score(loaded, calibration, [name]).results[name],
+                                           metric=metric, batch_size=args.batch_size)
+        layers = selection.remove
+        details = {"removal_order": [step["removed"] for step in selection.steps],
+                   "runs": [run for step in loaded.lineage["repairs"] for run in step["runs"]]}
     else:
         # the plain pass right before the repair, so a load change hits both sides alike
         _, forward_seconds, forward_mib = peak_growth(lambda: plain_forward(original, calibration, args.batch_size))
@@ -182,11 +196,15 @@ def main() -> None:
                     key = f"{model}|{cut}|{share}|{column}"
                     if key in results:
                         continue
+                    if column in ITERATIVE and CUTS[cut][1] != "independent":
+                        print(f"{key}: skipped (iterative pruning chooses its own layers: it stands beside an "
+                              "independent cut)")
+                        continue
                     if column == "replace-layer" and not consecutive(layers):
                         print(f"{key}: skipped (replace-layer stands in for one consecutive run; this cut has several)")
                         continue
                     try:
-                        results[key] = run_cell(original, calibration, layers, column, args)
+                        results[key] = run_cell(original, calibration, layers, column, args, metric=CUTS[cut][0])
                     except lp.UsageError as error:  # e.g. a cut from layer 0 that replace-linear cannot fold
                         print(f"{key}: skipped ({error})")
                         continue
@@ -200,7 +218,7 @@ def main() -> None:
         windows = f"the first {args.max_windows}" if args.max_windows else "all"
         body = (f"Held-out perplexity ({args.eval_data} test split, {windows} {args.seq_len}-token windows) after "
                 f"cutting and repairing without training on the first {args.samples} contiguous {args.seq_len}-token "
-                f"windows of {args.data}. `none` is plain removal; `replace-linear-cosine` is replace-linear with ReplaceMe's cosine solver (Adam steps from the least-squares start, timed on their own in the last column and left out of the cost ratio, which compares each repair's statistics pass and fold with one plain forward pass of the original over the same rows); `X+lora` is repair X then LoRA; `lora`, `partial-ft` and "
+                f"windows of {args.data}. `none` is plain removal; `replace-linear-cosine` is replace-linear with ReplaceMe's cosine solver (Adam steps from the least-squares start, timed on their own in the last column and left out of the cost ratio, which compares each repair's statistics pass and fold with one plain forward pass of the original over the same rows); `rescale-iterative` is Prune&Comp's iterative pruning (remove BI's least important layer, rescale, re-score the rescaled model, repeat; its own layers, as many as the cut's, so BI's row only); `X+lora` is repair X then LoRA; `lora`, `partial-ft` and "
                 f"`replace-layer` heal the plain cut, each for {args.heal_steps} steps of {args.heal_rows} x "
                 f"{args.heal_seq_len} tokens of {args.data} ({args.heal_steps * args.heal_rows * args.heal_seq_len:,} "
                 f"tokens, as many as the repairs read: {args.samples * args.seq_len:,}). `replace-layer` applies to "

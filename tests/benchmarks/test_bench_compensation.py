@@ -50,7 +50,9 @@ def test_every_column_of_a_cut_is_measured_and_repairs_are_timed_against_a_forwa
     bench.main()
     results = json.loads(next((tmp_path / "cache" / "bench-compensation").glob("results-*.json")).read_text())
     cells = {key.split("|")[-1]: cell for key, cell in results.items()}
-    assert set(cells) == set(bench.COLUMNS) and all(cell["removed"] == [2, 3] for cell in cells.values())
+    # the iterative column stands beside an independent cut only: the angular block has none
+    assert set(cells) == set(bench.COLUMNS) - set(bench.ITERATIVE)
+    assert all(cell["removed"] == [2, 3] for cell in cells.values())
     for column in ("replace-linear", "rescale", "merge"):
         cell = cells[column]
         assert cell["forward_seconds"] > 0 and cell["repair_seconds"] >= cell["statistics_seconds"]
@@ -62,3 +64,25 @@ def test_every_column_of_a_cut_is_measured_and_repairs_are_timed_against_a_forwa
     assert run["cosine_steps"] == 300 and run["cosine_distance_after"] < run["cosine_distance_before"]
     assert cells["lora"]["heal_budget"] == {"steps": 1, "rows": 2, "seq_len": 32}
     assert cells["rescale+lora"]["runs"] == cells["rescale"]["runs"]  # the same repair, then healed
+
+
+def test_iterative_rescale_scores_the_repaired_model_before_each_removal(bench, tmp_path, monkeypatch) -> None:
+    """The column is Prune&Comp's iterative pruning through the API: the same layers, in the same
+    order, as ``compensate_iteratively`` picks on the same rows, and one rescale per removal."""
+    import layerprune as lp
+    from layerprune.repair.iterative import compensate_iteratively
+
+    model = save_tiny_checkpoint(tmp_path / "tiny", "llama", num_layers=6)
+    monkeypatch.setattr(sys, "argv", ["bench_compensation.py", "--models", str(model), "--shares", "50", "--cuts",
+                                      "bi", "--samples", "8", "--seq-len", "64", "--max-windows", "2", "--columns",
+                                      "none,rescale-iterative", "--no-doc"])
+    bench.main()
+    results = json.loads(next((tmp_path / "cache" / "bench-compensation").glob("results-*.json")).read_text())
+    cell = results[f"{model}|bi|50|rescale-iterative"]
+    reference = lp.load_model(str(model))
+    rows = lp.build_calibration(reference.tokenizer, "wiki-sample", samples=8, seq_len=64, sampling="contiguous")
+    expected = compensate_iteratively(reference, lp.score(reference, rows, ["bi"]), 3, "rescale", rows,
+                                      rescore=lambda name: lp.score(reference, rows, [name]).results[name])
+    assert cell["removed"] == expected.remove and len(cell["runs"]) == 3
+    assert cell["removal_order"] == [step["removed"] for step in expected.steps]
+    assert "cost_vs_forward" not in cell  # re-scoring is part of the method: no ratio to one pass
