@@ -164,27 +164,8 @@ def table(results: dict[str, dict[str, Any]], columns: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="smollm2-135m,gemma3-270m")
-    parser.add_argument("--shares", default="12,25,37", help="percent of layers removed")
-    parser.add_argument("--cuts", default="angular,bi")
-    parser.add_argument("--data", default="wiki-sample", help="calibration text (train split)")
-    parser.add_argument("--eval-data", default="wiki-sample", help="held-out perplexity data (test split)")
-    parser.add_argument("--samples", type=int, default=40)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-windows", type=int, default=None, help="score only the first N test windows")
-    parser.add_argument("--columns", default=",".join(COLUMNS), help="which cells of each cut to measure")
-    parser.add_argument("--heal-steps", type=int, default=20, help="the study's healing budget: optimizer steps")
-    parser.add_argument("--heal-rows", type=int, default=4, help="rows per healing step")
-    parser.add_argument("--heal-seq-len", type=int, default=128, help="tokens per healing row")
-    parser.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
-    args = parser.parse_args()
-
-    folder = cache_dir() / "bench-compensation"
-    results_file = folder / f"results-{args.samples}x{args.seq_len}-{args.max_windows}.json"
-    results: dict[str, dict[str, Any]] = json.loads(results_file.read_text()) if results_file.exists() else {}
+def measure(args: argparse.Namespace, results: dict[str, dict[str, Any]], results_file: Path) -> None:
+    """Measure every cell of ``args`` not in ``results`` yet, saving ``results`` after each one."""
     for model in args.models.split(","):
         original = lp.load_model(model)
         calibration = lp.build_calibration(original.tokenizer, args.data, samples=args.samples, seq_len=args.seq_len,
@@ -210,6 +191,33 @@ def main() -> None:
                         continue
                     write_json_atomic(results_file, results, overwrite=True)
                     print(f"{key}: ppl {results[key]['ppl']:.2f} in {results[key]['seconds']} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="smollm2-135m,gemma3-270m")
+    parser.add_argument("--shares", default="12,25,37", help="percent of layers removed")
+    parser.add_argument("--cuts", default="angular,bi")
+    parser.add_argument("--data", default="wiki-sample", help="calibration text (train split)")
+    parser.add_argument("--eval-data", default="wiki-sample", help="held-out perplexity data (test split)")
+    parser.add_argument("--samples", type=int, default=40)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-windows", type=int, default=None, help="score only the first N test windows")
+    parser.add_argument("--columns", default=",".join(COLUMNS), help="which cells of each cut to measure")
+    parser.add_argument("--heal-steps", type=int, default=20, help="the study's healing budget: optimizer steps")
+    parser.add_argument("--heal-rows", type=int, default=4, help="rows per healing step")
+    parser.add_argument("--heal-seq-len", type=int, default=128, help="tokens per healing row")
+    parser.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
+    parser.add_argument("--report-only", action="store_true",
+                        help="measure nothing: rewrite the table from the cells already saved")
+    args = parser.parse_args()
+
+    folder = cache_dir() / "bench-compensation"
+    results_file = folder / f"results-{args.samples}x{args.seq_len}-{args.max_windows}.json"
+    results: dict[str, dict[str, Any]] = json.loads(results_file.read_text()) if results_file.exists() else {}
+    if not args.report_only:
+        measure(args, results, results_file)
     shown = tuple(c for c in COLUMNS if any(key.endswith(f"|{c}") for key in results))
     print(table(results, shown))
     if not args.no_doc:
@@ -218,7 +226,12 @@ def main() -> None:
         windows = f"the first {args.max_windows}" if args.max_windows else "all"
         body = (f"Held-out perplexity ({args.eval_data} test split, {windows} {args.seq_len}-token windows) after "
                 f"cutting and repairing without training on the first {args.samples} contiguous {args.seq_len}-token "
-                f"windows of {args.data}. `none` is plain removal; `replace-linear-cosine` is replace-linear with ReplaceMe's cosine solver (Adam steps from the least-squares start, timed on their own in the last column and left out of the cost ratio, which compares each repair's statistics pass and fold with one plain forward pass of the original over the same rows); `rescale-iterative` is Prune&Comp's iterative pruning (remove BI's least important layer, rescale, re-score the rescaled model, repeat; its own layers, as many as the cut's, so BI's row only); `X+lora` is repair X then LoRA; `lora`, `partial-ft` and "
+                f"windows of {args.data}. `none` is plain removal; `replace-linear-cosine` is replace-linear with "
+                "ReplaceMe's cosine solver (Adam steps from the least-squares start, timed on their own in the last "
+                "column and left out of the cost ratio, which compares each repair's statistics pass and fold with one "
+                "plain forward pass of the original over the same rows); `rescale-iterative` is Prune&Comp's iterative "
+                "pruning (remove BI's least important layer, rescale, re-score the rescaled model, repeat; its own "
+                "layers, as many as the cut's, so BI's row only); `X+lora` is repair X then LoRA; `lora`, `partial-ft` and "
                 f"`replace-layer` heal the plain cut, each for {args.heal_steps} steps of {args.heal_rows} x "
                 f"{args.heal_seq_len} tokens of {args.data} ({args.heal_steps * args.heal_rows * args.heal_seq_len:,} "
                 f"tokens, as many as the repairs read: {args.samples * args.seq_len:,}). `replace-layer` applies to "

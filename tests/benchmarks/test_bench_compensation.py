@@ -86,3 +86,20 @@ def test_iterative_rescale_scores_the_repaired_model_before_each_removal(bench, 
     assert cell["removed"] == expected.remove and len(cell["runs"]) == 3
     assert cell["removal_order"] == [step["removed"] for step in expected.steps]
     assert "cost_vs_forward" not in cell  # re-scoring is part of the method: no ratio to one pass
+
+
+def test_report_only_rewrites_the_table_from_saved_cells_without_measuring(bench, tmp_path, monkeypatch) -> None:
+    folder = tmp_path / "cache" / "bench-compensation"
+    folder.mkdir(parents=True)
+    saved = {"m|bi|25|none": {"ppl": 133.5, "seconds": 0.0, "load_average": 1.5},
+             "m|bi|25|rescale": {"ppl": 115.7, "seconds": 12.1, "cost_vs_forward": 0.59, "load_average": 1.9}}
+    (folder / "results-40x256-16.json").write_text(json.dumps(saved))
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## Compensation\n\nintro\n")
+    monkeypatch.setattr(bench, "DOC", doc)
+    monkeypatch.setattr(bench, "measure", lambda *args: pytest.fail("--report-only measured a cell"))
+    monkeypatch.setattr(sys, "argv", ["bench_compensation.py", "--max-windows", "16", "--report-only"])
+    bench.main()
+    text = doc.read_text()
+    assert "intro" in text and "| m | bi | 25% | 133.5 | 115.7 | 12.1 | 0.59 | – |" in text
+    assert "1.5-1.9" in text  # the cells' load range, read from the saved cells
