@@ -140,9 +140,9 @@ class Healer(ABC):
     options_class: type | None = None
     default_lr: float = 1e-4
     rebuilds_from_original: bool = False
+    """True when the result is built from the original's weights (so an unpruned input is its own original)."""
     trains: bool = True
     """False for a training-free repair: it takes no optimizer steps, so the lineage records no schedule."""
-    """True when the result is built from the original's weights (so an unpruned input is its own original)."""
 
     def needs_original(self, settings: HealSettings) -> bool:
         return settings.distill
