@@ -100,3 +100,5 @@ def test_update_doc_section_keeps_other_sections(tmp_path) -> None:
     for kept in ("healing table", "### Other\n\nkept", "## Scoring\n\nscores", "curve"):
         assert kept in text
     assert text.index("curve") < text.index("## Scoring")
+    update_doc_section(doc, "## Evaluation", "### Efficiency", "new")  # a rewrite with the same body
+    assert doc.read_text() == text  # changes nothing, not even the blank lines under a heading

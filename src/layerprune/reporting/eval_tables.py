@@ -218,14 +218,16 @@ def update_doc_section(doc: Path, section: str, subsection: str, body: str) -> N
     creating either if missing and leaving every other part of the file as it was."""
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     block = f"{subsection}\n\n{body.strip()}\n\n"
-    section_match = re.search(rf"^{re.escape(section)}\s*$", text, flags=re.M)
+    # [ \t]* rather than \s*: the match must end with its heading's line, not swallow the blank lines
+    # after it, or every rewrite would add one more of them
+    section_match = re.search(rf"^{re.escape(section)}[ \t]*$", text, flags=re.M)
     if section_match is None:
         text = text.rstrip("\n") + f"\n\n{section}\n\n{block}"
     else:
         end_match = re.compile(r"^## ", flags=re.M).search(text, section_match.end())
         end = end_match.start() if end_match else len(text)
         inside = text[section_match.end():end]
-        sub = re.search(rf"^{re.escape(subsection)}\s*$", inside, flags=re.M)
+        sub = re.search(rf"^{re.escape(subsection)}[ \t]*$", inside, flags=re.M)
         if sub is None:
             inside = inside.rstrip("\n") + f"\n\n{block}"
         else:
