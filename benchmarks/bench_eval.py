@@ -39,7 +39,7 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 def suite_requests(limit: int) -> list[Any]:
     """The loglikelihood instances of every ``lp_offline`` task, first ``limit`` examples each."""
     names = expand_task_names(["lp_offline"])
-    tasks = task_manager(str(prepare_offline_tasks(names)), False).load(names)["tasks"]
+    tasks = task_manager(prepare_offline_tasks(names), False).load(names)["tasks"]
     instances = []
     for task in tasks.values():
         task.build_all_requests(limit=limit)

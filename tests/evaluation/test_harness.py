@@ -132,3 +132,18 @@ def test_cloze_accuracy_is_greedy_prediction_of_every_target_token(tmp_path, mon
     assert run.correct["lp_offline_cloze"] == [1, 0, 1]
     assert run.metrics["lp_offline_cloze"]["acc"] == pytest.approx(2 / 3)
     assert run.predictions["lp_offline_cloze"] == []  # no choices: stability does not apply
+
+
+def test_a_task_written_after_an_earlier_run_in_the_same_process_is_found(tmp_path, monkeypatch) -> None:
+    """lm-eval indexes a task folder once, when its manager is built: a run after another task was
+    built into the same folder (a cold cache, as on CI) must see it, not a stale index."""
+    from layerprune.evaluation.harness import write_task_files
+
+    loaded = tiny_loaded(num_layers=2)
+    root = tmp_path / "tasks"
+    write_task_files("lp_offline_cloze", [{"context": "ab", "target": "c"}], root)
+    monkeypatch.chdir(tmp_path)
+    first = run_tasks(loaded.model, loaded.tokenizer, ["lp_offline_cloze"], include_path=root)
+    write_offline_task(OFFLINE_TASKS[TASK], letters_task(12, seed=3), root)
+    second = run_tasks(loaded.model, loaded.tokenizer, [TASK], include_path=root)
+    assert len(first.correct["lp_offline_cloze"]) == 1 and len(second.predictions[TASK]) == 12

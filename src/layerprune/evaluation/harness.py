@@ -176,9 +176,22 @@ def check_task_names(tasks: Sequence[str]) -> None:
         )
 
 
+def task_manager(include_path: Path | None, include_defaults: bool) -> Any:
+    """lm-eval's task index of ``include_path`` (and of its own tasks with ``include_defaults``).
+
+    lm-eval reads the folder once, when the manager is built, so the cached manager is keyed on the
+    task files the folder holds now: one built before a task was written there would not know it.
+    """
+    if include_path is None:
+        return _cached_task_manager(None, include_defaults, frozenset())
+    root = Path(include_path)
+    files = frozenset(str(path.relative_to(root)) for path in root.rglob("*.yaml"))
+    return _cached_task_manager(str(root), include_defaults, files)
+
+
 @functools.lru_cache(maxsize=4)
-def task_manager(include_path: str | None, include_defaults: bool) -> Any:
-    """lm-eval's task index (cached: indexing its thousands of YAML files is slow)."""
+def _cached_task_manager(include_path: str | None, include_defaults: bool, task_files: frozenset[str]) -> Any:
+    """Built once per key: indexing lm-eval's thousands of YAML files is slow."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(verbosity="ERROR", include_path=include_path, include_defaults=include_defaults)
@@ -250,7 +263,7 @@ def run_tasks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks:
     if offline and include_path is None:
         include_path = prepare_offline_tasks(offline)
     only_offline = len(offline) == len(tasks)
-    manager = task_manager(str(include_path) if include_path else None, not only_offline)
+    manager = task_manager(include_path, not only_offline)
     # lm-eval's HFLM warns that an in-memory model is "not of type str": that is how we mean to use it
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
     lm = ScoredPositionsLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
