@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from layerprune.models.editing import prune, replace  # noqa: F401  (the public API re-exports them)
-from layerprune.models.export import provenance_json, save_checkpoint
+from layerprune.models.export import provenance_json, render_model_card, save_checkpoint
 from layerprune.models.lineage import PROVENANCE_FILE, count_parameters, final_record
 from layerprune.models.loading import LoadedModel
-from layerprune.reporting.model_card import render_model_card
 
 
 def save(loaded: LoadedModel, out: str | Path, *, overwrite: bool = False, recipe: dict[str, Any] | None = None,

@@ -8,7 +8,6 @@ from layerprune.data import TrainingSet
 from layerprune.healing.base import HEALERS, DistillOptions, Healer, HealOutcome, HealSettings, TrainingOptions
 from layerprune.healing.heal import heal
 from layerprune.registry import import_package_modules
-from layerprune.repair import healers as _training_free  # noqa: F401  (registers replace-linear, rescale, merge)
 
 import_package_modules(__name__, __path__)  # every method module registers its methods
 

@@ -38,7 +38,7 @@ from layerprune.healing.engine import LossFn, train
 from layerprune.models.editing import prune, replace
 from layerprune.models.hooks import capture_io, layer_output
 from layerprune.models.loading import LoadedModel
-from layerprune.models.surgery import parse_layer_list
+from layerprune.models.surgery import consecutive_runs, parse_layer_list
 from layerprune.outputs import atomic_cache_dir
 
 PAIR_CHUNK_ROWS = 64
@@ -64,17 +64,6 @@ class ReplacementOptions:
     def check(self) -> None:
         if self.block is not None and (len(self.block) != 2 or not 0 <= self.block[0] < self.block[1] - 1):
             raise UsageError(f"block {list(self.block)} must name at least two consecutive layers as [start, end)")
-
-
-def consecutive_runs(indices: list[int]) -> list[tuple[int, int]]:
-    """``[3, 4, 5, 9]`` -> ``[(3, 6), (9, 10)]`` (half-open runs)."""
-    runs: list[tuple[int, int]] = []
-    for index in sorted(indices):
-        if runs and runs[-1][1] == index:
-            runs[-1] = (runs[-1][0], index + 1)
-        else:
-            runs.append((index, index + 1))
-    return runs
 
 
 def locate_block(loaded: LoadedModel, settings: HealSettings) -> tuple[tuple[int, int], list[int]]:

@@ -1,7 +1,8 @@
 """Export a (pruned) model as a standard checkpoint that plain transformers loads.
 
 The folder holds safetensors weights, config, generation config and tokenizer, plus
-``layerprune.json`` (provenance) and a model card ``README.md``. It is written atomically, never
+``layerprune.json`` (provenance) and a model card ``README.md`` (rendered here from the same record,
+so that every writer of a checkpoint, in memory or shard by shard, writes the same card). It is written atomically, never
 over an existing folder unless asked, and never into the source model.
 """
 
@@ -72,3 +73,45 @@ def save_checkpoint(
 
 def provenance_json(record: dict[str, Any]) -> str:
     return json.dumps(record, indent=2) + "\n"
+
+
+def render_model_card(record: dict[str, Any]) -> str:
+    """The model card: what was removed, why, and how to load the result with plain transformers, for
+    a next user who may never have heard of layerprune."""
+    removed = record.get("removed_layers", [])
+    replaced = record.get("replaced_blocks", [])
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [layerprune, depth-pruning]",
+        "---",
+        f"# {record.get('source_model', 'model')} — depth-pruned with layerprune",
+        "",
+        f"- Source model: `{record.get('source_model')}`",
+        f"- Decoder layers: {record.get('original_num_layers')} → {record.get('num_layers')}",
+        f"- Parameters: {record.get('original_parameters', 0):,} → {record.get('parameters', 0):,}",
+        f"- Removed layers (indices in the original model): {removed if removed else 'none'}",
+        f"- Why: {record.get('reason', 'layers named by the user')}",
+    ]
+    for block in replaced:
+        lines.append(
+            f"- Layers {block['start']}..{block['end'] - 1} of the original model were replaced by one "
+            f"trained `{block['kind']}` module. {block.get('note', '')}".rstrip()
+        )
+    for step in record.get("healing", []):
+        lines.append(f"- Healed with `{step.get('method')}`: {step.get('summary', '')}".rstrip(": "))
+    lines += [
+        "",
+        "## Load",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained(\"PATH\")",
+        "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")",
+        "```",
+        "",
+        "This is a standard checkpoint: no layerprune import and no remote code are needed.",
+        f"Provenance (recipe, versions, date) is in `layerprune.json`. Written by layerprune {record.get('versions', {}).get('layerprune', '')}.",
+        "",
+    ]
+    return "\n".join(lines)

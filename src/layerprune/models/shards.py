@@ -26,11 +26,10 @@ from transformers import AutoConfig, PretrainedConfig
 
 from layerprune.errors import UsageError
 from layerprune.models.architectures import ADAPTERS, ArchitectureAdapter, adapter_for_config, check_supported_config
-from layerprune.models.export import SAFETY_MARGIN_BYTES, provenance_json
+from layerprune.models.export import SAFETY_MARGIN_BYTES, provenance_json, render_model_card
 from layerprune.models.lineage import PROVENANCE_FILE, apply_removal, describe_result, new_lineage, read_lineage
 from layerprune.models.surgery import cut_layer_config, validate_layer_indices
 from layerprune.outputs import atomic_output_dir, check_free_space, check_output_path
-from layerprune.reporting.model_card import render_model_card
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

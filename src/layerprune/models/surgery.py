@@ -150,3 +150,14 @@ def replace_block(
     layers = [*current[:start], replacement, *current[end:]]
     sources = [*range(start), source, *range(end, len(current))]
     rebuild_layers(model, layers, sources, adapter)
+
+
+def consecutive_runs(indices: list[int]) -> list[tuple[int, int]]:
+    """``[3, 4, 5, 9]`` -> ``[(3, 6), (9, 10)]`` (half-open runs)."""
+    runs: list[tuple[int, int]] = []
+    for index in sorted(indices):
+        if runs and runs[-1][1] == index:
+            runs[-1] = (runs[-1][0], index + 1)
+        else:
+            runs.append((index, index + 1))
+    return runs

@@ -25,7 +25,7 @@ from layerprune.errors import UsageError
 from layerprune.models.lineage import ensure_lineage
 from layerprune.models.editing import prune
 from layerprune.models.loading import LoadedModel
-from layerprune.models.surgery import validate_layer_indices
+from layerprune.models.surgery import consecutive_runs, validate_layer_indices
 from layerprune.repair.base import RepairMethod, default_options, options_record
 from layerprune.repair.linear import ReplaceLinear, ReplaceLinearOptions
 from layerprune.repair.merge import Merge, MergeOptions
@@ -107,8 +107,6 @@ def collect_run_statistics(loaded: LoadedModel, runs: Iterable[tuple[int, int]],
 def check_repair(loaded: LoadedModel, layers: Iterable[int], method: str, options: Any = None) -> list[tuple[int, int]]:
     """Refuse a cut ``method`` cannot repair, before data or an original is loaded; returns the runs."""
     chosen = validate_layer_indices(layers, loaded.num_layers)
-    from layerprune.healing.replacement import consecutive_runs  # healing registers these methods: import late
-
     runs = consecutive_runs(chosen)
     repairer = repair_method(method)
     repairer.check(loaded, runs, default_options(repairer, options))

@@ -142,7 +142,7 @@ def repair_statistics(loaded: LoadedModel, candidates: list[Candidate], calibrat
     """The statistics of every removed run of every repaired candidate that reads data, from one
     pass of ``loaded``: the statistics depend only on the run and the original, so a run shared
     by several cuts (or methods) is summed once."""
-    from layerprune.healing.replacement import consecutive_runs
+    from layerprune.models.surgery import consecutive_runs
     from layerprune.repair import REPAIRS, collect_run_statistics
 
     runs = {run for candidate in candidates if candidate.repair is not None and REPAIRS[candidate.repair].needs_statistics

@@ -15,7 +15,8 @@ from layerprune.data import COMMAND_LINE_SAMPLES
 from layerprune.errors import UsageError
 from layerprune.healing.base import HEALERS, Healer, HealOutcome, HealSettings, TrainingOptions
 from layerprune.healing.data import TrainingSet
-from layerprune.healing.replacement import ReplacementOptions, consecutive_runs
+from layerprune.healing.replacement import ReplacementOptions
+from layerprune.models.surgery import consecutive_runs
 from layerprune.models.loading import LoadedModel
 from layerprune.repair import REPAIRS, RepairMethod, compensate
 
