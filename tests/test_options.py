@@ -16,7 +16,7 @@ import pytest
 
 from layerprune.cli.main import build_parser, main
 from layerprune.data.calibration import SAMPLINGS
-from layerprune.errors import UsageError
+from layerprune.errors import OptionError, UsageError
 from layerprune.healing import HEALERS
 from layerprune.healing.base import TrainingOptions
 from layerprune.healing.heal import heal_settings
@@ -160,12 +160,19 @@ def test_machinery_builds_flags_checks_values_and_renders_a_table() -> None:
     add_option_flags(only_given, ToyOptions, only_given=True)
     assert given_options(only_given.parse_args(["--mode", "b"]), ToyOptions) == {"mode": "b"}
     assert build_options(ToyOptions, {"size": 2}, unit="toy") == ToyOptions(size=2)
-    for values, message in [({"size": 0}, "--size must be at least 1"), ({"share": 1.5}, "--share must be at most 1"),
-                            ({"size": "3"}, "--size of toy must be int"), ({"mode": "c"}, "not a choice of toy"),
+    # raised to Python, an option is named by its keyword; the command line renders the same error with its flag
+    for values, message in [({"size": 0}, "^size must be at least 1"), ({"share": 1.5}, "^share must be at most 1"),
+                            ({"size": "3"}, "^size of toy must be int"), ({"mode": "c"}, "not a choice of toy"),
                             ({"mode": "b", "size": 6}, "mode b takes at most 5"),
                             ({"sise": 2}, "sise is not available for toy; the options of toy are: size, share")]:
         with pytest.raises(UsageError, match=message):
             build_options(ToyOptions, values, unit="toy")
+    with pytest.raises(OptionError) as raised:
+        build_options(ToyOptions, {"span": (1, 2), "size": 0}, unit="toy")
+    assert raised.value.render(raised.value.flag) == "--size must be at least 1, got 0"
+    with pytest.raises(OptionError) as raised:
+        build_options(ToyOptions, {"span": "1-2"}, unit="toy")
+    assert raised.value.flag == "--range" and str(raised.value).startswith("span of toy must be")
     table = options_table(ToyOptions)
     assert table[2] == "| `size` | `--size` | int | `3` | how many; >= 1 |"
     assert "`--range`" in table[-1] and "list of int or null" in table[-1]

@@ -12,6 +12,23 @@ class UsageError(Exception):
     """Bad input from the user: the message names the problem and the fix."""
 
 
+class OptionError(UsageError):
+    """A bad value of one declared option (:mod:`layerprune.options`).
+
+    ``str()`` names the option as Python does, by its keyword (``merge_weight must be ...``), for
+    API callers. Each front-end renders it in its own words with :meth:`render`: the command line
+    names the flag (``--merge-weight``), a recipe its section key and line (``repair.merge_weight``).
+    """
+
+    def __init__(self, name: str, flag: str, problem: str) -> None:
+        self.name, self.flag, self.problem = name, flag, problem
+        super().__init__(self.render(name))
+
+    def render(self, label: str) -> str:
+        """The message with the option called ``label``."""
+        return f"{label} {self.problem}"
+
+
 class NumericalError(UsageError):
     """Activations became NaN/Inf; the message names the layer and a safer dtype."""
 

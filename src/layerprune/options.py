@@ -14,6 +14,12 @@ name), ``"parse"`` (turns the flag's text into the value, for types argparse can
 declaration into argparse flags, validated instances and Markdown tables, so an option is written
 once and its default is the same on the command line, in a recipe and in Python. (Recipe keys
 are built from it by :func:`layerprune.recipes.schema.option_fields`.)
+
+A pipeline stage's options are a :class:`Config` instead: a frozen pydantic model whose fields are
+declared with :func:`option` (the same metadata). It is read the same way (flags, recipe keys,
+tables), and it validates itself whenever it is built, whatever built it: a flag, a recipe key or a
+keyword argument is checked by the same :meth:`Option.check`, and a bad value raises an
+:class:`~layerprune.errors.OptionError` that each front-end words as its own.
 """
 
 from __future__ import annotations
@@ -26,9 +32,12 @@ import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from layerprune.errors import UsageError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticUndefined
+
+from layerprune.errors import OptionError, UsageError
 
 # typing.get_origin() gives the collections.abc class for both typing.Sequence[X] and
 # collections.abc.Sequence[X]; a recipe writes every one of these as a YAML list
@@ -61,25 +70,30 @@ class Option:
     def check(self, value: Any, unit: str) -> None:
         """Refuse a value of the wrong type, outside the choices or out of range, naming the option."""
         if not matches(value, self.annotation):
-            raise UsageError(f"{self.flag} of {unit} must be {type_name(self.annotation)}, got {value!r}; "
-                             "fix its value")
+            self.refuse(f"of {unit} must be {type_name(self.annotation)}, got {value!r}; fix its value")
         if value is None:
             return
         if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"{self.flag} of {unit} must be a finite number, got {value}; fix its value")
+            self.refuse(f"of {unit} must be a finite number, got {value}; fix its value")
         if self.choices is not None and value not in self.choices:
-            raise UsageError(f"{self.flag} {value!r} is not a choice of {unit}; use one of: "
-                             f"{', '.join(map(str, self.choices))}")
+            self.refuse(f"{value!r} is not a choice of {unit}; use one of: {', '.join(map(str, self.choices))}")
         if self.minimum is not None and value < self.minimum:
-            raise UsageError(f"{self.flag} must be at least {self.minimum}, got {value}")
+            self.refuse(f"must be at least {self.minimum}, got {value}")
         if self.maximum is not None and value > self.maximum:
-            raise UsageError(f"{self.flag} must be at most {self.maximum}, got {value}")
+            self.refuse(f"must be at most {self.maximum}, got {value}")
+
+    def refuse(self, problem: str) -> None:
+        """Raise ``problem`` about this option, for each front-end to name it its own way."""
+        raise OptionError(self.name, self.flag, problem)
 
 
 def options_of(options_class: type | None) -> list[Option]:
-    """The options ``options_class`` declares (none for ``None``), in declaration order."""
+    """The options ``options_class`` (a frozen dataclass or a :class:`Config`) declares (none for
+    ``None``), in declaration order."""
     if options_class is None:
         return []
+    if isinstance(options_class, type) and issubclass(options_class, BaseModel):
+        return _config_options(options_class)
     hints = typing.get_type_hints(options_class)
     declared = []
     for item in dataclasses.fields(options_class):
@@ -100,6 +114,64 @@ def options_of(options_class: type | None) -> list[Option]:
     return declared
 
 
+def _config_options(config_class: type[BaseModel]) -> list[Option]:
+    """The fields of a pydantic config as options (their metadata as :func:`option` stored it)."""
+    hints = typing.get_type_hints(config_class)
+    declared = []
+    for name, info in config_class.model_fields.items():
+        meta = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if info.default is PydanticUndefined and info.default_factory is None:
+            raise TypeError(f"option {config_class.__name__}.{name} has no default; every option needs one")
+        if not info.description:
+            raise TypeError(f"option {config_class.__name__}.{name} has no help sentence")
+        choices = meta.get("choices")
+        declared.append(Option(
+            name=name, annotation=hints[name], default=info.get_default(call_default_factory=True),
+            help=info.description, flag=str(meta.get("flag", "--" + name.replace("_", "-"))),
+            choices=tuple(choices) if isinstance(choices, list) else None, minimum=meta.get("min"),
+            maximum=meta.get("max"), metavar=meta.get("metavar"),
+        ))
+    return declared
+
+
+def option(default: Any, help: str, *, flag: str | None = None, minimum: float | None = None,
+           maximum: float | None = None, choices: Sequence[Any] | None = None, metavar: str | None = None) -> Any:
+    """A :class:`Config` field: its default, one help sentence, and the same optional metadata as a
+    dataclass option (kept in the field's JSON Schema, so the shipped schemas show it too)."""
+    extra = {key: value for key, value in (("flag", flag), ("min", minimum), ("max", maximum), ("metavar", metavar),
+                                           ("choices", list(choices) if choices is not None else None))
+             if value is not None}
+    return Field(default, description=help, json_schema_extra=extra or None)
+
+
+class Config(BaseModel):
+    """One pipeline stage's typed options: frozen, closed to unknown keys, and checked as it is built
+    (every given value against its declaration, then the class's own :meth:`check`), so the Python
+    API, a recipe and the command line refuse the same values with the same words. ``unit`` names
+    the stage in messages."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    unit: ClassVar[str] = "options"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_given(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            declared = {option.name: option for option in options_of(cls)}
+            refuse_unknown(values, declared, unit=cls.unit)
+            for name, value in values.items():
+                declared[name].check(value, cls.unit)
+        return values
+
+    @model_validator(mode="after")
+    def _check_together(self) -> Config:
+        self.check()
+        return self
+
+    def check(self) -> None:
+        """Rules between options (none by default): raise a :class:`UsageError` naming them and the fix."""
+
+
 def unit_options(unit: Any) -> type | None:
     """The options class a registered unit (class or instance) declares, or ``None``."""
     return getattr(unit, "options_class", None)
@@ -111,6 +183,11 @@ def build_options(options_class: type, values: Mapping[str, Any], *, unit: str) 
     An unknown name is refused with the options ``unit`` does take; every value is checked against
     its declaration, then the class's own ``check()`` (rules between options) runs.
     """
+    if issubclass(options_class, Config):
+        try:
+            return options_class(**values)
+        except ValidationError as error:  # a value its declaration let through but pydantic could not convert
+            raise UsageError(f"{unit}: {error.errors()[0]['msg']}; fix its value") from None
     declared = {option.name: option for option in options_of(options_class)}
     refuse_unknown(values, declared, unit=unit)
     for name, value in values.items():
@@ -206,6 +283,8 @@ def _reader(annotation: Any) -> Callable[[str], Any]:
         return finite_float
     if annotation in (int, str, Path):
         return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and set(typing.get_args(annotation)) <= {str, Path}:
+        return str  # a path or a name (``str | Path``): the flag's text as given
     raise TypeError(f"an option of type {annotation!r} needs metadata 'parse' to be read from the command line")
 
 
@@ -239,7 +318,7 @@ def type_name(annotation: Any) -> str:
     if origin in LIST_ORIGINS or annotation in (list, tuple):
         args = typing.get_args(annotation)
         return f"list of {type_name(args[0])}" if args else "list"
-    if origin is dict or annotation is dict or dataclasses.is_dataclass(annotation):
+    if origin is dict or annotation is dict or _is_settings_class(annotation):
         return "mapping"
     if origin is typing.Literal:
         return " or ".join(repr(arg) for arg in typing.get_args(annotation))
@@ -262,7 +341,7 @@ def matches(value: Any, annotation: Any) -> bool:
         if not isinstance(value, (list, tuple)):
             return False
         return all(matches(item, args[0]) for item in value) if args else True
-    if origin is dict or annotation is dict or dataclasses.is_dataclass(annotation):
+    if origin is dict or annotation is dict or _is_settings_class(annotation):
         return isinstance(value, dict)
     if annotation is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -273,3 +352,8 @@ def matches(value: Any, annotation: Any) -> bool:
     if isinstance(annotation, type):
         return isinstance(value, annotation)
     return True
+
+
+def _is_settings_class(annotation: Any) -> bool:
+    """A dataclass or pydantic model: what a recipe writes as a nested mapping."""
+    return dataclasses.is_dataclass(annotation) or (isinstance(annotation, type) and issubclass(annotation, BaseModel))

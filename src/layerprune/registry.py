@@ -41,7 +41,13 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
+        """The names, sorted: what help texts and error messages list."""
         return sorted(self._items)
+
+    def registered(self) -> list[tuple[str, T]]:
+        """``(name, unit)`` pairs in the order they were registered: an order a package chose on purpose
+        (e.g. the cheap selection strategies before the re-scoring one)."""
+        return list(self._items.items())
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

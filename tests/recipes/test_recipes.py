@@ -212,7 +212,7 @@ PREFLIGHT_RECIPE = {
         ("model", "model: ./nowhere", ["model './nowhere' does not exist", "pass a checkpoint folder"]),
         ("calibration", "calibration: {source: missing.txt}", ["line 2:", "data file missing.txt does not exist",
                                                                 "check the path"]),
-        ("calibration", "calibration: {source: corpus.txt, samples: 0}", ["line 2:", "--samples must be at least 1"]),
+        ("calibration", "calibration: {source: corpus.txt, samples: 0}", ["line 2:", "calibration.samples must be at least 1"]),
         ("score", "score: {metrics: [bii]}", ["line 3:", "unknown metric 'bii'", "choose one of:"]),
         ("select", "select: {remove: two}", ["line 4:", "cannot read --remove 'two'", "give a layer count"]),
         ("select", "select: {remove: 6}", ["line 4:", "would remove all 6 layers", "keep at least one"]),

@@ -137,7 +137,7 @@ RECIPE_FUZZ = settings(max_examples=RECIPE_EXAMPLES, deadline=None,
                        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 SECTION_KEYS = {
     "load": ["dtype", "device", "trust_remote_code", "allow_pickle", "gguf_file"],
-    "calibration": ["source", "split", "samples", "seq_len", "seed", "sampling", "text_field", "max_positions"],
+    "calibration": ["source", "split", "samples", "seq_len", "seed", "sampling", "text_field"],
     "score": ["metrics", "batch_size", "positions", "seed"],
     "select": ["remove", "strategy", "metric"],
     "heal": ["method", "data", "original", "steps", "batch_size", "lr", "seq_len", "samples", "train_layers",

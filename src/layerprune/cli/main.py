@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from layerprune import __version__
-from layerprune.errors import UsageError
+from layerprune.errors import OptionError, UsageError
 from layerprune.outputs import write_failure
 
 EXIT_USAGE = 2
@@ -113,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             transformers_logging.disable_progress_bar()
         return int(args.run(args) or 0)
+    except OptionError as error:  # named by its flag here, by its keyword in Python, by its key in a recipe
+        return _refuse(args.command, error.render(error.flag))
     except UsageError as error:
         return _refuse(args.command, error)
     except OSError as error:
@@ -124,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def _refuse(command: str, error: Exception) -> int:
+def _refuse(command: str, error: Exception | str) -> int:
     # messages quote user input (recipe keys, paths) that may hold line breaks: keep the one line
     sys.stderr.write(f"layerprune {command}: error: {' '.join(str(error).splitlines())}\n")
     return EXIT_USAGE

@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
-from layerprune.data import COMMAND_LINE_SAMPLES, SAMPLINGS
+from layerprune.data import CalibrationConfig
 from layerprune.errors import UsageError
 from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir, resolve_alias
 from layerprune.models.loading import LoadedModel, load_model, resolve_dtype
-from layerprune.options import add_option_flags, options_of
+from layerprune.options import add_option_flags, given_options, options_of
 from layerprune.scoring import METRICS, ScoreReport, rescorer, score
 from layerprune.scoring.base import metric_options
 from layerprune.scoring.report import needs_data
@@ -110,7 +110,7 @@ def load_from_args(
 
 
 # flags whose values name inputs, comma-separated where a flag takes several
-INPUT_FLAGS = ("model", "original", "data", "compare", "ppl", "classify", "recipe")
+INPUT_FLAGS = ("model", "original", "data", "source", "compare", "ppl", "classify", "recipe")
 LIST_INPUT_FLAGS = ("compare", "ppl")
 
 
@@ -166,20 +166,9 @@ def safetensors_folder(args: argparse.Namespace, flag: str) -> Path:
 
 def add_calibration_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("calibration data (for metrics that run the model)")
-    group.add_argument("--data", default="wiki-sample",
-                       help="wiki-sample | news-sample (offline), a local text/JSON/JSONL/CSV file, or a hub dataset "
-                            "name when online (default: wiki-sample)")
-    group.add_argument("--text-field", help="the field holding the text in a JSON/CSV/hub dataset")
-    group.add_argument("--split", default="train", help="data split to draw from (default: train)")
-    group.add_argument("--samples", type=int, default=COMMAND_LINE_SAMPLES,
-                       help=f"calibration rows (default: {COMMAND_LINE_SAMPLES})")
-    group.add_argument("--seq-len", type=int, default=256, help="tokens per row (default: 256)")
+    add_option_flags(group, CalibrationConfig)
     group.add_argument("--batch-size", type=int,
                        help="rows per forward pass (default: 8; 1 with --streaming, whose point is low memory)")
-    group.add_argument("--seed", type=int, default=0, help="seed for sampling windows and the random metric")
-    group.add_argument("--sampling", default="random", choices=SAMPLINGS.names(),
-                       help="random windows (default), contiguous windows from the start of the text, or one "
-                            "padded window per document")
     add_option_flags(parser.add_argument_group("metric options (each read by the metrics that declare it)"),
                      *metric_options_classes(), skip=("seed",))  # --seed above also seeds the data
 
@@ -207,15 +196,18 @@ def check_calibration_args(args: argparse.Namespace) -> None:
     """Refuse impossible sizes before any model or data is loaded (and fill in the default batch)."""
     if args.batch_size is None:
         args.batch_size = 1 if getattr(args, "streaming", False) else 8
-    for flag in ("samples", "seq_len", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.seq_len < 2:
-        raise UsageError(f"--seq-len must be at least 2 to have a next token to predict, got {args.seq_len}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    calibration = calibration_from_args(args)
     metric_options([], metric_options_from_args(args))
     from layerprune.data import check_source  # reads no data: a mistyped --data fails before the model loads
 
-    check_source(args.data, args.split)
+    check_source(calibration.source, calibration.split)
+
+
+def calibration_from_args(args: argparse.Namespace) -> CalibrationConfig:
+    """The calibration flags as the one typed config every front-end builds (validated as it is built)."""
+    return CalibrationConfig(**given_options(args, CalibrationConfig))
 
 
 def selection_strategy(args: argparse.Namespace) -> str:
@@ -240,15 +232,8 @@ def remove_check(remove: str | None) -> Callable[[PretrainedConfig], None]:
 def build_calibration_from_args(loaded: LoadedModel, args: argparse.Namespace) -> Any:
     from layerprune import data  # looked up at call time, so tests can stand in for the data layer
 
-    return data.build_calibration(loaded.tokenizer, args.data, split=args.split, samples=args.samples,
-                                  seq_len=args.seq_len, seed=args.seed, sampling=args.sampling,
-                                  text_field=args.text_field,
+    return data.build_calibration(loaded.tokenizer, **calibration_from_args(args).model_dump(),
                                   max_positions=getattr(loaded.model.config, "max_position_embeddings", None))
-
-
-def data_description(args: argparse.Namespace) -> dict[str, Any]:
-    return {"source": args.data, "split": args.split, "text_field": args.text_field, "samples": args.samples,
-            "seq_len": args.seq_len, "sampling": args.sampling}
 
 
 def score_and_select(loaded: LoadedModel, args: argparse.Namespace, metrics: list[str], strategy: str,
@@ -271,7 +256,7 @@ def score_from_args(loaded: LoadedModel, args: argparse.Namespace, metrics: list
     flags when a metric needs data."""
     if calibration is None and needs_data(metrics):
         calibration = build_calibration_from_args(loaded, args)
-    return score(loaded, calibration, metrics, data=data_description(args) if calibration is not None else None,
+    return score(loaded, calibration, metrics, data=calibration_from_args(args).record() if calibration is not None else None,
                  batch_size=args.batch_size, **metric_options_from_args(args))
 
 

@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -23,12 +24,10 @@ from layerprune.data.rows import CalibrationSet
 from layerprune.data.sources import load_texts, source_key
 from layerprune.data.store import cached_tokens, tokenizer_fingerprint
 from layerprune.errors import UsageError
+from layerprune.options import Config, option
 from layerprune.registry import Registry
 
 DOCUMENT_SEPARATOR = "\n\n"
-COMMAND_LINE_SAMPLES = 64
-"""Calibration rows the command line draws by default (``score``, ``prune``, and the statistics of a
-training-free repair under ``heal``): enough for stable layer statistics at a small model's cost."""
 
 
 def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
@@ -74,39 +73,6 @@ def text_per_window(seq_len: int, prefix: Sequence[int]) -> int:
         raise UsageError(f"--seq-len {seq_len} leaves no room for text after the tokenizer's {len(prefix)} "
                          f"start token(s); use --seq-len {len(prefix) + 1} or more")
     return seq_len - len(prefix)
-
-
-def check_calibration_options(samples: int, seq_len: int, sampling: str, max_positions: int | None) -> None:
-    """Refuse impossible window settings before any text is read or tokenized."""
-    SAMPLINGS.get(sampling)
-    if samples < 1:
-        raise UsageError(f"--samples must be at least 1, got {samples}")
-    if seq_len < 2:
-        raise UsageError(f"--seq-len must be at least 2 (a token and its successor), got {seq_len}")
-    if max_positions is not None and seq_len > max_positions:
-        raise UsageError(f"--seq-len {seq_len} is longer than the model's context of {max_positions} tokens; "
-                         f"use --seq-len {max_positions} or less")
-
-
-def build_calibration(tokenizer: PreTrainedTokenizerBase, source: str | Path, *, split: str = "train",
-                      samples: int = 128, seq_len: int = 512, seed: int = 0, sampling: str = "random",
-                      text_field: str | None = None, max_positions: int | None = None) -> CalibrationSet:
-    """Draw ``samples`` windows of ``seq_len`` tokens from ``split`` of ``source``.
-
-    ``random`` windows start at seeded offsets of the split's token stream (overlaps allowed: a
-    small corpus still yields many windows); ``contiguous`` takes the first non-overlapping ones;
-    ``documents`` gives one padded window per seeded-chosen document. ``max_positions`` (the
-    model's context) turns a too-long ``seq_len`` into an error before anything is tokenized.
-    """
-    check_calibration_options(samples, seq_len, sampling, max_positions)
-    prefix = text_prefix(tokenizer)
-    info = {"source": str(source), "split": split, "samples": samples, "seq_len": seq_len, "seed": seed,
-            "sampling": sampling, **({"text_field": text_field} if text_field else {}),
-            **({"prefix": prefix} if prefix else {})}
-    text_per_window(seq_len, prefix)  # refuses a window with no room for text
-    request = WindowRequest(tokenizer, source, split, text_field, samples, seq_len, seed, prefix)
-    input_ids, attention_mask = SAMPLINGS.get(sampling).draw(request)
-    return CalibrationSet(input_ids, attention_mask, info)
 
 
 @dataclass(frozen=True)
@@ -203,3 +169,70 @@ SAMPLINGS: Registry[Sampling] = Registry("sampling")
 SAMPLINGS.register("random")(RandomWindows())
 SAMPLINGS.register("contiguous")(ContiguousWindows())
 SAMPLINGS.register("documents")(DocumentWindows())
+
+
+class CalibrationConfig(Config):
+    """Where the calibration windows come from and how many: the one declaration of these options.
+
+    Scoring, a repair's statistics and a search's scoring all read their rows through it, so the
+    Python API, a recipe's ``calibration`` section and the command line's data flags draw the same
+    windows when nothing is given (64 random windows of 256 tokens of ``wiki-sample``: enough for
+    stable layer statistics at a small model's cost), and every calibration is recorded alike.
+    """
+
+    unit = "calibration"
+
+    source: str | Path = option("wiki-sample", "wiki-sample | news-sample (offline), a local text/JSON/JSONL/CSV "
+                                "file, or a hub dataset name when online", flag="--data")
+    split: str = option("train", "data split to draw from")
+    text_field: str | None = option(None, "the field holding the text in a JSON/CSV/hub dataset")
+    samples: int = option(64, "calibration rows", minimum=1)
+    seq_len: int = option(256, "tokens per row (a token and its successor at least)", minimum=2)
+    seed: int = option(0, "seed for sampling windows (on the command line also the random metric's)")
+    sampling: str = option("random", "random windows, contiguous windows from the start of the text, or one "
+                           "padded window per document", choices=SAMPLINGS.names())
+
+    def record(self) -> dict[str, Any]:
+        """The calibration as ``layerprune.json`` and score reports record it (no unset text field)."""
+        return {**self.model_dump(exclude_none=True), "source": str(self.source)}
+
+
+DEFAULT_CALIBRATION = CalibrationConfig()
+
+
+def check_context(seq_len: int, max_positions: int | None) -> None:
+    """Refuse windows longer than the model's context (``max_positions``) before any text is read."""
+    if max_positions is not None and seq_len > max_positions:
+        raise UsageError(f"--seq-len {seq_len} is longer than the model's context of {max_positions} tokens; "
+                         f"use --seq-len {max_positions} or less")
+
+
+def calibrate(tokenizer: PreTrainedTokenizerBase, config: CalibrationConfig = DEFAULT_CALIBRATION, *,
+              max_positions: int | None = None) -> CalibrationSet:
+    """Draw the windows ``config`` describes; the set records ``config`` (and the tokenizer's text
+    prefix). ``max_positions`` (the model's context) refuses a too-long ``seq_len`` before anything is
+    tokenized."""
+    check_context(config.seq_len, max_positions)
+    prefix = text_prefix(tokenizer)
+    text_per_window(config.seq_len, prefix)  # refuses a window with no room for text
+    request = WindowRequest(tokenizer, config.source, config.split, config.text_field, config.samples,
+                            config.seq_len, config.seed, prefix)
+    input_ids, attention_mask = SAMPLINGS.get(config.sampling).draw(request)
+    return CalibrationSet(input_ids, attention_mask, {**config.record(), **({"prefix": prefix} if prefix else {})})
+
+
+def build_calibration(tokenizer: PreTrainedTokenizerBase, source: str | Path = DEFAULT_CALIBRATION.source, *,
+                      split: str = DEFAULT_CALIBRATION.split, samples: int = DEFAULT_CALIBRATION.samples,
+                      seq_len: int = DEFAULT_CALIBRATION.seq_len, seed: int = DEFAULT_CALIBRATION.seed,
+                      sampling: str = DEFAULT_CALIBRATION.sampling, text_field: str | None = None,
+                      max_positions: int | None = None) -> CalibrationSet:
+    """Draw ``samples`` windows of ``seq_len`` tokens from ``split`` of ``source``: :func:`calibrate`
+    with a :class:`CalibrationConfig` built from these keywords (whose defaults are the config's).
+
+    ``random`` windows start at seeded offsets of the split's token stream (overlaps allowed: a
+    small corpus still yields many windows); ``contiguous`` takes the first non-overlapping ones;
+    ``documents`` gives one padded window per seeded-chosen document.
+    """
+    config = CalibrationConfig(source=source, split=split, samples=samples, seq_len=seq_len, seed=seed,
+                               sampling=sampling, text_field=text_field)
+    return calibrate(tokenizer, config, max_positions=max_positions)

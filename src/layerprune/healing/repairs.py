@@ -11,14 +11,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from layerprune.data import COMMAND_LINE_SAMPLES
+from layerprune.data import DEFAULT_CALIBRATION
 from layerprune.errors import UsageError
 from layerprune.healing.base import HEALERS, Healer, HealOutcome, HealSettings, TrainingOptions
 from layerprune.healing.data import TrainingSet
 from layerprune.healing.replacement import ReplacementOptions
 from layerprune.models.surgery import consecutive_runs
 from layerprune.models.loading import LoadedModel
-from layerprune.repair import REPAIRS, RepairMethod, compensate
+from layerprune.repair import REPAIRS, compensate
+from layerprune.repair.base import RepairMethod
 
 
 def removed_layers(loaded: LoadedModel, settings: HealSettings) -> list[int]:
@@ -47,7 +48,7 @@ class _TrainingFreeRepair(Healer):
 
     def repair_options(self, settings: HealSettings) -> Any:
         """The repair's own options out of the healer's (which add ``block``), for :func:`compensate`."""
-        own = REPAIRS[self.method_name].options_class
+        own = REPAIRS.get(self.method_name).options_class
         if own is None:
             return None
         return own(**{f.name: getattr(settings.options, f.name) for f in dataclasses.fields(own)})
@@ -58,7 +59,7 @@ class _TrainingFreeRepair(Healer):
     def rows_to_draw(self, training: TrainingOptions) -> int:
         """A repair takes no steps, so steps x batch (800 rows by default) would only make its statistics
         pass long: without ``--samples`` it reads as many rows as ``prune --compensate`` calibrates on."""
-        return training.samples if training.samples is not None else COMMAND_LINE_SAMPLES
+        return training.samples if training.samples is not None else DEFAULT_CALIBRATION.samples
 
     def check(self, loaded: LoadedModel, settings: HealSettings) -> None:
         super().check(loaded, settings)
@@ -68,7 +69,7 @@ class _TrainingFreeRepair(Healer):
             raise UsageError(f"--block reaches layer {removed[-1]}, but the original model has {original_layers} "
                              f"layers (0..{original_layers - 1})")
         # the pruned model has the original's family, so the cut (original indices) is checked on it
-        REPAIRS[self.method_name].check(loaded, consecutive_runs(removed), self.repair_options(settings))
+        REPAIRS.get(self.method_name).check(loaded, consecutive_runs(removed), self.repair_options(settings))
 
     def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealSettings,
             original: LoadedModel | None) -> HealOutcome:
@@ -91,7 +92,7 @@ def healer_options(repair: RepairMethod) -> type:
 
 
 def _register(name: str) -> type[Healer]:
-    repair = REPAIRS[name]
+    repair = REPAIRS.get(name)
     healer = type(f"Repair{name.title().replace('-', '')}", (_TrainingFreeRepair,),
                   {"method_name": name, "options_class": healer_options(repair),
                    "__doc__": f"``{name}`` as a healing method: {type(repair).__module__}."})

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from layerprune.errors import UsageError
+from layerprune.errors import OptionError, UsageError
 from layerprune.models.loading import LoadedModel, load_model
 from layerprune.outputs import check_output_path, write_bytes_atomic, write_json_atomic, writing
 from layerprune.recipes.schema import FieldSpec, build_arguments, check_section, fields_of, option_fields
@@ -46,7 +46,7 @@ STATE_FILE = "run.json"
 
 def _section_fields() -> dict[str, dict[str, FieldSpec]]:
     """Recipe sections and their keys, read off the API functions they feed."""
-    from layerprune.data import build_calibration
+    from layerprune.data import CalibrationConfig
     from layerprune.evaluation import evaluate
     from layerprune.healing import HEALERS, heal
     from layerprune.healing.base import TrainingOptions
@@ -59,7 +59,7 @@ def _section_fields() -> dict[str, dict[str, FieldSpec]]:
         "search": fields_of(search, skip=("model", *SEARCH_FROM_OTHER_SECTIONS, "heal", "heal_options", "out",
                                           "overwrite", "workload", "progress", "load_options")),
         "load": fields_of(load_model, skip=("name_or_path", "check_config")),
-        "calibration": fields_of(build_calibration, skip=("tokenizer",)),
+        "calibration": option_fields(CalibrationConfig),
         "score": {**fields_of(score, skip=("loaded", "calibration", "data")),
                   **option_fields(*(METRICS.get(name).options_class for name in METRICS))},
         "select": fields_of(select, skip=("report", "rescore")),
@@ -75,22 +75,22 @@ def _repair_fields() -> dict[str, FieldSpec]:
     from layerprune.repair import REPAIRS, compensate
 
     return {**fields_of(compensate, skip=("loaded", "layers", "data", "options", "reason", "statistics")),
-            **option_fields(*(method.options_class for method in REPAIRS.values()))}
+            **option_fields(*(method.options_class for _, method in REPAIRS.registered()))}
 
 
 def _repair_options(section: dict[str, Any]) -> dict[str, Any]:
-    """The repair section as :func:`compensate`'s keyword arguments: its method's options class
-    built from the keys that class declares."""
-    from layerprune.options import options_of
-    from layerprune.repair import repair_method
+    """The repair section as :func:`compensate`'s keyword arguments: its method's options built and
+    checked (type, range, finiteness) from the keys that method declares, as the flags are."""
+    from layerprune.options import build_options, options_of
+    from layerprune.repair import REPAIRS
 
-    method = repair_method(section["method"])
-    own = {o.name for o in options_of(method.options_class)} if method.options_class is not None else set()
+    method = REPAIRS.get(section["method"])
+    own = {o.name for o in options_of(method.options_class)}
     given = {key: value for key, value in section.items() if key in own}
     stray = set(section) - own - {"method", "batch_size"}
     if stray:
         raise UsageError(f"{method.name} takes no option {', '.join(sorted(stray))}; remove it from the repair section")
-    options = method.options_class(**given) if given else None
+    options = build_options(method.options_class, given, unit=method.name) if given else None
     return {"method": method.name, "batch_size": section.get("batch_size", 8), "options": options}
 
 
@@ -181,7 +181,7 @@ def load_recipe(path: str | Path, model: str | None = None, allowed_paths: list[
             raise UsageError(f"{file} line {lines.get(('search',), '?')}: 'search' chooses and repairs the cut itself; "
                              f"remove the {', '.join(clash)} section(s), or the search section")
     if ("score" in sections or "search" in sections) and "calibration" not in sections:
-        sections["calibration"] = {"source": "wiki-sample"}
+        sections["calibration"] = {}  # CalibrationConfig's defaults, the same as the flags' and the API's
     return Recipe(file, file.read_text(), str(chosen), sections, lines)
 
 
@@ -255,7 +255,7 @@ def _stage_score(ctx: RunContext) -> dict[str, Any]:
     options = ctx.recipe.sections["calibration"]
     calibration = build_calibration(loaded.tokenizer, **options)
     score_options = ctx.recipe.sections["score"]
-    report = score(loaded, calibration, data={k: str(v) for k, v in options.items()}, **score_options)
+    report = score(loaded, calibration, **score_options)
     selection = None
     if "select" in ctx.recipe.sections:
         rescore = rescorer(loaded, calibration, **{k: v for k, v in score_options.items() if k != "metrics"})
@@ -386,6 +386,11 @@ def _at(recipe: Recipe, *key_path: str) -> Iterator[None]:
     to its default (no line where the runner added the section itself)."""
     try:
         yield
+    except OptionError as error:  # one option's value: named as the recipe writes it, at its own line
+        key = (key_path[0], error.name)
+        line = recipe.lines.get(key) or recipe.lines.get(key_path) or recipe.lines.get(key_path[:1])
+        where = f"{recipe.path} line {line}" if line else str(recipe.path)
+        raise UsageError(f"{where}: {error.render('.'.join(key))}") from None
     except UsageError as error:
         line = recipe.lines.get(key_path) or recipe.lines.get(key_path[:1])
         where = f"{recipe.path} line {line}" if line else str(recipe.path)
@@ -400,8 +405,7 @@ def preflight(recipe: Recipe, out: Path) -> None:
     model's ``config.json``; where reading it would cost a download (a hub id, an alias not yet
     fetched, a GGUF file) the checks that need it wait for their stage.
     """
-    from layerprune.data import build_calibration, check_source
-    from layerprune.data.calibration import check_calibration_options
+    from layerprune.data import CalibrationConfig, check_source
     from layerprune.evaluation.evaluate import EvalPlan
     from layerprune.healing import HEALERS
     from layerprune.healing.heal import heal_settings
@@ -416,12 +420,10 @@ def preflight(recipe: Recipe, out: Path) -> None:
                                    trust_remote_code=load["trust_remote_code"], allow_pickle=load["allow_pickle"])
     layers: int | None = getattr(config, "num_hidden_layers", None)  # after pruning, once select is read
     if "calibration" in sections:
-        calibration = _with_defaults(build_calibration, sections["calibration"])
-        with _at(recipe, "calibration", "source"):
-            check_source(calibration["source"], calibration["split"])
         with _at(recipe, "calibration"):
-            check_calibration_options(calibration["samples"], calibration["seq_len"], calibration["sampling"],
-                                      calibration["max_positions"])
+            calibration = CalibrationConfig(**sections["calibration"])
+        with _at(recipe, "calibration", "source"):
+            check_source(calibration.source, calibration.split)
     if "search" in sections:
         from layerprune.search import check_budget, search
 

@@ -26,14 +26,11 @@ from layerprune.models.lineage import ensure_lineage
 from layerprune.models.editing import prune
 from layerprune.models.loading import LoadedModel
 from layerprune.models.surgery import consecutive_runs, validate_layer_indices
-from layerprune.repair.base import RepairMethod, default_options, options_record
-from layerprune.repair.linear import ReplaceLinear, ReplaceLinearOptions
-from layerprune.repair.merge import Merge, MergeOptions
-from layerprune.repair.rescale import Rescale
+from layerprune.registry import import_package_modules
+from layerprune.repair.base import REPAIRS, default_options, options_record
+from layerprune.repair.linear import ReplaceLinearOptions
+from layerprune.repair.merge import MergeOptions
 from layerprune.repair.statistics import RunStatistics, collect_statistics
-
-REPAIRS: dict[str, RepairMethod] = {method.name: method for method in (ReplaceLinear(), Rescale(), Merge())}
-"""The training-free methods by name; each is also a healing method of ``layerprune heal``."""
 
 
 class TokenRows(Protocol):
@@ -59,13 +56,6 @@ class RepairReport:
         return {"method": self.method, "options": self.options, "data": self.data, "runs": self.runs,
                 "summary": self.summary, "seconds": round(self.seconds, 3),
                 "statistics_seconds": round(self.statistics_seconds, 3)}
-
-
-def repair_method(name: str) -> RepairMethod:
-    try:
-        return REPAIRS[name]
-    except KeyError:
-        raise UsageError(f"unknown repair method {name!r}; use one of: {', '.join(REPAIRS)}") from None
 
 
 def describe_rows(data: TokenRows) -> dict[str, Any]:
@@ -108,7 +98,7 @@ def check_repair(loaded: LoadedModel, layers: Iterable[int], method: str, option
     """Refuse a cut ``method`` cannot repair, before data or an original is loaded; returns the runs."""
     chosen = validate_layer_indices(layers, loaded.num_layers)
     runs = consecutive_runs(chosen)
-    repairer = repair_method(method)
+    repairer = REPAIRS.get(method)
     repairer.check(loaded, runs, default_options(repairer, options))
     return runs
 
@@ -130,7 +120,7 @@ def compensate(loaded: LoadedModel, layers: Iterable[int], method: str, data: To
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
     chosen = list(layers)
-    repairer = repair_method(method)
+    repairer = REPAIRS.get(method)
     options = default_options(repairer, options)
     runs = check_repair(loaded, chosen, method, options)
     original_ids = loaded.original_layer_ids
@@ -162,3 +152,5 @@ def compensate(loaded: LoadedModel, layers: Iterable[int], method: str, data: To
 
 __all__ = ["REPAIRS", "MergeOptions", "RepairReport", "ReplaceLinearOptions", "RunStatistics", "check_map_tokens",
            "check_repair", "collect_run_statistics", "compensate"]
+
+import_package_modules(__name__, __path__)  # a repair method registers itself by existing: one file adds one

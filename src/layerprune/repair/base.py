@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel
+from layerprune.registry import Registry
 from layerprune.repair.statistics import RunStatistics
 
 
@@ -26,6 +27,9 @@ class RepairMethod(ABC):
     """False for a method that reads weights only (merge): no calibration pass runs."""
     linear_statistics: ClassVar[bool] = False
     """True when the method needs ``MᵀM`` and ``MᵀY``, not only the magnitudes."""
+    cost: ClassVar[int]
+    """Relative cost of one repair (0 = reads weights only; higher = more statistics or solving): a
+    search tries the cheapest first, so a time budget spent early still ranks the cheap repairs."""
 
     def check(self, loaded: LoadedModel, runs: list[tuple[int, int]], options: Any) -> None:
         """Refuse a cut this method cannot repair, before any data is read."""
@@ -50,6 +54,11 @@ class RepairMethod(ABC):
               options: Any) -> tuple[list[dict[str, Any]], str]:
         """Fold the repair into ``loaded`` (still uncut); returns one statistics record per run and
         a sentence for the model card that says what was changed."""
+
+
+REPAIRS: Registry[RepairMethod] = Registry("repair method")
+"""The training-free methods by name (each module registers its own); each is also a healing method of
+``layerprune heal`` (:mod:`layerprune.healing.repairs`)."""
 
 
 def default_options(method: RepairMethod, options: Any) -> Any:

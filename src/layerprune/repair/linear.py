@@ -23,7 +23,7 @@ import torch
 from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel
 from layerprune.options import check_declared
-from layerprune.repair.base import RepairMethod
+from layerprune.repair.base import REPAIRS, RepairMethod
 from layerprune.repair.folds import fold_linear_map, scale_norm
 from layerprune.repair.statistics import RunStatistics
 
@@ -114,6 +114,7 @@ def refine_by_cosine(start: torch.Tensor, kept: list[tuple[torch.Tensor, ...]], 
 
 class ReplaceLinear(RepairMethod):
     name = "replace-linear"
+    cost = 2
     options_class = ReplaceLinearOptions
     linear_statistics = True
 
@@ -156,3 +157,6 @@ class ReplaceLinear(RepairMethod):
                 f"{'least squares then cosine distance' if options.solver == 'cosine' else 'least squares'} "
                 "on calibration data (ReplaceMe); no parameter was added")
         return records, note
+
+
+REPAIRS.register(ReplaceLinear.name)(ReplaceLinear())

@@ -14,7 +14,7 @@ import torch
 
 from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel
-from layerprune.repair.base import RepairMethod
+from layerprune.repair.base import REPAIRS, RepairMethod
 from layerprune.repair.statistics import RunStatistics
 
 
@@ -44,6 +44,7 @@ def merge_run(layers: torch.nn.ModuleList, start: int, end: int, weight: float) 
 
 class Merge(RepairMethod):
     name = "merge"
+    cost = 0
     options_class = MergeOptions
     needs_statistics = False
 
@@ -58,3 +59,6 @@ class Merge(RepairMethod):
         note = (f"each removed run was merged into the layer kept before it, θ ← θ + {options.merge_weight:g}·Σ(θ_k − θ) "
                 "(LaCo)")
         return [{"merge_weight": options.merge_weight} for _ in runs], note
+
+
+REPAIRS.register(Merge.name)(Merge())

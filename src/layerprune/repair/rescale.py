@@ -25,7 +25,7 @@ from torch import nn
 from layerprune.errors import UsageError
 from layerprune.models.architectures import ArchitectureAdapter
 from layerprune.models.loading import LoadedModel
-from layerprune.repair.base import RepairMethod
+from layerprune.repair.base import REPAIRS, RepairMethod
 from layerprune.repair.folds import scale_norm, scale_projection
 from layerprune.repair.statistics import RunStatistics
 
@@ -58,6 +58,7 @@ def fold_stream_scales(loaded: LoadedModel, runs: list[tuple[int, int]], scales:
 
 class Rescale(RepairMethod):
     name = "rescale"
+    cost = 1
 
     def check(self, loaded: LoadedModel, runs: list[tuple[int, int]], options: None) -> None:
         super().check(loaded, runs, options)
@@ -76,3 +77,6 @@ class Rescale(RepairMethod):
         note = ("the stream after each removed run was rescaled by s = mean |h_b| / mean |h_a| (Prune&Comp), folded "
                 f"into {where} of the later layers (embeddings and LM head unchanged)")
         return records, note
+
+
+REPAIRS.register(Rescale.name)(Rescale())

@@ -152,6 +152,9 @@ class Metric:
     costly: bool = False
     """True when one scoring costs several forward passes (``ppl``: about half the layers' worth;
     ``taylor``: a backward pass as well): a search re-scores it iteratively only when asked."""
+    baseline: bool = False
+    """True for a reference every metric must beat (``random``, ``reverse-order``): a search does not
+    offer its selections as candidates."""
 
     def compute(self, context: ScoringContext, name: str) -> MetricResult:
         raise NotImplementedError

@@ -21,6 +21,7 @@ class RandomOptions:
 
 class ReverseOrder(Metric):
     needs_data = False
+    baseline = True
     streaming_refusal = None
     meaning = "importance = number of layers below and including it; the top layer is the least important"
 
@@ -33,6 +34,7 @@ class ReverseOrder(Metric):
 class RandomOrder(Metric):
     options_class = RandomOptions
     needs_data = False
+    baseline = True
     streaming_refusal = None
     meaning = "uniform random importance in [0, 1), seeded by --seed"
 

@@ -87,8 +87,11 @@ def check_score_options(metrics: Sequence[str] | str, batch_size: int, **options
 
 def describe_data(data: dict[str, Any] | None, rows: CalibrationSet | None, batch_size: int, options: dict[str, Any],
                   **extra: Any) -> dict[str, Any]:
-    """The report's ``data``: the caller's description, the rows' shape and the scoring options used."""
-    described = dict(data or {})
+    """The report's ``data``: the calibration the rows record (their :class:`CalibrationConfig`, so a score
+    from the command line, a recipe or Python records the same keys), what the caller adds, the rows'
+    shape and the scoring options used."""
+    recorded = {key: value for key, value in rows.info.items() if key != "prefix"} if rows is not None else {}
+    described = {**recorded, **(data or {})}
     if rows is not None:
         described.setdefault("source", rows.description)
         described.update(rows=int(rows.input_ids.shape[0]), seq_len=int(rows.input_ids.shape[1]))

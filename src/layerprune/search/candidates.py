@@ -15,18 +15,19 @@ from typing import Any
 from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel
 from layerprune.repair.statistics import RunStatistics
-from layerprune.scoring import METRICS, ScoreReport, baselines
-from layerprune.selection import Rescore, Selection, select
-
-ONE_SHOT_STRATEGIES = ("independent", "consecutive")
-"""Strategies that only read the scores: cheap, so their candidates come first."""
-RESCORING_STRATEGIES = ("iterative",)
-"""Strategies that re-score the smaller model once per removed layer: tried after the one-shot ones."""
-
+from layerprune.scoring import METRICS, ScoreReport
+from layerprune.selection import STRATEGIES, Rescore, Selection, Strategy, select
 
 def candidate_metrics() -> list[str]:
-    """Every registered metric except the baselines of :mod:`layerprune.scoring.baselines`."""
-    return [name for name in METRICS.names() if type(METRICS.get(name)).__module__ != baselines.__name__]
+    """Every registered metric except the baselines (``random``, ``reverse-order``): references a metric
+    must beat, not candidates."""
+    return [name for name in METRICS.names() if not METRICS.get(name).baseline]
+
+
+def strategies_cheapest_first() -> list[tuple[str, Strategy]]:
+    """The selection strategies, those that only read the scores first (cheap, so their candidates come
+    first), then those that re-score the smaller model once per removed layer; registration order within."""
+    return sorted(STRATEGIES.registered(), key=lambda pair: pair[1].rescores)
 
 
 @dataclass
@@ -61,17 +62,16 @@ def unique_selections(report: ScoreReport, count: int, rescore: Rescore, out_of_
     ``exhaustive``; ``out_of_time`` is asked before each one that runs."""
     selections: list[Selection] = []
     not_made: dict[str, str] = {}
-    for strategies in (ONE_SHOT_STRATEGIES, RESCORING_STRATEGIES):
-        for strategy in strategies:
-            for metric in report.results:
-                pair = f"{metric}/{strategy}"
-                if strategy in RESCORING_STRATEGIES and METRICS.get(metric).costly and not exhaustive:
-                    not_made[pair] = ("re-scoring this metric after every removal costs several times the search; "
-                                      "--exhaustive includes it")
-                elif strategy in RESCORING_STRATEGIES and out_of_time():
-                    not_made[pair] = "the time budget was spent before this re-scoring selection"
-                else:
-                    selections.append(select(report, count, strategy, metric, rescore=rescore))
+    for strategy, unit in strategies_cheapest_first():
+        for metric in report.results:
+            pair = f"{metric}/{strategy}"
+            if unit.rescores and METRICS.get(metric).costly and not exhaustive:
+                not_made[pair] = ("re-scoring this metric after every removal costs several times the search; "
+                                  "exhaustive=True (--exhaustive) includes it")
+            elif unit.rescores and out_of_time():
+                not_made[pair] = "the time budget was spent before this re-scoring selection"
+            else:
+                selections.append(select(report, count, strategy, metric, rescore=rescore))
     return selections, not_made
 
 
@@ -98,7 +98,7 @@ def repaired_candidates(loaded: LoadedModel, plain: list[Candidate], repairs: li
     for repair in repairs:
         for candidate in plain:
             try:
-                if REPAIRS[repair].linear_statistics:
+                if REPAIRS.get(repair).linear_statistics:
                     check_map_tokens(loaded, tokens, repair)
                 check_repair(loaded, candidate.remove, repair)
             except UsageError as refusal:
@@ -111,11 +111,10 @@ def repaired_candidates(loaded: LoadedModel, plain: list[Candidate], repairs: li
 
 
 def available_repairs() -> list[str]:
-    """The training-free repair methods, cheapest first (merge reads no data, replace-linear solves a map)."""
+    """The training-free repair methods, cheapest first (each declares its ``cost``)."""
     from layerprune.repair import REPAIRS
 
-    cost = {"merge": 0, "rescale": 1, "replace-linear": 2}
-    return sorted(REPAIRS, key=lambda name: cost.get(name, len(cost)))
+    return [name for name, _ in sorted(REPAIRS.registered(), key=lambda pair: (pair[1].cost, pair[0]))]
 
 
 def cut(loaded: LoadedModel, candidate: Candidate, calibration: Any, batch_size: int,
@@ -145,9 +144,9 @@ def repair_statistics(loaded: LoadedModel, candidates: list[Candidate], calibrat
     from layerprune.models.surgery import consecutive_runs
     from layerprune.repair import REPAIRS, collect_run_statistics
 
-    runs = {run for candidate in candidates if candidate.repair is not None and REPAIRS[candidate.repair].needs_statistics
+    runs = {run for candidate in candidates if candidate.repair is not None and REPAIRS.get(candidate.repair).needs_statistics
             for run in consecutive_runs(candidate.remove)}
     if not runs:
         return {}
-    linear = any(REPAIRS[c.repair].linear_statistics for c in candidates if c.repair is not None)
+    linear = any(REPAIRS.get(c.repair).linear_statistics for c in candidates if c.repair is not None)
     return collect_run_statistics(loaded, runs, calibration, batch_size=batch_size, linear=linear)

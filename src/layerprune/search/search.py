@@ -32,6 +32,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from layerprune.data.calibration import DEFAULT_CALIBRATION, CalibrationConfig
 from layerprune.errors import UsageError
 from layerprune.evaluation.efficiency import Workload
 from layerprune.models.lineage import count_parameters
@@ -187,8 +188,10 @@ def rank_queue(loaded: LoadedModel, queue: list[Candidate], calibration: Any, wi
 
 
 def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, target_speedup: float | None = None,
-           data: str | Path = "wiki-sample", split: str = "train", text_field: str | None = None,
-           samples: int = 64, seq_len: int = 256, seed: int = 0, sampling: str = "random", batch_size: int = 8,
+           data: str | Path = DEFAULT_CALIBRATION.source, split: str = DEFAULT_CALIBRATION.split,
+           text_field: str | None = None, samples: int = DEFAULT_CALIBRATION.samples,
+           seq_len: int = DEFAULT_CALIBRATION.seq_len, seed: int = DEFAULT_CALIBRATION.seed,
+           sampling: str = DEFAULT_CALIBRATION.sampling, batch_size: int = 8,
            metric_options: dict[str, Any] | None = None, rank_data: str | Path | None = None,
            rank_windows: int = 16, drop_rule: DropRule = DEFAULT_DROP_RULE, repairs: bool = True,
            exhaustive: bool = False, heal: str | None = None, heal_options: dict[str, Any] | None = None,
@@ -205,8 +208,8 @@ def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, 
     scoring. ``heal`` heals the winner only, with ``heal_options``
     (:func:`layerprune.heal`'s) on ``data``. ``progress``: a bar over candidates (default: on a terminal).
     """
-    from layerprune.data import build_calibration, check_source, token_stream
-    from layerprune.data.calibration import check_calibration_options, text_prefix
+    from layerprune.data import calibrate, check_source, token_stream
+    from layerprune.data.calibration import text_prefix
     from layerprune.outputs import check_output_path
     from layerprune.scoring import rescorer, score
 
@@ -214,8 +217,9 @@ def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, 
     chosen_remove = check_budget(remove, target_speedup, time_budget, max_candidates)
     if rank_windows < 1:
         raise UsageError(f"--rank-windows must be at least 1, got {rank_windows}")
+    calibration_config = CalibrationConfig(source=data, split=split, text_field=text_field, samples=samples,
+                                           seq_len=seq_len, seed=seed, sampling=sampling)
     check_source(data, split)
-    check_calibration_options(samples, seq_len, sampling, None)
     rank_source, rank_split = held_out_source(data, split, rank_data)
     if heal is not None:
         from layerprune.healing import HEALERS
@@ -235,16 +239,14 @@ def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, 
     else:
         count = parse_remove(chosen_remove, loaded.num_layers)
     max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
-    calibration_options = {"source": str(data), "split": split, "samples": samples, "seq_len": seq_len,
-                           "seed": seed, "sampling": sampling, **({"text_field": text_field} if text_field else {})}
-    calibration = build_calibration(loaded.tokenizer, max_positions=max_positions, **calibration_options)
+    calibration = calibrate(loaded.tokenizer, calibration_config, max_positions=max_positions)
     prefix = text_prefix(loaded.tokenizer)
     windows = held_out_windows(token_stream(loaded.tokenizer, rank_source, rank_split, text_field), seq_len, prefix,
                                rank_windows)
 
     options = {"batch_size": batch_size, **(metric_options or {})}
     metrics = candidate_metrics()
-    report = score(loaded, calibration, metrics, data=calibration_options, **options)
+    report = score(loaded, calibration, metrics, **options)
     selections, not_selected = unique_selections(report, count, rescorer(loaded, calibration, **options), out_of_time,
                                                  exhaustive=exhaustive)
     plain = plain_candidates(selections)
@@ -260,7 +262,7 @@ def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, 
         "budget": {"remove": chosen_remove if target_speedup is None else None, "target_speedup": target_speedup,
                    "measured_decode_speedup_at_count": measured_at_count, "time_budget_minutes": time_budget,
                    "max_candidates": max_candidates},
-        "calibration": {**calibration_options, "used_for": "scoring every metric and fitting every repair"},
+        "calibration": {**calibration_config.record(), "used_for": "scoring every metric and fitting every repair"},
         "ranking": {"source": rank_source, "split": rank_split, "seq_len": seq_len, "windows": len(windows),
                     "tokens": tried[winner_index].tokens,
                     "held_out": "another split of the calibration source (split by document)" if rank_data is None
@@ -289,6 +291,6 @@ def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, 
             # a plain cut shares its weights with the original (the teacher): train an own copy
             winner_model = heal_model(winner_model.copy(), heal, data, original=loaded, **(heal_options or {}))
         record.out = write_search(record, winner_model, out, overwrite=overwrite, protected=protected,
-                                  source=source, calibration=calibration_options, batch_size=batch_size,
+                                  source=source, calibration=calibration_config.record(), batch_size=batch_size,
                                   metric_options=metric_options or {}, heal_options=heal_options or {})
     return record

@@ -10,7 +10,9 @@ Each strategy is one registered unit in :data:`STRATEGIES`:
   smaller model with the same metric and data, and repeat N times. The scores are plain data, so
   the re-scoring is a function the caller passes (:func:`layerprune.scoring.rescorer`).
 
-Indices are those of the model as scored (what :func:`layerprune.prune` takes).
+Indices are those of the model as scored (what :func:`layerprune.prune` takes). A new strategy is one
+new module in this package that registers itself in :data:`STRATEGIES` (imported at the end of this
+file); ``rescores`` tells a search to try it after the strategies that only read the scores.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from layerprune.errors import UsageError
-from layerprune.registry import Registry
+from layerprune.registry import Registry, import_package_modules
 from layerprune.scoring.base import MetricResult
 from layerprune.scoring.report import ScoreReport
 
@@ -173,3 +175,6 @@ def select(report: ScoreReport, remove: int | str, strategy: str = "independent"
                          "layerprune.scoring.rescorer(model, calibration), or choose another strategy")
     layers, steps = chosen.choose(report.results[name], count, rescore)
     return Selection(name, strategy, layers, steps)
+
+
+import_package_modules(__name__, __path__)  # a strategy in its own module registers itself by existing

@@ -21,7 +21,7 @@ import torch
 from layerprune.api import prune, save
 from layerprune.cli.options import (
     add_calibration_options, add_command, add_model_options, add_output_options, add_selection_options,
-    build_calibration_from_args, check_calibration_args, data_description, input_paths, load_from_args,
+    build_calibration_from_args, calibration_from_args, check_calibration_args, input_paths, load_from_args,
     remove_check, safetensors_folder, score_and_select, score_from_args, selection_strategy, warn_if_most_layers_go,
 )
 from layerprune.errors import UsageError
@@ -37,6 +37,7 @@ from layerprune.repair import REPAIRS, check_repair, compensate
 from layerprune.repair.iterative import compensate_iteratively
 from layerprune.scoring import check_metrics
 from layerprune.scoring.report import needs_data
+from layerprune.selection import STRATEGIES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,12 +51,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_calibration_options(parser)
     parser.add_argument("--generate", metavar="PROMPT", help="after pruning, greedily continue PROMPT and print it")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="length of the --generate continuation")
-    parser.add_argument("--compensate", choices=list(REPAIRS),
+    parser.add_argument("--compensate", choices=REPAIRS.names(),
                         help="repair the cut without training, on the calibration data: replace-linear (ReplaceMe), "
                              "rescale (Prune&Comp; with --iterative every step re-scores the repaired model) or "
                              "merge (LaCo)")
     add_option_flags(parser.add_argument_group("--compensate options"),
-                     *(repair.options_class for repair in REPAIRS.values()), only_given=True)
+                     *(repair.options_class for _, repair in REPAIRS.registered()), only_given=True)
     parser.add_argument("--low-memory", action="store_true",
                         help="with --layers: refuse instead of loading the model when shard surgery cannot be used. "
                              "Shard surgery (the safetensors files rewritten in a few MB of memory, in their own "
@@ -146,9 +147,9 @@ def run_scored(args: argparse.Namespace) -> int:
     loaded = load_from_args(args, check_config=check_layers)
     reason = f"{metrics[0]} scores, {strategy} selection"
     # one set of calibration rows for scoring and for the repair's statistics
-    repair_rows = bool(args.compensate) and REPAIRS[args.compensate].needs_statistics
+    repair_rows = bool(args.compensate) and REPAIRS.get(args.compensate).needs_statistics
     calibration = build_calibration_from_args(loaded, args) if needs_data(metrics) or repair_rows else None
-    if args.compensate and strategy == "iterative":  # Prune&Comp: each step re-scores the repaired model
+    if args.compensate and STRATEGIES.get(strategy).rescores:  # Prune&Comp: each step re-scores the repaired model
         report = score_from_args(loaded, args, metrics, calibration)
         began = time.perf_counter()
         selection = compensate_iteratively(
@@ -173,14 +174,14 @@ def run_scored(args: argparse.Namespace) -> int:
 def compensation_options(args: argparse.Namespace) -> Any:
     """The ``--compensate`` method's options from its flags, checked before any model is loaded; a
     flag of another method (or without --compensate) is refused."""
-    given = {name: value for repair in REPAIRS.values() for name, value in given_options(args, repair.options_class).items()}
+    given = {name: value for _, repair in REPAIRS.registered() for name, value in given_options(args, repair.options_class).items()}
     if not args.compensate:
         if given:
             raise UsageError(f"--{next(iter(given)).replace('_', '-')} is an option of --compensate; add --compensate "
                              "METHOD or drop it")
         return None
     check_calibration_args(args)
-    own = REPAIRS[args.compensate].options_class
+    own = REPAIRS.get(args.compensate).options_class
     if own is None:
         if given:
             raise UsageError(f"--compensate {args.compensate} takes no options; drop "
@@ -191,7 +192,7 @@ def compensation_options(args: argparse.Namespace) -> Any:
 
 def calibration_rows(loaded: LoadedModel, args: argparse.Namespace) -> Any:
     """The calibration windows of the data flags, or ``None`` for a method that reads weights only."""
-    return build_calibration_from_args(loaded, args) if REPAIRS[args.compensate].needs_statistics else None
+    return build_calibration_from_args(loaded, args) if REPAIRS.get(args.compensate).needs_statistics else None
 
 
 def cut(loaded: LoadedModel, layers: list[int], args: argparse.Namespace, options: Any,
@@ -211,7 +212,7 @@ def cut(loaded: LoadedModel, layers: list[int], args: argparse.Namespace, option
 def record_compensation(loaded: LoadedModel, args: argparse.Namespace, summary: str, seconds: float) -> None:
     """A healing entry, so the model card says how the cut was repaired (details: ``repairs``)."""
     loaded.lineage["healing"].append({"method": args.compensate, "summary": f"training-free: {summary}",
-                                      "data": data_description(args), "trainable_parameters": 0,
+                                      "data": calibration_from_args(args).record(), "trainable_parameters": 0,
                                       "train_seconds": round(seconds, 1)})
 
 

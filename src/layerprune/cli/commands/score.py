@@ -14,7 +14,7 @@ from transformers import PretrainedConfig
 
 from layerprune.cli.options import (
     add_calibration_options, add_command, add_model_options, add_output_file_options, add_selection_options,
-    build_calibration_from_args, check_calibration_args, data_description, input_paths, load_from_args,
+    build_calibration_from_args, calibration_from_args, check_calibration_args, input_paths, load_from_args,
     metric_options_from_args, remove_check, safetensors_folder, score_and_select, selection_strategy,
     warn_if_most_layers_go,
 )
@@ -24,22 +24,22 @@ from layerprune.scoring import METRICS, ScoreReport, check_metrics
 from layerprune.scoring.report import needs_data
 from layerprune.scoring.streaming import check_streamable, open_streaming, stream_score
 from layerprune.outputs import check_output_file, check_scratch_folder, write_json_atomic
-from layerprune.selection import select
+from layerprune.selection import STRATEGIES, select
 
 
 def stream_from_args(args: argparse.Namespace, metrics: list[str], strategy: str,
                      check_layers: Callable[[PretrainedConfig], None]) -> ScoreReport:
     """``--streaming``: :func:`layerprune.scoring.streaming.stream_score`; the model is never whole in memory."""
     check_streamable(metrics)
-    if strategy == "iterative":
-        raise UsageError("--iterative re-scores the pruned model in memory; drop it or drop --streaming")
+    if STRATEGIES.get(strategy).rescores:
+        raise UsageError(f"--strategy {strategy} re-scores the pruned model in memory; drop it or drop --streaming")
     folder = safetensors_folder(args, "--streaming")
     skeleton = open_streaming(folder)
     check_layers(skeleton.model.config)
     calibration = build_calibration_from_args(skeleton, args) if needs_data(metrics) else None
     return stream_score(folder, calibration, metrics, batch_size=args.batch_size, **metric_options_from_args(args),
                         dtype=args.dtype, spill_dir=args.spill_dir, tokenizer=skeleton.tokenizer,
-                        data=data_description(args) if calibration is not None else None)
+                        data=calibration_from_args(args).record() if calibration is not None else None)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -11,6 +11,7 @@ import argparse
 
 from layerprune.cli.options import (
     add_calibration_options,
+    calibration_from_args,
     add_command,
     add_model_options,
     add_output_options,
@@ -56,6 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+def search_calibration(args: argparse.Namespace) -> dict[str, object]:
+    """The calibration flags as :func:`layerprune.search`'s keywords (it names the source ``data``)."""
+    calibration = calibration_from_args(args).model_dump()
+    return {"data": calibration.pop("source"), **calibration}
+
+
 def run(args: argparse.Namespace) -> int:
     remove = check_budget(args.remove, args.target_speedup, args.time_budget, args.max_candidates)
     check_calibration_args(args)
@@ -65,9 +72,8 @@ def run(args: argparse.Namespace) -> int:
                     "allow_pickle": args.allow_pickle,
                     "check_config": remove_check(remove if args.target_speedup is None else None)}
     record = search(
-        args.model, args.remove, target_speedup=args.target_speedup, data=args.data, split=args.split,
-        text_field=args.text_field, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
-        sampling=args.sampling, batch_size=args.batch_size, metric_options=metric_options_from_args(args),
+        args.model, args.remove, target_speedup=args.target_speedup, **search_calibration(args),
+        batch_size=args.batch_size, metric_options=metric_options_from_args(args),
         rank_data=args.rank_data, rank_windows=args.rank_windows,
         drop_rule=DropRule(after=args.drop_after, factor=args.drop_factor), repairs=not args.no_repair,
         exhaustive=args.exhaustive,
