@@ -2,11 +2,12 @@
 
 Every output folder, output file, checkpoint and cache entry is built under a hidden temporary name
 (``.NAME.partial-PID``) next to its destination and renamed into place at the end, so a crash or
-``kill -9`` leaves either the old state or the complete new one. An existing destination is
-refused unless the caller asked to overwrite it, and a destination that is (or lies inside) a
-protected folder, such as the source model, is refused always. What a killed run leaves behind
-(hidden ``.NAME.partial-PID`` / ``.NAME.old-PID`` files and folders of a process that no longer
-exists) is cleared, or put back, by the next run that writes there.
+``kill -9`` leaves either the old state or the complete new one; what was written is flushed to
+disk before the rename, and the rename after it (:func:`_publish`), so a power loss does too. An
+existing destination is refused unless the caller asked to overwrite it, and a destination that is
+(or lies inside) a protected folder, such as the source model, is refused always. What a killed
+run leaves behind (hidden ``.NAME.partial-PID`` / ``.NAME.old-PID`` files and folders of a process
+that no longer exists) is cleared, or put back, by the next run that writes there.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -276,7 +278,7 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False, protected: It
         with _staging_dir(target) as staging:
             yield staging
             apply_umask(staging)
-            _swap_into_place(staging, target, overwrite=overwrite)
+            _publish(staging, target, partial(_swap_into_place, overwrite=overwrite))
 
 
 @contextmanager
@@ -292,7 +294,7 @@ def atomic_cache_dir(folder: Path) -> Iterator[Path]:
     with _staging_dir(folder) as staging:
         yield staging
         if not folder.exists():
-            os.replace(staging, folder)
+            _publish(staging, folder, os.replace)
 
 
 @contextmanager
@@ -383,6 +385,37 @@ def _swap_into_place(staging: Path, target: Path, *, overwrite: bool = True) -> 
     shutil.rmtree(retired, ignore_errors=True)
 
 
+def _publish(staging: Path, target: Path, rename: Callable[[Path, Path], None]) -> None:
+    """Move the finished ``staging`` file or folder to ``target`` with ``rename``, durably.
+
+    A rename alone survives ``kill -9`` but not a power loss: the file system may commit the new
+    name before the data it points to, or forget the rename. So every file and folder staged is
+    flushed first (the name then can only ever point at complete data), and the folder that holds
+    ``target`` after (the rename, and with it the new output, is on disk when the write returns).
+    """
+    if staging.is_dir():
+        for folder, _, files in os.walk(staging, topdown=False):
+            for name in files:
+                _fsync(Path(folder, name))
+            _fsync(Path(folder))
+    else:
+        _fsync(staging)
+    rename(staging, target)
+    _fsync(target.parent)
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path``, a file or a folder (its entries), to disk; a symlink is left alone (it is not
+    followed: its target is not part of the output)."""
+    if path.is_symlink():
+        return
+    descriptor = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def write_json_atomic(path: str | Path, data: Any, *, overwrite: bool = True) -> Path:
     """Write JSON through a temporary file and a rename, so readers never see half a file."""
     return write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode(), overwrite=overwrite)
@@ -408,9 +441,6 @@ def atomic_file(path: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
         staging = _staging_path(target)
         try:
             yield staging
-            if overwrite:
-                os.replace(staging, target)
-            else:
-                _rename_no_replace(staging, target)
+            _publish(staging, target, os.replace if overwrite else _rename_no_replace)
         finally:
             staging.unlink(missing_ok=True)

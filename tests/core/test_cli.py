@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from layerprune.cli import commands
 from layerprune.cli.main import build_parser, main
 from layerprune.models.tiny import tiny_model
 from tests.helpers import save_tiny_checkpoint
@@ -66,8 +67,24 @@ COMMANDS = {name: parser for action in PARSER._actions if isinstance(action, arg
             for name, parser in action.choices.items()}
 
 
-def test_every_command_is_checked() -> None:
-    assert set(COMMANDS) == {"eval", "heal", "info", "prune", "run", "score", "search"}
+# what the folder of commands holds on disk: one module per subcommand, named after it
+COMMAND_MODULES = sorted(path.stem for path in Path(commands.__file__).parent.glob("*.py") if path.stem != "__init__")
+
+
+def test_every_command_module_is_a_command_listed_in_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """The parser registers exactly the commands the folder holds (so the checks below, which run
+    over the parser's commands, miss none), each with a line in ``layerprune --help`` and its own help."""
+    assert sorted(COMMANDS) == COMMAND_MODULES
+    (subparsers,) = [action for action in PARSER._actions if isinstance(action, argparse._SubParsersAction)]
+    listed = " ".join(PARSER.format_help().split())  # help lines wrap; compare them with spaces collapsed
+    summaries = {line.dest: line.help for line in subparsers._choices_actions}  # a command without help has none
+    assert sorted(summaries) == COMMAND_MODULES
+    for command, summary in summaries.items():
+        assert summary and f"{command} {summary}" in listed, command
+    for command in COMMAND_MODULES:
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0 and capsys.readouterr().out.startswith(f"usage: layerprune {command} ")
 
 
 def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
