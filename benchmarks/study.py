@@ -6,7 +6,12 @@
 Each cell (model, metric, ratio, healing) is computed once and cached as JSON under
 ``$LAYERPRUNE_CACHE/study/``; a re-run skips finished cells, so the study can run in parts. After
 every cell ``docs/RESULTS.md`` (or ``--results``) is rewritten from all cached cells, with the cells
-not yet run marked as such, and the plots are redrawn in the ``figures/`` folder beside it.
+not yet run marked as such, and the plots are redrawn in the ``figures/`` folder beside it. The full
+grid is written beside the report as ``RESULTS-cells.csv`` (one row per cell) and committed: where a
+model has no cached cells (a fresh machine), its rows come from that CSV, so ``--report-only``
+re-renders the report, the CSV and the per-model figures without the cache. The report reads like a
+results section: settings, one line per claim of docs/claims.md, one figure per model, then the
+full grid and the claims in full in appendices.
 
 Measured per cell: perplexity on the held-out wiki-sample test split (with its bootstrap interval),
 the offline zero-shot tasks through lm-eval (accuracy with its standard error, stability =
@@ -27,8 +32,10 @@ continues where the last one stopped. SmolLM2: 2.5 h over 110 distinct cells. Ge
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
 import functools
+import io
 import json
 import math
 import os
@@ -50,6 +57,7 @@ from layerprune.evaluation.harness import run_tasks
 from layerprune.evaluation.intervals import retained_difference, retained_performance
 from layerprune.evaluation.perplexity import dataset_perplexity
 from layerprune.evaluation.stability import stability_by_task
+from layerprune.models.aliases import MODEL_ALIASES
 from layerprune.models.lineage import versions
 from layerprune.outputs import write_bytes_atomic, write_json_atomic
 from layerprune.scoring import ScoreReport, rescorer, score
@@ -301,49 +309,201 @@ def _cells(name: str) -> dict[tuple[str, str, str], dict[str, Any]]:
     return cells
 
 
-def _cell_text(cells: dict[tuple[str, str, str], dict[str, Any]], metric: str, ratio: str, heal: str) -> str:
-    """One table cell: its measurements, "—" while it has not run, "n/a" where its healing does not apply."""
-    cell = cells.get((metric, ratio, heal))
-    if cell is None and heal in ("replace-layer", *REPAIRS):
-        unhealed = cells.get((metric, ratio, "none"))
-        removed = unhealed["removed"] if unhealed else None
-        applies = replacement_applies(metric, removed) if heal == "replace-layer" else repair_applies(heal, removed)
-        return "—" if applies else "n/a"
-    if cell is None:
-        return "—"
-    return (f"{cell['ppl']:.4g} / {_fmt(_mean(cell['accuracy']), '{:.3f}')} / "
-            f"{_fmt(_mean(cell.get('stability', {})), '{:.2f}')} / "
-            f"{cell['speedup']:.2f}× ({cell['ideal_speedup']:.2f}×)"
-            + (f" / RP {_retained_text(cell['retained'])}" if cell.get("retained") else "")
-            + (f" = {cell['same_as']}" if cell.get("same_as") else ""))
+Row = dict[str, Any]
+"""One grid cell as the report shows it and the CSV holds it: the columns of :data:`CSV_COLUMNS`."""
+Rows = dict[tuple[str, str, str], Row]
+UNPRUNED = ("unpruned", "0%", "none")
+"""The (metric, ratio, heal) key of a model's unpruned row: the baseline every cell is read against."""
+CSV_COLUMNS = ("model", "metric", "ratio", "heal", "status", "same_as", "layers", "removed", "ppl", "ppl_tokens",
+               "accuracy", "task_accuracy", "stability", "speedup", "ideal_speedup",
+               "rp", "rp_low", "rp_high", "rp_gain", "rp_gain_low", "rp_gain_high")
+"""The full grid's columns. ``status`` is "measured" or "n/a" (the healing does not apply to the cut);
+accuracy and stability are means over the tasks (``task_accuracy`` lists each task's, where known);
+rp is retained performance with its paired-bootstrap interval, rp_gain what the healing added to the
+unhealed cut's RP (paired interval). Cells not run have no row."""
+FLOAT_COLUMNS = frozenset({"ppl", "accuracy", "stability", "speedup", "ideal_speedup",
+                           "rp", "rp_low", "rp_high", "rp_gain", "rp_gain_low", "rp_gain_high"})
+INT_COLUMNS = frozenset({"layers", "ppl_tokens"})
 
 
-def healing_gain_table(cells: dict[tuple[str, str, str], dict[str, Any]], ratio: str,
-                       base: dict[str, Any]) -> list[str]:
+def results_csv(results: Path) -> Path:
+    """The full grid beside the report ``X.md``: ``X-cells.csv``. It is committed, so the report can be
+    re-rendered where the cache of cells is gone (the grid took 8.6 h to measure)."""
+    return results.with_name(f"{results.stem}-cells.csv")
+
+
+def _row(name: str, key: tuple[str, str, str], **values: Any) -> Row:
+    """A row with every column, those not given empty (None)."""
+    return dict.fromkeys(CSV_COLUMNS) | dict(zip(("model", "metric", "ratio", "heal"), (name, *key))) | values
+
+
+def cell_row(name: str, cell: dict[str, Any], base: dict[str, Any], unhealed: dict[str, Any] | None) -> Row:
+    """A measured cell as a row: the JSON's per-task dictionaries reduced to the means the tables show,
+    and the paired RP gain over ``unhealed`` computed here, while every example's answer is at hand
+    (the CSV keeps no answers)."""
+    key = (cell.get("metric", UNPRUNED[0]), cell.get("ratio", UNPRUNED[1]), cell.get("heal", UNPRUNED[2]))
+    row = _row(name, key, status="measured", same_as=cell.get("same_as"), layers=cell["layers"],
+               removed=cell.get("removed"), ppl=cell["ppl"], ppl_tokens=cell.get("ppl_tokens"),
+               accuracy=_mean(cell["accuracy"]), task_accuracy=cell["accuracy"],
+               stability=_mean(cell.get("stability", {})), speedup=cell.get("speedup"),
+               ideal_speedup=cell.get("ideal_speedup"))
+    if cell.get("retained"):
+        row.update(rp=cell["retained"]["mean"], rp_low=cell["retained"]["ci95"][0], rp_high=cell["retained"]["ci95"][1])
+    if key[2] != "none" and unhealed and unhealed.get("correct") and cell.get("correct") and base.get("correct"):
+        gain = retained_difference(base["correct"], cell["correct"], unhealed["correct"])
+        row.update(rp_gain=gain["mean"], rp_gain_low=gain["ci95"][0], rp_gain_high=gain["ci95"][1])
+    return row
+
+
+def cache_rows(name: str) -> Rows | None:
+    """``name``'s rows from its cached cells (None where it has none): the unpruned row, every measured
+    cell, and an "n/a" row for each healing that cannot apply to a finished unhealed cut."""
+    base_file = study_dir(name) / "unpruned.json"
+    if not base_file.exists():
+        return None
+    base, cells = json.loads(base_file.read_text()), _cells(name)
+    rows = {UNPRUNED: cell_row(name, base, base, None)}
+    for key, cell in cells.items():
+        rows[key] = cell_row(name, cell, base, cells.get((key[0], key[1], "none")))
+    for (metric, ratio, heal), cell in cells.items():
+        if heal != "none":
+            continue
+        for other in ("replace-layer", *REPAIRS):
+            applies = (replacement_applies(metric, cell["removed"]) if other == "replace-layer"
+                       else repair_applies(other, cell["removed"]))
+            if not applies and (metric, ratio, other) not in cells:
+                rows[metric, ratio, other] = _row(name, (metric, ratio, other), status="n/a")
+    return rows
+
+
+def provenance(args: argparse.Namespace) -> dict[str, str]:
+    """Where and how this run measured: the report's settings paragraph, kept in the CSV's header so
+    a report re-rendered elsewhere states the measuring machine, not its own."""
+    return {"date": dt.date.today().isoformat(), "machine": platform.machine(), "cores": str(os.cpu_count()),
+            "python": platform.python_version(), "versions": ", ".join(f"{k} {v}" for k, v in versions().items()),
+            **{key: str(getattr(args, key)) for key in (*SETTINGS, "heal_steps", "heal_rows")}}
+
+
+def _csv_value(value: Any) -> str:
+    """A row's value as CSV text: floats exactly (repr), layer lists space-separated, per-task
+    accuracies as ``task=value; ...``, missing values empty; :func:`_parse_value` reads them back."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    if isinstance(value, dict):
+        return "; ".join(f"{task}={'' if acc is None else repr(acc)}" for task, acc in value.items())
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _parse_value(column: str, text: str) -> Any:
+    """``column``'s CSV text back as the value the tables format (the inverse of :func:`_csv_value`)."""
+    if text == "":
+        return None
+    if column in FLOAT_COLUMNS:
+        return float(text)
+    if column in INT_COLUMNS:
+        return int(text)
+    if column == "removed":
+        return [int(layer) for layer in text.split()]
+    if column == "task_accuracy":
+        pairs = (item.split("=") for item in text.split("; "))
+        return {task: float(acc) if acc else None for task, acc in pairs}
+    return text
+
+
+def write_cells_csv(path: Path, meta: dict[str, str], rows: dict[str, Rows]) -> None:
+    """The full grid, one row per cell, under ``# key: value`` lines holding the settings (read it with
+    ``pandas.read_csv(path, comment="#")``). Floats are written exactly (repr), so a re-render from
+    the CSV prints what the cells would have."""
+    buffer = io.StringIO()
+    buffer.writelines(f"# {key}: {value}\n" for key, value in meta.items())
+    writer = csv.DictWriter(buffer, CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for model_rows in rows.values():
+        ordered = sorted(model_rows.values(), key=_grid_order)
+        writer.writerows({column: _csv_value(row[column]) for column in CSV_COLUMNS} for row in ordered)
+    write_bytes_atomic(path, buffer.getvalue().encode())
+
+
+def _grid_order(row: Row) -> tuple[int, int, int]:
+    """The unpruned row first, then metric, ratio and healing in the study's order: the CSV's rows do
+    not depend on the order the cache's files are listed in, so a re-render diffs clean."""
+    if row["metric"] == UNPRUNED[0]:
+        return -1, 0, 0
+    return list(METRICS).index(row["metric"]), RATIOS.index(row["ratio"]), HEALS.index(row["heal"])
+
+
+def read_cells_csv(path: Path) -> tuple[dict[str, str], dict[str, Rows]]:
+    """The settings and every model's rows of a CSV that :func:`write_cells_csv` wrote."""
+    lines = path.read_text().splitlines()
+    meta = dict(line[2:].split(": ", 1) for line in lines if line.startswith("# "))
+    rows: dict[str, Rows] = {}
+    for record in csv.DictReader(line for line in lines if not line.startswith("#")):
+        row = {column: _parse_value(column, record[column]) for column in CSV_COLUMNS}
+        rows.setdefault(row["model"], {})[row["metric"], row["ratio"], row["heal"]] = row
+    return meta, rows
+
+
+def report_rows(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, Rows]]:
+    """Every reported model's rows: from its cached cells where this machine has them, else from the
+    committed CSV (a fresh machine has no cache; the study cannot be re-run there in reasonable
+    time). A model with any cached cell is reported from its cache alone: a new measurement replaces
+    the committed rows instead of mixing with rows measured elsewhere (git keeps the old CSV). The
+    settings are this run's when any model came from the cache, else the CSV's."""
+    stored_meta, stored = read_cells_csv(results_csv(args.results)) if results_csv(args.results).exists() else ({}, {})
+    rows: dict[str, Rows] = {}
+    measured_here = False
+    for name in reported_models(args):
+        cached = cache_rows(name)
+        measured_here |= cached is not None
+        if cached is not None or name in stored:
+            rows[name] = cached if cached is not None else stored[name]
+    return (provenance(args) if measured_here or not stored_meta else stored_meta), rows
+
+
+def _measured(rows: Rows, key: tuple[str, str, str]) -> Row | None:
+    row = rows.get(key)
+    return row if row is not None and row["status"] == "measured" else None
+
+
+def _cell_text(rows: Rows, metric: str, ratio: str, heal: str) -> str:
+    """One table cell: its measurements, "—" while it has not run, "n/a" where its healing does not
+    apply (a replacement with an unfinished unhealed cut is judged by the metric's strategy)."""
+    row = rows.get((metric, ratio, heal))
+    if row is None:
+        return "n/a" if heal == "replace-layer" and not replacement_applies(metric) else "—"
+    if row["status"] == "n/a":
+        return "n/a"
+    return (f"{row['ppl']:.4g} / {_fmt(row['accuracy'], '{:.3f}')} / {_fmt(row['stability'], '{:.2f}')} / "
+            f"{row['speedup']:.2f}× ({row['ideal_speedup']:.2f}×)"
+            + (f" / RP {_interval_text(row, 'rp', '{:.2f}')}" if row["rp"] is not None else "")
+            + (f" = {row['same_as']}" if row["same_as"] else ""))
+
+
+def healing_gain_table(rows: Rows, ratio: str) -> list[str]:
     """Metric x healing at one ratio: how much RP each healing adds to the unhealed cut, with the
     paired interval of that difference (the same examples resampled for the unpruned, the unhealed
     and the healed model). A healing "helps" only where the interval excludes 0; overlapping RP
     intervals alone cannot say so."""
     heals = [heal for heal in HEALS if heal != "none"]
-    gains: dict[tuple[str, str], str] = {}
-    for metric in METRICS:
-        unhealed = cells.get((metric, ratio, "none"))
-        for heal in heals:
-            healed = cells.get((metric, ratio, heal))
-            if unhealed and healed and unhealed.get("correct") and healed.get("correct") and base.get("correct"):
-                gain = retained_difference(base["correct"], healed["correct"], unhealed["correct"])
-                low, high = gain["ci95"]
-                gains[metric, heal] = f"{gain['mean']:+.2f} [{low:+.2f}, {high:+.2f}]" + (" *" if low > 0 or high < 0 else "")
-    if not gains:
+
+    def entry(metric: str, heal: str) -> str | None:
+        row = _measured(rows, (metric, ratio, heal))
+        if row is None or row["rp_gain"] is None:
+            return None
+        separable = row["rp_gain_low"] > 0 or row["rp_gain_high"] < 0
+        return _interval_text(row, "rp_gain", "{:+.2f}") + (" *" if separable else "")
+
+    if not any(entry(metric, heal) for metric in METRICS for heal in heals):
         return []
     return [f"#### RP gained by healing at {ratio} (paired against the unhealed cut)", "",
             "Each cell: RP of the healed model minus RP of the same cut unhealed [paired-bootstrap 95% interval]; "
             "* = the interval excludes 0.", "",
-            *_metric_by_healing(cells, ratio, heals, lambda metric, heal: gains.get((metric, heal))), ""]
+            *_metric_by_healing(rows, ratio, heals, entry), ""]
 
 
-def _metric_by_healing(cells: dict[tuple[str, str, str], dict[str, Any]], ratio: str, heals: list[str],
-                       entry: Callable[[str, str], str | None]) -> list[str]:
+def _metric_by_healing(rows: Rows, ratio: str, heals: list[str], entry: Callable[[str, str], str | None]) -> list[str]:
     """A metric x healing table at ``ratio``: ``entry(metric, heal)`` where it gives a text; else "—"
     for a cell of an older run (it kept no answers), or "—"/"n/a" for a cell not run."""
     lines = ["| metric | " + " | ".join(heals) + " |", "|---|" + "---|" * len(heals)]
@@ -352,18 +512,19 @@ def _metric_by_healing(cells: dict[tuple[str, str, str], dict[str, Any]], ratio:
         for heal in heals:
             text = entry(metric, heal)
             if text is None:
-                text = "—" if (metric, ratio, heal) in cells else _cell_text(cells, metric, ratio, heal)
+                text = "—" if _measured(rows, (metric, ratio, heal)) else _cell_text(rows, metric, ratio, heal)
             row.append(text)
         lines.append(f"| {metric} | " + " | ".join(row) + " |")
     return lines
 
 
-def _retained_text(retained: dict[str, Any]) -> str:
-    low, high = retained["ci95"]
-    return f"{retained['mean']:.2f} [{low:.2f}, {high:.2f}]"
+def _interval_text(row: Row, column: str, pattern: str) -> str:
+    """``row[column]`` with its interval (columns ``column_low``, ``column_high``), as "m [low, high]"."""
+    low, high = row[f"{column}_low"], row[f"{column}_high"]
+    return f"{pattern.format(row[column])} [{pattern.format(low)}, {pattern.format(high)}]"
 
 
-def _mean(values: dict[str, float]) -> float | None:
+def _mean(values: dict[str, float | None]) -> float | None:
     numbers = [v for v in values.values() if v is not None]
     return sum(numbers) / len(numbers) if numbers else None
 
@@ -372,21 +533,23 @@ def _fmt(value: float | None, pattern: str = "{:.1f}") -> str:
     return "—" if value is None else pattern.format(value)
 
 
-def model_tables(name: str) -> str:
-    base_file = study_dir(name) / "unpruned.json"
-    if not base_file.exists():
+def model_tables(name: str, rows: Rows | None) -> str:
+    """``name``'s full grid: a metric x ratio table per healing, then per ratio the healings side by
+    side (RP) and what each adds to the unhealed cut."""
+    if rows is None:
         return f"### {name}\n\nNot run yet.\n"
-    base = json.loads(base_file.read_text())
-    cells = _cells(name)
+    base = rows[UNPRUNED]
     lines = [f"### {name}", "",
              f"Unpruned: {base['layers']} layers, held-out perplexity {base['ppl']:.2f} "
              f"({base['ppl_tokens']:,} tokens), zero-shot accuracy "
-             + ", ".join(f"{t} {_fmt(a, '{:.3f}')}" for t, a in base["accuracy"].items()) + ".", ""]
-    shown = [ratio for ratio in RATIOS if any(key[1] == ratio for key in cells)] or list(RATIOS)
+             + ", ".join(f"{t} {_fmt(a, '{:.3f}')}" for t, a in base["task_accuracy"].items()) + ".", ""]
+    shown = [ratio for ratio in RATIOS if any(key[1] == ratio for key in rows)] or list(RATIOS)
     for heal in HEALS:
-        rows = [(m, r) for m in METRICS for r in shown if (m, r, heal) in cells]
-        lines += [f"#### Healing: {heal}", "",
-                  "Each cell: held-out PPL / mean zero-shot accuracy / mean stability / decode speed-up "
+        lines += [f"#### Healing: {heal}", ""]
+        if not any(_measured(rows, (m, r, heal)) for m in METRICS for r in shown):
+            lines.append(f"No {heal} cell has run yet.\n")  # a table of dashes says no more
+            continue
+        lines += ["Each cell: held-out PPL / mean zero-shot accuracy / mean stability / decode speed-up "
                   "(measured, FLOP-ideal), then, where the cell kept every example's answer, retained performance "
                   "(RP: accuracy over the unpruned model's, averaged over tasks) with its paired-bootstrap 95% "
                   "interval; \"= m\": the same layers as metric m chose, measured once. — = not run yet"
@@ -396,67 +559,67 @@ def model_tables(name: str) -> str:
                      if heal in ("replace-linear", "merge") else "") + ".", "",
                   "| metric | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
         for metric in METRICS:
-            row = [_cell_text(cells, metric, ratio, heal) for ratio in shown]
-            lines.append(f"| {metric} | " + " | ".join(row) + " |")
+            lines.append(f"| {metric} | " + " | ".join(_cell_text(rows, metric, ratio, heal) for ratio in shown) + " |")
         lines.append("")
-        if not rows:
-            lines.append(f"No {heal} cell has run yet.\n")
     for ratio in shown:
-        lines += retained_table(cells, ratio) + healing_gain_table(cells, ratio, base)
+        lines += retained_table(rows, ratio) + healing_gain_table(rows, ratio)
     return "\n".join(lines)
 
 
-def retained_table(cells: dict[tuple[str, str, str], dict[str, Any]], ratio: str) -> list[str]:
+def retained_table(rows: Rows, ratio: str) -> list[str]:
     """Metric x healing at one ratio, each cell its retained performance with the interval, then its
     held-out perplexity: the one table that ranks the healings and repairs against each other.
     Empty where no cell of ``ratio`` kept its examples' answers (cells of older runs)."""
-    if not any(cell.get("retained") for key, cell in cells.items() if key[1] == ratio):
+    if not any(row["rp"] is not None for key, row in rows.items() if key[1] == ratio):
         return []
+
     def entry(metric: str, heal: str) -> str | None:
-        cell = cells.get((metric, ratio, heal))
-        return f"{_retained_text(cell['retained'])} / {cell['ppl']:.4g}" if cell and cell.get("retained") else None
+        row = _measured(rows, (metric, ratio, heal))
+        return f"{_interval_text(row, 'rp', '{:.2f}')} / {row['ppl']:.4g}" if row and row["rp"] is not None else None
 
     return [f"#### Retained performance at {ratio}, by healing", "",
             "Each cell: RP [95% interval] / held-out PPL; — = not run yet, n/a = the healing does not apply.", "",
-            *_metric_by_healing(cells, ratio, list(HEALS), entry), ""]
+            *_metric_by_healing(rows, ratio, list(HEALS), entry), ""]
 
 
-def draw_figures(folder: Path, names: list[str]) -> list[str]:
-    """Draw the ratio curves of every model in ``names`` and their importance profiles into
-    ``folder``; returns the file names written."""
+def ratio_curves_name(name: str) -> str:
+    return f"study-{file_stem(name)}-ratio-curves.png"
+
+
+IMPORTANCE_FIGURE = "study-importance-profiles.png"
+
+
+def draw_figures(folder: Path, rows: dict[str, Rows]) -> None:
+    """Draw each model's ratio curves from its rows (so a CSV suffices), and the models' importance
+    profiles where the cache holds their scores (a fresh machine keeps the committed drawing)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name in names:
-        cells = _cells(name)
-        if not cells:
+    for name, model_rows in rows.items():
+        heals = [heal for heal in HEALS if any(_measured(model_rows, (m, r, heal)) for m in METRICS for r in RATIOS)]
+        if not heals:
             continue
-        figure, axes = plt.subplots(2, len(HEALS), figsize=(4.2 * len(HEALS), 7), sharex=True,
-                                 sharey="row", squeeze=False)
-        for column, heal in enumerate(HEALS):
+        figure, axes = plt.subplots(2, len(heals), figsize=(4.2 * len(heals), 7), sharex=True,
+                                    sharey="row", squeeze=False)
+        for column, heal in enumerate(heals):
             for metric in METRICS:
-                done = [(int(r.rstrip("%")), cells[(metric, r, heal)]) for r in RATIOS if (metric, r, heal) in cells]
+                done = [(int(r.rstrip("%")), row) for r in RATIOS if (row := _measured(model_rows, (metric, r, heal)))]
                 if done:
                     ratios = [ratio for ratio, _ in done]
-                    axes[0][column].plot(ratios, [cell["ppl"] for _, cell in done], marker="o", label=metric)
-                    axes[1][column].plot(ratios, [_mean(cell["accuracy"]) for _, cell in done], marker="o",
-                                         label=metric)
+                    axes[0][column].plot(ratios, [row["ppl"] for _, row in done], marker="o", label=metric)
+                    axes[1][column].plot(ratios, [row["accuracy"] for _, row in done], marker="o", label=metric)
             axes[0][column].set(title=f"healing: {heal}", yscale="log", ylabel="held-out perplexity (log)")
             axes[1][column].set(xlabel="layers removed (%)", ylabel="zero-shot accuracy (mean)")
-            axes[1][column].axhline(_mean(json.loads((study_dir(name) / "unpruned.json").read_text())["accuracy"]),
-                                    color="grey", linestyle=":", label="unpruned")
+            axes[1][column].axhline(model_rows[UNPRUNED]["accuracy"], color="grey", linestyle=":", label="unpruned")
         axes[0][0].legend(fontsize=7, ncol=2)
         figure.suptitle(f"{name}: perplexity and accuracy vs removal ratio, by healing method")
         figure.tight_layout()
-        path = folder / f"study-{file_stem(name)}-ratio-curves.png"
-        figure.savefig(path, dpi=100)
+        figure.savefig(folder / ratio_curves_name(name), dpi=100)
         plt.close(figure)
-        written.append(path.name)
-    profiles = [(name, json.loads((study_dir(name) / "scores.json").read_text())) for name in names
+    profiles = [(name, json.loads((study_dir(name) / "scores.json").read_text())) for name in rows
                 if (study_dir(name) / "scores.json").exists()]
     if profiles:
         figure, axes = plt.subplots(2, len(profiles), figsize=(6 * len(profiles), 8), squeeze=False)
@@ -481,38 +644,71 @@ def draw_figures(folder: Path, names: list[str]) -> list[str]:
                                 title=f"{name}: importance rank (0 = removed first)")
             figure.colorbar(image, ax=axes[1][column], fraction=0.04)
         figure.tight_layout()
-        path = folder / "study-importance-profiles.png"
-        figure.savefig(path, dpi=110)
+        figure.savefig(folder / IMPORTANCE_FIGURE, dpi=110)
         plt.close(figure)
-        written.append(path.name)
-    return written
+
+
+def claim_rows() -> list[list[str]]:
+    """The cells of docs/claims.md's table, one list per paper: paper, main claim, verdict, headline
+    number [interval], the numbers in full."""
+    lines = CLAIMS.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| paper |")) + 2
+    table = [line for line in lines[start:] if line.startswith("| ")]
+    return [[part.strip() for part in line.strip("| ").split(" | ")] for line in table]
+
+
+def claims_section() -> list[str]:
+    """One line per claim: what the paper says, our verdict and the number behind it. The evidence in
+    full (docs/claims.md, written by hand from the tables and benchmarks) follows in the appendix."""
+    lines = ["## Claims", "",
+             "Each seed claim, the verdict on these two models and the measurement that decides it, with its "
+             "95% interval where the evaluation gives one (RP: retained performance on the four-task offline suite, "
+             "paired-bootstrap). The evidence behind each verdict is in the appendix.", "",
+             "| paper | claim | verdict | supporting number [95% interval] |", "|---|---|---|---|"]
+    lines += [f"| {paper} | {claim} | {verdict} | {headline} |" for paper, claim, verdict, headline, _ in claim_rows()]
+    return lines + [""]
 
 
 def write_report(args: argparse.Namespace) -> None:
+    """The report, paper-like: settings, one line per claim, one figure per model, then the full grid
+    in an appendix; and the grid as a CSV beside it, from which a machine without the cache re-renders
+    it all (see :func:`report_rows`)."""
+    meta, rows = report_rows(args)
     names = reported_models(args)
-    figures = draw_figures(args.results.parent / "figures", names)
-    done = sum(len(_cells(name)) for name in names)
+    folder = args.results.parent / "figures"
+    draw_figures(folder, rows)
+    write_cells_csv(results_csv(args.results), meta, rows)
+    done = sum(1 for model_rows in rows.values() for key in model_rows if key != UNPRUNED and _measured(model_rows, key))
+    models = "; ".join(f"`{name}` = {MODEL_ALIASES[name].description}" for name in names if name in MODEL_ALIASES)
+    in_docs = args.results.resolve().parent == CLAIMS.parent
     header = [
         "# Reproduction study", "",
-        f"Written by `python benchmarks/study.py` on {dt.date.today().isoformat()}; machine: "
-        f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs), Python {platform.python_version()}; versions: "
-        + ", ".join(f"{k} {v}" for k, v in versions().items()) + ".", "",
-        f"Settings: calibration {args.samples} x {args.seq_len} tokens of wiki-sample train; perplexity on the first "
-        f"{args.ppl_windows} windows of {args.seq_len} tokens of the held-out wiki-sample test split; zero-shot tasks "
-        f"{args.tasks} (first {args.task_limit} examples each, through lm-eval); healing {args.heal_steps} steps "
-        f"x {args.heal_rows} rows x {HEAL_SEQ_LEN} tokens of wiki-sample train (the toolkit's default learning "
-        f"rates). Cells finished: {done}.", "",
-        "Decode speed-ups: the pruned and the unpruned model decode in turns (64-token prompt, 32 new tokens, median "
-        "of 3 after a warm-up) on a shared 2-core CPU, so load changes hit both alike. Cells not run yet are "
-        "marked —; the study is resumable and fills them on the next run.", "",
+        f"Written by `python benchmarks/study.py` from cells measured up to {meta['date']} on {meta['machine']}, {meta['cores']} "
+        f"cores shared with other jobs, Python {meta['python']}; versions: {meta['versions']}. Models: {models}: "
+        "4-bit GGUF files de-quantized to float32, so every baseline here is the quantized model's, not the "
+        "original checkpoint's.", "",
+        f"Settings: calibration {meta['samples']} x {meta['seq_len']} tokens of wiki-sample train; perplexity on "
+        f"the first {meta['ppl_windows']} windows of {meta['seq_len']} tokens of the held-out wiki-sample test split; "
+        f"zero-shot tasks {meta['tasks']} (first {meta['task_limit']} examples each, through lm-eval); healing "
+        f"{meta['heal_steps']} steps x {meta['heal_rows']} rows x {HEAL_SEQ_LEN} tokens of wiki-sample train (the "
+        f"toolkit's default learning rates). Decode speed-ups: the pruned and the unpruned model decode in turns "
+        f"(64-token prompt, 32 new tokens, median of 3 after a warm-up), so load changes hit both alike. Cells "
+        f"finished: {done}.", "",
     ]
-    body = [model_tables(name) for name in names]
-    pictures = [f"![{name}](figures/{name})" for name in figures]
-    text = "\n".join(header + ["## Tables", ""] + body + ["## Figures", ""] + pictures + [""])
-    if CLAIMS.exists() and args.results.resolve().parent == CLAIMS.parent:
-        text += "\n" + CLAIMS.read_text()
+    claims = claims_section() if CLAIMS.exists() else []
+    figures = [f"![{name}: perplexity and accuracy against the removal ratio](figures/{ratio_curves_name(name)})"
+               for name in names if (folder / ratio_curves_name(name)).exists()]
+    figures += [f"![layer importance profiles](figures/{IMPORTANCE_FIGURE})"] if (folder / IMPORTANCE_FIGURE).exists() else []
+    appendix = ["## Appendix A: the full grid", "",
+                f"Every cell, one row each, is in [{results_csv(args.results).name}]({results_csv(args.results).name}) "
+                "(the report is rendered from it where the cells' cache is missing). Cells not run yet are marked —; "
+                "the study is resumable and fills them on the next run.", "",
+                *(model_tables(name, rows.get(name)) for name in names)]
+    text = "\n".join(header + claims + ["## Figures", "", *figures, ""] + appendix + [""])
+    if CLAIMS.exists() and in_docs:  # the claims in full: its heading becomes the appendix's
+        text += "\n## Appendix B: the claims in full\n" + CLAIMS.read_text().split("\n", 1)[1]
     elif CLAIMS.exists():  # its links are relative to docs/: a report elsewhere points to it instead
-        text += f"\nThe papers' claims beside these measurements: {CLAIMS.relative_to(ROOT)} (also at the end of docs/RESULTS.md).\n"
+        text += f"\nThe papers' claims in full, beside these measurements: {CLAIMS.relative_to(ROOT)} (also at the end of docs/RESULTS.md).\n"
     write_bytes_atomic(args.results, text.encode())
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -128,7 +129,8 @@ def test_training_free_repairs_are_study_cells_with_retained_performance(study, 
     heals = summary.split("| metric | ")[1].split(" |\n")[0].split(" | ")
     for heal, entry in zip(heals, bi_row):
         cell = done.get(f"bi_25_{heal}")
-        expected_entry = (f"{study._retained_text(cell['retained'])} / {cell['ppl']:.4g}" if cell
+        low, high = cell["retained"]["ci95"] if cell else (None, None)
+        expected_entry = (f"{cell['retained']['mean']:.2f} [{low:.2f}, {high:.2f}] / {cell['ppl']:.4g}" if cell
                           else "n/a" if heal in ("replace-linear", "merge", "replace-layer") else "—")
         assert entry.rstrip(" |") == expected_entry
     gains = text.split("#### RP gained by healing at 25%")[1]
@@ -136,3 +138,103 @@ def test_training_free_repairs_are_study_cells_with_retained_performance(study, 
     rescaled = study.retained_difference(base["correct"], done["bi_25_rescale"]["correct"],
                                          done["bi_25_none"]["correct"])
     assert f"{rescaled['mean']:+.2f} [{rescaled['ci95'][0]:+.2f}, {rescaled['ci95'][1]:+.2f}]" in bi_gains
+
+    # A fresh machine has no cache: --report-only renders the same report and CSV from the CSV alone,
+    # the paired RP gains included (the CSV keeps the gain, not the answers it came from).
+    grid = study.results_csv(results)
+    written, csv_text = results.read_text(), grid.read_text()
+    shutil.rmtree(tmp_path / "cache" / "study")
+    run(study, monkeypatch, model, results, "--metrics", "bi", "--ratios", "25%", "--report-only")
+    assert results.read_text() == written and grid.read_text() == csv_text
+
+
+def write_cell(folder: Path, stem: str, cell: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(cell))
+
+
+def test_the_grid_round_trips_through_its_csv(study, tmp_path, monkeypatch) -> None:
+    """Cells as the study caches them give the same tables as the CSV written from them does, and
+    the tables print what the cells hold (the format the committed tables were written in); no model
+    is loaded, the cells are made here."""
+    folder = tmp_path / "cells"
+    monkeypatch.setattr(study, "study_dir", lambda name: folder)
+    base_correct = {"t1": [1, 1, 0, 1, 1, 0, 1, 1], "t2": [0, 1, 1, 1, 0, 1, 1, 0]}
+    write_cell(folder, "unpruned", {"layers": 30, "removed": [], "ppl": 36.891, "ppl_tokens": 4080,
+                                    "accuracy": {"t1": 0.75, "t2": 0.625}, "correct": base_correct})
+
+    def cell(metric: str, heal: str, removed: list[int], ppl: float, correct: dict, **extra) -> dict:
+        return {"metric": metric, "ratio": "12%", "heal": heal, "layers": 30 - len(removed), "removed": removed,
+                "ppl": ppl, "ppl_tokens": 4080, "accuracy": {"t1": 0.73, "t2": 0.5}, "stability": {"t1": 0.87, "t2": 0.9},
+                "speedup": 1.3412, "ideal_speedup": 1.1234, "correct": correct,
+                "retained": study.retained_performance(base_correct, correct), **extra}
+
+    worse = {"t1": [1, 0, 0, 1, 1, 0, 1, 0], "t2": [0, 1, 0, 1, 0, 1, 1, 0]}
+    write_cell(folder, "bi_12_none", cell("bi", "none", [8, 9, 20, 21], 64.5512, worse))
+    write_cell(folder, "bi-iterative_12_none", cell("bi-iterative", "none", [8, 9, 20, 21], 64.5512, worse,
+                                                    same_as="bi"))
+    write_cell(folder, "bi_12_lora", cell("bi", "lora", [8, 9, 20, 21], 54.72, base_correct))
+    write_cell(folder, "magnitude-l1_12_none", cell("magnitude-l1", "none", [0, 1, 2, 3], 5.761e4, worse))
+    rows = study.cache_rows("toy")
+    tables = study.model_tables("toy", rows)
+
+    grid = tmp_path / "RESULTS-cells.csv"
+    study.write_cells_csv(grid, {"date": "2026-11-24"}, {"toy": rows})
+    meta, stored = study.read_cells_csv(grid)
+    assert meta == {"date": "2026-11-24"} and set(stored) == {"toy"}
+    assert study.model_tables("toy", stored["toy"]) == tables
+
+    retained = study.retained_performance(base_correct, worse)
+    rp = f"RP {retained['mean']:.2f} [{retained['ci95'][0]:.2f}, {retained['ci95'][1]:.2f}]"
+    assert f"| bi | 64.55 / 0.615 / 0.89 / 1.34× (1.12×) / {rp} |" in tables
+    assert f"| bi-iterative | 64.55 / 0.615 / 0.89 / 1.34× (1.12×) / {rp} = bi |" in tables
+    assert "Unpruned: 30 layers, held-out perplexity 36.89 (4,080 tokens), zero-shot accuracy t1 0.750, t2 0.625." in tables
+    gain = study.retained_difference(base_correct, base_correct, worse)
+    assert f"{gain['mean']:+.2f} [{gain['ci95'][0]:+.2f}, {gain['ci95'][1]:+.2f}]" in tables.split("#### RP gained")[1]
+    # magnitude-L1's cut starts at layer 0: nothing precedes it to fold into (n/a), while a rescale could run (—)
+    repairs = {heal: tables.split(f"#### Healing: {heal}")[1] for heal in ("replace-linear", "rescale")}
+    assert all(text.startswith("\n\nNo ") for text in repairs.values())  # no such cell ran: no table of dashes
+    side_by_side = tables.split("#### Retained performance at 12%, by healing")[1]
+    l1 = next(line for line in side_by_side.splitlines() if line.startswith("| magnitude-l1 |")).split(" | ")
+    heals = side_by_side.split("| metric | ")[1].split(" |\n")[0].split(" | ")
+    assert {heal: l1[1 + i].rstrip(" |") for i, heal in enumerate(heals) if heal in study.REPAIRS} == {
+        "replace-linear": "n/a", "rescale": "—", "merge": "n/a"}
+
+
+def test_report_reads_claims_then_figures_then_the_grid(study, tmp_path, monkeypatch) -> None:
+    """The report is a results section: settings with the models' quantization, one line per claim of
+    docs/claims.md, one figure per model, then the full grid; rendered here from a CSV alone."""
+    monkeypatch.setattr(study, "cache_rows", lambda name: None)  # no cache: the CSV is all there is
+    results = tmp_path / "docs" / "RESULTS.md"
+    results.parent.mkdir()
+    meta = {"date": "2026-11-24", "machine": "x86_64", "cores": "2", "python": "3.11.7", "versions": "torch 2.13.0",
+            "samples": "16", "seq_len": "256", "ppl_windows": "16", "task_limit": "100", "tasks": "lp_sentiment_rt",
+            "heal_steps": "20", "heal_rows": "4"}
+    rows = {}
+    for model in study.MODELS:
+        base = study._row(model, study.UNPRUNED, status="measured", layers=18, ppl=40.0, ppl_tokens=4080,
+                          accuracy=0.62, task_accuracy={"lp_sentiment_rt": 0.62})
+        cut = study._row(model, ("bi", "25%", "none"), status="measured", layers=14, ppl=495.3, accuracy=0.51,
+                         stability=0.15, speedup=1.41, ideal_speedup=1.12)
+        rows[model] = {study.UNPRUNED: base, ("bi", "25%", "none"): cut}
+    study.write_cells_csv(study.results_csv(results), meta, rows)
+    # the real claims, beside the report as docs/claims.md is beside docs/RESULTS.md
+    monkeypatch.setattr(study, "CLAIMS", Path(shutil.copy(study.CLAIMS, results.parent / "claims.md")))
+    monkeypatch.setattr(sys, "argv", ["study.py", "--report-only", "--results", str(results)])
+    assert study.main() == 0
+    text = results.read_text()
+
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings == ["## Claims", "## Figures", "## Appendix A: the full grid", "## Appendix B: the claims in full"]
+    assert "from cells measured up to 2026-11-24 on x86_64" in text  # the measuring machine, not this one
+    assert "GGUF Q4_1 de-quantized" in text and "GGUF Q4_K_M de-quantized" in text
+    claims = text.split("## Claims")[1].split("## Figures")[0]
+    papers = study.claim_rows()
+    assert len(papers) >= 9 and all(f"| {paper} | {claim} | {verdict} | {headline} |" in claims
+                                    for paper, claim, verdict, headline, _ in papers)
+    figures = text.split("## Figures")[1].split("## Appendix A")[0]
+    for model in study.MODELS:
+        assert f"(figures/{study.ratio_curves_name(model)})" in figures
+        assert (results.parent / "figures" / study.ratio_curves_name(model)).stat().st_size
+    appendix = text.split("## Appendix A: the full grid")[1]
+    assert "[RESULTS-cells.csv](RESULTS-cells.csv)" in appendix and "| bi | 495.3 / 0.510 / 0.15 / 1.41× (1.12×) |" in appendix
