@@ -3,9 +3,10 @@
     python docs/gen_api.py
 
 The reference is generated (signatures and docstrings of everything in ``layerprune.__all__``,
-then every registered metric, healing method, selection strategy and sampling with the table of
-its options, read from their declarations) so it cannot drift from the code; a test checks that
-the committed file is current.
+then the calibration config and every registered metric, healing method, repair, selection strategy
+and sampling with the table of its options, read from their declarations) so it cannot drift from
+the code; a test checks that the committed file is current. It also writes the JSON Schema of
+``layerprune.json`` into the package and into ``docs/schemas/``.
 """
 
 from __future__ import annotations
@@ -15,15 +16,18 @@ import sys
 from pathlib import Path
 
 import layerprune
-from layerprune.data.calibration import SAMPLINGS
+from layerprune.data.calibration import SAMPLINGS, CalibrationConfig
 from layerprune.healing import HEALERS
 from layerprune.healing.base import TrainingOptions
+from layerprune.models.provenance import SCHEMA_DIR, write_schemas
 from layerprune.options import options_table, unit_options
 from layerprune.registry import Registry
+from layerprune.repair import REPAIRS
 from layerprune.scoring import METRICS
 from layerprune.selection import STRATEGIES
 
 TARGET = Path(__file__).with_name("api.md")
+DOCS_SCHEMA_DIR = Path(__file__).with_name("schemas")
 
 
 def render() -> str:
@@ -47,8 +51,11 @@ def render_units() -> list[str]:
     lines = ["# Registered units and their options", "",
              "Each option is a keyword argument of the API function, a key of the recipe section and a "
              "command-line flag, with the same default everywhere.", ""]
+    lines += ["## Calibration: the data every data-driven stage reads (`calibration` in a recipe)", "",
+              *options_table(CalibrationConfig), ""]
     lines += ["## Healing: options every method takes", "", *options_table(TrainingOptions), ""]
     sections: list[tuple[str, Registry]] = [("Metrics (`score`)", METRICS), ("Healing methods (`heal`)", HEALERS),
+                                            ("Training-free repairs (`repair`, `prune --compensate`)", REPAIRS),
                                             ("Selection strategies (`select`)", STRATEGIES),
                                             ("Samplings (`build_calibration`)", SAMPLINGS)]
     for title, registry in sections:
@@ -62,6 +69,8 @@ def render_units() -> list[str]:
 def main() -> int:
     TARGET.write_text(render())
     print(f"wrote {TARGET}")
+    for folder in (SCHEMA_DIR, DOCS_SCHEMA_DIR):  # the package's copy and the docs' copy of the record's schema
+        print(f"wrote {write_schemas(folder)}")
     return 0
 
 

@@ -50,7 +50,9 @@ def heal(loaded: LoadedModel, method: str, data: str | Path | TrainingSet, *,
                               text_field=training.text_field)
     outcome = healer.run(loaded, rows, settings, teacher)
     gather_for_export(outcome.loaded.model)
-    entry: dict[str, Any] = {"method": method, "summary": outcome.summary, "data": settings.data}
+    rows_drawn = {"source": settings.data, "rows": int(rows.input_ids.shape[0]), "seq_len": training.seq_len,
+                  "seed": training.seed, "sampling": training.sampling}
+    entry: dict[str, Any] = {"method": method, "summary": outcome.summary, "data": rows_drawn}
     if healer.trains:  # a training-free repair took no steps: its rows and statistics are under "repairs"
         entry.update({
             "steps": training.steps,

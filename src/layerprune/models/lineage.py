@@ -11,13 +11,12 @@ loader can import it to read a checkpoint's lineage without an import cycle.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Protocol
 
-from layerprune.errors import UsageError
+from layerprune.models.provenance import checked_record, read_record
 
 PROVENANCE_FILE = "layerprune.json"
 
@@ -38,10 +37,7 @@ def read_lineage(folder: Path | None) -> dict[str, Any]:
     (an original model) or no folder at all (a hub id)."""
     if folder is None or not (folder / PROVENANCE_FILE).is_file():
         return {}
-    try:
-        return json.loads((folder / PROVENANCE_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        raise UsageError(f"{folder / PROVENANCE_FILE} is unreadable; delete or fix it") from None
+    return read_record(folder / PROVENANCE_FILE)
 
 
 def count_parameters(model: Any) -> int:
@@ -110,7 +106,8 @@ def final_record(loaded: WithLineage, recipe: dict[str, Any] | None = None) -> d
 
 def describe_result(lineage: dict[str, Any], num_layers: int, parameters: int, model_type: str,
                     recipe: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``layerprune.json`` record of an exported model with the given lineage."""
+    """The ``layerprune.json`` record of an exported model with the given lineage, checked against
+    :class:`~layerprune.models.provenance.ProvenanceRecord` (so every writer writes the one schema)."""
     record = dict(lineage)
     record.update(
         num_layers=num_layers,
@@ -120,4 +117,4 @@ def describe_result(lineage: dict[str, Any], num_layers: int, parameters: int, m
         versions=versions(),
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
-    return record
+    return checked_record(record)

@@ -1,0 +1,125 @@
+"""``layerprune.json``: the typed, versioned record every exported checkpoint carries.
+
+The lineage a model gathers while it is pruned, repaired and healed is checked against
+:class:`ProvenanceRecord` before it is written, so the file always has the same shape and a
+``format_version``; its JSON Schema ships in the package (``layerprune/schemas/``, written by
+:func:`write_schemas`) for readers that do not import layerprune. A record older than
+``format_version`` (written before the field existed) reads as version 1: its shape was the same.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from layerprune.errors import UsageError
+
+FORMAT_VERSION = 1
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMA_FILE = "layerprune.schema.json"
+
+
+class _Record(BaseModel):
+    """A part of the record: typed where layerprune relies on the key, open to keys it adds later."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ReplacedBlock(_Record):
+    """Original layers ``[start, end)`` replaced by one trained module."""
+
+    start: int = Field(ge=0)
+    end: int = Field(ge=1)
+    kind: str
+    note: str = ""
+
+
+class HealingEntry(_Record):
+    """One healing (or training-free repair as a healing step), in the order they ran."""
+
+    method: str
+    summary: str
+    data: dict[str, Any] = Field(description="what it trained or calibrated on (source, split, sizes)")
+    trainable_parameters: int = Field(ge=0)
+    train_seconds: float = Field(ge=0)
+
+
+class RepairEntry(_Record):
+    """One training-free repair: the method, its options, its calibration and each repaired run."""
+
+    method: str
+    options: dict[str, Any]
+    data: dict[str, Any]
+    runs: list[dict[str, Any]]
+    summary: str
+    seconds: float = Field(ge=0)
+    statistics_seconds: float = Field(default=0.0, ge=0)
+
+
+class ProvenanceRecord(BaseModel):
+    """What ``layerprune.json`` holds: the source, the removed layers in the original numbering, every
+    replacement, repair and healing, and the versions and date of the export."""
+
+    model_config = ConfigDict(extra="forbid", title="layerprune.json")
+
+    format_version: int = Field(default=FORMAT_VERSION, ge=1, le=FORMAT_VERSION)
+    source_model: str
+    original_num_layers: int = Field(ge=1)
+    original_parameters: int = Field(ge=0)
+    kept_layers: list[int] = Field(description="original indices of the layers the model holds, in order")
+    removed_layers: list[int] = Field(description="original indices of the removed layers, sorted")
+    replaced_blocks: list[ReplacedBlock] = []
+    healing: list[HealingEntry] = []
+    repairs: list[RepairEntry] = []
+    reason: str | None = None
+    recipe: dict[str, Any] | None = None
+    num_layers: int = Field(ge=1)
+    parameters: int = Field(ge=0)
+    model_type: str
+    versions: dict[str, str]
+    date: str
+
+
+def checked_record(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` validated as a :class:`ProvenanceRecord`, as the JSON it is written as (with
+    ``format_version``); a record that does not fit is a bug in the writer, so it raises."""
+    return ProvenanceRecord.model_validate(record).model_dump(mode="json")
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """The lineage in ``path`` (a ``layerprune.json``), refused with the fix if it is not one this
+    version can read; a record from before ``format_version`` reads as version 1."""
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise UsageError(f"{path} is unreadable; delete or fix it") from None
+    if not isinstance(document, dict):
+        raise UsageError(f"{path} is not a layerprune.json record (not a mapping); delete or fix it")
+    version = document.get("format_version", FORMAT_VERSION)
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise UsageError(f"{path} has format_version {version}, newer than this layerprune reads "
+                         f"({FORMAT_VERSION}); upgrade layerprune")
+    try:
+        ProvenanceRecord.model_validate(document)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"]) or "the record"
+        raise UsageError(f"{path} is not a valid layerprune.json record ({where}: {problem['msg']}); delete or "
+                         "fix it") from None
+    return document
+
+
+def schema_text() -> str:
+    """The JSON Schema of ``layerprune.json``, as shipped."""
+    return json.dumps(ProvenanceRecord.model_json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+def write_schemas(folder: Path = SCHEMA_DIR) -> Path:
+    """Write the shipped schema (run by ``python docs/gen_api.py``; a test keeps it current)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / SCHEMA_FILE
+    target.write_text(schema_text())
+    return target
