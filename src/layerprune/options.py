@@ -125,13 +125,23 @@ def _config_options(config_class: type[BaseModel]) -> list[Option]:
         if not info.description:
             raise TypeError(f"option {config_class.__name__}.{name} has no help sentence")
         choices = meta.get("choices")
+        reader = next((item.read for item in info.metadata if isinstance(item, Parse)), None)
         declared.append(Option(
             name=name, annotation=hints[name], default=info.get_default(call_default_factory=True),
             help=info.description, flag=str(meta.get("flag", "--" + name.replace("_", "-"))),
             choices=tuple(choices) if isinstance(choices, list) else None, minimum=meta.get("min"),
-            maximum=meta.get("max"), metavar=meta.get("metavar"),
+            maximum=meta.get("max"), parse=reader, metavar=meta.get("metavar"),
         ))
     return declared
+
+
+@dataclass(frozen=True)
+class Parse:
+    """How a :class:`Config` field's flag text becomes its value, for types argparse cannot read
+    (``ppl: Annotated[tuple[str, ...], Parse(comma_list)] = option((), "...")``); the dataclass
+    options' ``"parse"`` metadata. Kept in the type's metadata, out of the JSON Schema."""
+
+    read: Callable[[str], Any]
 
 
 def option(default: Any, help: str, *, flag: str | None = None, minimum: float | None = None,

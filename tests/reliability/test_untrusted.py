@@ -53,6 +53,28 @@ def test_remote_code_runs_when_asked(remote_code_dir: tuple[Path, Path], cli: Cl
     assert f'"num_layers": {TINY_LAYERS}' in result.stdout
 
 
+@pytest.mark.parametrize("opt_in", ["trust_remote_code", "allow_pickle"])
+def test_a_recipe_cannot_grant_itself_the_right_to_run_code(remote_code_dir: tuple[Path, Path], cli: Cli,
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            opt_in: str) -> None:
+    """A downloaded folder: a model whose config names its own Python, and a recipe beside it that asks for
+    the right to run it. Only the flag of the person running the recipe grants that."""
+    folder, marker = remote_code_dir
+    (folder / "recipe.yaml").write_text(f"model: .\nload:\n  {opt_in}: true\nscore: {{metrics: [magnitude-l1]}}\n")
+    monkeypatch.chdir(folder)
+    before = snapshot(folder)
+    assert_refused(cli("run", "recipe.yaml", "--out", tmp_path / "run"), "recipe.yaml line 3", opt_in,
+                   "--" + opt_in.replace("_", "-"))
+    with pytest.raises(UsageError, match=f"asks for {opt_in}"):
+        lp.run_recipe(folder / "recipe.yaml", tmp_path / "run")
+    assert not marker.exists(), "the folder's Python file was imported"
+    assert snapshot(folder) == before and not (tmp_path / "run").exists()
+    if opt_in == "trust_remote_code":  # granted by the person running it, the same recipe runs the model's code
+        result = cli("run", "recipe.yaml", "--out", tmp_path / "run", "--trust-remote-code")
+        assert result.code == 0, result.stderr
+        assert marker.read_text() == "ran"
+
+
 def test_yaml_is_read_with_the_safe_loader(tmp_path: Path) -> None:
     yamlfile = pytest.importorskip("layerprune.recipes.yamlfile")
     marker = tmp_path / "yaml-ran-code"

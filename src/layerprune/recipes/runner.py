@@ -154,11 +154,30 @@ class Recipe:
         return hashlib.sha256((self.text + "\0" + self.model).encode()).hexdigest()[:16]
 
 
-def load_recipe(path: str | Path, model: str | None = None, allowed_paths: list[Path] | None = None) -> Recipe:
-    """Read and validate ``path``; ``model`` (e.g. from ``--model``) overrides the recipe's model."""
+OPT_INS = {"trust_remote_code": "--trust-remote-code", "allow_pickle": "--allow-pickle"}
+"""The ``load`` keys that let a model run code (its own Python; pickle weights), each with the flag of
+``layerprune run`` by which the person running the recipe grants it."""
+
+
+def check_opt_ins(values: dict[str, Any], lines: dict[KeyPath, int], file: Path, granted: set[str]) -> None:
+    """Refuse a recipe that asks for a right only the person running it may grant: a file someone else
+    wrote must never let a model's own code run (the flag or keyword ``granted`` must say so)."""
+    load = values.get("load")
+    for key, flag in OPT_INS.items():
+        if isinstance(load, dict) and load.get(key) and key not in granted:
+            raise UsageError(f"{file} line {lines.get(('load', key), '?')}: the recipe asks for {key}, which only "
+                             f"the person running it can grant; pass {flag} to layerprune run ({key}=True to "
+                             "run_recipe) if you trust this model, or remove the key")
+
+
+def load_recipe(path: str | Path, model: str | None = None, allowed_paths: list[Path] | None = None,
+                granted: set[str] | frozenset[str] = frozenset()) -> Recipe:
+    """Read and validate ``path``; ``model`` (e.g. from ``--model``) overrides the recipe's model.
+    ``granted`` names the opt-ins of :data:`OPT_INS` the caller grants."""
     file = Path(path).expanduser()
     values, lines = read_yaml(file)
     check_section(values, TOP_LEVEL, file=file, lines=lines, path=())
+    check_opt_ins(values, lines, file, set(granted))
     check_recipe_paths(values, lines, file, allowed_paths or [])
     fields = _section_fields()
     sections = {
@@ -469,9 +488,16 @@ def preflight(recipe: Recipe, out: Path) -> None:
 
 def run_recipe(path: str | Path, out: str | Path, *, model: str | None = None, resume: bool = False,
                overwrite: bool = False, allowed_paths: list[Path] | None = None,
+               trust_remote_code: bool = False, allow_pickle: bool = False,
                log: Callable[[str], None] = print) -> Path:
-    """Run every stage of the recipe at ``path`` into the folder ``out``; returns the folder."""
-    recipe = load_recipe(path, model, allowed_paths)
+    """Run every stage of the recipe at ``path`` into the folder ``out``; returns the folder.
+
+    A recipe may ask for ``load: {trust_remote_code: true}`` or ``allow_pickle``, but only the caller
+    grants them (``trust_remote_code``, ``allow_pickle``; on the command line the flags): a recipe is
+    someone else's file and must not let a model run code on its own say-so."""
+    granted = {key for key, given in (("trust_remote_code", trust_remote_code), ("allow_pickle", allow_pickle))
+               if given}
+    recipe = load_recipe(path, model, allowed_paths, granted)
     # existing: _open_run_folder decides between resuming, overwriting and refusing
     target = check_output_path(out, overwrite=True, protected=recipe_inputs(recipe))
     preflight(recipe, target)

@@ -17,6 +17,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, metavar="FOLDER", help="run folder (recipe, scores, model/, evaluation)")
     parser.add_argument("--allow-path", action="append", default=[], metavar="DIR",
                         help="let the recipe read files under DIR (besides its own folder and the working directory)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let the recipe's load: {trust_remote_code: true} run the model's own Python code "
+                             "(refused without this flag)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="let the recipe's load: {allow_pickle: true} load pickle weights, which can run code "
+                             "(refused without this flag)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     mode.add_argument("--overwrite", action="store_true", help="delete --out and start again")
@@ -25,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     folder = run_recipe(args.recipe, args.out, model=args.model, resume=args.resume, overwrite=args.overwrite,
-                         allowed_paths=[Path(p) for p in args.allow_path])
+                         allowed_paths=[Path(p) for p in args.allow_path], trust_remote_code=args.trust_remote_code,
+                         allow_pickle=args.allow_pickle)
     print(f"run finished: {folder}")
     return 0
