@@ -2,40 +2,44 @@
 
 The consistency tests walk every option of every registered unit, so a unit added later is
 checked without a new test; each compares the three places against the declaration read
-directly with ``dataclasses.fields`` (not through :mod:`layerprune.options`).
+directly from the pydantic fields (``model_fields``, not through :mod:`layerprune.options`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from dataclasses import dataclass, field
+import inspect
 from pathlib import Path
+from typing import Annotated
 
 import pytest
+from pydantic_core import PydanticUndefined
 
 from layerprune.cli.main import build_parser, main
-from layerprune.data.calibration import SAMPLINGS
+from layerprune.data.calibration import SAMPLINGS, CalibrationConfig, build_calibration
 from layerprune.errors import OptionError, UsageError
 from layerprune.healing import HEALERS
 from layerprune.healing.base import TrainingOptions
 from layerprune.healing.heal import heal_settings
-from layerprune.options import add_option_flags, build_options, given_options, options_table
-from layerprune.recipes.runner import _heal_options, _section_fields, load_recipe
+from layerprune.repair import REPAIRS
+from layerprune.options import Config, Parse, add_option_flags, build_options, given_options, option, options_table
+from layerprune.recipes.runner import _heal_options, _repair_options, _section_fields, load_recipe
 from layerprune.scoring import METRICS, score
 from layerprune.scoring.base import metric_options
+from layerprune.search import search
 from layerprune.selection import STRATEGIES
 from tests.helpers import tiny_loaded
 from tests.scoring.references import rows_with_padding
 
-UNIT_REGISTRIES = {"metric": METRICS, "healing method": HEALERS, "strategy": STRATEGIES, "sampling": SAMPLINGS}
+UNIT_REGISTRIES = {"metric": METRICS, "healing method": HEALERS, "repair": REPAIRS, "strategy": STRATEGIES,
+                   "sampling": SAMPLINGS}
 
 
 def declared(options_class: type | None) -> dict[str, object]:
-    """Option name -> default, straight from the dataclass."""
+    """Option name -> default, straight from the pydantic fields."""
     if options_class is None:
         return {}
-    return {f.name: f.default for f in dataclasses.fields(options_class)}
+    return {name: info.default for name, info in options_class.model_fields.items()}
 
 
 def subcommand(name: str) -> argparse.ArgumentParser:
@@ -52,9 +56,9 @@ def test_every_unit_option_has_a_type_a_default_and_help() -> None:
     for kind, registry in UNIT_REGISTRIES.items():
         for name in registry.names():
             options_class = getattr(registry.get(name), "options_class", None)
-            for item in dataclasses.fields(options_class) if options_class else ():
-                assert item.default is not dataclasses.MISSING, f"{kind} {name}: {item.name} has no default"
-                assert item.metadata.get("help"), f"{kind} {name}: {item.name} has no help"
+            for field_name, info in options_class.model_fields.items() if options_class else ():
+                assert info.default is not PydanticUndefined, f"{kind} {name}: {field_name} has no default"
+                assert info.description, f"{kind} {name}: {field_name} has no help"
 
 
 @pytest.mark.parametrize("method", HEALERS.names())
@@ -62,8 +66,7 @@ def test_heal_flag_default_equals_api_default_equals_recipe_default(method: str,
     defaults = {**declared(TrainingOptions), **declared(HEALERS.get(method).options_class)}
     # API: heal() with no options
     api = heal_settings(method, "wiki-sample")
-    api_values = {**dataclasses.asdict(api.training),
-                  **(dataclasses.asdict(api.options) if api.options is not None else {})}
+    api_values = {**api.training.model_dump(), **(api.options.model_dump() if api.options is not None else {})}
     assert api_values == defaults
     # CLI: each flag shows the declared default, and a run without the flag passes nothing
     parser = subcommand("heal")
@@ -76,7 +79,7 @@ def test_heal_flag_default_equals_api_default_equals_recipe_default(method: str,
             shown = ("on" if default else "off") if isinstance(default, bool) else str(default)
             assert f"(default: {shown})" in action.help, (name, action.help)
     cli = heal_settings(method, "d", checkpoint_dir=tmp_path, **given_options(args, TrainingOptions))
-    assert dataclasses.asdict(cli.training) == dataclasses.asdict(api.training)
+    assert cli.training == api.training
     # recipe: every option is an optional key, and a recipe that leaves it out gets the declaration
     keys = _section_fields()["heal"]
     assert all(name in keys and not keys[name].required for name in defaults)
@@ -84,7 +87,7 @@ def test_heal_flag_default_equals_api_default_equals_recipe_default(method: str,
     recipe_file.write_text(f"model: m\nheal: {{method: {method}, data: d}}\n")
     options = _heal_options(load_recipe(recipe_file), tmp_path)
     recipe = heal_settings(**options)
-    assert dataclasses.asdict(recipe.training) == dataclasses.asdict(api.training)
+    assert recipe.training == api.training
     assert recipe.options == api.options
 
 
@@ -107,6 +110,44 @@ def test_metric_flag_default_equals_api_default_equals_recipe_default(metric: st
         assert resolved[name] == default
         assert getattr(args, name) == default, f"--{name} of score"
         assert name in keys and not keys[name].required
+
+
+@pytest.mark.parametrize("repair", REPAIRS.names())
+def test_repair_flag_default_equals_api_default_equals_recipe_default(repair: str, tmp_path: Path) -> None:
+    """prune --compensate's flags, a recipe's repair section and compensate()'s defaults are the declaration."""
+    method = REPAIRS.get(repair)
+    defaults = declared(method.options_class)
+    parser = subcommand("prune")
+    for name, default in defaults.items():
+        action = flag_action(parser, "--" + name.replace("_", "-"))
+        assert action.dest == name and f"(default: {default})" in action.help, (name, action.help)
+    keys = _section_fields()["repair"]
+    assert all(name in keys and not keys[name].required for name in defaults)
+    from_recipe = _repair_options({"method": repair})
+    assert from_recipe["options"] is None  # compensate() then builds the declaration's defaults
+    if method.options_class is not None:
+        assert method.options_class().model_dump() == defaults
+        first, default = next(iter(defaults.items()))
+        with pytest.raises(OptionError) as raised:  # a recipe's value is checked like the flag's
+            _repair_options({"method": repair, first: "x" if not isinstance(default, str) else 1})
+        assert raised.value.name == first
+
+
+def test_calibration_flag_default_equals_api_default_equals_recipe_default(tmp_path: Path) -> None:
+    defaults = declared(CalibrationConfig)
+    assert defaults["samples"] == 64 and defaults["seq_len"] == 256  # one default: the command line's
+    for command in ("score", "prune", "search"):
+        args = subcommand(command).parse_args(["--model", "m", *(["--out", "o"] if command != "score" else [])])
+        assert given_options(args, CalibrationConfig) == defaults, command
+    api = inspect.signature(build_calibration).parameters
+    assert {name: api[name].default for name in defaults} == defaults
+    search_api = inspect.signature(search).parameters
+    assert {name: search_api["data" if name == "source" else name].default for name in defaults} == defaults
+    keys = _section_fields()["calibration"]
+    assert set(keys) == set(defaults) and not any(spec.required for spec in keys.values())
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("model: m\nscore: {metrics: [bi]}\n")
+    assert CalibrationConfig(**load_recipe(recipe_file).sections["calibration"]).model_dump() == defaults
 
 
 def test_unknown_options_are_refused_naming_the_unit_and_its_options() -> None:
@@ -134,14 +175,15 @@ def test_precision_speaks_the_dtype_vocabulary() -> None:
                                        "--precision", "fp32"])
 
 
-@dataclass(frozen=True)
-class ToyOptions:
-    size: int = field(default=3, metadata={"help": "how many", "min": 1})
-    share: float = field(default=0.5, metadata={"help": "a share", "min": 0.0, "max": 1.0})
-    mode: str = field(default="a", metadata={"help": "which mode", "choices": ("a", "b")})
-    loud: bool = field(default=False, metadata={"help": "say more"})
-    span: tuple[int, int] | None = field(default=None, metadata={
-        "help": "two numbers", "parse": lambda text: tuple(int(x) for x in text.split("-")), "flag": "--range"})
+class ToyOptions(Config):
+    unit = "toy"
+
+    size: int = option(3, "how many", minimum=1)
+    share: float = option(0.5, "a share", minimum=0.0, maximum=1.0)
+    mode: str = option("a", "which mode", choices=("a", "b"))
+    loud: bool = option(False, "say more")
+    span: Annotated[tuple[int, int] | None, Parse(lambda text: tuple(int(x) for x in text.split("-")))] = option(
+        None, "two numbers", flag="--range")
 
     def check(self) -> None:
         if self.mode == "b" and self.size > 5:

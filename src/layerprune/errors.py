@@ -24,6 +24,12 @@ class OptionError(UsageError):
         self.name, self.flag, self.problem = name, flag, problem
         super().__init__(self.render(name))
 
+    @classmethod
+    def about(cls, name: str, problem: str) -> OptionError:
+        """The error for option ``name`` whose flag is the usual ``--name-with-dashes``; ``problem`` follows
+        the option's name and never repeats it (``"must be at least 1, got 0"``)."""
+        return cls(name, "--" + name.replace("_", "-"), problem)
+
     def render(self, label: str) -> str:
         """The message with the option called ``label``."""
         return f"{label} {self.problem}"

@@ -1,24 +1,21 @@
-"""Typed options: one declaration per registered unit, read by the CLI, the recipes, the API and the docs.
+"""Typed options: one declaration per stage and per registered unit, read by the CLI, the recipes, the
+API and the docs.
 
-A registered unit (metric, healing method, selection strategy, sampling) that takes options names
-a plain frozen dataclass in its class attribute ``options_class``::
+A pipeline stage's options (e.g. :class:`~layerprune.data.CalibrationConfig`) and a registered unit's
+own options (a metric, healing method, repair or strategy names its class in ``options_class``) are a
+:class:`Config`: a frozen pydantic model whose fields are declared with :func:`option`::
 
-    @dataclass(frozen=True)
-    class LoRAOptions:
-        lora_rank: int = field(default=16, metadata={"help": "adapter rank", "min": 1})
+    class LoRAOptions(DistillOptions):
+        lora_rank: int = option(16, "adapter rank r (alpha = 2r)", minimum=1)
 
-Each field has a type, a default and ``metadata={"help": "one sentence"}``; optional metadata keys
-are ``"choices"`` (a tuple), ``"min"``/``"max"`` (inclusive bounds), ``"flag"`` (a custom flag
-name), ``"parse"`` (turns the flag's text into the value, for types argparse cannot read) and
-``"metavar"``. Cross-field rules go in an optional ``check(self)`` method. This module turns the
-declaration into argparse flags, validated instances and Markdown tables, so an option is written
-once and its default is the same on the command line, in a recipe and in Python. (Recipe keys
-are built from it by :func:`layerprune.recipes.schema.option_fields`.)
-
-A pipeline stage's options are a :class:`Config` instead: a frozen pydantic model whose fields are
-declared with :func:`option` (the same metadata). It is read the same way (flags, recipe keys,
-tables), and it validates itself whenever it is built, whatever built it: a flag, a recipe key or a
-keyword argument is checked by the same :meth:`Option.check`, and a bad value raises an
+Each field has a type, a default and one help sentence; optionally ``choices``, ``minimum`` /
+``maximum`` (inclusive), ``flag`` (a custom flag name) and ``metavar``, and, for flag texts argparse
+cannot read, a :class:`Parse` in the type's ``Annotated`` metadata. Cross-field rules go in
+``check(self)``. This module turns the declaration into argparse flags, validated instances and
+Markdown tables, so an option is written once and its default is the same on the command line, in a
+recipe and in Python (recipe keys: :func:`layerprune.recipes.schema.option_fields`). A config
+validates itself whenever it is built, whatever built it: a flag, a recipe key or a keyword argument
+is checked by the same :meth:`Option.check`, and a bad value raises an
 :class:`~layerprune.errors.OptionError` that each front-end words as its own.
 """
 
@@ -32,9 +29,9 @@ import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 from pydantic_core import PydanticUndefined
 
 from layerprune.errors import OptionError, UsageError
@@ -87,31 +84,11 @@ class Option:
         raise OptionError(self.name, self.flag, problem)
 
 
-def options_of(options_class: type | None) -> list[Option]:
-    """The options ``options_class`` (a frozen dataclass or a :class:`Config`) declares (none for
-    ``None``), in declaration order."""
+def options_of(options_class: type[Config] | None) -> list[Option]:
+    """The options ``options_class`` declares (none for ``None``), in declaration order."""
     if options_class is None:
         return []
-    if isinstance(options_class, type) and issubclass(options_class, BaseModel):
-        return _config_options(options_class)
-    hints = typing.get_type_hints(options_class)
-    declared = []
-    for item in dataclasses.fields(options_class):
-        if item.default is not dataclasses.MISSING:
-            default = item.default
-        elif item.default_factory is not dataclasses.MISSING:
-            default = item.default_factory()
-        else:
-            raise TypeError(f"option {options_class.__name__}.{item.name} has no default; every option needs one")
-        if "help" not in item.metadata:
-            raise TypeError(f"option {options_class.__name__}.{item.name} has no help sentence")
-        meta = item.metadata
-        declared.append(Option(
-            name=item.name, annotation=hints[item.name], default=default, help=meta["help"],
-            flag=meta.get("flag", "--" + item.name.replace("_", "-")), choices=meta.get("choices"),
-            minimum=meta.get("min"), maximum=meta.get("max"), parse=meta.get("parse"), metavar=meta.get("metavar"),
-        ))
-    return declared
+    return _config_options(options_class)
 
 
 def _config_options(config_class: type[BaseModel]) -> list[Option]:
@@ -165,12 +142,15 @@ class Config(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _check_given(cls, values: Any) -> Any:
+    def _check_given(cls, values: Any, info: ValidationInfo) -> Any:
+        """Each given value against its declaration; ``build_options`` passes the unit a message names
+        (a method sharing a base's options, e.g. ``lora`` for :class:`DistillOptions`)."""
+        unit = (info.context or {}).get("unit", cls.unit)
         if isinstance(values, dict):
             declared = {option.name: option for option in options_of(cls)}
-            refuse_unknown(values, declared, unit=cls.unit)
+            refuse_unknown(values, declared, unit=unit)
             for name, value in values.items():
-                declared[name].check(value, cls.unit)
+                declared[name].check(value, unit)
         return values
 
     @model_validator(mode="after")
@@ -182,39 +162,25 @@ class Config(BaseModel):
         """Rules between options (none by default): raise a :class:`UsageError` naming them and the fix."""
 
 
-def unit_options(unit: Any) -> type | None:
+ConfigT = TypeVar("ConfigT", bound=Config)
+
+
+def unit_options(unit: Any) -> type[Config] | None:
     """The options class a registered unit (class or instance) declares, or ``None``."""
     return getattr(unit, "options_class", None)
 
 
-def build_options(options_class: type, values: Mapping[str, Any], *, unit: str) -> Any:
-    """``values`` (keyword arguments, recipe keys) as a checked ``options_class`` instance.
+def build_options(options_class: type[ConfigT], values: Mapping[str, Any], *, unit: str) -> ConfigT:
+    """``values`` (keyword arguments, recipe keys) as a checked ``options_class`` instance, its messages
+    naming ``unit`` (a method that shares a base's options names itself, not the base).
 
     An unknown name is refused with the options ``unit`` does take; every value is checked against
     its declaration, then the class's own ``check()`` (rules between options) runs.
     """
-    if issubclass(options_class, Config):
-        try:
-            return options_class(**values)
-        except ValidationError as error:  # a value its declaration let through but pydantic could not convert
-            raise UsageError(f"{unit}: {error.errors()[0]['msg']}; fix its value") from None
-    declared = {option.name: option for option in options_of(options_class)}
-    refuse_unknown(values, declared, unit=unit)
-    for name, value in values.items():
-        declared[name].check(value, unit)
-    instance = options_class(**values)
-    check = getattr(instance, "check", None)
-    if callable(check):
-        check()
-    return instance
-
-
-def check_declared(instance: Any, unit: str) -> None:
-    """Check every field of an options instance against its declaration (type, choices, range): for
-    instances built directly in Python (``ReplaceLinearOptions(ridge=-1)``), which skip
-    :func:`build_options`."""
-    for option in options_of(type(instance)):
-        option.check(getattr(instance, option.name), unit)
+    try:
+        return options_class.model_validate(dict(values), context={"unit": unit})
+    except ValidationError as error:  # a value its declaration let through but pydantic could not convert
+        raise UsageError(f"{unit}: {error.errors()[0]['msg']}; fix its value") from None
 
 
 def refuse_unknown(values: Iterable[str], allowed: Iterable[str], *, unit: str) -> None:
@@ -328,7 +294,7 @@ def type_name(annotation: Any) -> str:
     if origin in LIST_ORIGINS or annotation in (list, tuple):
         args = typing.get_args(annotation)
         return f"list of {type_name(args[0])}" if args else "list"
-    if origin is dict or annotation is dict or _is_settings_class(annotation):
+    if origin is dict or annotation is dict or _is_settings(annotation):
         return "mapping"
     if origin is typing.Literal:
         return " or ".join(repr(arg) for arg in typing.get_args(annotation))
@@ -351,7 +317,7 @@ def matches(value: Any, annotation: Any) -> bool:
         if not isinstance(value, (list, tuple)):
             return False
         return all(matches(item, args[0]) for item in value) if args else True
-    if origin is dict or annotation is dict or _is_settings_class(annotation):
+    if origin is dict or annotation is dict or _is_settings(annotation):
         return isinstance(value, dict)
     if annotation is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -364,6 +330,7 @@ def matches(value: Any, annotation: Any) -> bool:
     return True
 
 
-def _is_settings_class(annotation: Any) -> bool:
-    """A dataclass or pydantic model: what a recipe writes as a nested mapping."""
+def _is_settings(annotation: Any) -> bool:
+    """A config or a plain settings dataclass an API function takes (e.g. a search's drop rule): what a
+    recipe writes as a nested mapping."""
     return dataclasses.is_dataclass(annotation) or (isinstance(annotation, type) and issubclass(annotation, BaseModel))

@@ -26,7 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from layerprune.errors import UsageError
+from layerprune.errors import OptionError, UsageError
 
 
 # Files whose presence marks a folder as one layerprune wrote: a saved model's provenance, a run
@@ -139,7 +139,8 @@ def check_output_path(out: str | Path, *, overwrite: bool, protected: Iterable[s
     recover_interrupted(target)
     if target.exists() or target.is_symlink():
         if not overwrite:
-            raise UsageError(f"output {target} already exists; choose a new path or pass --overwrite")
+            raise OptionError.about("overwrite", f"is off and the output {target} already exists; choose a new path "
+                                                 "or turn it on")
         if not target.is_dir():
             raise UsageError(f"output {target} exists and is not a folder; choose another path")
         if not (is_layerprune_folder(target) or not any(target.iterdir())):
@@ -188,7 +189,8 @@ def check_output_file(path: str | Path, *, overwrite: bool, protected: Iterable[
         raise UsageError(f"{flag} {target} is a folder; give a file name such as {target / 'results.json'}")
     if target.exists():
         if not overwrite:
-            raise UsageError(f"{target} already exists; choose a new path or pass --overwrite")
+            raise OptionError.about("overwrite", f"is off and {target} already exists; choose a new path or turn it "
+                                                 "on")
         if not target.is_file() or not is_layerprune_file(target):
             raise UsageError(f"{flag} {target} is {NOT_OURS}")
     _check_writable_parent(target)
@@ -434,7 +436,7 @@ def atomic_file(path: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     block finishes without error; readers never see half a file."""
     target = Path(path).expanduser()
     if target.exists() and not overwrite:
-        raise UsageError(f"{target} already exists; choose a new path or pass --overwrite")
+        raise OptionError.about("overwrite", f"is off and {target} already exists; choose a new path or turn it on")
     with writing():
         target.parent.mkdir(parents=True, exist_ok=True)
         recover_interrupted(target)

@@ -147,9 +147,9 @@ def test_padded_instruction_rows_heal() -> None:
     [("partial-ft", dict(steps=0), "steps must be at least 1"),
      ("partial-ft", dict(train_layers=9), "exceeds the model's 4 layers"),
      ("replace-ffn", dict(distill=True), "not available for replace-ffn"),
-     ("lora", dict(distill_weight=2.0), "distill-weight"),
+     ("lora", dict(distill_weight=2.0), "^distill_weight must be at most 1"),
      ("lora", dict(batch_size=4, samples=2), "at least the batch size"),
-     ("partial-ft", dict(checkpoint_every=5), "--checkpoint-dir"),
+     ("partial-ft", dict(checkpoint_every=5), "^checkpoint_dir is needed to checkpoint"),
      ("no-such", {}, "choose one of"),
      ("qlora", {}, "qlora needs")],
 )

@@ -155,7 +155,7 @@ def test_run_replays_the_pipeline_and_resumes_after_a_failure(tiny_setup: Path, 
     assert list(state["stages"]) == ["score", "prune", "heal"]
     healed_weights = (out / "model" / "model.safetensors").read_bytes()
 
-    with pytest.raises(UsageError, match="--resume"):
+    with pytest.raises(UsageError, match="^overwrite is off .* resume it"):
         run_recipe(tiny_setup, out, log=lambda _: None)
     monkeypatch.setattr(runner, "STAGES", tuple(s if s.name != "eval" else runner.Stage("eval", "eval", real_eval)
                                                 for s in runner.STAGES))
@@ -222,7 +222,7 @@ PREFLIGHT_RECIPE = {
                                                                 "check the path"]),
         ("calibration", "calibration: {source: corpus.txt, samples: 0}", ["line 2:", "calibration.samples must be at least 1"]),
         ("score", "score: {metrics: [bii]}", ["line 3:", "unknown metric 'bii'", "choose one of:"]),
-        ("select", "select: {remove: two}", ["line 4:", "cannot read --remove 'two'", "give a layer count"]),
+        ("select", "select: {remove: two}", ["line 4:", "select.remove 'two' cannot be read", "give a layer count"]),
         ("select", "select: {remove: 6}", ["line 4:", "would remove all 6 layers", "keep at least one"]),
         ("select", "select: {remove: 120%}", ["line 4:", "must be more than 0 and less than all layers"]),
         ("select", "select: {remove: 2, metric: angular}", ["line 4:", "metric 'angular' was not scored",
@@ -232,12 +232,12 @@ PREFLIGHT_RECIPE = {
                                                                   "choose one of: "]),
         ("heal", "heal: {method: partial-ft, data: gone.jsonl}", ["line 5:", "data file gone.jsonl does not exist"]),
         ("heal", "heal: {method: partial-ft, data: corpus.txt, train_layers: 5}",
-         ["line 5:", "--train-layers 5 exceeds the model's 4 layers", "choose 1..4"]),
+         ["line 5:", "heal.train_layers 5 exceeds the model's 4 layers", "choose 1..4"]),
         ("heal", "heal: {method: partial-ft, data: corpus.txt, steps: 0}", ["line 5:", "steps must be at least 1"]),
         ("eval", "eval: {seq_len: 32}", ["line 6:", "nothing to evaluate", "pass --ppl"]),
         ("eval", "eval: {ppl: [gone.txt]}", ["line 6:", "unknown perplexity data 'gone.txt'",
                                              "the path of an existing text file"]),
-        ("load", "load: {gguf_file: ../outside.gguf}", ["line 7:", "must be a file name inside the --model folder"]),
+        ("load", "load: {gguf_file: ../outside.gguf}", ["line 7:", "load.gguf_file '../outside.gguf' must be a file name inside the model folder"]),
     ],
     ids=["missing model", "missing calibration file", "zero samples", "unknown metric", "malformed remove",
          "remove all layers", "remove over 100%", "metric not scored", "unknown strategy", "unknown heal method",
@@ -276,5 +276,5 @@ def test_checks_that_need_the_layer_count_wait_for_a_model_without_a_local_confi
                                           "select: {remove: 99}\n"))
     runner.preflight(recipe, tmp_path / "out")
     recipe.sections["select"]["remove"] = "0%"
-    with pytest.raises(UsageError, match="line 3: --remove 0% must be more than 0"):
+    with pytest.raises(UsageError, match="line 3: select.remove 0% must be more than 0"):
         runner.preflight(recipe, tmp_path / "out")

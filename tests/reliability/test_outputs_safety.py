@@ -59,7 +59,8 @@ def swallowing_cases(model: Path, corpus: Path, tmp: Path) -> dict[str, list[str
     original = tmp / "original"
     original.mkdir()
     (original / "config.json").write_text("{}")
-    (model / "layerprune.json").write_text(json.dumps({"source_model": str(original)}))
+    record = json.loads((Path(__file__).parents[1] / "fixtures" / "layerprune-before-format-version.json").read_text())
+    (model / "layerprune.json").write_text(json.dumps({**record, "source_model": str(original)}))
     return {
         "prune into the model's parent": ["prune", "--model", model, "--layers", "1", "--out", model.parent],
         "prune onto a symlink to the model": ["prune", "--model", model, "--layers", "1", "--out", link],

@@ -97,7 +97,7 @@ def test_a_gguf_file_name_cannot_leave_the_model_folder(tmp_path: Path, cli: Cli
     (tmp_path / "models").mkdir()
     (tmp_path / "outside.gguf").write_bytes(b"GGUF")
     assert_refused(cli("info", "--model", tmp_path / "models", "--gguf-file", name),
-                   "must be a file name inside the --model folder")
+                   "--gguf-file", "must be a file name inside the model folder")
 
 
 @pytest.mark.parametrize("layers", [TINY_LAYERS + 2, TINY_LAYERS - 1])

@@ -121,7 +121,7 @@ def test_device_map_auto_loads_and_scores_like_a_plain_load(tmp_path: Path, monk
 
 def test_unknown_device_map_is_refused_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", "--model", str(tmp_path / "missing"), "--device-map", "everywhere"]) == 2
-    assert "unknown device map 'everywhere'" in capsys.readouterr().err
+    assert "--device-map 'everywhere' is unknown" in capsys.readouterr().err
 
 
 def test_score_streaming_equals_score_in_memory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

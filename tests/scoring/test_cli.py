@@ -92,7 +92,7 @@ def test_data_free_metrics_run_without_data(tiny_dir: Path, tmp_path: Path, caps
 @pytest.mark.parametrize(("args", "message"), [
     (["score", "--metrics", "bi,nope"], "unknown metric 'nope'"),
     (["score", "--metrics", "bi", "--remove", "6"], "remove all 6 layers"),
-    (["score", "--metrics", "bi", "--remove", "many"], "cannot read --remove"),
+    (["score", "--metrics", "bi", "--remove", "many"], "--remove 'many' cannot be read"),
     (["score", "--metrics", "bi", "--strategy", "consecutive"], "--remove"),
     (["score", "--metrics", "bi", "--seq-len", "1"], "--seq-len"),
     (["score", "--metrics", "bi,ppl", "--select-by", "taylor", "--remove", "1"], "--select-by taylor"),

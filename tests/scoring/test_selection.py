@@ -21,8 +21,8 @@ def test_remove_counts_and_shares(remove: str | int, layers: int, expected: int)
 
 
 @pytest.mark.parametrize(("remove", "message"), [
-    ("0", "more than 0"), ("6", "remove all 6"), ("5%", "removes no layer"), ("95%", "remove all 6"), ("2.5", "cannot read"),
-    ("a quarter", "cannot read"), ("100%", "less than all"), ("-1", "cannot read"),
+    ("0", "more than 0"), ("6", "remove all 6"), ("5%", "removes no layer"), ("95%", "remove all 6"), ("2.5", "cannot be read"),
+    ("a quarter", "cannot be read"), ("100%", "less than all"), ("-1", "cannot be read"),
 ])
 def test_bad_remove_values_say_how_to_fix_them(remove: str, message: str) -> None:
     with pytest.raises(UsageError, match=message):

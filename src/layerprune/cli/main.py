@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             transformers_logging.disable_progress_bar()
         return int(args.run(args) or 0)
     except OptionError as error:  # named by its flag here, by its keyword in Python, by its key in a recipe
-        return _refuse(args.command, error.render(error.flag))
+        return _refuse(args.command, error.render(_flag_or_name(parser, args.command, error)))
     except UsageError as error:
         return _refuse(args.command, error)
     except OSError as error:
@@ -124,6 +124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"layerprune {args.command}: interrupted; outputs were left as they were\n")
         return EXIT_INTERRUPTED
+
+
+def _flag_or_name(parser: argparse.ArgumentParser, command: str, error: OptionError) -> str:
+    """The option's flag where this command has it; otherwise (an option a recipe's stage set, under
+    ``layerprune run``) its name, as the recipe writes it."""
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    flags = {flag for action in commands.choices[command]._actions for flag in action.option_strings}
+    return error.flag if error.flag in flags else error.name
 
 
 def _refuse(command: str, error: Exception | str) -> int:

@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from layerprune.data.rows import CalibrationSet
 from layerprune.data.sources import load_texts, source_key
 from layerprune.data.store import cached_tokens, tokenizer_fingerprint
-from layerprune.errors import UsageError
+from layerprune.errors import OptionError, UsageError
 from layerprune.options import Config, option
 from layerprune.registry import Registry
 
@@ -70,8 +70,8 @@ def token_stream(tokenizer: PreTrainedTokenizerBase, source: str | Path, split: 
 def text_per_window(seq_len: int, prefix: Sequence[int]) -> int:
     """Text tokens in a window of ``seq_len`` that starts with ``prefix``; refuses a window with none."""
     if len(prefix) >= seq_len:
-        raise UsageError(f"--seq-len {seq_len} leaves no room for text after the tokenizer's {len(prefix)} "
-                         f"start token(s); use --seq-len {len(prefix) + 1} or more")
+        raise OptionError.about("seq_len", f"{seq_len} leaves no room for text after the tokenizer's {len(prefix)} "
+                                           f"start token(s); use {len(prefix) + 1} or more")
     return seq_len - len(prefix)
 
 
@@ -203,8 +203,8 @@ DEFAULT_CALIBRATION = CalibrationConfig()
 def check_context(seq_len: int, max_positions: int | None) -> None:
     """Refuse windows longer than the model's context (``max_positions``) before any text is read."""
     if max_positions is not None and seq_len > max_positions:
-        raise UsageError(f"--seq-len {seq_len} is longer than the model's context of {max_positions} tokens; "
-                         f"use --seq-len {max_positions} or less")
+        raise OptionError.about("seq_len", f"{seq_len} is longer than the model's context of {max_positions} "
+                                           f"tokens; use {max_positions} or less")
 
 
 def calibrate(tokenizer: PreTrainedTokenizerBase, config: CalibrationConfig = DEFAULT_CALIBRATION, *,

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from layerprune.data.calibration import SAMPLINGS
-from layerprune.errors import UsageError
+from layerprune.errors import OptionError, UsageError
 from layerprune.healing.data import TrainingSet
 from layerprune.models.loading import LoadedModel
+from layerprune.options import Config, option
 from layerprune.registry import Registry
 
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -26,8 +27,7 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 supports it and float32 everywhere else."""
 
 
-@dataclass(frozen=True)
-class TrainingOptions:
+class TrainingOptions(Config):
     """The options every healing method shares: training data, schedule, checkpoints, precision.
 
     ``checkpoint_every`` defaults to a quarter of the steps wherever a checkpoint folder is given
@@ -35,32 +35,29 @@ class TrainingOptions:
     its work; without a folder there is nothing to write and no checkpoint is taken.
     """
 
-    steps: int = field(default=100, metadata={"help": "optimizer steps", "min": 1})
-    batch_size: int = field(default=8, metadata={"help": "global batch: sequences per step", "min": 1})
-    lr: float | None = field(default=None, metadata={
-        "help": "peak learning rate (default: the method's own, see its docs)"})
-    seq_len: int = field(default=256, metadata={"help": "tokens per training sequence", "min": 1})
-    samples: int | None = field(default=None, metadata={
-        "help": "training sequences to draw (default: steps x batch size, so no sequence repeats; for a "
-                "training-free repair, which takes no steps, 64 as for score's calibration)", "min": 1})
-    seed: int = field(default=0, metadata={"help": "data sampling and batch order seed"})
-    sampling: str = field(default="random", metadata={
-        "help": "how training windows are drawn from a text source (as for score's calibration data)",
-        "choices": tuple(SAMPLINGS.names())})
-    text_field: str | None = field(default=None, metadata={
-        "help": "the field holding the text in a JSON/CSV/hub dataset"})
-    checkpoint_every: int | None = field(default=None, metadata={
-        "help": "checkpoint every N steps, 0 = never (default: a quarter of the steps when there is a checkpoint "
-                "folder)", "min": 0})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
-    precision: str = field(default="auto", metadata={
-        "help": "training precision: auto (bfloat16 on capable GPUs, else float32), float32 or bfloat16",
-        "choices": PRECISIONS})
+    unit = "healing"
+
+    steps: int = option(100, "optimizer steps", minimum=1)
+    batch_size: int = option(8, "global batch: sequences per step", minimum=1)
+    lr: float | None = option(None, "peak learning rate (default: the method's own, see its docs)")
+    seq_len: int = option(256, "tokens per training sequence", minimum=1)
+    samples: int | None = option(None, "training sequences to draw (default: steps x batch size, so no sequence "
+                                 "repeats; for a training-free repair, which takes no steps, 64 as for score's "
+                                 "calibration)", minimum=1)
+    seed: int = option(0, "data sampling and batch order seed")
+    sampling: str = option("random", "how training windows are drawn from a text source (as for score's calibration "
+                           "data)", choices=SAMPLINGS.names())
+    text_field: str | None = option(None, "the field holding the text in a JSON/CSV/hub dataset")
+    checkpoint_every: int | None = option(None, "checkpoint every N steps, 0 = never (default: a quarter of the steps "
+                                          "when there is a checkpoint folder)", minimum=0)
+    gradient_checkpointing: bool = option(False, "trade compute for activation memory")
+    precision: str = option("auto", "training precision: auto (bfloat16 on capable GPUs, else float32), float32 or "
+                            "bfloat16", choices=PRECISIONS)
 
     def check(self) -> None:
         """Rules between options, refused before any model or data is loaded."""
         if self.lr is not None and self.lr <= 0:
-            raise UsageError(f"learning rate must be positive, got {self.lr}")
+            raise OptionError.about("lr", f"must be positive, got {self.lr}")
         if self.samples is not None and self.samples < self.batch_size:
             raise UsageError(f"samples ({self.samples}) must be at least the batch size ({self.batch_size})")
 
@@ -70,18 +67,16 @@ class TrainingOptions:
         return self.samples if self.samples is not None else self.steps * self.batch_size
 
 
-@dataclass(frozen=True)
-class DistillOptions:
+class DistillOptions(Config):
     """Knowledge distillation from the unpruned model, for the methods whose loss is next-token loss."""
 
-    distill: bool = field(default=False, metadata={"help": "add KL to the unpruned model's logits to the loss"})
-    distill_weight: float = field(default=0.5, metadata={"help": "KL share of the loss, 1 = KL only",
-                                                         "min": 0.0, "max": 1.0})
-    distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the KL term"})
+    distill: bool = option(False, "add KL to the unpruned model's logits to the loss")
+    distill_weight: float = option(0.5, "KL share of the loss, 1 = KL only", minimum=0.0, maximum=1.0)
+    distill_temperature: float = option(1.0, "softmax temperature of the KL term")
 
     def check(self) -> None:
         if self.distill_temperature <= 0:
-            raise UsageError(f"distill-temperature must be positive, got {self.distill_temperature}")
+            raise OptionError.about("distill_temperature", f"must be positive, got {self.distill_temperature}")
 
 
 @dataclass(frozen=True)
@@ -100,7 +95,8 @@ class HealSettings:
     def check(self) -> None:
         """Refuse checkpointing settings that have nowhere to write."""
         if (self.resume or self.training.checkpoint_every) and self.checkpoint_dir is None:
-            raise UsageError("checkpointing and --resume need a checkpoint folder; pass --checkpoint-dir")
+            raise OptionError.about("checkpoint_dir", "is needed to checkpoint or resume: name a folder for the "
+                                                      "checkpoints")
 
     @property
     def checkpoint_interval(self) -> int:
@@ -117,8 +113,8 @@ class HealSettings:
     def fingerprint(self) -> dict[str, Any]:
         """The settings that must not change between an interrupted run and its resumption."""
         values = {"method": self.method, "data": self.data,
-                  **{k: v for k, v in dataclasses.asdict(self.training).items() if k != "checkpoint_every"},
-                  **(dataclasses.asdict(self.options) if self.options is not None else {})}
+                  **{k: v for k, v in self.training.model_dump().items() if k != "checkpoint_every"},
+                  **(self.options.model_dump() if self.options is not None else {})}
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
 
 

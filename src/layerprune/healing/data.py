@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from layerprune.data import TrainingSet, build_calibration, load_instructions
-from layerprune.errors import UsageError
+from layerprune.errors import OptionError, UsageError
 
 IGNORE_INDEX = -100
 _INSTRUCTION_KEYS = {"instruction", "output"}
@@ -59,7 +59,8 @@ def instruction_rows(tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, 
         labels.append(targets + [IGNORE_INDEX] * padding)
     label_tensor = torch.tensor(labels)
     if not (label_tensor != IGNORE_INDEX).any():
-        raise UsageError(f"no response token fits in --seq-len {seq_len} for {description}; raise --seq-len")
+        raise OptionError.about("seq_len", f"{seq_len} leaves no room for a response token of {description}; "
+                                           "raise it")
     return TrainingSet(torch.tensor(rows), torch.tensor(masks), label_tensor, description)
 
 
@@ -72,8 +73,8 @@ def load_training_data(tokenizer: PreTrainedTokenizerBase, source: str | Path | 
         return source
     if is_instruction_file(source):
         if sampling != "random":
-            raise UsageError(f"--sampling {sampling} applies to text data; {source} is an instruction file, which "
-                             "gives one row per example; drop --sampling")
+            raise OptionError.about("sampling", f"{sampling} applies to text data; {source} is an instruction file, "
+                                                "which gives one row per example; leave sampling unset")
         examples = load_instructions(source)[:samples]
         return instruction_rows(tokenizer, [(e.prompt, e.response) for e in examples], seq_len, str(source))
     calibration = build_calibration(tokenizer, str(source), split="train", samples=samples,

@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from layerprune.errors import UsageError
+from layerprune.errors import OptionError, UsageError
 from layerprune.healing.base import HealSettings
 from layerprune.models.export import keep_export_state
 from layerprune.outputs import atomic_file
@@ -122,7 +122,7 @@ def check_resumable(settings: HealSettings, fingerprint: dict[str, Any]) -> None
         return
     path = Path(settings.checkpoint_dir or ".") / STATE_FILE
     if not path.is_file():
-        raise UsageError(f"--resume was given but {path} does not exist; run without --resume to start afresh")
+        raise OptionError.about("resume", f"was asked for but {path} does not exist; start afresh without it")
     saved = torch.load(path, map_location="cpu", weights_only=True)["fingerprint"]
     changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
     if changed:

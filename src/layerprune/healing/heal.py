@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from layerprune.errors import UsageError
+from layerprune.errors import OptionError, UsageError
 from layerprune.healing.base import HEALERS, HealSettings, TrainingOptions
 from layerprune.healing.data import TrainingSet, load_training_data
 from layerprune.healing.engine import check_resumable, gather_for_export
@@ -106,14 +106,16 @@ def resolve_original(loaded: LoadedModel, original: str | Path | LoadedModel | N
     if original is None and not pruned:
         if HEALERS.get(settings.method).rebuilds_from_original:
             return loaded
-        raise UsageError("this model has no pruning lineage (layerprune.json), so the unpruned teacher is unknown; "
-                         "pass the original model with --original")
+        raise OptionError.about("original", "is needed: this model has no pruning lineage (layerprune.json), so the "
+                                            "unpruned teacher is unknown; name the original model")
     source = original if original is not None else loaded.lineage.get("source_model")
     if source is None:
-        raise UsageError("the pruned model's layerprune.json names no source_model; pass the original with --original")
+        raise OptionError.about("original", "is needed: the pruned model's layerprune.json names no source_model; "
+                                            "name the original model")
     parameter = next(loaded.model.parameters())
     dtype = parameter.dtype if parameter.dtype in (torch.float32, torch.bfloat16, torch.float16) else "auto"
     try:
         return load_model(source, dtype=dtype, device=str(parameter.device))
     except UsageError as error:
-        raise UsageError(f"cannot load the original model {source!r} ({error}); pass it with --original") from None
+        raise OptionError.about("original", f"is needed: the original model {source!r} cannot be loaded ({error}); "
+                                            "name where it is") from None

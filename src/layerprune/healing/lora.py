@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import tempfile
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,14 +23,14 @@ from layerprune.healing.data import TrainingSet
 from layerprune.healing.engine import TrainReport
 from layerprune.healing.objectives import distill_note, fit_language_model
 from layerprune.models.loading import LoadedModel
+from layerprune.options import option
 
 if TYPE_CHECKING:
     from peft import LoraConfig
 
 
-@dataclass(frozen=True)
 class LoRAOptions(DistillOptions):
-    lora_rank: int = field(default=16, metadata={"help": "adapter rank r (alpha = 2r)", "min": 1})
+    lora_rank: int = option(16, "adapter rank r (alpha = 2r)", minimum=1)
 
 
 def lora_config(loaded: LoadedModel, options: LoRAOptions) -> LoraConfig:

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from layerprune.errors import UsageError
+from layerprune.errors import OptionError, UsageError
 from layerprune.healing.base import HEALERS, DistillOptions, Healer, HealOutcome, HealSettings
 from layerprune.healing.data import TrainingSet
 from layerprune.healing.objectives import distill_note, fit_language_model
 from layerprune.models.loading import LoadedModel
+from layerprune.options import option
 
 
 def unfreeze_head_and_last_layers(loaded: LoadedModel, k: int) -> None:
@@ -48,10 +48,8 @@ def head_only_gradient(model: nn.Module) -> Iterator[None]:
         handle.remove()
 
 
-@dataclass(frozen=True)
 class PartialFineTuningOptions(DistillOptions):
-    train_layers: int = field(default=3, metadata={
-        "help": "the last K decoder layers to train, with the LM head (paper default 3)", "min": 1})
+    train_layers: int = option(3, "the last K decoder layers to train, with the LM head (paper default 3)", minimum=1)
 
 
 @HEALERS.register("partial-ft")
@@ -62,8 +60,8 @@ class PartialFineTuning(Healer):
     def check_settings(self, settings: HealSettings, num_layers: int | None) -> None:
         train_layers = settings.options.train_layers
         if num_layers is not None and train_layers > num_layers:
-            raise UsageError(f"--train-layers {train_layers} exceeds the model's {num_layers} layers; "
-                             f"choose 1..{num_layers}")
+            raise OptionError.about("train_layers", f"{train_layers} exceeds the model's {num_layers} layers; "
+                                    f"choose 1..{num_layers}")
 
     def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealSettings,
             original: LoadedModel | None) -> HealOutcome:

@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any
 
 from layerprune.data import DEFAULT_CALIBRATION
-from layerprune.errors import UsageError
+from layerprune.errors import OptionError, UsageError
 from layerprune.healing.base import HEALERS, Healer, HealOutcome, HealSettings, TrainingOptions
 from layerprune.healing.data import TrainingSet
 from layerprune.healing.replacement import ReplacementOptions
@@ -51,7 +51,7 @@ class _TrainingFreeRepair(Healer):
         own = REPAIRS.get(self.method_name).options_class
         if own is None:
             return None
-        return own(**{f.name: getattr(settings.options, f.name) for f in dataclasses.fields(own)})
+        return own(**{name: getattr(settings.options, name) for name in own.model_fields})
 
     def needs_original(self, settings: HealSettings) -> bool:
         return True
@@ -66,8 +66,8 @@ class _TrainingFreeRepair(Healer):
         removed = removed_layers(loaded, settings)
         original_layers = loaded.lineage.get("original_num_layers", loaded.num_layers)
         if removed[-1] >= original_layers:
-            raise UsageError(f"--block reaches layer {removed[-1]}, but the original model has {original_layers} "
-                             f"layers (0..{original_layers - 1})")
+            raise OptionError.about("block", f"reaches layer {removed[-1]}, but the original model has "
+                                             f"{original_layers} layers (0..{original_layers - 1})")
         # the pruned model has the original's family, so the cut (original indices) is checked on it
         REPAIRS.get(self.method_name).check(loaded, consecutive_runs(removed), self.repair_options(settings))
 
@@ -88,7 +88,7 @@ def healer_options(repair: RepairMethod) -> type:
     """The repair's options plus ``--block`` (the original layers to cut, as for the replacements):
     the healing method cuts the original itself, so it must know the cut."""
     bases = (repair.options_class, ReplacementOptions) if repair.options_class else (ReplacementOptions,)
-    return dataclasses.make_dataclass(f"{type(repair).__name__}HealOptions", [], bases=bases, frozen=True)
+    return type(f"{type(repair).__name__}HealOptions", bases, {"__module__": __name__, "unit": repair.name})
 
 
 def _register(name: str) -> type[Healer]:

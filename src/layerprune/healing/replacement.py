@@ -21,9 +21,8 @@ import copy
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -32,13 +31,14 @@ from torch import nn
 from layerprune.cache import cache_dir
 from layerprune.data import TrainingSet
 from layerprune.distributed import process_state
-from layerprune.errors import UsageError
+from layerprune.errors import OptionError, UsageError
 from layerprune.healing.base import HEALERS, Healer, HealOutcome, HealSettings
 from layerprune.healing.engine import LossFn, train
 from layerprune.models.editing import prune, replace
 from layerprune.models.hooks import capture_io, layer_output
 from layerprune.models.loading import LoadedModel
 from layerprune.models.surgery import consecutive_runs, parse_layer_list
+from layerprune.options import Config, Parse, option
 from layerprune.outputs import atomic_cache_dir
 
 PAIR_CHUNK_ROWS = 64
@@ -50,16 +50,14 @@ def parse_block(text: str) -> tuple[int, int]:
     """``"20-27"`` (inclusive, like --layers) -> the half-open run ``(20, 28)``."""
     indices = parse_layer_list(text)
     if len(indices) < 2 or indices != list(range(indices[0], indices[-1] + 1)):
-        raise UsageError(f"--block {text!r} must be a range of at least two consecutive layers, e.g. 20-27")
+        raise OptionError.about("block", f"{text!r} must be a range of at least two consecutive layers, e.g. 20-27")
     return indices[0], indices[-1] + 1
 
 
-@dataclass(frozen=True)
-class ReplacementOptions:
-    block: tuple[int, int] | None = field(default=None, metadata={
-        "help": "the removed run to replace, original layer indices, e.g. 20-27 (in Python and recipes the "
-                "half-open [start, end)); default: the one removed run, read from layerprune.json",
-        "parse": parse_block, "metavar": "START-END"})
+class ReplacementOptions(Config):
+    block: Annotated[tuple[int, int] | None, Parse(parse_block)] = option(
+        None, "the removed run to replace, original layer indices, e.g. 20-27 (in Python and recipes the half-open "
+        "[start, end)); default: the one removed run, read from layerprune.json", metavar="START-END")
 
     def check(self) -> None:
         if self.block is not None and (len(self.block) != 2 or not 0 <= self.block[0] < self.block[1] - 1):

@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from layerprune import hub
-from layerprune.errors import UsageError, first_line
+from layerprune.errors import OptionError, UsageError, first_line
 from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir, resolve_alias
 from layerprune.models.architectures import ArchitectureAdapter, adapter_for, check_supported_config
 from layerprune.models.gguf import load_gguf
@@ -77,9 +77,9 @@ def resolve_device(device: str | None) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise UsageError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+        raise OptionError.about("device", f"{device!r} is unknown; use cpu, cuda, cuda:N or auto") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r} was asked for but no CUDA GPU is available; use --device cpu")
+        raise OptionError.about("device", f"{device!r} was asked for but no CUDA GPU is available; use cpu")
     return resolved
 
 
@@ -104,9 +104,10 @@ def check_device_map(device_map: str | None, gguf: bool) -> None:
     if device_map is None:
         return
     if device_map not in DEVICE_MAPS:
-        raise UsageError(f"unknown device map {device_map!r}; use one of {', '.join(DEVICE_MAPS)}")
+        raise OptionError.about("device_map", f"{device_map!r} is unknown; use one of {', '.join(DEVICE_MAPS)}")
     if gguf:
-        raise UsageError("--device-map does not apply to GGUF files, which are de-quantized on the CPU; use --device")
+        raise OptionError.about("device_map", "does not apply to GGUF files, which are de-quantized on the CPU; use "
+                                              "a device instead")
 
 
 def _check_local_folder(folder: Path, allow_pickle: bool) -> None:
@@ -250,8 +251,9 @@ def _read_config(where: str, trust_remote_code: bool) -> PretrainedConfig:
         config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (ValueError, StrictDataclassError) as error:
         if "trust_remote_code" in str(error):
-            raise UsageError(f"{where} needs custom code from its repository to load; pass --trust-remote-code "
-                             "only if you trust that code") from None
+            raise OptionError.about("trust_remote_code", f"is off, but {where} needs custom code from its "
+                                                         "repository to load; turn it on only if you trust that "
+                                                         "code") from None
         raise UsageError(f"cannot read the config of {where}: {first_line(error)}") from None
     except OSError as error:
         if Path(where).is_dir():
@@ -291,8 +293,8 @@ def check_gguf_name(gguf_file: str | None) -> str:
     ``..`` would let a recipe (or a typo) read a file outside the folder it names."""
     name = str(gguf_file)
     if not name or name in (".", "..") or "/" in name or "\\" in name or Path(name).name != name:
-        raise UsageError(f"--gguf-file {name!r} must be a file name inside the --model folder, not a path; "
-                         "pass the .gguf file itself as --model to load one from elsewhere")
+        raise OptionError.about("gguf_file", f"{name!r} must be a file name inside the model folder, not a path; "
+                                             "give the .gguf file itself as the model to load one from elsewhere")
     return name
 
 

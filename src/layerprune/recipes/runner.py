@@ -186,7 +186,8 @@ def load_recipe(path: str | Path, model: str | None = None, allowed_paths: list[
     }
     chosen = model or values.get("model")
     if not chosen:
-        raise UsageError(f"{file}: the recipe names no model; add 'model: smollm2-135m' or pass --model")
+        raise OptionError.about("model", f"is not named: {file} names no model; add 'model: smollm2-135m' to it or "
+                                         "give one")
     if not any(stage.needs in sections for stage in STAGES):
         raise UsageError(f"{file}: the recipe has no stage to run; add a score, heal or eval section")
     if "select" in sections and "score" not in sections:
@@ -228,11 +229,12 @@ def _open_run_folder(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool
     if resume and state_file.exists():
         saved = json.loads(state_file.read_text())
         if saved.get("recipe_fingerprint") != recipe.fingerprint:
-            raise UsageError(f"{out} was started with a different recipe or model; use a new --out or --overwrite")
+            raise OptionError.about("resume", f"cannot continue {out}: it was started with a different recipe or "
+                                              "model; choose a new output folder or overwrite it")
         return RunState(out, recipe.fingerprint, saved.get("stages", {}))
     if out.exists() and not overwrite and not resume:
-        raise UsageError(f"output {out} already exists; pass --resume to continue it, --overwrite to start again, "
-                         "or choose a new --out")
+        raise OptionError.about("overwrite", f"is off and the output {out} already exists; resume it, overwrite "
+                                             "it to start again, or choose a new output folder")
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)

@@ -9,11 +9,11 @@ only says which statistics it needs, what it refuses, and how it folds.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import fields
 from typing import Any, ClassVar
 
 from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel
+from layerprune.options import Config
 from layerprune.registry import Registry
 from layerprune.repair.statistics import RunStatistics
 
@@ -22,7 +22,7 @@ class RepairMethod(ABC):
     """One training-free repair. ``runs`` are half-open ``[a, b)`` in the indices of the model as given."""
 
     name: ClassVar[str]
-    options_class: ClassVar[type | None] = None
+    options_class: ClassVar[type[Config] | None] = None
     needs_statistics: ClassVar[bool] = True
     """False for a method that reads weights only (merge): no calibration pass runs."""
     linear_statistics: ClassVar[bool] = False
@@ -74,5 +74,6 @@ def default_options(method: RepairMethod, options: Any) -> Any:
     return options
 
 
-def options_record(options: Any) -> dict[str, Any]:
-    return {f.name: getattr(options, f.name) for f in fields(options)} if options is not None else {}
+def options_record(options: Config | None) -> dict[str, Any]:
+    """The options as ``layerprune.json`` records them (none: an empty mapping)."""
+    return options.model_dump() if options is not None else {}

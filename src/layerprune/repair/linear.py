@@ -15,14 +15,13 @@ objective, on the run's real tokens.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel
-from layerprune.options import check_declared
+from layerprune.options import Config, option
 from layerprune.repair.base import REPAIRS, RepairMethod
 from layerprune.repair.folds import fold_linear_map, scale_norm
 from layerprune.repair.statistics import RunStatistics
@@ -32,18 +31,15 @@ COSINE_LR = 1e-4
 COSINE_BATCH_TOKENS = 4096
 
 
-@dataclass(frozen=True)
-class ReplaceLinearOptions:
+class ReplaceLinearOptions(Config):
     """How ``replace-linear`` estimates its map."""
 
-    ridge: float = field(default=0.0, metadata={
-        "help": "ridge added to MᵀM before solving (0 = ReplaceMe's plain least squares)", "min": 0.0})
-    solver: str = field(default="lstsq", metadata={
-        "help": "lstsq: least squares; cosine: then Adam on ReplaceMe's cosine distance", "choices": SOLVERS})
-    cosine_steps: int = field(default=300, metadata={"help": "Adam steps of the cosine solver", "min": 1})
+    unit = "replace-linear"
 
-    def __post_init__(self) -> None:
-        check_declared(self, "replace-linear")
+    ridge: float = option(0.0, "ridge added to MᵀM before solving (0 = ReplaceMe's plain least squares)", minimum=0.0)
+    solver: str = option("lstsq", "lstsq: least squares; cosine: then Adam on ReplaceMe's cosine distance",
+                         choices=SOLVERS)
+    cosine_steps: int = option(300, "Adam steps of the cosine solver", minimum=1)
 
 
 def solve_linear_map(gram: torch.Tensor, cross: torch.Tensor, ridge: float, *, diagonal: bool,

@@ -7,23 +7,24 @@ The sum is linear in the weights, so Gemma's ``(1 + w)`` norm convention needs n
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel
+from layerprune.options import Config, option
 from layerprune.repair.base import REPAIRS, RepairMethod
 from layerprune.repair.statistics import RunStatistics
 
 
-@dataclass(frozen=True)
-class MergeOptions:
+class MergeOptions(Config):
     """How strongly ``merge`` folds the removed layers in."""
 
-    merge_weight: float = field(default=1.0, metadata={
-        "help": "w in θ ← θ + w·Σ(θ_k − θ): the share of each removed layer's difference merged in (LaCo: 1)"})
+    unit = "merge"
+
+    merge_weight: float = option(1.0, "w in θ ← θ + w·Σ(θ_k − θ): the share of each removed layer's difference "
+                                 "merged in (LaCo: 1)")
 
 
 def merge_run(layers: torch.nn.ModuleList, start: int, end: int, weight: float) -> None:

@@ -71,7 +71,8 @@ class ScoringContext:
 
     def data(self, metric: str) -> CalibrationSet:
         if self.calibration is None:
-            raise UsageError(f"metric {metric!r} needs calibration data; pass --data (e.g. --data wiki-sample)")
+            raise UsageError(f"metric {metric!r} needs calibration data; pass calibration rows (e.g. "
+                             "build_calibration's; on the command line --data)")
         return self.calibration
 
     def cached(self, key: str, compute: Callable[[], T]) -> T:

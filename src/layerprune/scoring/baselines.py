@@ -7,16 +7,17 @@ repeated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import torch
 
+from layerprune.options import Config, option
 from layerprune.scoring.base import METRICS, Metric, MetricResult, ScoringContext
 
 
-@dataclass(frozen=True)
-class RandomOptions:
-    seed: int = field(default=0, metadata={"help": "seed of the random importance (the command line's --seed)"})
+class RandomOptions(Config):
+    unit = "random"
+
+    seed: int = option(0, "seed of the random importance (the command line's --seed)")
 
 
 class ReverseOrder(Metric):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from layerprune.data import CalibrationSet
-from layerprune.errors import NumericalError, UsageError
+from layerprune.errors import NumericalError, OptionError, UsageError
 from layerprune.models.hooks import layer_input, layer_output
 from layerprune.models.loading import LoadedModel
 
@@ -49,7 +49,8 @@ def count_targets(calibration: CalibrationSet, metric: str) -> int:
     """Next-token targets in the whole set (the loss is their mean); refuses a set without any."""
     total = int(next_token_targets(calibration.input_ids, calibration.attention_mask)[0].sum())
     if total == 0:
-        raise UsageError(f"{metric} needs rows with at least two real tokens; raise --seq-len or use other data")
+        raise OptionError.about("seq_len", f"leaves {metric} rows without two real tokens; raise it or use other "
+                                           "data")
     return total
 
 

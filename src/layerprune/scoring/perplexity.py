@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from layerprune.errors import UsageError
+from layerprune.errors import OptionError, UsageError
 from layerprune.scoring.base import METRICS, LayerPass, Metric, MetricResult, ScoringContext, Stream
 from layerprune.scoring.forward import (
     check_finite, lm_batches, loss_setup, next_token_targets, replay_layer, run_decoder, watching_layers,
@@ -73,7 +73,7 @@ class RemovalStream(LayerPass):
     def __init__(self, metric: LayerRemovalPerplexity, context: ScoringContext, name: str) -> None:
         rows = context.data(name)
         if not bool(next_token_targets(rows.input_ids, rows.attention_mask)[0].any()):
-            raise UsageError("ppl needs rows with at least two real tokens; raise --seq-len or use other data")
+            raise OptionError.about("seq_len", "leaves ppl rows without two real tokens; raise it or use other data")
         self.metric, self.context, self.name = metric, context, name
         self.count = context.loaded.num_layers
 

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import torch
 
 from layerprune.data.rows import CalibrationLike, CalibrationSet
-from layerprune.errors import UsageError
+from layerprune.errors import OptionError, UsageError
 from layerprune.models.loading import LoadedModel
 from layerprune.models.surgery import remove_layers
 from layerprune.scoring.base import METRICS, MetricResult, ScoringContext, metric_options
@@ -80,7 +80,7 @@ def check_score_options(metrics: Sequence[str] | str, batch_size: int, **options
     names deduplicated."""
     names = check_metrics(metrics)
     if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+        raise OptionError.about("batch_size", f"must be at least 1, got {batch_size}")
     metric_options(names, options)
     return names
 
@@ -120,7 +120,8 @@ def score(
     names = check_score_options(metrics, batch_size, **options)
     if calibration is None and needs_data(names):
         wanting = [n for n in names if METRICS.get(n).needs_data]
-        raise UsageError(f"metrics {', '.join(wanting)} need calibration data; pass --data (e.g. --data wiki-sample)")
+        raise UsageError(f"metrics {', '.join(wanting)} need calibration data; pass calibration rows (e.g. "
+                         "build_calibration's; on the command line --data)")
     rows = CalibrationSet.of(calibration) if calibration is not None else None
     context = ScoringContext(loaded, rows, batch_size=batch_size, options=metric_options(names, options))
     results = {name: METRICS.get(name).compute(context, name) for name in names}

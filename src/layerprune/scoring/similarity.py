@@ -11,21 +11,22 @@ input of every layer ``i <= j`` at once, and only the per-pair sums go into a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from layerprune.options import Config, option
 from layerprune.scoring.accumulators import SimilarityAccumulator, unit_rows
 from layerprune.scoring.base import METRICS, LayerPass, Metric, MetricResult, ScoringContext, Stream
 from layerprune.scoring.forward import POSITIONS, check_finite, run_decoder, scored_positions, watching_layers
 
 
-@dataclass(frozen=True)
-class SimilarityOptions:
-    positions: str = field(default="all", metadata={
-        "help": "average over all real tokens, or only each row's last token (Gromov et al.)", "choices": POSITIONS})
+class SimilarityOptions(Config):
+    unit = "similarity"
+
+    positions: str = option("all", "average over all real tokens, or only each row's last token (Gromov et al.)",
+                            choices=POSITIONS)
 
 
 def similarity_pass(context: ScoringContext, positions: str) -> SimilarityAccumulator:

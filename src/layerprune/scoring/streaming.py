@@ -312,7 +312,8 @@ def stream_score(
     check_streamable(names)
     wanting = [n for n in names if METRICS.get(n).needs_data]
     if wanting and calibration is None:
-        raise UsageError(f"metrics {', '.join(wanting)} need calibration data; pass --data (e.g. --data wiki-sample)")
+        raise UsageError(f"metrics {', '.join(wanting)} need calibration data; pass calibration rows (e.g. "
+                         "build_calibration's; on the command line --data)")
     rows = CalibrationSet.of(calibration) if calibration is not None else None
     scorer = StreamingScorer(folder, dtype)
     loaded = LoadedModel(scorer.skeleton, tokenizer, str(scorer.folder), scorer.adapter,  # type: ignore[arg-type]

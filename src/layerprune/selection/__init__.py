@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from layerprune.errors import UsageError
+from layerprune.errors import OptionError, UsageError
 from layerprune.registry import Registry, import_package_modules
 from layerprune.scoring.base import MetricResult
 from layerprune.scoring.report import ScoreReport
@@ -73,10 +73,10 @@ def check_remove(remove: int | str) -> tuple[float, bool]:
     """Read ``--remove`` without knowing the model: ``(value, is_percentage)``."""
     match = _REMOVE.match(str(remove))
     if match is None or (not match.group(2) and "." in match.group(1)):
-        raise UsageError(f"cannot read --remove {remove!r}; give a layer count (--remove 8) or a share (--remove 25%)")
+        raise OptionError.about("remove", f"{remove!r} cannot be read; give a layer count (8) or a share (25%)")
     value, percent = float(match.group(1)), bool(match.group(2))
     if value <= 0 or (percent and value >= 100):
-        raise UsageError(f"--remove {remove} must be more than 0 and less than all layers (100%)")
+        raise OptionError.about("remove", f"{remove} must be more than 0 and less than all layers (100%)")
     return value, percent
 
 
@@ -89,9 +89,10 @@ def parse_remove(remove: int | str, num_layers: int) -> int:
     value, percent = check_remove(remove)
     count = math.floor(num_layers * value / 100 + 0.5 + 1e-9) if percent else int(value)
     if count < 1:
-        raise UsageError(f"--remove {remove} of a {num_layers}-layer model removes no layer; ask for at least one")
+        raise OptionError.about("remove", f"{remove} of a {num_layers}-layer model removes no layer; ask for at least "
+                                          "one")
     if count >= num_layers:
-        raise UsageError(f"--remove {remove} would remove all {num_layers} layers; keep at least one")
+        raise OptionError.about("remove", f"{remove} would remove all {num_layers} layers; keep at least one")
     return count
 
 
