@@ -17,8 +17,8 @@ from layerprune.cli.main import main
 from layerprune.data import token_stream
 from layerprune.evaluation.efficiency import Workload
 from layerprune.evaluation.perplexity import perplexity
-from layerprune.search import DropRule, SearchRecord, rank
-from layerprune.search.report import pareto_front
+from layerprune.searching import DropRule, SearchRecord, rank
+from layerprune.searching.report import pareto_front
 
 QUICK = Workload(prompt_len=8, new_tokens=2, repeats=1, warmup=0)
 SETTINGS = {"samples": 8, "seq_len": 64, "rank_windows": 6, "batch_size": 4, "workload": QUICK}

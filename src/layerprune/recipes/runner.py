@@ -51,7 +51,7 @@ def _section_fields() -> dict[str, dict[str, FieldSpec]]:
     from layerprune.healing import HEALERS, heal
     from layerprune.healing.base import TrainingOptions
     from layerprune.scoring import METRICS, score
-    from layerprune.search import search
+    from layerprune.searching import search
     from layerprune.selection import select
 
     return {
@@ -310,7 +310,7 @@ def _stage_prune(ctx: RunContext) -> dict[str, Any]:
 
 
 def _stage_search(ctx: RunContext) -> dict[str, Any]:
-    from layerprune.search import search
+    from layerprune.searching import search
 
     calibration = ctx.recipe.sections["calibration"]
     given = {name: calibration[key] for name, key in SEARCH_FROM_OTHER_SECTIONS.items() if key in calibration}
@@ -444,7 +444,7 @@ def preflight(recipe: Recipe, out: Path) -> None:
         with _at(recipe, "calibration", "source"):
             check_source(calibration.source, calibration.split)
     if "search" in sections:
-        from layerprune.search import check_budget, search
+        from layerprune.searching import check_budget, search
 
         options = _with_defaults(search, sections["search"])
         with _at(recipe, "search"):

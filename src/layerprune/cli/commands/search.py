@@ -21,8 +21,8 @@ from layerprune.cli.options import (
     remove_check,
 )
 from layerprune.outputs import check_output_path
-from layerprune.search import DropRule, check_budget, search
-from layerprune.search.search import DEFAULT_REMOVE
+from layerprune.searching import DropRule, check_budget, search
+from layerprune.searching.search import DEFAULT_REMOVE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -5,9 +5,9 @@ ranks it on held-out text, :mod:`.speed` measures decode speed-ups, :mod:`.repor
 output folder.
 """
 
-from layerprune.search.candidates import Candidate, candidate_metrics
-from layerprune.search.ranking import DropRule, Ranked, rank
-from layerprune.search.search import SearchRecord, Tried, check_budget, search
+from layerprune.searching.candidates import Candidate, candidate_metrics
+from layerprune.searching.ranking import DropRule, Ranked, rank
+from layerprune.searching.search import SearchRecord, Tried, check_budget, search
 
 __all__ = ["Candidate", "DropRule", "Ranked", "SearchRecord", "Tried", "candidate_metrics", "check_budget", "rank",
            "search"]

@@ -37,7 +37,7 @@ from layerprune.errors import UsageError
 from layerprune.evaluation.efficiency import Workload
 from layerprune.models.lineage import count_parameters
 from layerprune.models.loading import LoadedModel, load_model
-from layerprune.search.candidates import (
+from layerprune.searching.candidates import (
     Candidate,
     available_repairs,
     candidate_metrics,
@@ -47,8 +47,8 @@ from layerprune.search.candidates import (
     repaired_candidates,
     unique_selections,
 )
-from layerprune.search.ranking import DropRule, held_out_windows, rank, window_losses
-from layerprune.search.speed import SEARCH_WORKLOAD, decode_speedup, layers_for_speedup
+from layerprune.searching.ranking import DropRule, held_out_windows, rank, window_losses
+from layerprune.searching.speed import SEARCH_WORKLOAD, decode_speedup, layers_for_speedup
 from layerprune.selection import check_remove, parse_remove
 
 DEFAULT_REMOVE = "25%"
@@ -282,7 +282,7 @@ def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, 
                           skipped + [refusal["record"] for refusal in refused],
                           [c for c in queue if c not in done], time.perf_counter() - began)
     if out is not None:
-        from layerprune.search.report import write_search
+        from layerprune.searching.report import write_search
 
         source = str(model) if not isinstance(model, LoadedModel) else str(loaded.local_dir or loaded.source)
         if heal is not None:
