@@ -14,21 +14,25 @@ from safetensors.torch import load_file
 
 import layerprune as lp
 from layerprune.cli.main import main
-from layerprune.data import token_stream
+from layerprune.data import CalibrationConfig, token_stream
 from layerprune.evaluation.efficiency import Workload
 from layerprune.evaluation.perplexity import perplexity
 from layerprune.searching import DropRule, SearchRecord, rank
 from layerprune.searching.report import pareto_front
 
 QUICK = Workload(prompt_len=8, new_tokens=2, repeats=1, warmup=0)
-SETTINGS = {"samples": 8, "seq_len": 64, "rank_windows": 6, "batch_size": 4, "workload": QUICK}
+SETTINGS = {"rank_windows": 6, "batch_size": 4, "workload": QUICK}
+
+
+def small_calibration(corpus: dict[str, Path]) -> CalibrationConfig:
+    return CalibrationConfig(source=str(corpus["calibration"]), samples=8, seq_len=64)
 
 
 @pytest.fixture(scope="module")
 def searched(corpus: dict[str, Path]) -> SearchRecord:
     """One full search (every candidate ranked in full: dropping off) into a folder."""
-    return lp.search(str(corpus["model"]), 2, data=str(corpus["calibration"]), rank_data=str(corpus["held_out"]),
-                     drop_rule=DropRule(factor=0), out=corpus["folder"] / "out", **SETTINGS)
+    return lp.search(str(corpus["model"]), remove=2, calibration=small_calibration(corpus),
+                     rank_data=str(corpus["held_out"]), drop_factor=0, out=corpus["folder"] / "out", **SETTINGS)
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -155,14 +159,14 @@ def test_the_command_writes_the_folder_and_names_the_winner(corpus: dict[str, Pa
 
 
 def test_a_spent_time_budget_still_ranks_one_candidate_and_lists_the_rest(corpus: dict[str, Path]) -> None:
-    record = lp.search(str(corpus["model"]), 2, data=str(corpus["calibration"]), rank_data=str(corpus["held_out"]),
-                       time_budget=1e-6, repairs=False, **SETTINGS)
+    record = lp.search(str(corpus["model"]), remove=2, calibration=small_calibration(corpus),
+                       rank_data=str(corpus["held_out"]), time_budget=1e-6, repairs=False, **SETTINGS)
     assert len(record.tried) == 1 and record.winner_index == 0
     document = record.to_json()
     assert len(document["not_tried"]) >= 1
     not_made = document["selections_not_made"]
     assert not_made and all(pair.endswith("/iterative") for pair in not_made)
-    assert "time budget" in not_made["bi/iterative"] and "--exhaustive" in not_made["ppl/iterative"]
+    assert "time budget" in not_made["bi/iterative"] and "exhaustive" in not_made["ppl/iterative"]
 
 
 def test_a_recipe_search_stage_finds_the_winner_then_evaluates_it(searched, corpus: dict[str, Path],
@@ -173,7 +177,7 @@ def test_a_recipe_search_stage_finds_the_winner_then_evaluates_it(searched, corp
     recipe.write_text(f"model: {corpus['model']}\n"
                       f"calibration: {{source: {corpus['calibration']}, samples: 8, seq_len: 64}}\n"
                       f"search: {{remove: 2, rank_data: {corpus['held_out']}, rank_windows: 6, batch_size: 4,\n"
-                      "         drop_rule: {factor: 0}}\n"
+                      "         drop_factor: 0}\n"
                       f"eval: {{ppl: [{corpus['held_out']}], seq_len: 64, max_windows: 2}}\n")
     run = lp.run_recipe(recipe, tmp_path / "run", allowed_paths=[corpus["folder"]], log=lambda line: None)
     state = json.loads((run / "run.json").read_text())["stages"]
@@ -198,8 +202,8 @@ def test_a_repair_that_refuses_its_data_is_recorded_and_the_search_goes_on(corpu
         raise lp.UsageError(f"the least-squares system of the removed run {label} is singular")
 
     monkeypatch.setattr(linear, "solve_linear_map", refuse)
-    record = lp.search(str(corpus["model"]), 2, data=str(corpus["calibration"]), rank_data=str(corpus["held_out"]),
-                       drop_rule=DropRule(factor=0), **SETTINGS)
+    record = lp.search(str(corpus["model"]), remove=2, calibration=small_calibration(corpus),
+                       rank_data=str(corpus["held_out"]), drop_factor=0, **SETTINGS)
     document = record.to_json()
     refused = [s for s in document["skipped_repairs"] if s["repair"] == "replace-linear" and "singular" in s["reason"]]
     assert refused and not any(t.candidate.repair == "replace-linear" for t in record.tried)
