@@ -252,6 +252,11 @@ def test_the_search_options_have_one_default_and_each_front_end_names_a_bad_one_
     recipe.write_text("model: some-org/not-downloaded\nsearch:\n  remove: 2\n  time_budget: 0\n")
     with pytest.raises(lp.UsageError, match="line 4: search.time_budget must be more than 0 minutes"):
         preflight(load_recipe(recipe), tmp_path / "out")
+    recipe.write_text(f"model: some-org/not-downloaded\ncalibration: {{source: {tmp_path / 'text.txt'}}}\n"
+                      "search: {remove: 2}\n")
+    (tmp_path / "text.txt").write_text("a local file has no held-out split")
+    with pytest.raises(lp.UsageError, match="line 3: search.rank_data is needed: the calibration data .* is a local"):
+        preflight(load_recipe(recipe), tmp_path / "out")
     recipe.write_text("model: some-org/not-downloaded\nsearch: {heal: lora}\n")  # a recipe heals in its heal section
     with pytest.raises(lp.UsageError, match="unknown key 'heal' in section 'search'"):
         load_recipe(recipe)

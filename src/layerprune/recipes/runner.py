@@ -452,6 +452,7 @@ def preflight(recipe: Recipe, out: Path) -> None:
     from layerprune.models.loading import read_local_config
     from layerprune.scoring import check_score_options, score
     from layerprune.searching import candidate_metrics
+    from layerprune.searching.search import held_out_source
     from layerprune.selection import check_remove, check_strategy, parse_remove, scored_metric, select
 
     sections = recipe.sections
@@ -471,6 +472,8 @@ def preflight(recipe: Recipe, out: Path) -> None:
             check_score_options(candidate_metrics(), searched.batch_size, **metric_options)
             if layers is not None and searched.removal is not None:
                 layers -= parse_remove(searched.removal, layers)
+        with _at(recipe, "search", "rank_data"):  # load_recipe gives a search a calibration section
+            held_out_source(calibration.source, calibration.split, searched.rank_data)
     if "score" in sections:
         options = _with_defaults(score, sections["score"])
         with _at(recipe, "score"):
