@@ -5,8 +5,9 @@
 The reference is generated (signatures and docstrings of everything in ``layerprune.__all__``,
 then the calibration config and every registered metric, healing method, repair, selection strategy
 and sampling with the table of its options, read from their declarations) so it cannot drift from
-the code; a test checks that the committed file is current. It also writes the JSON Schema of
-``layerprune.json`` into the package and into ``docs/schemas/``.
+the code; a test checks that the committed file is current. It also writes the JSON Schemas of the
+records layerprune writes (``layerprune.json``, ``search.json``, ``run.json``) into the package and
+into ``docs/schemas/``.
 """
 
 from __future__ import annotations
@@ -19,15 +20,19 @@ import layerprune
 from layerprune.data.calibration import SAMPLINGS, CalibrationConfig
 from layerprune.healing import HEALERS
 from layerprune.healing.base import TrainingOptions
-from layerprune.models.provenance import SCHEMA_DIR, write_schemas
+from layerprune.models.provenance import ProvenanceRecord
 from layerprune.options import options_table, unit_options
+from layerprune.recipes.record import RunDocument
+from layerprune.records import SCHEMA_DIR, write_schema
 from layerprune.registry import Registry
 from layerprune.repair import REPAIRS
 from layerprune.scoring import METRICS
+from layerprune.searching import SearchConfig, SearchDocument
 from layerprune.selection import STRATEGIES
 
 TARGET = Path(__file__).with_name("api.md")
 DOCS_SCHEMA_DIR = Path(__file__).with_name("schemas")
+RECORDS = (ProvenanceRecord, SearchDocument, RunDocument)
 
 
 def render() -> str:
@@ -53,6 +58,8 @@ def render_units() -> list[str]:
              "command-line flag, with the same default everywhere.", ""]
     lines += ["## Calibration: the data every data-driven stage reads (`calibration` in a recipe)", "",
               *options_table(CalibrationConfig), ""]
+    lines += ["## Search: budget, ranking, the winner (`search` in a recipe; `heal` there is the heal section)", "",
+              *options_table(SearchConfig), ""]
     lines += ["## Healing: options every method takes", "", *options_table(TrainingOptions), ""]
     sections: list[tuple[str, Registry]] = [("Metrics (`score`)", METRICS), ("Healing methods (`heal`)", HEALERS),
                                             ("Training-free repairs (`repair`, `prune --compensate`)", REPAIRS),
@@ -69,8 +76,9 @@ def render_units() -> list[str]:
 def main() -> int:
     TARGET.write_text(render())
     print(f"wrote {TARGET}")
-    for folder in (SCHEMA_DIR, DOCS_SCHEMA_DIR):  # the package's copy and the docs' copy of the record's schema
-        print(f"wrote {write_schemas(folder)}")
+    for folder in (SCHEMA_DIR, DOCS_SCHEMA_DIR):  # the package's copy and the docs' copy of each record's schema
+        for record in RECORDS:
+            print(f"wrote {write_schema(record, folder)}")
     return 0
 
 

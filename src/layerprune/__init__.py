@@ -12,8 +12,6 @@ starts is caught by the command and not shown as a traceback.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 # public name -> the module that defines it
@@ -22,7 +20,7 @@ _EXPORTS = {
     "build_calibration": "layerprune.data", "UsageError": "layerprune.errors", "evaluate": "layerprune.evaluation",
     "heal": "layerprune.healing", "LoadedModel": "layerprune.models.loading", "load_model": "layerprune.models.loading",
     "run_recipe": "layerprune.recipes", "compensate": "layerprune.repair", "ScoreReport": "layerprune.scoring", "score": "layerprune.scoring",
-    "Selection": "layerprune.selection", "select": "layerprune.selection",
+    "search": "layerprune.searching", "Selection": "layerprune.selection", "select": "layerprune.selection",
 }
 
 if TYPE_CHECKING:
@@ -35,10 +33,10 @@ if TYPE_CHECKING:
     from layerprune.recipes import run_recipe
     from layerprune.repair import compensate
     from layerprune.scoring import ScoreReport, score
-    from layerprune.search import search
+    from layerprune.searching import search
     from layerprune.selection import Selection, select
 
-__all__ = sorted([*_EXPORTS, "search"])
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
 
 
@@ -54,21 +52,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
 
-
-class _Package(types.ModuleType):
-    """``layerprune.search`` names both the function and the subpackage that defines it. Importing
-    the subpackage binds the package's attribute to the subpackage, which would hide the function
-    once names are imported lazily; a property keeps ``lp.search`` the function."""
-
-    @property
-    def search(self) -> Any:
-        from layerprune.search.search import search
-
-        return search
-
-    @search.setter
-    def search(self, _subpackage: Any) -> None:
-        """The import system's binding of the subpackage: the function stays what ``search`` reads."""
-
-
-sys.modules[__name__].__class__ = _Package

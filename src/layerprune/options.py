@@ -29,7 +29,7 @@ import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 from pydantic_core import PydanticUndefined
@@ -61,7 +61,7 @@ class Option:
         """The annotation without ``| None``: what a given (non-null) value must be."""
         if typing.get_origin(self.annotation) in (typing.Union, types.UnionType):
             args = [arg for arg in typing.get_args(self.annotation) if arg is not type(None)]
-            return args[0] if len(args) == 1 else self.annotation
+            return args[0] if len(args) == 1 else typing.Union[tuple(args)]
         return self.annotation
 
     def check(self, value: Any, unit: str) -> None:
@@ -79,7 +79,7 @@ class Option:
         if self.maximum is not None and value > self.maximum:
             self.refuse(f"must be at most {self.maximum}, got {value}")
 
-    def refuse(self, problem: str) -> None:
+    def refuse(self, problem: str) -> NoReturn:
         """Raise ``problem`` about this option, for each front-end to name it its own way."""
         raise OptionError(self.name, self.flag, problem)
 
@@ -160,6 +160,13 @@ class Config(BaseModel):
 
     def check(self) -> None:
         """Rules between options (none by default): raise a :class:`UsageError` naming them and the fix."""
+
+    @classmethod
+    def refuse(cls, name: str, problem: str) -> NoReturn:
+        """Refuse the value of option ``name`` for ``problem`` as its declaration would (an
+        :class:`OptionError` each front-end names its own way): for a rule :func:`option` cannot
+        state (a bound that excludes itself) or one only the run finds out."""
+        next(option for option in options_of(cls) if option.name == name).refuse(problem)
 
 
 ConfigT = TypeVar("ConfigT", bound=Config)

@@ -13,9 +13,10 @@ import pytest
 import layerprune as lp
 from layerprune.cli.main import main
 from layerprune.data import CalibrationConfig
-from layerprune.models.provenance import FORMAT_VERSION, SCHEMA_DIR, SCHEMA_FILE, schema_text
+from layerprune.models.provenance import FORMAT_VERSION, SCHEMA_FILE, schema_text
 from layerprune.models.shards import prune_checkpoint
 from layerprune.recipes import run_recipe
+from layerprune.records import SCHEMA_DIR
 from tests.helpers import save_tiny_checkpoint, tiny_loaded
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 
@@ -15,6 +16,8 @@ from layerprune.cli.main import main
 from layerprune.errors import UsageError
 from layerprune.recipes import load_recipe, run_recipe
 from layerprune.recipes import runner
+from layerprune.recipes.record import RunDocument
+from layerprune.records import SCHEMA_DIR, newest_version, schema_file, schema_text
 from tests.helpers import save_tiny_checkpoint, write_corpus
 
 SHIPPED = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
@@ -278,3 +281,40 @@ def test_checks_that_need_the_layer_count_wait_for_a_model_without_a_local_confi
     recipe.sections["select"]["remove"] = "0%"
     with pytest.raises(UsageError, match="line 3: select.remove 0% must be more than 0"):
         runner.preflight(recipe, tmp_path / "out")
+
+
+def test_run_json_is_a_versioned_record_and_one_written_before_format_version_resumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run.json is checked against RunDocument when saved, and its shipped schema (package and docs)
+    is the model's; a run.json as the code before format_version wrote it (fingerprint and stages
+    only) still resumes, and one from a newer layerprune is refused."""
+    name = schema_file(RunDocument)
+    assert (SCHEMA_DIR / name).read_text() == schema_text(RunDocument)
+    assert (Path(__file__).parents[2] / "docs" / "schemas" / name).read_text() == schema_text(RunDocument)
+    schema = json.loads((SCHEMA_DIR / name).read_text())
+    monkeypatch.chdir(tmp_path)
+    save_tiny_checkpoint(tmp_path / "tiny", "llama", 6)
+    write_corpus(tmp_path / "corpus.txt")
+    recipe = _write(tmp_path, """\
+        model: tiny
+        calibration: {source: corpus.txt, samples: 8, seq_len: 32}
+        score: {metrics: [bi], batch_size: 4}
+        select: {remove: 2}
+        """)
+    out = run_recipe(recipe, tmp_path / "run", log=lambda _: None)
+    state = json.loads((out / "run.json").read_text())
+    jsonschema.validate(state, schema)
+    assert state["format_version"] == newest_version(RunDocument) and list(state["stages"]) == ["score", "prune"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**state, "stages": {"score": {"remove": [1, 2]}}}, schema)  # a stage without seconds
+    older = {"recipe_fingerprint": state["recipe_fingerprint"], "stages": {"score": state["stages"]["score"]}}
+    (out / "run.json").write_text(json.dumps(older))
+    messages: list[str] = []
+    run_recipe(recipe, out, resume=True, log=messages.append)
+    assert "[score] already done, skipping" in messages and "[prune] running" in messages
+    resumed = json.loads((out / "run.json").read_text())
+    jsonschema.validate(resumed, schema)
+    assert resumed["stages"]["score"] == state["stages"]["score"] and "prune" in resumed["stages"]
+    (out / "run.json").write_text(json.dumps({**resumed, "format_version": resumed["format_version"] + 1}))
+    with pytest.raises(UsageError, match="newer than this layerprune reads"):
+        run_recipe(recipe, out, resume=True, log=lambda _: None)

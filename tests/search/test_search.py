@@ -4,31 +4,43 @@ winner, and impossible budgets are refused before anything is written."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import layerprune as lp
-from layerprune.cli.main import main
-from layerprune.data import token_stream
+from layerprune.cli.main import build_parser, main
+from layerprune.cli.options import check_calibration_args
+from layerprune.data import CalibrationConfig, token_stream
+from layerprune.errors import OptionError
 from layerprune.evaluation.efficiency import Workload
 from layerprune.evaluation.perplexity import perplexity
-from layerprune.search import DropRule, SearchRecord, rank
-from layerprune.search.report import pareto_front
+from layerprune.options import given_options
+from layerprune.recipes import load_recipe
+from layerprune.recipes.runner import _search_arguments, preflight
+from layerprune.records import SCHEMA_DIR, newest_version, schema_file, schema_text
+from layerprune.searching import DropRule, SearchConfig, SearchDocument, SearchRecord, rank
+from layerprune.searching.report import pareto_front
 
 QUICK = Workload(prompt_len=8, new_tokens=2, repeats=1, warmup=0)
-SETTINGS = {"samples": 8, "seq_len": 64, "rank_windows": 6, "batch_size": 4, "workload": QUICK}
+SETTINGS = {"rank_windows": 6, "batch_size": 4, "workload": QUICK}
+
+
+def small_calibration(corpus: dict[str, Path]) -> CalibrationConfig:
+    return CalibrationConfig(source=str(corpus["calibration"]), samples=8, seq_len=64)
 
 
 @pytest.fixture(scope="module")
 def searched(corpus: dict[str, Path]) -> SearchRecord:
     """One full search (every candidate ranked in full: dropping off) into a folder."""
-    return lp.search(str(corpus["model"]), 2, data=str(corpus["calibration"]), rank_data=str(corpus["held_out"]),
-                     drop_rule=DropRule(factor=0), out=corpus["folder"] / "out", **SETTINGS)
+    return lp.search(str(corpus["model"]), remove=2, calibration=small_calibration(corpus),
+                     rank_data=str(corpus["held_out"]), drop_factor=0, out=corpus["folder"] / "out", **SETTINGS)
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -155,14 +167,14 @@ def test_the_command_writes_the_folder_and_names_the_winner(corpus: dict[str, Pa
 
 
 def test_a_spent_time_budget_still_ranks_one_candidate_and_lists_the_rest(corpus: dict[str, Path]) -> None:
-    record = lp.search(str(corpus["model"]), 2, data=str(corpus["calibration"]), rank_data=str(corpus["held_out"]),
-                       time_budget=1e-6, repairs=False, **SETTINGS)
+    record = lp.search(str(corpus["model"]), remove=2, calibration=small_calibration(corpus),
+                       rank_data=str(corpus["held_out"]), time_budget=1e-6, repairs=False, **SETTINGS)
     assert len(record.tried) == 1 and record.winner_index == 0
     document = record.to_json()
     assert len(document["not_tried"]) >= 1
     not_made = document["selections_not_made"]
     assert not_made and all(pair.endswith("/iterative") for pair in not_made)
-    assert "time budget" in not_made["bi/iterative"] and "--exhaustive" in not_made["ppl/iterative"]
+    assert "time budget" in not_made["bi/iterative"] and "exhaustive" in not_made["ppl/iterative"]
 
 
 def test_a_recipe_search_stage_finds_the_winner_then_evaluates_it(searched, corpus: dict[str, Path],
@@ -173,7 +185,7 @@ def test_a_recipe_search_stage_finds_the_winner_then_evaluates_it(searched, corp
     recipe.write_text(f"model: {corpus['model']}\n"
                       f"calibration: {{source: {corpus['calibration']}, samples: 8, seq_len: 64}}\n"
                       f"search: {{remove: 2, rank_data: {corpus['held_out']}, rank_windows: 6, batch_size: 4,\n"
-                      "         drop_rule: {factor: 0}}\n"
+                      "         drop_factor: 0}\n"
                       f"eval: {{ppl: [{corpus['held_out']}], seq_len: 64, max_windows: 2}}\n")
     run = lp.run_recipe(recipe, tmp_path / "run", allowed_paths=[corpus["folder"]], log=lambda line: None)
     state = json.loads((run / "run.json").read_text())["stages"]
@@ -198,10 +210,53 @@ def test_a_repair_that_refuses_its_data_is_recorded_and_the_search_goes_on(corpu
         raise lp.UsageError(f"the least-squares system of the removed run {label} is singular")
 
     monkeypatch.setattr(linear, "solve_linear_map", refuse)
-    record = lp.search(str(corpus["model"]), 2, data=str(corpus["calibration"]), rank_data=str(corpus["held_out"]),
-                       drop_rule=DropRule(factor=0), **SETTINGS)
+    record = lp.search(str(corpus["model"]), remove=2, calibration=small_calibration(corpus),
+                       rank_data=str(corpus["held_out"]), drop_factor=0, **SETTINGS)
     document = record.to_json()
     refused = [s for s in document["skipped_repairs"] if s["repair"] == "replace-linear" and "singular" in s["reason"]]
     assert refused and not any(t.candidate.repair == "replace-linear" for t in record.tried)
     assert {t.candidate.repair for t in record.tried} >= {None, "rescale", "merge"}
     assert not document["not_tried"]  # refused is not "not tried for lack of budget"
+
+
+def test_search_json_is_a_versioned_record_its_shipped_schema_accepts(searched) -> None:
+    """search.json is checked against SearchDocument when written; the schema shipped in the package
+    and in docs/schemas is the one the model generates (python docs/gen_api.py), and it has teeth."""
+    name = schema_file(SearchDocument)
+    assert (SCHEMA_DIR / name).read_text() == schema_text(SearchDocument)
+    assert (Path(__file__).parents[2] / "docs" / "schemas" / name).read_text() == schema_text(SearchDocument)
+    schema = json.loads((SCHEMA_DIR / name).read_text())
+    document = json.loads((searched.out / "search.json").read_text())
+    jsonschema.validate(document, schema)
+    assert document["format_version"] == newest_version(SearchDocument)
+    assert SearchConfig(**document["options"]) == SearchConfig(remove=2, rank_data=document["options"]["rank_data"],
+                                                               rank_windows=6, batch_size=4, drop_factor=0)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({key: value for key, value in document.items() if key != "candidates"}, schema)
+
+
+def test_the_search_options_have_one_default_and_each_front_end_names_a_bad_one_its_way(tmp_path: Path) -> None:
+    """SearchConfig is the API's, the flags' and the recipe section's default; a bad value is the same
+    refusal, named by its keyword in Python, by its flag on the command line (see the bad budgets
+    above), by its section key and line in a recipe."""
+    parser = next(action for action in build_parser()._actions
+                  if isinstance(action, argparse._SubParsersAction)).choices["search"]
+    args = parser.parse_args(["--model", "m", "--out", "o"])
+    check_calibration_args(args)
+    assert SearchConfig(**given_options(args, SearchConfig)) == SearchConfig()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: some-org/not-downloaded\nsearch: {}\n")
+    assert _search_arguments(load_recipe(recipe)) == (SearchConfig(), {})
+    with pytest.raises(OptionError, match="^time_budget must be more than 0 minutes"):
+        lp.search("some-org/not-downloaded", time_budget=0)
+    recipe.write_text("model: some-org/not-downloaded\nsearch:\n  remove: 2\n  time_budget: 0\n")
+    with pytest.raises(lp.UsageError, match="line 4: search.time_budget must be more than 0 minutes"):
+        preflight(load_recipe(recipe), tmp_path / "out")
+    recipe.write_text(f"model: some-org/not-downloaded\ncalibration: {{source: {tmp_path / 'text.txt'}}}\n"
+                      "search: {remove: 2}\n")
+    (tmp_path / "text.txt").write_text("a local file has no held-out split")
+    with pytest.raises(lp.UsageError, match="line 3: search.rank_data is needed: the calibration data .* is a local"):
+        preflight(load_recipe(recipe), tmp_path / "out")
+    recipe.write_text("model: some-org/not-downloaded\nsearch: {heal: lora}\n")  # a recipe heals in its heal section
+    with pytest.raises(lp.UsageError, match="unknown key 'heal' in section 'search'"):
+        load_recipe(recipe)

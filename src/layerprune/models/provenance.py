@@ -3,23 +3,21 @@
 The lineage a model gathers while it is pruned, repaired and healed is checked against
 :class:`ProvenanceRecord` before it is written, so the file always has the same shape and a
 ``format_version``; its JSON Schema ships in the package (``layerprune/schemas/``, written by
-:func:`write_schemas`) for readers that do not import layerprune. A record older than
+``docs/gen_api.py``) for readers that do not import layerprune. A record older than
 ``format_version`` (written before the field existed) reads as version 1: its shape was the same.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from layerprune.errors import UsageError
+from layerprune import records
+from layerprune.records import checked, read_checked
 
 FORMAT_VERSION = 1
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
-SCHEMA_FILE = "layerprune.schema.json"
 
 
 class _Record(BaseModel):
@@ -83,43 +81,21 @@ class ProvenanceRecord(BaseModel):
     date: str
 
 
+SCHEMA_FILE = records.schema_file(ProvenanceRecord)
+
+
 def checked_record(record: dict[str, Any]) -> dict[str, Any]:
     """``record`` validated as a :class:`ProvenanceRecord`, as the JSON it is written as (with
     ``format_version``); a record that does not fit is a bug in the writer, so it raises."""
-    return ProvenanceRecord.model_validate(record).model_dump(mode="json")
+    return checked(ProvenanceRecord, record)
 
 
 def read_record(path: Path) -> dict[str, Any]:
     """The lineage in ``path`` (a ``layerprune.json``), refused with the fix if it is not one this
     version can read; a record from before ``format_version`` reads as version 1."""
-    try:
-        document = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise UsageError(f"{path} is unreadable; delete or fix it") from None
-    if not isinstance(document, dict):
-        raise UsageError(f"{path} is not a layerprune.json record (not a mapping); delete or fix it")
-    version = document.get("format_version", FORMAT_VERSION)
-    if isinstance(version, int) and version > FORMAT_VERSION:
-        raise UsageError(f"{path} has format_version {version}, newer than this layerprune reads "
-                         f"({FORMAT_VERSION}); upgrade layerprune")
-    try:
-        ProvenanceRecord.model_validate(document)
-    except ValidationError as error:
-        problem = error.errors()[0]
-        where = ".".join(str(part) for part in problem["loc"]) or "the record"
-        raise UsageError(f"{path} is not a valid layerprune.json record ({where}: {problem['msg']}); delete or "
-                         "fix it") from None
-    return document
+    return read_checked(path, ProvenanceRecord, "delete or fix it")
 
 
 def schema_text() -> str:
     """The JSON Schema of ``layerprune.json``, as shipped."""
-    return json.dumps(ProvenanceRecord.model_json_schema(), indent=2, sort_keys=True) + "\n"
-
-
-def write_schemas(folder: Path = SCHEMA_DIR) -> Path:
-    """Write the shipped schema (run by ``python docs/gen_api.py``; a test keeps it current)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / SCHEMA_FILE
-    target.write_text(schema_text())
-    return target
+    return records.schema_text(ProvenanceRecord)

@@ -11,7 +11,7 @@ names (see :data:`SECTIONS`), so the recipe schema is the API itself:
 
 or, instead of score/select/repair, a search for the cut (on the calibration section's data):
 
-    search: {remove: 25%, max_candidates: 20}                          # -> layerprune.search
+    search: {remove: 25%, max_candidates: 20}                          # -> layerprune.search (SearchConfig)
     heal: {method: partial-ft, data: wiki-sample, steps: 100}          # -> layerprune.heal
     eval: {ppl: [wiki-sample], seq_len: 256}                          # -> layerprune.evaluate
 
@@ -33,13 +33,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from layerprune.errors import OptionError, UsageError
 from layerprune.models.loading import LoadedModel, load_model
 from layerprune.outputs import check_output_path, write_bytes_atomic, write_json_atomic, writing
+from layerprune.recipes.record import RunDocument
 from layerprune.recipes.schema import FieldSpec, build_arguments, check_section, fields_of, option_fields
 from layerprune.recipes.yamlfile import KeyPath, read_yaml
+from layerprune.records import checked, read_checked
+
+if TYPE_CHECKING:
+    from layerprune.searching import SearchConfig
 
 STATE_FILE = "run.json"
 
@@ -51,13 +56,11 @@ def _section_fields() -> dict[str, dict[str, FieldSpec]]:
     from layerprune.healing import HEALERS, heal
     from layerprune.healing.base import TrainingOptions
     from layerprune.scoring import METRICS, score
-    from layerprune.search import search
     from layerprune.selection import select
 
     return {
         "repair": _repair_fields(),
-        "search": fields_of(search, skip=("model", *SEARCH_FROM_OTHER_SECTIONS, "heal", "heal_options", "out",
-                                          "overwrite", "workload", "progress", "load_options")),
+        "search": _search_fields(),
         "load": fields_of(load_model, skip=("name_or_path", "check_config")),
         "calibration": option_fields(CalibrationConfig),
         "score": {**fields_of(score, skip=("loaded", "calibration", "data")),
@@ -67,6 +70,26 @@ def _section_fields() -> dict[str, dict[str, FieldSpec]]:
                  **option_fields(TrainingOptions, *(HEALERS.get(name).options_class for name in HEALERS))},
         "eval": fields_of(evaluate, skip=("model", "compare")),
     }
+
+
+def _search_fields() -> dict[str, FieldSpec]:
+    """The search section: :class:`SearchConfig`'s options but those of :data:`SEARCH_ELSEWHERE`, and
+    the metrics' options as the score section takes them (the search scores every metric)."""
+    from layerprune.scoring import METRICS
+    from layerprune.searching import SearchConfig
+
+    own = {name: spec for name, spec in option_fields(SearchConfig).items() if name not in SEARCH_ELSEWHERE}
+    return {**own, **option_fields(*(METRICS.get(name).options_class for name in METRICS))}
+
+
+def _search_arguments(recipe: Recipe) -> tuple[SearchConfig, dict[str, Any]]:
+    """The search section as :func:`layerprune.search` takes it: its own options as a checked
+    :class:`SearchConfig`, and the metrics' options."""
+    from layerprune.searching import SearchConfig
+
+    section = recipe.sections["search"]
+    own = {key: value for key, value in section.items() if key in SearchConfig.model_fields}
+    return SearchConfig(**own), {key: value for key, value in section.items() if key not in own}
 
 
 def _repair_fields() -> dict[str, FieldSpec]:
@@ -133,10 +156,9 @@ TOP_LEVEL = {
                                                 "eval")},
 }
 
-SEARCH_FROM_OTHER_SECTIONS = {"data": "source", "split": "split", "text_field": "text_field", "samples": "samples",
-                              "seq_len": "seq_len", "seed": "seed", "sampling": "sampling"}
-""":func:`layerprune.search`'s calibration arguments, taken from the calibration section's keys
-(search's name: the section's name); healing is the heal section's, applied after the search."""
+SEARCH_ELSEWHERE = ("heal",)
+"""Options of :class:`SearchConfig` a recipe gives in another section: healing is the heal section's,
+a stage of its own after the search (the search's calibration is the calibration section)."""
 
 
 @dataclass
@@ -207,14 +229,15 @@ def load_recipe(path: str | Path, model: str | None = None, allowed_paths: list[
 
 @dataclass
 class RunState:
-    """What ``run.json`` records: the recipe's fingerprint and every finished stage."""
+    """What ``run.json`` records (:class:`RunDocument`): the recipe's fingerprint and every finished stage."""
 
     folder: Path
     fingerprint: str
     finished: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def save(self) -> None:
-        write_json_atomic(self.folder / STATE_FILE, {"recipe_fingerprint": self.fingerprint, "stages": self.finished})
+        write_json_atomic(self.folder / STATE_FILE, checked(RunDocument, {"recipe_fingerprint": self.fingerprint,
+                                                                          "stages": self.finished}))
 
     def done(self, stage: str) -> bool:
         return stage in self.finished
@@ -227,11 +250,11 @@ class RunState:
 def _open_run_folder(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool) -> RunState:
     state_file = out / STATE_FILE
     if resume and state_file.exists():
-        saved = json.loads(state_file.read_text())
-        if saved.get("recipe_fingerprint") != recipe.fingerprint:
+        saved = read_checked(state_file, RunDocument, "start the run again (overwrite) or into a new folder")
+        if saved["recipe_fingerprint"] != recipe.fingerprint:
             raise OptionError.about("resume", f"cannot continue {out}: it was started with a different recipe or "
                                               "model; choose a new output folder or overwrite it")
-        return RunState(out, recipe.fingerprint, saved.get("stages", {}))
+        return RunState(out, recipe.fingerprint, saved["stages"])
     if out.exists() and not overwrite and not resume:
         raise OptionError.about("overwrite", f"is off and the output {out} already exists; resume it, overwrite "
                                              "it to start again, or choose a new output folder")
@@ -312,15 +335,13 @@ def _stage_prune(ctx: RunContext) -> dict[str, Any]:
 
 
 def _stage_search(ctx: RunContext) -> dict[str, Any]:
-    from layerprune.search import search
+    from layerprune.data import CalibrationConfig
+    from layerprune.searching import search
 
-    calibration = ctx.recipe.sections["calibration"]
-    given = {name: calibration[key] for name, key in SEARCH_FROM_OTHER_SECTIONS.items() if key in calibration}
-    stray = set(calibration) - set(SEARCH_FROM_OTHER_SECTIONS.values())
-    if stray:
-        raise UsageError(f"{ctx.recipe.path}: a search reads no calibration key {', '.join(sorted(stray))}; remove it")
-    record = search(ctx.recipe.model, **given, **ctx.recipe.sections["search"], out=ctx.out / "search",
-                    overwrite=True, load_options=ctx.recipe.sections.get("load", {}), progress=False)
+    config, metric_options = _search_arguments(ctx.recipe)
+    record = search(ctx.recipe.model, config, calibration=CalibrationConfig(**ctx.recipe.sections["calibration"]),
+                    metric_options=metric_options, out=ctx.out / "search", overwrite=True,
+                    load_options=ctx.recipe.sections.get("load", {}), progress=False)
     assert record.out is not None, "a search with an output folder records it"
     return {"winner": record.winner.label, "removed_layers": record.winner.candidate.remove,
             "model": str(record.out / "model")}
@@ -432,6 +453,8 @@ def preflight(recipe: Recipe, out: Path) -> None:
     from layerprune.healing.heal import heal_settings
     from layerprune.models.loading import read_local_config
     from layerprune.scoring import check_score_options, score
+    from layerprune.searching import candidate_metrics
+    from layerprune.searching.search import held_out_source
     from layerprune.selection import check_remove, check_strategy, parse_remove, scored_metric, select
 
     sections = recipe.sections
@@ -446,14 +469,13 @@ def preflight(recipe: Recipe, out: Path) -> None:
         with _at(recipe, "calibration", "source"):
             check_source(calibration.source, calibration.split)
     if "search" in sections:
-        from layerprune.search import check_budget, search
-
-        options = _with_defaults(search, sections["search"])
         with _at(recipe, "search"):
-            remove = check_budget(options["remove"], options["target_speedup"], options["time_budget"],
-                                  options["max_candidates"])
-            if layers is not None and options["target_speedup"] is None:
-                layers -= parse_remove(remove, layers)
+            searched, metric_options = _search_arguments(recipe)
+            check_score_options(candidate_metrics(), searched.batch_size, **metric_options)
+            if layers is not None and searched.removal is not None:
+                layers -= parse_remove(searched.removal, layers)
+        with _at(recipe, "search", "rank_data"):  # load_recipe gives a search a calibration section
+            held_out_source(calibration.source, calibration.split, searched.rank_data)
     if "score" in sections:
         options = _with_defaults(score, sections["score"])
         with _at(recipe, "score"):

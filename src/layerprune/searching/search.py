@@ -37,7 +37,7 @@ from layerprune.errors import UsageError
 from layerprune.evaluation.efficiency import Workload
 from layerprune.models.lineage import count_parameters
 from layerprune.models.loading import LoadedModel, load_model
-from layerprune.search.candidates import (
+from layerprune.searching.candidates import (
     Candidate,
     available_repairs,
     candidate_metrics,
@@ -47,13 +47,14 @@ from layerprune.search.candidates import (
     repaired_candidates,
     unique_selections,
 )
-from layerprune.search.ranking import DropRule, held_out_windows, rank, window_losses
-from layerprune.search.speed import SEARCH_WORKLOAD, decode_speedup, layers_for_speedup
-from layerprune.selection import check_remove, parse_remove
+from layerprune.records import checked
+from layerprune.searching.config import SearchConfig
+from layerprune.searching.ranking import DropRule, held_out_windows, rank, window_losses
+from layerprune.searching.record import SearchDocument
+from layerprune.searching.speed import SEARCH_WORKLOAD, decode_speedup, layers_for_speedup
+from layerprune.selection import parse_remove
 
-DEFAULT_REMOVE = "25%"
 HELD_OUT_SPLITS = ("validation", "test")
-DEFAULT_DROP_RULE = DropRule()
 
 
 @dataclass
@@ -101,29 +102,14 @@ class SearchRecord:
         return self.tried[self.winner_index]
 
     def to_json(self) -> dict[str, Any]:
-        return {"model": self.model, "num_layers": self.num_layers, "remove": self.remove,
-                "winner": self.winner_index, "winner_label": self.winner.label, **self.settings,
-                "candidates": [tried.to_json() for tried in self.tried],
-                "skipped_repairs": self.skipped,
-                "not_tried": [{**c.to_json(), "reason": "time or candidate budget spent"} for c in self.not_tried],
-                "seconds": round(self.seconds, 1)}
-
-
-def check_budget(remove: int | str | None, target_speedup: float | None, time_budget: float | None,
-                 max_candidates: int | None) -> int | str:
-    """Refuse an impossible budget before any model is loaded; returns the ``remove`` to use."""
-    if remove is not None and target_speedup is not None:
-        raise UsageError("give either --remove (a layer count) or --target-speedup (a measured decode speed-up), "
-                         "not both")
-    if target_speedup is not None and not (target_speedup > 1 and math.isfinite(target_speedup)):
-        raise UsageError(f"--target-speedup must be more than 1 (a speed-up over the original), got {target_speedup}")
-    if time_budget is not None and not time_budget > 0:
-        raise UsageError(f"--time-budget must be more than 0 minutes, got {time_budget}; leave it out for no limit")
-    if max_candidates is not None and max_candidates < 1:
-        raise UsageError(f"--max-candidates must be at least 1, got {max_candidates}; leave it out for no limit")
-    chosen = DEFAULT_REMOVE if remove is None else remove
-    check_remove(chosen)
-    return chosen
+        """``search.json``, checked against :class:`SearchDocument` (with its ``format_version``)."""
+        return checked(SearchDocument, {
+            "model": self.model, "num_layers": self.num_layers, "remove": self.remove,
+            "winner": self.winner_index, "winner_label": self.winner.label, **self.settings,
+            "candidates": [tried.to_json() for tried in self.tried],
+            "skipped_repairs": self.skipped,
+            "not_tried": [{**c.to_json(), "reason": "time or candidate budget spent"} for c in self.not_tried],
+            "seconds": round(self.seconds, 1)})
 
 
 def held_out_source(data: str | Path, split: str, rank_data: str | Path | None) -> tuple[str, str]:
@@ -133,13 +119,13 @@ def held_out_source(data: str | Path, split: str, rank_data: str | Path | None) 
 
     if rank_data is not None:
         if Path(str(rank_data)).expanduser().resolve() == Path(str(data)).expanduser().resolve():
-            raise UsageError("--rank-data is the calibration file itself; rank on held-out text (another file)")
+            SearchConfig.refuse("rank_data", "is the calibration file itself; rank on held-out text (another file)")
         check_source(rank_data)
         return str(rank_data), "train" if str(rank_data) in BUILTIN_CORPORA or str(rank_data) in HUB_CORPORA else split
     if str(data) in BUILTIN_CORPORA or str(data) in HUB_CORPORA:
         return str(data), next(s for s in HELD_OUT_SPLITS if s != split)
-    raise UsageError(f"{data} is a local file, which has no held-out split; pass --rank-data with other text to "
-                     "rank the candidates on")
+    SearchConfig.refuse("rank_data", f"is needed: the calibration data {data} is a local file, which has no "
+                                     "held-out split; give other text to rank the candidates on")
 
 
 def rank_queue(loaded: LoadedModel, queue: list[Candidate], calibration: Any, windows: list[Any], first: int, *,
@@ -187,26 +173,20 @@ def rank_queue(loaded: LoadedModel, queue: list[Candidate], calibration: Any, wi
     return tried, best[1], refused
 
 
-def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, target_speedup: float | None = None,
-           data: str | Path = DEFAULT_CALIBRATION.source, split: str = DEFAULT_CALIBRATION.split,
-           text_field: str | None = None, samples: int = DEFAULT_CALIBRATION.samples,
-           seq_len: int = DEFAULT_CALIBRATION.seq_len, seed: int = DEFAULT_CALIBRATION.seed,
-           sampling: str = DEFAULT_CALIBRATION.sampling, batch_size: int = 8,
-           metric_options: dict[str, Any] | None = None, rank_data: str | Path | None = None,
-           rank_windows: int = 16, drop_rule: DropRule = DEFAULT_DROP_RULE, repairs: bool = True,
-           exhaustive: bool = False, heal: str | None = None, heal_options: dict[str, Any] | None = None,
-           time_budget: float | None = None, max_candidates: int | None = None,
-           out: str | Path | None = None, overwrite: bool = False, workload: Workload = SEARCH_WORKLOAD,
-           progress: bool | None = None, load_options: dict[str, Any] | None = None) -> SearchRecord:
-    """Find the best cut of ``remove`` layers (a count or ``"25%"``; default 25%) of ``model``, or of the
-    fewest layers that reach a measured decode ``target_speedup``, and with ``out`` write the winner
-    and the search's record there (see the module docstring).
+def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, *,
+           calibration: CalibrationConfig = DEFAULT_CALIBRATION, metric_options: dict[str, Any] | None = None,
+           heal_options: dict[str, Any] | None = None, out: str | Path | None = None, overwrite: bool = False,
+           workload: Workload = SEARCH_WORKLOAD, progress: bool | None = None,
+           load_options: dict[str, Any] | None = None, **options: Any) -> SearchRecord:
+    """Find the best cut of ``model`` for the budget ``config`` (a :class:`SearchConfig`, or its
+    options as keywords, which override ``config``'s: ``remove=8``, ``target_speedup=1.3``...), and
+    with ``out`` write the winner and the search's record there (see the module docstring).
 
-    ``time_budget`` (minutes) stops trying new candidates once spent; ``max_candidates`` caps how
-    many are ranked (at least one always is). ``exhaustive`` adds the iterative selections of the
-    ``costly`` metrics (``ppl``: SLEB; ``taylor``), each about ``remove`` times that metric's own
-    scoring. ``heal`` heals the winner only, with ``heal_options``
-    (:func:`layerprune.heal`'s) on ``data``. ``progress``: a bar over candidates (default: on a terminal).
+    Every metric scores, and every repair fits, on ``calibration``; ranking reads held-out text
+    (``rank_data``, or another split of the calibration source). ``metric_options`` are the
+    metrics' own (:func:`layerprune.score`'s); ``heal_options`` are :func:`layerprune.heal`'s for
+    healing the winner (``heal``) on the calibration source. ``workload`` is what decode speed is
+    timed on; ``progress``: a bar over candidates (default: on a terminal).
     """
     from layerprune.data import calibrate, check_source, token_stream
     from layerprune.data.calibration import text_prefix
@@ -214,83 +194,85 @@ def search(model: str | Path | LoadedModel, remove: int | str | None = None, *, 
     from layerprune.scoring import rescorer, score
 
     began = time.perf_counter()
-    chosen_remove = check_budget(remove, target_speedup, time_budget, max_candidates)
-    if rank_windows < 1:
-        raise UsageError(f"--rank-windows must be at least 1, got {rank_windows}")
-    calibration_config = CalibrationConfig(source=data, split=split, text_field=text_field, samples=samples,
-                                           seq_len=seq_len, seed=seed, sampling=sampling)
-    check_source(data, split)
-    rank_source, rank_split = held_out_source(data, split, rank_data)
-    if heal is not None:
+    if options or config is None:
+        config = SearchConfig(**{**(config.model_dump() if config is not None else {}), **options})
+    check_source(calibration.source, calibration.split)
+    rank_source, rank_split = held_out_source(calibration.source, calibration.split, config.rank_data)
+    if config.heal is not None:
         from layerprune.healing import HEALERS
 
-        HEALERS.get(heal)
+        HEALERS.get(config.heal)
     model_folder = model.local_dir if isinstance(model, LoadedModel) else Path(str(model)).expanduser()
     protected = [model_folder] if model_folder is not None and Path(model_folder).exists() else []
     if out is not None:
         check_output_path(out, overwrite=overwrite, protected=protected)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, **(load_options or {}))
-    deadline = began + time_budget * 60 if time_budget is not None else math.inf
+    deadline = began + config.time_budget * 60 if config.time_budget is not None else math.inf
     out_of_time: Callable[[], bool] = lambda: time.perf_counter() > deadline
 
     measured_at_count = None
-    if target_speedup is not None:
-        count, measured_at_count = layers_for_speedup(loaded, target_speedup, workload)
+    if config.target_speedup is not None:
+        count, measured_at_count = layers_for_speedup(loaded, config.target_speedup, workload)
     else:
-        count = parse_remove(chosen_remove, loaded.num_layers)
+        count = parse_remove(config.removal, loaded.num_layers)
     max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
-    calibration = calibrate(loaded.tokenizer, calibration_config, max_positions=max_positions)
+    rows = calibrate(loaded.tokenizer, calibration, max_positions=max_positions)
     prefix = text_prefix(loaded.tokenizer)
-    windows = held_out_windows(token_stream(loaded.tokenizer, rank_source, rank_split, text_field), seq_len, prefix,
-                               rank_windows)
+    windows = held_out_windows(token_stream(loaded.tokenizer, rank_source, rank_split, calibration.text_field),
+                               calibration.seq_len, prefix, config.rank_windows)
 
-    options = {"batch_size": batch_size, **(metric_options or {})}
+    batch_size = config.batch_size
+    scoring = {"batch_size": batch_size, **(metric_options or {})}
     metrics = candidate_metrics()
-    report = score(loaded, calibration, metrics, **options)
-    selections, not_selected = unique_selections(report, count, rescorer(loaded, calibration, **options), out_of_time,
-                                                 exhaustive=exhaustive)
+    report = score(loaded, rows, metrics, **scoring)
+    selections, not_selected = unique_selections(report, count, rescorer(loaded, rows, **scoring), out_of_time,
+                                                 exhaustive=config.exhaustive)
     plain = plain_candidates(selections)
-    repaired, skipped = repaired_candidates(loaded, plain, available_repairs(), calibration.tokens) if repairs else ([], [])
+    repaired, skipped = (repaired_candidates(loaded, plain, available_repairs(), rows.tokens) if config.repairs
+                         else ([], []))
     queue = [*plain, *repaired]
-    limit = len(queue) if max_candidates is None else max_candidates
+    limit = len(queue) if config.max_candidates is None else config.max_candidates
 
-    tried, winner_model, refused = rank_queue(loaded, queue[:limit], calibration, windows, max(len(prefix), 1),
-                                     batch_size=batch_size, drop_rule=drop_rule, workload=workload,
-                                     out_of_time=out_of_time, progress=progress)
+    drop_rule = config.drop_rule
+    tried, winner_model, refused = rank_queue(loaded, queue[:limit], rows, windows, max(len(prefix), 1),
+                                              batch_size=batch_size, drop_rule=drop_rule, workload=workload,
+                                              out_of_time=out_of_time, progress=progress)
     winner_index = min((i for i, t in enumerate(tried) if not t.dropped), key=lambda i: (tried[i].ppl, i))
     settings = {
-        "budget": {"remove": chosen_remove if target_speedup is None else None, "target_speedup": target_speedup,
-                   "measured_decode_speedup_at_count": measured_at_count, "time_budget_minutes": time_budget,
-                   "max_candidates": max_candidates},
-        "calibration": {**calibration_config.record(), "used_for": "scoring every metric and fitting every repair"},
-        "ranking": {"source": rank_source, "split": rank_split, "seq_len": seq_len, "windows": len(windows),
-                    "tokens": tried[winner_index].tokens,
-                    "held_out": "another split of the calibration source (split by document)" if rank_data is None
-                    else "the --rank-data text",
+        "budget": {"remove": config.removal, "target_speedup": config.target_speedup,
+                   "measured_decode_speedup_at_count": measured_at_count, "time_budget_minutes": config.time_budget,
+                   "max_candidates": config.max_candidates},
+        "calibration": {**calibration.record(), "used_for": "scoring every metric and fitting every repair"},
+        "ranking": {"source": rank_source, "split": rank_split, "seq_len": calibration.seq_len,
+                    "windows": len(windows), "tokens": tried[winner_index].tokens,
+                    "held_out": "another split of the calibration source (split by document)"
+                    if config.rank_data is None else "the rank_data text",
                     "drop_rule": f"dropped once, after {drop_rule.after} or more windows, the running perplexity "
                                  f"exceeds {drop_rule.factor:g}x the best final perplexity so far"},
         "metrics": metrics,
-        "exhaustive": exhaustive,
+        "exhaustive": config.exhaustive,
         "selections_not_made": not_selected or None,
         "importance": {name: r.importance for name, r in report.results.items()},
         "speed_workload": {"prompt_len": workload.prompt_len, "new_tokens": workload.new_tokens,
                            "repeats": workload.repeats},
-        "heal": heal,
+        "heal": config.heal,
+        "options": config,
     }
     done = [t.candidate for t in tried] + [refusal["candidate"] for refusal in refused]
     record = SearchRecord(loaded.source, loaded.num_layers, count, tried, winner_index, settings,
                           skipped + [refusal["record"] for refusal in refused],
                           [c for c in queue if c not in done], time.perf_counter() - began)
     if out is not None:
-        from layerprune.search.report import write_search
+        from layerprune.searching.report import write_search
 
         source = str(model) if not isinstance(model, LoadedModel) else str(loaded.local_dir or loaded.source)
-        if heal is not None:
+        if config.heal is not None:
             from layerprune.healing import heal as heal_model
 
             # a plain cut shares its weights with the original (the teacher): train an own copy
-            winner_model = heal_model(winner_model.copy(), heal, data, original=loaded, **(heal_options or {}))
+            winner_model = heal_model(winner_model.copy(), config.heal, calibration.source, original=loaded,
+                                      **(heal_options or {}))
         record.out = write_search(record, winner_model, out, overwrite=overwrite, protected=protected,
-                                  source=source, calibration=calibration_config.record(), batch_size=batch_size,
+                                  source=source, calibration=calibration.record(), batch_size=batch_size,
                                   metric_options=metric_options or {}, heal_options=heal_options or {})
     return record

@@ -1,5 +1,5 @@
 """What a cut buys in decode speed: measured against the original in the same process, and the
-FLOP-ideal figure beside it (:mod:`layerprune.evaluation.efficiency`); and, for ``--target-speedup``,
+FLOP-ideal figure beside it (:mod:`layerprune.evaluation.efficiency`); and, for a target speed-up,
 the fewest layers whose removal reaches a measured decode speed-up.
 
 Speed depends on how many layers run, not on which, so a search times one cut per depth (every
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedModel
 
-from layerprune.errors import UsageError
 from layerprune.evaluation.efficiency import Workload, measure_efficiency
 from layerprune.models.loading import LoadedModel
 from layerprune.models.surgery import remove_layers
+from layerprune.searching.config import SearchConfig
 
 SEARCH_WORKLOAD = Workload(prompt_len=64, new_tokens=16, repeats=3, warmup=1)
 
@@ -54,8 +54,9 @@ def layers_for_speedup(loaded: LoadedModel, target: float, workload: Workload = 
     deepest = loaded.num_layers - 1
     reached = decode_speedup(loaded.model, top_cut(loaded, deepest).model, workload).measured
     if reached < target:
-        raise UsageError(f"--target-speedup {target:g} is out of reach: removing {deepest} of {loaded.num_layers} "
-                         f"layers gives a measured decode speed-up of only {reached:.2f}x; ask for less")
+        SearchConfig.refuse("target_speedup", f"{target:g} is out of reach: removing {deepest} of "
+                                              f"{loaded.num_layers} layers gives a measured decode speed-up of only "
+                                              f"{reached:.2f}x; ask for less")
     low, high, at_high = 1, deepest, reached  # invariant: removing `high` layers reaches the target
     while low < high:
         middle = (low + high) // 2

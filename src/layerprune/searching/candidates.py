@@ -67,7 +67,7 @@ def unique_selections(report: ScoreReport, count: int, rescore: Rescore, out_of_
             pair = f"{metric}/{strategy}"
             if unit.rescores and METRICS.get(metric).costly and not exhaustive:
                 not_made[pair] = ("re-scoring this metric after every removal costs several times the search; "
-                                  "exhaustive=True (--exhaustive) includes it")
+                                  "the exhaustive option includes it")
             elif unit.rescores and out_of_time():
                 not_made[pair] = "the time budget was spent before this re-scoring selection"
             else:
@@ -91,7 +91,7 @@ def repaired_candidates(loaded: LoadedModel, plain: list[Candidate], repairs: li
                         tokens: int) -> tuple[list[Candidate], list[dict[str, Any]]]:
     """Each plain candidate once more with every repair in ``repairs`` that accepts its cut and the
     ``tokens`` real calibration tokens (a linear map needs at least the hidden size); a refused one
-    is returned as a record ``{removed_layers, repair, reason}`` (the method's own words)."""
+    is returned as the candidate's record with the repair and the ``reason`` (the method's own words)."""
     from layerprune.repair import REPAIRS, check_map_tokens, check_repair
 
     repaired, skipped = [], []
@@ -102,8 +102,7 @@ def repaired_candidates(loaded: LoadedModel, plain: list[Candidate], repairs: li
                     check_map_tokens(loaded, tokens, repair)
                 check_repair(loaded, candidate.remove, repair)
             except UsageError as refusal:
-                skipped.append({"removed_layers": candidate.remove, "metric": candidate.metric,
-                                "strategy": candidate.strategy, "repair": repair, "reason": str(refusal)})
+                skipped.append({**candidate.to_json(), "repair": repair, "reason": str(refusal)})
                 continue
             repaired.append(Candidate(candidate.remove, candidate.metric, candidate.strategy, repair,
                                       list(candidate.also_found_by)))

@@ -62,7 +62,8 @@ def rank(batches: Iterable[tuple[float, int, int]], rule: DropRule, best_ppl: fl
         if rule.drops(running, windows_seen, best_ppl):
             return Ranked(running, nll_sum / tokens, tokens, windows_seen, dropped=True)
     if not tokens:
-        raise UsageError("the held-out text gave no window to score; use more held-out text or a shorter --seq-len")
+        raise UsageError("the held-out text gave no window to score; use more held-out text or a shorter "
+                         "calibration seq_len")
     return Ranked(math.exp(nll_sum / tokens), nll_sum / tokens, tokens, windows_seen, dropped=False)
 
 
@@ -73,8 +74,8 @@ def held_out_windows(stream: torch.Tensor, seq_len: int, prefix: list[int], coun
 
     full = [window for window in windows(stream, seq_len, prefix) if window.numel() == seq_len][:count]
     if not full:
-        raise UsageError(f"the held-out text holds no full window of {seq_len} tokens; lower --seq-len or give "
-                         "more held-out text")
+        raise UsageError(f"the held-out text holds no full window of {seq_len} tokens; lower the calibration seq_len "
+                         "or give more held-out text")
     return full
 
 

@@ -1,4 +1,4 @@
-"""A search's output folder: the winner, ``search.json``, ``search.md``, ``pareto.png`` and ``recipe.yaml``.
+"""A search's output folder: the winner, ``search.json`` (:mod:`.record`), ``search.md``, ``pareto.png`` and ``recipe.yaml``.
 
 The folder is built under a temporary name and renamed into place at the end
 (:func:`layerprune.outputs.atomic_output_dir`), so a failed search leaves nothing.
@@ -108,10 +108,11 @@ def write_search(record: Any, winner: LoadedModel, out: str | Path, *, overwrite
 
     recipe = recipe_document(record, source, calibration, batch_size, metric_options, heal_options)
     recipe_text = yaml.safe_dump(recipe, sort_keys=False)
+    document = record.to_json()  # checked against its model before anything is written
     with atomic_output_dir(out, overwrite=overwrite, protected=protected) as staging:
         save(winner, staging / "model", recipe={"file": RECIPE_FILE, "text": recipe_text, "model": source,
                                                  "search": record.winner.to_json()})
-        (staging / SEARCH_FILE).write_text(json.dumps(record.to_json(), indent=2) + "\n")
+        (staging / SEARCH_FILE).write_text(json.dumps(document, indent=2) + "\n")
         (staging / TABLE_FILE).write_text(search_table(record))
         (staging / PLOT_FILE).write_bytes(plot_pareto(record))
         (staging / RECIPE_FILE).write_text(recipe_text)

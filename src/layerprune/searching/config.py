@@ -1,0 +1,78 @@
+"""What a search is asked for: the one declaration of its options (:class:`SearchConfig`).
+
+:func:`layerprune.search` takes it, a recipe's ``search`` section is read as it, ``layerprune
+search`` makes its flags from it and ``search.json`` records it, so a default is written once and
+every front-end refuses the same values with the same words. The calibration the search scores on
+is the :class:`~layerprune.data.CalibrationConfig` every data-driven stage reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from layerprune.errors import UsageError
+from layerprune.options import Config, Parse, option
+from layerprune.searching.ranking import DropRule
+from layerprune.selection import check_remove
+
+DEFAULT_REMOVE = "25%"
+
+
+class SearchConfig(Config):
+    """The budget (layers or a decode speed-up, time, candidates), how candidates are ranked on
+    held-out text, and what becomes of the winner."""
+
+    unit = "search"
+
+    remove: Annotated[int | str | None, Parse(str)] = option(
+        None, f"layers to remove: a count (8) or a share (25%); {DEFAULT_REMOVE} unless a target speed-up is given")
+    target_speedup: float | None = option(
+        None, "instead of a layer count: the fewest layers whose removal gives this measured decode speed-up over "
+        "the original (more than 1)", metavar="X")
+    time_budget: float | None = option(
+        None, "stop trying new candidates after this many minutes (the best so far wins)", metavar="MINUTES")
+    max_candidates: int | None = option(None, "rank at most this many candidates, cheapest first", minimum=1,
+                                        metavar="N")
+    rank_data: str | Path | None = option(
+        None, "held-out text to rank on (default: another split of the calibration data; needed when that is a "
+        "local file, which has no split)")
+    rank_windows: int = option(16, "held-out windows of the calibration's seq_len tokens", minimum=1)
+    drop_factor: float = option(DropRule.factor, "drop a candidate whose running perplexity exceeds this times the "
+                                "best so far (0: never drop)", minimum=0)
+    drop_after: int = option(DropRule.after, "windows a candidate is scored on before it can be dropped", minimum=0)
+    repairs: bool = option(True, "rank every cut also with each training-free repair that applies (off: plain cuts "
+                           "only)", flag="--repair")
+    exhaustive: bool = option(False, "also the iterative selections of the costly metrics (ppl: SLEB; taylor), which "
+                              "re-score the model after every removal: each costs about as many of that metric's "
+                              "scorings as layers are removed")
+    batch_size: int = option(8, "rows per forward pass", minimum=1)
+    heal: str | None = option(None, "heal the winner only with this method (e.g. lora), on the calibration data",
+                              metavar="METHOD")
+
+    def check(self) -> None:
+        """The budget's rules: one of a layer count or a speed-up, each bound that excludes itself,
+        and a layer count that reads (whether it leaves a layer waits for the model)."""
+        if self.remove is not None and self.target_speedup is not None:
+            raise UsageError("give either remove (a layer count) or target_speedup (a measured decode speed-up), "
+                             "not both")
+        if self.target_speedup is not None and not self.target_speedup > 1:
+            self.refuse("target_speedup", f"must be more than 1 (a speed-up over the original), got "
+                                          f"{self.target_speedup}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            self.refuse("time_budget", f"must be more than 0 minutes, got {self.time_budget}; leave it out for no "
+                                       "limit")
+        if self.removal is not None:
+            check_remove(self.removal)
+
+    @property
+    def removal(self) -> int | str | None:
+        """The layers to remove (a count or a share): ``remove``, or 25% when neither it nor a target
+        speed-up is given; ``None`` when the target speed-up decides the count."""
+        if self.target_speedup is not None:
+            return None
+        return DEFAULT_REMOVE if self.remove is None else self.remove
+
+    @property
+    def drop_rule(self) -> DropRule:
+        return DropRule(after=self.drop_after, factor=self.drop_factor)

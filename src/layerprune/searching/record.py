@@ -1,0 +1,106 @@
+"""``search.json``: the typed, versioned record of a search (:class:`SearchDocument`).
+
+Every candidate tried with its held-out perplexity and speed-ups, the winner, what was skipped or
+left untried and why, and how the work was done (budget, calibration, ranking, the options as a
+:class:`~layerprune.searching.config.SearchConfig`). :meth:`SearchRecord.to_json` checks it
+against the model, so the file always has this shape; its JSON Schema ships beside
+``layerprune.json``'s (see :mod:`layerprune.records`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from layerprune.searching.config import SearchConfig
+
+FORMAT_VERSION = 1
+
+
+class _Part(BaseModel):
+    """A part of the record: typed where readers rely on the key, open to keys added later."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class CandidateEntry(_Part):
+    """One cut: the layers it removes (as loaded), which metric and strategy found it (and which
+    others found the same layers), and the training-free repair applied (``null``: plain removal)."""
+
+    removed_layers: list[int]
+    metric: str
+    strategy: str
+    repair: str | None
+    also_found_by: list[str]
+
+
+class TriedEntry(CandidateEntry):
+    """A ranked candidate."""
+
+    held_out_ppl: float = Field(description="perplexity on the held-out windows; a lower bound when dropped early")
+    held_out_tokens: int = Field(ge=0)
+    held_out_windows: int = Field(ge=0)
+    dropped_early: bool
+    parameters: int = Field(ge=0)
+    flop_ideal_decode_speedup: float
+    measured_decode_speedup: float
+    seconds: float = Field(ge=0)
+
+
+class UnrankedEntry(CandidateEntry):
+    """A candidate not ranked: a repair that refused the cut or its data, or one the budget left out."""
+
+    reason: str
+
+
+class Budget(_Part):
+    remove: int | str | None = Field(description="the layers asked for (a count or a share); null when a target "
+                                                 "speed-up decided the count")
+    target_speedup: float | None
+    measured_decode_speedup_at_count: float | None
+    time_budget_minutes: float | None
+    max_candidates: int | None
+
+
+class Ranking(_Part):
+    source: str
+    split: str
+    seq_len: int = Field(ge=1)
+    windows: int = Field(ge=1)
+    tokens: int = Field(ge=0, description="held-out tokens the winner was ranked on")
+    held_out: str
+    drop_rule: str
+
+
+class SpeedWorkload(_Part):
+    prompt_len: int = Field(ge=1)
+    new_tokens: int = Field(ge=1)
+    repeats: int = Field(ge=1)
+
+
+class SearchDocument(BaseModel):
+    """What ``search.json`` holds."""
+
+    model_config = ConfigDict(extra="forbid", title="search.json")
+
+    format_version: int = Field(default=FORMAT_VERSION, ge=1, le=FORMAT_VERSION)
+    model: str
+    num_layers: int = Field(ge=1)
+    remove: int = Field(ge=1, description="layers each candidate removes")
+    winner: int = Field(ge=0, description="the winner's index in candidates")
+    winner_label: str
+    budget: Budget
+    calibration: dict[str, Any] = Field(description="the calibration the metrics scored on and the repairs fitted to")
+    ranking: Ranking
+    metrics: list[str]
+    exhaustive: bool
+    selections_not_made: dict[str, str] | None = Field(description="metric/strategy -> why it was not selected")
+    importance: dict[str, list[float]] = Field(description="every metric's per-layer importance")
+    speed_workload: SpeedWorkload
+    heal: str | None
+    options: SearchConfig = Field(description="the search's options, defaults filled in")
+    candidates: list[TriedEntry]
+    skipped_repairs: list[UnrankedEntry]
+    not_tried: list[UnrankedEntry]
+    seconds: float = Field(ge=0)
