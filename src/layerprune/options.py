@@ -29,7 +29,8 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -82,7 +83,7 @@ class Option:
         if self.maximum is not None and value > self.maximum:
             self.refuse(f"must be at most {self.maximum}, got {value}")
 
-    def refuse(self, problem: str) -> None:
+    def refuse(self, problem: str) -> typing.NoReturn:
         """Raise ``problem`` about this option, for each front-end to name it its own way."""
         raise OptionError(self.name, self.flag, problem)
 
@@ -144,6 +145,11 @@ class Parse:
     read: Callable[[str], Any]
 
 
+NO_FLAG = ""
+"""An option's ``flag`` where the command line does not take it (the API and recipes do): it gets
+no flag, and the docs' tables show none."""
+
+
 def option(default: Any, help: str, *, flag: str | None = None, minimum: float | None = None,
            maximum: float | None = None, choices: Sequence[Any] | None = None, metavar: str | None = None) -> Any:
     """A :class:`Config` field: its default, one help sentence, and the same optional metadata as a
@@ -169,8 +175,12 @@ class Config(BaseModel):
         if isinstance(values, dict):
             declared = {option.name: option for option in options_of(cls)}
             refuse_unknown(values, declared, unit=cls.unit)
-            for name, value in values.items():
+            values = dict(values)
+            for name, value in list(values.items()):
                 declared[name].check(value, cls.unit)
+                nested = _config_in(declared[name].annotation)
+                if isinstance(value, dict) and nested is not None:
+                    values[name] = _build_nested(nested, name, value)
         return values
 
     @model_validator(mode="after")
@@ -179,7 +189,41 @@ class Config(BaseModel):
         return self
 
     def check(self) -> None:
-        """Rules between options (none by default): raise a :class:`UsageError` naming them and the fix."""
+        """Rules between options (none by default): raise a :class:`UsageError` naming them and the fix
+        (:meth:`refuse` where the rule is about one option's value)."""
+
+    def refuse(self, name: str, problem: str) -> typing.NoReturn:
+        """Refuse the value of option ``name`` from a rule of :meth:`check`, named by each front-end
+        its own way (keyword, flag, recipe key) like a value its declaration refuses."""
+        declaration(type(self), name).refuse(problem)
+
+
+def declaration(options_class: type, name: str) -> Option:
+    """The declaration of option ``name`` of ``options_class``."""
+    return next(option for option in options_of(options_class) if option.name == name)
+
+
+def _config_in(annotation: Any) -> type[Config] | None:
+    """The :class:`Config` a field holds (alone or in a union), which a mapping of its options builds."""
+    arguments = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    return next((arg for arg in arguments if isinstance(arg, type) and issubclass(arg, Config)), None)
+
+
+def _build_nested(config_class: type[Config], name: str, values: dict[str, Any]) -> Config:
+    """A nested config built from its mapping (its refusals named by their path, see :func:`within`)."""
+    with within(name):
+        return config_class(**values)
+
+
+@contextmanager
+def within(name: str) -> Iterator[None]:
+    """Name an option of the config nested under ``name`` that the block refuses by its path
+    (``classification.epochs``), as a recipe writes it and a Python caller passes it; its flag stays."""
+    try:
+        yield
+    except OptionError as error:
+        raise OptionError(f"{name}.{error.name}", error.flag, error.problem) from None
 
 
 def unit_options(unit: Any) -> type | None:
@@ -232,6 +276,8 @@ def default_text(option: Option) -> str:
         return ""
     if isinstance(option.default, bool):
         return "on" if option.default else "off"
+    if isinstance(option.default, (tuple, list)):  # written as the flag takes it; an empty list as nothing
+        return ",".join(map(str, option.default))
     return str(option.default)
 
 
@@ -247,7 +293,7 @@ def add_option_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
     skipped = set(skip)
     declared = {o.name: o for options_class in options_classes for o in options_of(options_class)}
     for option in declared.values():
-        if option.name in skipped:
+        if option.name in skipped or option.flag == NO_FLAG:
             continue
         shown = default_text(option)
         text = f"{option.help} (default: {shown})" if shown else option.help
@@ -272,8 +318,30 @@ def given_options(args: argparse.Namespace, options_class: type | None) -> dict[
     for option in options_of(options_class):
         if hasattr(args, option.name):
             value = getattr(args, option.name)
-            given[option.name] = option.parse(value) if option.parse and isinstance(value, str) else value
+            if option.parse and isinstance(value, str):
+                try:
+                    value = option.parse(value)
+                except UsageError as error:  # the reader knows the text, not the flag it came from
+                    option.refuse(str(error))
+            given[option.name] = value
     return given
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """A comma-separated flag (``--ppl wiki-sample,news-sample``) as its entries; an empty entry
+    (``a,,b``, ``a,``) is refused, since one silently dropped would run other work than was typed."""
+    parts = tuple(part.strip() for part in text.split(","))
+    if not all(parts):
+        raise UsageError(f"{text!r} has an empty entry; separate the entries with single commas, e.g. a,b")
+    return parts
+
+
+def comma_ints(text: str) -> tuple[int, ...]:
+    """A comma-separated flag of integers (``--k 1,2,4,8``)."""
+    try:
+        return tuple(int(part) for part in comma_list(text))
+    except ValueError:
+        raise UsageError(f"{text!r} must be comma-separated integers, e.g. 1,2,4,8") from None
 
 
 def finite_float(text: str) -> float:
@@ -313,7 +381,8 @@ def options_table(options_class: type | None) -> list[str]:
         if any(bounds):
             notes.append(" and ".join(b for b in bounds if b))
         default = "`None`" if option.default is None else f"`{option.default!r}`"
-        rows.append(f"| `{option.name}` | `{option.flag}` | {type_name(option.annotation)} | {default} | "
+        flag = f"`{option.flag}`" if option.flag != NO_FLAG else "(none)"
+        rows.append(f"| `{option.name}` | {flag} | {type_name(option.annotation)} | {default} | "
                     f"{'; '.join(notes)} |")
     return rows
 
@@ -351,8 +420,10 @@ def matches(value: Any, annotation: Any) -> bool:
         if not isinstance(value, (list, tuple)):
             return False
         return all(matches(item, args[0]) for item in value) if args else True
-    if origin is dict or annotation is dict or _is_settings_class(annotation):
+    if origin is dict or annotation is dict:
         return isinstance(value, dict)
+    if _is_settings_class(annotation):  # a mapping of its fields, or the built settings themselves
+        return isinstance(value, (dict, annotation))
     if annotation is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if annotation is int:
