@@ -178,7 +178,7 @@ class Config(BaseModel):
             values = dict(values)
             for name, value in list(values.items()):
                 declared[name].check(value, cls.unit)
-                nested = _config_in(declared[name].annotation)
+                nested = config_in(declared[name].annotation)
                 if isinstance(value, dict) and nested is not None:
                     values[name] = _build_nested(nested, name, value)
         return values
@@ -203,7 +203,7 @@ def declaration(options_class: type, name: str) -> Option:
     return next(option for option in options_of(options_class) if option.name == name)
 
 
-def _config_in(annotation: Any) -> type[Config] | None:
+def config_in(annotation: Any) -> type[Config] | None:
     """The :class:`Config` a field holds (alone or in a union), which a mapping of its options builds."""
     arguments = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
         else (annotation,)

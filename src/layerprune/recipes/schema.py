@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from layerprune.errors import UsageError
-from layerprune.options import Config, matches, options_of, type_name
+from layerprune.options import config_in, matches, options_of, type_name
 from layerprune.recipes.yamlfile import KeyPath
 
 
@@ -69,12 +69,12 @@ def check_section(
     return values
 
 
-def _settings_class_in(annotation: Any) -> type | None:
-    """The dataclass or :class:`~layerprune.options.Config` a field holds (alone or in a union)."""
-    arguments = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
-        else (annotation,)
-    return next((arg for arg in arguments if dataclasses.is_dataclass(arg)
-                 or (isinstance(arg, type) and issubclass(arg, Config))), None)
+def _dataclass_in(annotation: Any) -> type | None:
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return next((arg for arg in typing.get_args(annotation) if dataclasses.is_dataclass(arg)), None)
+    return None
 
 
 def build_arguments(
@@ -88,9 +88,10 @@ def build_arguments(
     arguments = {}
     for key, value in values.items():
         annotation = fields[key].annotation
-        settings_class = _settings_class_in(annotation)
-        if isinstance(value, dict) and settings_class is not None and issubclass(settings_class, Config):
-            check_section(value, option_fields(settings_class), file=file, lines=lines, path=(*path, key))
+        settings_class = _dataclass_in(annotation)
+        nested_config = config_in(annotation)
+        if isinstance(value, dict) and nested_config is not None:
+            check_section(value, option_fields(nested_config), file=file, lines=lines, path=(*path, key))
         elif isinstance(value, dict) and settings_class is not None:
             nested = fields_of(settings_class)
             value = settings_class(**build_arguments(value, nested, file=file, lines=lines, path=(*path, key)))
