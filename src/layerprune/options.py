@@ -26,7 +26,8 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn, TypeVar
@@ -121,6 +122,11 @@ class Parse:
     read: Callable[[str], Any]
 
 
+NO_FLAG = ""
+"""An option's ``flag`` where the command line does not take it (the API and recipes do): it gets
+no flag, and the docs' tables show none."""
+
+
 def option(default: Any, help: str, *, flag: str | None = None, minimum: float | None = None,
            maximum: float | None = None, choices: Sequence[Any] | None = None, metavar: str | None = None) -> Any:
     """A :class:`Config` field: its default, one help sentence, and the same optional metadata as a
@@ -149,8 +155,12 @@ class Config(BaseModel):
         if isinstance(values, dict):
             declared = {option.name: option for option in options_of(cls)}
             refuse_unknown(values, declared, unit=unit)
-            for name, value in values.items():
+            values = dict(values)
+            for name, value in list(values.items()):
                 declared[name].check(value, unit)
+                nested = config_in(declared[name].annotation)
+                if isinstance(value, dict) and nested is not None:
+                    values[name] = _build_nested(nested, name, value)
         return values
 
     @model_validator(mode="after")
@@ -159,14 +169,43 @@ class Config(BaseModel):
         return self
 
     def check(self) -> None:
-        """Rules between options (none by default): raise a :class:`UsageError` naming them and the fix."""
+        """Rules between options (none by default): raise a :class:`UsageError` naming them and the fix
+        (:meth:`refuse` where the rule is about one option's value)."""
 
     @classmethod
     def refuse(cls, name: str, problem: str) -> NoReturn:
         """Refuse the value of option ``name`` for ``problem`` as its declaration would (an
-        :class:`OptionError` each front-end names its own way): for a rule :func:`option` cannot
-        state (a bound that excludes itself) or one only the run finds out."""
-        next(option for option in options_of(cls) if option.name == name).refuse(problem)
+        :class:`OptionError` each front-end names its own way: keyword, flag, recipe key): for a rule of
+        :meth:`check` or one only the run finds out."""
+        declaration(cls, name).refuse(problem)
+
+
+def declaration(options_class: type, name: str) -> Option:
+    """The declaration of option ``name`` of ``options_class``."""
+    return next(option for option in options_of(options_class) if option.name == name)
+
+
+def config_in(annotation: Any) -> type[Config] | None:
+    """The :class:`Config` a field holds (alone or in a union), which a mapping of its options builds."""
+    arguments = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    return next((arg for arg in arguments if isinstance(arg, type) and issubclass(arg, Config)), None)
+
+
+def _build_nested(config_class: type[Config], name: str, values: dict[str, Any]) -> Config:
+    """A nested config built from its mapping (its refusals named by their path, see :func:`within`)."""
+    with within(name):
+        return config_class(**values)
+
+
+@contextmanager
+def within(name: str) -> Iterator[None]:
+    """Name an option of the config nested under ``name`` that the block refuses by its path
+    (``classification.epochs``), as a recipe writes it and a Python caller passes it; its flag stays."""
+    try:
+        yield
+    except OptionError as error:
+        raise OptionError(f"{name}.{error.name}", error.flag, error.problem) from None
 
 
 ConfigT = TypeVar("ConfigT", bound=Config)
@@ -205,6 +244,8 @@ def default_text(option: Option) -> str:
         return ""
     if isinstance(option.default, bool):
         return "on" if option.default else "off"
+    if isinstance(option.default, (tuple, list)):  # written as the flag takes it; an empty list as nothing
+        return ",".join(map(str, option.default))
     return str(option.default)
 
 
@@ -220,7 +261,7 @@ def add_option_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
     skipped = set(skip)
     declared = {o.name: o for options_class in options_classes for o in options_of(options_class)}
     for option in declared.values():
-        if option.name in skipped:
+        if option.name in skipped or option.flag == NO_FLAG:
             continue
         shown = default_text(option)
         text = f"{option.help} (default: {shown})" if shown else option.help
@@ -245,8 +286,30 @@ def given_options(args: argparse.Namespace, options_class: type | None) -> dict[
     for option in options_of(options_class):
         if hasattr(args, option.name):
             value = getattr(args, option.name)
-            given[option.name] = option.parse(value) if option.parse and isinstance(value, str) else value
+            if option.parse and isinstance(value, str):
+                try:
+                    value = option.parse(value)
+                except UsageError as error:  # the reader knows the text, not the flag it came from
+                    option.refuse(str(error))
+            given[option.name] = value
     return given
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """A comma-separated flag (``--ppl wiki-sample,news-sample``) as its entries; an empty entry
+    (``a,,b``, ``a,``) is refused, since one silently dropped would run other work than was typed."""
+    parts = tuple(part.strip() for part in text.split(","))
+    if not all(parts):
+        raise UsageError(f"{text!r} has an empty entry; separate the entries with single commas, e.g. a,b")
+    return parts
+
+
+def comma_ints(text: str) -> tuple[int, ...]:
+    """A comma-separated flag of integers (``--k 1,2,4,8``)."""
+    try:
+        return tuple(int(part) for part in comma_list(text))
+    except ValueError:
+        raise UsageError(f"{text!r} must be comma-separated integers, e.g. 1,2,4,8") from None
 
 
 def finite_float(text: str) -> float:
@@ -286,7 +349,8 @@ def options_table(options_class: type | None) -> list[str]:
         if any(bounds):
             notes.append(" and ".join(b for b in bounds if b))
         default = "`None`" if option.default is None else f"`{option.default!r}`"
-        rows.append(f"| `{option.name}` | `{option.flag}` | {type_name(option.annotation)} | {default} | "
+        flag = f"`{option.flag}`" if option.flag != NO_FLAG else "(none)"
+        rows.append(f"| `{option.name}` | {flag} | {type_name(option.annotation)} | {default} | "
                     f"{'; '.join(notes)} |")
     return rows
 
@@ -324,8 +388,10 @@ def matches(value: Any, annotation: Any) -> bool:
         if not isinstance(value, (list, tuple)):
             return False
         return all(matches(item, args[0]) for item in value) if args else True
-    if origin is dict or annotation is dict or _is_settings(annotation):
+    if origin is dict or annotation is dict:
         return isinstance(value, dict)
+    if _is_settings(annotation):  # a mapping of its fields, or the built settings themselves
+        return isinstance(value, (dict, annotation))
     if annotation is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if annotation is int:

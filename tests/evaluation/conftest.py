@@ -6,7 +6,9 @@ import random
 from dataclasses import dataclass
 
 import pytest
+import torch
 
+from layerprune import data
 from layerprune.models.loading import LoadedModel
 from tests.helpers import tiny_loaded
 
@@ -35,3 +37,19 @@ def letters_task(size: int, seed: int) -> Labelled:
 @pytest.fixture
 def loaded() -> LoadedModel:
     return tiny_loaded(num_layers=4)
+
+
+@pytest.fixture
+def fake_data_layer(monkeypatch, tmp_path):
+    """Stand-ins for the data layer's contract: a byte-level token stream of a file, a labelled set."""
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
+
+    def token_stream(tokenizer, source, split="test", text_field=None):
+        with open(source) as handle:
+            return torch.tensor(tokenizer(handle.read(), add_special_tokens=False)["input_ids"])
+
+    monkeypatch.setattr(data, "token_stream", token_stream, raising=False)
+    monkeypatch.setattr(data, "load_labelled", lambda name, split: letters_task(10, seed=5), raising=False)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    return text

@@ -71,7 +71,7 @@ def test_stability_of_a_model_with_itself_is_one_and_a_pruned_model_differs(task
 def test_stability_counts_agreement_not_correctness() -> None:
     assert stability([0, 1, 1, 0], [0, 1, 0, 0]) == 0.75
     assert stability([1, 1], [1, 1]) == 1.0
-    with pytest.raises(UsageError, match="same --limit"):
+    with pytest.raises(UsageError, match="same limit"):
         stability([0, 1], [0])
 
 

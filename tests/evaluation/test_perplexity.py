@@ -95,7 +95,7 @@ def test_max_windows_scores_only_the_first_windows() -> None:
 
 def test_bad_input_is_a_usage_error(tmp_path) -> None:
     model = tiny_model("llama", 2)
-    with pytest.raises(UsageError, match="seq-len"):
+    with pytest.raises(UsageError, match="seq_len"):
         perplexity(model, torch.arange(10), 1)
     with pytest.raises(UsageError, match="fewer than 2 tokens"):
         perplexity(model, torch.arange(1), 8)

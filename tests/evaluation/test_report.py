@@ -6,30 +6,11 @@ import copy
 import json
 
 import pytest
-import torch
 
 import layerprune as lp
-from layerprune import data
 from layerprune.cli.main import main
 from layerprune.reporting.eval_tables import comparison_table, update_doc_section
-from tests.evaluation.conftest import letters_task
 from tests.helpers import tiny_loaded
-
-
-@pytest.fixture
-def fake_data_layer(monkeypatch, tmp_path):
-    """Stand-ins for the data layer's contract: a byte-level token stream of a file, a labelled set."""
-    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
-
-    def token_stream(tokenizer, source, split="test", text_field=None):
-        with open(source) as handle:
-            return torch.tensor(tokenizer(handle.read(), add_special_tokens=False)["input_ids"])
-
-    monkeypatch.setattr(data, "token_stream", token_stream, raising=False)
-    monkeypatch.setattr(data, "load_labelled", lambda name, split: letters_task(10, seed=5), raising=False)
-    text = tmp_path / "text.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
-    return text
 
 
 def test_evaluate_compares_models_with_the_reference(fake_data_layer) -> None:

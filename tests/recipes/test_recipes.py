@@ -237,7 +237,7 @@ PREFLIGHT_RECIPE = {
         ("heal", "heal: {method: partial-ft, data: corpus.txt, train_layers: 5}",
          ["line 5:", "heal.train_layers 5 exceeds the model's 4 layers", "choose 1..4"]),
         ("heal", "heal: {method: partial-ft, data: corpus.txt, steps: 0}", ["line 5:", "steps must be at least 1"]),
-        ("eval", "eval: {seq_len: 32}", ["line 6:", "nothing to evaluate", "pass --ppl"]),
+        ("eval", "eval: {seq_len: 32}", ["line 6:", "nothing to evaluate", "ask for ppl, tasks"]),
         ("eval", "eval: {ppl: [gone.txt]}", ["line 6:", "unknown perplexity data 'gone.txt'",
                                              "the path of an existing text file"]),
         ("load", "load: {gguf_file: ../outside.gguf}", ["line 7:", "load.gguf_file '../outside.gguf' must be a file name inside the model folder"]),

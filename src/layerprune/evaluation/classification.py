@@ -20,8 +20,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +31,7 @@ from layerprune.data import TrainingSet
 from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel
 from layerprune.models.surgery import remove_layers
+from layerprune.options import NO_FLAG, Config, Parse, comma_ints, comma_list, option
 
 log = logging.getLogger(__name__)
 
@@ -44,37 +44,53 @@ class Labelled(Protocol):
     label_names: list[str]
 
 
-@dataclass(frozen=True)
-class ClassificationSettings:
-    """One curve: which depths, which heads, how much data and training."""
+def unescape_newlines(text: str) -> str:
+    """A ``--template`` as typed in a shell, where a line break is written ``\\n``."""
+    return text.replace("\\n", "\n")
 
-    ks: tuple[int, ...]
-    heads: tuple[str, ...] = HEAD_KINDS
-    template: str = "{text}\nAnswer:"
-    verbalizer: tuple[str, ...] = ()  # one word per class; default: the label names
-    train_size: int = 512
-    test_size: int = 400
-    epochs: int = 2
-    batch_size: int = 16
-    lr: float = 1e-4
-    head_lr: float = 1e-3  # a fresh head starts from random and needs larger steps than pretrained layers
-    max_tokens: int = 64
-    seed: int = 0
 
-    def check(self, num_layers: int | None = None) -> None:
+class ClassificationSettings(Config):
+    """One curve: which depths, which heads, how much data and training (the ``classification``
+    options of an evaluation, declared once for the API, a recipe and the flags)."""
+
+    unit = "classification"
+
+    ks: Annotated[tuple[int, ...], Parse(comma_ints)] = option(
+        (), "layer counts to keep, e.g. 1,2,4,8,16,30 (needed with classify)", flag="--k", metavar="K,...")
+    heads: Annotated[tuple[str, ...], Parse(comma_list)] = option(HEAD_KINDS, f"read-outs: {', '.join(HEAD_KINDS)}",
+                                                                 metavar="HEAD,...")
+    template: Annotated[str, Parse(unescape_newlines)] = option(
+        "{text}\nAnswer:", "prompt with {text}, e.g. '{text}\\nSentiment:'")
+    verbalizer: Annotated[tuple[str, ...], Parse(comma_list)] = option(
+        (), "answer words, one per class in label order (default: the label names)", metavar="WORD,...")
+    train_size: int = option(512, "training examples", minimum=1)
+    test_size: int = option(400, "test examples", minimum=1)
+    epochs: int = option(2, "training epochs per k", minimum=1)
+    batch_size: int = option(16, "examples per training step", minimum=1, flag=NO_FLAG)
+    lr: float = option(1e-4, "AdamW learning rate of the kept layers (positive)")
+    # a fresh head starts from random and needs larger steps than pretrained layers
+    head_lr: float = option(1e-3, "learning rate of the new classification head (positive)")
+    max_tokens: int = option(64, "prompt length in tokens, the text cut from the left", minimum=1, flag=NO_FLAG)
+    seed: int = option(0, "seed of the example subsets and of the training order", flag=NO_FLAG)
+
+    def check(self) -> None:
         """Fail before loading data or models if the settings cannot work."""
-        if not self.ks or min(self.ks) < 1 or (num_layers is not None and max(self.ks) > num_layers):
-            upper = num_layers if num_layers is not None else "L"
-            raise UsageError(f"--k {list(self.ks)} must list layer counts between 1 and {upper}, e.g. --k 1,2,4,8")
+        if any(k < 1 for k in self.ks):
+            self.refuse("ks", f"must list layer counts of at least 1, got {list(self.ks)}; e.g. 1,2,4,8")
         unknown = [head for head in self.heads if head not in HEAD_KINDS]
         if unknown or not self.heads:
-            raise UsageError(f"unknown classification head(s) {unknown}; use {', '.join(HEAD_KINDS)}")
+            self.refuse("heads", f"lists unknown classification head(s) {unknown}; use {', '.join(HEAD_KINDS)}")
         if "{text}" not in self.template:
-            raise UsageError("the classification template must contain {text}, e.g. '{text}\\nSentiment:'")
-        sizes = (self.train_size, self.test_size, self.epochs, self.batch_size, self.max_tokens)
-        if min(sizes) < 1 or min(self.lr, self.head_lr) <= 0:
-            raise UsageError("--train-size, --test-size, --epochs, --batch-size, --max-tokens, --lr and --head-lr "
-                             "must be positive")
+            self.refuse("template", "must contain {text}, e.g. '{text}\\nSentiment:'")
+        for name in ("lr", "head_lr"):
+            if getattr(self, name) <= 0:
+                self.refuse(name, f"must be positive, got {getattr(self, name)}")
+
+    def check_depths(self, num_layers: int | None) -> None:
+        """Refuse a curve without depths, or with a depth beyond the model's ``num_layers`` (when known)."""
+        if not self.ks or (num_layers is not None and max(self.ks) > num_layers):
+            upper = num_layers if num_layers is not None else "L"
+            self.refuse("ks", f"{list(self.ks)} must list layer counts between 1 and {upper}, e.g. 1,2,4,8")
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], labels: Sequence[int], template: str,
@@ -162,11 +178,11 @@ def train_and_test(classifier: FirstLayersClassifier, train: TrainingSet, test: 
 def classification_curve(loaded: LoadedModel, train_data: Labelled, test_data: Labelled,
                          settings: ClassificationSettings) -> dict[str, Any]:
     """Accuracy for every k in ``settings.ks`` and every head kind, with timings and chance level."""
-    settings.check(loaded.num_layers)
+    settings.check_depths(loaded.num_layers)
     words = list(settings.verbalizer) or list(train_data.label_names)
     if len(words) != len(train_data.label_names):
-        raise UsageError(f"--verbalizer has {len(words)} words for {len(train_data.label_names)} classes "
-                         f"({', '.join(train_data.label_names)}); give one word per class")
+        settings.refuse("verbalizer", f"has {len(words)} words for {len(train_data.label_names)} classes "
+                                      f"({', '.join(train_data.label_names)}); give one word per class")
     answer_ids = verbalizer_token_ids(loaded.tokenizer, words) if "verbalizer" in settings.heads else []
     train = encode(loaded.tokenizer, *subsample(train_data, settings.train_size, settings.seed), settings.template,
                    settings.max_tokens)
@@ -176,8 +192,7 @@ def classification_curve(loaded: LoadedModel, train_data: Labelled, test_data: L
     curve: dict[str, Any] = {
         "accuracy": {kind: {} for kind in settings.heads}, "seconds": {kind: {} for kind in settings.heads},
         "chance": float(counts.max()) / len(test), "num_layers": loaded.num_layers, "verbalizer": words,
-        "train_examples": len(train), "test_examples": len(test), "settings": {
-            key: list(value) if isinstance(value, tuple) else value for key, value in vars(settings).items()},
+        "train_examples": len(train), "test_examples": len(test), "settings": settings.model_dump(mode="json"),
     }
     for k in sorted(set(settings.ks)):
         for kind in settings.heads:

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,22 +28,21 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from layerprune.errors import UsageError
+from layerprune.options import NO_FLAG, Config, option
 
 
-@dataclass(frozen=True)
-class Workload:
+class Workload(Config):
     """One measurement: prefill ``prompt_len`` tokens, then greedily decode ``new_tokens`` with a KV cache,
-    for ``batch`` rows at once (tokens/s count every row: a GPU is only busy at a larger batch)."""
+    for ``batch`` rows at once (tokens/s count every row: a GPU is only busy at a larger batch).
+    The ``efficiency`` options of an evaluation, declared once for the API, a recipe and the flags."""
 
-    prompt_len: int = 128
-    new_tokens: int = 64
-    repeats: int = 5
-    warmup: int = 1
-    batch: int = 1
+    unit = "efficiency"
 
-    def check(self) -> None:
-        if min(self.prompt_len, self.new_tokens, self.repeats, self.batch) < 1 or self.warmup < 0:
-            raise UsageError("efficiency needs --prompt-len, --new-tokens, --repeats and the batch >= 1 and --warmup >= 0")
+    prompt_len: int = option(128, "prefill length in tokens", minimum=1)
+    new_tokens: int = option(64, "greedy decode steps", minimum=1)
+    repeats: int = option(5, "timed repeats, the median kept", minimum=1)
+    warmup: int = option(1, "untimed rounds before the timed repeats", minimum=0, flag=NO_FLAG)
+    batch: int = option(1, "rows prefilled and decoded at once", minimum=1, flag=NO_FLAG)
 
 
 def _prompt(model: PreTrainedModel, length: int, batch: int = 1) -> torch.Tensor:
@@ -131,7 +129,6 @@ def measure_efficiency(models: dict[str, PreTrainedModel], workload: Workload = 
     FLOP-ideal speed-ups. Both footprints save the model to a scratch folder, which for a
     speed-only caller (a study timing dozens of models) is seconds of writing per model for nothing.
     """
-    workload.check()
     if not models:
         raise UsageError("efficiency needs at least one model")
     results: dict[str, dict[str, Any]] = {}

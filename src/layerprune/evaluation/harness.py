@@ -131,7 +131,7 @@ def check_hub_reachable(tasks: Sequence[str]) -> None:
     online = [name for name in tasks if name not in OFFLINE_TASKS]
     if not online:
         return
-    fix = f"offline, use --tasks lp_offline ({', '.join(TASK_GROUPS['lp_offline'])})"
+    fix = f"offline, use the tasks lp_offline ({', '.join(TASK_GROUPS['lp_offline'])})"
     if hub.offline_requested():
         if not _hugging_face_cache_has_datasets():
             raise UsageError(f"task(s) {', '.join(online)} need data from the Hugging Face hub, but HF_HUB_OFFLINE or "

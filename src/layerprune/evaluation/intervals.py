@@ -43,11 +43,11 @@ def _usable_tasks(reference: Mapping[str, Sequence[int]], *others: Mapping[str, 
         for other in others:
             if len(reference[task]) != len(other[task]):
                 raise UsageError(f"cannot compare {task}: {len(reference[task])} vs {len(other[task])} examples; "
-                                 "evaluate both models with the same --limit")
+                                 "evaluate both models with the same limit")
     usable = [task for task in shared if len(reference[task]) and sum(reference[task]) > 0]
     if not usable:
         raise UsageError("no task to compute retained performance on: the models share no task the reference "
-                         "answers at least once correctly; evaluate both on the same --tasks")
+                         "answers at least once correctly; evaluate both on the same tasks")
     return shared, usable
 
 

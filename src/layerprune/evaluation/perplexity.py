@@ -75,7 +75,7 @@ def resolve_ppl_source(name: str) -> PerplexitySource:
 
 def check_seq_len(seq_len: int) -> None:
     if seq_len < 2:
-        raise UsageError(f"--seq-len {seq_len} is too short: a window needs at least 2 tokens; use e.g. --seq-len 512")
+        raise UsageError(f"seq_len {seq_len} is too short: a window needs at least 2 tokens; use a seq_len such as 512")
 
 
 def windows(token_ids: torch.Tensor, seq_len: int, prefix: Sequence[int] = ()) -> list[torch.Tensor]:

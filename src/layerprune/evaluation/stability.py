@@ -16,7 +16,7 @@ def stability(reference: Sequence[int], candidate: Sequence[int], task: str = "t
     """Fraction of documents on which ``candidate`` picks the same answer as ``reference``."""
     if len(reference) != len(candidate):
         raise UsageError(f"cannot compare predictions on {task}: {len(reference)} vs {len(candidate)} documents; "
-                         "evaluate both models with the same --limit")
+                         "evaluate both models with the same limit")
     if not reference:
         raise UsageError(f"no predictions to compare on {task}; stability needs a multiple-choice task")
     return sum(a == b for a, b in zip(reference, candidate)) / len(reference)

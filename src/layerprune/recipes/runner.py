@@ -52,7 +52,7 @@ STATE_FILE = "run.json"
 def _section_fields() -> dict[str, dict[str, FieldSpec]]:
     """Recipe sections and their keys, read off the API functions they feed."""
     from layerprune.data import CalibrationConfig
-    from layerprune.evaluation import evaluate
+    from layerprune.evaluation.config import EvalConfig
     from layerprune.healing import HEALERS, heal
     from layerprune.healing.base import TrainingOptions
     from layerprune.scoring import METRICS, score
@@ -68,7 +68,7 @@ def _section_fields() -> dict[str, dict[str, FieldSpec]]:
         "select": fields_of(select, skip=("report", "rescore")),
         "heal": {**fields_of(heal, skip=("loaded", "checkpoint_dir", "resume")),
                  **option_fields(TrainingOptions, *(HEALERS.get(name).options_class for name in HEALERS))},
-        "eval": fields_of(evaluate, skip=("model", "compare")),
+        "eval": option_fields(EvalConfig),
     }
 
 
@@ -429,7 +429,7 @@ def _at(recipe: Recipe, *key_path: str) -> Iterator[None]:
     try:
         yield
     except OptionError as error:  # one option's value: named as the recipe writes it, at its own line
-        key = (key_path[0], error.name)
+        key = (key_path[0], *error.name.split("."))  # a nested option's name is its path in the section
         line = recipe.lines.get(key) or recipe.lines.get(key_path) or recipe.lines.get(key_path[:1])
         where = f"{recipe.path} line {line}" if line else str(recipe.path)
         raise UsageError(f"{where}: {error.render('.'.join(key))}") from None
@@ -448,7 +448,7 @@ def preflight(recipe: Recipe, out: Path) -> None:
     fetched, a GGUF file) the checks that need it wait for their stage.
     """
     from layerprune.data import CalibrationConfig, check_source
-    from layerprune.evaluation.evaluate import EvalPlan
+    from layerprune.evaluation.config import EvalConfig
     from layerprune.healing import HEALERS
     from layerprune.healing.heal import heal_settings
     from layerprune.models.loading import read_local_config
@@ -505,9 +505,9 @@ def preflight(recipe: Recipe, out: Path) -> None:
             healer.check_settings(heal_settings(**options), layers)
     if "eval" in sections:
         with _at(recipe, "eval"):
-            plan = EvalPlan.of(**sections["eval"])
-            if plan.classification and layers is not None:
-                plan.classification.check(layers)
+            evaluation = EvalConfig(**sections["eval"])
+            evaluation.check_inputs()
+            evaluation.check_depths(layers)
 
 
 def run_recipe(path: str | Path, out: str | Path, *, model: str | None = None, resume: bool = False,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from layerprune.errors import UsageError
-from layerprune.options import matches, options_of, type_name
+from layerprune.options import config_in, matches, options_of, type_name
 from layerprune.recipes.yamlfile import KeyPath
 
 
@@ -81,13 +81,18 @@ def build_arguments(
     values: dict[str, Any], fields: dict[str, FieldSpec], *, file: Path, lines: dict[KeyPath, int], path: KeyPath
 ) -> dict[str, Any]:
     """Validate ``values`` and turn them into keyword arguments: YAML lists become tuples where the
-    function wants tuples, and nested mappings become the dataclasses it wants (validated too)."""
+    function wants tuples, and nested mappings become the dataclasses it wants (validated too). A
+    nested :class:`~layerprune.options.Config`'s keys are checked here, with their lines, and stay a
+    mapping: the config builds (and checks) itself from it, as from a Python caller's."""
     check_section(values, fields, file=file, lines=lines, path=path)
     arguments = {}
     for key, value in values.items():
         annotation = fields[key].annotation
         settings_class = _dataclass_in(annotation)
-        if isinstance(value, dict) and settings_class is not None:
+        nested_config = config_in(annotation)
+        if isinstance(value, dict) and nested_config is not None:
+            check_section(value, option_fields(nested_config), file=file, lines=lines, path=(*path, key))
+        elif isinstance(value, dict) and settings_class is not None:
             nested = fields_of(settings_class)
             value = settings_class(**build_arguments(value, nested, file=file, lines=lines, path=(*path, key)))
         elif isinstance(value, list) and "tuple" in type_name(annotation) + repr(annotation):

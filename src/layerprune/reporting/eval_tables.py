@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from layerprune.evaluation.record import checked_report
 from layerprune.outputs import write_bytes_atomic, write_json_atomic
 
 _EFFICIENCY_ROWS: tuple[tuple[str, str, Callable[[float], float]], ...] = (
@@ -197,9 +198,10 @@ def curve_path(json_path: Path, index: int) -> Path:
 
 
 def write_report(report: dict[str, Any], json_path: Path) -> list[Path]:
-    """Write the JSON, its Markdown (comparison table, then each classification curve) and the
-    plots (``.png``; ``-curve-N.png`` per model with a curve) side by side."""
-    written = [write_json_atomic(json_path, report)]
+    """Write the JSON (checked as an ``eval.json`` record, see :mod:`layerprune.evaluation.record`),
+    its Markdown (comparison table, then each classification curve) and the plots (``.png``;
+    ``-curve-N.png`` per model with a curve) side by side."""
+    written = [write_json_atomic(json_path, checked_report(report))]
     markdown = comparison_table(report)
     plots: list[tuple[Path, bytes | None]] = [(json_path.with_suffix(".png"), comparison_plot(report))]
     for index, (name, result) in enumerate(report["models"].items()):

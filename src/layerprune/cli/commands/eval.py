@@ -1,5 +1,9 @@
 """``layerprune eval``: perplexity, zero-shot tasks, stability, efficiency and the classification
-curve of a model and the models it is compared with, as JSON + a Markdown table + plots."""
+curve of a model and the models it is compared with, as JSON + a Markdown table + plots.
+
+Its evaluation flags are generated from :class:`~layerprune.evaluation.config.EvalConfig` (and the
+efficiency and classification options it nests), so they take the API's names, defaults and checks.
+"""
 
 from __future__ import annotations
 
@@ -7,59 +11,22 @@ import argparse
 import importlib.util
 from pathlib import Path
 
+from layerprune.cli.options import add_command, add_model_options, add_output_file_options, input_paths
 from layerprune.errors import UsageError
-from layerprune.evaluation.classification import HEAD_KINDS, ClassificationSettings
+from layerprune.evaluation.classification import ClassificationSettings
+from layerprune.evaluation.config import EvalConfig
 from layerprune.evaluation.efficiency import Workload
 from layerprune.evaluation.evaluate import evaluate
-from layerprune.evaluation.harness import OFFLINE_TASKS, ONLINE_TASKS
-from layerprune.evaluation.perplexity import PPL_SOURCES
-from layerprune.cli.options import add_command, add_model_options, add_output_file_options, input_paths
 from layerprune.models.loading import read_local_config
-from layerprune.options import finite_float
+from layerprune.options import add_option_flags, comma_list, given_options, options_of
 from layerprune.outputs import check_output_file
 from layerprune.reporting.eval_tables import write_report
 
-
-def _names(text: str | None, flag: str) -> list[str]:
-    """A comma-separated flag as its entries; an empty entry (``--compare ,,``, ``a,,b``, ``a,``) is
-    refused, since it silently dropped would run a different evaluation than the one typed."""
-    if text is None:
-        return []
-    parts = [part.strip() for part in text.split(",")]
-    if not all(parts):
-        raise UsageError(f"{flag} {text!r} has an empty entry; separate the names with single commas, e.g. "
-                         f"{flag} a,b")
-    return parts
+# the EvalConfig options each help group shows; batch_size and classify stand beside them
+GROUPS = {"perplexity": ("ppl", "seq_len", "max_windows"), "lm-eval": ("tasks", "limit", "num_fewshot")}
 
 
-def _ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in _names(text, flag))
-    except ValueError:
-        raise UsageError(f"{flag} {text!r} must be comma-separated integers, e.g. {flag} 1,2,4,8") from None
-
-
-# the smallest meaningful value of every integer flag of eval (None: the flag was not given)
-INT_MINIMUMS = {"seq_len": 2, "max_windows": 1, "limit": 1, "num_fewshot": 0, "batch_size": 1, "prompt_len": 1,
-                "new_tokens": 1, "repeats": 1, "train_size": 1, "test_size": 1, "epochs": 1}
-
-
-def check_numbers(args: argparse.Namespace) -> None:
-    """Refuse, before any model loads, a number no evaluation can use: below its flag's minimum,
-    a non-positive learning rate, or a ``--seq-len`` longer than a local model's context."""
-    for name, minimum in INT_MINIMUMS.items():
-        value = getattr(args, name)
-        if value is not None and value < minimum:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
-    for name in ("lr", "head_lr"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.ppl:
-        for model in [args.model, *_names(args.compare, "--compare")]:
-            check_seq_len_fits(model, args)
-
-
-def check_seq_len_fits(model: str, args: argparse.Namespace) -> None:
+def check_seq_len_fits(model: str, args: argparse.Namespace, seq_len: int) -> None:
     """``--seq-len`` within the context of ``model``, read from its local config (a hub id is checked
     when it loads); windows longer than the position table give meaningless perplexities, slowly."""
     try:
@@ -68,12 +35,12 @@ def check_seq_len_fits(model: str, args: argparse.Namespace) -> None:
     except UsageError:
         return  # the load reports an unreadable model in its own words
     context = getattr(config, "max_position_embeddings", None)
-    if context is not None and args.seq_len > context:
-        raise UsageError(f"--seq-len {args.seq_len} is longer than the context of {model} ({context} tokens); "
+    if context is not None and seq_len > context:
+        raise UsageError(f"--seq-len {seq_len} is longer than the context of {model} ({context} tokens); "
                          f"use --seq-len {context} or less")
 
 
-def check_lm_eval_installed(tasks: list[str]) -> None:
+def check_lm_eval_installed(tasks: tuple[str, ...]) -> None:
     """``--tasks`` runs lm-eval, an optional extra: say how to install it before any model loads."""
     if tasks and importlib.util.find_spec("lm_eval") is None:
         raise UsageError("--tasks needs lm-eval; install it with: pip install 'layerprune[eval]'")
@@ -86,70 +53,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--compare", help="models to put beside --model (the reference), comma-separated")
     add_output_file_options(parser, required=True, what="results JSON; the .md table and .png plot go beside it",
                             overwrite="replace existing output files")
-    group = parser.add_argument_group("perplexity")
-    group.add_argument("--ppl", help=f"data sets, comma-separated: {', '.join(PPL_SOURCES)} or text files")
-    group.add_argument("--seq-len", type=int, default=512,
-                       help="window length in tokens (default: 512, twice the 256 of scoring and healing rows: a "
-                            "perplexity is comparable only at the window the reported results used)")
-    group.add_argument("--max-windows", type=int, help="score only the first N windows (quick looks)")
-    group = parser.add_argument_group("lm-eval")
-    group.add_argument("--tasks", help=f"lp_offline (the offline suite) or offline tasks {', '.join(OFFLINE_TASKS)}; "
-                       f"online: paper ({','.join(ONLINE_TASKS)}) or any lm-eval task")
-    group.add_argument("--limit", type=int, help="documents per task (default: all)")
-    group.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's own)")
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default: 4)")
+    names = {option.name for option in options_of(EvalConfig)}
+    grouped = {name for members in GROUPS.values() for name in members}
+    for title, members in GROUPS.items():
+        add_option_flags(parser.add_argument_group(title), EvalConfig, only_given=True, skip=names - set(members))
+    # --efficiency is a switch here (its workload's options are flags of their own), --classify stands below
+    add_option_flags(parser, EvalConfig, only_given=True, skip=grouped | {"efficiency", "classify"})
     group = parser.add_argument_group("efficiency")
     group.add_argument("--efficiency", action="store_true", help="measure size, throughput, memory and FLOPs")
-    group.add_argument("--prompt-len", type=int, default=128, help="prefill length (default: 128)")
-    group.add_argument("--new-tokens", type=int, default=64, help="decode steps (default: 64)")
-    group.add_argument("--repeats", type=int, default=5, help="timed repeats, median kept (default: 5)")
+    add_option_flags(group, Workload, only_given=True)
     group = parser.add_argument_group("classification curve (fine-tunes the first k layers)")
-    group.add_argument("--classify", help="labelled data set, e.g. rotten-tomatoes, reuters-r8 (sst2, ag_news online)")
-    group.add_argument("--k", help="layer counts to keep, e.g. 1,2,4,8,16,30")
-    group.add_argument("--heads", default=",".join(HEAD_KINDS), help="verbalizer,head (default: both)")
-    group.add_argument("--template", help="prompt with {text}, e.g. '{text}\\nSentiment:'")
-    group.add_argument("--verbalizer", help="answer words, one per class in label order (default: label names)")
-    group.add_argument("--train-size", type=int, default=512, help="training examples (default: 512)")
-    group.add_argument("--test-size", type=int, default=400, help="test examples (default: 400)")
-    group.add_argument("--epochs", type=int, default=2, help="training epochs per k (default: 2)")
-    group.add_argument("--lr", type=finite_float, default=1e-4, help="AdamW learning rate of the layers (default: 1e-4)")
-    group.add_argument("--head-lr", type=finite_float, default=1e-3, help="learning rate of the new head (default: 1e-3)")
+    add_option_flags(group, EvalConfig, only_given=True, skip=names - {"classify"})
+    add_option_flags(group, ClassificationSettings, only_given=True)
     parser.set_defaults(run=run)
 
 
-def _classification(args: argparse.Namespace) -> ClassificationSettings | None:
-    if not args.classify:
-        return None
-    if not args.k:
-        raise UsageError("--classify needs --k, the layer counts to keep, e.g. --k 1,2,4,8,16,30")
-    options = dict(ks=_ints(args.k, "--k"), heads=tuple(_names(args.heads, "--heads")),
-                   verbalizer=tuple(_names(args.verbalizer, "--verbalizer")),
-                   train_size=args.train_size, test_size=args.test_size, epochs=args.epochs, lr=args.lr,
-                   head_lr=args.head_lr)
-    if args.template:
-        options["template"] = args.template.replace("\\n", "\n")
-    return ClassificationSettings(**options)
+def eval_config(args: argparse.Namespace) -> EvalConfig:
+    """The flags as the one typed config the API and recipes build, checked as it is built. The
+    nested options are checked even when their switch (``--efficiency``, ``--classify``) is off."""
+    workload = Workload(**given_options(args, Workload))
+    classification = ClassificationSettings(**given_options(args, ClassificationSettings))
+    return EvalConfig(**{**given_options(args, EvalConfig),  # --efficiency: the switch, here its workload
+                         "efficiency": workload if args.efficiency else None,
+                         "classification": classification if getattr(args, "classify", None) else None})
+
+
+def compared_models(args: argparse.Namespace) -> tuple[str, ...]:
+    """``--compare``'s models (an empty entry refused, as every comma-separated flag's)."""
+    try:
+        return comma_list(args.compare) if args.compare else ()
+    except UsageError as error:
+        raise UsageError(f"--compare {error}") from None
 
 
 def run(args: argparse.Namespace) -> int:
     output = Path(args.output).expanduser()
     if output.suffix != ".json":
         raise UsageError(f"--output {args.output} must end in .json (the .md and .png are written beside it)")
-    check_numbers(args)
-    check_lm_eval_installed(_names(args.tasks, "--tasks"))
+    config = eval_config(args)
+    compare = compared_models(args)
+    if config.ppl:
+        for model in [args.model, *compare]:
+            check_seq_len_fits(model, args, config.seq_len)
+    check_lm_eval_installed(config.tasks)
     inputs = input_paths(args)
     for path in (output, output.with_suffix(".md"), output.with_suffix(".png"),
                  *output.parent.glob(f"{output.stem}-curve-*.png")):
         check_output_file(path, overwrite=args.overwrite, protected=inputs)
-    workload = (Workload(prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
-                if args.efficiency else None)
     report = evaluate(
-        args.model, compare=_names(args.compare, "--compare"), ppl=_names(args.ppl, "--ppl"),
-        seq_len=args.seq_len, max_windows=args.max_windows, tasks=_names(args.tasks, "--tasks"), limit=args.limit,
-        num_fewshot=args.num_fewshot,
-        batch_size=args.batch_size, efficiency=workload, classify=args.classify, classification=_classification(args),
-        gguf_file=args.gguf_file, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
-        allow_pickle=args.allow_pickle, device_map=args.device_map,
+        args.model, compare=compare, config=config, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device,
+        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, device_map=args.device_map,
     )
     written = write_report(report, output)
     print(output.with_suffix(".md").read_text(), end="")

@@ -1,0 +1,122 @@
+"""``eval.json``: the typed, versioned record of an evaluation (:func:`layerprune.evaluate`'s result).
+
+What :func:`~layerprune.evaluate` returns and ``write_report`` writes is checked against
+:class:`EvalReport`, so the file always has the same shape and a ``format_version``, and its JSON
+Schema ships in the package (``layerprune/schemas/``, written by ``docs/gen_api.py``) for readers
+that do not import layerprune. The result stays a plain mapping (the JSON as written) for the
+tables, plots and benchmarks that read it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from layerprune.evaluation.classification import ClassificationSettings
+from layerprune.evaluation.config import EvalConfig
+
+FORMAT_VERSION = 1
+SCHEMA_FILE = "eval.schema.json"
+
+Interval = list[float]  # [low, high] of a 95% interval
+PerTask = dict[str, list[int]]
+
+
+class _Record(BaseModel):
+    """A part of the record: typed where layerprune relies on the key, open to keys it adds later."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class PerplexityEntry(_Record):
+    """One data set's perplexity by the non-overlapping-window protocol (``evaluation.perplexity``)."""
+
+    nll: float = Field(description="mean negative log-likelihood, nats per predicted token")
+    ppl: float
+    tokens: int = Field(ge=1, description="predicted tokens")
+    ci95: Interval = Field(min_length=2, max_length=2, description="bootstrap interval over windows")
+
+
+class RetainedEntry(_Record):
+    """Retained performance against the reference (``evaluation.intervals.retained_performance``)."""
+
+    mean: float
+    ci95: Interval = Field(min_length=2, max_length=2)
+    tasks: dict[str, float] = Field(description="accuracy / the reference's accuracy, per task")
+    excluded: list[str] = Field(default=[], description="tasks the reference got all wrong (no ratio)")
+
+
+class EfficiencyEntry(_Record):
+    """Size, speed and FLOPs of one model (``evaluation.efficiency.measure_efficiency``)."""
+
+    parameters: int = Field(ge=0)
+    prefill_flops_per_token: float
+    decode_flops_per_token: float
+    disk_bytes: int | None = Field(default=None, ge=0)
+    peak_memory_bytes: int | None = None
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    prefill_speedup: float
+    decode_speedup: float
+    prefill_ideal_speedup: float
+    decode_ideal_speedup: float
+
+
+class ClassificationCurve(_Record):
+    """Accuracy against the number of kept layers (``evaluation.classification``)."""
+
+    accuracy: dict[str, dict[str, float]] = Field(description="head kind -> k -> test accuracy")
+    seconds: dict[str, dict[str, float]]
+    chance: float = Field(description="the majority class's share of the test set")
+    num_layers: int = Field(ge=1)
+    verbalizer: list[str]
+    train_examples: int = Field(ge=0)
+    test_examples: int = Field(ge=0)
+    settings: ClassificationSettings
+    dataset: str
+
+
+class ModelResult(_Record):
+    """Everything measured on one model; a measurement not asked for is absent."""
+
+    num_layers: int = Field(ge=1)
+    parameters: int = Field(ge=0)
+    removed_layers: list[int] = Field(description="original indices of the layers the model lacks")
+    perplexity: dict[str, PerplexityEntry] | None = Field(default=None, description="per data set")
+    tasks: dict[str, dict[str, float]] | None = Field(
+        default=None, description="lm-eval metrics per task (acc, acc_norm, stderr, available, evaluated, ...)")
+    predictions: PerTask | None = Field(default=None, description="chosen answer per document, per task")
+    correct: PerTask | None = Field(default=None, description="1 where the answer was right, per document, per task")
+    stability: dict[str, float] | None = Field(default=None, description="agreement with the reference's answers")
+    retained: RetainedEntry | None = None
+    efficiency: EfficiencyEntry | None = None
+    classification: ClassificationCurve | None = None
+    seconds: float = Field(ge=0, description="time spent measuring this model (efficiency aside)")
+
+
+class EvalReport(BaseModel):
+    """What ``eval.json`` holds: the reference model's name, every model's results (the reference
+    first), and the evaluation's options."""
+
+    model_config = ConfigDict(extra="forbid", title="eval.json")
+
+    format_version: int = Field(default=FORMAT_VERSION, ge=1, le=FORMAT_VERSION)
+    reference: str = Field(description="the model every other one is compared with")
+    models: dict[str, ModelResult]
+    settings: EvalConfig
+
+
+def checked_report(report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` checked against :class:`EvalReport` and returned as it is (a mapping that does not
+    fit is a bug in its writer, so it raises); its ``format_version`` is set if it has none."""
+    report = {"format_version": FORMAT_VERSION, **report}
+    EvalReport.model_validate(report)
+    return report
+
+
+def schema_text() -> str:
+    """The JSON Schema of ``eval.json``, as shipped (``docs/gen_api.py`` writes it; a test keeps it current)."""
+    return json.dumps(EvalReport.model_json_schema(), indent=2, sort_keys=True) + "\n"
+
