@@ -35,25 +35,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from layerprune.api import prune, save
+from layerprune.cache import cache_dir
+from layerprune.data import CalibrationConfig, build_calibration, check_source
 from layerprune.errors import OptionError, UsageError
-from layerprune.models.loading import LoadedModel, load_model
+from layerprune.evaluation import evaluate
+from layerprune.evaluation.evaluate import EvalPlan
+from layerprune.healing import HEALERS, heal
+from layerprune.healing.base import TrainingOptions
+from layerprune.healing.engine import STATE_FILE as HEAL_STATE
+from layerprune.healing.heal import heal_settings
+from layerprune.models.loading import LoadedModel, load_model, read_local_config
+from layerprune.options import build_options, options_of
 from layerprune.outputs import check_output_path, write_bytes_atomic, write_json_atomic, writing
 from layerprune.recipes.schema import FieldSpec, build_arguments, check_section, fields_of, option_fields
 from layerprune.recipes.yamlfile import KeyPath, read_yaml
+from layerprune.repair import REPAIRS, compensate
+from layerprune.reporting.eval_tables import comparison_table, write_report
+from layerprune.reporting.scores import format_table, plot_scores
+from layerprune.scoring import METRICS, check_score_options, rescorer, score
+from layerprune.search import check_budget, search
+from layerprune.selection import check_remove, check_strategy, parse_remove, scored_metric, select
 
 STATE_FILE = "run.json"
 
 
 def _section_fields() -> dict[str, dict[str, FieldSpec]]:
     """Recipe sections and their keys, read off the API functions they feed."""
-    from layerprune.data import CalibrationConfig
-    from layerprune.evaluation import evaluate
-    from layerprune.healing import HEALERS, heal
-    from layerprune.healing.base import TrainingOptions
-    from layerprune.scoring import METRICS, score
-    from layerprune.search import search
-    from layerprune.selection import select
-
     return {
         "repair": _repair_fields(),
         "search": fields_of(search, skip=("model", *SEARCH_FROM_OTHER_SECTIONS, "heal", "heal_options", "out",
@@ -72,8 +80,6 @@ def _section_fields() -> dict[str, dict[str, FieldSpec]]:
 def _repair_fields() -> dict[str, FieldSpec]:
     """The repair section: :func:`layerprune.repair.compensate`'s method and batch, and every repair
     method's own options (each method reads those its options class declares)."""
-    from layerprune.repair import REPAIRS, compensate
-
     return {**fields_of(compensate, skip=("loaded", "layers", "data", "options", "reason", "statistics")),
             **option_fields(*(method.options_class for _, method in REPAIRS.registered()))}
 
@@ -81,9 +87,6 @@ def _repair_fields() -> dict[str, FieldSpec]:
 def _repair_options(section: dict[str, Any]) -> dict[str, Any]:
     """The repair section as :func:`compensate`'s keyword arguments: its method's options built and
     checked (type, range, finiteness) from the keys that method declares, as the flags are."""
-    from layerprune.options import build_options, options_of
-    from layerprune.repair import REPAIRS
-
     method = REPAIRS.get(section["method"])
     own = {o.name for o in options_of(method.options_class)}
     given = {key: value for key, value in section.items() if key in own}
@@ -109,8 +112,6 @@ def check_recipe_paths(values: dict[str, Any], lines: dict[tuple[str, ...], int]
     """Refuse local paths that lie outside the folders the user named (the recipe's folder, the
     working directory, the cache and any ``--allow-path``), so a recipe from elsewhere cannot read
     arbitrary files."""
-    from layerprune.cache import cache_dir
-
     roots = [file.parent.resolve(), Path.cwd().resolve(), cache_dir().resolve(), *(p.resolve() for p in allowed)]
     for key_path in PATH_KEYS:
         value: Any = values
@@ -265,11 +266,6 @@ class RunContext:
 
 
 def _stage_score(ctx: RunContext) -> dict[str, Any]:
-    from layerprune.data import build_calibration
-    from layerprune.reporting.scores import format_table, plot_scores
-    from layerprune.scoring import rescorer, score
-    from layerprune.selection import select
-
     loaded = ctx.load(ctx.recipe.model)
     options = ctx.recipe.sections["calibration"]
     calibration = build_calibration(loaded.tokenizer, **options)
@@ -286,17 +282,12 @@ def _stage_score(ctx: RunContext) -> dict[str, Any]:
 
 
 def _stage_prune(ctx: RunContext) -> dict[str, Any]:
-    from layerprune.api import prune, save
-
     remove = ctx.state.finished["score"]["remove"]
     scores = json.loads((ctx.out / "scores.json").read_text())
     selection = scores.get("selection", {})
     loaded = ctx.load(ctx.recipe.model)
     reason = f"metric {selection.get('metric')}, {selection.get('strategy')} selection of {len(remove)} layers"
     if "repair" in ctx.recipe.sections:
-        from layerprune.data import build_calibration
-        from layerprune.repair import compensate
-
         # the rows the score stage scored on: the same section, so the same windows
         rows = build_calibration(loaded.tokenizer, **ctx.recipe.sections["calibration"])
         options = _repair_options(ctx.recipe.sections["repair"])
@@ -310,8 +301,6 @@ def _stage_prune(ctx: RunContext) -> dict[str, Any]:
 
 
 def _stage_search(ctx: RunContext) -> dict[str, Any]:
-    from layerprune.search import search
-
     calibration = ctx.recipe.sections["calibration"]
     given = {name: calibration[key] for name, key in SEARCH_FROM_OTHER_SECTIONS.items() if key in calibration}
     stray = set(calibration) - set(SEARCH_FROM_OTHER_SECTIONS.values())
@@ -333,10 +322,6 @@ def _cut_model(ctx: RunContext) -> Path | None:
 
 
 def _stage_heal(ctx: RunContext) -> dict[str, Any]:
-    from layerprune.api import save
-    from layerprune.healing import heal
-    from layerprune.healing.engine import STATE_FILE as HEAL_STATE
-
     cut = _cut_model(ctx)
     loaded = ctx.load(cut if cut is not None else ctx.recipe.model)
     options = _heal_options(ctx.recipe, ctx.out)
@@ -348,9 +333,6 @@ def _stage_heal(ctx: RunContext) -> dict[str, Any]:
 
 
 def _stage_eval(ctx: RunContext) -> dict[str, Any]:
-    from layerprune.evaluation import evaluate
-    from layerprune.reporting.eval_tables import comparison_table, write_report
-
     cut = _cut_model(ctx)
     candidates = [cut] if cut is not None else []
     if ctx.state.done("heal") or cut is None:
@@ -424,14 +406,6 @@ def preflight(recipe: Recipe, out: Path) -> None:
     model's ``config.json``; where reading it would cost a download (a hub id, an alias not yet
     fetched, a GGUF file) the checks that need it wait for their stage.
     """
-    from layerprune.data import CalibrationConfig, check_source
-    from layerprune.evaluation.evaluate import EvalPlan
-    from layerprune.healing import HEALERS
-    from layerprune.healing.heal import heal_settings
-    from layerprune.models.loading import read_local_config
-    from layerprune.scoring import check_score_options, score
-    from layerprune.selection import check_remove, check_strategy, parse_remove, scored_metric, select
-
     sections = recipe.sections
     load = _with_defaults(load_model, sections.get("load", {}))
     with _at(recipe, "load", "gguf_file"):
@@ -444,8 +418,6 @@ def preflight(recipe: Recipe, out: Path) -> None:
         with _at(recipe, "calibration", "source"):
             check_source(calibration.source, calibration.split)
     if "search" in sections:
-        from layerprune.search import check_budget, search
-
         options = _with_defaults(search, sections["search"])
         with _at(recipe, "search"):
             remove = check_budget(options["remove"], options["target_speedup"], options["time_budget"],
