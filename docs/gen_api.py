@@ -5,14 +5,9 @@
 The reference is generated (signatures and docstrings of everything in ``layerprune.__all__``,
 then the calibration config and every registered metric, healing method, repair, selection strategy
 and sampling with the table of its options, read from their declarations) so it cannot drift from
-<<<<<<< HEAD
 the code; a test checks that the committed file is current. It also writes the JSON Schemas of the
-records layerprune writes (``layerprune.json``, ``search.json``, ``run.json``) into the package and
-into ``docs/schemas/``.
-=======
-the code; a test checks that the committed file is current. It also writes the JSON Schemas of
-``layerprune.json`` and ``eval.json`` into the package and into ``docs/schemas/``.
->>>>>>> eval-config
+records layerprune writes (``layerprune.json``, ``eval.json``, ``search.json``, ``run.json``) into the
+package and into ``docs/schemas/``.
 """
 
 from __future__ import annotations
@@ -23,10 +18,10 @@ from pathlib import Path
 
 import layerprune
 from layerprune.data.calibration import SAMPLINGS, CalibrationConfig
-from layerprune.evaluation import record as eval_record
 from layerprune.evaluation.classification import ClassificationSettings
 from layerprune.evaluation.config import EvalConfig
 from layerprune.evaluation.efficiency import Workload
+from layerprune.evaluation.record import EvalReport
 from layerprune.healing import HEALERS
 from layerprune.healing.base import TrainingOptions
 from layerprune.models.provenance import ProvenanceRecord
@@ -41,7 +36,7 @@ from layerprune.selection import STRATEGIES
 
 TARGET = Path(__file__).with_name("api.md")
 DOCS_SCHEMA_DIR = Path(__file__).with_name("schemas")
-RECORDS = (ProvenanceRecord, SearchDocument, RunDocument)
+RECORDS = (ProvenanceRecord, EvalReport, SearchDocument, RunDocument)
 
 
 def render() -> str:
@@ -67,14 +62,11 @@ def render_units() -> list[str]:
              "command-line flag, with the same default everywhere.", ""]
     lines += ["## Calibration: the data every data-driven stage reads (`calibration` in a recipe)", "",
               *options_table(CalibrationConfig), ""]
-<<<<<<< HEAD
-    lines += ["## Search: budget, ranking, the winner (`search` in a recipe; `heal` there is the heal section)", "",
-              *options_table(SearchConfig), ""]
-=======
     lines += ["## Evaluation: what `evaluate` measures (`eval` in a recipe, `layerprune eval`)", "",
               *options_table(EvalConfig), "", "### `efficiency`: the workload timed", "", *options_table(Workload), "",
               "### `classification`: the classification curve", "", *options_table(ClassificationSettings), ""]
->>>>>>> eval-config
+    lines += ["## Search: budget, ranking, the winner (`search` in a recipe; `heal` there is the heal section)", "",
+              *options_table(SearchConfig), ""]
     lines += ["## Healing: options every method takes", "", *options_table(TrainingOptions), ""]
     sections: list[tuple[str, Registry]] = [("Metrics (`score`)", METRICS), ("Healing methods (`heal`)", HEALERS),
                                             ("Training-free repairs (`repair`, `prune --compensate`)", REPAIRS),
@@ -91,16 +83,9 @@ def render_units() -> list[str]:
 def main() -> int:
     TARGET.write_text(render())
     print(f"wrote {TARGET}")
-<<<<<<< HEAD
     for folder in (SCHEMA_DIR, DOCS_SCHEMA_DIR):  # the package's copy and the docs' copy of each record's schema
         for record in RECORDS:
             print(f"wrote {write_schema(record, folder)}")
-=======
-    for folder in (SCHEMA_DIR, DOCS_SCHEMA_DIR):  # the package's copy and the docs' copy of the records' schemas
-        print(f"wrote {write_schemas(folder)}")
-        (folder / eval_record.SCHEMA_FILE).write_text(eval_record.schema_text())
-        print(f"wrote {folder / eval_record.SCHEMA_FILE}")
->>>>>>> eval-config
     return 0
 
 

@@ -26,7 +26,7 @@ from layerprune.options import Config, Parse, add_option_flags, build_options, g
 from layerprune.recipes.runner import _heal_options, _repair_options, _section_fields, load_recipe
 from layerprune.scoring import METRICS, score
 from layerprune.scoring.base import metric_options
-from layerprune.search import search
+from layerprune.searching import search
 from layerprune.selection import STRATEGIES
 from tests.helpers import tiny_loaded
 from tests.scoring.references import rows_with_padding
@@ -141,8 +141,7 @@ def test_calibration_flag_default_equals_api_default_equals_recipe_default(tmp_p
         assert given_options(args, CalibrationConfig) == defaults, command
     api = inspect.signature(build_calibration).parameters
     assert {name: api[name].default for name in defaults} == defaults
-    search_api = inspect.signature(search).parameters
-    assert {name: search_api["data" if name == "source" else name].default for name in defaults} == defaults
+    assert inspect.signature(search).parameters["calibration"].default.model_dump() == defaults
     keys = _section_fields()["calibration"]
     assert set(keys) == set(defaults) and not any(spec.required for spec in keys.values())
     recipe_file = tmp_path / "r.yaml"

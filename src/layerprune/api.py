@@ -25,7 +25,7 @@ def save(loaded: LoadedModel, out: str | Path, *, overwrite: bool = False, recip
     return save_checkpoint(
         loaded.model, loaded.tokenizer, out, overwrite=overwrite, protected=protected,
         extra_files={PROVENANCE_FILE: provenance_json(record), "README.md": render_model_card(record)},
-        max_shard_size=max_shard_size,
+        max_shard_size=max_shard_size, state_dict=loaded.export_state,
     )
 
 

@@ -20,8 +20,8 @@ from layerprune.errors import OptionError, UsageError
 from layerprune.evaluation.classification import ClassificationSettings
 from layerprune.evaluation.config import EvalConfig
 from layerprune.evaluation.efficiency import Workload
-from layerprune.evaluation.record import FORMAT_VERSION, SCHEMA_FILE, schema_text
-from layerprune.models.provenance import SCHEMA_DIR
+from layerprune.evaluation.record import FORMAT_VERSION, EvalReport
+from layerprune.records import SCHEMA_DIR, schema_file, schema_text
 from layerprune.recipes import load_recipe, runner
 from layerprune.reporting.eval_tables import write_report
 from tests.helpers import tiny_loaded
@@ -115,12 +115,12 @@ def test_evaluate_takes_a_config_or_keywords_not_both(fake_data_layer) -> None:
 
 
 def shipped_schema() -> dict:
-    return json.loads((SCHEMA_DIR / SCHEMA_FILE).read_text())
+    return json.loads((SCHEMA_DIR / schema_file(EvalReport)).read_text())
 
 
 def test_the_shipped_eval_schemas_are_the_records_own() -> None:
-    assert (SCHEMA_DIR / SCHEMA_FILE).read_text() == schema_text()
-    assert (ROOT / "docs" / "schemas" / SCHEMA_FILE).read_text() == schema_text()
+    assert (SCHEMA_DIR / schema_file(EvalReport)).read_text() == schema_text(EvalReport)
+    assert (ROOT / "docs" / "schemas" / schema_file(EvalReport)).read_text() == schema_text(EvalReport)
 
 
 def test_eval_json_of_a_tiny_model_validates_against_the_shipped_schema(fake_data_layer, tmp_path: Path) -> None:

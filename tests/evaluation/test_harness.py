@@ -8,6 +8,9 @@ import random
 
 import pytest
 import torch
+from lm_eval import simple_evaluate
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
 
 import layerprune as lp
 from layerprune.errors import UsageError
@@ -147,3 +150,23 @@ def test_a_task_written_after_an_earlier_run_in_the_same_process_is_found(tmp_pa
     write_offline_task(OFFLINE_TASKS[TASK], letters_task(12, seed=3), root)
     second = run_tasks(loaded.model, loaded.tokenizer, [TASK], include_path=root)
     assert len(first.correct["lp_offline_cloze"]) == 1 and len(second.predictions[TASK]) == 12
+
+
+
+@pytest.mark.parametrize("num_fewshot", [None, 2])
+def test_few_shot_prompts_are_lm_evals_own(task_root, num_fewshot) -> None:
+    """run_tasks calls lm-eval's core ``evaluate`` and sets few-shot up itself (count, sampler seed):
+    the model must see exactly the sequences lm-eval's own entry point, ``simple_evaluate`` with
+    plain ``HFLM``, feeds it (one request per forward pass, so no padding differs)."""
+    loaded = tiny_loaded(num_layers=2)
+    seen: list[tuple[int, ...]] = []
+    hook = loaded.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(tuple((args[0] if args else kwargs["input_ids"])[0].tolist())),
+        with_kwargs=True)
+    run_tasks(loaded.model, loaded.tokenizer, [TASK], batch_size=1, num_fewshot=num_fewshot, include_path=task_root)
+    ours, seen[:] = sorted(seen), []
+    simple_evaluate(model=HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=1), tasks=[TASK],
+                    task_manager=TaskManager(include_path=str(task_root), include_defaults=False),
+                    num_fewshot=num_fewshot, log_samples=True, bootstrap_iters=0)
+    hook.remove()
+    assert len(ours) == 24 and ours == sorted(seen)

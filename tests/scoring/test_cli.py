@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-import layerprune.data
+from layerprune.cli import options as cli_options
 from layerprune.cli.main import main
 from tests.helpers import save_tiny_checkpoint
 from tests.core.test_cli import run_cli  # a real process: used once, the rest run in-process to stay fast
@@ -31,14 +31,15 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def calibration_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
-    """Stand in for the data layer: record what the CLI asked for and return fixed rows."""
+    """Stand in for the data layer's ``build_calibration`` where the CLI calls it: record what the CLI
+    asked for and return fixed rows."""
     calls: list[dict] = []
 
     def build_calibration(tokenizer, source, **options):
         calls.append({"source": source, **options})
         return rows_with_padding()
 
-    monkeypatch.setattr(layerprune.data, "build_calibration", build_calibration, raising=False)
+    monkeypatch.setattr(cli_options, "build_calibration", build_calibration)
     return calls
 
 
@@ -81,7 +82,8 @@ def test_prune_by_metric_scores_selects_and_records(tiny_dir: Path, tmp_path: Pa
 
 def test_data_free_metrics_run_without_data(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delattr(layerprune.data, "build_calibration", raising=False)
+    monkeypatch.setattr(cli_options, "build_calibration",
+                        lambda *args, **kwargs: pytest.fail("data-free metrics built calibration data"))
     code, _, err = run_in_process(capsys, "score", "--model", tiny_dir, "--metrics", "reverse-order,magnitude-l2",
                                   "--remove", "2", "--output", tmp_path / "s.json")
     assert code == 0, err

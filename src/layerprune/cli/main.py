@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from layerprune import __version__
+from layerprune.cli import commands
 from layerprune.errors import OptionError, UsageError
 from layerprune.outputs import write_failure
 
@@ -37,7 +38,7 @@ class OneLineParser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        from layerprune.cli.options import DefaultsShownFormatter  # imports torch: only inside main()'s guard
+        from layerprune.cli.options import DefaultsShownFormatter  # deferred: imports torch, inside main()'s guard
 
         kwargs.setdefault("allow_abbrev", False)
         kwargs.setdefault("formatter_class", DefaultsShownFormatter)
@@ -63,8 +64,6 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from layerprune.cli import commands
-
     parser = OneLineParser(prog="layerprune", description="Depth pruning for Hugging Face causal LMs.",
                            epilog="Outputs: --out FOLDER where a command fills a folder (prune, heal, run), "
                                   "--output FILE where it writes one results file with its .md/.png beside it "
@@ -109,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not sys.stderr.isatty():
             # In a log file, progress bars are noise that buries the one-line error a failed run ends with.
+            # deferred: at module top, transformers (seconds) would load outside the parser's Ctrl-C guard
             from transformers.utils import logging as transformers_logging
 
             transformers_logging.disable_progress_bar()

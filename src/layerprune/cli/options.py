@@ -29,10 +29,11 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
-from layerprune.data import CalibrationConfig
+from layerprune.data import CalibrationConfig, build_calibration, check_source
 from layerprune.errors import UsageError
 from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir, resolve_alias
 from layerprune.models.loading import LoadedModel, load_model, resolve_dtype
+from layerprune.models.shards import is_safetensors_checkpoint
 from layerprune.options import add_option_flags, given_options, options_of
 from layerprune.scoring import METRICS, ScoreReport, rescorer, score
 from layerprune.scoring.base import metric_options
@@ -155,8 +156,6 @@ def add_output_file_options(parser: argparse.ArgumentParser, *, required: bool, 
 def safetensors_folder(args: argparse.Namespace, flag: str) -> Path:
     """The local safetensors checkpoint ``--model`` names, for ``flag`` (``--low-memory``,
     ``--streaming``), which read the weight files directly instead of loading the model."""
-    from layerprune.models.shards import is_safetensors_checkpoint
-
     folder = resolve_alias(args.model) if args.model in MODEL_ALIASES else Path(args.model).expanduser()
     if not is_safetensors_checkpoint(folder):
         raise UsageError(f"{flag} needs a local safetensors checkpoint folder and {args.model!r} is not one; "
@@ -200,9 +199,7 @@ def check_calibration_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     calibration = calibration_from_args(args)
     metric_options([], metric_options_from_args(args))
-    from layerprune.data import check_source  # reads no data: a mistyped --data fails before the model loads
-
-    check_source(calibration.source, calibration.split)
+    check_source(calibration.source, calibration.split)  # reads no data: a mistyped --data fails before the model loads
 
 
 def calibration_from_args(args: argparse.Namespace) -> CalibrationConfig:
@@ -230,10 +227,8 @@ def remove_check(remove: str | None) -> Callable[[PretrainedConfig], None]:
 
 
 def build_calibration_from_args(loaded: LoadedModel, args: argparse.Namespace) -> Any:
-    from layerprune import data  # looked up at call time, so tests can stand in for the data layer
-
-    return data.build_calibration(loaded.tokenizer, **calibration_from_args(args).model_dump(),
-                                  max_positions=getattr(loaded.model.config, "max_position_embeddings", None))
+    return build_calibration(loaded.tokenizer, **calibration_from_args(args).model_dump(),
+                             max_positions=getattr(loaded.model.config, "max_position_embeddings", None))
 
 
 def score_and_select(loaded: LoadedModel, args: argparse.Namespace, metrics: list[str], strategy: str,

@@ -135,7 +135,7 @@ def hub_access(name: str, offline_choices: list[str]) -> Iterator[ModuleType]:
     error inside the block turned into one UsageError that names the offline choices."""
     choices = f"offline, use {', '.join(offline_choices)}"
     try:
-        import datasets
+        import datasets  # deferred: the optional hub extra, ~0.5 s to import
     except ImportError:
         raise UsageError(f"{name!r} needs the 'datasets' package: pip install 'layerprune[hub]'; {choices}") from None
     if not hub.offline_requested() and not hub.hub_reachable():
@@ -192,7 +192,7 @@ def _local_documents(path: Path, text_field: str | None) -> list[str]:
             with path.open(newline="", encoding="utf-8") as handle:
                 documents = [_field_of(row, field, path) for row in csv.DictReader(handle)]
         else:  # .parquet: _local_path admits no other suffix
-            try:
+            try:  # deferred: pyarrow is optional (it comes with the hub extra)
                 import pyarrow
                 import pyarrow.parquet as parquet
             except ImportError:

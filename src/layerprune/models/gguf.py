@@ -7,10 +7,7 @@ resolves those aliases.
 
 from __future__ import annotations
 
-import functools
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,12 +30,15 @@ def strip_gguf_quantizer(model: PreTrainedModel) -> None:
 
 
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load and de-quantize a GGUF file into a saveable float model and its tokenizer."""
+    """Load and de-quantize a GGUF file into a saveable float model and its tokenizer.
+
+    transformers draws its de-quantization bar with a plain ``tqdm`` that ignores its own
+    progress-bar switch, so the bar shows even where stderr is not a terminal: transformers offers
+    no way to quiet it short of replacing its module's ``tqdm``, which this library does not do."""
     if not path.is_file():
         raise UsageError(f"GGUF file {path} does not exist; check the path")
     try:
-        with _quiet_conversion():
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     # struct.error: a truncated file; StrictDataclassError: metadata that makes no valid config
     except (ValueError, OSError, KeyError, RuntimeError, struct.error, StrictDataclassError) as error:
@@ -46,17 +46,3 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[PreTraine
     strip_gguf_quantizer(model)
     return model, tokenizer
 
-
-@contextmanager
-def _quiet_conversion() -> Iterator[None]:
-    """transformers draws its GGUF conversion bar with a plain ``tqdm`` that ignores its own
-    progress-bar switch; ``disable=None`` makes it show on a terminal only, as every other bar does,
-    so a log file is not filled with bar frames."""
-    from transformers import modeling_gguf_pytorch_utils as gguf_utils
-
-    plain = gguf_utils.tqdm
-    gguf_utils.tqdm = functools.partial(plain, disable=None)
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = plain

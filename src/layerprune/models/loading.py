@@ -48,6 +48,11 @@ class LoadedModel:
     adapter: ArchitectureAdapter
     local_dir: Path | None = None
     lineage: dict[str, Any] = field(default_factory=dict)
+    export_state: dict[str, torch.Tensor] | None = None
+    """The full weights :func:`layerprune.save` writes instead of ``model``'s own, where those are not
+    whole: after FSDP training each process's model holds only its shards, and :func:`layerprune.heal`
+    returns the main process's model with the weights it gathered here. ``None`` otherwise; a
+    :meth:`copy` starts without it (it is cut or trained apart from these weights)."""
 
     @property
     def num_layers(self) -> int:

@@ -33,31 +33,39 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from layerprune.api import prune, save
+from layerprune.cache import cache_dir
+from layerprune.data import CalibrationConfig, build_calibration, check_source
 from layerprune.errors import OptionError, UsageError
-from layerprune.models.loading import LoadedModel, load_model
+from layerprune.evaluation import evaluate
+from layerprune.evaluation.config import EvalConfig
+from layerprune.healing import HEALERS, heal
+from layerprune.healing.base import TrainingOptions
+from layerprune.healing.engine import STATE_FILE as HEAL_STATE
+from layerprune.healing.heal import heal_settings
+from layerprune.models.loading import LoadedModel, load_model, read_local_config
+from layerprune.options import build_options, options_of
 from layerprune.outputs import check_output_path, write_bytes_atomic, write_json_atomic, writing
 from layerprune.recipes.record import RunDocument
 from layerprune.recipes.schema import FieldSpec, build_arguments, check_section, fields_of, option_fields
 from layerprune.recipes.yamlfile import KeyPath, read_yaml
 from layerprune.records import checked, read_checked
+from layerprune.repair import REPAIRS, compensate
+from layerprune.reporting.eval_tables import comparison_table, write_report
+from layerprune.reporting.scores import format_table, plot_scores
+from layerprune.scoring import METRICS, check_score_options, rescorer, score
+from layerprune.searching import SearchConfig, candidate_metrics, search
+from layerprune.searching.search import held_out_source
+from layerprune.selection import check_remove, check_strategy, parse_remove, scored_metric, select
 
-if TYPE_CHECKING:
-    from layerprune.searching import SearchConfig
 
 STATE_FILE = "run.json"
 
 
 def _section_fields() -> dict[str, dict[str, FieldSpec]]:
     """Recipe sections and their keys, read off the API functions they feed."""
-    from layerprune.data import CalibrationConfig
-    from layerprune.evaluation.config import EvalConfig
-    from layerprune.healing import HEALERS, heal
-    from layerprune.healing.base import TrainingOptions
-    from layerprune.scoring import METRICS, score
-    from layerprune.selection import select
-
     return {
         "repair": _repair_fields(),
         "search": _search_fields(),
@@ -75,8 +83,6 @@ def _section_fields() -> dict[str, dict[str, FieldSpec]]:
 def _search_fields() -> dict[str, FieldSpec]:
     """The search section: :class:`SearchConfig`'s options but those of :data:`SEARCH_ELSEWHERE`, and
     the metrics' options as the score section takes them (the search scores every metric)."""
-    from layerprune.scoring import METRICS
-    from layerprune.searching import SearchConfig
 
     own = {name: spec for name, spec in option_fields(SearchConfig).items() if name not in SEARCH_ELSEWHERE}
     return {**own, **option_fields(*(METRICS.get(name).options_class for name in METRICS))}
@@ -85,7 +91,6 @@ def _search_fields() -> dict[str, FieldSpec]:
 def _search_arguments(recipe: Recipe) -> tuple[SearchConfig, dict[str, Any]]:
     """The search section as :func:`layerprune.search` takes it: its own options as a checked
     :class:`SearchConfig`, and the metrics' options."""
-    from layerprune.searching import SearchConfig
 
     section = recipe.sections["search"]
     own = {key: value for key, value in section.items() if key in SearchConfig.model_fields}
@@ -95,7 +100,6 @@ def _search_arguments(recipe: Recipe) -> tuple[SearchConfig, dict[str, Any]]:
 def _repair_fields() -> dict[str, FieldSpec]:
     """The repair section: :func:`layerprune.repair.compensate`'s method and batch, and every repair
     method's own options (each method reads those its options class declares)."""
-    from layerprune.repair import REPAIRS, compensate
 
     return {**fields_of(compensate, skip=("loaded", "layers", "data", "options", "reason", "statistics")),
             **option_fields(*(method.options_class for _, method in REPAIRS.registered()))}
@@ -104,8 +108,6 @@ def _repair_fields() -> dict[str, FieldSpec]:
 def _repair_options(section: dict[str, Any]) -> dict[str, Any]:
     """The repair section as :func:`compensate`'s keyword arguments: its method's options built and
     checked (type, range, finiteness) from the keys that method declares, as the flags are."""
-    from layerprune.options import build_options, options_of
-    from layerprune.repair import REPAIRS
 
     method = REPAIRS.get(section["method"])
     own = {o.name for o in options_of(method.options_class)}
@@ -132,7 +134,6 @@ def check_recipe_paths(values: dict[str, Any], lines: dict[tuple[str, ...], int]
     """Refuse local paths that lie outside the folders the user named (the recipe's folder, the
     working directory, the cache and any ``--allow-path``), so a recipe from elsewhere cannot read
     arbitrary files."""
-    from layerprune.cache import cache_dir
 
     roots = [file.parent.resolve(), Path.cwd().resolve(), cache_dir().resolve(), *(p.resolve() for p in allowed)]
     for key_path in PATH_KEYS:
@@ -164,7 +165,6 @@ a stage of its own after the search (the search's calibration is the calibration
 @dataclass
 class Recipe:
     """A validated recipe: the keyword arguments of each section, ready to call."""
-
     path: Path
     text: str
     model: str
@@ -230,7 +230,6 @@ def load_recipe(path: str | Path, model: str | None = None, allowed_paths: list[
 @dataclass
 class RunState:
     """What ``run.json`` records (:class:`RunDocument`): the recipe's fingerprint and every finished stage."""
-
     folder: Path
     fingerprint: str
     finished: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -270,7 +269,6 @@ def _open_run_folder(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool
 @dataclass
 class RunContext:
     """What the stages share while one recipe runs."""
-
     recipe: Recipe
     out: Path
     state: RunState
@@ -290,11 +288,6 @@ class RunContext:
 
 
 def _stage_score(ctx: RunContext) -> dict[str, Any]:
-    from layerprune.data import build_calibration
-    from layerprune.reporting.scores import format_table, plot_scores
-    from layerprune.scoring import rescorer, score
-    from layerprune.selection import select
-
     loaded = ctx.load(ctx.recipe.model)
     options = ctx.recipe.sections["calibration"]
     calibration = build_calibration(loaded.tokenizer, **options)
@@ -311,16 +304,12 @@ def _stage_score(ctx: RunContext) -> dict[str, Any]:
 
 
 def _stage_prune(ctx: RunContext) -> dict[str, Any]:
-    from layerprune.api import prune, save
-
     remove = ctx.state.finished["score"]["remove"]
     scores = json.loads((ctx.out / "scores.json").read_text())
     selection = scores.get("selection", {})
     loaded = ctx.load(ctx.recipe.model)
     reason = f"metric {selection.get('metric')}, {selection.get('strategy')} selection of {len(remove)} layers"
     if "repair" in ctx.recipe.sections:
-        from layerprune.data import build_calibration
-        from layerprune.repair import compensate
 
         # the rows the score stage scored on: the same section, so the same windows
         rows = build_calibration(loaded.tokenizer, **ctx.recipe.sections["calibration"])
@@ -335,9 +324,6 @@ def _stage_prune(ctx: RunContext) -> dict[str, Any]:
 
 
 def _stage_search(ctx: RunContext) -> dict[str, Any]:
-    from layerprune.data import CalibrationConfig
-    from layerprune.searching import search
-
     config, metric_options = _search_arguments(ctx.recipe)
     record = search(ctx.recipe.model, config, calibration=CalibrationConfig(**ctx.recipe.sections["calibration"]),
                     metric_options=metric_options, out=ctx.out / "search", overwrite=True,
@@ -356,10 +342,6 @@ def _cut_model(ctx: RunContext) -> Path | None:
 
 
 def _stage_heal(ctx: RunContext) -> dict[str, Any]:
-    from layerprune.api import save
-    from layerprune.healing import heal
-    from layerprune.healing.engine import STATE_FILE as HEAL_STATE
-
     cut = _cut_model(ctx)
     loaded = ctx.load(cut if cut is not None else ctx.recipe.model)
     options = _heal_options(ctx.recipe, ctx.out)
@@ -371,9 +353,6 @@ def _stage_heal(ctx: RunContext) -> dict[str, Any]:
 
 
 def _stage_eval(ctx: RunContext) -> dict[str, Any]:
-    from layerprune.evaluation import evaluate
-    from layerprune.reporting.eval_tables import comparison_table, write_report
-
     cut = _cut_model(ctx)
     candidates = [cut] if cut is not None else []
     if ctx.state.done("heal") or cut is None:
@@ -400,7 +379,6 @@ def _recipe_record(ctx: RunContext) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Stage:
     """One resumable step of a run: it runs when its recipe section is present."""
-
     name: str
     needs: str
     run: Callable[[RunContext], dict[str, Any]]
@@ -447,15 +425,6 @@ def preflight(recipe: Recipe, out: Path) -> None:
     model's ``config.json``; where reading it would cost a download (a hub id, an alias not yet
     fetched, a GGUF file) the checks that need it wait for their stage.
     """
-    from layerprune.data import CalibrationConfig, check_source
-    from layerprune.evaluation.config import EvalConfig
-    from layerprune.healing import HEALERS
-    from layerprune.healing.heal import heal_settings
-    from layerprune.models.loading import read_local_config
-    from layerprune.scoring import check_score_options, score
-    from layerprune.searching import candidate_metrics
-    from layerprune.searching.search import held_out_source
-    from layerprune.selection import check_remove, check_strategy, parse_remove, scored_metric, select
 
     sections = recipe.sections
     load = _with_defaults(load_model, sections.get("load", {}))
