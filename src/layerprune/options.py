@@ -284,7 +284,7 @@ def given_options(args: argparse.Namespace, options_class: type | None) -> dict[
     other refusal (one line, exit 2) and not argparse's exit."""
     given = {}
     for option in options_of(options_class):
-        if hasattr(args, option.name):
+        if option.flag != NO_FLAG and hasattr(args, option.name):  # an option without a flag has no value here
             value = getattr(args, option.name)
             if option.parse and isinstance(value, str):
                 try:
