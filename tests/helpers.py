@@ -51,6 +51,15 @@ def save_tiny_checkpoint(folder: Path, family: str = "llama", num_layers: int = 
     return folder
 
 
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def record_text(name: str) -> str:
+    """A record layerprune wrote (``layerprune-before-format-version.json``, a pruned model's lineage;
+    ``search.json``, a tiny search's), kept in tests/fixtures: what marks a folder as layerprune's output."""
+    return (FIXTURES / name).read_text()
+
+
 def write_corpus(path: Path, documents: int = 200) -> Path:
     """A small plain-text corpus (blank-line separated notes) for calibration, healing and evaluation."""
     path.write_text("\n\n".join(f"Note {i}: the value {i * 7} follows {i}." for i in range(documents)))

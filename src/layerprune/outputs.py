@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -27,12 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from layerprune.errors import OptionError, UsageError
+from layerprune.records import holds_record, is_record_file
 
 
 # Files whose presence marks a folder as one layerprune wrote: a saved model's provenance, a run
 # folder's state, a search folder's record. ``--overwrite`` replaces such a folder (or an empty one),
 # never anything else.
-OUTPUT_MARKERS = ("layerprune.json", "run.json", "search.json")
+PNG_SOFTWARE = "layerprune"
+"""The ``Software`` text every figure layerprune draws carries in its PNG (``savefig(metadata=...)``),
+by which an existing PNG is recognised as its own."""
+MARKDOWN_MARK = "<!-- written by layerprune -->"
+"""The first line of every Markdown report layerprune writes beside its JSON, likewise."""
 NOT_OURS = "not a layerprune output; remove it yourself or choose another path"
 
 # errno -> why a write failed, in words a user can act on (see :func:`write_failure`)
@@ -120,8 +126,9 @@ def _is_protected_place(target: Path) -> bool:
 
 
 def is_layerprune_folder(folder: Path) -> bool:
-    """Whether ``folder`` is an output layerprune wrote (it holds one of :data:`OUTPUT_MARKERS`)."""
-    return any((folder / marker).is_file() for marker in OUTPUT_MARKERS)
+    """Whether ``folder`` is an output layerprune wrote: it holds a record (``layerprune.json``,
+    ``run.json``, ``search.json``) that validates as one, not merely a file of that name."""
+    return holds_record(folder)
 
 
 def check_output_path(out: str | Path, *, overwrite: bool, protected: Iterable[str | Path] = (),
@@ -162,26 +169,47 @@ def check_scratch_folder(folder: str | Path, *, protected: Iterable[str | Path] 
 
 
 def is_layerprune_file(path: Path) -> bool:
-    """Whether ``path`` is a results file layerprune writes: a JSON object (scores, evaluation), the
-    Markdown table or PNG figure beside one, or a PNG figure. A file of any other kind is the
-    user's, and ``--overwrite`` does not replace it."""
+    """Whether ``path`` is a results file layerprune wrote, by its content: a JSON record that validates
+    as one layerprune writes (scores, evaluation), a PNG whose ``Software`` text is layerprune's, or a
+    Markdown report opening with :data:`MARKDOWN_MARK`. Any other file is the user's (a JSON of their
+    own, their notes, a picture), and overwriting does not replace it."""
+    if path.suffix == ".json":
+        return is_record_file(path)
     try:
-        head = path.read_bytes()[:8] if path.suffix == ".png" else None
-        if head is not None:
-            return head == b"\x89PNG\r\n\x1a\n"
+        if path.suffix == ".png":
+            return _png_software(path.read_bytes()) == PNG_SOFTWARE
         if path.suffix == ".md":
-            return is_layerprune_file(path.with_suffix(".json")) or is_layerprune_file(path.with_suffix(".png"))
-        return path.suffix == ".json" and isinstance(json.loads(path.read_text()), dict)
-    except (OSError, ValueError):
+            with path.open(encoding="utf-8") as handle:
+                return handle.readline().rstrip("\n") == MARKDOWN_MARK
+    except (OSError, UnicodeDecodeError):
         return False
+    return False
+
+
+def _png_software(data: bytes) -> str | None:
+    """The ``Software`` keyword's text of a PNG (its tEXt chunks), if any."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    position = 8
+    while position + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        if kind == b"tEXt":
+            keyword, _, text = data[position + 8:position + 8 + length].partition(b"\0")
+            if keyword == b"Software":
+                return text.decode("latin-1")
+        if kind == b"IEND":
+            break
+        position += 12 + length
+    return None
 
 
 def check_output_file(path: str | Path, *, overwrite: bool, protected: Iterable[str | Path] = (),
                       flag: str = "--output") -> Path:
-    """Validate an output file (``--output``, ``--plot``) before any work starts; returns it resolved.
+    """Validate an output file (``--output``, ``--plot``, or a file written beside one) before any work
+    starts; returns it resolved.
 
     As :func:`check_output_path` for folders: never inside or containing an input, an existing one
-    only with ``overwrite`` and only if it is a file layerprune writes (:func:`is_layerprune_file`).
+    only with ``overwrite`` and only if layerprune wrote it (:func:`is_layerprune_file`, by content).
     """
     target = _resolved(path, flag)
     check_not_an_input(target, protected, f"{flag}")

@@ -12,13 +12,54 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from layerprune.errors import UsageError
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
+RecordModel = TypeVar("RecordModel", bound=type[BaseModel])
+_KNOWN: list[type[BaseModel]] = []
+
+
+def known_record(model: RecordModel) -> RecordModel:
+    """Register ``model`` as a record layerprune writes (a class decorator): an existing file or folder
+    is recognised as layerprune's own output by holding a record that validates as one
+    (:func:`is_record_file`, :func:`holds_record`), never by its name alone."""
+    _KNOWN.append(model)
+    return model
+
+
+def is_record_file(path: Path) -> bool:
+    """Whether ``path`` holds a JSON record that validates as one of the known records."""
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(document, dict) and any(_validates(model, document) for model in _KNOWN)
+
+
+def holds_record(folder: Path) -> bool:
+    """Whether ``folder`` holds, under its own file name, a record that validates as its model
+    (``layerprune.json``, ``run.json``, ``search.json``): an output folder layerprune wrote."""
+    for model in _KNOWN:
+        path = folder / record_name(model)
+        try:
+            document = json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        if isinstance(document, dict) and _validates(model, document):
+            return True
+    return False
+
+
+def _validates(model: type[BaseModel], document: dict[str, Any]) -> bool:
+    try:
+        model.model_validate(document)
+    except ValidationError:
+        return False
+    return True
 
 
 def record_name(model: type[BaseModel]) -> str:

@@ -17,14 +17,20 @@ from pathlib import Path
 import pytest
 
 from layerprune.outputs import atomic_cache_dir, atomic_output_dir, write_json_atomic
+from tests.helpers import record_text
 
 MARKER = "layerprune.json"  # what makes a folder one --overwrite may replace
 
 
 def version(target: Path) -> str | None:
-    """Which write the destination holds now (a file, or a folder's marker), or None if it is absent."""
+    """Which write the destination holds now (a file, or a folder's record's ``reason``), or None if absent."""
     record = target / MARKER if target.is_dir() else target
-    return json.loads(record.read_text())["version"] if record.exists() else None
+    return json.loads(record.read_text())["reason"] if record.exists() else None
+
+
+def marker(which: str) -> str:
+    """A lineage record (what makes a folder one overwriting may replace) that says which write made it."""
+    return json.dumps({**json.loads(record_text("layerprune-before-format-version.json")), "reason": which})
 
 
 class SyncLog:
@@ -59,9 +65,9 @@ def test_a_file_is_synced_before_its_rename_and_its_folder_after(old: str | None
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     target = folder / "scores.json"
     if old is not None:
-        target.write_text(json.dumps({"version": old}))
+        target.write_text(json.dumps({"reason": old}))
     log = install_log(monkeypatch, target)
-    write_json_atomic(target, {"version": "new"})
+    write_json_atomic(target, {"reason": "new"})
     staged = [path for path, seen in log.calls if path.name.startswith(".scores.json.partial-")]
     assert staged and all(seen == old for path, seen in log.calls if path in staged), log.calls
     assert (folder, "new") in log.calls, log.calls
@@ -83,10 +89,10 @@ def test_every_file_and_folder_staged_is_synced_before_the_rename_and_the_parent
     if writer == "overwritten output":
         old = "old"
         target.mkdir()
-        (target / MARKER).write_text(json.dumps({"version": old}))
+        (target / MARKER).write_text(marker(old))
     log = install_log(monkeypatch, target)
     with FOLDER_WRITERS[writer](target) as staging:
-        (staging / MARKER).write_text(json.dumps({"version": "new"}))
+        (staging / MARKER).write_text(marker("new"))
         (staging / "shards").mkdir()
         (staging / "shards" / "model.safetensors").write_bytes(b"\0" * 64)
         staged = {staging, staging / MARKER, staging / "shards", staging / "shards" / "model.safetensors"}

@@ -29,7 +29,7 @@ from layerprune.models.surgery import remove_layers
 from layerprune.models.tiny import tiny_config
 from layerprune.outputs import NOT_OURS
 from tests.conftest import FAMILIES
-from tests.helpers import skipping_layers, write_corpus
+from tests.helpers import record_text, skipping_layers, write_corpus
 from tests.reliability.conftest import CliResult, assert_refused, snapshot
 
 EXAMPLES = int(os.environ.get("LAYERPRUNE_FUZZ_EXAMPLES", "30"))
@@ -288,7 +288,7 @@ def test_output_folder_rules_hold_for_random_trees(case: dict, tmp_path_factory:
         else:
             resolved.mkdir(parents=True)
             if case["state"] == "layerprune folder":
-                (resolved / "layerprune.json").write_text("{}")
+                (resolved / "layerprune.json").write_text(record_text("layerprune-before-format-version.json"))
             elif case["state"] == "user folder":
                 (resolved / "notes.txt").write_text("mine")
     before = snapshot(root)

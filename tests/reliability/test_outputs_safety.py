@@ -24,7 +24,7 @@ from layerprune import outputs
 from layerprune.errors import UsageError
 from layerprune.recipes import runner
 from layerprune.outputs import NOT_OURS
-from tests.helpers import write_corpus
+from tests.helpers import record_text, write_corpus
 from tests.reliability.conftest import CliResult, assert_refused, snapshot
 
 Cli = Callable[..., CliResult]
@@ -59,7 +59,7 @@ def swallowing_cases(model: Path, corpus: Path, tmp: Path) -> dict[str, list[str
     original = tmp / "original"
     original.mkdir()
     (original / "config.json").write_text("{}")
-    record = json.loads((Path(__file__).parents[1] / "fixtures" / "layerprune-before-format-version.json").read_text())
+    record = json.loads(record_text("layerprune-before-format-version.json"))
     (model / "layerprune.json").write_text(json.dumps({**record, "source_model": str(original)}))
     return {
         "prune into the model's parent": ["prune", "--model", model, "--layers", "1", "--out", model.parent],
@@ -151,10 +151,13 @@ def test_a_search_folder_counts_as_a_layerprune_output(tmp_path: Path) -> None:
     replace it, and nothing else that merely contains a model folder."""
     searched = tmp_path / "searched"
     (searched / "model").mkdir(parents=True)
-    (searched / "model" / "layerprune.json").write_text("{}")
+    (searched / "model" / "layerprune.json").write_text(record_text("layerprune-before-format-version.json"))
     with pytest.raises(UsageError, match="not a layerprune output"):
         outputs.check_output_path(searched, overwrite=True)
-    (searched / "search.json").write_text("{}")
+    (searched / "search.json").write_text("{}")  # the name alone is not layerprune's record: refused
+    with pytest.raises(UsageError, match="not a layerprune output"):
+        outputs.check_output_path(searched, overwrite=True)
+    (searched / "search.json").write_text(record_text("search.json"))
     assert outputs.check_output_path(searched, overwrite=True) == searched.resolve()
 
 
@@ -169,6 +172,60 @@ def test_overwrite_refuses_a_file_layerprune_did_not_write(content: bytes, model
     assert_refused(cli("score", "--model", model, "--output", tmp_path / "s.json", "--plot", plot, "--overwrite"),
                    NOT_OURS)
     assert mine.read_bytes() == content and plot.read_bytes() == b"JFIF not a png"
+
+
+@pytest.mark.parametrize("name", ["run.json", "search.json", "layerprune.json"])
+def test_a_users_folder_is_not_ours_because_a_file_has_one_of_our_names(name: str, model: Path, cli: Cli,
+                                                                          tmp_path: Path) -> None:
+    """A thesis folder that happens to hold a file called run.json is recognised by content, not name."""
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / name).write_text(json.dumps({"chapter": 3, "draft": True}))
+    (folder / "thesis.tex").write_text("\\section{Results}")
+    before = snapshot(folder)
+    assert_refused(cli("prune", "--model", model, "--layers", "1", "--out", folder, "--overwrite"), NOT_OURS)
+    assert snapshot(folder) == before
+
+
+def test_every_sibling_an_output_writes_is_an_output(model: Path, cli: Cli, tmp_path: Path) -> None:
+    """eval --output r.json also writes r.md and r.png: the user's own r.md is never replaced, not even with
+    --overwrite, and is named in the refusal; the same for score's figure beside its JSON."""
+    notes = tmp_path / "r.md"
+    notes.write_text("# my notes on the run\n")
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    for flags in ([], ["--overwrite"]):
+        result = cli("eval", "--model", model, "--ppl", corpus, "--seq-len", "8", "--output", tmp_path / "r.json",
+                     *flags)
+        assert_refused(result, str(notes))
+    assert notes.read_text() == "# my notes on the run\n" and not (tmp_path / "r.json").exists()
+    picture = tmp_path / "s.png"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 32)  # a PNG, but not one layerprune drew
+    assert_refused(cli("score", "--model", model, "--metrics", "random", "--output", tmp_path / "s.json",
+                       "--overwrite"), str(picture), NOT_OURS)
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_a_name_with_glob_characters_guards_its_own_siblings(model: Path, cli: Cli, tmp_path: Path) -> None:
+    """r[1]-curve-0.png is a sibling of r[1].json: without --overwrite it is never replaced."""
+    curve = tmp_path / "r[1]-curve-0.png"
+    curve.write_bytes(b"the user's picture")
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    assert_refused(cli("eval", "--model", model, "--ppl", corpus, "--seq-len", "8", "--output", tmp_path / "r[1].json"),
+                   "already exists")
+    assert curve.read_bytes() == b"the user's picture"
+
+
+def test_our_own_outputs_are_recognised_by_content_and_replaced(model: Path, cli: Cli, tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    report = tmp_path / "r.json"
+    command = ["eval", "--model", model, "--ppl", corpus, "--seq-len", "8", "--output", report]
+    assert cli(*command).code == 0
+    assert outputs.is_layerprune_file(report.with_suffix(".md")) and outputs.is_layerprune_file(report.with_suffix(".png"))
+    assert cli(*command, "--overwrite").code == 0
+    out = tmp_path / "pruned"
+    assert cli("prune", "--model", model, "--layers", "1", "--out", out).code == 0
+    assert outputs.is_layerprune_folder(out)
+    assert cli("prune", "--model", model, "--layers", "2", "--out", out, "--overwrite").code == 0
 
 
 def test_overwrite_replaces_the_files_layerprune_wrote(model: Path, cli: Cli, tmp_path: Path) -> None:

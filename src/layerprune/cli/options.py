@@ -144,7 +144,7 @@ def add_output_options(parser: argparse.ArgumentParser, *, required: bool = True
     """``--out FOLDER``, for commands that fill a folder (see the module docstring for ``--output FILE``)."""
     parser.add_argument("--out", required=required, metavar="FOLDER",
                         help="output folder (must not exist unless --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder, only one layerprune wrote (it holds a layerprune.json, run.json or search.json record that validates as one) or an empty one")
 
 
 def add_output_file_options(parser: argparse.ArgumentParser, *, required: bool, what: str, overwrite: str) -> None:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from layerprune.evaluation.classification import ClassificationSettings
 from layerprune.evaluation.config import EvalConfig
+from layerprune.records import known_record
 
 FORMAT_VERSION = 1
 
@@ -94,6 +95,7 @@ class ModelResult(_Record):
     seconds: float = Field(ge=0, description="time spent measuring this model (efficiency aside)")
 
 
+@known_record
 class EvalReport(BaseModel):
     """What ``eval.json`` holds: the reference model's name, every model's results (the reference
     first), and the evaluation's options."""

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from layerprune import records
-from layerprune.records import checked, read_checked
+from layerprune.records import checked, known_record, read_checked
 
 FORMAT_VERSION = 1
 
@@ -57,6 +57,7 @@ class RepairEntry(_Record):
     statistics_seconds: float = Field(default=0.0, ge=0)
 
 
+@known_record
 class ProvenanceRecord(BaseModel):
     """What ``layerprune.json`` holds: the source, the removed layers in the original numbering, every
     replacement, repair and healing, and the versions and date of the export."""

@@ -9,6 +9,7 @@ JSON Schema ships beside the other records' (see :mod:`layerprune.records`).
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
+from layerprune.records import known_record
 
 FORMAT_VERSION = 1
 
@@ -22,6 +23,7 @@ class FinishedStage(BaseModel):
     seconds: float = Field(ge=0)
 
 
+@known_record
 class RunDocument(BaseModel):
     """What ``run.json`` holds."""
 

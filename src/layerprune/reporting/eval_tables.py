@@ -9,7 +9,6 @@ difference smaller than the noise reads as such.
 
 from __future__ import annotations
 
-import io
 import math
 import re
 from collections.abc import Callable
@@ -17,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from layerprune.evaluation.record import checked_report
-from layerprune.outputs import write_bytes_atomic, write_json_atomic
+from layerprune.outputs import MARKDOWN_MARK, write_bytes_atomic, write_json_atomic
+from layerprune.reporting.figures import png_bytes
 
 _EFFICIENCY_ROWS: tuple[tuple[str, str, Callable[[float], float]], ...] = (
     ("disk_bytes", "size on disk (MB)", lambda v: v / 1e6),
@@ -112,13 +112,8 @@ def comparison_table(report: dict[str, Any]) -> str:
 
 
 def _png(figure: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
     figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=120)
-    plt.close(figure)
-    return buffer.getvalue()
+    return png_bytes(figure, dpi=120)
 
 
 def comparison_plot(report: dict[str, Any]) -> bytes | None:
@@ -197,20 +192,29 @@ def curve_path(json_path: Path, index: int) -> Path:
     return json_path.with_name(f"{json_path.stem}-curve-{index}.png")
 
 
+def _curves(report: dict[str, Any]) -> list[tuple[int, str, dict[str, Any]]]:
+    """``(model index, title, curve)`` of every model with a classification curve, in the report's order."""
+    return [(index, f"{name}: {result['classification'].get('dataset', 'classification')}", result["classification"])
+            for index, (name, result) in enumerate(report["models"].items()) if result.get("classification")]
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The Markdown report: the comparison table, then each classification curve's table."""
+    markdown = comparison_table(report)
+    for _, title, curve in _curves(report):
+        markdown += f"\n### Classification curve: {title}\n\n{curve_table(curve)}"
+    return markdown
+
+
 def write_report(report: dict[str, Any], json_path: Path) -> list[Path]:
     """Write the JSON (checked as an ``eval.json`` record, see :mod:`layerprune.evaluation.record`),
     its Markdown (comparison table, then each classification curve) and the plots (``.png``;
     ``-curve-N.png`` per model with a curve) side by side."""
     written = [write_json_atomic(json_path, checked_report(report))]
-    markdown = comparison_table(report)
     plots: list[tuple[Path, bytes | None]] = [(json_path.with_suffix(".png"), comparison_plot(report))]
-    for index, (name, result) in enumerate(report["models"].items()):
-        curve = result.get("classification")
-        if curve:
-            title = f"{name}: {curve.get('dataset', 'classification')}"
-            markdown += f"\n### Classification curve: {title}\n\n{curve_table(curve)}"
-            plots.append((curve_path(json_path, index), curve_plot(curve, title)))
-    written.append(write_bytes_atomic(json_path.with_suffix(".md"), markdown.encode()))
+    for index, title, curve in _curves(report):
+        plots.append((curve_path(json_path, index), curve_plot(curve, title)))
+    written.append(write_bytes_atomic(json_path.with_suffix(".md"), f"{MARKDOWN_MARK}\n{report_markdown(report)}".encode()))
     written += [write_bytes_atomic(path, png) for path, png in plots if png is not None]
     return written
 

@@ -8,11 +8,11 @@ which is where the consecutive strategy looks.
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
 from layerprune.outputs import write_bytes_atomic
+from layerprune.reporting.figures import png_bytes
 from layerprune.scoring.base import MetricResult
 from layerprune.scoring.report import ScoreReport
 from layerprune.selection import Selection
@@ -84,7 +84,4 @@ def plot_scores(report: ScoreReport, path: str | Path, selection: Selection | No
     axes[-1, 0].set_xlabel("layer" if not tables else "start layer")
     figure.suptitle(f"{report.model}: layer scores ({report.tokens} tokens)", fontsize=11)
     figure.tight_layout(rect=(0, 0, 1, 1 - 0.4 / panels))
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    return write_bytes_atomic(path, buffer.getvalue(), overwrite=overwrite)
+    return write_bytes_atomic(path, png_bytes(figure, dpi=110), overwrite=overwrite)

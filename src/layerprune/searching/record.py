@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from layerprune.records import known_record
 from layerprune.searching.config import SearchConfig
 
 FORMAT_VERSION = 1
@@ -79,6 +80,7 @@ class SpeedWorkload(_Part):
     repeats: int = Field(ge=1)
 
 
+@known_record
 class SearchDocument(BaseModel):
     """What ``search.json`` holds."""
 

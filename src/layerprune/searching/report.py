@@ -6,7 +6,6 @@ The folder is built under a temporary name and renamed into place at the end
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,6 +15,7 @@ import yaml
 
 from layerprune.models.loading import LoadedModel
 from layerprune.outputs import atomic_output_dir
+from layerprune.reporting.figures import png_bytes
 
 SEARCH_FILE = "search.json"
 TABLE_FILE = "search.md"
@@ -75,10 +75,7 @@ def plot_pareto(record: Any) -> bytes:
     axis.set_title(f"{record.model}: {len(record.tried)} candidates", fontsize=10)
     axis.legend(fontsize=7)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    return buffer.getvalue()
+    return png_bytes(figure, dpi=110)
 
 
 def recipe_document(record: Any, source: str, calibration: dict[str, Any], batch_size: int,

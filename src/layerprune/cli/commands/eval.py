@@ -8,6 +8,7 @@ efficiency and classification options it nests), so they take the API's names, d
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib.util
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from layerprune.evaluation.evaluate import evaluate
 from layerprune.models.loading import read_local_config
 from layerprune.options import add_option_flags, comma_list, given_options, options_of
 from layerprune.outputs import check_output_file
-from layerprune.reporting.eval_tables import write_report
+from layerprune.reporting.eval_tables import report_markdown, write_report
 
 # the EvalConfig options each help group shows; batch_size and classify stand beside them
 GROUPS = {"perplexity": ("ppl", "seq_len", "max_windows"), "lm-eval": ("tasks", "limit", "num_fewshot")}
@@ -51,8 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                              "tasks, speed, the classification curve.")
     add_model_options(parser)
     parser.add_argument("--compare", help="models to put beside --model (the reference), comma-separated")
-    add_output_file_options(parser, required=True, what="results JSON; the .md table and .png plot go beside it",
-                            overwrite="replace existing output files")
+    add_output_file_options(parser, required=True, what="results JSON; beside it go NAME.md (the table), NAME.png (the plot) and, with "
+                                 "--classify, NAME-curve-N.png: each is an output",
+                            overwrite="replace those files, only ones layerprune wrote (recognised by their content)")
     names = {option.name for option in options_of(EvalConfig)}
     grouped = {name for members in GROUPS.values() for name in members}
     for title, members in GROUPS.items():
@@ -98,13 +100,13 @@ def run(args: argparse.Namespace) -> int:
     check_lm_eval_installed(config.tasks)
     inputs = input_paths(args)
     for path in (output, output.with_suffix(".md"), output.with_suffix(".png"),
-                 *output.parent.glob(f"{output.stem}-curve-*.png")):
+                 *output.parent.glob(f"{glob.escape(output.stem)}-curve-*.png")):  # a name may hold [ ] * ?
         check_output_file(path, overwrite=args.overwrite, protected=inputs)
     report = evaluate(
         args.model, compare=compare, config=config, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device,
         trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, device_map=args.device_map,
     )
     written = write_report(report, output)
-    print(output.with_suffix(".md").read_text(), end="")
+    print(report_markdown(report), end="")
     print("wrote " + ", ".join(str(path) for path in written))
     return 0

@@ -51,7 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_selection_options(parser, required=False)
     parser.add_argument("--select-by", help="the metric that picks the layers to remove (default: the first)")
     add_output_file_options(parser, required=False, what="write the scores as JSON here (and the figure beside it "
-                                                         "as .png)", overwrite="replace existing --output/--plot files")
+                                                         "as .png)", overwrite="replace the --output and --plot files, only ones layerprune "
+                                                                   "wrote (recognised by their content)")
     parser.add_argument("--plot", metavar="FILE", help="write the figure here (default: --output with .png)")
     parser.add_argument("--streaming", action="store_true",
                         help="load one decoder layer at a time from the safetensors files (for models that do not "
