@@ -9,7 +9,6 @@ only decides *which* parameters train and *what* the loss is.
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from layerprune.data import TrainingSet, build_calibration, load_instructions
-from layerprune.errors import OptionError, UsageError
+from layerprune.errors import OptionError
 
 IGNORE_INDEX = -100
 _INSTRUCTION_KEYS = {"instruction", "output"}

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from layerprune.errors import OptionError, UsageError
+from layerprune.errors import OptionError
 from layerprune.healing.base import HEALERS, DistillOptions, Healer, HealOutcome, HealSettings
 from layerprune.healing.data import TrainingSet
 from layerprune.healing.objectives import distill_note, fit_language_model

@@ -8,7 +8,6 @@ unpruned model be cut and repaired in one step).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from layerprune.data import DEFAULT_CALIBRATION

@@ -20,16 +20,16 @@ from typing import Any
 
 import torch
 from huggingface_hub import try_to_load_from_cache
-from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from transformers import (
-    AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase,
+    AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase,
 )
 
 from layerprune import hub
 from layerprune.errors import OptionError, UsageError, first_line
 from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir, resolve_alias
-from layerprune.models.architectures import ArchitectureAdapter, adapter_for, check_supported_config
+from layerprune.models.architectures import ArchitectureAdapter, adapter_for
+from layerprune.models.checkpoint import read_config
 from layerprune.models.gguf import load_gguf
 from layerprune.models.lineage import read_lineage
 
@@ -185,7 +185,7 @@ def _load_pretrained(
     where: str, dtype: torch.dtype, trust_remote_code: bool, allow_pickle: bool,
     check_config: Callable[[PretrainedConfig], None] | None = None, device_map: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    config = _read_config(where, trust_remote_code)
+    config = read_config(where, trust_remote_code=trust_remote_code)
     if check_config is not None:
         check_config(config)
     try:
@@ -250,26 +250,6 @@ def _check_weights_match_config(where: str, config: PretrainedConfig, loading_in
                      "fix config.json or download the checkpoint again")
 
 
-def _read_config(where: str, trust_remote_code: bool) -> PretrainedConfig:
-    """The config of a folder or hub id, refused if it is unreadable or not a causal LM's."""
-    try:
-        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
-    except (ValueError, StrictDataclassError) as error:
-        if "trust_remote_code" in str(error):
-            raise OptionError.about("trust_remote_code", f"is off, but {where} needs custom code from its "
-                                                         "repository to load; turn it on only if you trust that "
-                                                         "code") from None
-        raise UsageError(f"cannot read the config of {where}: {first_line(error)}") from None
-    except OSError as error:
-        if Path(where).is_dir():
-            raise UsageError(f"cannot read {Path(where) / 'config.json'} ({first_line(error)}); fix the file or "
-                             "download the checkpoint again") from None
-        raise UsageError(f"cannot load model {where!r}: not a local folder, and the Hugging Face hub did not "
-                         f"provide it ({first_line(error)}); check the name or your network") from None
-    check_supported_config(config)
-    return config
-
-
 def check_hub_id(source: str, *, network: bool) -> None:
     """Refuse, in seconds, a hub id that cannot load: one that is a near-miss of an alias (a typo such
     as ``smolm2-135m`` would otherwise wait a minute on hub retries before failing), or, with
@@ -325,4 +305,4 @@ def read_local_config(name_or_path: str | Path, *, gguf_file: str | None = None,
             return None
         raise _missing_model(source)
     _check_local_folder(folder, allow_pickle)
-    return _read_config(str(folder), trust_remote_code)
+    return read_config(str(folder), trust_remote_code=trust_remote_code)

@@ -22,20 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 from layerprune.errors import UsageError
-from layerprune.models.architectures import ADAPTERS, ArchitectureAdapter, adapter_for_config, check_supported_config
+from layerprune.models.architectures import ADAPTERS, ArchitectureAdapter, adapter_for_config
+from layerprune.models.checkpoint import INDEX_FILE, MAX_HEADER_BYTES, SINGLE_FILE, read_config, weight_map
 from layerprune.models.export import SAFETY_MARGIN_BYTES, provenance_json, render_model_card
 from layerprune.models.lineage import PROVENANCE_FILE, apply_removal, describe_result, new_lineage, read_lineage
 from layerprune.models.surgery import cut_layer_config, validate_layer_indices
 from layerprune.outputs import atomic_output_dir, check_free_space, check_output_path
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 _REWRITTEN = {"config.json", SINGLE_FILE, INDEX_FILE, PROVENANCE_FILE, "README.md"}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx")
-_MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 _COPY_CHUNK = 8 * 2**20
 
 
@@ -74,7 +72,7 @@ def read_header(path: Path) -> ShardHeader:
     try:
         with path.open("rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
-            if length > _MAX_HEADER_BYTES:
+            if length > MAX_HEADER_BYTES:
                 raise UsageError(f"{broken} (header of {length} bytes); {fix}")
             raw = json.loads(handle.read(length))
     except FileNotFoundError:
@@ -100,14 +98,9 @@ def read_header(path: Path) -> ShardHeader:
 
 def checkpoint_shards(folder: Path) -> tuple[list[Path], dict[str, Any] | None]:
     """The weight files of a safetensors checkpoint folder, and its index if it is sharded."""
-    index_path = folder / INDEX_FILE
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-            names = sorted(set(index["weight_map"].values()))
-        except (OSError, json.JSONDecodeError, KeyError, AttributeError, TypeError):
-            raise UsageError(f"{index_path} is unreadable or has no weight_map; download the checkpoint again") from None
-        return [folder / name for name in names], index
+    mapping = weight_map(folder)
+    if mapping is not None:
+        return [folder / name for name in sorted(set(mapping.values()))], json.loads((folder / INDEX_FILE).read_text())
     if (folder / SINGLE_FILE).is_file():
         return [folder / SINGLE_FILE], None
     raise UsageError(f"{folder} holds neither {SINGLE_FILE} nor {INDEX_FILE}; shard surgery needs a safetensors "
@@ -244,11 +237,7 @@ def load_checkpoint_config(folder: Path) -> tuple[PretrainedConfig, Architecture
     if not (folder / "config.json").is_file():
         raise UsageError(f"{folder} is not a model folder (no config.json); shard surgery needs a local "
                          "safetensors checkpoint folder")
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"cannot read {folder / 'config.json'}: {str(error).splitlines()[0]}; fix the file") from None
-    check_supported_config(config)
+    config = read_config(folder)
     if config.model_type not in ADAPTERS:
         raise UsageError(f"shard surgery needs a registered family and {config.model_type!r} is not one "
                          f"({', '.join(ADAPTERS.names())}); leave out --low-memory to prune it in memory")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from layerprune.data import CalibrationSet
-from layerprune.errors import NumericalError, OptionError, UsageError
+from layerprune.errors import NumericalError, OptionError
 from layerprune.models.hooks import layer_input, layer_output
 from layerprune.models.loading import LoadedModel
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from layerprune.errors import OptionError, UsageError
+from layerprune.errors import OptionError
 from layerprune.scoring.base import METRICS, LayerPass, Metric, MetricResult, ScoringContext, Stream
 from layerprune.scoring.forward import (
     check_finite, lm_batches, loss_setup, next_token_targets, replay_layer, run_decoder, watching_layers,
