@@ -1,10 +1,10 @@
 """The data cache: parsed documents and tokenized streams, built once and read back fast.
 
 Parsing the Wikipedia dump and tokenizing ~500k words each take seconds; scoring, healing and
-evaluation all ask for the same data, so both are cached under ``cache_dir()/data``. Every file is
-written atomically (a killed run never leaves a truncated cache entry that looks valid), and
-``DATA_VERSION`` is part of every path so a change to parsing or markup stripping invalidates the
-old entries instead of silently serving them.
+evaluation all ask for the same data, so both are cached under ``cache_dir()/data``. Every entry is
+written atomically with its size and digest beside it and checked when read
+(:func:`layerprune.cache.read_entry`: a damaged one is rebuilt), and ``DATA_VERSION`` is part of every
+path so a change to parsing or markup stripping invalidates the old entries instead of serving them.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from transformers import PreTrainedTokenizerBase
 
-from layerprune.cache import cache_dir
-from layerprune.outputs import write_bytes_atomic
+from layerprune.cache import cache_dir, read_entry, write_entry
 
-DATA_VERSION = 3
+DATA_VERSION = 4  # 4: every entry carries its size and digest
 
 
 def data_dir(name: str) -> Path:
@@ -34,10 +33,11 @@ def data_dir(name: str) -> Path:
 def cached_records(name: str, build: Callable[[], list[dict]]) -> list[dict]:
     """Records of dataset ``name``: read from the cache, or built (fetched and parsed) once and cached."""
     path = data_dir(name) / f"records-v{DATA_VERSION}.jsonl"
-    if path.exists():
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
+    cached = read_entry(path)
+    if cached is not None:
+        return [json.loads(line) for line in cached.decode("utf-8").split("\n") if line]
     records = build()
-    write_bytes_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+    write_entry(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
     return records
 
 
@@ -62,8 +62,9 @@ def cached_tokens(key: dict[str, Any], build: Callable[[], torch.Tensor]) -> tor
     """
     digest = hashlib.sha256(json.dumps({**key, "version": DATA_VERSION}, sort_keys=True).encode()).hexdigest()
     path = data_dir("tokens") / f"{digest[:32]}.safetensors"
-    if path.exists():
-        return load_tensors(path.read_bytes())["ids"].long()
+    cached = read_entry(path)
+    if cached is not None:
+        return load_tensors(cached)["ids"].long()
     ids = build()
-    write_bytes_atomic(path, save_tensors({"ids": ids.to(torch.int32).contiguous()}))
+    write_entry(path, save_tensors({"ids": ids.to(torch.int32).contiguous()}))
     return ids
