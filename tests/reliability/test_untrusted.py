@@ -10,6 +10,7 @@ import torch
 
 import layerprune as lp
 from layerprune.errors import UsageError
+from layerprune.recipes import yamlfile
 from layerprune.models.tiny import TINY_FAMILIES, tiny_config
 from tests.reliability.conftest import TINY_LAYERS, CliResult, assert_refused, snapshot
 
@@ -122,3 +123,38 @@ def test_a_config_that_disagrees_with_its_weights_is_refused(tmp_path: Path, cli
     assert_refused(cli("prune", "--model", folder, "--layers", "0", "--generate", "hi", "--out", tmp_path / "out"),
                    kind)
     assert snapshot(folder) == before and not (tmp_path / "out").exists()
+
+
+def billion_laughs(levels: int) -> str:
+    """A recipe whose aliases expand to 9**levels values from a few hundred bytes of text."""
+    lines = ["model: m", 'l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, levels):
+        lines.append(f"l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * 9)}]")
+    return "\n".join([*lines, f"score: {{metrics: *l{levels - 1}}}"]) + "\n"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (billion_laughs(9), "expands to more than"),
+    ("model: m\nscore: &s {metrics: [bi], again: *s}\n", "refers to itself"),
+    ("model: m\nscore: " + "[" * 60 + "]" * 60 + "\n", "nests deeper"),
+])
+def test_a_yaml_expansion_bomb_is_refused_before_it_is_built(text: str, message: str, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused from the composed node graph: nothing is constructed from the document (a construction
+    of the bomb would take minutes and gigabytes)."""
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text(text)
+
+    def never(*_: object, **__: object) -> None:
+        raise AssertionError("the document was built before its size was checked")
+
+    monkeypatch.setattr(yamlfile.yaml, "safe_load", never)
+    with pytest.raises(UsageError, match=message):
+        yamlfile.read_yaml(recipe)
+
+
+def test_a_recipe_far_larger_than_any_recipe_is_refused_unread(tmp_path: Path) -> None:
+    recipe = tmp_path / "huge.yaml"
+    recipe.write_text("model: m\n" + "# padding\n" * 200_000)
+    with pytest.raises(UsageError, match="more than a recipe can need"):
+        yamlfile.read_yaml(recipe)
