@@ -120,6 +120,15 @@ def peak_memory_bytes(model: PreTrainedModel, checkpoint: Path, workload: Worklo
     return int(json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"])
 
 
+def check_workload_fits(workload: Workload, context: int | None, model: str) -> None:
+    """The prompt and the tokens decoded after it within ``model``'s context of ``context`` tokens: a
+    model with learned positions (GPT-2, OPT) indexes past its position table otherwise."""
+    if context is not None and workload.prompt_len + workload.new_tokens > context:
+        workload.refuse("prompt_len", f"{workload.prompt_len} plus {workload.new_tokens} new tokens passes the "
+                                      f"context of {model} ({context} tokens); use at most "
+                                      f"{max(context - workload.new_tokens, 1)}")
+
+
 def measure_efficiency(models: dict[str, PreTrainedModel], workload: Workload = Workload(), *,
                        disk: bool = True, memory: bool = True) -> dict[str, dict[str, Any]]:
     """Efficiency figures of each model, the first being the reference for the speed-ups.
@@ -131,6 +140,8 @@ def measure_efficiency(models: dict[str, PreTrainedModel], workload: Workload = 
     """
     if not models:
         raise UsageError("efficiency needs at least one model")
+    for name, model in models.items():
+        check_workload_fits(workload, getattr(model.config, "max_position_embeddings", None), name)
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="layerprune-eff-") as scratch:
         for index, (name, model) in enumerate(models.items()):

@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from layerprune import data, hub
 from layerprune.cache import cache_dir
 from layerprune.data import eval_suite
-from layerprune.errors import UsageError
+from layerprune.errors import OptionError, UsageError
 from layerprune.evaluation.intervals import stderr_of_mean
 from layerprune.outputs import write_bytes_atomic
 
@@ -269,8 +269,9 @@ def run_tasks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks:
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
     lm = ScoredPositionsLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     loaded = manager.load(list(tasks))
-    for task in loaded["tasks"].values():
+    for name, task in loaded["tasks"].items():
         _set_fewshot(task, num_fewshot)
+        check_fewshot_pool(str(name), task)
     output = evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=True, bootstrap_iters=0)
     if output is None:  # only on non-zero ranks of a distributed run
         return TaskRun({}, {})
@@ -301,6 +302,17 @@ def _leaf_tasks(name: str, subtasks: dict[str, list[str]]) -> list[str]:
 FEWSHOT_SEED = 1234
 """The seed of each task's few-shot sampler: lm-eval's default (``simple_evaluate``'s), so few-shot
 prompts are those of a plain lm-eval run."""
+
+
+def check_fewshot_pool(name: str, task: Any) -> None:
+    """Refuse more few-shot examples than ``task`` has to draw from, before any model runs (lm-eval would
+    stop at its first request with a sampling error). One is held back: where the examples come from
+    the evaluated split, the document itself is drawn and left out."""
+    shots = task.get_config("num_fewshot") or 0
+    pool = task.fewshot_docs() if shots else None
+    if pool is not None and shots > len(pool) - 1:
+        raise OptionError.about("num_fewshot", f"{shots} is more than task {name} can draw from ({len(pool)} "
+                                               f"examples, one held back); use at most {max(len(pool) - 1, 0)}")
 
 
 def _set_fewshot(task: Any, num_fewshot: int | None) -> None:

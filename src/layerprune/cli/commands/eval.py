@@ -16,7 +16,7 @@ from layerprune.cli.options import add_command, add_model_options, add_output_fi
 from layerprune.errors import UsageError
 from layerprune.evaluation.classification import ClassificationSettings
 from layerprune.evaluation.config import EvalConfig
-from layerprune.evaluation.efficiency import Workload
+from layerprune.evaluation.efficiency import Workload, check_workload_fits
 from layerprune.evaluation.evaluate import evaluate
 from layerprune.models.loading import read_local_config
 from layerprune.options import add_option_flags, comma_list, given_options, options_of
@@ -27,18 +27,21 @@ from layerprune.reporting.eval_tables import report_markdown, write_report
 GROUPS = {"perplexity": ("ppl", "seq_len", "max_windows"), "lm-eval": ("tasks", "limit", "num_fewshot")}
 
 
-def check_seq_len_fits(model: str, args: argparse.Namespace, seq_len: int) -> None:
-    """``--seq-len`` within the context of ``model``, read from its local config (a hub id is checked
-    when it loads); windows longer than the position table give meaningless perplexities, slowly."""
+def check_fits_context(model: str, args: argparse.Namespace, config: EvalConfig, workload: Workload) -> None:
+    """``--seq-len`` and the efficiency workload within the context of ``model``, read from its local
+    config (a hub id is checked when it loads), before any model loads: windows longer than the position
+    table give meaningless perplexities, slowly, and a model with learned positions fails past it."""
     try:
-        config = read_local_config(model, gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code,
-                                   allow_pickle=args.allow_pickle)
+        local = read_local_config(model, gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code,
+                                  allow_pickle=args.allow_pickle)
     except UsageError:
         return  # the load reports an unreadable model in its own words
-    context = getattr(config, "max_position_embeddings", None)
-    if context is not None and seq_len > context:
-        raise UsageError(f"--seq-len {seq_len} is longer than the context of {model} ({context} tokens); "
+    context = getattr(local, "max_position_embeddings", None)
+    if context is not None and config.ppl and config.seq_len > context:
+        raise UsageError(f"--seq-len {config.seq_len} is longer than the context of {model} ({context} tokens); "
                          f"use --seq-len {context} or less")
+    if args.efficiency:
+        check_workload_fits(workload, context, model)
 
 
 def check_lm_eval_installed(tasks: tuple[str, ...]) -> None:
@@ -94,9 +97,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--output {args.output} must end in .json (the .md and .png are written beside it)")
     config = eval_config(args)
     compare = compared_models(args)
-    if config.ppl:
-        for model in [args.model, *compare]:
-            check_seq_len_fits(model, args, config.seq_len)
+    for model in [args.model, *compare]:
+        check_fits_context(model, args, config, config.efficiency or Workload())
     check_lm_eval_installed(config.tasks)
     inputs = input_paths(args)
     for path in (output, output.with_suffix(".md"), output.with_suffix(".png"),

@@ -24,7 +24,7 @@ from layerprune.cli.options import (
     build_calibration_from_args, calibration_from_args, check_calibration_args, input_paths, load_from_args,
     remove_check, safetensors_folder, score_and_select, score_from_args, selection_strategy, warn_if_most_layers_go,
 )
-from layerprune.errors import UsageError
+from layerprune.errors import OptionError, UsageError
 from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir
 from layerprune.models.architectures import ADAPTERS
 from layerprune.models.lineage import PROVENANCE_FILE
@@ -222,10 +222,22 @@ def check_generate(args: argparse.Namespace) -> None:
 
 
 def finish(loaded: LoadedModel, args: argparse.Namespace, removed: list[int], recipe: dict[str, Any] | None = None) -> None:
+    if args.generate:  # refused before anything is written: the demo must fit the model's context
+        check_fits_context(loaded, len(loaded.tokenizer(args.generate)["input_ids"]), args.max_new_tokens)
     folder = save(loaded, args.out, overwrite=args.overwrite, recipe=recipe)
     print(f"removed layers {removed}: {loaded.lineage['original_num_layers']} -> {loaded.num_layers} layers; saved to {folder}")
     if args.generate:
         print(generate_text(loaded, args.generate, args.max_new_tokens))
+
+
+def check_fits_context(loaded: LoadedModel, prompt_tokens: int, max_new_tokens: int) -> None:
+    """A prompt plus its continuation within the model's context: a model with learned positions (GPT-2,
+    OPT) indexes past its position table otherwise."""
+    context = getattr(loaded.model.config, "max_position_embeddings", None)
+    if context is not None and prompt_tokens + max_new_tokens > context:
+        raise OptionError.about("max_new_tokens", f"{max_new_tokens} after a {prompt_tokens}-token prompt passes the "
+                                                  f"model's context of {context} tokens; use at most "
+                                                  f"{max(context - prompt_tokens, 0)} (or a shorter prompt)")
 
 
 def generate_text(loaded: LoadedModel, prompt: str, max_new_tokens: int) -> str:
