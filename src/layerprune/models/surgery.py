@@ -47,6 +47,10 @@ def validate_layer_indices(indices: Iterable[int], num_layers: int | None = None
 _LAYER_PART = re.compile(r"(-?[0-9]+)(?:-([0-9]+))?", re.ASCII)
 
 
+MAX_LAYER_INDEX = 100_000
+"""No model has this many decoder layers (the largest have a few hundred): a bound for parsing ranges."""
+
+
 def parse_layer_list(text: str) -> list[int]:
     """Parse ``"3,5,10-12"`` into ``[3, 5, 10, 11, 12]`` (ranges inclusive).
 
@@ -73,6 +77,9 @@ def parse_layer_list(text: str) -> list[int]:
         first, last = int(start), int(end)
         if last < first:
             raise UsageError(f"layer range {part!r} runs backwards; write it as {last}-{first}")
+        if last >= MAX_LAYER_INDEX:  # refused before the range is spelled out (0-99999999999 is 10^11 numbers)
+            raise UsageError(f"layer range {part!r} reaches past {MAX_LAYER_INDEX:,} layers, more than any model has; "
+                             "name the model's layers")
         indices.extend(range(first, last + 1))
     return indices
 

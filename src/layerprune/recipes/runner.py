@@ -254,6 +254,11 @@ def _open_run_folder(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool
             raise OptionError.about("resume", f"cannot continue {out}: it was started with a different recipe or "
                                               "model; choose a new output folder or overwrite it")
         return RunState(out, recipe.fingerprint, saved["stages"])
+    if out.exists() and resume and not overwrite and any(out.iterdir()):
+        # resuming is continuing a run: a folder without run.json (a pruned model, say) is none to continue,
+        # and must never be deleted to start one
+        raise OptionError.about("resume", f"cannot continue {out}: it holds no run ({STATE_FILE}); choose a new "
+                                          "output folder, or overwrite it to start a run there")
     if out.exists() and not overwrite and not resume:
         raise OptionError.about("overwrite", f"is off and the output {out} already exists; resume it, overwrite "
                                              "it to start again, or choose a new output folder")
