@@ -3,7 +3,7 @@
     python docs/gen_api.py
 
 The reference is generated (signatures and docstrings of everything in ``layerprune.__all__``,
-then the calibration config and every registered metric, healing method, repair, selection strategy
+then the stage configs (calibration, scoring, selection, repair, evaluation, search) and every registered metric, healing method, repair, selection strategy
 and sampling with the table of its options, read from their declarations) so it cannot drift from
 the code; a test checks that the committed file is current. It also writes the JSON Schemas of the
 records layerprune writes (``layerprune.json``, ``eval.json``, ``search.json``, ``run.json``) into the
@@ -29,10 +29,10 @@ from layerprune.options import options_table, unit_options
 from layerprune.recipes.record import RunDocument
 from layerprune.records import SCHEMA_DIR, write_schema
 from layerprune.registry import Registry
-from layerprune.repair import REPAIRS
-from layerprune.scoring import METRICS
+from layerprune.repair import REPAIRS, RepairConfig
+from layerprune.scoring import METRICS, ScoreConfig
 from layerprune.searching import SearchConfig, SearchDocument
-from layerprune.selection import STRATEGIES
+from layerprune.selection import STRATEGIES, SelectConfig
 
 TARGET = Path(__file__).with_name("api.md")
 DOCS_SCHEMA_DIR = Path(__file__).with_name("schemas")
@@ -65,6 +65,11 @@ def render_units() -> list[str]:
     lines += ["## Evaluation: what `evaluate` measures (`eval` in a recipe, `layerprune eval`)", "",
               *options_table(EvalConfig), "", "### `efficiency`: the workload timed", "", *options_table(Workload), "",
               "### `classification`: the classification curve", "", *options_table(ClassificationSettings), ""]
+    lines += ["## Scoring: which metrics, what batch (`score` in a recipe, beside the metrics' own options)", "",
+              *options_table(ScoreConfig), ""]
+    lines += ["## Selection: how many layers go, chosen how (`select` in a recipe)", "", *options_table(SelectConfig), ""]
+    repair = "## Repair: the training-free repair of a cut (`repair` in a recipe, its method's options beside `method`)"
+    lines += [repair, "", *options_table(RepairConfig), ""]
     lines += ["## Search: budget, ranking, the winner (`search` in a recipe; `heal` there is the heal section)", "",
               *options_table(SearchConfig), ""]
     lines += ["## Healing: options every method takes", "", *options_table(TrainingOptions), ""]

@@ -23,11 +23,13 @@ from layerprune.healing.base import TrainingOptions
 from layerprune.healing.heal import heal_settings
 from layerprune.repair import REPAIRS
 from layerprune.options import Config, Parse, add_option_flags, build_options, given_options, option, options_table
-from layerprune.recipes.runner import _heal_options, _repair_options, _section_fields, load_recipe
-from layerprune.scoring import METRICS, score
+from layerprune.recipes.runner import _heal_options, _repair_options, _section_fields, load_recipe, preflight
+from layerprune.repair import RepairConfig, ReplaceLinearOptions, compensate
+from layerprune.scoring import METRICS, ScoreConfig, score
 from layerprune.scoring.base import metric_options
+from layerprune.scoring.streaming import STREAMING_BATCH_SIZE, stream_score
 from layerprune.searching import search
-from layerprune.selection import STRATEGIES
+from layerprune.selection import STRATEGIES, SelectConfig, select
 from tests.helpers import tiny_loaded
 from tests.scoring.references import rows_with_padding
 
@@ -131,6 +133,127 @@ def test_repair_flag_default_equals_api_default_equals_recipe_default(repair: st
         with pytest.raises(OptionError) as raised:  # a recipe's value is checked like the flag's
             _repair_options({"method": repair, first: "x" if not isinstance(default, str) else 1})
         assert raised.value.name == first
+
+
+def test_score_flag_default_equals_api_default_equals_recipe_default(tmp_path: Path) -> None:
+    """ScoreConfig is score()'s keywords, score's and prune's flags and the recipe's score keys; the
+    report (scores.json) records it. --batch-size is read only where given: --streaming's is 1."""
+    defaults = declared(ScoreConfig)
+    api = inspect.signature(score).parameters
+    assert {name: api[name].default for name in defaults} == defaults
+    args = subcommand("score").parse_args(["--model", "m"])
+    assert ScoreConfig(**given_options(args, ScoreConfig)).model_dump() == defaults
+    action = flag_action(subcommand("score"), "--batch-size")
+    assert "(default: 8)" in action.help and "streaming" in action.help
+    assert flag_action(subcommand("prune"), "--batch-size").help == action.help
+    assert "bi" in flag_action(subcommand("score"), "--metrics").help  # the choices, listed as argparse cannot
+    assert inspect.signature(stream_score).parameters["batch_size"].default == STREAMING_BATCH_SIZE
+    keys = _section_fields()["score"]
+    assert all(name in keys and not keys[name].required for name in defaults)
+    report = score(tiny_loaded("llama"), rows_with_padding())
+    assert report.config == ScoreConfig() and report.to_json()["config"] == {"metrics": ["bi"], "batch_size": 8}
+
+
+def test_select_flag_default_equals_api_default_equals_recipe_default(tmp_path: Path) -> None:
+    """SelectConfig is select()'s keywords, the selection flags (score's --select-by) and the recipe's
+    select keys; --iterative is --strategy iterative."""
+    defaults = declared(SelectConfig)
+    assert defaults == {"remove": None, "strategy": "independent", "metric": None}
+    api = inspect.signature(select).parameters
+    assert {name: api[name].default for name in ("strategy", "metric")} == {"strategy": "independent", "metric": None}
+    args = subcommand("score").parse_args(["--model", "m"])
+    assert given_options(args, SelectConfig) == defaults
+    assert flag_action(subcommand("score"), "--select-by").dest == "metric"
+    keys = _section_fields()["select"]
+    assert set(keys) == set(defaults) and not any(spec.required for spec in keys.values())
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("model: m\nscore: {metrics: [bi]}\nselect: {remove: 2}\n")
+    assert SelectConfig(**load_recipe(recipe_file).sections["select"]) == SelectConfig(remove=2)
+    assert SelectConfig(remove="25%").count(30) == 8
+    with pytest.raises(OptionError, match="^remove is not given"):
+        SelectConfig().count(30)
+
+
+def test_repair_config_holds_its_methods_options_and_refuses_anothers() -> None:
+    """RepairConfig's options are its method's options class, given or built from a mapping; flat keys
+    (a recipe section, the flags) go to the method, and a key another method declares is refused
+    naming that method."""
+    assert RepairConfig(method="replace-linear", options={"ridge": 0.5}).options == ReplaceLinearOptions(ridge=0.5)
+    assert RepairConfig.from_flat({"method": "replace-linear", "ridge": 0.5}).options == ReplaceLinearOptions(ridge=0.5)
+    assert RepairConfig(method="rescale").record() == {"method": "rescale", "batch_size": 8, "options": {}}
+    with pytest.raises(OptionError, match="^ridge is an option of replace-linear, not of rescale"):
+        RepairConfig.from_flat({"method": "rescale", "ridge": 0.5})
+    with pytest.raises(OptionError, match="^options of merge are a MergeOptions, got ReplaceLinearOptions"):
+        RepairConfig(method="merge", options=ReplaceLinearOptions())
+    with pytest.raises(OptionError, match="^options.ridge must be at least 0"):
+        RepairConfig(method="replace-linear", options={"ridge": -1.5})
+    with pytest.raises(OptionError, match="^method is not given; choose one of: merge, replace-linear, rescale"):
+        RepairConfig.from_flat({"ridge": 0.5})
+    with pytest.raises(OptionError, match="^method names an unknown repair method 'mend'"):
+        RepairConfig(method="mend")
+
+
+REFUSALS = {
+    # name: (the command line, the recipe's sections, the same value in Python, the refusal after its name,
+    #        the name as the flag / the recipe key / the keyword)
+    "score batch": (["score", "--model", "m", "--batch-size", "0"], "score: {batch_size: 0}",
+                    lambda: score(tiny_loaded("llama"), rows_with_padding(), batch_size=0), "must be at least 1, got 0",
+                    ("--batch-size", "score.batch_size", "batch_size")),
+    "score metrics": (["score", "--model", "m", "--metrics", "bi,nope"], "score: {metrics: [bi, nope]}",
+                      lambda: score(tiny_loaded("llama"), rows_with_padding(), ["bi", "nope"]),
+                      "names an unknown metric 'nope'; choose one of: angular, bi", ("--metrics", "score.metrics", "metrics")),
+    "select remove": (["score", "--model", "m", "--remove", "many"], "score: {metrics: [bi]}\nselect: {remove: many}",
+                      lambda: select(score(tiny_loaded("llama"), None, ["random"]), "many"),
+                      "'many' cannot be read; give a layer count (8) or a share (25%)",
+                      ("--remove", "select.remove", "remove")),
+    "select strategy": (["score", "--model", "m", "--remove", "1", "--strategy", "greedy"],
+                        "score: {metrics: [bi]}\nselect: {remove: 1, strategy: greedy}",
+                        lambda: select(score(tiny_loaded("llama"), None, ["random"]), 1, "greedy"),
+                        "names an unknown strategy 'greedy'; choose one of: consecutive, independent, iterative",
+                        ("--strategy", "select.strategy", "strategy")),
+    "repair batch": (["prune", "--model", "m", "--layers", "1", "--compensate", "rescale", "--batch-size", "0"],
+                     "score: {metrics: [bi]}\nselect: {remove: 1}\nrepair: {method: rescale, batch_size: 0}",
+                     lambda: compensate(tiny_loaded("llama"), [1], "rescale", rows_with_padding(), batch_size=0),
+                     "must be at least 1, got 0", ("--batch-size", "repair.batch_size", "batch_size")),
+    "repair option": (["prune", "--model", "m", "--layers", "1", "--compensate", "replace-linear", "--ridge=-1.5"],
+                      "score: {metrics: [bi]}\nselect: {remove: 1}\nrepair: {method: replace-linear, ridge: -1.5}",
+                      lambda: compensate(tiny_loaded("llama"), [1], "replace-linear", rows_with_padding(),
+                                         options=ReplaceLinearOptions(ridge=-1.5)),
+                      "must be at least 0.0, got -1.5", ("--ridge", "repair.ridge", "ridge")),
+    "another method's option": (["prune", "--model", "m", "--layers", "1", "--compensate", "rescale", "--ridge", "1"],
+                                "score: {metrics: [bi]}\nselect: {remove: 1}\nrepair: {method: rescale, ridge: 1.0}",
+                                lambda: RepairConfig.from_flat({"method": "rescale", "ridge": 1.0}),
+                                "is an option of replace-linear, not of rescale", ("--ridge", "repair.ridge", "ridge")),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_a_bad_stage_option_is_refused_alike_by_flag_recipe_key_and_keyword(case: str, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The same bad value of a ScoreConfig, SelectConfig or RepairConfig option is the same refusal from
+    the command line (its flag; argparse's own words for a choice it lists), a recipe (its section key
+    and line, before anything runs) and Python (its keyword)."""
+    argv, sections, call, problem, (flag, key, keyword) = REFUSALS[case]
+    try:
+        code = main([*argv, *(["--out", str(tmp_path / "out")] if argv[0] == "prune" else [])])
+    except SystemExit as exit:  # argparse refuses a choice it lists itself
+        code = exit.code
+    error = capsys.readouterr().err
+    assert code == 2 and len(error.strip().splitlines()) == 1
+    if flag == "--strategy":  # argparse knows the choices of a plain flag
+        assert "--strategy: invalid choice: 'greedy'" in error
+    else:
+        assert f"{flag} {problem}" in error, error
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(f"model: some-org/not-downloaded\n{sections}\n")
+    line = 1 + sections.count("\n") + 1
+    with pytest.raises(UsageError) as raised:
+        preflight(load_recipe(recipe_file), tmp_path / "out")
+    assert f"line {line}: {key} {problem}" in str(raised.value)
+    with pytest.raises(OptionError) as raised:
+        call()
+    assert str(raised.value).startswith(f"{keyword} {problem}")
+    assert not (tmp_path / "out").exists()
 
 
 def test_calibration_flag_default_equals_api_default_equals_recipe_default(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import PydanticUndefined
 
 from layerprune.errors import OptionError, UsageError
+from layerprune.registry import Registry
 
 # typing.get_origin() gives the collections.abc class for both typing.Sequence[X] and
 # collections.abc.Sequence[X]; a recipe writes every one of these as a YAML list
@@ -56,6 +57,8 @@ class Option:
     maximum: float | None = None
     parse: Callable[[str], Any] | None = None
     metavar: str | None = None
+    registry: Registry[Any] | None = None
+    """Where the value names a registered unit (see :class:`Registered`): its choices are that registry's names."""
 
     @property
     def base_type(self) -> Any:
@@ -73,12 +76,27 @@ class Option:
             return
         if isinstance(value, float) and not math.isfinite(value):
             self.refuse(f"of {unit} must be a finite number, got {value}; fix its value")
-        if self.choices is not None and value not in self.choices:
-            self.refuse(f"{value!r} is not a choice of {unit}; use one of: {', '.join(map(str, self.choices))}")
+        if self.choices is not None:
+            for item in value if self.is_list else [value]:
+                if item not in self.choices:
+                    self.refuse_choice(item, unit)
         if self.minimum is not None and value < self.minimum:
             self.refuse(f"must be at least {self.minimum}, got {value}")
         if self.maximum is not None and value > self.maximum:
             self.refuse(f"must be at most {self.maximum}, got {value}")
+
+    @property
+    def is_list(self) -> bool:
+        """Whether the value is a list (whose every entry must then be one of the choices)."""
+        base = self.base_type
+        return typing.get_origin(base) in LIST_ORIGINS or base in (list, tuple)
+
+    def refuse_choice(self, value: Any, unit: str) -> NoReturn:
+        """Refuse ``value``, not one of the choices: a registered unit's name in its registry's words."""
+        listed = ", ".join(map(str, self.choices or ()))
+        if self.registry is not None:
+            self.refuse(f"names an unknown {self.registry.kind} {value!r}; choose one of: {listed}")
+        self.refuse(f"{value!r} is not a choice of {unit}; use one of: {listed}")
 
     def refuse(self, problem: str) -> NoReturn:
         """Raise ``problem`` about this option, for each front-end to name it its own way."""
@@ -104,11 +122,14 @@ def _config_options(config_class: type[BaseModel]) -> list[Option]:
             raise TypeError(f"option {config_class.__name__}.{name} has no help sentence")
         choices = meta.get("choices")
         reader = next((item.read for item in info.metadata if isinstance(item, Parse)), None)
+        registry = next((item.registry for item in info.metadata if isinstance(item, Registered)), None)
+        if registry is not None:
+            choices = registry.names()
         declared.append(Option(
             name=name, annotation=hints[name], default=info.get_default(call_default_factory=True),
             help=info.description, flag=str(meta.get("flag", "--" + name.replace("_", "-"))),
             choices=tuple(choices) if isinstance(choices, list) else None, minimum=meta.get("min"),
-            maximum=meta.get("max"), parse=reader, metavar=meta.get("metavar"),
+            maximum=meta.get("max"), parse=reader, metavar=meta.get("metavar"), registry=registry,
         ))
     return declared
 
@@ -120,6 +141,16 @@ class Parse:
     options' ``"parse"`` metadata. Kept in the type's metadata, out of the JSON Schema."""
 
     read: Callable[[str], Any]
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A :class:`Config` field whose value names a unit of ``registry`` (``method: Annotated[str,
+    Registered(REPAIRS)]``), or a list of such names: its choices are the registry's names when the
+    options are read, not when the class is defined, so a unit that a module imported later
+    registers is a choice too; an unknown name is refused in the registry's words."""
+
+    registry: Registry[Any]
 
 
 NO_FLAG = ""
@@ -264,14 +295,17 @@ def add_option_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
         if option.name in skipped or option.flag == NO_FLAG:
             continue
         shown = default_text(option)
-        text = f"{option.help} (default: {shown})" if shown else option.help
+        text = option.help
+        if option.choices is not None and option.parse is not None:  # argparse lists the choices of the others
+            text += f"; one of: {', '.join(map(str, option.choices))}"
+        text = f"{text} (default: {shown})" if shown else text
         keywords: dict[str, Any] = {"dest": option.name, "help": text.replace("%", "%%")}
         keywords["default"] = argparse.SUPPRESS if only_given else option.default
         if option.base_type is bool:
             keywords["action"] = argparse.BooleanOptionalAction if option.default else "store_true"
         else:
             keywords["type"] = str if option.parse else _reader(option.base_type)  # parsed by given_options
-            if option.choices is not None:
+            if option.choices is not None and option.parse is None:  # a parsed text is checked entry by entry
                 keywords["choices"] = option.choices
             if option.metavar is not None:
                 keywords["metavar"] = option.metavar

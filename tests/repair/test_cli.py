@@ -103,6 +103,7 @@ def test_prune_compensate_records_the_repair(original, corpus, tmp_path, capsys)
                  "--out", str(named)]) == 0
     (repair,) = json.loads((named / "layerprune.json").read_text())["repairs"]
     assert repair["options"]["ridge"] == 0.01
+    assert repair["method"] == "replace-linear" and repair["batch_size"] == 8  # the RepairConfig, as run
 
 
 def post_norm_checkpoint(tmp_path: Path) -> Path:

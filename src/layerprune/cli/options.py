@@ -35,10 +35,11 @@ from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir, resol
 from layerprune.models.loading import LoadedModel, load_model, resolve_dtype
 from layerprune.models.shards import is_safetensors_checkpoint
 from layerprune.options import add_option_flags, given_options, options_of
-from layerprune.scoring import METRICS, ScoreReport, rescorer, score
+from layerprune.scoring import METRICS, ScoreConfig, ScoreReport, rescorer, score
 from layerprune.scoring.base import metric_options
 from layerprune.scoring.report import needs_data
-from layerprune.selection import STRATEGIES, Selection, check_remove, check_strategy, parse_remove, select
+from layerprune.scoring.streaming import STREAMING_BATCH_SIZE
+from layerprune.selection import DEFAULT_SELECT, STRATEGIES, SelectConfig, Selection, check_remove, parse_remove, select
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICE = re.compile(r"^(cpu|mps|auto|cuda(:\d+)?)$")
@@ -166,8 +167,8 @@ def safetensors_folder(args: argparse.Namespace, flag: str) -> Path:
 def add_calibration_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("calibration data (for metrics that run the model)")
     add_option_flags(group, CalibrationConfig)
-    group.add_argument("--batch-size", type=int,
-                       help="rows per forward pass (default: 8; 1 with --streaming, whose point is low memory)")
+    # --batch-size only where given: unless given, --streaming takes STREAMING_BATCH_SIZE (see scoring_from_args)
+    add_option_flags(group, ScoreConfig, only_given=True, skip=("metrics",))
     add_option_flags(parser.add_argument_group("metric options (each read by the metrics that declare it)"),
                      *metric_options_classes(), skip=("seed",))  # --seed above also seeds the data
 
@@ -182,21 +183,20 @@ def metric_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {o.name: getattr(args, o.name) for c in metric_options_classes() for o in options_of(c)}
 
 
-def add_selection_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
+ITERATIVE = "iterative"
+"""The strategy ``--iterative`` stands for."""
+
+
+def add_selection_options(parser: argparse.ArgumentParser, *, select_by: bool) -> None:
+    """:class:`SelectConfig`'s flags (``--select-by`` where the command scores several metrics to
+    choose from) and ``--iterative``, an alias of ``--strategy iterative``."""
     group = parser.add_argument_group("selection")
-    group.add_argument("--remove", required=required, help="layers to remove: a count (8) or a share (25%%)")
-    group.add_argument("--strategy", default="independent", choices=STRATEGIES.names(),
-                       help="independent: the N least important layers (ShortGPT); consecutive: the best run of N "
-                            "layers (LLM-Streamline, Gromov); iterative: remove one, re-score, repeat (SLEB)")
-    group.add_argument("--iterative", action="store_true", help="same as --strategy iterative")
+    add_option_flags(group, SelectConfig, skip=() if select_by else ("metric",))
+    group.add_argument("--iterative", action="store_true", help=f"same as --strategy {ITERATIVE}")
 
 
 def check_calibration_args(args: argparse.Namespace) -> None:
-    """Refuse impossible sizes before any model or data is loaded (and fill in the default batch)."""
-    if args.batch_size is None:
-        args.batch_size = 1 if getattr(args, "streaming", False) else 8
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    """Refuse impossible sizes before any model or data is loaded."""
     calibration = calibration_from_args(args)
     metric_options([], metric_options_from_args(args))
     check_source(calibration.source, calibration.split)  # reads no data: a mistyped --data fails before the model loads
@@ -207,10 +207,31 @@ def calibration_from_args(args: argparse.Namespace) -> CalibrationConfig:
     return CalibrationConfig(**given_options(args, CalibrationConfig))
 
 
+def scoring_from_args(args: argparse.Namespace, metrics: list[str] | None = None) -> ScoreConfig:
+    """The scoring flags as the typed config: ``--metrics`` (or ``metrics``, e.g. prune's ``--metric``)
+    and ``--batch-size``, which ``--streaming`` sets to :data:`STREAMING_BATCH_SIZE` unless given."""
+    given = given_options(args, ScoreConfig)
+    if metrics is not None:
+        given["metrics"] = tuple(metrics)
+    if getattr(args, "streaming", False):
+        given.setdefault("batch_size", STREAMING_BATCH_SIZE)
+    return ScoreConfig(**given)
+
+
+def selection_from_args(args: argparse.Namespace) -> SelectConfig:
+    """The selection flags as the typed config, ``--iterative`` read as its strategy (prune's
+    ``--metric``, the one metric it scores, is also the one it selects by)."""
+    return SelectConfig(**{**given_options(args, SelectConfig), "strategy": selection_strategy(args)})
+
+
 def selection_strategy(args: argparse.Namespace) -> str:
-    if args.iterative and args.strategy not in ("independent", "iterative"):
+    """``--strategy``, or with ``--iterative`` the re-scoring strategy: the given one if it re-scores,
+    else :data:`ITERATIVE`; a strategy that only reads the scores contradicts ``--iterative``."""
+    if not args.iterative:
+        return args.strategy
+    if args.strategy != DEFAULT_SELECT.strategy and not STRATEGIES.get(args.strategy).rescores:
         raise UsageError(f"--iterative contradicts --strategy {args.strategy}; give one of them")
-    return check_strategy("iterative" if args.iterative else args.strategy)
+    return args.strategy if STRATEGIES.get(args.strategy).rescores else ITERATIVE
 
 
 def remove_check(remove: str | None) -> Callable[[PretrainedConfig], None]:
@@ -231,28 +252,28 @@ def build_calibration_from_args(loaded: LoadedModel, args: argparse.Namespace) -
                              max_positions=getattr(loaded.model.config, "max_position_embeddings", None))
 
 
-def score_and_select(loaded: LoadedModel, args: argparse.Namespace, metrics: list[str], strategy: str,
-                     select_by: str, calibration: Any = None) -> tuple[ScoreReport, Selection | None]:
-    """Score ``loaded`` as the calibration flags say (on ``calibration``, or on rows built from the
-    flags only if a metric needs data) and, with ``--remove``, choose the layers by ``select_by``;
-    iterative selection re-scores the same way."""
-    if calibration is None and needs_data(metrics):
+def score_and_select(loaded: LoadedModel, args: argparse.Namespace, scoring: ScoreConfig, selection: SelectConfig,
+                     calibration: Any = None) -> tuple[ScoreReport, Selection | None]:
+    """Score ``loaded`` as ``scoring`` and the calibration flags say (on ``calibration``, or on rows
+    built from the flags only if a metric needs data) and, when ``selection`` says how many layers
+    go, choose them; iterative selection re-scores the same way."""
+    if calibration is None and needs_data(scoring.metrics):
         calibration = build_calibration_from_args(loaded, args)
-    report = score_from_args(loaded, args, metrics, calibration)
-    if args.remove is None:
+    report = score_from_args(loaded, args, scoring, calibration)
+    if selection.remove is None:
         return report, None
-    rescore = rescorer(loaded, calibration, batch_size=args.batch_size, **metric_options_from_args(args))
-    return report, select(report, args.remove, strategy, select_by, rescore=rescore)
+    rescore = rescorer(loaded, calibration, batch_size=scoring.batch_size, **metric_options_from_args(args))
+    return report, select(report, **dict(selection), rescore=rescore)
 
 
-def score_from_args(loaded: LoadedModel, args: argparse.Namespace, metrics: list[str],
+def score_from_args(loaded: LoadedModel, args: argparse.Namespace, scoring: ScoreConfig,
                     calibration: Any = None) -> ScoreReport:
-    """Score ``loaded`` as the calibration flags say, on ``calibration`` or on rows built from the
-    flags when a metric needs data."""
-    if calibration is None and needs_data(metrics):
+    """Score ``loaded`` as ``scoring`` and the calibration flags say, on ``calibration`` or on rows
+    built from the flags when a metric needs data."""
+    if calibration is None and needs_data(scoring.metrics):
         calibration = build_calibration_from_args(loaded, args)
-    return score(loaded, calibration, metrics, data=calibration_from_args(args).record() if calibration is not None else None,
-                 batch_size=args.batch_size, **metric_options_from_args(args))
+    return score(loaded, calibration, **dict(scoring), **metric_options_from_args(args),
+                 data=calibration_from_args(args).record() if calibration is not None else None)
 
 
 def warn_if_most_layers_go(args: argparse.Namespace, removed: int, num_layers: int) -> None:

@@ -46,9 +46,12 @@ class HealingEntry(_Record):
 
 
 class RepairEntry(_Record):
-    """One training-free repair: the method, its options, its calibration and each repaired run."""
+    """One training-free repair: its config (the method, the statistics pass's batch, the method's
+    options as run), its calibration and each repaired run."""
 
     method: str
+    batch_size: int | None = Field(default=None, ge=1, description="rows per forward pass of the statistics pass "
+                                   "(not recorded before it was)")
     options: dict[str, Any]
     data: dict[str, Any]
     runs: list[dict[str, Any]]

@@ -46,19 +46,18 @@ from layerprune.healing.base import TrainingOptions
 from layerprune.healing.engine import STATE_FILE as HEAL_STATE
 from layerprune.healing.heal import heal_settings
 from layerprune.models.loading import LoadedModel, load_model, read_local_config
-from layerprune.options import build_options, options_of
 from layerprune.outputs import check_output_path, write_bytes_atomic, write_json_atomic, writing
 from layerprune.recipes.record import RunDocument
 from layerprune.recipes.schema import FieldSpec, build_arguments, check_section, fields_of, option_fields
 from layerprune.recipes.yamlfile import KeyPath, read_yaml
 from layerprune.records import checked, read_checked
-from layerprune.repair import REPAIRS, compensate
+from layerprune.repair import REPAIRS, RepairConfig, compensate
 from layerprune.reporting.eval_tables import comparison_table, write_report
 from layerprune.reporting.scores import format_table, plot_scores
-from layerprune.scoring import METRICS, check_score_options, rescorer, score
+from layerprune.scoring import METRICS, ScoreConfig, check_score_options, rescorer, score
 from layerprune.searching import SearchConfig, candidate_metrics, search
 from layerprune.searching.search import held_out_source
-from layerprune.selection import check_remove, check_strategy, parse_remove, scored_metric, select
+from layerprune.selection import SelectConfig, parse_remove, scored_metric, select
 
 
 STATE_FILE = "run.json"
@@ -71,9 +70,8 @@ def _section_fields() -> dict[str, dict[str, FieldSpec]]:
         "search": _search_fields(),
         "load": fields_of(load_model, skip=("name_or_path", "check_config")),
         "calibration": option_fields(CalibrationConfig),
-        "score": {**fields_of(score, skip=("loaded", "calibration", "data")),
-                  **option_fields(*(METRICS.get(name).options_class for name in METRICS))},
-        "select": fields_of(select, skip=("report", "rescore")),
+        "score": {**option_fields(ScoreConfig), **option_fields(*(METRICS.get(name).options_class for name in METRICS))},
+        "select": option_fields(SelectConfig),
         "heal": {**fields_of(heal, skip=("loaded", "checkpoint_dir", "resume")),
                  **option_fields(TrainingOptions, *(HEALERS.get(name).options_class for name in HEALERS))},
         "eval": option_fields(EvalConfig),
@@ -98,25 +96,18 @@ def _search_arguments(recipe: Recipe) -> tuple[SearchConfig, dict[str, Any]]:
 
 
 def _repair_fields() -> dict[str, FieldSpec]:
-    """The repair section: :func:`layerprune.repair.compensate`'s method and batch, and every repair
-    method's own options (each method reads those its options class declares)."""
+    """The repair section: :class:`RepairConfig`'s method and batch beside every repair method's own
+    options, flat (each method reads those its options class declares; its ``options`` are those keys)."""
 
-    return {**fields_of(compensate, skip=("loaded", "layers", "data", "options", "reason", "statistics")),
-            **option_fields(*(method.options_class for _, method in REPAIRS.registered()))}
+    own = {name: spec for name, spec in option_fields(RepairConfig).items() if name != "options"}
+    return {**own, **option_fields(*(method.options_class for _, method in REPAIRS.registered()))}
 
 
 def _repair_options(section: dict[str, Any]) -> dict[str, Any]:
-    """The repair section as :func:`compensate`'s keyword arguments: its method's options built and
-    checked (type, range, finiteness) from the keys that method declares, as the flags are."""
+    """The repair section as :func:`compensate`'s keyword arguments: a :class:`RepairConfig` built
+    from its flat keys (see :meth:`RepairConfig.from_flat`), checked as the flags are."""
 
-    method = REPAIRS.get(section["method"])
-    own = {o.name for o in options_of(method.options_class)}
-    given = {key: value for key, value in section.items() if key in own}
-    stray = set(section) - own - {"method", "batch_size"}
-    if stray:
-        raise UsageError(f"{method.name} takes no option {', '.join(sorted(stray))}; remove it from the repair section")
-    options = build_options(method.options_class, given, unit=method.name) if given else None
-    return {"method": method.name, "batch_size": section.get("batch_size", 8), "options": options}
+    return dict(RepairConfig.from_flat(section))
 
 
 PATH_KEYS: tuple[tuple[str, ...], ...] = (
@@ -301,7 +292,7 @@ def _stage_score(ctx: RunContext) -> dict[str, Any]:
     selection = None
     if "select" in ctx.recipe.sections:
         rescore = rescorer(loaded, calibration, **{k: v for k, v in score_options.items() if k != "metrics"})
-        selection = select(report, **ctx.recipe.sections["select"], rescore=rescore)
+        selection = select(report, **dict(SelectConfig(**ctx.recipe.sections["select"])), rescore=rescore)
     ctx.log(format_table(report, selection))
     write_json_atomic(ctx.out / "scores.json", report.to_json(selection))
     plot_scores(report, ctx.out / "scores.png", selection)
@@ -318,8 +309,7 @@ def _stage_prune(ctx: RunContext) -> dict[str, Any]:
 
         # the rows the score stage scored on: the same section, so the same windows
         rows = build_calibration(loaded.tokenizer, **ctx.recipe.sections["calibration"])
-        options = _repair_options(ctx.recipe.sections["repair"])
-        compensate(loaded, remove, options.pop("method"), rows, reason=reason, **options)
+        compensate(loaded, remove, data=rows, reason=reason, **_repair_options(ctx.recipe.sections["repair"]))
     else:
         prune(loaded, remove, reason=reason)
     # overwrite: a run killed after this save but before run.json recorded the stage left a
@@ -455,16 +445,14 @@ def preflight(recipe: Recipe, out: Path) -> None:
         with _at(recipe, "score"):
             scored = check_score_options(options["metrics"], options["batch_size"], **options["options"])
         if "select" in sections:  # load_recipe refuses a select section without a score section
-            options = _with_defaults(select, sections["select"])
-            with _at(recipe, "select", "strategy"):
-                check_strategy(options["strategy"])
+            with _at(recipe, "select"):
+                selecting = SelectConfig(**sections["select"])
             with _at(recipe, "select", "metric"):
-                scored_metric(options["metric"], scored)
+                scored_metric(selecting.metric, list(scored.metrics))
             with _at(recipe, "select", "remove"):
-                if layers is None:
-                    check_remove(options["remove"])
-                else:
-                    layers -= parse_remove(options["remove"], layers)
+                removed = selecting.count(layers)  # without a layer count: only that it is given
+            if layers is not None and removed is not None:
+                layers -= removed
     if "repair" in sections:
         with _at(recipe, "repair", "method"):
             _repair_options(sections["repair"])

@@ -27,7 +27,8 @@ from layerprune.models.editing import prune
 from layerprune.models.loading import LoadedModel
 from layerprune.models.surgery import consecutive_runs, validate_layer_indices
 from layerprune.registry import import_package_modules
-from layerprune.repair.base import REPAIRS, default_options, options_record
+from layerprune.repair.base import REPAIRS
+from layerprune.repair.config import DEFAULT_REPAIR, RepairConfig
 from layerprune.repair.linear import ReplaceLinearOptions
 from layerprune.repair.merge import MergeOptions
 from layerprune.repair.statistics import RunStatistics, collect_statistics
@@ -42,10 +43,10 @@ class TokenRows(Protocol):
 
 @dataclass
 class RepairReport:
-    """What one :func:`compensate` call did, as recorded in ``layerprune.json`` under ``repairs``."""
+    """What one :func:`compensate` call did, as recorded in ``layerprune.json`` under ``repairs``:
+    its config (method, batch, the method's options as run), data, runs and times."""
 
-    method: str
-    options: dict[str, Any]
+    config: RepairConfig
     data: dict[str, Any]
     runs: list[dict[str, Any]]
     summary: str
@@ -53,9 +54,8 @@ class RepairReport:
     statistics_seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"method": self.method, "options": self.options, "data": self.data, "runs": self.runs,
-                "summary": self.summary, "seconds": round(self.seconds, 3),
-                "statistics_seconds": round(self.statistics_seconds, 3)}
+        return {**self.config.record(), "data": self.data, "runs": self.runs, "summary": self.summary,
+                "seconds": round(self.seconds, 3), "statistics_seconds": round(self.statistics_seconds, 3)}
 
 
 def describe_rows(data: TokenRows) -> dict[str, Any]:
@@ -98,30 +98,32 @@ def check_repair(loaded: LoadedModel, layers: Iterable[int], method: str, option
     """Refuse a cut ``method`` cannot repair, before data or an original is loaded; returns the runs."""
     chosen = validate_layer_indices(layers, loaded.num_layers)
     runs = consecutive_runs(chosen)
-    repairer = REPAIRS.get(method)
-    repairer.check(loaded, runs, default_options(repairer, options))
+    config = RepairConfig(method=method, options=options)
+    config.repairer.check(loaded, runs, config.method_options)
     return runs
 
 
 def compensate(loaded: LoadedModel, layers: Iterable[int], method: str, data: TokenRows | None, *,
-               options: Any = None, batch_size: int = 8, reason: str = "layers named by the user",
+               options: Any = DEFAULT_REPAIR.options, batch_size: int = DEFAULT_REPAIR.batch_size,
+               reason: str = "layers named by the user",
                statistics: Mapping[tuple[int, int], RunStatistics] | None = None) -> RepairReport:
     """Cut ``layers`` (indices of ``loaded`` as loaded) from ``loaded`` in place and repair the cut
     with ``method`` (``replace-linear``, ``rescale`` or ``merge``), training-free.
 
     ``loaded`` before the cut is the original the statistics come from; ``data`` are the
     calibration rows (``merge`` reads none and accepts ``None``). ``options`` is the method's
-    options class (``ReplaceLinearOptions``, ``MergeOptions``); by default its defaults.
+    options class (``ReplaceLinearOptions``, ``MergeOptions``) or a mapping of them; by default its
+    defaults. ``method``, ``options`` and ``batch_size`` are a :class:`RepairConfig`'s, so a config
+    is passed as ``compensate(loaded, layers, data=rows, **dict(config))``; the ``repairs`` entry of
+    ``layerprune.json`` records it.
 
     ``statistics``: the runs' statistics already collected from ``loaded`` on ``data`` by
     :func:`collect_run_statistics` (a search fits many cuts from one pass); by default one pass
     runs here.
     """
-    if batch_size < 1:
-        raise UsageError(f"batch size must be at least 1, got {batch_size}")
+    config = RepairConfig(method=method, options=options, batch_size=batch_size)
     chosen = list(layers)
-    repairer = REPAIRS.get(method)
-    options = default_options(repairer, options)
+    repairer, options = config.repairer, config.method_options
     runs = check_repair(loaded, chosen, method, options)
     original_ids = loaded.original_layer_ids
     began = time.perf_counter()
@@ -144,13 +146,13 @@ def compensate(loaded: LoadedModel, layers: Iterable[int], method: str, data: To
                   **({"tokens": stats.tokens} if stats is not None else {}), **record}
                  for (start, end), stats, record in zip(runs, run_statistics or [None] * len(runs), records)]
     prune(loaded, chosen, reason)
-    report = RepairReport(method, options_record(options), describe_rows(data) if data is not None else {},
-                          runs_json, note, time.perf_counter() - began, statistics_seconds)
+    report = RepairReport(config, describe_rows(data) if data is not None else {}, runs_json, note,
+                          time.perf_counter() - began, statistics_seconds)
     ensure_lineage(loaded).setdefault("repairs", []).append(report.to_json())
     return report
 
 
-__all__ = ["REPAIRS", "MergeOptions", "RepairReport", "ReplaceLinearOptions", "RunStatistics", "check_map_tokens",
+__all__ = ["DEFAULT_REPAIR", "REPAIRS", "MergeOptions", "RepairConfig", "RepairReport", "ReplaceLinearOptions", "RunStatistics", "check_map_tokens",
            "check_repair", "collect_run_statistics", "compensate"]
 
 import_package_modules(__name__, __path__)  # a repair method registers itself by existing: one file adds one

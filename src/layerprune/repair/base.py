@@ -59,21 +59,3 @@ class RepairMethod(ABC):
 REPAIRS: Registry[RepairMethod] = Registry("repair method")
 """The training-free methods by name (each module registers its own); each is also a healing method of
 ``layerprune heal`` (:mod:`layerprune.healing.repairs`)."""
-
-
-def default_options(method: RepairMethod, options: Any) -> Any:
-    """``options`` checked against the method's own class, or that class's defaults."""
-    if method.options_class is None:
-        if options is not None:
-            raise UsageError(f"{method.name} takes no options, got {options!r}")
-        return None
-    if options is None:
-        return method.options_class()
-    if not isinstance(options, method.options_class):
-        raise UsageError(f"{method.name} takes {method.options_class.__name__}, got {type(options).__name__}")
-    return options
-
-
-def options_record(options: Config | None) -> dict[str, Any]:
-    """The options as ``layerprune.json`` records them (none: an empty mapping)."""
-    return options.model_dump() if options is not None else {}

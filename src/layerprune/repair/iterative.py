@@ -12,13 +12,15 @@ from typing import Any
 
 from layerprune.models.loading import LoadedModel
 from layerprune.repair import TokenRows, compensate
+from layerprune.repair.config import DEFAULT_REPAIR
 from layerprune.scoring import MetricResult, ScoreReport
 from layerprune.selection import Selection, least_important, parse_remove, scored_metric
 
 
 def compensate_iteratively(loaded: LoadedModel, report: ScoreReport, remove: int | str, method: str,
                            data: TokenRows | None, *, rescore: Callable[[str], MetricResult],
-                           metric: str | None = None, options: Any = None, batch_size: int = 8,
+                           metric: str | None = None, options: Any = DEFAULT_REPAIR.options,
+                           batch_size: int = DEFAULT_REPAIR.batch_size,
                            reason: str = "iterative selection") -> Selection:
     """Cut ``remove`` layers from ``loaded`` (scored in ``report``) one at a time, repairing each cut
     with ``method`` before the next scores; returns the selection in the model's indices as scored.

@@ -8,9 +8,10 @@ pass; ``ppl`` reuses each layer's cached input instead of L full passes.
 from layerprune.registry import import_package_modules
 from layerprune.scoring.accumulators import SimilarityAccumulator
 from layerprune.scoring.base import METRICS, Metric, MetricResult, ScoringContext
-from layerprune.scoring.report import ScoreReport, check_metrics, check_score_options, rescorer, score
+from layerprune.scoring.config import DEFAULT_SCORE, ScoreConfig, check_metrics
+from layerprune.scoring.report import ScoreReport, check_score_options, rescorer, score
 
 import_package_modules(__name__, __path__)  # every metric module registers its metrics
 
-__all__ = ["METRICS", "Metric", "MetricResult", "ScoreReport", "ScoringContext",
+__all__ = ["DEFAULT_SCORE", "METRICS", "Metric", "MetricResult", "ScoreConfig", "ScoreReport", "ScoringContext",
            "SimilarityAccumulator", "check_metrics", "check_score_options", "rescorer", "score"]

@@ -9,10 +9,11 @@ from typing import Any, Protocol
 import torch
 
 from layerprune.data.rows import CalibrationLike, CalibrationSet
-from layerprune.errors import OptionError, UsageError
+from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel
 from layerprune.models.surgery import remove_layers
 from layerprune.scoring.base import METRICS, MetricResult, ScoringContext, metric_options
+from layerprune.scoring.config import DEFAULT_SCORE, ScoreConfig, check_metrics
 
 
 class Documented(Protocol):
@@ -36,6 +37,8 @@ class ScoreReport:
     layer_ids: list[int]
     data: dict[str, Any]
     results: dict[str, MetricResult]
+    config: ScoreConfig
+    """What was asked for (the metrics, the batch); the metrics' own options are in ``data``."""
 
     def to_json(self, selection: Documented | None = None) -> dict[str, Any]:
         """The ``scores.json`` document (see the issue's output shape; extra keys are additive),
@@ -50,6 +53,7 @@ class ScoreReport:
             "convention": "importance: one value per layer, higher = more important; selection removes the lowest",
             "original_layer_ids": self.layer_ids,
             "data": self.data,
+            "config": self.config.record(),
         }
         details = {name: result.details for name, result in self.results.items() if result.details}
         if details:
@@ -59,30 +63,17 @@ class ScoreReport:
         return document
 
 
-def check_metrics(metrics: Sequence[str] | str) -> list[str]:
-    """Validate metric names (``"bi,ppl"`` or a list) before any work; returns them deduplicated."""
-    names = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else [m.strip() for m in metrics]
-    names = list(dict.fromkeys(n for n in names if n))
-    if not names:
-        raise UsageError(f"no metric given; choose from: {', '.join(METRICS.names())}")
-    for name in names:
-        METRICS.get(name)
-    return names
-
-
 def needs_data(metrics: Sequence[str]) -> bool:
     return any(METRICS.get(name).needs_data for name in metrics)
 
 
-def check_score_options(metrics: Sequence[str] | str, batch_size: int, **options: Any) -> list[str]:
+def check_score_options(metrics: Sequence[str] | str, batch_size: int, **options: Any) -> ScoreConfig:
     """Refuse bad scoring options without a model (a recipe checks them before its first stage):
-    the metric names, the batch and each metric option against its declaration; returns the metric
-    names deduplicated."""
-    names = check_metrics(metrics)
-    if batch_size < 1:
-        raise OptionError.about("batch_size", f"must be at least 1, got {batch_size}")
-    metric_options(names, options)
-    return names
+    the metric names and the batch as a :class:`ScoreConfig`, and each metric option against its
+    declaration; returns the config (its metrics deduplicated)."""
+    config = ScoreConfig(metrics=tuple(check_metrics(metrics)), batch_size=batch_size)
+    metric_options(list(config.metrics), options)
+    return config
 
 
 def describe_data(data: dict[str, Any] | None, rows: CalibrationSet | None, batch_size: int, options: dict[str, Any],
@@ -102,9 +93,9 @@ def describe_data(data: dict[str, Any] | None, rows: CalibrationSet | None, batc
 def score(
     loaded: LoadedModel,
     calibration: CalibrationLike | torch.Tensor | None = None,
-    metrics: Sequence[str] | str = ("bi",),
+    metrics: Sequence[str] | str = DEFAULT_SCORE.metrics,
     *,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_SCORE.batch_size,
     data: dict[str, Any] | None = None,
     **options: Any,
 ) -> ScoreReport:
@@ -115,9 +106,12 @@ def score(
     ``reverse-order``, ``random``) accept ``None``. ``options`` are the metrics' own options (each
     metric's ``options_class``; docs/api.md lists them), e.g. ``positions="last"`` for the
     similarity metrics or ``seed`` for ``random``; an option no metric declares is refused.
-    ``data`` describes the calibration set for the report. The model is not modified.
+    ``data`` describes the calibration set for the report. ``metrics`` and ``batch_size`` are a
+    :class:`ScoreConfig`'s (``score(loaded, rows, **dict(config))``), which the report records. The
+    model is not modified.
     """
-    names = check_score_options(metrics, batch_size, **options)
+    config = check_score_options(metrics, batch_size, **options)
+    names = list(config.metrics)
     if calibration is None and needs_data(names):
         wanting = [n for n in names if METRICS.get(n).needs_data]
         raise UsageError(f"metrics {', '.join(wanting)} need calibration data; pass calibration rows (e.g. "
@@ -128,7 +122,7 @@ def score(
     return ScoreReport(
         model=loaded.source, num_layers=loaded.num_layers, tokens=rows.tokens if rows is not None else 0,
         layer_ids=loaded.original_layer_ids, data=describe_data(data, rows, batch_size, context.options),
-        results=results,
+        results=results, config=config,
     )
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import ctypes
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +44,7 @@ from layerprune.models.loading import LoadedModel, resolve_dtype
 from layerprune.models.shards import checkpoint_shards, layer_key_prefix, load_checkpoint_config, read_header
 from layerprune.scoring.base import METRICS, LayerPass, ScoringContext, metric_options
 from layerprune.scoring.forward import Head, check_finite, next_token_targets, replay_layer
+from layerprune.scoring.config import DEFAULT_SCORE
 from layerprune.scoring.report import ScoreReport, check_score_options, describe_data
 
 _ROW_CHUNK = 4096  # embedding rows read at a time when gathering the used ones
@@ -278,6 +279,12 @@ def _rank_rows(calibration: CalibrationSet) -> CalibrationSet:
                           calibration.info)
 
 
+STREAMING_BATCH_SIZE = 1
+"""The batch of a streamed scoring unless given, instead of :class:`ScoreConfig`'s: each layer is
+loaded once whatever the batch, so larger batches buy little speed for the activation memory
+streaming exists to save."""
+
+
 def check_streamable(names: list[str]) -> None:
     """Refuse metrics that cannot run layer by layer, with each one's reason (its ``streaming_refusal``)."""
     refused = {n: METRICS.get(n).streaming_refusal for n in names if METRICS.get(n).streaming_refusal}
@@ -291,9 +298,9 @@ def check_streamable(names: list[str]) -> None:
 def stream_score(
     folder: str | Path,
     calibration: CalibrationLike | torch.Tensor | None,
-    metrics: list[str] | str = ("bi",),
+    metrics: Sequence[str] | str = DEFAULT_SCORE.metrics,
     *,
-    batch_size: int = 1,
+    batch_size: int = STREAMING_BATCH_SIZE,
     dtype: str | torch.dtype | None = "auto",
     spill_dir: str | Path | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
@@ -308,7 +315,8 @@ def stream_score(
     larger batches only buy some speed (~20% on SmolLM2) at the price of activation memory, which is
     what streaming exists to save. ``dtype`` is the compute dtype (float32 on CPU by default, as ``load_model``).
     """
-    names = check_score_options(metrics, batch_size, **options)
+    config = check_score_options(metrics, batch_size, **options)
+    names = list(config.metrics)
     check_streamable(names)
     wanting = [n for n in names if METRICS.get(n).needs_data]
     if wanting and calibration is None:
@@ -325,7 +333,7 @@ def stream_score(
     results = {name: METRICS.get(name).compute(context, name) for name in names}
     return ScoreReport(model=str(scorer.folder), num_layers=len(scorer.layers), tokens=rows.tokens if rows else 0,
                        layer_ids=loaded.original_layer_ids, results=results,
-                       data=describe_data(data, rows, batch_size, context.options, streaming=True))
+                       data=describe_data(data, rows, batch_size, context.options, streaming=True), config=config)
 
 
 @dataclass

@@ -21,9 +21,10 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, overload
 
 from layerprune.errors import OptionError, UsageError
+from layerprune.options import Config, Parse, Registered, option
 from layerprune.registry import Registry, import_package_modules
 from layerprune.scoring.base import MetricResult
 from layerprune.scoring.report import ScoreReport
@@ -96,11 +97,6 @@ def parse_remove(remove: int | str, num_layers: int) -> int:
     return count
 
 
-def check_strategy(strategy: str) -> str:
-    STRATEGIES.get(strategy)
-    return strategy
-
-
 def scored_metric(metric: str | None, scored: list[str]) -> str:
     """The metric to select by: ``metric``, or the first of ``scored``; refused if it was not scored
     (a recipe knows ``scored`` from its score section before anything runs)."""
@@ -160,17 +156,57 @@ STRATEGIES.register("consecutive")(Consecutive())
 STRATEGIES.register("iterative")(Iterative())
 
 
-def select(report: ScoreReport, remove: int | str, strategy: str = "independent", metric: str | None = None,
-           *, rescore: Rescore | None = None) -> Selection:
+class SelectConfig(Config):
+    """How many layers go, chosen how, by which metric: the one declaration of the selection
+    stage's options. :func:`select` builds it from its keywords (whose defaults are its
+    declarations), a recipe's ``select`` section is read as its keys and ``layerprune score`` /
+    ``prune`` make ``--remove``, ``--strategy`` and ``--select-by`` from it."""
+
+    unit = "select"
+
+    remove: Annotated[int | str | None, Parse(str)] = option(
+        None, "layers to remove: a count (8) or a share (25%); none: choose no layers")
+    strategy: Annotated[str, Registered(STRATEGIES)] = option(
+        "independent", "independent: the N least important layers (ShortGPT); consecutive: the best run of N layers "
+        "(LLM-Streamline, Gromov); iterative: remove one, re-score, repeat (SLEB)")
+    metric: str | None = option(None, "the scored metric that picks the layers to remove (none: the first scored)",
+                                flag="--select-by")
+
+    def check(self) -> None:
+        if self.remove is not None:
+            check_remove(self.remove)
+
+    @overload
+    def count(self, num_layers: int) -> int: ...
+
+    @overload
+    def count(self, num_layers: None) -> None: ...
+
+    def count(self, num_layers: int | None) -> int | None:
+        """How many of ``num_layers`` layers to remove (``None`` while the layer count is not known:
+        then only that ``remove`` is given is checked); refused when ``remove`` is not given."""
+        if self.remove is None:
+            self.refuse("remove", "is not given; say how many layers to remove: a count (8) or a share (25%)")
+        return parse_remove(self.remove, num_layers) if num_layers is not None else None
+
+
+DEFAULT_SELECT = SelectConfig()
+
+
+def select(report: ScoreReport, remove: int | str, strategy: str = DEFAULT_SELECT.strategy,
+           metric: str | None = DEFAULT_SELECT.metric, *, rescore: Rescore | None = None) -> Selection:
     """Choose the layers to remove from ``report`` by ``metric`` (default: its only or first metric).
 
-    ``remove`` is a count or a share like ``"25%"``. The ``iterative`` strategy re-scores the
-    smaller models through ``rescore`` (build it with :func:`layerprune.scoring.rescorer` from the
-    model and data the report was scored on). ``report.to_json(selection)`` writes both.
+    ``remove`` is a count or a share like ``"25%"``; ``remove``, ``strategy`` and ``metric`` are a
+    :class:`SelectConfig`'s (``select(report, **dict(config))``). The ``iterative`` strategy
+    re-scores the smaller models through ``rescore`` (build it with
+    :func:`layerprune.scoring.rescorer` from the model and data the report was scored on).
+    ``report.to_json(selection)`` writes both.
     """
-    chosen = STRATEGIES.get(strategy)
-    name = scored_metric(metric, list(report.results))
-    count = parse_remove(remove, report.num_layers)
+    config = SelectConfig(remove=remove, strategy=strategy, metric=metric)
+    chosen = STRATEGIES.get(config.strategy)
+    name = scored_metric(config.metric, list(report.results))
+    count = config.count(report.num_layers)
     if chosen.rescores and rescore is None:
         raise UsageError(f"the {strategy} strategy re-scores the pruned model; pass rescore="
                          "layerprune.scoring.rescorer(model, calibration), or choose another strategy")

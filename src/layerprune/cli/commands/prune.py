@@ -22,7 +22,8 @@ from layerprune.api import prune, save
 from layerprune.cli.options import (
     add_calibration_options, add_command, add_model_options, add_output_options, add_selection_options,
     build_calibration_from_args, calibration_from_args, check_calibration_args, input_paths, load_from_args,
-    remove_check, safetensors_folder, score_and_select, score_from_args, selection_strategy, warn_if_most_layers_go,
+    remove_check, safetensors_folder, score_and_select, score_from_args, scoring_from_args, selection_from_args,
+    warn_if_most_layers_go,
 )
 from layerprune.errors import OptionError, UsageError
 from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir
@@ -31,13 +32,13 @@ from layerprune.models.lineage import PROVENANCE_FILE
 from layerprune.models.loading import LoadedModel
 from layerprune.models.shards import is_safetensors_checkpoint, prune_checkpoint
 from layerprune.models.surgery import parse_layer_list, validate_layer_indices
-from layerprune.options import add_option_flags, build_options, given_options
+from layerprune.options import add_option_flags, given_options
 from layerprune.outputs import check_output_path
-from layerprune.repair import REPAIRS, check_repair, compensate
+from layerprune.repair import REPAIRS, RepairConfig, check_repair, compensate
 from layerprune.repair.iterative import compensate_iteratively
-from layerprune.scoring import check_metrics
+from layerprune.scoring import ScoreConfig
 from layerprune.scoring.report import needs_data
-from layerprune.selection import STRATEGIES
+from layerprune.selection import DEFAULT_SELECT, STRATEGIES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--metric", help="instead of --layers: score with this metric (e.g. bi) and remove the "
                                          "--remove least important layers")
     add_output_options(parser)
-    add_selection_options(parser, required=False)
+    add_selection_options(parser, select_by=False)  # it selects by its one --metric
     add_calibration_options(parser)
     parser.add_argument("--generate", metavar="PROMPT", help="after pruning, greedily continue PROMPT and print it")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="length of the --generate continuation")
@@ -71,20 +72,20 @@ def run(args: argparse.Namespace) -> int:
     if not args.layers:
         raise UsageError("say which layers to remove with --layers (e.g. --layers 25,26,27) or let a metric choose "
                          "them with --metric bi --remove 25%")
-    if args.remove or args.iterative or args.strategy != "independent":
+    if args.remove or args.iterative or args.strategy != DEFAULT_SELECT.strategy:
         raise UsageError("--remove/--strategy/--iterative need --metric to choose the layers (e.g. --metric bi "
                          "--remove 25%); with --layers you name them yourself")
     layers = parse_layer_list(args.layers)
     validate_layer_indices(layers)  # empty, negative, repeated: no model needed to tell
     check_generate(args)
-    options = compensation_options(args)
+    repair = repair_from_args(args)
     check_output_path(args.out, overwrite=args.overwrite, protected=input_paths(args))
     if args.low_memory or can_prune_on_disk(args):
         return run_on_disk(args, layers)
     loaded = load_from_args(
         args, check_config=lambda config: validate_layer_indices(layers, getattr(config, "num_hidden_layers", None))
     )
-    removed = cut(loaded, layers, args, options)
+    removed = cut(loaded, layers, args, repair)
     finish(loaded, args, removed)
     return 0
 
@@ -137,43 +138,47 @@ def run_scored(args: argparse.Namespace) -> int:
         raise UsageError("give either --layers or --metric, not both")
     if not args.remove:
         raise UsageError(f"--metric {args.metric} needs --remove to say how many layers go (e.g. --remove 25%)")
-    metrics = check_metrics([args.metric])
+    scoring = scoring_from_args(args, [args.metric])
+    metric = scoring.metrics[0]
     check_calibration_args(args)
-    strategy = selection_strategy(args)
-    check_layers = remove_check(args.remove)
+    selecting = selection_from_args(args)
+    check_layers = remove_check(selecting.remove)
     check_generate(args)
-    options = compensation_options(args)
+    repair = repair_from_args(args)
     check_output_path(args.out, overwrite=args.overwrite, protected=input_paths(args))
     loaded = load_from_args(args, check_config=check_layers)
-    reason = f"{metrics[0]} scores, {strategy} selection"
+    reason = f"{metric} scores, {selecting.strategy} selection"
     # one set of calibration rows for scoring and for the repair's statistics
-    repair_rows = bool(args.compensate) and REPAIRS.get(args.compensate).needs_statistics
-    calibration = build_calibration_from_args(loaded, args) if needs_data(metrics) or repair_rows else None
-    if args.compensate and STRATEGIES.get(strategy).rescores:  # Prune&Comp: each step re-scores the repaired model
-        report = score_from_args(loaded, args, metrics, calibration)
+    repair_rows = repair is not None and repair.repairer.needs_statistics
+    calibration = build_calibration_from_args(loaded, args) if needs_data(scoring.metrics) or repair_rows else None
+    if repair is not None and STRATEGIES.get(selecting.strategy).rescores:  # Prune&Comp: each step re-scores the repaired model
+        report = score_from_args(loaded, args, scoring, calibration)
         began = time.perf_counter()
+        rescoring = ScoreConfig(metrics=(metric,), batch_size=scoring.batch_size)
         selection = compensate_iteratively(
-            loaded, report, args.remove, args.compensate, calibration if repair_rows else None,
-            rescore=lambda name: score_from_args(loaded, args, [name], calibration).results[name],
-            metric=metrics[0], options=options, batch_size=args.batch_size,
+            loaded, report, selecting.remove, repair.repairer.name, calibration if repair_rows else None,
+            rescore=lambda name: score_from_args(loaded, args, rescoring, calibration).results[name],
+            metric=metric, options=repair.options, batch_size=repair.batch_size,
             reason=f"{reason}, {args.compensate} after every step")
         record_compensation(loaded, args, loaded.lineage["repairs"][-1]["summary"], time.perf_counter() - began)
         removed = selection.remove
     else:
-        report, selection = score_and_select(loaded, args, metrics, strategy, metrics[0], calibration)
-        assert selection is not None, "run_scored refuses a missing --remove before scoring"
-        removed = cut(loaded, selection.remove, args, options, reason=reason,
+        report, chosen = score_and_select(loaded, args, scoring, selecting, calibration)
+        assert chosen is not None, "run_scored refuses a missing --remove before scoring"
+        selection = chosen
+        removed = cut(loaded, selection.remove, args, repair, reason=reason,
                       calibration=calibration if repair_rows else None)
     warn_if_most_layers_go(args, len(selection.remove), report.num_layers)
-    recipe = {"selection": selection.to_json(), "importance": report.results[metrics[0]].importance,
+    recipe = {"selection": selection.to_json(), "importance": report.results[metric].importance,
               "data": report.data, "tokens": report.tokens}
     finish(loaded, args, removed, recipe)
     return 0
 
 
-def compensation_options(args: argparse.Namespace) -> Any:
-    """The ``--compensate`` method's options from its flags, checked before any model is loaded; a
-    flag of another method (or without --compensate) is refused."""
+def repair_from_args(args: argparse.Namespace) -> RepairConfig | None:
+    """``--compensate``, ``--batch-size`` and the method's own flags as the typed config (none
+    without ``--compensate``), checked before any model is loaded; a flag of another method (or
+    without --compensate) is refused."""
     given = {name: value for _, repair in REPAIRS.registered() for name, value in given_options(args, repair.options_class).items()}
     if not args.compensate:
         if given:
@@ -181,13 +186,7 @@ def compensation_options(args: argparse.Namespace) -> Any:
                              "METHOD or drop it")
         return None
     check_calibration_args(args)
-    own = REPAIRS.get(args.compensate).options_class
-    if own is None:
-        if given:
-            raise UsageError(f"--compensate {args.compensate} takes no options; drop "
-                             f"--{next(iter(given)).replace('_', '-')}")
-        return None
-    return build_options(own, given, unit=args.compensate)
+    return RepairConfig.from_flat({**given_options(args, RepairConfig), "method": args.compensate, **given})
 
 
 def calibration_rows(loaded: LoadedModel, args: argparse.Namespace) -> Any:
@@ -195,16 +194,15 @@ def calibration_rows(loaded: LoadedModel, args: argparse.Namespace) -> Any:
     return build_calibration_from_args(loaded, args) if REPAIRS.get(args.compensate).needs_statistics else None
 
 
-def cut(loaded: LoadedModel, layers: list[int], args: argparse.Namespace, options: Any,
+def cut(loaded: LoadedModel, layers: list[int], args: argparse.Namespace, repair: RepairConfig | None,
         reason: str = "layers named by the user", calibration: Any = None) -> list[int]:
-    """Remove ``layers``; with ``--compensate``, repair the cut (statistics from ``loaded`` before it,
-    on ``calibration`` when the caller already built the rows)."""
-    if not args.compensate:
+    """Remove ``layers``; with ``repair`` (``--compensate``), repair the cut (statistics from ``loaded``
+    before it, on ``calibration`` when the caller already built the rows)."""
+    if repair is None:
         return prune(loaded, layers, reason)
-    check_repair(loaded, layers, args.compensate, options)  # refuse before reading any data
+    check_repair(loaded, layers, repair.repairer.name, repair.options)  # refuse before reading any data
     rows = calibration if calibration is not None else calibration_rows(loaded, args)
-    report = compensate(loaded, layers, args.compensate, rows, options=options,
-                        batch_size=args.batch_size, reason=reason)
+    report = compensate(loaded, layers, data=rows, reason=reason, **dict(repair))
     record_compensation(loaded, args, report.summary, report.seconds)
     return sorted(layers)
 

@@ -4,7 +4,7 @@ Every metric x strategy selection, de-duplicated, each with every training-free 
 applies, ranked on held-out text; the winner is saved as a standard checkpoint beside
 ``search.json``, ``search.md``, ``pareto.png`` and a ``recipe.yaml`` that ``layerprune run`` replays.
 The search's flags are :class:`~layerprune.searching.SearchConfig`'s declarations (``--batch-size``
-is the calibration group's, shared with the other commands that score).
+is the calibration group's, shared with the other commands that score, and read only where given).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_calibration_args(args)  # fills in --batch-size, which the config reads too
+    check_calibration_args(args)
     config = SearchConfig(**given_options(args, SearchConfig))
     check_output_path(args.out, overwrite=args.overwrite, protected=input_paths(args))
     load_options = {"gguf_file": args.gguf_file, "dtype": args.dtype, "device": args.device,
