@@ -348,7 +348,8 @@ def options_table(options_class: type | None) -> list[str]:
                   f"<= {option.maximum}" if option.maximum is not None else ""]
         if any(bounds):
             notes.append(" and ".join(b for b in bounds if b))
-        default = "`None`" if option.default is None else f"`{option.default!r}`"
+        default = ("`None`" if option.default is None else "its options' defaults" if isinstance(option.default, Config)
+                   else f"`{option.default!r}`")
         flag = f"`{option.flag}`" if option.flag != NO_FLAG else "(none)"
         rows.append(f"| `{option.name}` | {flag} | {type_name(option.annotation)} | {default} | "
                     f"{'; '.join(notes)} |")

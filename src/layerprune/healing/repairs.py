@@ -13,7 +13,7 @@ from typing import Any
 
 from layerprune.data import DEFAULT_CALIBRATION
 from layerprune.errors import OptionError, UsageError
-from layerprune.healing.base import HEALERS, Healer, HealOutcome, HealSettings, TrainingOptions
+from layerprune.healing.base import HEALERS, HealConfig, Healer, HealOutcome, TrainingOptions
 from layerprune.healing.data import TrainingSet
 from layerprune.healing.replacement import ReplacementOptions
 from layerprune.models.surgery import consecutive_runs
@@ -22,7 +22,7 @@ from layerprune.repair import REPAIRS, compensate
 from layerprune.repair.base import RepairMethod
 
 
-def removed_layers(loaded: LoadedModel, settings: HealSettings) -> list[int]:
+def removed_layers(loaded: LoadedModel, settings: HealConfig) -> list[int]:
     """The original layers to cut and repair: the lineage's removed layers and ``--block``."""
     lineage = loaded.lineage
     if lineage.get("replaced_blocks") or lineage.get("healing") or lineage.get("repairs"):
@@ -46,14 +46,14 @@ class _TrainingFreeRepair(Healer):
     trains = False
     method_name: str
 
-    def repair_options(self, settings: HealSettings) -> Any:
+    def repair_options(self, settings: HealConfig) -> Any:
         """The repair's own options out of the healer's (which add ``block``), for :func:`compensate`."""
         own = REPAIRS.get(self.method_name).options_class
         if own is None:
             return None
         return own(**{name: getattr(settings.options, name) for name in own.model_fields})
 
-    def needs_original(self, settings: HealSettings) -> bool:
+    def needs_original(self, settings: HealConfig) -> bool:
         return True
 
     def rows_to_draw(self, training: TrainingOptions) -> int:
@@ -61,7 +61,7 @@ class _TrainingFreeRepair(Healer):
         pass long: without ``--samples`` it reads as many rows as ``prune --compensate`` calibrates on."""
         return training.samples if training.samples is not None else DEFAULT_CALIBRATION.samples
 
-    def check(self, loaded: LoadedModel, settings: HealSettings) -> None:
+    def check(self, loaded: LoadedModel, settings: HealConfig) -> None:
         super().check(loaded, settings)
         removed = removed_layers(loaded, settings)
         original_layers = loaded.lineage.get("original_num_layers", loaded.num_layers)
@@ -71,7 +71,7 @@ class _TrainingFreeRepair(Healer):
         # the pruned model has the original's family, so the cut (original indices) is checked on it
         REPAIRS.get(self.method_name).check(loaded, consecutive_runs(removed), self.repair_options(settings))
 
-    def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealSettings,
+    def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealConfig,
             original: LoadedModel | None) -> HealOutcome:
         assert original is not None, "a training-free repair always receives the original model"
         removed = removed_layers(loaded, settings)

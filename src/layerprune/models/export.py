@@ -1,6 +1,9 @@
 """Export a (pruned) model as a standard checkpoint that plain transformers loads.
 
-The folder holds safetensors weights, config, generation config and tokenizer, plus
+How a checkpoint is written is :class:`ExportConfig`, the one declaration of the export options:
+:func:`layerprune.save` builds it from its keywords, the commands that write a checkpoint (prune,
+heal, search) make their ``--out``/``--overwrite``/``--format`` flags from it, and a recipe's
+``export`` section is read as its keys. The folder holds safetensors weights, config, generation config and tokenizer, plus
 ``layerprune.json`` (provenance) and a model card ``README.md`` (rendered here from the same record,
 so that every writer of a checkpoint, in memory or shard by shard, writes the same card). It is written atomically, never
 over an existing folder unless asked, and never into the source model.
@@ -16,11 +19,52 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils.hub import convert_file_size_to_int
 
 from layerprune.errors import UsageError
+from layerprune.options import NO_FLAG, Config, option
 from layerprune.outputs import atomic_output_dir, check_free_space, check_output_path
 
 SAFETY_MARGIN_BYTES = 64 * 2**20
+
+FORMATS = ("transformers",)
+"""The checkpoint formats a model is written in: ``transformers`` (safetensors weights, config and
+tokenizer that plain transformers loads)."""
+
+PLACEMENT = ("out", "overwrite")
+"""The export options that say *where* a checkpoint goes, which a stage writing into a folder of its
+own decides itself (a recipe's run folder, a search's output folder); the others say *what* is
+written, and a recipe's ``export`` section gives them."""
+
+
+class ExportConfig(Config):
+    """Where a checkpoint goes and how it is written."""
+
+    unit = "export"
+
+    out: str | Path | None = option(None, "the checkpoint folder to write (none: where the stage writing it decides)")
+    overwrite: bool = option(False, "replace an existing output folder")
+    format: str = option("transformers", "checkpoint format: transformers (safetensors weights, config and "
+                         "tokenizer that plain transformers loads)", choices=FORMATS)
+    max_shard_size: str | int = option("2GB", "the largest weight file: a size such as 2GB or 500MB, or bytes",
+                                       flag=NO_FLAG)
+
+    def check(self) -> None:
+        """A shard size must read as a positive size before anything is trained or written."""
+        try:
+            size = convert_file_size_to_int(self.max_shard_size)
+        except ValueError:
+            size = 0
+        if size < 1:
+            self.refuse("max_shard_size", f"{self.max_shard_size!r} is not a size; write a whole number and a unit, "
+                                          "e.g. 2GB or 500MB, or a number of bytes")
+
+    def written(self) -> dict[str, Any]:
+        """The options that say what is written (all but :data:`PLACEMENT`), as ``save()`` takes them."""
+        return self.model_dump(exclude=set(PLACEMENT))
+
+
+DEFAULT_EXPORT = ExportConfig()
 
 
 def model_size_bytes(model: PreTrainedModel) -> int:
@@ -43,7 +87,7 @@ def save_checkpoint(
     overwrite: bool = False,
     protected: Iterable[str | Path] = (),
     extra_files: dict[str, str] | None = None,
-    max_shard_size: str | int = "2GB",
+    max_shard_size: str | int = DEFAULT_EXPORT.max_shard_size,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``model`` and ``tokenizer`` to ``out`` atomically; returns the final folder.
