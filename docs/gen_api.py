@@ -23,7 +23,8 @@ from layerprune.evaluation.config import EvalConfig
 from layerprune.evaluation.efficiency import Workload
 from layerprune.evaluation.record import EvalReport
 from layerprune.healing import HEALERS
-from layerprune.healing.base import TrainingOptions
+from layerprune.healing.base import HealConfig, TrainingOptions
+from layerprune.models.export import ExportConfig
 from layerprune.models.provenance import ProvenanceRecord
 from layerprune.options import options_table, unit_options
 from layerprune.recipes.record import RunDocument
@@ -72,7 +73,14 @@ def render_units() -> list[str]:
     lines += [repair, "", *options_table(RepairConfig), ""]
     lines += ["## Search: budget, ranking, the winner (`search` in a recipe; `heal` there is the heal section)", "",
               *options_table(SearchConfig), ""]
+    lines += ["## Healing: one run (`heal` in a recipe, `layerprune heal`)", "",
+              "`training` and `options` are given flat, beside the others: the options every method takes "
+              "(below) and the method's own (under its name).", "", *options_table(HealConfig), ""]
     lines += ["## Healing: options every method takes", "", *options_table(TrainingOptions), ""]
+    lines += ["## Export: how a checkpoint is written", "",
+              "The keywords of `lp.save`, the output flags of `prune`, `heal` and `search`, and the keys of a "
+              "recipe's `export` section but `out` and `overwrite` (the run folder places each model).", "",
+              *options_table(ExportConfig), ""]
     sections: list[tuple[str, Registry]] = [("Metrics (`score`)", METRICS), ("Healing methods (`heal`)", HEALERS),
                                             ("Training-free repairs (`repair`, `prune --compensate`)", REPAIRS),
                                             ("Selection strategies (`select`)", STRATEGIES),

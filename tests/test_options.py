@@ -20,10 +20,10 @@ from layerprune.data.calibration import SAMPLINGS, CalibrationConfig, build_cali
 from layerprune.errors import OptionError, UsageError
 from layerprune.healing import HEALERS
 from layerprune.healing.base import TrainingOptions
-from layerprune.healing.heal import heal_settings
+from layerprune.healing.heal import heal_config
 from layerprune.repair import REPAIRS
 from layerprune.options import Config, Parse, add_option_flags, build_options, given_options, option, options_table
-from layerprune.recipes.runner import _heal_options, _repair_options, _section_fields, load_recipe, preflight
+from layerprune.recipes.runner import _heal_config, _repair_options, _section_fields, load_recipe, preflight
 from layerprune.repair import RepairConfig, ReplaceLinearOptions, compensate
 from layerprune.scoring import METRICS, ScoreConfig, score
 from layerprune.scoring.base import metric_options
@@ -67,7 +67,7 @@ def test_every_unit_option_has_a_type_a_default_and_help() -> None:
 def test_heal_flag_default_equals_api_default_equals_recipe_default(method: str, tmp_path: Path) -> None:
     defaults = {**declared(TrainingOptions), **declared(HEALERS.get(method).options_class)}
     # API: heal() with no options
-    api = heal_settings(method, "wiki-sample")
+    api = heal_config(method, "wiki-sample")
     api_values = {**api.training.model_dump(), **(api.options.model_dump() if api.options is not None else {})}
     assert api_values == defaults
     # CLI: each flag shows the declared default, and a run without the flag passes nothing
@@ -80,25 +80,24 @@ def test_heal_flag_default_equals_api_default_equals_recipe_default(method: str,
         if default is not None:
             shown = ("on" if default else "off") if isinstance(default, bool) else str(default)
             assert f"(default: {shown})" in action.help, (name, action.help)
-    cli = heal_settings(method, "d", checkpoint_dir=tmp_path, **given_options(args, TrainingOptions))
+    cli = heal_config(method, "d", checkpoint_dir=tmp_path, **given_options(args, TrainingOptions))
     assert cli.training == api.training
     # recipe: every option is an optional key, and a recipe that leaves it out gets the declaration
     keys = _section_fields()["heal"]
     assert all(name in keys and not keys[name].required for name in defaults)
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(f"model: m\nheal: {{method: {method}, data: d}}\n")
-    options = _heal_options(load_recipe(recipe_file), tmp_path)
-    recipe = heal_settings(**options)
+    recipe = _heal_config(load_recipe(recipe_file), tmp_path)
     assert recipe.training == api.training
     assert recipe.options == api.options
 
 
 def test_checkpoint_default_is_a_quarter_of_the_steps_on_the_cli_in_recipes_and_the_api(tmp_path: Path) -> None:
-    assert heal_settings("partial-ft", "d", steps=40, checkpoint_dir=tmp_path).checkpoint_interval == 10
-    assert heal_settings("partial-ft", "d", steps=40).checkpoint_interval == 0  # nowhere to write
-    never = heal_settings("partial-ft", "d", steps=40, checkpoint_every=0, checkpoint_dir=tmp_path)
+    assert heal_config("partial-ft", "d", steps=40, checkpoint_dir=tmp_path).checkpoint_interval == 10
+    assert heal_config("partial-ft", "d", steps=40).checkpoint_interval == 0  # nowhere to write
+    never = heal_config("partial-ft", "d", steps=40, checkpoint_every=0, checkpoint_dir=tmp_path)
     assert never.checkpoint_interval == 0
-    assert heal_settings("partial-ft", "d", steps=2, checkpoint_dir=tmp_path).checkpoint_interval == 1
+    assert heal_config("partial-ft", "d", steps=2, checkpoint_dir=tmp_path).checkpoint_interval == 1
 
 
 @pytest.mark.parametrize("metric", METRICS.names())
@@ -274,9 +273,9 @@ def test_calibration_flag_default_equals_api_default_equals_recipe_default(tmp_p
 
 def test_unknown_options_are_refused_naming_the_unit_and_its_options() -> None:
     with pytest.raises(UsageError, match=r"lora_rnk is not available for lora; .*lora_rank"):
-        heal_settings("lora", "d", lora_rnk=4)
+        heal_config("lora", "d", lora_rnk=4)
     with pytest.raises(UsageError, match=r"train_layers is not available for lora"):
-        heal_settings("lora", "d", train_layers=2)
+        heal_config("lora", "d", train_layers=2)
     with pytest.raises(UsageError, match=r"position is not available for scoring; .*positions"):
         score(tiny_loaded("llama"), rows_with_padding(), ["bi"], position="last")
 
@@ -289,9 +288,9 @@ def test_heal_cli_refuses_another_methods_flag(tmp_path: Path, capsys) -> None:
 
 
 def test_precision_speaks_the_dtype_vocabulary() -> None:
-    assert heal_settings("lora", "d", precision="bfloat16").training.precision == "bfloat16"
+    assert heal_config("lora", "d", precision="bfloat16").training.precision == "bfloat16"
     with pytest.raises(UsageError, match="auto, float32, bfloat16"):
-        heal_settings("lora", "d", precision="bf16")
+        heal_config("lora", "d", precision="bf16")
     with pytest.raises(SystemExit):
         subcommand("heal").parse_args(["--model", "m", "--method", "lora", "--data", "d", "--out", "o",
                                        "--precision", "fp32"])

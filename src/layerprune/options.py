@@ -153,6 +153,10 @@ class Registered:
     registry: Registry[Any]
 
 
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""What torch's generators take as a seed: a seed option declares these bounds, so 2**70 is refused
+when the option is built, not by an OverflowError inside torch."""
+
 NO_FLAG = ""
 """An option's ``flag`` where the command line does not take it (the API and recipes do): it gets
 no flag, and the docs' tables show none."""
@@ -323,6 +327,8 @@ def given_options(args: argparse.Namespace, options_class: type | None) -> dict[
             if option.parse and isinstance(value, str):
                 try:
                     value = option.parse(value)
+                except OptionError as error:  # the reader names the option itself: keep only its problem
+                    option.refuse(error.problem)
                 except UsageError as error:  # the reader knows the text, not the flag it came from
                     option.refuse(str(error))
             given[option.name] = value
@@ -382,7 +388,8 @@ def options_table(options_class: type | None) -> list[str]:
                   f"<= {option.maximum}" if option.maximum is not None else ""]
         if any(bounds):
             notes.append(" and ".join(b for b in bounds if b))
-        default = "`None`" if option.default is None else f"`{option.default!r}`"
+        default = ("`None`" if option.default is None else "its options' defaults" if isinstance(option.default, Config)
+                   else f"`{option.default!r}`")
         flag = f"`{option.flag}`" if option.flag != NO_FLAG else "(none)"
         rows.append(f"| `{option.name}` | {flag} | {type_name(option.annotation)} | {default} | "
                     f"{'; '.join(notes)} |")

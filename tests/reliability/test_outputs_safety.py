@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from safetensors import SafetensorError
 import torch
 
 from layerprune import outputs
@@ -455,3 +456,18 @@ def test_importing_the_package_imports_no_torch() -> None:
     probe = "import sys, layerprune, layerprune.cli.main; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
+
+
+def test_a_disk_that_fills_during_an_in_memory_save_is_one_line(model: Path, cli: Cli, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """safetensors reports a full disk as its own error (its message holds the system's code): one line,
+    nothing left behind, as for every other failed write."""
+    def full_disk(tensors: object, filename: str, metadata: object = None) -> None:
+        Path(filename).write_bytes(b"half a shard")
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+
+    monkeypatch.setattr("transformers.modeling_utils.safe_save_file", full_disk)
+    result = cli("prune", "--model", model, "--layers", "1", "--compensate", "merge", "--out", tmp_path / "out")
+    assert_refused(result, "cannot write", FAILURES[errno.ENOSPC])
+    assert no_leftovers(tmp_path) == [] and not (tmp_path / "out").exists()

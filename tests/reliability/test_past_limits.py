@@ -65,3 +65,63 @@ def test_a_model_whose_weights_hold_nan_is_reported_and_plotted(cli: Cli, tmp_pa
     values = [entry["ppl"] for result in report["models"].values() for entry in result["perplexity"].values()]
     assert math.isfinite(values[0]) and math.isnan(values[1])
     assert (tmp_path / "e.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(("args", "fragments"), [
+    (["prune", "--layers", "0-99999999999", "--out", "OUT"], ["'0-99999999999'", "more than any model has"]),
+    (["score", "--metrics", "random", "--seed", str(2**70)], ["--seed must be at most"]),
+    (["score", "--samples", str(10**12), "--data", "CORPUS"], ["--samples", "use at most"]),
+])
+def test_sizes_past_what_memory_and_torch_allow_are_refused_before_allocating(args: list[str], fragments: list[str],
+                                                                             cli: Cli, tmp_path: Path) -> None:
+    """These ended in MemoryError, OverflowError and an 8 TB allocation: refused from their declarations."""
+    model = save_tiny_checkpoint(tmp_path / "tiny", "llama", 4)
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    given = [str(corpus) if arg == "CORPUS" else str(tmp_path / "out") if arg == "OUT" else arg for arg in args]
+    assert_refused(cli(given[0], "--model", model, *given[1:]), *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_heal_block_past_any_model_is_refused(cli: Cli, tmp_path: Path) -> None:
+    model = save_tiny_checkpoint(tmp_path / "tiny", "llama", 4)
+    assert_refused(cli("heal", "--model", model, "--method", "replace-layer", "--block", "0-99999999999", "--data",
+                       write_corpus(tmp_path / "corpus.txt"), "--out", tmp_path / "out"), "--block",
+                   "more than any model has")
+
+
+def test_resume_into_a_folder_that_holds_no_run_leaves_it_alone(cli: Cli, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pruned model's folder is no run to continue: it was deleted to start one."""
+    model = save_tiny_checkpoint(tmp_path / "tiny", "llama", 4)
+    pruned = tmp_path / "pruned"
+    assert cli("prune", "--model", model, "--layers", "1", "--out", pruned).code == 0
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {model}\nscore: {{metrics: [magnitude-l1]}}\n")
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(pruned)
+    assert_refused(cli("run", recipe, "--out", pruned, "--resume"), "holds no run")
+    assert snapshot(pruned) == before
+
+
+def test_perplexity_of_a_text_shorter_than_one_window_is_refused(cli: Cli, tmp_path: Path) -> None:
+    model = save_tiny_checkpoint(tmp_path / "tiny", "llama", 4)
+    short = tmp_path / "short.txt"
+    short.write_text("Short text.")
+    assert_refused(cli("eval", "--model", model, "--ppl", short, "--seq-len", "64", "--output", tmp_path / "e.json"),
+                   "--seq-len 64 is longer than the whole text", "use at most")
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_a_repair_block_that_is_not_a_removed_run_is_refused(cli: Cli, tmp_path: Path) -> None:
+    """On a pruned model --block names the removed run to repair; it once cut two more layers and exited 0."""
+    model = save_tiny_checkpoint(tmp_path / "tiny", "llama", 6)
+    pruned = tmp_path / "pruned"
+    assert cli("prune", "--model", model, "--layers", "1-2", "--out", pruned).code == 0
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    assert_refused(cli("heal", "--model", pruned, "--method", "replace-linear", "--block", "3-4", "--data", corpus,
+                       "--out", tmp_path / "healed"), "--block 3-4 is not a removed run", "removed: 1-2")
+    assert not (tmp_path / "healed").exists()
+    result = cli("heal", "--model", pruned, "--method", "rescale", "--block", "1-2", "--data", corpus, "--out",
+                 tmp_path / "healed")
+    assert result.code == 0, result.stderr
+    assert json.loads((tmp_path / "healed" / "layerprune.json").read_text())["removed_layers"] == [1, 2]

@@ -32,6 +32,7 @@ from transformers import PretrainedConfig
 from layerprune.data import CalibrationConfig, build_calibration, check_source
 from layerprune.errors import UsageError
 from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir, resolve_alias
+from layerprune.models.export import ExportConfig
 from layerprune.models.loading import LoadedModel, load_model, resolve_dtype
 from layerprune.models.shards import is_safetensors_checkpoint
 from layerprune.options import add_option_flags, given_options, options_of
@@ -142,10 +143,17 @@ def input_paths(args: argparse.Namespace) -> list[Path]:
 
 
 def add_output_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
-    """``--out FOLDER``, for commands that fill a folder (see the module docstring for ``--output FILE``)."""
+    """``--out FOLDER`` and how the checkpoint there is written (``--overwrite``, ``--format``: the
+    options of :class:`ExportConfig`), for the commands that write a checkpoint folder (see the module
+    docstring for ``--output FILE``)."""
     parser.add_argument("--out", required=required, metavar="FOLDER",
                         help="output folder (must not exist unless --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder, only one layerprune wrote (it holds a layerprune.json, run.json or search.json record that validates as one) or an empty one")
+    add_option_flags(parser, ExportConfig, skip=("out",))  # --out above: required, which a declaration is not
+
+
+def export_from_args(args: argparse.Namespace) -> ExportConfig:
+    """The output flags as the one typed export config every front-end builds (validated as it is built)."""
+    return ExportConfig(**given_options(args, ExportConfig))
 
 
 def add_output_file_options(parser: argparse.ArgumentParser, *, required: bool, what: str, overwrite: str) -> None:

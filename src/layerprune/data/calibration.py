@@ -11,6 +11,7 @@ without it.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from layerprune.data.rows import CalibrationSet
 from layerprune.data.sources import load_texts, source_key
 from layerprune.data.store import cached_tokens, tokenizer_fingerprint
 from layerprune.errors import OptionError, UsageError
-from layerprune.options import Config, option
+from layerprune.options import Config, SEED_RANGE, option
 from layerprune.registry import Registry
 
 DOCUMENT_SEPARATOR = "\n\n"
@@ -188,7 +189,8 @@ class CalibrationConfig(Config):
     text_field: str | None = option(None, "the field holding the text in a JSON/CSV/hub dataset")
     samples: int = option(64, "calibration rows", minimum=1)
     seq_len: int = option(256, "tokens per row (a token and its successor at least)", minimum=2)
-    seed: int = option(0, "seed for sampling windows (on the command line also the random metric's)")
+    seed: int = option(0, "seed for sampling windows (on the command line also the random metric's)",
+                       minimum=SEED_RANGE[0], maximum=SEED_RANGE[1])
     sampling: str = option("random", "random windows, contiguous windows from the start of the text, or one "
                            "padded window per document", choices=SAMPLINGS.names())
 
@@ -207,12 +209,24 @@ def check_context(seq_len: int, max_positions: int | None) -> None:
                                            f"tokens; use {max_positions} or less")
 
 
+def check_window_memory(config: CalibrationConfig) -> None:
+    """Refuse windows whose token ids alone (ids and mask, 8 bytes each) would take more than half of this
+    machine's memory, before anything is allocated: ``samples`` of 10^12 asked the allocator for 8 TB."""
+    needed = config.samples * config.seq_len * 16
+    budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    if needed > budget:
+        config.refuse("samples", f"{config.samples:,} windows of {config.seq_len} tokens need {needed / 2**30:,.0f} GiB "
+                                 f"for their ids alone, more than half this machine's memory; use at most "
+                                 f"{budget // (config.seq_len * 16):,}")
+
+
 def calibrate(tokenizer: PreTrainedTokenizerBase, config: CalibrationConfig = DEFAULT_CALIBRATION, *,
               max_positions: int | None = None) -> CalibrationSet:
     """Draw the windows ``config`` describes; the set records ``config`` (and the tokenizer's text
     prefix). ``max_positions`` (the model's context) refuses a too-long ``seq_len`` before anything is
     tokenized."""
     check_context(config.seq_len, max_positions)
+    check_window_memory(config)
     prefix = text_prefix(tokenizer)
     text_per_window(config.seq_len, prefix)  # refuses a window with no room for text
     request = WindowRequest(tokenizer, config.source, config.split, config.text_field, config.samples,

@@ -31,7 +31,7 @@ from layerprune.data import TrainingSet
 from layerprune.errors import UsageError
 from layerprune.models.loading import LoadedModel
 from layerprune.models.surgery import remove_layers
-from layerprune.options import NO_FLAG, Config, Parse, comma_ints, comma_list, option
+from layerprune.options import Config, NO_FLAG, Parse, SEED_RANGE, comma_ints, comma_list, option
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ class ClassificationSettings(Config):
     # a fresh head starts from random and needs larger steps than pretrained layers
     head_lr: float = option(1e-3, "learning rate of the new classification head (positive)")
     max_tokens: int = option(64, "prompt length in tokens, the text cut from the left", minimum=1, flag=NO_FLAG)
-    seed: int = option(0, "seed of the example subsets and of the training order", flag=NO_FLAG)
+    seed: int = option(0, "seed of the example subsets and of the training order", flag=NO_FLAG,
+                       minimum=SEED_RANGE[0], maximum=SEED_RANGE[1])
 
     def check(self) -> None:
         """Fail before loading data or models if the settings cannot work."""

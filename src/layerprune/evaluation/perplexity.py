@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from layerprune import data
 from layerprune.data.calibration import text_per_window
-from layerprune.errors import UsageError
+from layerprune.errors import OptionError, UsageError
 from layerprune.evaluation.intervals import perplexity_interval
 
 
@@ -100,6 +100,11 @@ def perplexity(model: PreTrainedModel, token_ids: torch.Tensor, seq_len: int, *,
     ``max_windows`` limits the text scored (the first windows), for quick looks; the token count
     in the result says how much was scored.
     """
+    body = seq_len - len(prefix)
+    if token_ids.numel() < body:  # a perplexity of a fraction of one window says little and has no interval
+        raise OptionError.about("seq_len", f"{seq_len} is longer than the whole text ({token_ids.numel()} tokens"
+                                           f"{' after the start token(s)' if prefix else ''}); use at most "
+                                           f"{token_ids.numel() + len(prefix)}, or more text")
     chunks = windows(token_ids, seq_len, prefix)[:max_windows]
     first = max(len(prefix), 1)  # the first position whose token is predicted (a prefix is never a target)
     if not chunks:

@@ -14,16 +14,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import SerializeAsAny, model_validator
+
 from layerprune.data.calibration import SAMPLINGS
 from layerprune.errors import OptionError, UsageError
 from layerprune.healing.data import TrainingSet
 from layerprune.models.loading import LoadedModel
-from layerprune.options import Config, option
+from layerprune.options import Config, NO_FLAG, SEED_RANGE, build_options, option, options_of, refuse_unknown
 from layerprune.registry import Registry
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 """``--dtype``'s words for the training precision: ``auto`` is bfloat16 autocast on a GPU that
 supports it and float32 everywhere else."""
+
+
+HEALERS: Registry[type[Healer]] = Registry("healing method")
+"""Every healing method by name; :class:`HealConfig` refuses a name it does not hold."""
 
 
 class TrainingOptions(Config):
@@ -43,7 +49,8 @@ class TrainingOptions(Config):
     samples: int | None = option(None, "training sequences to draw (default: steps x batch size, so no sequence "
                                  "repeats; for a training-free repair, which takes no steps, 64 as for score's "
                                  "calibration)", minimum=1)
-    seed: int = option(0, "data sampling and batch order seed")
+    seed: int = option(0, "data sampling and batch order seed", minimum=SEED_RANGE[0],
+                       maximum=SEED_RANGE[1])
     sampling: str = option("random", "how training windows are drawn from a text source (as for score's calibration "
                            "data)", choices=SAMPLINGS.names())
     text_field: str | None = option(None, "the field holding the text in a JSON/CSV/hub dataset")
@@ -78,24 +85,68 @@ class DistillOptions(Config):
             raise OptionError.about("distill_temperature", f"must be positive, got {self.distill_temperature}")
 
 
-@dataclass(frozen=True)
-class HealSettings:
-    """One healing run: the method, its data, the shared and the method's own options, and where
-    checkpoints go; also the fingerprint a resumed run must match."""
+class HealConfig(Config):
+    """One healing run: the method, its data and original, the options every method shares, the
+    method's own options, and where checkpoints go; also the fingerprint a resumed run must match.
 
-    method: str
-    data: str
-    training: TrainingOptions = field(default_factory=TrainingOptions)
-    options: Any = None
-    """The method's own options (an instance of its ``options_class``), or ``None`` without any."""
-    checkpoint_dir: Path | None = None
-    resume: bool = False
+    :func:`~layerprune.healing.heal` builds it from its keywords, a recipe's ``heal`` section is read
+    as its keys and ``layerprune heal``'s flags are generated from its parts, so the three refuse a bad
+    value alike. The shared and the method's own options are given flat (``steps=50, lora_rank=8``),
+    as the flags and a recipe give them: each goes to the class that declares it, :class:`TrainingOptions`
+    or the method's ``options_class``, and a key of neither (another method's) is refused naming the
+    method. ``options`` is always an instance of the method's own class (``None`` for a method without).
+    """
+
+    unit = "heal"
+
+    method: str | None = option(None, "healing method: a registered one (each listed with its own options under Healing "
+                                "methods)")
+    data: str | Path | None = option(None, "training text (wiki-sample, news-sample, a file, a hub name: its train "
+                                     "split) or an Alpaca JSON/JSONL instruction file (loss on the response only)")
+    original: str | Path | None = option(None, "the unpruned model: the teacher, and the source of a replacement's "
+                                         "training pairs (default: the source_model of the pruned model's "
+                                         "layerprune.json)")
+    training: TrainingOptions = option(TrainingOptions(), "the options every method shares, given flat (steps, "
+                                       "batch_size, ...)", flag=NO_FLAG)
+    options: SerializeAsAny[Config] | None = option(None, "the method's own options, given flat (lora_rank, block, "
+                                                    "...)", flag=NO_FLAG)
+    checkpoint_dir: str | Path | None = option(None, "where training checkpoints go (none: no checkpoints)")
+    resume: bool = option(False, "continue the run checkpointed in checkpoint_dir")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sort_flat_options(cls, values: Any) -> Any:
+        """The flat options to :class:`TrainingOptions` and the method's own class, each built and
+        checked naming the method (``steps of lora must be int``); runs before the values are checked
+        against the declarations, which know neither."""
+        if not isinstance(values, dict):
+            return values
+        method = values.get("method")
+        if method is None:
+            cls.refuse("method", f"is needed: name one of {', '.join(HEALERS.names())}")
+        own = HEALERS.get(method).options_class
+        values = dict(values)
+        flat = {name: values.pop(name) for name in list(values) if name not in cls.model_fields}
+        shared = [option.name for option in options_of(TrainingOptions)]
+        refuse_unknown(flat, [*shared, *(option.name for option in options_of(own))], unit=method)
+        values["training"] = _built(TrainingOptions, values.get("training"),
+                                    {name: value for name, value in flat.items() if name in shared}, method)
+        if own is not None:
+            values["options"] = _built(own, values.get("options"),
+                                       {name: value for name, value in flat.items() if name not in shared}, method)
+        return values
 
     def check(self) -> None:
-        """Refuse checkpointing settings that have nowhere to write."""
+        """The data is named, the options are the method's own, and checkpointing has somewhere to write."""
+        if self.data is None:
+            self.refuse("data", "is needed: name the training text or instruction file")
+        own = HEALERS.get(str(self.method)).options_class
+        given = type(self.options) if self.options is not None else None
+        if given is not own:  # another method's options (a subclass of the method's own is another's too)
+            raise UsageError(f"{self.method} takes {own.__name__ if own else 'no options'}, got "
+                             f"{given.__name__ if given else 'none'}; give the method's own options")
         if (self.resume or self.training.checkpoint_every) and self.checkpoint_dir is None:
-            raise OptionError.about("checkpoint_dir", "is needed to checkpoint or resume: name a folder for the "
-                                                      "checkpoints")
+            self.refuse("checkpoint_dir", "is needed to checkpoint or resume: name a folder for the checkpoints")
 
     @property
     def checkpoint_interval(self) -> int:
@@ -111,10 +162,25 @@ class HealSettings:
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that must not change between an interrupted run and its resumption."""
-        values = {"method": self.method, "data": self.data,
-                  **{k: v for k, v in self.training.model_dump().items() if k != "checkpoint_every"},
-                  **(self.options.model_dump() if self.options is not None else {})}
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
+        training = self.training.model_dump(mode="json", exclude={"checkpoint_every"})
+        own = self.options.model_dump(mode="json") if self.options is not None else {}
+        return {"method": self.method, "data": str(self.data), **training, **own}
+
+    def record(self) -> dict[str, Any]:
+        """What ``layerprune.json`` records of the run (its healing entry's ``config``): everything
+        but where the checkpoints went, a fact of the machine it ran on and not of the healing."""
+        return self.model_dump(mode="json", exclude={"checkpoint_dir", "resume"})
+
+
+def _built(options_class: type[Config], given: Any, flat: dict[str, Any], method: str) -> Any:
+    """``options_class`` from a given instance or mapping and flat options over it, its refusals
+    naming ``method``; a given value of another kind is left for the declaration to refuse."""
+    if isinstance(given, options_class) and not flat:
+        return given
+    if given is None or isinstance(given, (dict, options_class)):
+        base = given.model_dump() if isinstance(given, options_class) else dict(given or {})
+        return build_options(options_class, {**base, **flat}, unit=method)
+    return given
 
 
 @dataclass
@@ -139,26 +205,24 @@ class Healer(ABC):
     trains: bool = True
     """False for a training-free repair: it takes no optimizer steps, so the lineage records no schedule."""
 
-    def needs_original(self, settings: HealSettings) -> bool:
+    def needs_original(self, settings: HealConfig) -> bool:
         return settings.distill
 
     def rows_to_draw(self, training: TrainingOptions) -> int:
         """Sequences to load for the run: ``--samples``, by default one per step and batch row."""
         return training.num_samples
 
-    def check_settings(self, settings: HealSettings, num_layers: int | None) -> None:
+    def check_settings(self, settings: HealConfig, num_layers: int | None) -> None:
         """Validation that needs no model, only the layer count where known (``None``: unknown), so a
         recipe can refuse bad healing settings before its first stage, reading the count from
         ``config.json``."""
 
-    def check(self, loaded: LoadedModel, settings: HealSettings) -> None:
+    def check(self, loaded: LoadedModel, settings: HealConfig) -> None:
         """Cheap validation against the loaded model, before data or the original are loaded."""
         self.check_settings(settings, loaded.num_layers)
 
     @abstractmethod
-    def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealSettings,
+    def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealConfig,
             original: LoadedModel | None) -> HealOutcome:
         """Train and return the healed model (``loaded`` itself or a new model)."""
 
-
-HEALERS: Registry[type[Healer]] = Registry("healing method")

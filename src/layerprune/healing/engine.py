@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from layerprune.errors import OptionError, UsageError
-from layerprune.healing.base import HealSettings
+from layerprune.healing.base import HealConfig
 from layerprune.outputs import atomic_file
 
 STATE_FILE = "heal-state.pt"
@@ -115,7 +115,7 @@ def mixed_precision(precision: str) -> str:
     return "no"
 
 
-def check_resumable(settings: HealSettings, fingerprint: dict[str, Any]) -> None:
+def check_resumable(settings: HealConfig, fingerprint: dict[str, Any]) -> None:
     """Before any expensive work: a ``--resume`` must find a checkpoint of the very same run."""
     if not settings.resume:
         return
@@ -129,7 +129,7 @@ def check_resumable(settings: HealSettings, fingerprint: dict[str, Any]) -> None
                          "use the same settings to resume, or a new --checkpoint-dir to start afresh")
 
 
-def train(model: nn.Module, rows: Rows, loss_fn: LossFn, weight_fn: WeightFn, settings: HealSettings, *,
+def train(model: nn.Module, rows: Rows, loss_fn: LossFn, weight_fn: WeightFn, settings: HealConfig, *,
           lr: float, fingerprint: dict[str, Any], companions: Sequence[nn.Module] = (),
           label: str = "healing") -> TrainReport:
     """Train ``model``'s ``requires_grad`` parameters for ``settings.training.steps`` steps.

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from layerprune.errors import UsageError
-from layerprune.healing.base import HEALERS, DistillOptions, Healer, HealOutcome, HealSettings
+from layerprune.healing.base import HEALERS, DistillOptions, HealConfig, Healer, HealOutcome
 from layerprune.healing.data import TrainingSet
 from layerprune.healing.engine import TrainReport
 from layerprune.healing.objectives import distill_note, fit_language_model
@@ -61,10 +61,10 @@ class LoRA(Healer):
     options_class = LoRAOptions
     default_lr = 2e-4
 
-    def check_settings(self, settings: HealSettings, num_layers: int | None) -> None:
+    def check_settings(self, settings: HealConfig, num_layers: int | None) -> None:
         _require_peft()
 
-    def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealSettings,
+    def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealConfig,
             original: LoadedModel | None) -> HealOutcome:
         from peft import get_peft_model  # deferred: the optional heal extra
 
@@ -81,7 +81,7 @@ class LoRA(Healer):
 class QLoRA(LoRA):
     """LoRA's adapters, learning rate and objective, trained over a 4-bit copy of the base weights."""
 
-    def check_settings(self, settings: HealSettings, num_layers: int | None) -> None:
+    def check_settings(self, settings: HealConfig, num_layers: int | None) -> None:
         super().check_settings(settings, num_layers)
         if not torch.cuda.is_available():
             raise UsageError("qlora needs a CUDA GPU (bitsandbytes 4-bit kernels) and none is available; "
@@ -90,7 +90,7 @@ class QLoRA(LoRA):
             raise UsageError("qlora needs bitsandbytes, which is not installed; pip install bitsandbytes, "
                              "or use --method lora")
 
-    def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealSettings,
+    def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealConfig,
             original: LoadedModel | None) -> HealOutcome:
         # deferred: peft is the optional heal extra
         from peft import get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training, set_peft_model_state_dict

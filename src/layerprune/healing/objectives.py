@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerprune.healing.base import DistillOptions, HealSettings
+from layerprune.healing.base import DistillOptions, HealConfig
 from layerprune.healing.data import IGNORE_INDEX, TrainingSet
 from layerprune.healing.engine import LossFn, TrainReport, WeightFn, train
 from layerprune.models.loading import LoadedModel
@@ -53,7 +53,7 @@ def language_model_loss(distillation: DistillOptions, teacher: nn.Module | None)
     return loss
 
 
-def fit_language_model(model: nn.Module, data: TrainingSet, settings: HealSettings, original: LoadedModel | None,
+def fit_language_model(model: nn.Module, data: TrainingSet, settings: HealConfig, original: LoadedModel | None,
                        *, lr: float, fingerprint: dict[str, Any], label: str) -> TrainReport:
     """Train ``model``'s trainable parameters on ``data`` with the LM (+ distillation) objective;
     ``settings.options`` is the method's options, which include :class:`DistillOptions`."""

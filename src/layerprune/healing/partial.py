@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from layerprune.errors import OptionError
-from layerprune.healing.base import HEALERS, DistillOptions, Healer, HealOutcome, HealSettings
+from layerprune.healing.base import HEALERS, DistillOptions, HealConfig, Healer, HealOutcome
 from layerprune.healing.data import TrainingSet
 from layerprune.healing.objectives import distill_note, fit_language_model
 from layerprune.models.loading import LoadedModel
@@ -57,13 +57,13 @@ class PartialFineTuning(Healer):
     options_class = PartialFineTuningOptions
     default_lr = 5e-5
 
-    def check_settings(self, settings: HealSettings, num_layers: int | None) -> None:
+    def check_settings(self, settings: HealConfig, num_layers: int | None) -> None:
         train_layers = settings.options.train_layers
         if num_layers is not None and train_layers > num_layers:
             raise OptionError.about("train_layers", f"{train_layers} exceeds the model's {num_layers} layers; "
                                     f"choose 1..{num_layers}")
 
-    def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealSettings,
+    def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealConfig,
             original: LoadedModel | None) -> HealOutcome:
         unfreeze_head_and_last_layers(loaded, settings.options.train_layers)
         tied = getattr(loaded.model.config, "tie_word_embeddings", False)

@@ -12,7 +12,7 @@ from typing import Any
 
 from layerprune.data import DEFAULT_CALIBRATION
 from layerprune.errors import OptionError, UsageError
-from layerprune.healing.base import HEALERS, Healer, HealOutcome, HealSettings, TrainingOptions
+from layerprune.healing.base import HEALERS, HealConfig, Healer, HealOutcome, TrainingOptions
 from layerprune.healing.data import TrainingSet
 from layerprune.healing.replacement import ReplacementOptions
 from layerprune.models.surgery import consecutive_runs
@@ -21,7 +21,7 @@ from layerprune.repair import REPAIRS, compensate
 from layerprune.repair.base import RepairMethod
 
 
-def removed_layers(loaded: LoadedModel, settings: HealSettings) -> list[int]:
+def removed_layers(loaded: LoadedModel, settings: HealConfig) -> list[int]:
     """The original layers to cut and repair: the lineage's removed layers and ``--block``."""
     lineage = loaded.lineage
     if lineage.get("replaced_blocks") or lineage.get("healing") or lineage.get("repairs"):
@@ -29,12 +29,19 @@ def removed_layers(loaded: LoadedModel, settings: HealSettings) -> list[int]:
                          "replaced, healed or repaired; start from the plainly pruned checkpoint")
     removed = set(lineage.get("removed_layers", []))
     block = settings.options.block
+    if block is not None and removed and not set(range(*block)) <= removed:
+        # on a pruned model the block names the removed run to repair; cutting more would repair a cut nobody
+        # asked for (an unpruned model is cut at the block and repaired in one step)
+        runs = ", ".join(f"{a}-{b - 1}" for a, b in consecutive_runs(sorted(removed)))
+        raise OptionError.about("block", f"{block[0]}-{block[1] - 1} is not a removed run of this model (removed: "
+                                         f"{runs}); name one of those, or give the unpruned model to cut and repair "
+                                         "it in one step")
     if block is not None:
         removed.update(range(*block))
     if not removed:
-        raise UsageError(f"{settings.method} repairs a cut, but this model's layerprune.json records no removed layers "
-                         "(or it has none); pass the pruned checkpoint, or name the original layers to cut with "
-                         "--block START-END")
+        raise OptionError.about("block", f"is needed: {settings.method} repairs a cut, but this model's layerprune.json "
+                                         "records no removed layers; give the pruned checkpoint, or name the original "
+                                         "layers to cut")
     return sorted(removed)
 
 
@@ -45,14 +52,14 @@ class _TrainingFreeRepair(Healer):
     trains = False
     method_name: str
 
-    def repair_options(self, settings: HealSettings) -> Any:
+    def repair_options(self, settings: HealConfig) -> Any:
         """The repair's own options out of the healer's (which add ``block``), for :func:`compensate`."""
         own = REPAIRS.get(self.method_name).options_class
         if own is None:
             return None
         return own(**{name: getattr(settings.options, name) for name in own.model_fields})
 
-    def needs_original(self, settings: HealSettings) -> bool:
+    def needs_original(self, settings: HealConfig) -> bool:
         return True
 
     def rows_to_draw(self, training: TrainingOptions) -> int:
@@ -60,7 +67,7 @@ class _TrainingFreeRepair(Healer):
         pass long: without ``--samples`` it reads as many rows as ``prune --compensate`` calibrates on."""
         return training.samples if training.samples is not None else DEFAULT_CALIBRATION.samples
 
-    def check(self, loaded: LoadedModel, settings: HealSettings) -> None:
+    def check(self, loaded: LoadedModel, settings: HealConfig) -> None:
         super().check(loaded, settings)
         removed = removed_layers(loaded, settings)
         original_layers = loaded.lineage.get("original_num_layers", loaded.num_layers)
@@ -70,7 +77,7 @@ class _TrainingFreeRepair(Healer):
         # the pruned model has the original's family, so the cut (original indices) is checked on it
         REPAIRS.get(self.method_name).check(loaded, consecutive_runs(removed), self.repair_options(settings))
 
-    def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealSettings,
+    def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealConfig,
             original: LoadedModel | None) -> HealOutcome:
         assert original is not None, "a training-free repair always receives the original model"
         removed = removed_layers(loaded, settings)

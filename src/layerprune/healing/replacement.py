@@ -32,7 +32,7 @@ from layerprune.cache import cache_dir
 from layerprune.data import TrainingSet
 from layerprune.distributed import process_state
 from layerprune.errors import OptionError, UsageError
-from layerprune.healing.base import HEALERS, Healer, HealOutcome, HealSettings
+from layerprune.healing.base import HEALERS, HealConfig, Healer, HealOutcome
 from layerprune.healing.engine import LossFn, train
 from layerprune.models.editing import prune, replace
 from layerprune.models.hooks import capture_io, layer_output
@@ -64,7 +64,7 @@ class ReplacementOptions(Config):
             raise UsageError(f"block {list(self.block)} must name at least two consecutive layers as [start, end)")
 
 
-def locate_block(loaded: LoadedModel, settings: HealSettings) -> tuple[tuple[int, int], list[int]]:
+def locate_block(loaded: LoadedModel, settings: HealConfig) -> tuple[tuple[int, int], list[int]]:
     """The block to replace (original indices) and the other removed layers, from flags or lineage."""
     lineage = loaded.lineage
     if lineage.get("replaced_blocks") or lineage.get("healing"):
@@ -213,14 +213,14 @@ class _Replacement(Healer):
     default_lr = 1e-4
     rebuilds_from_original = True
 
-    def needs_original(self, settings: HealSettings) -> bool:
+    def needs_original(self, settings: HealConfig) -> bool:
         return True
 
-    def check(self, loaded: LoadedModel, settings: HealSettings) -> None:
+    def check(self, loaded: LoadedModel, settings: HealConfig) -> None:
         super().check(loaded, settings)
         locate_block(loaded, settings)
 
-    def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealSettings,
+    def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealConfig,
             original: LoadedModel | None) -> HealOutcome:
         assert original is not None, "replacement healing always receives the original model"
         (start, end), others = locate_block(loaded, settings)

@@ -1,6 +1,9 @@
 """Export a (pruned) model as a standard checkpoint that plain transformers loads.
 
-The folder holds safetensors weights, config, generation config and tokenizer, plus
+How a checkpoint is written is :class:`ExportConfig`, the one declaration of the export options:
+:func:`layerprune.save` builds it from its keywords, the commands that write a checkpoint (prune,
+heal, search) make their ``--out``/``--overwrite``/``--format`` flags from it, and a recipe's
+``export`` section is read as its keys. The folder holds safetensors weights, config, generation config and tokenizer, plus
 ``layerprune.json`` (provenance) and a model card ``README.md`` (rendered here from the same record,
 so that every writer of a checkpoint, in memory or shard by shard, writes the same card). It is written atomically, never
 over an existing folder unless asked, and never into the source model.
@@ -9,18 +12,63 @@ over an existing folder unless asked, and never into the source model.
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils.hub import convert_file_size_to_int
 
 from layerprune.errors import UsageError
+from layerprune.options import NO_FLAG, Config, option
 from layerprune.outputs import atomic_output_dir, check_free_space, check_output_path
 
 SAFETY_MARGIN_BYTES = 64 * 2**20
+
+FORMATS = ("transformers",)
+"""The checkpoint formats a model is written in: ``transformers`` (safetensors weights, config and
+tokenizer that plain transformers loads)."""
+
+PLACEMENT = ("out", "overwrite")
+"""The export options that say *where* a checkpoint goes, which a stage writing into a folder of its
+own decides itself (a recipe's run folder, a search's output folder); the others say *what* is
+written, and a recipe's ``export`` section gives them."""
+
+
+class ExportConfig(Config):
+    """Where a checkpoint goes and how it is written."""
+
+    unit = "export"
+
+    out: str | Path | None = option(None, "the checkpoint folder to write (none: where the stage writing it decides)")
+    overwrite: bool = option(False, "replace an existing output folder, only one layerprune wrote (it holds a "
+                             "layerprune.json, run.json or search.json record that validates as one) or an empty one")
+    format: str = option("transformers", "checkpoint format: transformers (safetensors weights, config and "
+                         "tokenizer that plain transformers loads)", choices=FORMATS)
+    max_shard_size: str | int = option("2GB", "the largest weight file: a size such as 2GB or 500MB, or bytes",
+                                       flag=NO_FLAG)
+
+    def check(self) -> None:
+        """A shard size must read as a positive size before anything is trained or written."""
+        try:
+            size = convert_file_size_to_int(self.max_shard_size)
+        except ValueError:
+            size = 0
+        if size < 1:
+            self.refuse("max_shard_size", f"{self.max_shard_size!r} is not a size; write a whole number and a unit, "
+                                          "e.g. 2GB or 500MB, or a number of bytes")
+
+    def written(self) -> dict[str, Any]:
+        """The options that say what is written (all but :data:`PLACEMENT`), as ``save()`` takes them."""
+        return self.model_dump(exclude=set(PLACEMENT))
+
+
+DEFAULT_EXPORT = ExportConfig()
 
 
 def model_size_bytes(model: PreTrainedModel) -> int:
@@ -43,7 +91,7 @@ def save_checkpoint(
     overwrite: bool = False,
     protected: Iterable[str | Path] = (),
     extra_files: dict[str, str] | None = None,
-    max_shard_size: str | int = "2GB",
+    max_shard_size: str | int = DEFAULT_EXPORT.max_shard_size,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``model`` and ``tokenizer`` to ``out`` atomically; returns the final folder.
@@ -59,11 +107,22 @@ def save_checkpoint(
     size = sum(t.numel() * t.element_size() for t in state_dict.values()) if state_dict else model_size_bytes(model)
     check_free_space(target.parent, size + SAFETY_MARGIN_BYTES)
     with atomic_output_dir(target, overwrite=overwrite, protected=protected) as staging:
-        model.save_pretrained(staging, max_shard_size=max_shard_size, state_dict=state_dict)
+        try:
+            model.save_pretrained(staging, max_shard_size=max_shard_size, state_dict=state_dict)
+        except SafetensorError as error:
+            raise _as_os_error(error, staging) from None
         tokenizer.save_pretrained(staging)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
     return target
+
+
+def _as_os_error(error: SafetensorError, where: Path) -> Exception:
+    """safetensors reports a failed write (a full disk, a quota) as its own error, with the system's code
+    inside its message: as an :class:`OSError` the command says it in one line, like every other failed
+    write; anything else stays what it was."""
+    code = re.search(r"code: (\d+)", str(error))
+    return OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(where)) if code else error
 
 
 def provenance_json(record: dict[str, Any]) -> str:

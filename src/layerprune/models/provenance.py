@@ -43,6 +43,9 @@ class HealingEntry(_Record):
     data: dict[str, Any] = Field(description="what it trained or calibrated on (source, split, sizes)")
     trainable_parameters: int = Field(ge=0)
     train_seconds: float = Field(ge=0)
+    config: dict[str, Any] | None = Field(
+        default=None, description="the healing's HealConfig: method, data, original, the training options and the "
+        "method's own (absent for a training-free repair recorded by prune)")
 
 
 class RepairEntry(_Record):

@@ -12,8 +12,9 @@ names (see :data:`SECTIONS`), so the recipe schema is the API itself:
 or, instead of score/select/repair, a search for the cut (on the calibration section's data):
 
     search: {remove: 25%, max_candidates: 20}                          # -> layerprune.search (SearchConfig)
-    heal: {method: partial-ft, data: wiki-sample, steps: 100}          # -> layerprune.heal
+    heal: {method: partial-ft, data: wiki-sample, steps: 100}          # -> layerprune.heal (HealConfig)
     eval: {ppl: [wiki-sample], seq_len: 256}                          # -> layerprune.evaluate
+    export: {format: transformers, max_shard_size: 500MB}             # -> layerprune.save, for every saved model
 
 The run folder keeps the recipe, the scores (JSON + figure), the final model (``model/``), the
 evaluation (JSON + Markdown + plots) and ``run.json``, which records each finished stage. Every
@@ -42,9 +43,9 @@ from layerprune.errors import OptionError, UsageError
 from layerprune.evaluation import evaluate
 from layerprune.evaluation.config import EvalConfig
 from layerprune.healing import HEALERS, heal
-from layerprune.healing.base import TrainingOptions
+from layerprune.healing.base import HealConfig, TrainingOptions
 from layerprune.healing.engine import STATE_FILE as HEAL_STATE
-from layerprune.healing.heal import heal_settings
+from layerprune.models.export import PLACEMENT, ExportConfig
 from layerprune.models.loading import LoadedModel, load_model, read_local_config
 from layerprune.outputs import check_output_path, write_bytes_atomic, write_json_atomic, writing
 from layerprune.recipes.record import RunDocument
@@ -72,10 +73,27 @@ def _section_fields() -> dict[str, dict[str, FieldSpec]]:
         "calibration": option_fields(CalibrationConfig),
         "score": {**option_fields(ScoreConfig), **option_fields(*(METRICS.get(name).options_class for name in METRICS))},
         "select": option_fields(SelectConfig),
-        "heal": {**fields_of(heal, skip=("loaded", "checkpoint_dir", "resume")),
-                 **option_fields(TrainingOptions, *(HEALERS.get(name).options_class for name in HEALERS))},
+        "heal": _heal_fields(),
         "eval": option_fields(EvalConfig),
+        "export": {name: spec for name, spec in option_fields(ExportConfig).items() if name not in PLACEMENT},
     }
+
+
+HEAL_REQUIRED = ("method", "data")
+"""The keys of :class:`HealConfig` a recipe's heal section must give: the config refuses itself without
+them, and the schema says so first, at the section's line."""
+
+HEAL_ELSEWHERE = ("training", "options", "checkpoint_dir", "resume")
+"""The keys of :class:`HealConfig` a heal section does not take: the shared and the method's own options
+are written flat, and the run folder holds the checkpoints (so a killed heal resumes)."""
+
+
+def _heal_fields() -> dict[str, FieldSpec]:
+    """The heal section: :class:`HealConfig`'s own keys, and every method's options flat beside the
+    shared training options (each method reads those it declares; another method's is refused)."""
+    own = {name: FieldSpec(spec.annotation, required=name in HEAL_REQUIRED)
+           for name, spec in option_fields(HealConfig).items() if name not in HEAL_ELSEWHERE}
+    return {**own, **option_fields(TrainingOptions, *(HEALERS.get(name).options_class for name in HEALERS))}
 
 
 def _search_fields() -> dict[str, FieldSpec]:
@@ -145,8 +163,12 @@ def check_recipe_paths(values: dict[str, Any], lines: dict[tuple[str, ...], int]
 TOP_LEVEL = {
     "name": FieldSpec(str), "description": FieldSpec(str), "model": FieldSpec(str),
     **{section: FieldSpec(dict) for section in ("load", "calibration", "score", "select", "repair", "search", "heal",
-                                                "eval")},
+                                                "eval", "export")},
 }
+
+SAVING_SECTIONS = ("select", "search", "heal")
+"""The sections whose stage saves a model (select's prune stage, search, heal): those an ``export``
+section applies to."""
 
 SEARCH_ELSEWHERE = ("heal",)
 """Options of :class:`SearchConfig` a recipe gives in another section: healing is the heal section's,
@@ -213,6 +235,9 @@ def load_recipe(path: str | Path, model: str | None = None, allowed_paths: list[
         if clash:
             raise UsageError(f"{file} line {lines.get(('search',), '?')}: 'search' chooses and repairs the cut itself; "
                              f"remove the {', '.join(clash)} section(s), or the search section")
+    if "export" in sections and not any(name in sections for name in SAVING_SECTIONS):
+        raise UsageError(f"{file} line {lines.get(('export',), '?')}: 'export' says how a model is saved, and no stage "
+                         f"saves one; add a {', '.join(SAVING_SECTIONS)} section, or remove the export section")
     if ("score" in sections or "search" in sections) and "calibration" not in sections:
         sections["calibration"] = {}  # CalibrationConfig's defaults, the same as the flags' and the API's
     return Recipe(file, file.read_text(), str(chosen), sections, lines)
@@ -275,6 +300,12 @@ class RunContext:
         return load_model(where, **self.recipe.sections.get("load", {}))
 
     @property
+    def export(self) -> dict[str, Any]:
+        """How each stage that saves a model writes it: the export section (its declaration's defaults
+        without one)."""
+        return self.recipe.sections.get("export", {})
+
+    @property
     def final_dir(self) -> Path:
         return self.out / "model"
 
@@ -314,14 +345,14 @@ def _stage_prune(ctx: RunContext) -> dict[str, Any]:
         prune(loaded, remove, reason=reason)
     # overwrite: a run killed after this save but before run.json recorded the stage left a
     # complete folder that no finished stage owns; redoing the stage replaces it
-    save(loaded, ctx.pruned_dir, recipe=_recipe_record(ctx), overwrite=True)
+    save(loaded, ctx.pruned_dir, recipe=_recipe_record(ctx), overwrite=True, **ctx.export)
     return {"removed_layers": remove, "model": str(ctx.pruned_dir)}
 
 
 def _stage_search(ctx: RunContext) -> dict[str, Any]:
     config, metric_options = _search_arguments(ctx.recipe)
     record = search(ctx.recipe.model, config, calibration=CalibrationConfig(**ctx.recipe.sections["calibration"]),
-                    metric_options=metric_options, out=ctx.out / "search", overwrite=True,
+                    metric_options=metric_options, out=ctx.out / "search", overwrite=True, export_options=ctx.export,
                     load_options=ctx.recipe.sections.get("load", {}), progress=False)
     assert record.out is not None, "a search with an output folder records it"
     return {"winner": record.winner.label, "removed_layers": record.winner.candidate.remove,
@@ -339,12 +370,12 @@ def _cut_model(ctx: RunContext) -> Path | None:
 def _stage_heal(ctx: RunContext) -> dict[str, Any]:
     cut = _cut_model(ctx)
     loaded = ctx.load(cut if cut is not None else ctx.recipe.model)
-    options = _heal_options(ctx.recipe, ctx.out)
-    checkpoints = options["checkpoint_dir"]
-    healed = heal(loaded, resume=(checkpoints / HEAL_STATE).exists(), **options)
-    save(healed, ctx.final_dir, recipe=_recipe_record(ctx), overwrite=True)
+    checkpoints = _heal_checkpoints(ctx.out)
+    config = _heal_config(ctx.recipe, ctx.out, resume=(checkpoints / HEAL_STATE).exists())
+    healed = heal(loaded, config)
+    save(healed, ctx.final_dir, recipe=_recipe_record(ctx), overwrite=True, **ctx.export)
     shutil.rmtree(checkpoints, ignore_errors=True)
-    return {"method": options["method"], "model": str(ctx.final_dir)}
+    return {"method": config.method, "model": str(ctx.final_dir)}
 
 
 def _stage_eval(ctx: RunContext) -> dict[str, Any]:
@@ -360,11 +391,15 @@ def _stage_eval(ctx: RunContext) -> dict[str, Any]:
     return {"compared": compare}
 
 
-def _heal_options(recipe: Recipe, out: Path) -> dict[str, Any]:
-    """The heal section as the stage passes it to :func:`layerprune.heal`: checkpoints in the run
-    folder (taken every quarter of the steps unless ``checkpoint_every`` says otherwise), so a
-    killed heal resumes."""
-    return {**recipe.sections["heal"], "checkpoint_dir": out / "heal-checkpoints"}
+def _heal_checkpoints(out: Path) -> Path:
+    """Where the heal stage checkpoints: in the run folder, so a resumed run finds them."""
+    return out / "heal-checkpoints"
+
+
+def _heal_config(recipe: Recipe, out: Path, *, resume: bool = False) -> HealConfig:
+    """The heal section as the stage's :class:`HealConfig`: checkpoints in the run folder (taken every
+    quarter of the steps unless ``checkpoint_every`` says otherwise), so a killed heal resumes."""
+    return HealConfig(**recipe.sections["heal"], checkpoint_dir=_heal_checkpoints(out), resume=resume)
 
 
 def _recipe_record(ctx: RunContext) -> dict[str, Any]:
@@ -457,14 +492,15 @@ def preflight(recipe: Recipe, out: Path) -> None:
         with _at(recipe, "repair", "method"):
             _repair_options(sections["repair"])
     if "heal" in sections:
-        options = _heal_options(recipe, out)
-        options.pop("original", None)
         with _at(recipe, "heal", "method"):
-            healer = HEALERS.get(options["method"])()
+            healer = HEALERS.get(sections["heal"]["method"])()
         with _at(recipe, "heal", "data"):
-            check_source(options["data"])
+            check_source(sections["heal"]["data"])
         with _at(recipe, "heal"):
-            healer.check_settings(heal_settings(**options), layers)
+            healer.check_settings(_heal_config(recipe, out), layers)
+    if "export" in sections:
+        with _at(recipe, "export"):
+            ExportConfig(**sections["export"])
     if "eval" in sections:
         with _at(recipe, "eval"):
             evaluation = EvalConfig(**sections["eval"])

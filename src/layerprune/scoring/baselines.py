@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from layerprune.options import Config, option
+from layerprune.options import Config, SEED_RANGE, option
 from layerprune.scoring.base import METRICS, Metric, MetricResult, ScoringContext
 
 
 class RandomOptions(Config):
     unit = "random"
 
-    seed: int = option(0, "seed of the random importance (the command line's --seed)")
+    seed: int = option(0, "seed of the random importance (the command line's --seed)", minimum=SEED_RANGE[0],
+                       maximum=SEED_RANGE[1])
 
 
 class ReverseOrder(Metric):

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from layerprune.models.export import PLACEMENT, ExportConfig
 from layerprune.models.loading import LoadedModel
 from layerprune.outputs import atomic_output_dir
 from layerprune.reporting.figures import png_bytes
@@ -79,8 +80,9 @@ def plot_pareto(record: Any) -> bytes:
 
 
 def recipe_document(record: Any, source: str, calibration: dict[str, Any], batch_size: int,
-                    metric_options: dict[str, Any], heal_options: dict[str, Any]) -> dict[str, Any]:
-    """The recipe that replays the winner without searching: its metric alone, its strategy, its repair."""
+                    metric_options: dict[str, Any], heal_options: dict[str, Any], export: ExportConfig) -> dict[str, Any]:
+    """The recipe that replays the winner without searching: its metric alone, its strategy, its repair,
+    and how it was written where that is not the default."""
     winner = record.winner.candidate
     document: dict[str, Any] = {
         "name": f"search winner: {winner.label}",
@@ -94,21 +96,24 @@ def recipe_document(record: Any, source: str, calibration: dict[str, Any], batch
         document["repair"] = {"method": winner.repair, "batch_size": batch_size}
     if record.settings.get("heal"):
         document["heal"] = {"method": record.settings["heal"], "data": calibration["source"], **heal_options}
+    written = export.model_dump(exclude=set(PLACEMENT), exclude_defaults=True)
+    if written:
+        document["export"] = written
     return document
 
 
 def write_search(record: Any, winner: LoadedModel, out: str | Path, *, overwrite: bool, protected: Iterable[Path],
                  source: str, calibration: dict[str, Any], batch_size: int, metric_options: dict[str, Any],
-                 heal_options: dict[str, Any]) -> Path:
-    """Write the whole output folder atomically; returns it."""
+                 heal_options: dict[str, Any], export: ExportConfig) -> Path:
+    """Write the whole output folder atomically, the winner as ``export`` says; returns it."""
     from layerprune.api import save
 
-    recipe = recipe_document(record, source, calibration, batch_size, metric_options, heal_options)
+    recipe = recipe_document(record, source, calibration, batch_size, metric_options, heal_options, export)
     recipe_text = yaml.safe_dump(recipe, sort_keys=False)
     document = record.to_json()  # checked against its model before anything is written
     with atomic_output_dir(out, overwrite=overwrite, protected=protected) as staging:
         save(winner, staging / "model", recipe={"file": RECIPE_FILE, "text": recipe_text, "model": source,
-                                                 "search": record.winner.to_json()})
+                                                 "search": record.winner.to_json()}, **export.written())
         (staging / SEARCH_FILE).write_text(json.dumps(document, indent=2) + "\n")
         (staging / TABLE_FILE).write_text(search_table(record))
         (staging / PLOT_FILE).write_bytes(plot_pareto(record))

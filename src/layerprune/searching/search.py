@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from layerprune.data.calibration import DEFAULT_CALIBRATION, CalibrationConfig
 from layerprune.errors import UsageError
 from layerprune.evaluation.efficiency import Workload
+from layerprune.models.export import PLACEMENT, ExportConfig
 from layerprune.models.lineage import count_parameters
 from layerprune.models.loading import LoadedModel, load_model
 from layerprune.searching.candidates import (
@@ -47,6 +48,7 @@ from layerprune.searching.candidates import (
     repaired_candidates,
     unique_selections,
 )
+from layerprune.options import refuse_unknown
 from layerprune.records import checked
 from layerprune.searching.config import SearchConfig
 from layerprune.searching.ranking import DropRule, held_out_windows, rank, window_losses
@@ -176,7 +178,7 @@ def rank_queue(loaded: LoadedModel, queue: list[Candidate], calibration: Any, wi
 def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, *,
            calibration: CalibrationConfig = DEFAULT_CALIBRATION, metric_options: dict[str, Any] | None = None,
            heal_options: dict[str, Any] | None = None, out: str | Path | None = None, overwrite: bool = False,
-           workload: Workload = SEARCH_WORKLOAD, progress: bool | None = None,
+           export_options: dict[str, Any] | None = None, workload: Workload = SEARCH_WORKLOAD, progress: bool | None = None,
            load_options: dict[str, Any] | None = None, **options: Any) -> SearchRecord:
     """Find the best cut of ``model`` for the budget ``config`` (a :class:`SearchConfig`, or its
     options as keywords, which override ``config``'s: ``remove=8``, ``target_speedup=1.3``...), and
@@ -185,8 +187,10 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
     Every metric scores, and every repair fits, on ``calibration``; ranking reads held-out text
     (``rank_data``, or another split of the calibration source). ``metric_options`` are the
     metrics' own (:func:`layerprune.score`'s); ``heal_options`` are :func:`layerprune.heal`'s for
-    healing the winner (``heal``) on the calibration source. ``workload`` is what decode speed is
-    timed on; ``progress``: a bar over candidates (default: on a terminal).
+    healing the winner (``heal``) on the calibration source; ``export_options`` say how the winner is
+    written (:func:`layerprune.save`'s ``format`` and ``max_shard_size``; its folder is ``out``'s
+    ``model``). ``workload`` is what decode speed is timed on; ``progress``: a bar over candidates
+    (default: on a terminal).
     """
     from layerprune.data import calibrate, check_source, token_stream
     from layerprune.data.calibration import text_prefix
@@ -197,6 +201,9 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
     if options or config is None:
         config = SearchConfig(**{**(config.model_dump() if config is not None else {}), **options})
     check_source(calibration.source, calibration.split)
+    refuse_unknown(export_options or {}, [name for name in ExportConfig.model_fields if name not in PLACEMENT],
+                   unit="the winner's export (its folder is out's model)")
+    export = ExportConfig(**(export_options or {}))  # how the winner is written: refused before any work
     rank_source, rank_split = held_out_source(calibration.source, calibration.split, config.rank_data)
     if config.heal is not None:
         from layerprune.healing import HEALERS
@@ -274,5 +281,6 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
                                       **(heal_options or {}))
         record.out = write_search(record, winner_model, out, overwrite=overwrite, protected=protected,
                                   source=source, calibration=calibration.record(), batch_size=batch_size,
-                                  metric_options=metric_options or {}, heal_options=heal_options or {})
+                                  metric_options=metric_options or {}, heal_options=heal_options or {},
+                                  export=export)
     return record

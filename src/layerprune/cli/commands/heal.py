@@ -7,15 +7,16 @@ import shutil
 from pathlib import Path
 
 from layerprune.api import save
-from layerprune.cli.options import add_command, add_model_options, add_output_options, input_paths, load_from_args
+from layerprune.cli.options import (
+    add_command, add_model_options, add_output_options, export_from_args, input_paths, load_from_args,
+)
 from layerprune.distributed import process_state
 from layerprune.errors import UsageError
 from layerprune.healing import HEALERS, heal
-from layerprune.healing.base import TrainingOptions
+from layerprune.healing.base import HealConfig, TrainingOptions
 from layerprune.healing.engine import STATE_FILE
-from layerprune.healing.heal import heal_settings
 from layerprune.models.lineage import read_lineage
-from layerprune.options import add_option_flags, given_options, options_of
+from layerprune.options import add_option_flags, declaration, given_options, options_of
 from layerprune.outputs import check_output_path, check_scratch_folder
 
 
@@ -23,13 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command(subparsers, "heal", "Heal a pruned model by training it back towards the original "
                                              "(replacement, partial fine-tuning, LoRA) and save it.")
     add_model_options(parser)
+    # --method and --data are required here, which a declaration is not; --checkpoint-dir has a default of its own
     parser.add_argument("--method", required=True, choices=HEALERS.names(), help="healing method")
-    parser.add_argument("--data", required=True,
-                        help="training text (wiki-sample, news-sample, a file, a hub name: train split) or an "
-                             "Alpaca JSON/JSONL instruction file (loss on the response only)")
-    parser.add_argument("--original", help="the unpruned model (default: source_model of --model's layerprune.json)")
+    parser.add_argument("--data", required=True, help=declaration(HealConfig, "data").help)
     parser.add_argument("--checkpoint-dir", help="where training checkpoints go (default: OUT.heal-checkpoints)")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    add_option_flags(parser, HealConfig, skip=("method", "data", "checkpoint_dir"))  # --original, --resume
     add_option_flags(parser.add_argument_group("training (every method)"), TrainingOptions, only_given=True)
     for methods, names in method_option_groups().items():
         options_class = HEALERS.get(methods[0]).options_class
@@ -63,16 +62,16 @@ def run(args: argparse.Namespace) -> int:
     if checkpoints == out or out in checkpoints.parents:
         raise UsageError(f"--checkpoint-dir {checkpoints} lies inside --out {out}, which is replaced when the healed "
                          "model is saved; choose a checkpoint folder outside --out")
-    # only the flags given: the declarations hold the defaults, and heal refuses another method's flag
-    options = given_options(args, TrainingOptions)
+    # only the flags given: the declarations hold the defaults, and HealConfig refuses another method's flag
+    flat = given_options(args, TrainingOptions)
     for method in HEALERS.names():
-        options.update(given_options(args, HEALERS.get(method).options_class))
-    run_options = dict(checkpoint_dir=checkpoints, resume=args.resume, **options)
-    heal_settings(args.method, args.data, **run_options)  # fail before loading anything
-    healed = heal(load_from_args(args), args.method, args.data, original=args.original, **run_options)
+        flat.update(given_options(args, HEALERS.get(method).options_class))
+    config = HealConfig(**{**given_options(args, HealConfig), **flat, "checkpoint_dir": checkpoints})
+    export = export_from_args(args)  # both fail before anything is loaded
+    healed = heal(load_from_args(args), config)
     if not process_state().is_main_process:
         return 0
-    folder = save(healed, out, overwrite=args.overwrite)
+    folder = save(healed, **export.model_dump())
     (checkpoints / STATE_FILE).unlink(missing_ok=True)
     if checkpoints.is_dir() and not any(checkpoints.iterdir()):
         shutil.rmtree(checkpoints)

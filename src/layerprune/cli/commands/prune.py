@@ -21,9 +21,9 @@ import torch
 from layerprune.api import prune, save
 from layerprune.cli.options import (
     add_calibration_options, add_command, add_model_options, add_output_options, add_selection_options,
-    build_calibration_from_args, calibration_from_args, check_calibration_args, input_paths, load_from_args,
-    remove_check, safetensors_folder, score_and_select, score_from_args, scoring_from_args, selection_from_args,
-    warn_if_most_layers_go,
+    build_calibration_from_args, calibration_from_args, check_calibration_args, export_from_args, input_paths,
+    load_from_args, remove_check, safetensors_folder, score_and_select, score_from_args, scoring_from_args,
+    selection_from_args, warn_if_most_layers_go,
 )
 from layerprune.errors import OptionError, UsageError
 from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir
@@ -222,7 +222,7 @@ def check_generate(args: argparse.Namespace) -> None:
 def finish(loaded: LoadedModel, args: argparse.Namespace, removed: list[int], recipe: dict[str, Any] | None = None) -> None:
     if args.generate:  # refused before anything is written: the demo must fit the model's context
         check_fits_context(loaded, len(loaded.tokenizer(args.generate)["input_ids"]), args.max_new_tokens)
-    folder = save(loaded, args.out, overwrite=args.overwrite, recipe=recipe)
+    folder = save(loaded, recipe=recipe, **export_from_args(args).model_dump())
     print(f"removed layers {removed}: {loaded.lineage['original_num_layers']} -> {loaded.num_layers} layers; saved to {folder}")
     if args.generate:
         print(generate_text(loaded, args.generate, args.max_new_tokens))

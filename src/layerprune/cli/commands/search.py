@@ -18,6 +18,7 @@ from layerprune.cli.options import (
     add_output_options,
     calibration_from_args,
     check_calibration_args,
+    export_from_args,
     input_paths,
     metric_options_from_args,
     remove_check,
@@ -40,13 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     check_calibration_args(args)
     config = SearchConfig(**given_options(args, SearchConfig))
+    export = export_from_args(args)
     check_output_path(args.out, overwrite=args.overwrite, protected=input_paths(args))
     load_options = {"gguf_file": args.gguf_file, "dtype": args.dtype, "device": args.device,
                     "device_map": args.device_map, "trust_remote_code": args.trust_remote_code,
                     "allow_pickle": args.allow_pickle, "check_config": remove_check(config.removal)}
     record = search(args.model, config, calibration=calibration_from_args(args),
-                    metric_options=metric_options_from_args(args), out=args.out, overwrite=args.overwrite,
-                    load_options=load_options)
+                    metric_options=metric_options_from_args(args), out=export.out, overwrite=export.overwrite,
+                    export_options=export.written(), load_options=load_options)
     winner = record.winner
     print(f"winner: {winner.label}, removes layers {winner.candidate.remove}, held-out ppl {winner.ppl:.2f}, "
           f"decode speed-up {winner.measured_speedup:.2f}x (FLOP-ideal {winner.ideal_speedup:.2f}x); "
