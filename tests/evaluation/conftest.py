@@ -51,5 +51,5 @@ def fake_data_layer(monkeypatch, tmp_path):
     monkeypatch.setattr(data, "token_stream", token_stream, raising=False)
     monkeypatch.setattr(data, "load_labelled", lambda name, split: letters_task(10, seed=5), raising=False)
     text = tmp_path / "text.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 16)  # longer than one default window
     return text

@@ -21,7 +21,7 @@ def no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr("layerprune.models.loading.AutoConfig.from_pretrained", _no_hub_download)
+    monkeypatch.setattr("layerprune.models.checkpoint.AutoConfig.from_pretrained", _no_hub_download)
 
 
 @pytest.mark.parametrize(("typo", "alias"), [("smolm2-135m", "smollm2-135m"), ("gemma-3-270m", "gemma3-270m"),

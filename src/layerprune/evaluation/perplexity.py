@@ -101,14 +101,14 @@ def perplexity(model: PreTrainedModel, token_ids: torch.Tensor, seq_len: int, *,
     in the result says how much was scored.
     """
     body = seq_len - len(prefix)
+    if token_ids.numel() < 2:
+        raise UsageError("the data has fewer than 2 tokens; perplexity needs text to score")
     if token_ids.numel() < body:  # a perplexity of a fraction of one window says little and has no interval
         raise OptionError.about("seq_len", f"{seq_len} is longer than the whole text ({token_ids.numel()} tokens"
                                            f"{' after the start token(s)' if prefix else ''}); use at most "
                                            f"{token_ids.numel() + len(prefix)}, or more text")
     chunks = windows(token_ids, seq_len, prefix)[:max_windows]
     first = max(len(prefix), 1)  # the first position whose token is predicted (a prefix is never a target)
-    if not chunks:
-        raise UsageError("the data has fewer than 2 tokens; perplexity needs text to score")
     device = next(model.parameters()).device
     window_nll: list[float] = []
     window_tokens: list[int] = []

@@ -24,6 +24,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 REDOWNLOAD = "download the checkpoint again"
+INTACT = f"are the weight files intact? {REDOWNLOAD}"
 
 
 def read_config(where: str | Path, *, trust_remote_code: bool = False) -> PretrainedConfig:
@@ -108,7 +109,7 @@ def _header_names(path: Path) -> list[str]:
                 raise ValueError(length)
             header = json.loads(handle.read(length))
     except (OSError, struct.error, ValueError, UnicodeDecodeError):
-        raise UsageError(f"{path} is not a valid safetensors file (unreadable header); {REDOWNLOAD}") from None
+        raise UsageError(f"{path} is not a valid safetensors file (unreadable header); {INTACT}") from None
     if not isinstance(header, dict):
-        raise UsageError(f"{path} is not a valid safetensors file (header is not a JSON object); {REDOWNLOAD}")
+        raise UsageError(f"{path} is not a valid safetensors file (header is not a JSON object); {INTACT}")
     return [name for name in header if name != "__metadata__"]
