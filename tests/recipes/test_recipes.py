@@ -241,11 +241,13 @@ PREFLIGHT_RECIPE = {
         ("eval", "eval: {ppl: [gone.txt]}", ["line 6:", "unknown perplexity data 'gone.txt'",
                                              "the path of an existing text file"]),
         ("load", "load: {gguf_file: ../outside.gguf}", ["line 7:", "load.gguf_file '../outside.gguf' must be a file name inside the model folder"]),
+        ("repair", "repair: {method: merge, merge_weight: .nan}",
+         ["line 7:", "repair.merge_weight of merge must be a finite number, got nan"]),
     ],
     ids=["missing model", "missing calibration file", "zero samples", "unknown metric", "malformed remove",
          "remove all layers", "remove over 100%", "metric not scored", "unknown strategy", "unknown heal method",
          "missing heal data", "train_layers over the pruned model", "zero heal steps", "eval measures nothing",
-         "missing eval file", "gguf file outside the model folder"],
+         "missing eval file", "gguf file outside the model folder", "repair option not a number"],
 )
 def test_bad_stage_values_are_refused_before_the_run_starts(
     section: str, line: str, fragments: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
