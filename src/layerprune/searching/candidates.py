@@ -13,10 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from layerprune.errors import UsageError
+from layerprune.models.editing import prune
 from layerprune.models.loading import LoadedModel
+from layerprune.models.surgery import consecutive_runs
+from layerprune.repair import REPAIRS, check_map_tokens, check_repair, collect_run_statistics, compensate
 from layerprune.repair.statistics import RunStatistics
 from layerprune.scoring import METRICS, ScoreReport
 from layerprune.selection import STRATEGIES, Rescore, Selection, Strategy, select
+
 
 def candidate_metrics() -> list[str]:
     """Every registered metric except the baselines (``random``, ``reverse-order``): references a metric
@@ -92,7 +96,6 @@ def repaired_candidates(loaded: LoadedModel, plain: list[Candidate], repairs: li
     """Each plain candidate once more with every repair in ``repairs`` that accepts its cut and the
     ``tokens`` real calibration tokens (a linear map needs at least the hidden size); a refused one
     is returned as the candidate's record with the repair and the ``reason`` (the method's own words)."""
-    from layerprune.repair import REPAIRS, check_map_tokens, check_repair
 
     repaired, skipped = [], []
     for repair in repairs:
@@ -111,7 +114,6 @@ def repaired_candidates(loaded: LoadedModel, plain: list[Candidate], repairs: li
 
 def available_repairs() -> list[str]:
     """The training-free repair methods, cheapest first (each declares its ``cost``)."""
-    from layerprune.repair import REPAIRS
 
     return [name for name, _ in sorted(REPAIRS.registered(), key=lambda pair: (pair[1].cost, pair[0]))]
 
@@ -121,14 +123,12 @@ def cut(loaded: LoadedModel, candidate: Candidate, calibration: Any, batch_size:
     """A copy of ``loaded`` with ``candidate`` applied: plain removal, or removal repaired with its
     method on ``calibration`` (the rows the metrics were scored on, never the ranking windows),
     from ``statistics`` when given (:func:`repair_statistics`). ``loaded`` itself stays whole."""
-    from layerprune.api import prune
 
     working = loaded.copy(share_weights=candidate.repair is None)  # a repair writes into kept layers
     reason = f"{candidate.metric} scores, {candidate.strategy} selection (layerprune search)"
     if candidate.repair is None:
         prune(working, candidate.remove, reason=reason)
     else:
-        from layerprune.repair import compensate
 
         compensate(working, candidate.remove, candidate.repair, calibration, batch_size=batch_size, reason=reason,
                    statistics=statistics)
@@ -140,8 +140,6 @@ def repair_statistics(loaded: LoadedModel, candidates: list[Candidate], calibrat
     """The statistics of every removed run of every repaired candidate that reads data, from one
     pass of ``loaded``: the statistics depend only on the run and the original, so a run shared
     by several cuts (or methods) is summed once."""
-    from layerprune.models.surgery import consecutive_runs
-    from layerprune.repair import REPAIRS, collect_run_statistics
 
     runs = {run for candidate in candidates if candidate.repair is not None and REPAIRS.get(candidate.repair).needs_statistics
             for run in consecutive_runs(candidate.remove)}

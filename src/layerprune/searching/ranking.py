@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from layerprune.errors import UsageError
+from layerprune.evaluation.perplexity import windows
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,6 @@ def rank(batches: Iterable[tuple[float, int, int]], rule: DropRule, best_ppl: fl
 def held_out_windows(stream: torch.Tensor, seq_len: int, prefix: list[int], count: int) -> list[torch.Tensor]:
     """The first ``count`` full windows of the held-out ``stream`` (a shorter tail is left out, so
     every batch has one shape and every candidate scores exactly the same tokens)."""
-    from layerprune.evaluation.perplexity import windows
 
     full = [window for window in windows(stream, seq_len, prefix) if window.numel() == seq_len][:count]
     if not full:

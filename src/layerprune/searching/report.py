@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from layerprune.api import save
 from layerprune.models.export import PLACEMENT, ExportConfig
 from layerprune.models.loading import LoadedModel
 from layerprune.outputs import atomic_output_dir
@@ -106,7 +107,6 @@ def write_search(record: Any, winner: LoadedModel, out: str | Path, *, overwrite
                  source: str, calibration: dict[str, Any], batch_size: int, metric_options: dict[str, Any],
                  heal_options: dict[str, Any], export: ExportConfig) -> Path:
     """Write the whole output folder atomically, the winner as ``export`` says; returns it."""
-    from layerprune.api import save
 
     recipe = recipe_document(record, source, calibration, batch_size, metric_options, heal_options, export)
     recipe_text = yaml.safe_dump(recipe, sort_keys=False)

@@ -32,12 +32,19 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from layerprune.data.calibration import DEFAULT_CALIBRATION, CalibrationConfig
+from layerprune.data import BUILTIN_CORPORA, HUB_CORPORA, calibrate, check_source, token_stream
+from layerprune.data.calibration import DEFAULT_CALIBRATION, CalibrationConfig, text_prefix
 from layerprune.errors import UsageError
 from layerprune.evaluation.efficiency import Workload
+from layerprune.healing import HEALERS
+from layerprune.healing import heal as heal_model
 from layerprune.models.export import PLACEMENT, ExportConfig
 from layerprune.models.lineage import count_parameters
 from layerprune.models.loading import LoadedModel, load_model
+from layerprune.options import refuse_unknown
+from layerprune.outputs import check_output_path
+from layerprune.records import checked
+from layerprune.scoring import rescorer, score
 from layerprune.searching.candidates import (
     Candidate,
     available_repairs,
@@ -48,11 +55,10 @@ from layerprune.searching.candidates import (
     repaired_candidates,
     unique_selections,
 )
-from layerprune.options import refuse_unknown
-from layerprune.records import checked
 from layerprune.searching.config import SearchConfig
 from layerprune.searching.ranking import DropRule, held_out_windows, rank, window_losses
 from layerprune.searching.record import SearchDocument
+from layerprune.searching.report import write_search
 from layerprune.searching.speed import SEARCH_WORKLOAD, decode_speedup, layers_for_speedup
 from layerprune.selection import parse_remove
 
@@ -117,7 +123,6 @@ class SearchRecord:
 def held_out_source(data: str | Path, split: str, rank_data: str | Path | None) -> tuple[str, str]:
     """Where ranking reads: ``rank_data`` (its train split), another split of ``data``, or a refusal
     for a local file, whose every split is the whole file (the windows used to score)."""
-    from layerprune.data import BUILTIN_CORPORA, HUB_CORPORA, check_source
 
     if rank_data is not None:
         if Path(str(rank_data)).expanduser().resolve() == Path(str(data)).expanduser().resolve():
@@ -192,10 +197,6 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
     ``model``). ``workload`` is what decode speed is timed on; ``progress``: a bar over candidates
     (default: on a terminal).
     """
-    from layerprune.data import calibrate, check_source, token_stream
-    from layerprune.data.calibration import text_prefix
-    from layerprune.outputs import check_output_path
-    from layerprune.scoring import rescorer, score
 
     began = time.perf_counter()
     if options or config is None:
@@ -206,7 +207,6 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
     export = ExportConfig(**(export_options or {}))  # how the winner is written: refused before any work
     rank_source, rank_split = held_out_source(calibration.source, calibration.split, config.rank_data)
     if config.heal is not None:
-        from layerprune.healing import HEALERS
 
         HEALERS.get(config.heal)
     model_folder = model.local_dir if isinstance(model, LoadedModel) else Path(str(model)).expanduser()
@@ -270,11 +270,9 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
                           skipped + [refusal["record"] for refusal in refused],
                           [c for c in queue if c not in done], time.perf_counter() - began)
     if out is not None:
-        from layerprune.searching.report import write_search
 
         source = str(model) if not isinstance(model, LoadedModel) else str(loaded.local_dir or loaded.source)
         if config.heal is not None:
-            from layerprune.healing import heal as heal_model
 
             # a plain cut shares its weights with the original (the teacher): train an own copy
             winner_model = heal_model(winner_model.copy(), config.heal, calibration.source, original=loaded,
