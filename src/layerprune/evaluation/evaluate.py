@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from layerprune import data
 from layerprune.errors import UsageError
 from layerprune.evaluation.classification import classification_curve
 from layerprune.evaluation.config import EvalConfig
@@ -70,8 +71,6 @@ def evaluate_one(loaded: LoadedModel, config: EvalConfig) -> dict[str, Any]:
         result["predictions"] = run.predictions
         result["correct"] = run.correct
     if config.classify and config.classification:
-        from layerprune import data
-
         result["classification"] = classification_curve(
             loaded, data.load_labelled(config.classify, "train"), data.load_labelled(config.classify, "test"),
             config.classification)
