@@ -103,15 +103,11 @@ class Option:
         raise OptionError(self.name, self.flag, problem)
 
 
-def options_of(options_class: type[Config] | None) -> list[Option]:
-    """The options ``options_class`` declares (none for ``None``), in declaration order."""
-    if options_class is None:
+def options_of(config_class: type[Config] | None) -> list[Option]:
+    """The options ``config_class`` declares (none for ``None``), in declaration order: its fields with the
+    metadata :func:`option`, :class:`Parse` and :class:`Registered` stored."""
+    if config_class is None:
         return []
-    return _config_options(options_class)
-
-
-def _config_options(config_class: type[BaseModel]) -> list[Option]:
-    """The fields of a pydantic config as options (their metadata as :func:`option` stored it)."""
     hints = typing.get_type_hints(config_class)
     declared = []
     for name, info in config_class.model_fields.items():
@@ -137,8 +133,8 @@ def _config_options(config_class: type[BaseModel]) -> list[Option]:
 @dataclass(frozen=True)
 class Parse:
     """How a :class:`Config` field's flag text becomes its value, for types argparse cannot read
-    (``ppl: Annotated[tuple[str, ...], Parse(comma_list)] = option((), "...")``); the dataclass
-    options' ``"parse"`` metadata. Kept in the type's metadata, out of the JSON Schema."""
+    (``ppl: Annotated[tuple[str, ...], Parse(comma_list)] = option((), "...")``). Kept in the type's
+    metadata, out of the JSON Schema."""
 
     read: Callable[[str], Any]
 
@@ -164,8 +160,8 @@ no flag, and the docs' tables show none."""
 
 def option(default: Any, help: str, *, flag: str | None = None, minimum: float | None = None,
            maximum: float | None = None, choices: Sequence[Any] | None = None, metavar: str | None = None) -> Any:
-    """A :class:`Config` field: its default, one help sentence, and the same optional metadata as a
-    dataclass option (kept in the field's JSON Schema, so the shipped schemas show it too)."""
+    """A :class:`Config` field: its default, one help sentence, and optional bounds, choices, flag name and
+    metavar (kept in the field's JSON Schema, so the shipped schemas show them too)."""
     extra = {key: value for key, value in (("flag", flag), ("min", minimum), ("max", maximum), ("metavar", metavar),
                                            ("choices", list(choices) if choices is not None else None))
              if value is not None}

@@ -13,10 +13,10 @@ import pytest
 import layerprune as lp
 from layerprune.cli.main import main
 from layerprune.data import CalibrationConfig
-from layerprune.models.provenance import FORMAT_VERSION, SCHEMA_FILE, schema_text
+from layerprune.models.provenance import FORMAT_VERSION, ProvenanceRecord
 from layerprune.models.shards import prune_checkpoint
 from layerprune.recipes import run_recipe
-from layerprune.records import SCHEMA_DIR
+from layerprune.records import SCHEMA_DIR, schema_file, schema_text
 from tests.helpers import save_tiny_checkpoint, tiny_loaded
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,13 +24,13 @@ OLD_RECORD = ROOT / "tests" / "fixtures" / "layerprune-before-format-version.jso
 
 
 def shipped_schema() -> dict:
-    return json.loads((SCHEMA_DIR / SCHEMA_FILE).read_text())
+    return json.loads((SCHEMA_DIR / schema_file(ProvenanceRecord)).read_text())
 
 
 def test_the_shipped_schemas_are_the_records_own() -> None:
     """The package's and the docs' copies are what the record class generates (python docs/gen_api.py)."""
-    assert (SCHEMA_DIR / SCHEMA_FILE).read_text() == schema_text()
-    assert (ROOT / "docs" / "schemas" / SCHEMA_FILE).read_text() == schema_text()
+    assert (SCHEMA_DIR / schema_file(ProvenanceRecord)).read_text() == schema_text(ProvenanceRecord)
+    assert (ROOT / "docs" / "schemas" / schema_file(ProvenanceRecord)).read_text() == schema_text(ProvenanceRecord)
 
 
 def test_every_writer_of_a_checkpoint_writes_a_record_the_schema_accepts(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from layerprune import records
 from layerprune.records import checked, known_record, read_checked
 
 FORMAT_VERSION = 1
@@ -88,9 +87,6 @@ class ProvenanceRecord(BaseModel):
     date: str
 
 
-SCHEMA_FILE = records.schema_file(ProvenanceRecord)
-
-
 def checked_record(record: dict[str, Any]) -> dict[str, Any]:
     """``record`` validated as a :class:`ProvenanceRecord`, as the JSON it is written as (with
     ``format_version``); a record that does not fit is a bug in the writer, so it raises."""
@@ -101,8 +97,3 @@ def read_record(path: Path) -> dict[str, Any]:
     """The lineage in ``path`` (a ``layerprune.json``), refused with the fix if it is not one this
     version can read; a record from before ``format_version`` reads as version 1."""
     return read_checked(path, ProvenanceRecord, "delete or fix it")
-
-
-def schema_text() -> str:
-    """The JSON Schema of ``layerprune.json``, as shipped."""
-    return records.schema_text(ProvenanceRecord)
