@@ -33,25 +33,27 @@ def known_record(model: RecordModel) -> RecordModel:
 
 def is_record_file(path: Path) -> bool:
     """Whether ``path`` holds a JSON record that validates as one of the known records."""
-    try:
-        document = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(document, dict) and any(_validates(model, document) for model in _KNOWN)
+    document = _json_mapping(path)
+    return document is not None and any(_validates(model, document) for model in _KNOWN)
 
 
 def holds_record(folder: Path) -> bool:
     """Whether ``folder`` holds, under its own file name, a record that validates as its model
     (``layerprune.json``, ``run.json``, ``search.json``): an output folder layerprune wrote."""
     for model in _KNOWN:
-        path = folder / record_name(model)
-        try:
-            document = json.loads(path.read_text()) if path.is_file() else None
-        except (OSError, UnicodeDecodeError, ValueError):
-            continue
-        if isinstance(document, dict) and _validates(model, document):
+        document = _json_mapping(folder / record_name(model))
+        if document is not None and _validates(model, document):
             return True
     return False
+
+
+def _json_mapping(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None where there is none (no file, unreadable, not JSON, not an object)."""
+    try:
+        document = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return document if isinstance(document, dict) else None
 
 
 def _validates(model: type[BaseModel], document: dict[str, Any]) -> bool:
