@@ -67,3 +67,46 @@ def test_speed_only_measurement_saves_nothing(monkeypatch: pytest.MonkeyPatch) -
     assert "disk_bytes" not in results["three"] and "peak_memory_bytes" not in results["three"]
     assert results["three"]["decode_speedup"] > 0
 
+
+
+def _timed_in_turns(monkeypatch: pytest.MonkeyPatch, decode_seconds) -> tuple[efficiency.TimedSpeedup, list[int]]:
+    """Time a 6-layer model against a 3-layer one in turns, the decode seconds of the ``n``-th timing
+    of a model with ``layers`` layers being ``decode_seconds(layers, n)``; returns the speed-up and
+    the layer count of each model timed, in order."""
+    order: list[int] = []
+
+    def fake(model: nn.Module, workload: Workload) -> tuple[float, float]:
+        layers = model.config.num_hidden_layers
+        order.append(layers)
+        return 0.1, decode_seconds(layers, order.count(layers))
+
+    monkeypatch.setattr(efficiency, "time_prefill_decode", fake)
+    return efficiency.decode_speedup_in_turns(tiny_model("llama", 6), tiny_model("llama", 3), WORKLOAD), order
+
+
+def test_a_steady_speedup_is_measured_in_three_turns_taking_sides_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    speed, order = _timed_in_turns(monkeypatch, lambda layers, n: layers * (1 + 0.001 * n))
+    assert speed.measured == pytest.approx(2.0, rel=1e-3) and speed.turns == 3 and speed.note is None
+    assert speed.interval[0] <= speed.measured <= speed.interval[1]
+    assert order == [6, 3, 3, 6, 6, 3]  # the reference first, then the candidate first, ...
+    assert speed.usable == speed.measured
+
+
+def test_a_speedup_too_noisy_to_pin_down_is_not_reported_as_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under load a ratio swings 1x-4x from turn to turn: after the most turns the FLOP-ideal figure stands."""
+    swings = [1.0, 4.0, 1.5, 3.5, 1.2, 3.0]
+    speed, order = _timed_in_turns(monkeypatch, lambda layers, n: 1.0 if layers == 3 else swings[n % len(swings)])
+    assert speed.measured is None and speed.turns == 12 and len(order) == 24
+    assert speed.usable == speed.ideal and 1.0 < speed.ideal < 2.0
+    assert speed.note.startswith("not measured: the 95% interval stayed ") and "FLOP-ideal" in speed.note
+
+
+@pytest.mark.parametrize("values", [[1.0, 2.0], [0.1, 0.5, 0.2, 0.9], [3.0 + 0.1 * i for i in range(40)]])
+def test_the_mean_interval_is_students_t(values: list[float]) -> None:
+    from scipy import stats
+
+    from layerprune.evaluation.intervals import mean_interval
+
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=sum(values) / len(values), scale=stats.sem(values))
+    tolerance = 0.04 if len(values) > 31 else 1e-3  # past 30 degrees of freedom the normal quantile stands in
+    assert mean_interval(values) == pytest.approx([low, high], rel=tolerance)

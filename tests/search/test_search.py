@@ -174,7 +174,10 @@ def test_a_spent_time_budget_still_ranks_one_candidate_and_lists_the_rest(corpus
     assert len(document["not_tried"]) >= 1
     not_made = document["selections_not_made"]
     assert not_made and all(pair.endswith("/iterative") for pair in not_made)
-    assert "time budget" in not_made["bi/iterative"] and "exhaustive" in not_made["ppl/iterative"]
+    assert "time budget" in not_made["bi/iterative"]
+    assert set(document["budget_left_out"]) == {"metric ppl", "metric taylor"}  # the costly metrics: never scored
+    assert document["metrics"] == [m for m in document["metrics"] if m not in ("ppl", "taylor")]
+    assert document["shortfall"].startswith(f"time budget spent: ranked 1 of {1 + len(document['not_tried'])} ")
 
 
 def test_a_recipe_search_stage_finds_the_winner_then_evaluates_it(searched, corpus: dict[str, Path],

@@ -14,11 +14,13 @@ On CUDA it is ``torch.cuda.max_memory_allocated`` in this process.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from layerprune.errors import UsageError
+from layerprune.evaluation.intervals import mean_interval
 from layerprune.options import NO_FLAG, Config, option
 
 
@@ -175,6 +178,60 @@ def measure_efficiency(models: dict[str, PreTrainedModel], workload: Workload = 
             values[f"{phase}_ideal_speedup"] = (reference[f"{phase}_flops_per_token"]
                                                 / values[f"{phase}_flops_per_token"])
     return results
+
+
+@dataclass(frozen=True)
+class TimedSpeedup:
+    """A decode speed-up timed in turns: the geometric mean of the per-turn ratios and its 95%
+    interval; ``measured`` is ``None`` when the interval never came within the tolerance, and
+    ``note`` then says why (the FLOP-ideal figure is the one to read)."""
+
+    measured: float | None
+    interval: tuple[float, float] | None
+    turns: int
+    ideal: float
+    note: str | None = None
+
+    @property
+    def usable(self) -> float:
+        """The measured speed-up where it is tight, else the FLOP-ideal one."""
+        return self.ideal if self.measured is None else self.measured
+
+
+def decode_speedup_in_turns(reference: PreTrainedModel, candidate: PreTrainedModel, workload: Workload, *,
+                            tolerance: float = 0.1, max_turns: int = 12) -> TimedSpeedup:
+    """Time ``candidate``'s decode against ``reference``'s in turns (reference first in even turns,
+    the candidate first in odd ones, so a drift in load hits both alike) until the 95% interval of
+    the speed-up lies within ``tolerance`` of it, at least ``workload.repeats`` turns (and 3) and at
+    most ``max_turns``.
+
+    Each turn gives one ratio of decode times; their logs are averaged (a ratio's noise is
+    multiplicative). On a loaded machine a median of a few timings can be off by 2x; a figure whose
+    interval stays wide is not reported as measured.
+    """
+    ideal = flops_per_token(reference, workload)[1] / flops_per_token(candidate, workload)[1]
+    for _ in range(workload.warmup):
+        for model in (reference, candidate):
+            time_prefill_decode(model, workload)
+    least = max(workload.repeats, 3)
+    logs: list[float] = []
+    while True:
+        pair = (reference, candidate) if len(logs) % 2 == 0 else (candidate, reference)
+        decode = {id(model): time_prefill_decode(model, workload)[1] for model in pair}
+        logs.append(math.log(decode[id(reference)] / decode[id(candidate)]))
+        if len(logs) < least:
+            continue
+        low, high = mean_interval(logs)
+        interval = (math.exp(low), math.exp(high))
+        tight = high - low <= 2 * math.log1p(tolerance)
+        if tight or len(logs) >= max(max_turns, least):
+            break
+    centre = math.exp(sum(logs) / len(logs))
+    if tight:
+        return TimedSpeedup(centre, interval, len(logs), ideal)
+    return TimedSpeedup(None, interval, len(logs), ideal,
+                        note=f"not measured: the 95% interval stayed {interval[0]:.2f}x-{interval[1]:.2f}x after "
+                             f"{len(logs)} turns (a loaded machine); the FLOP-ideal {ideal:.2f}x stands in")
 
 
 def status_bytes(field: str) -> int:

@@ -157,6 +157,11 @@ class Metric:
     """True for a reference every metric must beat (``random``, ``reverse-order``): a search does not
     offer its selections as candidates."""
 
+    def forward_passes(self, num_layers: int) -> float:
+        """About how many forward passes over the calibration rows one scoring of a model of
+        ``num_layers`` layers costs: what a search with a time budget asks for before scoring it."""
+        return 1.0 if self.needs_data else 0.0
+
     def compute(self, context: ScoringContext, name: str) -> MetricResult:
         raise NotImplementedError
 

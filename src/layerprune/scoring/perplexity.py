@@ -30,6 +30,11 @@ class LayerRemovalPerplexity(Metric):
     costly = True
     meaning = "perplexity of the model with this layer removed; higher = removing it hurts more = more important"
 
+    def forward_passes(self, num_layers: int) -> float:
+        """Each removal runs about half the layers and the LM head, which on a small model with a large
+        vocabulary costs as much as the other half: about one pass per layer."""
+        return float(num_layers)
+
     def compute(self, context: ScoringContext, name: str) -> MetricResult:
         return context.cached(f"result:{name}", lambda: self._in_memory(context, name))
 

@@ -41,6 +41,10 @@ class TaylorImportance(Metric):
     costly = True
     meaning = "|sum over the layer's weights of w * dLoss/dw| on the calibration LM loss; higher = more important"
 
+    def forward_passes(self, num_layers: int) -> float:
+        """A forward pass and a backward one, which costs about two."""
+        return 3.0
+
     def compute(self, context: ScoringContext, name: str) -> MetricResult:
         loaded = context.loaded
         calibration, total, layers, head = loss_setup(loaded, context.data(name), name)

@@ -63,7 +63,8 @@ def unique_selections(report: ScoreReport, count: int, rescore: Rescore, out_of_
 
     A re-scoring selection costs ``count - 1`` scorings of smaller models: for a ``costly`` metric
     (``ppl``, ``taylor``) that is many times the whole search, so those run only when
-    ``exhaustive``; ``out_of_time`` is asked before each one that runs."""
+    ``exhaustive``; ``out_of_time`` (whether the budget leaves too little for one) is asked before each
+    one that runs."""
     selections: list[Selection] = []
     not_made: dict[str, str] = {}
     for strategy, unit in strategies_cheapest_first():
@@ -73,7 +74,7 @@ def unique_selections(report: ScoreReport, count: int, rescore: Rescore, out_of_
                 not_made[pair] = ("re-scoring this metric after every removal costs several times the search; "
                                   "the exhaustive option includes it")
             elif unit.rescores and out_of_time():
-                not_made[pair] = "the time budget was spent before this re-scoring selection"
+                not_made[pair] = "the time budget left too little for this re-scoring selection"
             else:
                 selections.append(select(report, count, strategy, metric, rescore=rescore))
     return selections, not_made

@@ -31,7 +31,9 @@ class SearchConfig(Config):
         None, "instead of a layer count: the fewest layers whose removal gives this measured decode speed-up over "
         "the original (more than 1)", metavar="X")
     time_budget: float | None = option(
-        None, "stop trying new candidates after this many minutes (the best so far wins)", metavar="MINUTES")
+        None, "minutes for the whole search, scoring included: costly metrics and further candidates only while "
+        "their estimated cost fits (what is left out is said and recorded; healing the winner is not counted)",
+        metavar="MINUTES")
     max_candidates: int | None = option(None, "rank at most this many candidates, cheapest first", minimum=1,
                                         metavar="N")
     rank_data: str | Path | None = option(

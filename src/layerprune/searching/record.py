@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from layerprune.records import known_record
 from layerprune.searching.config import SearchConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: a decode speed-up timed in turns (``measured_decode_speedup`` null where its interval stayed wide), and
+what the time budget left out (``budget_left_out``, ``shortfall``)."""
 
 
 class _Part(BaseModel):
@@ -45,7 +47,12 @@ class TriedEntry(CandidateEntry):
     dropped_early: bool
     parameters: int = Field(ge=0)
     flop_ideal_decode_speedup: float
-    measured_decode_speedup: float
+    measured_decode_speedup: float | None = Field(
+        description="decode speed-up timed in turns against the original; null when its 95% interval never came "
+                    "within 10% (a loaded machine): read the FLOP-ideal figure and decode_speedup_note")
+    measured_decode_speedup_ci95: tuple[float, float] | None = None
+    decode_speedup_turns: int | None = Field(default=None, ge=1)
+    decode_speedup_note: str | None = None
     seconds: float = Field(ge=0)
 
 
@@ -105,4 +112,8 @@ class SearchDocument(BaseModel):
     candidates: list[TriedEntry]
     skipped_repairs: list[UnrankedEntry]
     not_tried: list[UnrankedEntry]
+    budget_left_out: dict[str, str] | None = Field(default=None, description="metrics the time budget left "
+                                                   "unscored -> why")
+    shortfall: str | None = Field(default=None, description="set when the time budget cut the search short: how "
+                                  "many of the candidates it meant to rank were ranked")
     seconds: float = Field(ge=0)

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from layerprune.api import save
+from layerprune.evaluation.efficiency import TimedSpeedup
 from layerprune.models.export import PLACEMENT, ExportConfig
 from layerprune.models.loading import LoadedModel
 from layerprune.outputs import atomic_output_dir
@@ -38,20 +39,32 @@ def search_table(record: Any) -> str:
     ranking = record.settings["ranking"]
     lines = [f"# Search: {record.model}, {record.remove} of {record.num_layers} layers removed", "",
              (f"Ranked on {ranking['source']} ({ranking['split']} split), {ranking['windows']} windows of "
-              f"{ranking['seq_len']} tokens; {len(record.tried)} candidates tried in {record.seconds:.0f} s."), "",
-             ("| | candidate | removed layers | held-out ppl | parameters | decode speed-up (measured / FLOP-ideal) "
-              "| seconds |"), "|---|---|---|---|---|---|---|"]
+              f"{ranking['seq_len']} tokens; {len(record.tried)} candidates tried in {record.seconds:.0f} s."), ""]
+    if record.shortfall:
+        lines += [f"**{record.shortfall[0].upper()}{record.shortfall[1:]}.**", ""]
+        lines += [f"- {what}: {why}" for what, why in record.budget_left_out.items()] + [""]
+    lines += [("| | candidate | removed layers | held-out ppl | parameters | decode speed-up (measured / FLOP-ideal) "
+               "| seconds |"), "|---|---|---|---|---|---|---|"]
     for index in order:
         tried = record.tried[index]
         mark = "**winner**" if index == record.winner_index else ("dropped" if tried.dropped else "")
         ppl = f"> {tried.ppl:.2f}" if tried.dropped else f"{tried.ppl:.2f}"
         lines.append(f"| {mark} | {tried.label} | {','.join(map(str, tried.candidate.remove))} | {ppl} | "
-                     f"{tried.parameters:,} | {tried.measured_speedup:.2f}x / {tried.ideal_speedup:.2f}x | "
+                     f"{tried.parameters:,} | {speedup_text(tried.speed)} | "
                      f"{tried.seconds:.1f} |")
+    notes = sorted({tried.speed.note for tried in record.tried if tried.speed.note})
+    if notes:
+        lines += ["", "Decode speed-up " + "; ".join(notes) + "."]
     if record.skipped:
         lines += ["", "Repairs that do not apply:", ""]
         lines += [f"- {s['repair']} on {','.join(map(str, s['removed_layers']))}: {s['reason']}" for s in record.skipped]
     return "\n".join(lines) + "\n"
+
+
+def speedup_text(speed: TimedSpeedup) -> str:
+    """``measured / FLOP-ideal``, the measured part a dash where timing could not pin it down."""
+    measured = "not tight" if speed.measured is None else f"{speed.measured:.2f}x"
+    return f"{measured} / {speed.ideal:.2f}x"
 
 
 def plot_pareto(record: Any) -> bytes:
@@ -61,7 +74,7 @@ def plot_pareto(record: Any) -> bytes:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    points = [(t.measured_speedup, t.ppl) for t in record.tried]
+    points = [(t.speed.usable, t.ppl) for t in record.tried]
     front = sorted(pareto_front(points), key=lambda i: points[i][0])
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for index, (tried, (speed, ppl)) in enumerate(zip(record.tried, points, strict=True)):
@@ -72,9 +85,13 @@ def plot_pareto(record: Any) -> bytes:
         axis.annotate(tried.label, (speed, ppl), fontsize=6, xytext=(3, 3), textcoords="offset points")
     axis.plot([points[i][0] for i in front], [points[i][1] for i in front], color="#7f7f7f", linewidth=0.8,
               label="Pareto front")
-    axis.set_xlabel("measured decode speed-up over the original")
+    axis.set_xlabel("decode speed-up over the original (measured; FLOP-ideal where timing was not tight)"
+                    if any(t.speed.measured is None for t in record.tried) else
+                    "measured decode speed-up over the original")
     axis.set_ylabel("held-out perplexity (hollow: dropped early, a lower bound)")
-    axis.set_title(f"{record.model}: {len(record.tried)} candidates", fontsize=10)
+    title = f"{record.model}: {len(record.tried)} candidate{'s' if len(record.tried) != 1 else ''}"
+    axis.set_title(title + (f"\n{record.shortfall}" if record.shortfall else ""), fontsize=9,
+                   color="#d62728" if record.shortfall else "black")
     axis.legend(fontsize=7)
     figure.tight_layout()
     return png_bytes(figure, dpi=110)

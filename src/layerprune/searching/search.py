@@ -6,8 +6,9 @@
 
 Steps, each sharing what it can with the others:
 
-1. one calibration set, and one :func:`layerprune.score` call for every candidate metric (the
-   similarity metrics share one forward pass);
+1. one calibration set, the cheap metrics scored in one :func:`layerprune.score` call (the
+   similarity metrics share one forward pass), then each costly one (``ppl``, ``taylor``) while
+   the time budget allows (:func:`score_within_budget`);
 2. every metric's selection under every strategy, de-duplicated by the layers removed (the
    iterative selections share one re-scoring per smaller model; those of the ``costly`` metrics,
    ``ppl`` and ``taylor``, only with ``exhaustive``), then each distinct cut again with every
@@ -18,15 +19,17 @@ Steps, each sharing what it can with the others:
    calibration rows, for every run of every candidate at once (:func:`.repair_statistics`);
 4. the winner saved (healed with ``heal`` if asked), with ``search.json``, ``search.md``,
    ``pareto.png`` and a ``recipe.yaml`` that ``layerprune run`` replays to the same weights.
+
+``time_budget`` bounds the whole run (:mod:`.budget`): each step is estimated before it starts and
+left out, with a line saying so, when it would not fit; healing the winner, a step the user asks
+for on top with its own size, is not counted.
 """
 
 from __future__ import annotations
 
-import math
+import logging
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,7 @@ from tqdm.auto import tqdm
 from layerprune.data import BUILTIN_CORPORA, HUB_CORPORA, calibrate, check_source, token_stream
 from layerprune.data.calibration import DEFAULT_CALIBRATION, CalibrationConfig, text_prefix
 from layerprune.errors import UsageError
-from layerprune.evaluation.efficiency import Workload
+from layerprune.evaluation.efficiency import TimedSpeedup, Workload
 from layerprune.healing import HEALERS
 from layerprune.healing import heal as heal_model
 from layerprune.models.export import PLACEMENT, ExportConfig
@@ -44,7 +47,7 @@ from layerprune.models.loading import LoadedModel, load_model
 from layerprune.options import refuse_unknown
 from layerprune.outputs import check_output_path
 from layerprune.records import checked
-from layerprune.scoring import rescorer, score
+from layerprune.scoring import METRICS, ScoreReport, rescorer, score
 from layerprune.searching.candidates import (
     Candidate,
     available_repairs,
@@ -55,6 +58,7 @@ from layerprune.searching.candidates import (
     repaired_candidates,
     unique_selections,
 )
+from layerprune.searching.budget import TimeBudget
 from layerprune.searching.config import SearchConfig
 from layerprune.searching.ranking import DropRule, held_out_windows, rank, window_losses
 from layerprune.searching.record import SearchDocument
@@ -63,6 +67,8 @@ from layerprune.searching.speed import SEARCH_WORKLOAD, decode_speedup, layers_f
 from layerprune.selection import parse_remove
 
 HELD_OUT_SPLITS = ("validation", "test")
+OUT_OF_TIME = "the time budget ran out before it"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,8 +81,8 @@ class Tried:
     windows: int
     dropped: bool
     parameters: int
-    ideal_speedup: float
-    measured_speedup: float
+    speed: TimedSpeedup
+    """Decode speed-up over the original, timed in turns (shared by every candidate of the same depth)."""
     seconds: float
 
     @property
@@ -86,8 +92,9 @@ class Tried:
     def to_json(self) -> dict[str, Any]:
         return {**self.candidate.to_json(), "held_out_ppl": self.ppl, "held_out_tokens": self.tokens,
                 "held_out_windows": self.windows, "dropped_early": self.dropped, "parameters": self.parameters,
-                "flop_ideal_decode_speedup": self.ideal_speedup, "measured_decode_speedup": self.measured_speedup,
-                "seconds": round(self.seconds, 3)}
+                "flop_ideal_decode_speedup": self.speed.ideal, "measured_decode_speedup": self.speed.measured,
+                "measured_decode_speedup_ci95": self.speed.interval, "decode_speedup_turns": self.speed.turns,
+                "decode_speedup_note": self.speed.note, "seconds": round(self.seconds, 3)}
 
 
 @dataclass
@@ -101,13 +108,31 @@ class SearchRecord:
     winner_index: int
     settings: dict[str, Any]
     skipped: list[dict[str, Any]] = field(default_factory=list)
-    not_tried: list[Candidate] = field(default_factory=list)
+    not_tried: list[tuple[Candidate, str]] = field(default_factory=list)
+    """Candidates meant to be ranked but not reached, each with why (the time budget, ``max_candidates``)."""
+    budget_left_out: dict[str, str] = field(default_factory=dict)
+    """Metrics and selections the time budget left out -> why."""
     seconds: float = 0.0
     out: Path | None = None
 
     @property
     def winner(self) -> Tried:
         return self.tried[self.winner_index]
+
+    @property
+    def shortfall(self) -> str | None:
+        """One sentence when the time budget cut the search short (fewer candidates ranked, or metrics
+        not scored, than it meant to), said in the report, the figure and the exit line; else ``None``."""
+        unranked = sum(reason == OUT_OF_TIME for _, reason in self.not_tried)
+        if not unranked and not self.budget_left_out:
+            return None
+        meant = len(self.tried) + unranked
+        parts = [f"ranked {len(self.tried)} of {meant} candidates"]
+        metrics = [what.removeprefix("metric ") for what in self.budget_left_out if what.startswith("metric ")]
+        if metrics:
+            parts.append(f"metrics {', '.join(metrics)} not scored")
+        return (f"time budget spent: {', '.join(parts)}; the winner is the best of what was ranked, "
+                f"not of the whole search")
 
     def to_json(self) -> dict[str, Any]:
         """``search.json``, checked against :class:`SearchDocument` (with its ``format_version``)."""
@@ -116,7 +141,8 @@ class SearchRecord:
             "winner": self.winner_index, "winner_label": self.winner.label, **self.settings,
             "candidates": [tried.to_json() for tried in self.tried],
             "skipped_repairs": self.skipped,
-            "not_tried": [{**c.to_json(), "reason": "time or candidate budget spent"} for c in self.not_tried],
+            "not_tried": [{**candidate.to_json(), "reason": reason} for candidate, reason in self.not_tried],
+            "budget_left_out": self.budget_left_out or None, "shortfall": self.shortfall,
             "seconds": round(self.seconds, 1)})
 
 
@@ -136,16 +162,18 @@ def held_out_source(data: str | Path, split: str, rank_data: str | Path | None) 
 
 
 def rank_queue(loaded: LoadedModel, queue: list[Candidate], calibration: Any, windows: list[Any], first: int, *,
-               batch_size: int, drop_rule: DropRule, workload: Workload, out_of_time: Callable[[], bool],
+               batch_size: int, drop_rule: DropRule, workload: Workload, budget: TimeBudget, pass_seconds: float,
                progress: bool | None) -> tuple[list[Tried], LoadedModel, list[dict[str, Any]]]:
-    """Cut, rank and time each candidate of ``queue`` in order until it ends or time is out (the
-    first is always ranked); returns what was tried, the best model (kept to be saved) and the
-    repaired candidates whose repair refused its data (e.g. a singular system), with the reason.
+    """Cut, rank and time each candidate of ``queue`` in order until it ends or the time budget would
+    not cover one more (the slowest so far, and a pass of ``pass_seconds`` for the repair statistics
+    when they are still to collect; the first is always ranked); returns what was tried, the best
+    model (kept to be saved) and the repaired candidates whose repair refused its data (e.g. a
+    singular system), with the reason.
 
     ``first`` is the first predicted position of a window (after the tokenizer's prefix). The
     repair statistics are collected when the first repaired candidate comes up, for all of them.
     """
-    speeds: dict[int, tuple[float, float]] = {}
+    speeds: dict[int, TimedSpeedup] = {}
     statistics: dict[tuple[int, int], Any] | None = None
     tried: list[Tried] = []
     refused: list[dict[str, Any]] = []
@@ -153,11 +181,12 @@ def rank_queue(loaded: LoadedModel, queue: list[Candidate], calibration: Any, wi
     bar = tqdm(queue, desc="search", unit="candidate", disable=None if progress is None else not progress,
                file=sys.stderr)
     for candidate in bar:
-        if tried and out_of_time():
+        collects = candidate.repair is not None and statistics is None
+        if tried and not budget.allows(max(t.seconds for t in tried) + (pass_seconds if collects else 0)):
             break
         bar.set_postfix_str(f"trying {candidate.label}" + (f", best ppl {best[0]:.2f}" if best else ""))
-        start = time.perf_counter()
-        if candidate.repair is not None and statistics is None:
+        start = budget.elapsed
+        if collects:
             statistics = repair_statistics(loaded, queue, calibration, batch_size)
         try:
             working = cut(loaded, candidate, calibration, batch_size, statistics)
@@ -169,15 +198,42 @@ def rank_queue(loaded: LoadedModel, queue: list[Candidate], calibration: Any, wi
         ranked = rank(window_losses(working.model, windows, batch_size, first), drop_rule, best[0] if best else None)
         depth = len(candidate.remove)
         if depth not in speeds:  # speed depends on how many layers run, not which (see .speed)
-            measured = decode_speedup(loaded.model, working.model, workload)
-            speeds[depth] = (measured.ideal, measured.measured)
+            speeds[depth] = decode_speedup(loaded.model, working.model, workload)
         tried.append(Tried(candidate, ranked.ppl, ranked.tokens, ranked.windows, ranked.dropped,
-                           count_parameters(working.model), *speeds[depth], time.perf_counter() - start))
+                           count_parameters(working.model), speeds[depth], budget.elapsed - start))
         if not ranked.dropped and (best is None or ranked.ppl < best[0]):
             best = (ranked.ppl, working)
     bar.close()
     assert best is not None, "the first candidate is always ranked in full (nothing to compare it with)"
     return tried, best[1], refused
+
+
+def score_within_budget(loaded: LoadedModel, rows: Any, metrics: list[str], budget: TimeBudget,
+                        scoring: dict[str, Any]) -> tuple[ScoreReport, float]:
+    """Every metric's scores as far as the budget allows, and the seconds of one forward pass of the
+    calibration rows (what the later steps' costs are estimated from).
+
+    The cheap metrics are scored first, always and together (the similarity metrics share one pass);
+    each costly one then only when its estimated cost (:meth:`Metric.forward_passes` times the pass
+    just measured) fits what is left, cheapest first; a metric left out is said in one line.
+    """
+    cheap = [name for name in metrics if not METRICS.get(name).costly]
+    began = budget.elapsed
+    report = score(loaded, rows, cheap, **scoring)
+    passes = len({METRICS.get(n).shared_pass or n for n in cheap if METRICS.get(n).forward_passes(loaded.num_layers)})
+    pass_seconds = (budget.elapsed - began) / max(passes, 1)
+    results = dict(report.results)
+    costly = sorted((name for name in metrics if name not in results),
+                    key=lambda name: METRICS.get(name).forward_passes(loaded.num_layers))
+    for name in costly:
+        estimate = METRICS.get(name).forward_passes(loaded.num_layers) * pass_seconds
+        if budget.allows(estimate):
+            results.update(score(loaded, rows, [name], **scoring).results)
+        else:
+            budget.skip(f"metric {name}", estimate, log.warning)
+    scored = [name for name in metrics if name in results]
+    return replace(report, results={name: results[name] for name in scored},
+                   config=report.config.model_copy(update={"metrics": tuple(scored)})), pass_seconds
 
 
 def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, *,
@@ -198,7 +254,6 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
     (default: on a terminal).
     """
 
-    began = time.perf_counter()
     if options or config is None:
         config = SearchConfig(**{**(config.model_dump() if config is not None else {}), **options})
     check_source(calibration.source, calibration.split)
@@ -213,9 +268,8 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
     protected = [model_folder] if model_folder is not None and Path(model_folder).exists() else []
     if out is not None:
         check_output_path(out, overwrite=overwrite, protected=protected)
+    budget = TimeBudget(config.time_budget)  # loading counts: the budget is the whole run's
     loaded = model if isinstance(model, LoadedModel) else load_model(model, **(load_options or {}))
-    deadline = began + config.time_budget * 60 if config.time_budget is not None else math.inf
-    out_of_time: Callable[[], bool] = lambda: time.perf_counter() > deadline
 
     measured_at_count = None
     if config.target_speedup is not None:
@@ -231,8 +285,10 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
     batch_size = config.batch_size
     scoring = {"batch_size": batch_size, **(metric_options or {})}
     metrics = candidate_metrics()
-    report = score(loaded, rows, metrics, **scoring)
-    selections, not_selected = unique_selections(report, count, rescorer(loaded, rows, **scoring), out_of_time,
+    report, pass_seconds = score_within_budget(loaded, rows, metrics, budget, scoring)
+    rescoring_seconds = (count - 1) * pass_seconds  # an iterative selection scores count - 1 smaller models
+    selections, not_selected = unique_selections(report, count, rescorer(loaded, rows, **scoring),
+                                                 lambda: not budget.allows(rescoring_seconds),
                                                  exhaustive=config.exhaustive)
     plain = plain_candidates(selections)
     repaired, skipped = (repaired_candidates(loaded, plain, available_repairs(), rows.tokens) if config.repairs
@@ -243,7 +299,7 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
     drop_rule = config.drop_rule
     tried, winner_model, refused = rank_queue(loaded, queue[:limit], rows, windows, max(len(prefix), 1),
                                               batch_size=batch_size, drop_rule=drop_rule, workload=workload,
-                                              out_of_time=out_of_time, progress=progress)
+                                              budget=budget, pass_seconds=pass_seconds, progress=progress)
     winner_index = min((i for i, t in enumerate(tried) if not t.dropped), key=lambda i: (tried[i].ppl, i))
     settings = {
         "budget": {"remove": config.removal, "target_speedup": config.target_speedup,
@@ -256,7 +312,7 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
                     if config.rank_data is None else "the rank_data text",
                     "drop_rule": f"dropped once, after {drop_rule.after} or more windows, the running perplexity "
                                  f"exceeds {drop_rule.factor:g}x the best final perplexity so far"},
-        "metrics": metrics,
+        "metrics": list(report.results),
         "exhaustive": config.exhaustive,
         "selections_not_made": not_selected or None,
         "importance": {name: r.importance for name, r in report.results.items()},
@@ -266,9 +322,13 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
         "options": config,
     }
     done = [t.candidate for t in tried] + [refusal["candidate"] for refusal in refused]
+    not_tried = [(c, OUT_OF_TIME) for c in queue[:limit] if c not in done]
+    not_tried += [(c, "beyond max_candidates") for c in queue[limit:]]
     record = SearchRecord(loaded.source, loaded.num_layers, count, tried, winner_index, settings,
-                          skipped + [refusal["record"] for refusal in refused],
-                          [c for c in queue if c not in done], time.perf_counter() - began)
+                          skipped + [refusal["record"] for refusal in refused], not_tried, budget.left_out,
+                          budget.elapsed)
+    if record.shortfall:
+        log.warning(f"search: {record.shortfall}")
     if out is not None:
 
         source = str(model) if not isinstance(model, LoadedModel) else str(loaded.local_dir or loaded.source)

@@ -26,6 +26,7 @@ from layerprune.cli.options import (
 from layerprune.options import add_option_flags, given_options
 from layerprune.outputs import check_output_path
 from layerprune.searching import SearchConfig, search
+from layerprune.searching.report import speedup_text
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
                     export_options=export.written(), load_options=load_options)
     winner = record.winner
     print(f"winner: {winner.label}, removes layers {winner.candidate.remove}, held-out ppl {winner.ppl:.2f}, "
-          f"decode speed-up {winner.measured_speedup:.2f}x (FLOP-ideal {winner.ideal_speedup:.2f}x); "
-          f"{len(record.tried)} candidates in {record.seconds:.0f} s; saved to {record.out}")
+          f"decode speed-up {speedup_text(winner.speed)} (measured / FLOP-ideal); "
+          f"{len(record.tried)} candidates in {record.seconds:.0f} s; saved to {record.out}"
+          + (f"; {record.shortfall}" if record.shortfall else ""))
     return 0

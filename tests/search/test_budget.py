@@ -1,0 +1,88 @@
+"""The time budget bounds the whole search, on a tiny model whose decoder layers are slowed.
+
+The budget reads :data:`layerprune.searching.budget.clock`; here a fake clock that only the slowed
+layers advance (one second per layer call on a calibration or ranking batch), so the run's cost is
+exact and the same on any machine: what is asserted is what the budget let through, not a timing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+import layerprune as lp
+from layerprune.cli.main import main
+from layerprune.data import CalibrationConfig
+from layerprune.evaluation.efficiency import Workload
+from layerprune.searching import budget as budget_module
+
+QUICK = Workload(prompt_len=8, new_tokens=2, repeats=1, warmup=0)
+LAYER_SECONDS = 1.0
+
+
+@pytest.fixture
+def slowed(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """A fake clock advanced by every decoder layer call on more than one row (the calibration and
+    ranking batches; single-row speed timing stays free, so the fake cost does not hang on how many
+    turns a noisy timing takes)."""
+    now = [0.0]
+    forward = LlamaDecoderLayer.forward
+
+    def slow_forward(self: LlamaDecoderLayer, hidden_states, *args, **kwargs):
+        if hidden_states.shape[0] > 1:
+            now[0] += LAYER_SECONDS
+        return forward(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaDecoderLayer, "forward", slow_forward)
+    monkeypatch.setattr(budget_module, "clock", lambda: now[0])
+    return now
+
+
+def calibration(corpus: dict[str, Path]) -> CalibrationConfig:
+    return CalibrationConfig(source=str(corpus["calibration"]), samples=8, seq_len=64)
+
+
+def test_costly_metrics_and_candidates_stop_where_the_budget_ends(corpus, slowed, caplog) -> None:
+    """One calibration pass is 2 batches x 6 layers = 12 s; ``taylor`` (3 passes, 36 s) fits in what
+    60 s leave after it, ``ppl`` (6 passes, 72 s) does not; ranking then stops before the budget."""
+    with caplog.at_level(logging.WARNING, logger="layerprune.searching.search"):
+        record = lp.search(str(corpus["model"]), remove=2, calibration=calibration(corpus),
+                           rank_data=str(corpus["held_out"]), time_budget=1.0, rank_windows=6, batch_size=4,
+                           workload=QUICK)
+    assert record.seconds <= 60  # the whole run, scoring included, on the fake clock
+    assert "taylor" in record.settings["metrics"] and "ppl" not in record.settings["metrics"]
+    assert list(record.budget_left_out) == ["metric ppl"]
+    assert "takes about 72 s" in record.budget_left_out["metric ppl"]
+    assert any("metric ppl skipped" in line for line in caplog.messages)
+    unreached = [c for c, reason in record.not_tried if "time budget" in reason]
+    assert unreached, "the budget ends before every candidate is ranked"
+    assert record.shortfall == (f"time budget spent: ranked {len(record.tried)} of "
+                                f"{len(record.tried) + len(unreached)} candidates, metrics ppl not scored; the winner "
+                                "is the best of what was ranked, not of the whole search")
+    assert any(record.shortfall in line for line in caplog.messages)
+
+
+def test_without_a_budget_every_metric_and_candidate_is_ranked(corpus, slowed) -> None:
+    record = lp.search(str(corpus["model"]), remove=2, calibration=calibration(corpus),
+                       rank_data=str(corpus["held_out"]), rank_windows=6, batch_size=4, workload=QUICK, repairs=False)
+    assert {"ppl", "taylor"} <= set(record.settings["metrics"])
+    assert not record.not_tried and not record.budget_left_out and record.shortfall is None
+    assert record.to_json()["shortfall"] is None
+
+
+def test_a_short_search_says_so_in_its_report_figure_and_exit_line(corpus, slowed, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    code = main(["search", "--model", str(corpus["model"]), "--data", str(corpus["calibration"]), "--samples", "8",
+                 "--seq-len", "64", "--rank-data", str(corpus["held_out"]), "--rank-windows", "6",
+                 "--batch-size", "4", "--remove", "2", "--time-budget", "0.5", "--no-repair", "--out", str(out)])
+    assert code == 0
+    document = json.loads((out / "search.json").read_text())
+    shortfall = document["shortfall"]
+    assert shortfall and shortfall.startswith("time budget spent: ranked ")
+    assert capsys.readouterr().out.strip().endswith(shortfall)
+    assert shortfall[1:] in (out / "search.md").read_text()
+    assert (out / "pareto.png").stat().st_size > 0
