@@ -13,6 +13,7 @@ On CUDA it is ``torch.cuda.max_memory_allocated`` in this process.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import statistics
@@ -54,6 +55,12 @@ def _prompt(model: PreTrainedModel, length: int, batch: int = 1) -> torch.Tensor
     return torch.randint(0, vocab, (batch, length), generator=generator).to(next(model.parameters()).device)
 
 
+def cache_keyword(model: PreTrainedModel) -> str:
+    """The forward's name for the KV cache: ``cache`` since transformers 5.25 (the old
+    ``past_key_values`` then warns on every decode step), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -73,7 +80,7 @@ def time_prefill_decode(model: PreTrainedModel, workload: Workload) -> tuple[flo
     cache = output.past_key_values
     start = time.perf_counter()
     for _ in range(workload.new_tokens):
-        output = model(input_ids=token, past_key_values=cache, use_cache=True)
+        output = model(input_ids=token, use_cache=True, **{cache_keyword(model): cache})
         cache = output.past_key_values
         token = output.logits[:, -1:].argmax(-1)
     _sync(device)
@@ -94,7 +101,7 @@ def flops_per_token(model: PreTrainedModel, workload: Workload) -> tuple[float, 
         prefill = counter.get_total_flops() / workload.prompt_len
         cache = model(input_ids=_prompt(model, context), use_cache=True).past_key_values
         with FlopCounterMode(display=False) as counter:
-            model(input_ids=_prompt(model, 1), past_key_values=cache, use_cache=True)
+            model(input_ids=_prompt(model, 1), use_cache=True, **{cache_keyword(model): cache})
         decode = counter.get_total_flops()
     return float(prefill), float(decode)
 
