@@ -7,7 +7,8 @@ then the stage configs (calibration, scoring, selection, repair, evaluation, sea
 and sampling with the table of its options, read from their declarations) so it cannot drift from
 the code; a test checks that the committed file is current. It also writes the JSON Schemas of the
 records layerprune writes (``layerprune.json``, ``eval.json``, ``search.json``, ``run.json``) into the
-package and into ``docs/schemas/``.
+package and into ``docs/schemas/``, and the command line as data (``layerprune/cli/commands.json``,
+which answers ``--help`` and bad flags before torch loads: :mod:`layerprune.cli.spec`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import sys
 from pathlib import Path
 
 import layerprune
+from layerprune.cli.main import build_parser
+from layerprune.cli.spec import write_spec
 from layerprune.data.calibration import SAMPLINGS, CalibrationConfig
 from layerprune.evaluation.classification import ClassificationSettings
 from layerprune.evaluation.config import EvalConfig
@@ -99,6 +102,7 @@ def main() -> int:
     for folder in (SCHEMA_DIR, DOCS_SCHEMA_DIR):  # the package's copy and the docs' copy of each record's schema
         for record in RECORDS:
             print(f"wrote {write_schema(record, folder)}")
+    print(f"wrote {write_spec(build_parser())}")
     return 0
 
 

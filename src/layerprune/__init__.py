@@ -9,10 +9,8 @@ costs milliseconds instead of torch's and transformers' import, so a Ctrl-C whil
 starts is caught by the command and not shown as a traceback.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
+import importlib as _importlib
+import typing as _typing
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -23,7 +21,7 @@ _EXPORTS = {
     "search": "layerprune.searching", "Selection": "layerprune.selection", "select": "layerprune.selection",
 }
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from layerprune.api import info, prune, replace, save
     from layerprune.data import build_calibration
     from layerprune.errors import UsageError
@@ -40,15 +38,17 @@ __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
     """Import a public name the first time it is read, and keep it."""
     if name not in _EXPORTS:
         raise AttributeError(f"module 'layerprune' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    value = getattr(_importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    """The public API (``__all__``) and the version: not the helpers this module imports, nor the
+    subpackages, which are reached by their own names."""
+    return sorted({*__all__, "__version__"})
 

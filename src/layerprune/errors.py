@@ -7,9 +7,29 @@ second and says how to fix it. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
+_MENTION = re.compile("\x1f([a-z_]+)\x1f")
+
+
+def mention(name: str) -> str:
+    """Option ``name`` named inside a message (``f"raise {mention('samples')}"``): Python shows it by its
+    keyword (``samples``), the command line by its flag (``--samples``), see :func:`worded`."""
+    return f"\x1f{name}\x1f"
+
+
+def worded(text: str, label: Callable[[str], str] = str) -> str:
+    """``text`` with each option it mentions called ``label(keyword)`` (default: the keyword itself)."""
+    return _MENTION.sub(lambda found: label(found.group(1)), text)
+
 
 class UsageError(Exception):
-    """Bad input from the user: the message names the problem and the fix."""
+    """Bad input from the user: the message names the problem and the fix (other options it names
+    through :func:`mention`, so each front-end can call them in its own words)."""
+
+    def __str__(self) -> str:
+        return worded(super().__str__())
 
 
 class OptionError(UsageError):

@@ -12,7 +12,8 @@ import layerprune.data.calibration as calibration
 from layerprune.data import build_calibration, load_texts, text_prefix, token_stream
 from layerprune.errors import UsageError
 from layerprune.models.tiny import byte_tokenizer
-from tests.helpers import bos_tokenizer
+from layerprune.cli.main import main
+from tests.helpers import bos_tokenizer, save_tiny_checkpoint
 
 TOKENIZER = byte_tokenizer()
 
@@ -69,7 +70,7 @@ def test_document_windows_are_seeded_truncated_and_masked(corpus) -> None:
     lengths = first.attention_mask.sum(dim=1).tolist()
     assert sorted(TOKENIZER.decode(row[:n]) for row, n in zip(first.input_ids, lengths)) == expected
     assert min(lengths) < 12 == max(lengths)  # short documents padded, long ones truncated
-    with pytest.raises(UsageError, match="holds 30 documents, fewer than --samples 31"):
+    with pytest.raises(UsageError, match="holds 30 documents, fewer than samples 31"):
         build_calibration(TOKENIZER, corpus, samples=31, seq_len=12, sampling="documents")
 
 
@@ -105,10 +106,15 @@ def test_more_bad_options_fail_before_tokenizing(corpus, monkeypatch, options, m
         build_calibration(TOKENIZER, corpus, **{"samples": 2, "seq_len": 8, **options})
 
 
-def test_text_shorter_than_one_window_says_how_many_tokens(tmp_path, private_cache) -> None:
+def test_text_shorter_than_one_window_says_how_many_tokens(tmp_path, private_cache, capsys) -> None:
+    """Python names the options by their keywords, the command line by its flags (the same error)."""
     (tmp_path / "short.txt").write_text("tiny")
-    with pytest.raises(UsageError, match="has 4 tokens, fewer than --seq-len 8; lower --seq-len"):
+    with pytest.raises(UsageError, match="has 4 tokens, fewer than seq_len 8; lower seq_len or use more data$"):
         build_calibration(TOKENIZER, tmp_path / "short.txt", samples=1, seq_len=8)
+    model = save_tiny_checkpoint(tmp_path / "tiny", "llama", 2)
+    assert main(["score", "--model", str(model), "--data", str(tmp_path / "short.txt"), "--samples", "1",
+                 "--seq-len", "8", "--output", str(tmp_path / "s.json")]) == 2
+    assert capsys.readouterr().err.endswith("fewer than --seq-len 8; lower --seq-len or use more data\n")
 
 
 @pytest.mark.real

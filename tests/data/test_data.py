@@ -76,7 +76,7 @@ def test_document_windows_pad_and_mask(text_file) -> None:
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"seq_len": 100000}, "fewer than --seq-len"), ({"samples": 10**4, "sampling": "contiguous"}, "non-overlapping"),
+    [({"seq_len": 100000}, "fewer than seq_len"), ({"samples": 10**4, "sampling": "contiguous"}, "non-overlapping"),
      ({"sampling": "stride"}, "is not a choice of calibration"), ({"samples": 0}, "at least 1"),
      ({"seq_len": 64, "max_positions": 32}, "longer than the model's context")],
 )

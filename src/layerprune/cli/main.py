@@ -20,7 +20,8 @@ from typing import Any, NoReturn
 
 from layerprune import __version__
 from layerprune.cli import commands
-from layerprune.errors import OptionError, UsageError
+from layerprune.cli.spec import DefaultsShownFormatter, quick_parser
+from layerprune.errors import OptionError, UsageError, worded
 from layerprune.outputs import write_failure
 
 EXIT_USAGE = 2
@@ -38,8 +39,6 @@ class OneLineParser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        from layerprune.cli.options import DefaultsShownFormatter  # deferred: imports torch, inside main()'s guard
-
         kwargs.setdefault("allow_abbrev", False)
         kwargs.setdefault("formatter_class", DefaultsShownFormatter)
         super().__init__(*args, **kwargs)
@@ -98,12 +97,16 @@ def _build_parser_holding_ctrl_c() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    quick = quick_parser(OneLineParser)
+    if quick is not None:  # help, the version and a flag argparse refuses end here, before torch loads
+        quick.parse_args(arguments)
     try:
         parser = _build_parser_holding_ctrl_c()
     except KeyboardInterrupt:
         sys.stderr.write("layerprune: interrupted while starting; nothing was written\n")
         return EXIT_INTERRUPTED
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         if not sys.stderr.isatty():
@@ -113,10 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             transformers_logging.disable_progress_bar()
         return int(args.run(args) or 0)
-    except OptionError as error:  # named by its flag here, by its keyword in Python, by its key in a recipe
-        return _refuse(args.command, error.render(_flag_or_name(parser, args.command, error)))
-    except UsageError as error:
-        return _refuse(args.command, error)
+    except UsageError as error:  # an option is named by its flag here, by its keyword in Python, by its key in a recipe
+        return _refuse(args.command, _in_flags(parser, args.command, error))
     except OSError as error:
         if error.errno not in WRITE_ONLY_ERRNOS:
             raise  # a read error or a bug: its traceback says where
@@ -126,12 +127,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def _flag_or_name(parser: argparse.ArgumentParser, command: str, error: OptionError) -> str:
-    """The option's flag where this command has it; otherwise (an option a recipe's stage set, under
-    ``layerprune run``) its name, as the recipe writes it."""
+def _in_flags(parser: argparse.ArgumentParser, command: str, error: UsageError) -> str:
+    """``error``'s message with every option it names called by its flag where ``command`` has one;
+    otherwise (an option a recipe's stage set, under ``layerprune run``) by its name, as a recipe writes it."""
     commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
     flags = {flag for action in commands.choices[command]._actions for flag in action.option_strings}
-    return error.flag if error.flag in flags else error.name
+
+    def label(name: str, flag: str | None = None) -> str:
+        flag = flag or "--" + name.replace("_", "-")
+        return flag if flag in flags else name
+
+    text = error.render(label(error.name, error.flag)) if isinstance(error, OptionError) else Exception.__str__(error)
+    return worded(text, label)
 
 
 def _refuse(command: str, error: Exception | str) -> int:

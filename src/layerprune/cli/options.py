@@ -4,7 +4,7 @@ subcommand follows.
 Conventions (tests/core/test_cli.py checks each for every subcommand):
 
 - a subcommand is made with :func:`add_command`, so its help opens with one sentence saying what it does;
-- every option with a default shows it in ``--help`` (:class:`DefaultsShownFormatter`);
+- every option with a default shows it in ``--help`` (:class:`layerprune.cli.spec.DefaultsShownFormatter`);
 - ``--model`` is required wherever a command works on a model (``layerprune run`` takes it only to override
   the model its recipe names);
 - two output flags, on purpose: ``--out FOLDER`` names a folder the command fills (a checkpoint, a run
@@ -44,22 +44,6 @@ from layerprune.selection import DEFAULT_SELECT, STRATEGIES, SelectConfig, Selec
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICE = re.compile(r"^(cpu|mps|auto|cuda(:\d+)?)$")
-
-
-class DefaultsShownFormatter(argparse.HelpFormatter):
-    """Show every option's default in ``--help`` without repeating one the help text already states.
-
-    argparse's own ArgumentDefaultsHelpFormatter also prints "(default: None)" and "(default: False)",
-    which say nothing, and doubles the defaults that help texts spell out in words ("per method").
-    """
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        says_nothing = action.default is None or action.default is False or action.default == argparse.SUPPRESS
-        if (not action.option_strings or "default" in text or says_nothing
-                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
-            return action.help
-        return f"{text} (default: %(default)s)"
 
 
 def add_command(subparsers: argparse._SubParsersAction, name: str, summary: str) -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from layerprune.data.rows import CalibrationSet
 from layerprune.data.sources import load_texts, source_key
 from layerprune.data.store import cached_tokens, tokenizer_fingerprint
-from layerprune.errors import OptionError, UsageError
+from layerprune.errors import OptionError, UsageError, mention
 from layerprune.options import Config, SEED_RANGE, option
 from layerprune.registry import Registry
 
@@ -110,7 +110,7 @@ class _StreamWindows(Sampling):
         stream = token_stream(request.tokenizer, request.source, request.split, request.text_field)
         if stream.numel() < body:
             raise UsageError(f"{request.source} ({request.split} split) has {stream.numel()} tokens, fewer than "
-                             f"--seq-len {request.seq_len}; lower --seq-len or use more data")
+                             f"{mention('seq_len')} {request.seq_len}; lower {mention('seq_len')} or use more data")
         texts = self.texts(stream, body, request)
         rows = torch.cat([torch.tensor(request.prefix, dtype=torch.long).expand(request.samples, -1), texts], dim=1)
         return rows, torch.ones_like(rows)
@@ -136,8 +136,8 @@ class ContiguousWindows(_StreamWindows):
         fit = stream.numel() // body
         if fit < request.samples:
             raise UsageError(f"{request.source} ({request.split} split) holds only {fit} non-overlapping windows of "
-                             f"{request.seq_len} tokens, fewer than --samples {request.samples}; lower --samples or "
-                             "--seq-len, or use random sampling")
+                             f"{request.seq_len} tokens, fewer than {mention('samples')} {request.samples}; lower {mention('samples')} or "
+                             f"{mention('seq_len')}, or use random sampling")
         return stream[: request.samples * body].view(request.samples, body)
 
 
@@ -152,8 +152,8 @@ class DocumentWindows(Sampling):
                      if ids]
         if len(documents) < samples:
             raise UsageError(f"{request.source} ({request.split} split) holds {len(documents)} documents, fewer than "
-                             f"--samples {samples} (documents sampling takes one window per document); lower "
-                             "--samples or use random sampling")
+                             f"{mention('samples')} {samples} (documents sampling takes one window per document); lower "
+                             f"{mention('samples')} or use random sampling")
         generator = torch.Generator().manual_seed(request.seed)
         order = torch.randperm(len(documents), generator=generator)[:samples].tolist()
         pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)

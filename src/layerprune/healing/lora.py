@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from layerprune.errors import UsageError
+from layerprune.errors import UsageError, mention
 from layerprune.healing.base import HEALERS, DistillOptions, HealConfig, Healer, HealOutcome
 from layerprune.healing.data import TrainingSet
 from layerprune.healing.engine import TrainReport
@@ -41,7 +41,7 @@ def lora_config(loaded: LoadedModel, options: LoRAOptions) -> LoraConfig:
     targets = [t for t in loaded.adapter.lora_targets if t in present]
     if not targets:
         raise UsageError(f"none of the LoRA target modules {list(loaded.adapter.lora_targets)} exist in this "
-                         f"{loaded.model.config.model_type} model; use --method partial-ft")
+                         f"{loaded.model.config.model_type} model; use {mention('method')} partial-ft")
     return LoraConfig(r=options.lora_rank, lora_alpha=2 * options.lora_rank, lora_dropout=0.0,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
 

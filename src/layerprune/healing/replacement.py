@@ -31,7 +31,7 @@ from torch import nn
 from layerprune.cache import cache_dir
 from layerprune.data import TrainingSet
 from layerprune.distributed import process_state
-from layerprune.errors import OptionError, UsageError
+from layerprune.errors import OptionError, UsageError, mention
 from layerprune.healing.base import HEALERS, HealConfig, Healer, HealOutcome
 from layerprune.healing.engine import LossFn, train
 from layerprune.models.editing import prune, replace
@@ -78,7 +78,7 @@ def locate_block(loaded: LoadedModel, settings: HealConfig) -> tuple[tuple[int, 
         if len(runs) != 1:
             found = ", ".join(f"{a}-{b - 1}" for a, b in consecutive_runs(removed)) or "none"
             raise UsageError(f"replacement needs one removed run of >= 2 consecutive layers; the removed runs are: "
-                             f"{found}. Name the block with --block START-END (original layer indices)")
+                             f"{found}. Name the block with {mention('block')} START-END (original layer indices)")
         block = runs[0]
     others = [i for i in removed if not block[0] <= i < block[1]]
     return block, others

@@ -58,6 +58,16 @@ class LoadedModel:
     def num_layers(self) -> int:
         return self.adapter.num_layers(self.model)
 
+    def __repr__(self) -> str:
+        """One line: what it is and how big (the dataclass default prints the whole module tree)."""
+        parameter = next(self.model.parameters(), None)
+        removed = len(self.lineage.get("removed_layers", []))
+        return (f"LoadedModel({self.source!r}, family={self.adapter.family}, layers={self.num_layers}"
+                + (f" ({removed} removed)" if removed else "")
+                + f", parameters={sum(p.numel() for p in self.model.parameters()):,}"
+                + (f", dtype={str(parameter.dtype).removeprefix('torch.')}, device={parameter.device}"
+                   if parameter is not None else "") + ")")
+
     @property
     def original_layer_ids(self) -> list[int]:
         """For each current layer, its index in the original (unpruned) model."""

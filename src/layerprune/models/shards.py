@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 from transformers import PretrainedConfig
 
-from layerprune.errors import UsageError
+from layerprune.errors import UsageError, mention
 from layerprune.models.architectures import ADAPTERS, ArchitectureAdapter, adapter_for_config
 from layerprune.models.checkpoint import INDEX_FILE, MAX_HEADER_BYTES, SINGLE_FILE, read_config, weight_map
 from layerprune.models.export import SAFETY_MARGIN_BYTES, provenance_json, render_model_card
@@ -240,7 +240,7 @@ def load_checkpoint_config(folder: Path) -> tuple[PretrainedConfig, Architecture
     config = read_config(folder)
     if config.model_type not in ADAPTERS:
         raise UsageError(f"shard surgery needs a registered family and {config.model_type!r} is not one "
-                         f"({', '.join(ADAPTERS.names())}); leave out --low-memory to prune it in memory")
+                         f"({', '.join(ADAPTERS.names())}); leave out {mention('low_memory')} to prune it in memory")
     adapter = adapter_for_config(config)
     adapter.check_surgery_allowed(config)
     return config, adapter

@@ -39,7 +39,7 @@ from typing import Any
 from layerprune.api import prune, save
 from layerprune.cache import cache_dir
 from layerprune.data import CalibrationConfig, build_calibration, check_source
-from layerprune.errors import OptionError, UsageError
+from layerprune.errors import OptionError, UsageError, worded
 from layerprune.evaluation import evaluate
 from layerprune.evaluation.config import EvalConfig
 from layerprune.healing import HEALERS, heal
@@ -440,7 +440,7 @@ def _at(recipe: Recipe, *key_path: str) -> Iterator[None]:
         key = (key_path[0], *error.name.split("."))  # a nested option's name is its path in the section
         line = recipe.lines.get(key) or recipe.lines.get(key_path) or recipe.lines.get(key_path[:1])
         where = f"{recipe.path} line {line}" if line else str(recipe.path)
-        raise UsageError(f"{where}: {error.render('.'.join(key))}") from None
+        raise UsageError(f"{where}: {worded(error.render('.'.join(key)))}") from None
     except UsageError as error:
         line = recipe.lines.get(key_path) or recipe.lines.get(key_path[:1])
         where = f"{recipe.path} line {line}" if line else str(recipe.path)

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from layerprune.errors import UsageError
+from layerprune.errors import UsageError, mention
 from layerprune.models.lineage import ensure_lineage
 from layerprune.models.editing import prune
 from layerprune.models.loading import LoadedModel
@@ -76,7 +76,7 @@ def check_map_tokens(loaded: LoadedModel, tokens: int, method: str = "replace-li
     hidden = loaded.model.config.get_text_config().hidden_size
     if tokens < hidden:
         raise UsageError(f"{method} fits a {hidden}x{hidden} map but got only {tokens} calibration tokens, fewer "
-                         f"than the hidden size {hidden}; raise --samples or --seq-len")
+                         f"than the hidden size {hidden}; raise {mention('samples')} or {mention('seq_len')}")
 
 
 def collect_run_statistics(loaded: LoadedModel, runs: Iterable[tuple[int, int]], data: TokenRows, *,

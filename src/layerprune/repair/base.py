@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
-from layerprune.errors import UsageError
+from layerprune.errors import UsageError, mention
 from layerprune.models.loading import LoadedModel
 from layerprune.options import Config
 from layerprune.registry import Registry
@@ -47,7 +47,7 @@ class RepairMethod(ABC):
             first = runs[0]
             raise UsageError(f"{self.name} {how} the layer kept before the cut, but the removed run "
                              f"{first[0]}-{first[1] - 1} starts at layer 0, which has none; keep layer 0 "
-                             f"(cut from layer 1) or repair this cut with --method rescale")
+                             f"(cut from layer 1) or repair this cut with {mention('method')} rescale")
 
     @abstractmethod
     def apply(self, loaded: LoadedModel, runs: list[tuple[int, int]], statistics: list[RunStatistics],
