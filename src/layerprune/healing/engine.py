@@ -39,11 +39,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.tensor import DTensor
-from tqdm.auto import tqdm
 
 from layerprune.errors import OptionError, UsageError
 from layerprune.healing.base import HealConfig
 from layerprune.outputs import atomic_file
+from layerprune.progress import Progress
 
 STATE_FILE = "heal-state.pt"
 WARMUP_FRACTION = 0.05
@@ -163,10 +163,8 @@ def train(model: nn.Module, rows: Rows, loss_fn: LossFn, weight_fn: WeightFn, se
     share = options.batch_size // processes
     first = accelerator.process_index * share
     begun = time.perf_counter()
-    # disable=None: no bar when stderr is not a terminal, so a failed run's log ends in its one-line error
-    bar = tqdm(range(start, options.steps), initial=start, total=options.steps, desc=label,
-               disable=None if accelerator.is_local_main_process else True, dynamic_ncols=True)
-    for step in bar:
+    bar = Progress(label, options.steps, unit="steps", done=start, shown=accelerator.is_local_main_process)
+    for step in range(start, options.steps):
         batch_rows = global_rows(step, options.batch_size, len(rows), options.seed)
         normaliser = max(weight_fn(batch_rows), 1.0)
         batch = {k: v.to(accelerator.device) for k, v in rows.take(batch_rows[first:first + share]).items()}
@@ -180,7 +178,8 @@ def train(model: nn.Module, rows: Rows, loss_fn: LossFn, weight_fn: WeightFn, se
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(accelerator.reduce(loss_sum.detach().float(), "sum").item() / normaliser)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        bar.note(f"loss {losses[-1]:.4f}")
+        bar.update()
         done = step + 1
         if state_path is not None and settings.checkpoint_interval and done % settings.checkpoint_interval == 0:
             checkpoint = _gather_checkpoint(wrapped, optimizer, scheduler, done, losses, fingerprint)

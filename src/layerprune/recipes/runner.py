@@ -353,7 +353,7 @@ def _stage_search(ctx: RunContext) -> dict[str, Any]:
     config, metric_options = _search_arguments(ctx.recipe)
     record = search(ctx.recipe.model, config, calibration=CalibrationConfig(**ctx.recipe.sections["calibration"]),
                     metric_options=metric_options, out=ctx.out / "search", overwrite=True, export_options=ctx.export,
-                    load_options=ctx.recipe.sections.get("load", {}), progress=False)
+                    load_options=ctx.recipe.sections.get("load", {}))
     assert record.out is not None, "a search with an output folder records it"
     return {"winner": record.winner.label, "removed_layers": record.winner.candidate.remove,
             "model": str(record.out / "model")}

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from layerprune.errors import UsageError, mention
+from layerprune.progress import progress
 from layerprune.models.lineage import ensure_lineage
 from layerprune.models.editing import prune
 from layerprune.models.loading import LoadedModel
@@ -66,7 +67,7 @@ def describe_rows(data: TokenRows) -> dict[str, Any]:
 
 
 def _batches(data: TokenRows, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for first in range(0, data.input_ids.shape[0], batch_size):
+    for first in progress(range(0, data.input_ids.shape[0], batch_size), "repair statistics", unit="batches"):
         yield data.input_ids[first:first + batch_size], data.attention_mask[first:first + batch_size]
 
 

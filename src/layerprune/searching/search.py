@@ -28,12 +28,10 @@ for on top with its own size, is not counted.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
 
 from layerprune.data import BUILTIN_CORPORA, HUB_CORPORA, calibrate, check_source, token_stream
 from layerprune.data.calibration import DEFAULT_CALIBRATION, CalibrationConfig, text_prefix
@@ -46,6 +44,7 @@ from layerprune.models.lineage import count_parameters
 from layerprune.models.loading import LoadedModel, load_model
 from layerprune.options import refuse_unknown
 from layerprune.outputs import check_output_path
+from layerprune.progress import Progress
 from layerprune.records import checked
 from layerprune.scoring import METRICS, ScoreReport, rescorer, score
 from layerprune.searching.candidates import (
@@ -178,13 +177,12 @@ def rank_queue(loaded: LoadedModel, queue: list[Candidate], calibration: Any, wi
     tried: list[Tried] = []
     refused: list[dict[str, Any]] = []
     best: tuple[float, LoadedModel] | None = None
-    bar = tqdm(queue, desc="search", unit="candidate", disable=None if progress is None else not progress,
-               file=sys.stderr)
-    for candidate in bar:
+    bar = Progress("search", len(queue), unit="candidates", shown=progress is not False)
+    for candidate in queue:
         collects = candidate.repair is not None and statistics is None
         if tried and not budget.allows(max(t.seconds for t in tried) + (pass_seconds if collects else 0)):
             break
-        bar.set_postfix_str(f"trying {candidate.label}" + (f", best ppl {best[0]:.2f}" if best else ""))
+        bar.note(f"trying {candidate.label}" + (f", best ppl {best[0]:.2f}" if best else ""))
         start = budget.elapsed
         if collects:
             statistics = repair_statistics(loaded, queue, calibration, batch_size)
@@ -203,6 +201,7 @@ def rank_queue(loaded: LoadedModel, queue: list[Candidate], calibration: Any, wi
                            count_parameters(working.model), speeds[depth], budget.elapsed - start))
         if not ranked.dropped and (best is None or ranked.ppl < best[0]):
             best = (ranked.ppl, working)
+        bar.update()
     bar.close()
     assert best is not None, "the first candidate is always ranked in full (nothing to compare it with)"
     return tried, best[1], refused
@@ -250,8 +249,8 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
     metrics' own (:func:`layerprune.score`'s); ``heal_options`` are :func:`layerprune.heal`'s for
     healing the winner (``heal``) on the calibration source; ``export_options`` say how the winner is
     written (:func:`layerprune.save`'s ``format`` and ``max_shard_size``; its folder is ``out``'s
-    ``model``). ``workload`` is what decode speed is timed on; ``progress``: a bar over candidates
-    (default: on a terminal).
+    ``model``). ``workload`` is what decode speed is timed on; ``progress``: ``False`` hides the
+    progress over candidates (:mod:`layerprune.progress`).
     """
 
     if options or config is None:
