@@ -111,49 +111,73 @@ def comparison_table(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _png(figure: Any) -> bytes:
-    figure.tight_layout()
-    return png_bytes(figure, dpi=120)
+def short_names(names: list[str]) -> dict[str, str]:
+    """Each model's name as a legend shows it: the last part of a path (as few trailing parts as
+    keep the names apart), never a whole absolute path."""
+    for depth in range(1, 1 + max(len(Path(name).parts) for name in names)):
+        shown = {name: "/".join(Path(name).parts[-depth:]) for name in names}
+        if len(set(shown.values())) == len(names):
+            return shown
+    return {name: name for name in names}
 
 
-def comparison_plot(report: dict[str, Any]) -> bytes | None:
-    """PNG: grouped bars of perplexity (log scale) and of task accuracy, stability and retained
-    performance per model, with 95% intervals as error bars; None if there is nothing to plot."""
+def comparison_figure(report: dict[str, Any]) -> Any | None:
+    """Grouped bars of perplexity and of task accuracy, stability and retained performance per model,
+    with 95% intervals as error bars; ``None`` if there is nothing to plot.
+
+    Bars start at zero on a linear axis, so their heights compare as the numbers do (a log axis that
+    starts just below the smallest value makes a 3x difference look like 10x); only where one
+    perplexity is over 50 times another (a broken cut) is the axis logarithmic, from 1, and the panel
+    says so."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(report["models"])
+    legend = short_names(names)
     flat = {name: flatten_metrics(report["models"][name]) for name in names}
     intervals = {name: metric_intervals(report["models"][name]) for name in names}
     all_labels = list(dict.fromkeys(label for name in names for label in flat[name]))
-    groups = [(title, [label for label in all_labels if match(label)], log)
-              for title, match, log in (("perplexity (lower is better)", lambda l: l.startswith("ppl "), True),
-                                        ("accuracy / stability / retained",
-                                         lambda l: l.endswith((" acc", " stability")) or l == "retained", False))]
-    groups = [group for group in groups if group[1]]
+    groups = [(title, ylabel, [label for label in all_labels if match(label)])
+              for title, ylabel, match in (
+                  ("perplexity (lower is better)", "perplexity", lambda l: l.startswith("ppl ")),
+                  ("accuracy / stability / retained (higher is better)", "share (0-1)",
+                   lambda l: l.endswith((" acc", " stability")) or l == "retained"))]
+    groups = [group for group in groups if group[2]]
     if not groups:
         return None
-    figure, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
+    figure, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.2), squeeze=False, layout="constrained")
     width = 0.8 / len(names)
-    for axis, (title, labels, log) in zip(axes[0], groups):
+    for axis, (title, ylabel, labels) in zip(axes[0], groups):
+        drawn = []
         for index, name in enumerate(names):
             values = [flat[name].get(label, math.nan) for label in labels]
+            drawn += [v for v in values if math.isfinite(v)]
             spans = [intervals[name].get(label) for label in labels]
             # max(0, ...): an interval's end can sit a rounding error on the far side of the value (one
             # window's interval is that window's perplexity, computed once more), which matplotlib refuses
             errors = [[max(0.0, value - span[0]) if span else 0.0 for value, span in zip(values, spans)],
                       [max(0.0, span[1] - value) if span else 0.0 for value, span in zip(values, spans)]]
-            axis.bar([i + index * width for i in range(len(labels))], values, width, label=name, yerr=errors,
+            axis.bar([i + index * width for i in range(len(labels))], values, width, label=legend[name], yerr=errors,
                      capsize=2, error_kw={"elinewidth": 0.8})
         axis.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(labels))], labels, rotation=30,
                         ha="right", fontsize=8)
-        axis.set_title(title)
-        if log:
+        positive = [v for v in drawn if v > 0]
+        if ylabel == "perplexity" and positive and max(positive) > 50 * min(positive):
             axis.set_yscale("log")
+            axis.set_ylim(bottom=1)
+            title += ", log scale from 1"
+        axis.set_title(title, fontsize=10)
+        axis.set_ylabel(ylabel)
     axes[0][0].legend(fontsize=8)
-    return _png(figure)
+    return figure
+
+
+def comparison_plot(report: dict[str, Any]) -> bytes | None:
+    """:func:`comparison_figure` as PNG bytes (``None`` if there is nothing to plot)."""
+    figure = comparison_figure(report)
+    return None if figure is None else png_bytes(figure, dpi=120)
 
 
 def curve_table(curve: dict[str, Any]) -> str:
@@ -174,7 +198,7 @@ def curve_plot(curve: dict[str, Any], title: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, axis = plt.subplots(figsize=(6, 4), layout="constrained")
     for kind, by_k in curve["accuracy"].items():
         ks = sorted(int(k) for k in by_k)
         axis.plot(ks, [by_k.get(str(k), by_k.get(k)) for k in ks], marker="o", label=kind)
@@ -184,7 +208,7 @@ def curve_plot(curve: dict[str, Any], title: str) -> bytes:
     axis.set_ylabel("test accuracy")
     axis.set_title(title)
     axis.legend(fontsize=8)
-    return _png(figure)
+    return png_bytes(figure, dpi=120)
 
 
 def curve_path(json_path: Path, index: int) -> Path:

@@ -9,7 +9,9 @@ which is where the consecutive strategy looks.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
+from typing import Any
 
 from layerprune.outputs import write_bytes_atomic
 from layerprune.reporting.figures import png_bytes
@@ -50,29 +52,43 @@ def format_table(report: ScoreReport, selection: Selection | None = None) -> str
     return "\n".join([*lines, "; ".join(footer)])
 
 
-def plot_scores(report: ScoreReport, path: str | Path, selection: Selection | None = None, *,
-                overwrite: bool = True) -> Path:
-    """Write the figure as a PNG (atomically), the ``selection``'s layers marked, and return its path."""
+def _meaning(result: MetricResult) -> str:
+    """The first clause of the metric's meaning, as a panel's y label (what its bars measure)."""
+    return result.meaning.split(";")[0].strip()
+
+
+def scores_figure(report: ScoreReport, selection: Selection | None = None) -> Any:
+    """The figure: one bar panel per metric (its raw per-layer values, the ``selection``'s layers in
+    red, with a legend saying so), then a heat map per block table. A panel's axis is logarithmic only
+    where one layer dwarfs the typical one (``ppl`` without layer 0): a log axis over values that differ
+    by a few percent (``block-cosine``'s ~0.95) would make every bar look the same."""
     import matplotlib  # deferred: matplotlib and pyplot cost ~0.3 s, only for a plot
 
     matplotlib.use("Agg")  # before pyplot's import: no display is ever needed
     from matplotlib import pyplot as plt
+    from matplotlib.patches import Patch
 
     removed = set(selection.remove) if selection else set()
     tables = {name: r for name, r in report.results.items() if isinstance(r.values, dict)}
     panels = len(report.results) + len(tables)
-    figure, axes = plt.subplots(panels, 1, figsize=(max(6.0, 0.3 * report.num_layers + 2), 2.6 * panels),
-                                squeeze=False)
+    figure, axes = plt.subplots(panels, 1, figsize=(max(6.0, 0.3 * report.num_layers + 2), 0.6 + 2.6 * panels),
+                                squeeze=False, layout="constrained")
     layers = list(range(report.num_layers))
     for axis, (name, result) in zip(axes[:, 0], report.results.items(), strict=False):
-        colors = [REMOVED_COLOR if i in removed else KEPT_COLOR for i in layers]
         values = per_layer_values(result)
-        axis.bar(layers, values, color=colors)
-        if min(values) > 0 and max(values) > 100 * min(values):  # e.g. ppl without layer 0: keep the rest visible
+        axis.bar(layers, values, color=[REMOVED_COLOR if i in removed else KEPT_COLOR for i in layers])
+        finite = sorted(v for v in values if math.isfinite(v))
+        if finite and finite[0] > 0 and finite[-1] > 100 * finite[len(finite) // 2]:
             axis.set_yscale("log")
-        axis.set_title(f"{name}" + (" (n=1)" if name in tables else ""), fontsize=10)
+        axis.set_title(f"{name}" + (" (blocks of n=1)" if name in tables else ""), fontsize=10)
+        axis.set_ylabel(textwrap.fill(_meaning(result), 28), fontsize=8)
         axis.set_xticks(layers)
+        axis.set_xlabel("layer")
         axis.tick_params(labelsize=7)
+    if removed:
+        axes[0, 0].legend(handles=[Patch(color=REMOVED_COLOR, label=f"selected to remove ({len(removed)})"),
+                                   Patch(color=KEPT_COLOR, label="kept")], fontsize=8, loc="upper center",
+                          ncols=2, bbox_to_anchor=(0.5, 1.25), frameon=False)
     for axis, (name, result) in zip(axes[len(report.results):, 0], tables.items(), strict=True):
         grid = [[row[i] if i < len(row) else math.nan for i in layers] for _, row in sorted(result.values.items())]
         image = axis.imshow(grid, aspect="auto", origin="lower", cmap="viridis",
@@ -80,8 +96,12 @@ def plot_scores(report: ScoreReport, path: str | Path, selection: Selection | No
         axis.set_title(f"{name}: start layer x block size", fontsize=10)
         axis.set_xlabel("start layer")
         axis.set_ylabel("block size n")
-        figure.colorbar(image, ax=axis)
-    axes[-1, 0].set_xlabel("layer" if not tables else "start layer")
+        figure.colorbar(image, ax=axis, label=textwrap.fill(_meaning(result), 30))
     figure.suptitle(f"{report.model}: layer scores ({report.tokens} tokens)", fontsize=11)
-    figure.tight_layout(rect=(0, 0, 1, 1 - 0.4 / panels))
-    return write_bytes_atomic(path, png_bytes(figure, dpi=110), overwrite=overwrite)
+    return figure
+
+
+def plot_scores(report: ScoreReport, path: str | Path, selection: Selection | None = None, *,
+                overwrite: bool = True) -> Path:
+    """Write :func:`scores_figure` as a PNG (atomically) and return its path."""
+    return write_bytes_atomic(path, png_bytes(scores_figure(report, selection), dpi=110), overwrite=overwrite)
