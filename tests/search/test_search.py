@@ -26,7 +26,8 @@ from layerprune.recipes import load_recipe
 from layerprune.recipes.runner import _search_arguments, preflight
 from layerprune.records import SCHEMA_DIR, newest_version, schema_file, schema_text
 from layerprune.searching import DropRule, SearchConfig, SearchDocument, SearchRecord, rank
-from layerprune.searching.report import pareto_front
+from layerprune.searching.report import pareto_figure, pareto_front
+from tests.reporting.figure_checks import check_figure
 
 QUICK = Workload(prompt_len=8, new_tokens=2, repeats=1, warmup=0)
 SETTINGS = {"rank_windows": 6, "batch_size": 4, "workload": QUICK}
@@ -66,6 +67,21 @@ def test_the_winner_is_the_best_candidate_by_an_independent_perplexity(searched,
         recomputed.append(ppl)
     assert searched.winner_index == min(range(len(recomputed)), key=recomputed.__getitem__)
     assert not any(t.dropped for t in searched.tried)
+    original = perplexity(loaded.model, stream, 64, max_windows=6).ppl  # the reference search.md and the figure show
+    assert searched.settings["ranking"]["original_ppl"] == pytest.approx(original, rel=1e-4)
+
+
+def test_the_pareto_figure_shows_the_original_the_winner_and_only_what_is_drawn(searched) -> None:
+    figure = pareto_figure(searched)
+    check_figure(figure)
+    (axis,) = figure.axes
+    labels = [t.get_text() for t in axis.get_legend().get_texts()]
+    assert labels[:2] == ["original (uncut)", "winner"]
+    front = pareto_front([(t.speed.usable, t.ppl) for t in searched.tried])
+    assert ("Pareto front" in labels) == (len(front) > 1)
+    assert axis.get_title().endswith(f"{len(searched.tried)} candidates")
+    assert f"The original (uncut) model scores {searched.settings['ranking']['original_ppl']:.2f}" in (
+        searched.out / "search.md").read_text()
 
 
 def test_the_output_folder_holds_every_candidate_and_the_winner(searched) -> None:

@@ -18,7 +18,7 @@ from layerprune.searching.config import SearchConfig
 
 FORMAT_VERSION = 2
 """2: a decode speed-up timed in turns (``measured_decode_speedup`` null where its interval stayed wide), and
-what the time budget left out (``budget_left_out``, ``shortfall``)."""
+what the time budget left out (``budget_left_out``, ``shortfall``), the original's perplexity (``ranking.original_ppl``)."""
 
 
 class _Part(BaseModel):
@@ -77,6 +77,8 @@ class Ranking(_Part):
     seq_len: int = Field(ge=1)
     windows: int = Field(ge=1)
     tokens: int = Field(ge=0, description="held-out tokens the winner was ranked on")
+    original_ppl: float | None = Field(default=None, description="the uncut model's perplexity on the same windows "
+                                       "(format 2 on)")
     held_out: str
     drop_rule: str
 

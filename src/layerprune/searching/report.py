@@ -39,7 +39,8 @@ def search_table(record: Any) -> str:
     ranking = record.settings["ranking"]
     lines = [f"# Search: {record.model}, {record.remove} of {record.num_layers} layers removed", "",
              (f"Ranked on {ranking['source']} ({ranking['split']} split), {ranking['windows']} windows of "
-              f"{ranking['seq_len']} tokens; {len(record.tried)} candidates tried in {record.seconds:.0f} s."), ""]
+              f"{ranking['seq_len']} tokens; {len(record.tried)} candidates tried in {record.seconds:.0f} s. "
+              f"The original (uncut) model scores {ranking['original_ppl']:.2f} on the same windows."), ""]
     if record.shortfall:
         lines += [f"**{record.shortfall[0].upper()}{record.shortfall[1:]}.**", ""]
         lines += [f"- {what}: {why}" for what, why in record.budget_left_out.items()] + [""]
@@ -67,8 +68,9 @@ def speedup_text(speed: TimedSpeedup) -> str:
     return f"{measured} / {speed.ideal:.2f}x"
 
 
-def plot_pareto(record: Any) -> bytes:
-    """PNG: held-out perplexity against measured decode speed-up, every point labelled, the front joined."""
+def pareto_figure(record: Any) -> Any:
+    """Held-out perplexity against decode speed-up, every point labelled, the front joined where it has
+    two points or more, the original (uncut) model at 1x as the reference."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,15 +78,18 @@ def plot_pareto(record: Any) -> bytes:
 
     points = [(t.speed.usable, t.ppl) for t in record.tried]
     front = sorted(pareto_front(points), key=lambda i: points[i][0])
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axis = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    axis.scatter([1.0], [record.settings["ranking"]["original_ppl"]], marker="s", s=50, color="#2ca02c",
+                 label="original (uncut)")
     for index, (tried, (speed, ppl)) in enumerate(zip(record.tried, points, strict=True)):
         winner = index == record.winner_index
         axis.scatter([speed], [ppl], marker="*" if winner else "o", s=140 if winner else 30,
                      facecolors="none" if tried.dropped else ("#d62728" if winner else "#1f77b4"),
-                     edgecolors="#d62728" if winner else "#1f77b4")
+                     edgecolors="#d62728" if winner else "#1f77b4", label="winner" if winner else None)
         axis.annotate(tried.label, (speed, ppl), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    axis.plot([points[i][0] for i in front], [points[i][1] for i in front], color="#7f7f7f", linewidth=0.8,
-              label="Pareto front")
+    if len(front) > 1:  # a front of one point is no line: no legend entry for what is not drawn
+        axis.plot([points[i][0] for i in front], [points[i][1] for i in front], color="#7f7f7f", linewidth=0.8,
+                  label="Pareto front")
     axis.set_xlabel("decode speed-up over the original (measured; FLOP-ideal where timing was not tight)"
                     if any(t.speed.measured is None for t in record.tried) else
                     "measured decode speed-up over the original")
@@ -93,8 +98,12 @@ def plot_pareto(record: Any) -> bytes:
     axis.set_title(title + (f"\n{record.shortfall}" if record.shortfall else ""), fontsize=9,
                    color="#d62728" if record.shortfall else "black")
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    return png_bytes(figure, dpi=110)
+    return figure
+
+
+def plot_pareto(record: Any) -> bytes:
+    """:func:`pareto_figure` as PNG bytes."""
+    return png_bytes(pareto_figure(record), dpi=110)
 
 
 def recipe_document(record: Any, source: str, calibration: dict[str, Any], batch_size: int,

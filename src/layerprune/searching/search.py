@@ -281,7 +281,9 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
     windows = held_out_windows(token_stream(loaded.tokenizer, rank_source, rank_split, calibration.text_field),
                                calibration.seq_len, prefix, config.rank_windows)
 
-    batch_size = config.batch_size
+    batch_size, drop_rule = config.batch_size, config.drop_rule
+    # the reference every candidate is read against (search.md, pareto.png): the uncut model, same windows
+    original_ppl = rank(window_losses(loaded.model, windows, batch_size, max(len(prefix), 1)), drop_rule, None).ppl
     scoring = {"batch_size": batch_size, **(metric_options or {})}
     metrics = candidate_metrics()
     report, pass_seconds = score_within_budget(loaded, rows, metrics, budget, scoring)
@@ -295,7 +297,6 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
     queue = [*plain, *repaired]
     limit = len(queue) if config.max_candidates is None else config.max_candidates
 
-    drop_rule = config.drop_rule
     tried, winner_model, refused = rank_queue(loaded, queue[:limit], rows, windows, max(len(prefix), 1),
                                               batch_size=batch_size, drop_rule=drop_rule, workload=workload,
                                               budget=budget, pass_seconds=pass_seconds, progress=progress)
@@ -306,7 +307,7 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
                    "max_candidates": config.max_candidates},
         "calibration": {**calibration.record(), "used_for": "scoring every metric and fitting every repair"},
         "ranking": {"source": rank_source, "split": rank_split, "seq_len": calibration.seq_len,
-                    "windows": len(windows), "tokens": tried[winner_index].tokens,
+                    "windows": len(windows), "tokens": tried[winner_index].tokens, "original_ppl": original_ppl,
                     "held_out": "another split of the calibration source (split by document)"
                     if config.rank_data is None else "the rank_data text",
                     "drop_rule": f"dropped once, after {drop_rule.after} or more windows, the running perplexity "
