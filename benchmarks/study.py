@@ -589,8 +589,78 @@ def ratio_curves_name(name: str) -> str:
 IMPORTANCE_FIGURE = "study-importance-profiles.png"
 
 
+def ratio_figure(name: str, model_rows: Rows) -> Any | None:
+    """Perplexity (top) and mean accuracy (bottom) of every metric's cut, by healing method.
+
+    Over several removal ratios, one column per healing method (four to a row) with a curve per
+    metric. At one ratio a curve would be a column of dots over meaningless ticks: the methods are
+    then the categories of the x axis and the metrics sit side by side in each. A metric whose cells
+    are another's (the same layers chosen: angular and block-cosine often are) is drawn hollow on top
+    and its legend entry says so; the unpruned accuracy line is in the legend with its value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heals = [heal for heal in HEALS if any(_measured(model_rows, (m, r, heal)) for m in METRICS for r in RATIOS)]
+    if not heals:
+        return None
+    ratios = [r for r in RATIOS if any(_measured(model_rows, (m, r, h)) for m in METRICS for h in heals)]
+    points = {metric: [(r, h, row["ppl"], row["accuracy"]) for r in ratios for h in heals
+                       if (row := _measured(model_rows, (metric, r, h)))] for metric in METRICS}
+    labels: dict[str, str] = {}
+    for metric, data in points.items():
+        twin = next((other for other in labels if data and points[other] == data), None)
+        labels[metric] = f"{metric} (= {twin}, drawn over it)" if twin else metric
+    unpruned = model_rows[UNPRUNED]["accuracy"]
+    with plt.rc_context({"font.size": 10}):
+        if len(ratios) == 1:
+            figure, axes = plt.subplots(2, 1, figsize=(11, 8), sharex=True, layout="constrained", squeeze=False)
+            panels = [(axes[0][0], axes[1][0], heals)]
+        else:
+            per_row = min(len(heals), 4)
+            rows = -(-len(heals) // per_row)
+            figure, axes = plt.subplots(2 * rows, per_row, figsize=(3.8 * per_row, 3.4 * 2 * rows), sharey="row",
+                                        layout="constrained", squeeze=False)
+            panels = [(axes[2 * (i // per_row)][i % per_row], axes[2 * (i // per_row) + 1][i % per_row], [heal])
+                      for i, heal in enumerate(heals)]
+            for axis in axes.flat[len(heals) * 2:]:
+                axis.set_visible(False)
+        for top, bottom, shown in panels:
+            for index, metric in enumerate(METRICS):
+                data = [point for point in points[metric] if point[1] in shown]
+                if not data:
+                    continue
+                hollow = "=" in labels[metric]
+                style = {"marker": "o", "label": labels[metric], "markersize": 9 if hollow else 6,
+                         "color": f"C{index % 10}",  # the same colour for a metric in every panel and the legend
+                         "markerfacecolor": "none" if hollow else None, "linestyle": "none" if len(ratios) == 1 else "-"}
+                if len(ratios) == 1:  # categories: the methods; the metrics side by side in each
+                    xs = [shown.index(h) + (index - len(METRICS) / 2) * 0.06 for _, h, _, _ in data]
+                else:
+                    xs = [int(r.rstrip("%")) for r, _, _, _ in data]
+                top.plot(xs, [ppl for _, _, ppl, _ in data], **style)
+                bottom.plot(xs, [accuracy for _, _, _, accuracy in data], **style)
+            top.set(yscale="log", ylabel="held-out perplexity (log)",
+                    title=f"at {ratios[0]} removed" if len(ratios) == 1 else f"healing: {shown[0]}")
+            bottom.axhline(unpruned, color="grey", linestyle=":", label=f"unpruned accuracy ({unpruned:.2f})")
+            bottom.set(ylabel="zero-shot accuracy (mean)")
+            if len(ratios) == 1:
+                bottom.set_xticks(range(len(shown)), shown)
+                bottom.set_xlabel("healing or repair")
+            else:
+                for axis in (top, bottom):
+                    axis.set_xticks([int(r.rstrip("%")) for r in ratios])
+                    axis.set_xlabel("layers removed (%)")
+        handles = {label: handle for axis in figure.axes for handle, label in zip(*axis.get_legend_handles_labels())}
+        figure.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=9)
+        figure.suptitle(f"{name}: perplexity and accuracy" + (f" at {ratios[0]} removed, by healing method"
+                                                               if len(ratios) == 1 else " vs removal ratio, by healing method"))
+    return figure
+
+
 def draw_figures(folder: Path, rows: dict[str, Rows]) -> None:
-    """Draw each model's ratio curves from its rows (so a CSV suffices), and the models' importance
+    """Draw each model's ratio figure from its rows (so a CSV suffices), and the models' importance
     profiles where the cache holds their scores (a fresh machine keeps the committed drawing)."""
     import matplotlib
 
@@ -599,26 +669,10 @@ def draw_figures(folder: Path, rows: dict[str, Rows]) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     for name, model_rows in rows.items():
-        heals = [heal for heal in HEALS if any(_measured(model_rows, (m, r, heal)) for m in METRICS for r in RATIOS)]
-        if not heals:
-            continue
-        figure, axes = plt.subplots(2, len(heals), figsize=(4.2 * len(heals), 7), sharex=True,
-                                    sharey="row", squeeze=False)
-        for column, heal in enumerate(heals):
-            for metric in METRICS:
-                done = [(int(r.rstrip("%")), row) for r in RATIOS if (row := _measured(model_rows, (metric, r, heal)))]
-                if done:
-                    ratios = [ratio for ratio, _ in done]
-                    axes[0][column].plot(ratios, [row["ppl"] for _, row in done], marker="o", label=metric)
-                    axes[1][column].plot(ratios, [row["accuracy"] for _, row in done], marker="o", label=metric)
-            axes[0][column].set(title=f"healing: {heal}", yscale="log", ylabel="held-out perplexity (log)")
-            axes[1][column].set(xlabel="layers removed (%)", ylabel="zero-shot accuracy (mean)")
-            axes[1][column].axhline(model_rows[UNPRUNED]["accuracy"], color="grey", linestyle=":", label="unpruned")
-        axes[0][0].legend(fontsize=7, ncol=2)
-        figure.suptitle(f"{name}: perplexity and accuracy vs removal ratio, by healing method")
-        figure.tight_layout()
-        figure.savefig(folder / ratio_curves_name(name), dpi=100)
-        plt.close(figure)
+        figure = ratio_figure(name, model_rows)
+        if figure is not None:
+            figure.savefig(folder / ratio_curves_name(name), dpi=100)
+            plt.close(figure)
     profiles = [(name, json.loads((study_dir(name) / "scores.json").read_text())) for name in rows
                 if (study_dir(name) / "scores.json").exists()]
     if profiles:

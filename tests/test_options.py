@@ -143,8 +143,9 @@ def test_score_flag_default_equals_api_default_equals_recipe_default(tmp_path: P
     args = subcommand("score").parse_args(["--model", "m"])
     assert ScoreConfig(**given_options(args, ScoreConfig)).model_dump() == defaults
     action = flag_action(subcommand("score"), "--batch-size")
-    assert "(default: 8)" in action.help and "streaming" in action.help
-    assert flag_action(subcommand("prune"), "--batch-size").help == action.help
+    assert "(default: 8)" in action.help and flag_action(subcommand("prune"), "--batch-size").help == action.help
+    assert "streaming" not in action.help  # prune has no --streaming: the flag that changes it says so itself
+    assert "--batch-size is then 1 unless given" in flag_action(subcommand("score"), "--streaming").help
     assert "bi" in flag_action(subcommand("score"), "--metrics").help  # the choices, listed as argparse cannot
     assert inspect.signature(stream_score).parameters["batch_size"].default == STREAMING_BATCH_SIZE
     keys = _section_fields()["score"]

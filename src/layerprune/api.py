@@ -30,7 +30,7 @@ def save(loaded: LoadedModel, out: str | Path, *, overwrite: bool = DEFAULT_EXPO
     protected = [loaded.local_dir] if loaded.local_dir is not None else []
     return save_checkpoint(
         loaded.model, loaded.tokenizer, out, overwrite=config.overwrite, protected=protected,
-        extra_files={PROVENANCE_FILE: provenance_json(record), "README.md": render_model_card(record)},
+        extra_files={PROVENANCE_FILE: provenance_json(record), "README.md": render_model_card(record, out)},
         max_shard_size=config.max_shard_size, state_dict=loaded.export_state,
     )
 

@@ -238,3 +238,31 @@ def test_report_reads_claims_then_figures_then_the_grid(study, tmp_path, monkeyp
         assert (results.parent / "figures" / study.ratio_curves_name(model)).stat().st_size
     appendix = text.split("## Appendix A: the full grid")[1]
     assert "[RESULTS-cells.csv](RESULTS-cells.csv)" in appendix and "| bi | 495.3 / 0.510 / 0.15 / 1.41× (1.12×) |" in appendix
+
+
+def _figure_rows(study, ratios: tuple[str, ...]) -> dict:
+    rows = {study.UNPRUNED: study._row("toy", study.UNPRUNED, status="measured", layers=30, ppl=36.9, accuracy=0.8)}
+    for step, ratio in enumerate(ratios):
+        for heal, gain in (("none", 1.0), ("lora", 0.8)):
+            for index, metric in enumerate(("bi", "angular", "block-cosine")):
+                same = metric == "block-cosine"  # the same layers as angular: the same cells
+                worse = (1 + step) * (1 + (1 if same else index)) * gain
+                rows[(metric, ratio, heal)] = study._row("toy", (metric, ratio, heal), status="measured",
+                                                         ppl=60.0 * worse, accuracy=0.7 / worse)
+    return rows
+
+
+@pytest.mark.parametrize("ratios", [("25%",), ("12%", "25%", "37%")], ids=["one ratio", "three ratios"])
+def test_the_ratio_figure_never_pretends_one_ratio_is_a_curve(study, ratios) -> None:
+    from tests.reporting.figure_checks import check_figure
+
+    figure = study.ratio_figure("toy", _figure_rows(study, ratios))
+    check_figure(figure)
+    labels = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert "block-cosine (= angular, drawn over it)" in labels  # the hidden series is noted
+    assert "unpruned accuracy (0.80)" in labels  # the reference line is labelled
+    bottoms = [axis for axis in figure.axes if axis.get_visible() and axis.get_xlabel()]
+    if len(ratios) == 1:
+        assert [t.get_text() for t in bottoms[0].get_xticklabels()] == ["none", "lora"]  # categories, not 24-26
+    else:
+        assert all(list(axis.get_xticks()) == [12, 25, 37] for axis in bottoms)

@@ -104,6 +104,10 @@ def test_prune_compensate_records_the_repair(original, corpus, tmp_path, capsys)
     (repair,) = json.loads((named / "layerprune.json").read_text())["repairs"]
     assert repair["options"]["ridge"] == 0.01
     assert repair["method"] == "replace-linear" and repair["batch_size"] == 8  # the RepairConfig, as run
+    line = capsys.readouterr().out.strip().splitlines()[-1]  # its one line says the repair happened
+    assert f"layers; repaired with replace-linear (training-free: " in line and line.endswith(f"saved to {named}")
+    card = (named / "README.md").read_text()  # the card's snippet opens this folder, not a placeholder
+    assert f"AutoModelForCausalLM.from_pretrained({str(named)!r})" in card and '"PATH"' not in card
 
 
 def post_norm_checkpoint(tmp_path: Path) -> Path:

@@ -34,7 +34,7 @@ class EvalConfig(Config):
     max_windows: int | None = option(None, "score only the first N windows (quick looks); none: all", minimum=1)
     tasks: Annotated[tuple[str, ...], Parse(comma_list)] = option(
         (), f"lm-eval tasks: lp_offline (the offline suite) or offline tasks {', '.join(OFFLINE_TASKS)}; online: "
-            f"paper ({','.join(ONLINE_TASKS)}) or any lm-eval task", metavar="TASK,...")
+            f"paper ({', '.join(ONLINE_TASKS)}) or any lm-eval task", metavar="TASK,...")
     limit: int | None = option(None, "documents per task (none: all)", minimum=1)
     num_fewshot: int | None = option(None, "few-shot examples (none: the task's own)", minimum=0)
     batch_size: int = option(4, "sequences per forward pass", minimum=1)

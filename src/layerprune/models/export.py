@@ -129,9 +129,10 @@ def provenance_json(record: dict[str, Any]) -> str:
     return json.dumps(record, indent=2) + "\n"
 
 
-def render_model_card(record: dict[str, Any]) -> str:
+def render_model_card(record: dict[str, Any], folder: str | Path) -> str:
     """The model card: what was removed, why, and how to load the result with plain transformers, for
-    a next user who may never have heard of layerprune."""
+    a next user who may never have heard of layerprune; ``folder`` is where it is written, as the user
+    named it (what the loading snippet opens)."""
     removed = record.get("removed_layers", [])
     replaced = record.get("replaced_blocks", [])
     lines = [
@@ -160,8 +161,8 @@ def render_model_card(record: dict[str, Any]) -> str:
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "model = AutoModelForCausalLM.from_pretrained(\"PATH\")",
-        "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")",
+        f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r})",
+        f"tokenizer = AutoTokenizer.from_pretrained({str(folder)!r})",
         "```",
         "",
         "This is a standard checkpoint: no layerprune import and no remote code are needed.",

@@ -335,5 +335,5 @@ def prune_checkpoint(
         for path in _side_files(source):
             shutil.copy2(path, staging / path.name)
         (staging / PROVENANCE_FILE).write_text(provenance_json(record))
-        (staging / "README.md").write_text(render_model_card(record))
+        (staging / "README.md").write_text(render_model_card(record, out))
     return target

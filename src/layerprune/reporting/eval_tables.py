@@ -170,6 +170,7 @@ def comparison_figure(report: dict[str, Any]) -> Any | None:
             title += ", log scale from 1"
         axis.set_title(title, fontsize=10)
         axis.set_ylabel(ylabel)
+        axis.set_xlabel("held-out text" if ylabel == "perplexity" else "task")
     axes[0][0].legend(fontsize=8)
     return figure
 

@@ -25,8 +25,7 @@ class ScoreConfig(Config):
 
     metrics: Annotated[tuple[str, ...], Parse(comma_list), Registered(METRICS)] = option(
         ("bi",), "layer-importance metrics to score, comma-separated (repeats are scored once)", metavar="METRIC,...")
-    batch_size: int = option(8, "rows per forward pass; layer streaming takes 1 unless given (its point is low "
-                             "memory)", minimum=1)
+    batch_size: int = option(8, "rows per forward pass", minimum=1)
 
     @field_validator("metrics")
     @classmethod

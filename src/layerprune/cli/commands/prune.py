@@ -223,7 +223,10 @@ def finish(loaded: LoadedModel, args: argparse.Namespace, removed: list[int], re
     if args.generate:  # refused before anything is written: the demo must fit the model's context
         check_fits_context(loaded, len(loaded.tokenizer(args.generate)["input_ids"]), args.max_new_tokens)
     folder = save(loaded, recipe=recipe, **export_from_args(args).model_dump())
-    print(f"removed layers {removed}: {loaded.lineage['original_num_layers']} -> {loaded.num_layers} layers; saved to {folder}")
+    repaired = next((f"; repaired with {step['method']} ({step['summary']})" for step in loaded.lineage["healing"]
+                     if args.compensate and step["method"] == args.compensate), "")
+    print(f"removed layers {removed}: {loaded.lineage['original_num_layers']} -> {loaded.num_layers} layers{repaired}; "
+          f"saved to {folder}")
     if args.generate:
         print(generate_text(loaded, args.generate, args.max_new_tokens))
 

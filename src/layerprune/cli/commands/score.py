@@ -55,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--plot", metavar="FILE", help="write the figure here (default: --output with .png)")
     parser.add_argument("--streaming", action="store_true",
                         help="load one decoder layer at a time from the safetensors files (for models that do not "
-                             "fit in memory; CPU); not for taylor or --iterative")
+                             "fit in memory; CPU); not for taylor or --iterative; --batch-size is then 1 unless given "
+                             "(the point is low memory)")
     parser.add_argument("--spill-dir", help="with --streaming: keep activations between layers in files here "
                                             "instead of memory")
     parser.set_defaults(run=run)
