@@ -64,12 +64,13 @@ def main() -> None:
     table = "\n".join(rows)
     print(table)
     if not args.no_doc:
-        body = (f"`python benchmarks/bench_startup.py`: CPU seconds (user + system) of a fresh Python process per "
-                f"command, median of {args.repeats} alternated repeats; {platform.machine()}, {os.cpu_count()} CPUs, "
-                f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}; "
-                f"{date.today().isoformat()}, 1-minute load average {load:.2f} at the start. Goal: under "
-                f"{GOAL_SECONDS:g} s for help, version and bad input (answered by the quick parser, before torch is "
-                f"imported).\n\n{table}")
+        machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+                   f"torch {torch.__version__}, transformers {transformers.__version__}")
+        body = "\n\n".join([
+            f"`python benchmarks/bench_startup.py`: CPU seconds (user + system) of a fresh Python process per command, "
+            f"median of {args.repeats} alternated repeats; {machine}; {date.today().isoformat()}, 1-minute load "
+            f"average {load:.2f} at the start. Goal: under {GOAL_SECONDS:g} s for help, version and bad input "
+            "(answered by the quick parser, before torch is imported).", table])
         update_doc_section(DOC, "## Start-up", "### Help, version and bad flags", body)
 
 
