@@ -47,6 +47,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import layerprune as lp
@@ -679,13 +680,19 @@ def draw_figures(folder: Path, rows: dict[str, Rows]) -> None:
         figure, axes = plt.subplots(2, len(profiles), figsize=(6 * len(profiles), 8), squeeze=False)
         for column, (name, scores) in enumerate(profiles):
             axis = axes[0][column]
+            drawn: dict[str, list[float]] = {}
             for metric in ("bi", "block-cosine", "angular", "taylor", "magnitude-l2", "ppl"):
                 values = scores["importance"].get(metric)
                 if values:
                     if metric == "ppl":  # removing layer 0 costs orders of magnitude more than the rest
                         values, metric = [math.log(v) for v in values], "log ppl"
                     low, high = min(values), max(values)
-                    axis.plot([(v - low) / ((high - low) or 1) for v in values], marker=".", label=metric)
+                    scaled = [(v - low) / ((high - low) or 1) for v in values]
+                    # bi is 1 - block-cosine's one-layer value: once scaled, the same line; say so, draw it hollow
+                    twin = next((other for other, line in drawn.items() if np.allclose(line, scaled)), None)
+                    axis.plot(scaled, marker="o" if twin else ".", markerfacecolor="none" if twin else None,
+                              label=f"{metric} (= {twin}, drawn over it)" if twin else metric)
+                    drawn[metric] = scaled
             axis.set(xlabel="layer", ylabel="importance (min-max scaled)", title=f"{name}: layer importance")
             axis.legend(fontsize=7)
             # What selection uses is the order: each metric's rank of every layer (0 = removed first).

@@ -64,7 +64,13 @@ def test_the_quick_parser_refuses_what_the_real_one_refuses_in_its_words(argv: l
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["prune", "--help"], ["prune", "--bogus"],
                                   ["score", "--model", "m", "--samples", "x"]], ids=" ".join)
 def test_help_version_and_bad_flags_do_not_import_torch(argv: list[str]) -> None:
-    probe = ("import sys\nfrom layerprune.cli.main import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n"
+    probe = ("import sys\nfrom layerprune.cli.main import main\ntry:\n    main()\nexcept SystemExit:\n"
              "    pass\nprint(sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules), file=sys.stderr)")
     done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120)
     assert done.stderr.splitlines()[-1] == "[]", done.stderr
+
+
+def test_a_damaged_spec_leaves_the_answer_to_the_real_parser(tmp_path) -> None:
+    damaged = tmp_path / "commands.json"
+    damaged.write_text('{"prog": "layerprune", "actions": [')
+    assert quick_parser(OneLineParser, damaged) is None and quick_parser(OneLineParser, tmp_path / "none") is None

@@ -48,7 +48,10 @@ def assert_same_checkpoint(on_disk: Path, reference: Path) -> None:
     undated = [{k: v for k, v in json.loads((f / "layerprune.json").read_text()).items() if k != "date"}
                for f in (on_disk, reference)]
     assert undated[0] == undated[1]
-    assert (on_disk / "README.md").read_text() == (reference / "README.md").read_text()
+    # the card's snippet opens its own folder, so the two cards differ in that path only
+    assert str(on_disk) in (on_disk / "README.md").read_text()
+    assert ((on_disk / "README.md").read_text().replace(str(on_disk), "OUT")
+            == (reference / "README.md").read_text().replace(str(reference), "OUT"))
 
 
 @pytest.mark.parametrize("shard_size", ["2GB", "20KB"], ids=["single-file", "sharded"])

@@ -111,8 +111,10 @@ def _build_parser_holding_ctrl_c() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else list(argv)
-    quick = quick_parser(OneLineParser)
-    if quick is not None:  # help, the version and a flag argparse refuses end here, before torch loads
+    # the process's own command line: help, the version and a flag argparse refuses end here, before torch
+    # loads; a caller in Python (argv given) may have registered units since, which only the real parser knows
+    quick = quick_parser(OneLineParser) if argv is None else None
+    if quick is not None:
         quick.parse_args(arguments)
     try:
         parser = _build_parser_holding_ctrl_c()

@@ -164,10 +164,12 @@ def _build(parser: argparse.ArgumentParser, document: dict[str, Any], parser_cla
 
 
 def quick_parser(parser_class: type[argparse.ArgumentParser], path: Path = SPEC_FILE) -> argparse.ArgumentParser | None:
-    """The command line rebuilt from its spec (``None`` where none ships: the real parser answers)."""
-    if not path.is_file():
+    """The command line rebuilt from its spec; ``None`` where none ships or it cannot be read (the real
+    parser then answers, only slower)."""
+    try:
+        document = json.loads(path.read_text())
+        parser = parser_class(prog=document["prog"], description=document["description"], epilog=document["epilog"])
+        _build(parser, document, parser_class)
+    except (OSError, ValueError, KeyError, TypeError, argparse.ArgumentError):
         return None
-    document = json.loads(path.read_text())
-    parser = parser_class(prog=document["prog"], description=document["description"], epilog=document["epilog"])
-    _build(parser, document, parser_class)
     return parser

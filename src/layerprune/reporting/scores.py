@@ -60,8 +60,9 @@ def _meaning(result: MetricResult) -> str:
 def scores_figure(report: ScoreReport, selection: Selection | None = None) -> Any:
     """The figure: one bar panel per metric (its raw per-layer values, the ``selection``'s layers in
     red, with a legend saying so), then a heat map per block table. A panel's axis is logarithmic only
-    where one layer dwarfs the typical one (``ppl`` without layer 0): a log axis over values that differ
-    by a few percent (``block-cosine``'s ~0.95) would make every bar look the same."""
+    where one layer dwarfs the typical one (``ppl`` without layer 0), and its values are then dots (a
+    bar's length on a log axis means nothing): a log axis over values that differ by a few percent
+    (``block-cosine``'s ~0.95) would make every bar look the same."""
     import matplotlib  # deferred: matplotlib and pyplot cost ~0.3 s, only for a plot
 
     matplotlib.use("Agg")  # before pyplot's import: no display is ever needed
@@ -76,10 +77,13 @@ def scores_figure(report: ScoreReport, selection: Selection | None = None) -> An
     layers = list(range(report.num_layers))
     for axis, (name, result) in zip(axes[:, 0], report.results.items(), strict=False):
         values = per_layer_values(result)
-        axis.bar(layers, values, color=[REMOVED_COLOR if i in removed else KEPT_COLOR for i in layers])
+        colours = [REMOVED_COLOR if i in removed else KEPT_COLOR for i in layers]
         finite = sorted(v for v in values if math.isfinite(v))
         if finite and finite[0] > 0 and finite[-1] > 100 * finite[len(finite) // 2]:
+            axis.scatter(layers, values, c=colours, s=24)  # on a log axis a bar's length means nothing: dots
             axis.set_yscale("log")
+        else:
+            axis.bar(layers, values, color=colours)
         axis.set_title(f"{name}" + (" (blocks of n=1)" if name in tables else ""), fontsize=10)
         axis.set_ylabel(textwrap.fill(_meaning(result), 28), fontsize=8)
         axis.set_xticks(layers)

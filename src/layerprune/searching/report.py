@@ -77,7 +77,8 @@ def pareto_figure(record: Any) -> Any:
     from matplotlib import pyplot as plt
 
     points = [(t.speed.usable, t.ppl) for t in record.tried]
-    front = sorted(pareto_front(points), key=lambda i: points[i][0])
+    ranked = [i for i, t in enumerate(record.tried) if not t.dropped]  # a dropped one's ppl is only a lower bound
+    front = sorted((ranked[i] for i in pareto_front([points[i] for i in ranked])), key=lambda i: points[i][0])
     figure, axis = plt.subplots(figsize=(7, 4.5), layout="constrained")
     axis.scatter([1.0], [record.settings["ranking"]["original_ppl"]], marker="s", s=50, color="#2ca02c",
                  label="original (uncut)")
