@@ -25,14 +25,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils.hub import convert_file_size_to_int
 
 from layerprune.errors import UsageError
+from layerprune.models.gguf_types import WRITABLE_TYPES, quant_type
 from layerprune.options import NO_FLAG, Config, option
 from layerprune.outputs import atomic_output_dir, check_free_space, check_output_path
 
 SAFETY_MARGIN_BYTES = 64 * 2**20
 
-FORMATS = ("transformers",)
+FORMATS = ("transformers", "gguf")
 """The checkpoint formats a model is written in: ``transformers`` (safetensors weights, config and
-tokenizer that plain transformers loads)."""
+tokenizer that plain transformers loads), ``gguf`` (one llama.cpp file, :mod:`layerprune.models.gguf_export`)."""
 
 PLACEMENT = ("out", "overwrite")
 """The export options that say *where* a checkpoint goes, which a stage writing into a folder of its
@@ -49,12 +50,22 @@ class ExportConfig(Config):
     overwrite: bool = option(False, "replace an existing output folder, only one layerprune wrote (it holds a "
                              "layerprune.json, run.json or search.json record that validates as one) or an empty one")
     format: str = option("transformers", "checkpoint format: transformers (safetensors weights, config and "
-                         "tokenizer that plain transformers loads)", choices=FORMATS)
+                         "tokenizer that plain transformers loads) or gguf (one model.gguf file for llama.cpp)",
+                         choices=FORMATS)
+    gguf_type: str | None = option(None, "with format gguf: the type of the tensors it quantizes (those a repair or "
+                                   "healing changed, all of a non-GGUF source): " + ", ".join(WRITABLE_TYPES) +
+                                   " (none: the source tensor's own type where gguf writes it, else Q8_0)",
+                                   metavar="TYPE")
     max_shard_size: str | int = option("2GB", "the largest weight file: a size such as 2GB or 500MB, or bytes",
                                        flag=NO_FLAG)
 
     def check(self) -> None:
-        """A shard size must read as a positive size before anything is trained or written."""
+        """A shard size must read as a positive size, and a GGUF type be one gguf writes for a GGUF export,
+        before anything is trained or written."""
+        if self.gguf_type is not None:
+            if self.format != "gguf":
+                self.refuse("gguf_type", "applies to format gguf only; add that format or drop it")
+            quant_type(self.gguf_type)
         try:
             size = convert_file_size_to_int(self.max_shard_size)
         except ValueError:
