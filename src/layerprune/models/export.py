@@ -140,6 +140,26 @@ def provenance_json(record: dict[str, Any]) -> str:
     return json.dumps(record, indent=2) + "\n"
 
 
+def _gguf_load(gguf: dict[str, Any]) -> list[str]:
+    """How a GGUF export loads: in llama.cpp (or anything built on it), and in transformers' GGUF loader."""
+    kinds = sorted({tensor["type"] for tensor in gguf["tensors"].values()})
+    return [
+        f"One GGUF file, `{gguf['file']}` (llama.cpp architecture `{gguf['architecture']}`; tensor types "
+        f"{', '.join(kinds)}; each tensor's type, and whether it was copied from the source file or quantized, is "
+        "in `layerprune.json`).",
+        "",
+        "```sh",
+        f"llama-cli -m PATH/{gguf['file']} -p \"Hello\"",
+        "```",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        f"model = AutoModelForCausalLM.from_pretrained(\"PATH\", gguf_file=\"{gguf['file']}\")",
+        "```",
+        "",
+    ]
+
+
 def render_model_card(record: dict[str, Any]) -> str:
     """The model card: what was removed, why, and how to load the result with plain transformers, for
     a next user who may never have heard of layerprune."""
@@ -165,16 +185,14 @@ def render_model_card(record: dict[str, Any]) -> str:
         )
     for step in record.get("healing", []):
         lines.append(f"- Healed with `{step.get('method')}`: {step.get('summary', '')}".rstrip(": "))
-    lines += [
-        "",
-        "## Load",
-        "",
+    lines += ["", "## Load", ""] + (_gguf_load(record["gguf"]) if record.get("gguf") else [
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "model = AutoModelForCausalLM.from_pretrained(\"PATH\")",
         "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")",
         "```",
         "",
+    ]) + [
         "This is a standard checkpoint: no layerprune import and no remote code are needed.",
         f"Provenance (recipe, versions, date) is in `layerprune.json`. Written by layerprune {record.get('versions', {}).get('layerprune', '')}.",
         "",
