@@ -82,7 +82,7 @@ def save_gguf(loaded: LoadedModel, out: str | Path, *, overwrite: bool, protecte
     if getattr(loaded.model, "hf_device_map", None):
         raise OptionError.about("device_map", DEVICE_MAP_REFUSAL)
     source = source_file(loaded)
-    protected = [*protected, *([source.path, source.path.parent] if source else [])]
+    protected = [*protected, *([source.path] if source else [])]
     target = check_output_path(out, overwrite=overwrite, protected=protected)
     state = loaded.export_state or loaded.model.state_dict()
     tensors, copied = plan_tensors(loaded, state, architecture, source, requested)

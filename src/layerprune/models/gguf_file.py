@@ -227,7 +227,7 @@ def prune_gguf(source: str | Path, layers: Iterable[int], out: str | Path, *, ov
     and the model card beside it) without loading the model: every kept tensor is copied byte for byte
     in its own quantization, renumbered, and the header cut to match (:func:`cut_layer_fields`)."""
     path = Path(source).expanduser().resolve()
-    target = check_output_path(out, overwrite=overwrite, protected=[path, path.parent])
+    target = check_output_path(out, overwrite=overwrite, protected=[path])
     reader = open_gguf(path)
     architecture = source_architecture(reader)
     model_type = model_type_of(architecture)
@@ -255,7 +255,7 @@ def prune_gguf(source: str | Path, layers: Iterable[int], out: str | Path, *, ov
                              len(kept), parameters_after, model_type, recipe)
     fields = cut_layer_fields([f for f in read_fields(reader) if f.key != RECORD_KEY], architecture, total, kept)
     check_free_space(target.parent, sum(t.nbytes for t in tensors) + SAFETY_MARGIN_BYTES)
-    with atomic_output_dir(target, overwrite=overwrite, protected=[path, path.parent]) as staging:
+    with atomic_output_dir(target, overwrite=overwrite, protected=[path]) as staging:
         write_gguf(staging / GGUF_FILE, architecture, [*fields, record_field(record)], tensors)
         (staging / PROVENANCE_FILE).write_text(provenance_json(record))
         (staging / "README.md").write_text(render_model_card(record))
