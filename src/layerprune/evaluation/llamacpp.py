@@ -34,6 +34,7 @@ from layerprune.evaluation.efficiency import Workload
 from layerprune.evaluation.record import PerplexityEntry
 from layerprune.evaluation.intervals import perplexity_interval
 from layerprune.evaluation.perplexity import PerplexityResult, resolve_ppl_source, windows
+from layerprune.models.aliases import MODEL_ALIASES, fetch_alias_gguf
 from layerprune.models.gguf_file import open_gguf
 from layerprune.models.lineage import versions
 from layerprune.options import Config, option
@@ -68,8 +69,10 @@ def llama_module() -> Any:
 
 
 def check_gguf_model(model: str) -> Path:
-    """A ``--runtime llamacpp`` model is a ``.gguf`` file or a folder a GGUF export wrote (``model.gguf``)."""
-    path = Path(model).expanduser()
+    """A ``--runtime llamacpp`` model is a ``.gguf`` file, a folder a GGUF export wrote (``model.gguf``) or
+    an alias (its GGUF file as it ships)."""
+    alias = MODEL_ALIASES.get(model)
+    path = fetch_alias_gguf(alias) if alias is not None else Path(model).expanduser()
     if path.is_dir():
         found = sorted(path.glob("*.gguf"))
         if len(found) != 1:
@@ -211,7 +214,7 @@ class LlamaCppReport(BaseModel):
 
     format_version: int = Field(default=1, ge=1, le=1)
     runtime: str = Field(description="llama.cpp (llama-cpp-python)")
-    settings: dict[str, Any] = Field(description="seq_len, max_windows, the speed workload, threads and turns")
+    measured: dict[str, Any] = Field(description="seq_len, max_windows, the speed workload, threads and turns")
     models: list[LlamaCppModel]
     versions: dict[str, str]
 
@@ -238,7 +241,7 @@ def evaluate_gguf(models: Sequence[str], config: EvalConfig, settings: LlamaCppC
             entry["speed"] = {key: value for key, value in measured.items() if key != "model"}
     return checked(LlamaCppReport, {
         "runtime": f"llama.cpp (llama-cpp-python {llama.__version__})",
-        "settings": {"seq_len": config.seq_len, "max_windows": config.max_windows, "threads": settings.thread_count,
+        "measured": {"seq_len": config.seq_len, "max_windows": config.max_windows, "threads": settings.thread_count,
                      "turns": settings.turns, "workload": workload.model_dump() if workload else None},
         "models": entries, "versions": versions()})
 
@@ -257,5 +260,5 @@ def report_table(report: dict[str, Any]) -> str:
                   *(f"{measured[key]:.1f}" if measured else "" for key in ("prefill_tokens_per_s", "decode_tokens_per_s")),
                   *(f"{measured[key]:.2f}" if measured else "" for key in ("prefill_speedup", "decode_speedup", "ideal_speedup"))]
         lines.append("| " + " | ".join(cells) + " |")
-    settings = report["settings"]
+    settings = report["measured"]
     return "\n".join(lines) + f"\n\n{report['runtime']}, {settings['threads']} threads, {settings['turns']} turns.\n"
