@@ -231,3 +231,23 @@ def test_a_repaired_real_model_requantizes_only_the_folded_tensors(tmp_path: Pat
     reference = gguf.quants.quantize(to_gguf_layout("llama", name, value, loaded.model.config),
                                      gguf.GGMLQuantizationType.Q4_1)
     assert tensors[name].data.tobytes() == reference.tobytes()
+
+
+def test_a_recipe_and_heal_write_gguf_through_their_export_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from layerprune.recipes import run_recipe
+    from tests.helpers import write_corpus
+
+    monkeypatch.chdir(tmp_path)
+    save_tiny_checkpoint(tmp_path / "tiny", "llama", 6)
+    write_corpus(tmp_path / "corpus.txt")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: tiny\ncalibration: {source: corpus.txt, samples: 8, seq_len: 32}\n"
+                      "score: {metrics: [bi], batch_size: 4}\nselect: {remove: 2}\nexport: {format: gguf, gguf_type: Q8_0}\n")
+    out = run_recipe(recipe, tmp_path / "run", log=lambda _: None)
+    path = out / "model" / GGUF_FILE
+    assert field(path, "llama.block_count") == 4
+    assert tensors_of(path)["blk.0.ffn_up.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    result = run_cli("heal", "--model", str(tmp_path / "tiny"), "--method", "partial-ft", "--data", "corpus.txt",
+                     "--steps", "1", "--format", "gguf", "--out", str(tmp_path / "healed"))
+    assert result.returncode == 0, result.stderr
+    assert field(tmp_path / "healed" / GGUF_FILE, "llama.block_count") == 6
