@@ -24,6 +24,7 @@ from layerprune.data.calibration import SAMPLINGS, CalibrationConfig
 from layerprune.evaluation.classification import ClassificationSettings
 from layerprune.evaluation.config import EvalConfig
 from layerprune.evaluation.efficiency import Workload
+from layerprune.evaluation.llamacpp import LlamaCppConfig, LlamaCppReport
 from layerprune.evaluation.record import EvalReport
 from layerprune.healing import HEALERS
 from layerprune.healing.base import HealConfig, TrainingOptions
@@ -40,7 +41,7 @@ from layerprune.selection import STRATEGIES, SelectConfig
 
 TARGET = Path(__file__).with_name("api.md")
 DOCS_SCHEMA_DIR = Path(__file__).with_name("schemas")
-RECORDS = (ProvenanceRecord, EvalReport, SearchDocument, RunDocument)
+RECORDS = (ProvenanceRecord, EvalReport, SearchDocument, RunDocument, LlamaCppReport)
 
 
 def render() -> str:
@@ -68,7 +69,8 @@ def render_units() -> list[str]:
               *options_table(CalibrationConfig), ""]
     lines += ["## Evaluation: what `evaluate` measures (`eval` in a recipe, `layerprune eval`)", "",
               *options_table(EvalConfig), "", "### `efficiency`: the workload timed", "", *options_table(Workload), "",
-              "### `classification`: the classification curve", "", *options_table(ClassificationSettings), ""]
+              "### `classification`: the classification curve", "", *options_table(ClassificationSettings), "",
+              "### `layerprune eval --runtime llamacpp`: GGUF files in llama.cpp", "", *options_table(LlamaCppConfig), ""]
     lines += ["## Scoring: which metrics, what batch (`score` in a recipe, beside the metrics' own options)", "",
               *options_table(ScoreConfig), ""]
     lines += ["## Selection: how many layers go, chosen how (`select` in a recipe)", "", *options_table(SelectConfig), ""]

@@ -13,21 +13,27 @@ from typing import Any
 
 from layerprune.models.editing import prune, replace  # noqa: F401  (the public API re-exports them)
 from layerprune.models.export import DEFAULT_EXPORT, ExportConfig, provenance_json, render_model_card, save_checkpoint
+from layerprune.models.gguf_export import save_gguf
 from layerprune.models.lineage import PROVENANCE_FILE, count_parameters, final_record
 from layerprune.models.loading import LoadedModel
 
 
 def save(loaded: LoadedModel, out: str | Path, *, overwrite: bool = DEFAULT_EXPORT.overwrite,
          recipe: dict[str, Any] | None = None, max_shard_size: str | int = DEFAULT_EXPORT.max_shard_size,
-         format: str = DEFAULT_EXPORT.format) -> Path:
+         format: str = DEFAULT_EXPORT.format, gguf_type: str | None = DEFAULT_EXPORT.gguf_type) -> Path:
     """Export a checkpoint with ``layerprune.json`` and a model card beside it into the folder ``out``
     (refused if it exists, unless ``overwrite``). ``format`` is the checkpoint format (``transformers``:
-    safetensors weights that plain transformers loads), ``max_shard_size`` the largest weight file
-    (``"2GB"``, ``"500MB"`` or bytes): the options of
+    safetensors weights that plain transformers loads; ``gguf``: one ``model.gguf`` for llama.cpp, its
+    tensors quantized to ``gguf_type`` where they are not the source file's own), ``max_shard_size``
+    the largest weight file (``"2GB"``, ``"500MB"`` or bytes): the options of
     :class:`~layerprune.models.export.ExportConfig`, checked before anything is written."""
-    config = ExportConfig(out=out, overwrite=overwrite, max_shard_size=max_shard_size, format=format)
-    record = final_record(loaded, recipe)
+    config = ExportConfig(out=out, overwrite=overwrite, max_shard_size=max_shard_size, format=format,
+                          gguf_type=gguf_type)
     protected = [loaded.local_dir] if loaded.local_dir is not None else []
+    if config.format == "gguf":
+        return save_gguf(loaded, out, overwrite=config.overwrite, protected=protected, gguf_type=config.gguf_type,
+                         recipe=recipe)
+    record = final_record(loaded, recipe)
     return save_checkpoint(
         loaded.model, loaded.tokenizer, out, overwrite=config.overwrite, protected=protected,
         extra_files={PROVENANCE_FILE: provenance_json(record), "README.md": render_model_card(record, out)},

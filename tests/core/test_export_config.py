@@ -46,7 +46,8 @@ def test_the_defaults_are_the_declarations_in_python_on_the_command_line_and_in_
         {name: value for name, value in defaults.items() if name != "out"}
     for command, flags in WRITING_COMMANDS.items():
         args = _subcommand(command).parse_args(["--model", "m", *flags, "--out", "o"])
-        assert given_options(args, ExportConfig) == {"out": "o", "overwrite": False, "format": "transformers"}, command
+        assert given_options(args, ExportConfig) == {"out": "o", "overwrite": False, "format": "transformers",
+                                                  "gguf_type": None}, command
     keys = runner._section_fields()["export"]
     assert set(keys) == set(defaults) - set(PLACEMENT) and not any(spec.required for spec in keys.values())
     recipe = tmp_path / "recipe.yaml"

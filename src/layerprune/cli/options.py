@@ -30,9 +30,10 @@ import torch
 from transformers import PretrainedConfig
 
 from layerprune.data import CalibrationConfig, build_calibration, check_source
-from layerprune.errors import UsageError
+from layerprune.errors import OptionError, UsageError
 from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir, resolve_alias
 from layerprune.models.export import ExportConfig
+from layerprune.models.gguf_export import DEVICE_MAP_REFUSAL
 from layerprune.models.loading import LoadedModel, load_model, resolve_dtype
 from layerprune.models.shards import is_safetensors_checkpoint
 from layerprune.options import add_option_flags, given_options, options_of
@@ -136,8 +137,12 @@ def add_output_options(parser: argparse.ArgumentParser, *, required: bool = True
 
 
 def export_from_args(args: argparse.Namespace) -> ExportConfig:
-    """The output flags as the one typed export config every front-end builds (validated as it is built)."""
-    return ExportConfig(**given_options(args, ExportConfig))
+    """The output flags as the one typed export config every front-end builds (validated as it is built); a
+    GGUF export of a model spread by ``--device-map`` is refused here, before the model is loaded."""
+    export = ExportConfig(**given_options(args, ExportConfig))
+    if export.format == "gguf" and getattr(args, "device_map", None):
+        raise OptionError.about("device_map", DEVICE_MAP_REFUSAL)
+    return export
 
 
 def add_output_file_options(parser: argparse.ArgumentParser, *, required: bool, what: str, overwrite: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils.hub import convert_file_size_to_int
 
 from layerprune.errors import UsageError
+from layerprune.models.gguf_types import WRITABLE_TYPES, quant_type
 from layerprune.options import NO_FLAG, Config, option
 from layerprune.outputs import atomic_output_dir, check_free_space, check_output_path
 
 SAFETY_MARGIN_BYTES = 64 * 2**20
 
-FORMATS = ("transformers",)
+FORMATS = ("transformers", "gguf")
 """The checkpoint formats a model is written in: ``transformers`` (safetensors weights, config and
-tokenizer that plain transformers loads)."""
+tokenizer that plain transformers loads), ``gguf`` (one llama.cpp file, :mod:`layerprune.models.gguf_export`)."""
 
 PLACEMENT = ("out", "overwrite")
 """The export options that say *where* a checkpoint goes, which a stage writing into a folder of its
@@ -49,12 +51,22 @@ class ExportConfig(Config):
     overwrite: bool = option(False, "replace an existing output folder, only one layerprune wrote (it holds a "
                              "layerprune.json, run.json or search.json record that validates as one) or an empty one")
     format: str = option("transformers", "checkpoint format: transformers (safetensors weights, config and "
-                         "tokenizer that plain transformers loads)", choices=FORMATS)
+                         "tokenizer that plain transformers loads) or gguf (one model.gguf file for llama.cpp)",
+                         choices=FORMATS)
+    gguf_type: str | None = option(None, "with format gguf: the type of the tensors it quantizes (those a repair or "
+                                   "healing changed, all of a non-GGUF source): " + ", ".join(WRITABLE_TYPES) +
+                                   " (none: the source tensor's own type where gguf writes it, else Q8_0)",
+                                   metavar="TYPE")
     max_shard_size: str | int = option("2GB", "the largest weight file: a size such as 2GB or 500MB, or bytes",
                                        flag=NO_FLAG)
 
     def check(self) -> None:
-        """A shard size must read as a positive size before anything is trained or written."""
+        """A shard size must read as a positive size, and a GGUF type be one gguf writes for a GGUF export,
+        before anything is trained or written."""
+        if self.gguf_type is not None:
+            if self.format != "gguf":
+                self.refuse("gguf_type", "applies to format gguf only; add that format or drop it")
+            quant_type(self.gguf_type)
         try:
             size = convert_file_size_to_int(self.max_shard_size)
         except ValueError:
@@ -129,6 +141,26 @@ def provenance_json(record: dict[str, Any]) -> str:
     return json.dumps(record, indent=2) + "\n"
 
 
+def _gguf_load(gguf: dict[str, Any], folder: str | Path) -> list[str]:
+    """How a GGUF export loads: in llama.cpp (or anything built on it), and in transformers' GGUF loader."""
+    kinds = sorted({tensor["type"] for tensor in gguf["tensors"].values()})
+    return [
+        f"One GGUF file, `{gguf['file']}` (llama.cpp architecture `{gguf['architecture']}`; tensor types "
+        f"{', '.join(kinds)}; each tensor's type, and whether it was copied from the source file or quantized, is "
+        "in `layerprune.json`).",
+        "",
+        "```sh",
+        f"llama-cli -m {shlex.quote(str(Path(folder) / gguf['file']))} -p \"Hello\"",
+        "```",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, gguf_file={gguf['file']!r})",
+        "```",
+        "",
+    ]
+
+
 def render_model_card(record: dict[str, Any], folder: str | Path) -> str:
     """The model card: what was removed, why, and how to load the result with plain transformers, for
     a next user who may never have heard of layerprune; ``folder`` is where it is written, as the user
@@ -155,16 +187,14 @@ def render_model_card(record: dict[str, Any], folder: str | Path) -> str:
         )
     for step in record.get("healing", []):
         lines.append(f"- Healed with `{step.get('method')}`: {step.get('summary', '')}".rstrip(": "))
-    lines += [
-        "",
-        "## Load",
-        "",
+    lines += ["", "## Load", ""] + (_gguf_load(record["gguf"], folder) if record.get("gguf") else [
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r})",
         f"tokenizer = AutoTokenizer.from_pretrained({str(folder)!r})",
         "```",
         "",
+    ]) + [
         "This is a standard checkpoint: no layerprune import and no remote code are needed.",
         f"Provenance (recipe, versions, date) is in `layerprune.json`. Written by layerprune {record.get('versions', {}).get('layerprune', '')}.",
         "",

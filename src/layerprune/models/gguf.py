@@ -10,9 +10,10 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import gguf
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from layerprune.errors import UsageError, first_line
 
@@ -38,11 +39,26 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[PreTraine
     if not path.is_file():
         raise UsageError(f"GGUF file {path} does not exist; check the path")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        sliding = sliding_layers(path)
+        if sliding is not None and getattr(config, "layer_types", None) is not None:
+            config.layer_types = ["sliding_attention" if flag else "full_attention" for flag in sliding]
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     # struct.error: a truncated file; StrictDataclassError: metadata that makes no valid config
     except (ValueError, OSError, KeyError, RuntimeError, struct.error, StrictDataclassError) as error:
         raise UsageError(f"cannot read GGUF file {path}: {first_line(error)}; is it a valid GGUF causal LM?") from None
     strip_gguf_quantizer(model)
     return model, tokenizer
+
+
+def sliding_layers(path: Path) -> list[bool] | None:
+    """The per-layer sliding-window flags of a GGUF file that spells them out (a Gemma-3 file with layers
+    cut), which transformers' GGUF loader ignores: without them it would give the kept layers the
+    original period's pattern."""
+    reader = gguf.GGUFReader(path, "r")
+    architecture = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    field = reader.fields.get(gguf.Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=architecture))
+    value = field.contents() if field is not None else None
+    return [bool(flag) for flag in value] if isinstance(value, list) else None
 

@@ -100,7 +100,10 @@ def record_replacement(loaded: WithLineage, kept_before: list[int], start: int, 
 
 
 def final_record(loaded: WithLineage, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
-    return describe_result(ensure_lineage(loaded), loaded.num_layers, count_parameters(loaded.model),
+    """The record of exporting ``loaded``; how an earlier export wrote its GGUF file (read back with its
+    lineage) is no part of this one, whose writer adds its own."""
+    lineage = {key: value for key, value in ensure_lineage(loaded).items() if key != "gguf"}
+    return describe_result(lineage, loaded.num_layers, count_parameters(loaded.model),
                            loaded.model.config.model_type, recipe)
 
 

@@ -53,6 +53,8 @@ class LoadedModel:
     whole: after FSDP training each process's model holds only its shards, and :func:`layerprune.heal`
     returns the main process's model with the weights it gathered here. ``None`` otherwise; a
     :meth:`copy` starts without it (it is cut or trained apart from these weights)."""
+    gguf_path: Path | None = None
+    """The GGUF file the model was loaded from: a GGUF export copies the tensors it did not change from it."""
 
     @property
     def num_layers(self) -> int:
@@ -83,7 +85,7 @@ class LoadedModel:
         """
         memo = {id(parameter): parameter for parameter in self.model.parameters()} if share_weights else None
         return LoadedModel(copy.deepcopy(self.model, memo=memo), self.tokenizer, self.source, self.adapter,
-                           self.local_dir, copy.deepcopy(self.lineage))
+                           self.local_dir, copy.deepcopy(self.lineage), gguf_path=self.gguf_path)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -170,14 +172,15 @@ def load_model(
         gguf_path = local if local.suffix == ".gguf" else local / check_gguf_name(gguf_file)
         model, tokenizer = load_gguf(gguf_path, torch_dtype)
         folder: Path | None = gguf_path.parent
+        from_gguf: Path | None = gguf_path.resolve()
     elif local.exists():
-        folder = local
+        folder, from_gguf = local, None
         _check_local_folder(folder, allow_pickle)
         model, tokenizer = _load_pretrained(str(folder), torch_dtype, trust_remote_code, allow_pickle, check_config,
                                             device_map)
     elif _is_hub_id(source):
         check_hub_id(source, network=True)
-        folder = None
+        folder = from_gguf = None
         model, tokenizer = _load_pretrained(source, torch_dtype, trust_remote_code, allow_pickle, check_config,
                                             device_map)
     else:
@@ -188,7 +191,7 @@ def load_model(
     adapter = adapter_for(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, source, adapter, folder, read_lineage(folder))
+    return LoadedModel(model, tokenizer, source, adapter, folder, read_lineage(folder), gguf_path=from_gguf)
 
 
 def _load_pretrained(

@@ -62,6 +62,24 @@ class RepairEntry(_Record):
     statistics_seconds: float = Field(default=0.0, ge=0)
 
 
+class GgufTensor(_Record):
+    """How one tensor of a GGUF export was written."""
+
+    type: str = Field(description="its GGUF type (Q4_1, Q8_0, F32, ...)")
+    written: str = Field(description="copied (the source file's bytes, unchanged) or quantized (from the model's "
+                         "values, by the gguf package)")
+
+
+class GgufExport(_Record):
+    """A ``--format gguf`` export: the file, its llama.cpp architecture, the GGUF file it came from (if
+    any), and each tensor's type and how it was written."""
+
+    file: str
+    architecture: str
+    source_file: str | None = None
+    tensors: dict[str, GgufTensor]
+
+
 @known_record
 class ProvenanceRecord(BaseModel):
     """What ``layerprune.json`` holds: the source, the removed layers in the original numbering, every
@@ -80,6 +98,7 @@ class ProvenanceRecord(BaseModel):
     repairs: list[RepairEntry] = []
     reason: str | None = None
     recipe: dict[str, Any] | None = None
+    gguf: GgufExport | None = Field(default=None, description="present for a GGUF export (--format gguf)")
     num_layers: int = Field(ge=1)
     parameters: int = Field(ge=0)
     model_type: str

@@ -173,7 +173,7 @@ class ShardPlan:
         return text + b" " * (-len(text) % 8)
 
 
-def _copy_range(source: BinaryIO, target: BinaryIO, offset: int, count: int) -> None:
+def copy_range(source: BinaryIO, target: BinaryIO, offset: int, count: int) -> None:
     """Append ``count`` bytes of ``source`` from ``offset`` to ``target`` in constant memory."""
     copy_file_range = getattr(os, "copy_file_range", None)
     while count > 0 and copy_file_range is not None:
@@ -201,7 +201,7 @@ def write_shard(plan: ShardPlan, path: Path) -> None:
         target.write(header)
         target.flush()
         for start, end in _merged_ranges(plan.entries):
-            _copy_range(source, target, plan.source.data_start + start, end - start)
+            copy_range(source, target, plan.source.data_start + start, end - start)
 
 
 def _merged_ranges(entries: Iterable[tuple[TensorEntry, str]]) -> Iterator[tuple[int, int]]:

@@ -18,10 +18,13 @@ from layerprune.evaluation.classification import ClassificationSettings
 from layerprune.evaluation.config import EvalConfig
 from layerprune.evaluation.efficiency import Workload, check_workload_fits
 from layerprune.evaluation.evaluate import evaluate
+from layerprune.evaluation.llamacpp import LlamaCppConfig, evaluate_gguf, llama_module, report_table
 from layerprune.models.loading import read_local_config
 from layerprune.options import add_option_flags, comma_list, given_options, options_of
-from layerprune.outputs import check_output_file
+from layerprune.outputs import check_output_file, write_bytes_atomic, write_json_atomic
 from layerprune.reporting.eval_tables import report_markdown, write_report
+
+RUNTIMES = ("transformers", "llamacpp")
 
 # the EvalConfig options each help group shows; batch_size and classify stand beside them
 GROUPS = {"perplexity": ("ppl", "seq_len", "max_windows"), "lm-eval": ("tasks", "limit", "num_fewshot")}
@@ -55,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                              "tasks, speed, the classification curve.")
     add_model_options(parser)
     parser.add_argument("--compare", help="models to put beside --model (the reference), comma-separated")
+    parser.add_argument("--runtime", choices=RUNTIMES, default=RUNTIMES[0],
+                        help="where the models run: transformers, or llamacpp (GGUF files in llama.cpp: perplexity, "
+                             "and with --efficiency prefill/decode tokens/s timed in turns; needs layerprune[llamacpp])")
     add_output_file_options(parser, required=True, what="results JSON; beside it go NAME.md (the table), NAME.png (the plot) and, with "
                                  "--classify, NAME-curve-N.png: each is an output",
                             overwrite="replace those files, only ones layerprune wrote (recognised by their content)")
@@ -70,6 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group = parser.add_argument_group("classification curve (fine-tunes the first k layers)")
     add_option_flags(group, EvalConfig, only_given=True, skip=names - {"classify"})
     add_option_flags(group, ClassificationSettings, only_given=True)
+    add_option_flags(parser.add_argument_group("llama.cpp runtime (--runtime llamacpp)"), LlamaCppConfig, only_given=True)
     parser.set_defaults(run=run)
 
 
@@ -97,6 +104,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--output {args.output} must end in .json (the .md and .png are written beside it)")
     config = eval_config(args)
     compare = compared_models(args)
+    if args.runtime == "llamacpp":
+        return run_llamacpp(args, output, config, compare)
+    if given_options(args, LlamaCppConfig):
+        raise UsageError(f"--{next(iter(given_options(args, LlamaCppConfig)))} is an option of --runtime llamacpp; "
+                         "add that or drop it")
     for model in [args.model, *compare]:
         check_fits_context(model, args, config, config.efficiency or Workload())
     check_lm_eval_installed(config.tasks)
@@ -111,4 +123,22 @@ def run(args: argparse.Namespace) -> int:
     written = write_report(report, output)
     print(report_markdown(report), end="")
     print("wrote " + ", ".join(str(path) for path in written))
+    return 0
+
+
+def run_llamacpp(args: argparse.Namespace, output: Path, config: EvalConfig, compare: tuple[str, ...]) -> int:
+    """``--runtime llamacpp``: the GGUF files' perplexity and speed in llama.cpp (:mod:`layerprune.evaluation.llamacpp`)."""
+    if config.tasks or config.classify:
+        raise UsageError("--runtime llamacpp measures perplexity and speed; run --tasks and --classify with the "
+                         "transformers runtime")
+    settings = LlamaCppConfig(**given_options(args, LlamaCppConfig))
+    llama_module()  # how to install it, before any file is read
+    for path in (output, output.with_suffix(".md")):
+        check_output_file(path, overwrite=args.overwrite, protected=input_paths(args))
+    report = evaluate_gguf([args.model, *compare], config, settings)
+    table = report_table(report)
+    write_json_atomic(output, report)
+    write_bytes_atomic(output.with_suffix(".md"), table.encode())
+    print(table, end="")
+    print(f"wrote {output}, {output.with_suffix('.md')}")
     return 0

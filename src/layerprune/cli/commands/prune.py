@@ -26,10 +26,11 @@ from layerprune.cli.options import (
     selection_from_args, warn_if_most_layers_go,
 )
 from layerprune.errors import OptionError, UsageError
-from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir
+from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir, fetch_alias_gguf
+from layerprune.models.gguf_file import GGUF_FILE, prune_gguf
 from layerprune.models.architectures import ADAPTERS
 from layerprune.models.lineage import PROVENANCE_FILE
-from layerprune.models.loading import LoadedModel
+from layerprune.models.loading import LoadedModel, check_gguf_name
 from layerprune.models.shards import is_safetensors_checkpoint, prune_checkpoint
 from layerprune.models.surgery import parse_layer_list, validate_layer_indices
 from layerprune.options import add_option_flags, given_options
@@ -79,7 +80,11 @@ def run(args: argparse.Namespace) -> int:
     validate_layer_indices(layers)  # empty, negative, repeated: no model needed to tell
     check_generate(args)
     repair = repair_from_args(args)
+    export = export_from_args(args)
     check_output_path(args.out, overwrite=args.overwrite, protected=input_paths(args))
+    source = gguf_source(args) if export.format == "gguf" else None
+    if source is not None and not (needs_model_in_memory(args, ignore_gguf=True) or export.gguf_type):
+        return run_gguf_on_disk(args, layers, source)
     if args.low_memory or can_prune_on_disk(args):
         return run_on_disk(args, layers)
     loaded = load_from_args(
@@ -90,19 +95,43 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def needs_model_in_memory(args: argparse.Namespace) -> bool:
+def needs_model_in_memory(args: argparse.Namespace, ignore_gguf: bool = False) -> bool:
     """Whether a flag asks for something only the loaded model can give: a continuation, a repair,
     another dtype, a GGUF file, a placement, or the repository's own code (which may not match our
-    adapters)."""
-    return bool(args.generate or args.compensate or args.gguf_file or args.dtype != "auto" or args.device != "cpu"
-                or args.device_map or args.trust_remote_code)
+    adapters). ``ignore_gguf``: for a cut from a GGUF file to a GGUF file, which neither reads the
+    model into memory nor changes its dtype."""
+    if not ignore_gguf and (args.gguf_file or args.dtype != "auto"):
+        return True
+    return bool(args.generate or args.compensate or args.device != "cpu" or args.device_map or args.trust_remote_code)
+
+
+def gguf_source(args: argparse.Namespace) -> Path | None:
+    """The GGUF file the model flags name: a ``.gguf`` path, a folder with ``--gguf-file``, or an alias
+    that ships as one; None for any other model."""
+    alias = MODEL_ALIASES.get(args.model)
+    if alias is not None:
+        return fetch_alias_gguf(alias)
+    path = Path(args.model).expanduser()
+    if args.gguf_file:
+        return path / check_gguf_name(args.gguf_file)
+    return path if path.suffix == ".gguf" else None
+
+
+def run_gguf_on_disk(args: argparse.Namespace, layers: list[int], source: Path) -> int:
+    """Cut a GGUF file into a GGUF file (:func:`layerprune.models.gguf_file.prune_gguf`): the kept tensors
+    are copied byte for byte, and no model is loaded."""
+    out = prune_gguf(source, layers, args.out, overwrite=args.overwrite, source_name=args.model)
+    record = json.loads((out / PROVENANCE_FILE).read_text())
+    print(f"removed layers {sorted(layers)}: {record['original_num_layers']} -> {record['num_layers']} layers; "
+          f"saved to {out / GGUF_FILE}")
+    return 0
 
 
 def can_prune_on_disk(args: argparse.Namespace) -> bool:
     """Whether shard surgery applies: a local safetensors checkpoint of a registered family and no flag
     that needs the model in memory. Anything else (a hub id, pickle weights, a broken or unknown
     checkpoint) goes through the loader, whose checks and messages cover every format."""
-    if needs_model_in_memory(args):
+    if needs_model_in_memory(args) or args.format == "gguf":
         return False
     alias = MODEL_ALIASES.get(args.model)  # an alias not yet built is built by loading it, once
     folder = alias_checkpoint_dir(alias) if alias else Path(args.model).expanduser()
@@ -117,6 +146,9 @@ def can_prune_on_disk(args: argparse.Namespace) -> bool:
 
 def run_on_disk(args: argparse.Namespace, layers: list[int]) -> int:
     """Shard surgery on the files (:mod:`layerprune.models.shards`); no model is loaded."""
+    if args.format == "gguf":
+        raise UsageError("--low-memory with --format gguf cuts a GGUF file (a .gguf model, --gguf-file or an alias "
+                         "that ships as one); a safetensors checkpoint is converted in memory: drop --low-memory")
     if needs_model_in_memory(args):
         raise UsageError("--low-memory copies the safetensors files as they are, so it cannot --generate, "
                          "--compensate, read GGUF, change --dtype or place the model (--device, --device-map, "
