@@ -14,13 +14,19 @@ Gemma-3's are the study's best at each ratio (BI's layers 8-9 at 12%, the last 5
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import importlib.metadata
 import json
+import os
+import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import llama_cpp
 import torch
+import transformers
 
 import layerprune as lp
 from layerprune.evaluation.efficiency import Workload
@@ -67,6 +73,7 @@ def main() -> int:
     settings = LlamaCppConfig(threads=args.threads, turns=args.turns)
     workload = Workload(prompt_len=128, new_tokens=64, repeats=2)
     lines = []
+    began, load_before = dt.datetime.now(dt.timezone.utc), os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as scratch:
         for alias, cuts in CUTS.items():
             files = [(f"{alias} (original)", fetch_alias_gguf(MODEL_ALIASES[alias]), [])]
@@ -87,7 +94,12 @@ def main() -> int:
         f"tokens, then {workload.new_tokens} greedy decode steps, batch 1, {settings.thread_count} threads, "
         f"{args.turns} turns x {workload.repeats} repeats per model, the order alternating each turn; medians. "
         "Speed-ups are measured in the same run against the original; the FLOP-ideal one is the ratio of the weights "
-        "each token multiplies (every tensor but the embedding lookup; attention over the context left out).\n")
+        "each token multiplies (every tensor but the embedding lookup; attention over the context left out).\n\n"
+        f"`python benchmarks/llamacpp.py --windows {args.windows} --turns {args.turns}`, {began:%Y-%m-%d %H:%M} UTC, "
+        f"{platform.machine()}, {os.cpu_count()} CPUs, 1-min load {load_before:.2f} at the start and "
+        f"{os.getloadavg()[0]:.2f} at the end (other work shared the machine: the ratios, timed in alternating turns, "
+        f"bear it alike); llama-cpp-python {llama_cpp.__version__}, gguf {importlib.metadata.version('gguf')}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, layerprune {lp.__version__}.\n")
     update_doc_section(Path(args.doc), "## llama.cpp", "### Size, perplexity and CPU speed of GGUF cuts", body)
     return 0
 
