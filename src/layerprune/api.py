@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from layerprune.models.editing import export_form
 from layerprune.models.editing import prune, replace  # noqa: F401  (the public API re-exports them)
 from layerprune.models.export import DEFAULT_EXPORT, ExportConfig, provenance_json, render_model_card, save_checkpoint
 from layerprune.models.gguf_export import save_gguf
@@ -33,9 +34,10 @@ def save(loaded: LoadedModel, out: str | Path, *, overwrite: bool = DEFAULT_EXPO
     if config.format == "gguf":
         return save_gguf(loaded, out, overwrite=config.overwrite, protected=protected, gguf_type=config.gguf_type,
                          recipe=recipe)
-    record = final_record(loaded, recipe)
+    written, _ = export_form(loaded)  # removed branches: repacked into standard layers (with zero partners)
+    record = final_record(written, recipe)
     return save_checkpoint(
-        loaded.model, loaded.tokenizer, out, overwrite=config.overwrite, protected=protected,
+        written.model, loaded.tokenizer, out, overwrite=config.overwrite, protected=protected,
         extra_files={PROVENANCE_FILE: provenance_json(record), "README.md": render_model_card(record, out)},
         max_shard_size=config.max_shard_size, state_dict=loaded.export_state,
     )

@@ -32,6 +32,7 @@ from layerprune.models.architectures import ArchitectureAdapter, adapter_for
 from layerprune.models.checkpoint import read_config
 from layerprune.models.gguf import load_gguf
 from layerprune.models.lineage import read_lineage
+from layerprune.models.sublayers import restore_removed_branches
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -191,7 +192,10 @@ def load_model(
     adapter = adapter_for(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, source, adapter, folder, read_lineage(folder), gguf_path=from_gguf)
+    lineage = read_lineage(folder)
+    if lineage.get("branches"):  # zero partners of a sub-layer cut: removed branches again, costing nothing
+        restore_removed_branches(model, adapter, lineage["branches"])
+    return LoadedModel(model, tokenizer, source, adapter, folder, lineage, gguf_path=from_gguf)
 
 
 def _load_pretrained(

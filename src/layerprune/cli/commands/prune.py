@@ -32,7 +32,8 @@ from layerprune.models.architectures import ADAPTERS
 from layerprune.models.lineage import PROVENANCE_FILE
 from layerprune.models.loading import LoadedModel, check_gguf_name
 from layerprune.models.shards import is_safetensors_checkpoint, prune_checkpoint
-from layerprune.models.surgery import parse_layer_list, validate_layer_indices
+from layerprune.models.sublayers import ATTENTION, KINDS, MLP, plan_branch_removal
+from layerprune.models.surgery import check_index_list, parse_layer_list, validate_layer_indices
 from layerprune.options import add_option_flags, given_options
 from layerprune.outputs import check_output_path
 from layerprune.repair import REPAIRS, RepairConfig, check_repair, compensate
@@ -46,6 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command(subparsers, "prune", "Remove decoder layers and save a standard checkpoint.")
     add_model_options(parser)
     parser.add_argument("--layers", help="layer indices to remove, e.g. 25,26,27 or 20-27")
+    parser.add_argument("--attention", metavar="LIST", help="layers whose attention to remove (their MLP stays), "
+                                                            "same syntax as --layers")
+    parser.add_argument("--mlp", metavar="LIST", help="layers whose MLP to remove (their attention stays), same "
+                                                      "syntax as --layers")
     parser.add_argument("--metric", help="instead of --layers: score with this metric (e.g. bi) and remove the "
                                          "--remove least important layers")
     add_output_options(parser)
@@ -69,14 +74,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.metric:
+        if args.attention or args.mlp:
+            raise UsageError("give either --attention/--mlp or --metric, not both")
         return run_scored(args)
-    if not args.layers:
-        raise UsageError("say which layers to remove with --layers (e.g. --layers 25,26,27) or let a metric choose "
-                         "them with --metric bi --remove 25%")
+    if not (args.layers or args.attention or args.mlp):
+        raise UsageError("say which layers to remove with --layers (e.g. --layers 25,26,27), which branches with "
+                         "--attention/--mlp, or let a metric choose them with --metric bi --remove 25%")
     if args.remove or args.iterative or args.strategy != DEFAULT_SELECT.strategy:
         raise UsageError("--remove/--strategy/--iterative need --metric to choose the layers (e.g. --metric bi "
                          "--remove 25%); with --layers you name them yourself")
-    layers = parse_layer_list(args.layers)
+    layers = parse_layer_list(args.layers or "")
+    branches = {kind: parse_layer_list(getattr(args, kind) or "") for kind in KINDS}
+    if any(branches.values()):
+        return run_sublayers(args, layers, branches)
     validate_layer_indices(layers)  # empty, negative, repeated: no model needed to tell
     check_generate(args)
     repair = repair_from_args(args)
@@ -91,6 +101,30 @@ def run(args: argparse.Namespace) -> int:
         args, check_config=lambda config: validate_layer_indices(layers, getattr(config, "num_hidden_layers", None))
     )
     removed = cut(loaded, layers, args, repair)
+    finish(loaded, args, removed)
+    return 0
+
+
+def run_sublayers(args: argparse.Namespace, layers: list[int], branches: dict[str, list[int]]) -> int:
+    """``--attention``/``--mlp`` (with whole ``--layers`` beside them): the cut is checked as far as the
+    command line tells before the model loads, as far as its config tells before its weights do."""
+    if args.low_memory:
+        raise UsageError("--low-memory copies whole layers' tensors; removing an attention or MLP needs the model "
+                         "in memory: drop --low-memory")
+    if args.compensate:
+        raise UsageError("--compensate repairs a cut of whole layers; drop it with --attention/--mlp")
+    check_generate(args)
+    for what, named in (("layer", layers), (ATTENTION, branches[ATTENTION]), ("MLP", branches[MLP])):
+        check_index_list(named, None, what)  # negative, repeated: no model needed to tell
+    check_output_path(args.out, overwrite=args.overwrite, protected=input_paths(args))
+
+    def check(config: Any) -> None:  # the rest once the layer count is known, before the weights load
+        count = getattr(config, "num_hidden_layers", None)
+        if count is not None:
+            plan_branch_removal([(True, True)] * count, layers, branches[ATTENTION], branches[MLP])
+
+    loaded = load_from_args(args, check_config=check)
+    removed = prune(loaded, layers, attention=branches[ATTENTION], mlp=branches[MLP])
     finish(loaded, args, removed)
     return 0
 
@@ -257,10 +291,26 @@ def finish(loaded: LoadedModel, args: argparse.Namespace, removed: list[int], re
     folder = save(loaded, recipe=recipe, **export_from_args(args).model_dump())
     repaired = next((f"; repaired with {step['method']} ({step['summary']})" for step in loaded.lineage["healing"]
                      if args.compensate and step["method"] == args.compensate), "")
-    print(f"removed layers {removed}: {loaded.lineage['original_num_layers']} -> {loaded.num_layers} layers{repaired}; "
-          f"saved to {folder}")
+    record = json.loads((folder / PROVENANCE_FILE).read_text())
+    if record.get("branches"):
+        print(f"{export_summary(record)}{repaired}; saved to {folder}")
+    else:
+        print(f"removed layers {removed}: {record['original_num_layers']} -> {record['num_layers']} layers{repaired}; "
+              f"saved to {folder}")
     if args.generate:
         print(generate_text(loaded, args.generate, args.max_new_tokens))
+
+
+def export_summary(record: dict[str, Any]) -> str:
+    """What a sub-layer cut became in the written checkpoint: its removed branches, layers and zero partners,
+    and where the standard layout saves no layer, the format that does."""
+    line = (f"removed layers {record['removed_layers']}, the attention of layers {record['removed_attention']} and "
+            f"the MLP of layers {record['removed_mlp']} (original numbering): {record['original_num_layers']} -> "
+            f"{record['num_layers']} layers, {record['zero_partners']} zero partner(s)")
+    if record["num_layers"] + len(record["removed_layers"]) >= record["original_num_layers"]:
+        line += (" (a standard layer holds an attention and an MLP, so this cut saves no layers in the transformers "
+                 "form; --format decilm drops the removed branches)")
+    return line
 
 
 def check_fits_context(loaded: LoadedModel, prompt_tokens: int, max_new_tokens: int) -> None:
