@@ -18,7 +18,9 @@ those back into removed branches (:func:`restore_removed_branches`).
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -31,6 +33,11 @@ from layerprune.models.surgery import check_index_list, rebuild_layers, remove_l
 
 ATTENTION, MLP = "attention", "mlp"
 KINDS = (ATTENTION, MLP)
+UNIT_PREFIX = {ATTENTION: "attn", MLP: "mlp"}
+"""A branch as a scoring unit is named ``attn.i`` or ``mlp.i`` (``i``: its layer, as scored)."""
+GGUF_REFUSAL = ("the GGUF export of a model without some attention or MLP branches (llama.cpp's deci architecture) "
+                "is not built yet; export it with format transformers or decilm")
+_UNIT = re.compile(r"^(attn|mlp)\.(\d+)$")
 Branches = list[dict[str, int | None]]
 """Per layer, the original index of the layer whose attention and whose MLP it holds (None: removed)."""
 
@@ -146,6 +153,52 @@ def present_branches(model: nn.Module, adapter: ArchitectureAdapter) -> list[tup
     """For each decoder layer, whether its attention and its MLP are there."""
     return [(has_branch(layer, adapter, ATTENTION), has_branch(layer, adapter, MLP))
             for layer in adapter.decoder_layers(model)]
+
+
+def unit_name(kind: str, layer: int) -> str:
+    """``attn.3`` for the attention of layer 3, ``mlp.3`` for its MLP."""
+    return f"{UNIT_PREFIX[kind]}.{layer}"
+
+
+def parse_unit(name: str) -> tuple[str, int]:
+    """``(kind, layer)`` of a unit name such as ``attn.3``."""
+    match = _UNIT.match(name)
+    if match is None:
+        raise UsageError(f"{name!r} names no branch; write attn.N or mlp.N")
+    return (ATTENTION if match.group(1) == "attn" else MLP), int(match.group(2))
+
+
+def branch_units(model: nn.Module, adapter: ArchitectureAdapter) -> list[tuple[str, int]]:
+    """The branches ``model`` still computes, as ``(kind, layer)`` in the order the residual stream
+    meets them: the units a sub-layer score ranks."""
+    return [(kind, index) for index, present in enumerate(present_branches(model, adapter))
+            for kind, there in zip(KINDS, present, strict=True) if there]
+
+
+def branch_parameters(layer: nn.Module, adapter: ArchitectureAdapter, kind: str) -> int:
+    """The parameters that go with ``layer``'s ``kind`` branch: its modules and its norms (each
+    tensor once), which is what removing the branch takes out of the model."""
+    paths = (*adapter.branch_modules(kind), *adapter.branch_norms(kind))
+    tensors = {id(p): p.numel() for path in paths for p in layer.get_submodule(path).parameters()}
+    return sum(tensors.values())
+
+
+@contextmanager
+def branch_zeroed(layer: nn.Module, adapter: ArchitectureAdapter, kind: str) -> Iterator[None]:
+    """While open, ``layer``'s ``kind`` branch adds nothing to the residual stream: its module's
+    output is zero (an attention's first output, its weights untouched), which is what removing it
+    computes, without changing the model's structure (removal perplexity per branch)."""
+
+    def zero(module: nn.Module, args: Any, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (torch.zeros_like(output[0]), *output[1:])
+        return torch.zeros_like(output)
+
+    handle = layer.get_submodule(adapter.branch_modules(kind)[-1]).register_forward_hook(zero)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def check_sublayers(adapter: ArchitectureAdapter) -> None:
