@@ -30,6 +30,7 @@ from layerprune.errors import OptionError, UsageError, first_line
 from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir, resolve_alias
 from layerprune.models.architectures import ArchitectureAdapter, adapter_for
 from layerprune.models.checkpoint import read_config
+from layerprune.models.decilm import is_decilm, load_decilm
 from layerprune.models.gguf import load_gguf
 from layerprune.models.lineage import read_lineage
 from layerprune.models.sublayers import restore_removed_branches
@@ -174,6 +175,9 @@ def load_model(
         model, tokenizer = load_gguf(gguf_path, torch_dtype)
         folder: Path | None = gguf_path.parent
         from_gguf: Path | None = gguf_path.resolve()
+    elif local.exists() and is_decilm(local):  # a layout transformers has no class for: read as a cut Llama
+        folder, from_gguf = local, None
+        model, tokenizer = load_decilm(folder, torch_dtype, check_config)
     elif local.exists():
         folder, from_gguf = local, None
         _check_local_folder(folder, allow_pickle)

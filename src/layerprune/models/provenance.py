@@ -6,13 +6,15 @@ The lineage a model gathers while it is pruned, repaired and healed is checked a
 ``docs/gen_api.py``) for readers that do not import layerprune. A record older than
 ``format_version`` (written before the field existed) reads as version 1: its shape was the same.
 Version 2 added the sub-layer fields (``removed_attention``, ``removed_mlp``, ``branches``,
-``zero_partners``), each with a default, so a version-1 record reads as it was.
+``zero_partners``, ``format``), each with a default, so a version-1 record reads as it was.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -111,6 +113,9 @@ class ProvenanceRecord(BaseModel):
                                                  "the original layers of its attention and its MLP (format_version 2)")
     zero_partners: int = Field(default=0, ge=0, description="branches of the written checkpoint whose weights are "
                                "zero, standing in for a removed branch beside a kept one (format_version 2)")
+    format: Literal["decilm"] | None = Field(default=None, description="the checkpoint's layout where it is not the "
+                                             "source architecture's: decilm (DeciLMForCausalLM, block_configs; "
+                                             "format_version 2)")
     replaced_blocks: list[ReplacedBlock] = []
     healing: list[HealingEntry] = []
     repairs: list[RepairEntry] = []

@@ -32,7 +32,8 @@ from layerprune.models.architectures import ADAPTERS
 from layerprune.models.lineage import PROVENANCE_FILE
 from layerprune.models.loading import LoadedModel, check_gguf_name
 from layerprune.models.shards import is_safetensors_checkpoint, prune_checkpoint
-from layerprune.models.sublayers import ATTENTION, KINDS, MLP, plan_branch_removal
+from layerprune.models.decilm import check_decilm
+from layerprune.models.sublayers import ATTENTION, GGUF_REFUSAL, KINDS, MLP, plan_branch_removal
 from layerprune.models.surgery import check_index_list, parse_layer_list, validate_layer_indices
 from layerprune.options import add_option_flags, given_options
 from layerprune.outputs import check_output_path
@@ -55,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                          "--remove least important layers")
     add_output_options(parser)
     add_selection_options(parser, select_by=False)  # it selects by its one --metric
+    add_option_flags(parser, ScoreConfig, only_given=True, skip=("metrics", "batch_size"))  # --granularity
     add_calibration_options(parser)
     parser.add_argument("--generate", metavar="PROMPT", help="after pruning, greedily continue PROMPT and print it")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="length of the --generate continuation")
@@ -114,14 +116,19 @@ def run_sublayers(args: argparse.Namespace, layers: list[int], branches: dict[st
     if args.compensate:
         raise UsageError("--compensate repairs a cut of whole layers; drop it with --attention/--mlp")
     check_generate(args)
+    export = export_from_args(args)
+    if export.format == "gguf":
+        raise UsageError(GGUF_REFUSAL)
     for what, named in (("layer", layers), (ATTENTION, branches[ATTENTION]), ("MLP", branches[MLP])):
         check_index_list(named, None, what)  # negative, repeated: no model needed to tell
     check_output_path(args.out, overwrite=args.overwrite, protected=input_paths(args))
 
-    def check(config: Any) -> None:  # the rest once the layer count is known, before the weights load
+    def check(config: Any) -> None:  # the rest once the config is read, before the weights load
         count = getattr(config, "num_hidden_layers", None)
         if count is not None:
             plan_branch_removal([(True, True)] * count, layers, branches[ATTENTION], branches[MLP])
+        if export.format == "decilm":
+            check_decilm(config)
 
     loaded = load_from_args(args, check_config=check)
     removed = prune(loaded, layers, attention=branches[ATTENTION], mlp=branches[MLP])
@@ -165,7 +172,7 @@ def can_prune_on_disk(args: argparse.Namespace) -> bool:
     """Whether shard surgery applies: a local safetensors checkpoint of a registered family and no flag
     that needs the model in memory. Anything else (a hub id, pickle weights, a broken or unknown
     checkpoint) goes through the loader, whose checks and messages cover every format."""
-    if needs_model_in_memory(args) or args.format == "gguf":
+    if needs_model_in_memory(args) or args.format != "transformers":
         return False
     alias = MODEL_ALIASES.get(args.model)  # an alias not yet built is built by loading it, once
     folder = alias_checkpoint_dir(alias) if alias else Path(args.model).expanduser()
@@ -180,6 +187,9 @@ def can_prune_on_disk(args: argparse.Namespace) -> bool:
 
 def run_on_disk(args: argparse.Namespace, layers: list[int]) -> int:
     """Shard surgery on the files (:mod:`layerprune.models.shards`); no model is loaded."""
+    if args.format == "decilm":
+        raise UsageError("--low-memory copies the safetensors files as they are; --format decilm rewrites the "
+                         "config and weights in memory: drop --low-memory")
     if args.format == "gguf":
         raise UsageError("--low-memory with --format gguf cuts a GGUF file (a .gguf model, --gguf-file or an alias "
                          "that ships as one); a safetensors checkpoint is converted in memory: drop --low-memory")
@@ -205,6 +215,8 @@ def run_scored(args: argparse.Namespace) -> int:
     if not args.remove:
         raise UsageError(f"--metric {args.metric} needs --remove to say how many layers go (e.g. --remove 25%)")
     scoring = scoring_from_args(args, [args.metric])
+    if scoring.granularity == "sublayer" and args.compensate:
+        raise UsageError("--compensate repairs a cut of whole layers; drop it with --granularity sublayer")
     metric = scoring.metrics[0]
     check_calibration_args(args)
     selecting = selection_from_args(args)
@@ -232,9 +244,12 @@ def run_scored(args: argparse.Namespace) -> int:
         report, chosen = score_and_select(loaded, args, scoring, selecting, calibration)
         assert chosen is not None, "run_scored refuses a missing --remove before scoring"
         selection = chosen
-        removed = cut(loaded, selection.remove, args, repair, reason=reason,
-                      calibration=calibration if repair_rows else None)
-    warn_if_most_layers_go(args, len(selection.remove), report.num_layers)
+        if selection.units:  # branches: the cut of --attention/--mlp
+            removed = prune(loaded, reason=reason, attention=selection.branches(ATTENTION), mlp=selection.branches(MLP))
+        else:
+            removed = cut(loaded, selection.remove, args, repair, reason=reason,
+                          calibration=calibration if repair_rows else None)
+            warn_if_most_layers_go(args, len(selection.remove), report.num_layers)
     recipe = {"selection": selection.to_json(), "importance": report.results[metric].importance,
               "data": report.data, "tokens": report.tokens}
     finish(loaded, args, removed, recipe)
@@ -307,7 +322,8 @@ def export_summary(record: dict[str, Any]) -> str:
     line = (f"removed layers {record['removed_layers']}, the attention of layers {record['removed_attention']} and "
             f"the MLP of layers {record['removed_mlp']} (original numbering): {record['original_num_layers']} -> "
             f"{record['num_layers']} layers, {record['zero_partners']} zero partner(s)")
-    if record["num_layers"] + len(record["removed_layers"]) >= record["original_num_layers"]:
+    if record.get("format") != "decilm" and record["num_layers"] + len(record["removed_layers"]) >= record[
+            "original_num_layers"]:
         line += (" (a standard layer holds an attention and an MLP, so this cut saves no layers in the transformers "
                  "form; --format decilm drops the removed branches)")
     return line
