@@ -163,5 +163,6 @@ def test_cli_prunes_branches_into_decilm(tmp_path: Path, capsys) -> None:
     assert main(["prune", "--model", str(source), "--attention", "0,2", "--format", "decilm", "--out", str(out)]) == 0
     said = capsys.readouterr().out
     assert "6 -> 6 layers" in said and "decilm drops" not in said
+    assert "KV cache per token 768 -> 512 bytes;" in said  # 128 bytes per attention layer, none for zero partners
     assert [b["attention"]["no_op"] for b in json.loads((out / "config.json").read_text())["block_configs"]] == [
         True, False, True, False, False, False]

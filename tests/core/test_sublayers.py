@@ -212,6 +212,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.parametrize(("family", "flags", "message"), [
     ("llama", ["--attention", "0-5", "--mlp", "0-5"], "every attention and MLP"),
+    ("llama", ["--attention", "1", "--format", "gguf"], "deci architecture"),
     ("llama", ["--mlp", "6"], "out of range"),
     ("llama", ["--layers", "2", "--attention", "1-2"], "removed whole and their attention"),
     ("llama", ["--attention", "1", "--low-memory"], "--low-memory"),
@@ -235,5 +236,7 @@ def test_cli_prunes_branches_and_says_what_the_export_holds(checkpoints, tmp_pat
     assert main(["prune", "--model", str(checkpoints["llama"]), "--attention", "1,3", "--out", str(out)]) == 0
     said = capsys.readouterr().out
     assert "6 -> 6 layers, 2 zero partner(s)" in said and "decilm" in said
+    # 2 KV heads of 8 dimensions, keys and values, float32: 128 bytes per attention layer and token
+    assert "KV cache per token 768 -> 512 bytes (768 in plain transformers" in said
     record = json.loads((out / "layerprune.json").read_text())
     assert record["removed_attention"] == [1, 3] and record["zero_partners"] == 2

@@ -193,3 +193,17 @@ def test_cli_refuses_bad_branch_selections_with_nothing_written(llama_dir: Path,
     error = capsys.readouterr().err
     assert message in error and len(error.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_cli_refuses_branch_scores_of_a_family_whose_branches_cannot_be_told_apart(tmp_path: Path, capsys) -> None:
+    from layerprune.cli.main import main
+    from tests.helpers import save_tiny_checkpoint
+
+    model = save_tiny_checkpoint(tmp_path / "opt", "opt_post_norm", NUM_LAYERS)
+    capsys.readouterr()
+    output = tmp_path / "scores.json"
+    assert main(["score", "--model", str(model), "--metrics", "bi", "--granularity", "sublayer", "--output",
+                 str(output), "--data", str(_data(tmp_path)), "--samples", "2", "--seq-len", "16"]) == 2
+    error = capsys.readouterr().err
+    assert "post-norm" in error and len(error.strip().splitlines()) == 1
+    assert not output.exists() and not output.with_suffix(".png").exists()

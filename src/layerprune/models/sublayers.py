@@ -201,6 +201,14 @@ def branch_zeroed(layer: nn.Module, adapter: ArchitectureAdapter, kind: str) -> 
         handle.remove()
 
 
+def kv_bytes_per_layer(config: Any, dtype: torch.dtype) -> int:
+    """The KV cache one attention layer holds per token: keys and values of every KV head, in ``dtype``
+    (a sliding-window layer's too: per token it is the same until the window fills)."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * (getattr(config, "num_key_value_heads", None) or heads) * head_dim * dtype.itemsize
+
+
 def check_sublayers(adapter: ArchitectureAdapter) -> None:
     """Refuse a family whose branches cannot be removed apart, saying why and what to do instead."""
     reason = adapter.sublayer_refusal()

@@ -33,7 +33,7 @@ from layerprune.models.lineage import PROVENANCE_FILE
 from layerprune.models.loading import LoadedModel, check_gguf_name
 from layerprune.models.shards import is_safetensors_checkpoint, prune_checkpoint
 from layerprune.models.decilm import check_decilm
-from layerprune.models.sublayers import ATTENTION, GGUF_REFUSAL, KINDS, MLP, plan_branch_removal
+from layerprune.models.sublayers import ATTENTION, GGUF_REFUSAL, KINDS, MLP, kv_bytes_per_layer, plan_branch_removal
 from layerprune.models.surgery import check_index_list, parse_layer_list, validate_layer_indices
 from layerprune.options import add_option_flags, given_options
 from layerprune.outputs import check_output_path
@@ -308,7 +308,8 @@ def finish(loaded: LoadedModel, args: argparse.Namespace, removed: list[int], re
                      if args.compensate and step["method"] == args.compensate), "")
     record = json.loads((folder / PROVENANCE_FILE).read_text())
     if record.get("branches"):
-        print(f"{export_summary(record)}{repaired}; saved to {folder}")
+        per_layer = kv_bytes_per_layer(loaded.model.config, loaded.model.dtype)
+        print(f"{export_summary(record, per_layer)}{repaired}; saved to {folder}")
     else:
         print(f"removed layers {removed}: {record['original_num_layers']} -> {record['num_layers']} layers{repaired}; "
               f"saved to {folder}")
@@ -316,9 +317,11 @@ def finish(loaded: LoadedModel, args: argparse.Namespace, removed: list[int], re
         print(generate_text(loaded, args.generate, args.max_new_tokens))
 
 
-def export_summary(record: dict[str, Any]) -> str:
+def export_summary(record: dict[str, Any], kv_per_layer: int) -> str:
     """What a sub-layer cut became in the written checkpoint: its removed branches, layers and zero partners,
-    and where the standard layout saves no layer, the format that does."""
+    where the standard layout saves no layer the format that does, and the KV cache per token
+    (``kv_per_layer`` bytes per attention layer) of the original, of the cut as layerprune and the DeciLM
+    runtimes run it, and of the transformers form, whose zero-partner attentions still cache keys."""
     line = (f"removed layers {record['removed_layers']}, the attention of layers {record['removed_attention']} and "
             f"the MLP of layers {record['removed_mlp']} (original numbering): {record['original_num_layers']} -> "
             f"{record['num_layers']} layers, {record['zero_partners']} zero partner(s)")
@@ -326,6 +329,11 @@ def export_summary(record: dict[str, Any]) -> str:
             "original_num_layers"]:
         line += (" (a standard layer holds an attention and an MLP, so this cut saves no layers in the transformers "
                  "form; --format decilm drops the removed branches)")
+    attentions = sum(branch["attention"] is not None for branch in record["branches"])
+    line += (f"; KV cache per token {record['original_num_layers'] * kv_per_layer} -> {attentions * kv_per_layer} "
+             "bytes")
+    if record.get("format") != "decilm" and attentions < record["num_layers"]:
+        line += f" ({record['num_layers'] * kv_per_layer} in plain transformers, which caches its zero partners')"
     return line
 
 
