@@ -11,10 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from layerprune.errors import UsageError
 from layerprune.models.decilm_export import save_decilm
 from layerprune.models.editing import export_form
-from layerprune.models.sublayers import GGUF_REFUSAL
 from layerprune.models.editing import prune, replace  # noqa: F401  (the public API re-exports them)
 from layerprune.models.export import DEFAULT_EXPORT, ExportConfig, provenance_json, render_model_card, save_checkpoint
 from layerprune.models.gguf_export import save_gguf
@@ -38,8 +36,6 @@ def save(loaded: LoadedModel, out: str | Path, *, overwrite: bool = DEFAULT_EXPO
         return save_decilm(loaded, out, overwrite=config.overwrite, protected=protected,
                            max_shard_size=config.max_shard_size, recipe=recipe)
     if config.format == "gguf":
-        if loaded.lineage.get("removed_attention") or loaded.lineage.get("removed_mlp"):
-            raise UsageError(GGUF_REFUSAL)
         return save_gguf(loaded, out, overwrite=config.overwrite, protected=protected, gguf_type=config.gguf_type,
                          recipe=recipe)
     written, _ = export_form(loaded)  # removed branches: repacked into standard layers (with zero partners)

@@ -141,13 +141,14 @@ def test_decilm_refuses_what_its_layout_cannot_hold(tmp_path: Path, loaded, mess
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_decilm_for_another_family_exits_2_with_nothing_written(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("format", ["decilm", "gguf"])
+def test_cli_decilm_for_another_family_exits_2_with_nothing_written(tmp_path: Path, capsys, format: str) -> None:
     from layerprune.cli.main import main
 
     source = save_tiny_checkpoint(tmp_path / "qwen2", "qwen2", NUM_LAYERS)
     capsys.readouterr()
     out = tmp_path / "out"
-    assert main(["prune", "--model", str(source), "--attention", "1", "--format", "decilm", "--out", str(out)]) == 2
+    assert main(["prune", "--model", str(source), "--attention", "1", "--format", format, "--out", str(out)]) == 2
     error = capsys.readouterr().err
     assert "format transformers" in error and len(error.strip().splitlines()) == 1
     assert not out.exists()
@@ -166,3 +167,43 @@ def test_cli_prunes_branches_into_decilm(tmp_path: Path, capsys) -> None:
     assert "KV cache per token 768 -> 512 bytes;" in said  # 128 bytes per attention layer, none for zero partners
     assert [b["attention"]["no_op"] for b in json.loads((out / "config.json").read_text())["block_configs"]] == [
         True, False, True, False, False, False]
+
+
+def test_a_branch_cut_as_gguf_is_llama_cpps_deci_and_computes_the_same(tmp_path: Path) -> None:
+    """llama.cpp's deci reads per-layer head counts and MLP widths, 0 meaning no such branch."""
+    import gguf
+
+    pytest.importorskip("llama_cpp")
+    from tests.gguf.test_gguf_export import llama_cpp_logits
+
+    loaded = tiny_loaded("llama", NUM_LAYERS)  # the MLP width needs no ffn_mult here: GGUF stores it
+    lp.prune(loaded, [5], attention=[1, 3])
+    ids = _ids()[:1]
+    with torch.no_grad():
+        expected = loaded.model(ids).logits[0].numpy()
+    out = lp.save(loaded, tmp_path / "deci", format="gguf")
+    reader = gguf.GGUFReader(out / "model.gguf")
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    assert fields["general.architecture"] == "deci" and fields["deci.block_count"] == 5
+    assert fields["deci.attention.head_count"] == [4, 0, 4, 0, 4]
+    assert fields["deci.feed_forward_length"] == [64] * 5
+    names = {tensor.name for tensor in reader.tensors}
+    assert "blk.1.attn_q.weight" not in names and "blk.1.attn_norm.weight" not in names
+    assert "blk.2.attn_q.weight" in names
+    record = json.loads((out / "layerprune.json").read_text())
+    assert record["gguf"]["architecture"] == "deci" and record["removed_attention"] == [1, 3]
+    import numpy as np
+
+    np.testing.assert_allclose(llama_cpp_logits(out / "model.gguf", ids[0].tolist()), expected, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize(("cut", "message"), [
+    (dict(attention=[0]), "first layer has attention"),
+    (dict(mlp=[2]), "drops the attention of a layer without MLP"),
+])
+def test_gguf_refuses_what_llama_cpps_deci_computes_otherwise(tmp_path: Path, cut: dict, message: str) -> None:
+    loaded = tiny_loaded("llama", NUM_LAYERS)
+    lp.prune(loaded, **cut)
+    with pytest.raises(UsageError, match=message):
+        lp.save(loaded, tmp_path / "out", format="gguf")
+    assert list(tmp_path.iterdir()) == []

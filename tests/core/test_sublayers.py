@@ -212,7 +212,6 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.parametrize(("family", "flags", "message"), [
     ("llama", ["--attention", "0-5", "--mlp", "0-5"], "every attention and MLP"),
-    ("llama", ["--attention", "1", "--format", "gguf"], "deci architecture"),
     ("llama", ["--mlp", "6"], "out of range"),
     ("llama", ["--layers", "2", "--attention", "1-2"], "removed whole and their attention"),
     ("llama", ["--attention", "1", "--low-memory"], "--low-memory"),

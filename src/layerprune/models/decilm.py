@@ -52,26 +52,29 @@ _DROPPED = ("intermediate_size", "num_key_value_heads", "architectures", "model_
             "use_sliding_window", "max_window_layers", "head_dim", "layer_types", "auto_map")
 
 
-def decilm_refusal(config: PretrainedConfig) -> str | None:
-    """Why a model of ``config`` cannot be written as DeciLM (None: it can)."""
+def decilm_refusal(config: PretrainedConfig, *, ffn_mult: bool = True) -> str | None:
+    """Why a model of ``config`` cannot be written as DeciLM (None: it can); ``ffn_mult``: whether its MLP
+    width must be one that ``ffn_mult`` expresses (llama.cpp's ``deci`` stores the width itself)."""
     if config.model_type not in SOURCE_TYPES:
-        return f"format decilm holds Llama-architecture models ({', '.join(SOURCE_TYPES)}), not {config.model_type}"
+        return (f"the DeciLM layout holds Llama-architecture models ({', '.join(SOURCE_TYPES)}), not "
+                f"{config.model_type}")
     if getattr(config, "sliding_window", None):
-        return "format decilm attends to every earlier token, and this model has a sliding window"
+        return "the DeciLM layout attends to every earlier token, and this model has a sliding window"
     head_dim = getattr(config, "head_dim", None)
     if head_dim and head_dim * config.num_attention_heads != config.hidden_size:
-        return "format decilm derives the head size from the hidden size, and this model's heads do not split it"
-    if config.intermediate_size % FFN_MULTIPLE:
+        return "the DeciLM layout derives the head size from the hidden size, and this model's heads do not split it"
+    if ffn_mult and config.intermediate_size % FFN_MULTIPLE:
         return (f"the runtimes read an MLP width from ffn_mult rounded up to a multiple of {FFN_MULTIPLE}, and this "
                 f"model's is {config.intermediate_size}")
     return None
 
 
-def check_decilm(config: PretrainedConfig) -> None:
-    """Refuse a model the DeciLM layout cannot hold, naming the formats that can."""
-    reason = decilm_refusal(config)
+def check_decilm(config: PretrainedConfig, *, ffn_mult: bool = True) -> None:
+    """Refuse a model the DeciLM layout cannot hold (format decilm, or with ``ffn_mult`` off the GGUF
+    ``deci`` architecture of a sub-layer cut), naming the format that can."""
+    reason = decilm_refusal(config, ffn_mult=ffn_mult)
     if reason is not None:
-        raise UsageError(f"{reason}; export with format transformers (or gguf)")
+        raise UsageError(f"{reason}; export with format transformers")
 
 
 def ffn_mult(config: PretrainedConfig) -> float:

@@ -85,7 +85,7 @@ def record_removal(loaded: WithLineage, kept_before: list[int], removed_now: lis
 
 def apply_removal(lineage: dict[str, Any], kept_before: list[int], removed_now: list[int], reason: str) -> None:
     """Record that the current layers ``removed_now`` are gone, in original-model indices."""
-    if "branches" in lineage:  # a sub-layer cut before: the layers' branches say what each holds
+    if lineage.get("branches"):  # a sub-layer cut before: the layers' branches say what each holds
         set_branches(lineage, [b for i, b in enumerate(lineage["branches"]) if i not in set(removed_now)], reason)
         return
     removed_original = [kept_before[i] for i in removed_now]
@@ -97,7 +97,7 @@ def apply_removal(lineage: dict[str, Any], kept_before: list[int], removed_now: 
 def layer_branches(lineage: dict[str, Any]) -> list[dict[str, int | None]]:
     """For each current layer, the original layer whose attention and whose MLP it holds (None where
     removed); a model never cut by branch holds both of the layer it descends from."""
-    if "branches" in lineage:
+    if lineage.get("branches"):
         return [dict(branch) for branch in lineage["branches"]]
     return [{"attention": index, "mlp": index} for index in lineage["kept_layers"]]
 

@@ -35,8 +35,6 @@ ATTENTION, MLP = "attention", "mlp"
 KINDS = (ATTENTION, MLP)
 UNIT_PREFIX = {ATTENTION: "attn", MLP: "mlp"}
 """A branch as a scoring unit is named ``attn.i`` or ``mlp.i`` (``i``: its layer, as scored)."""
-GGUF_REFUSAL = ("the GGUF export of a model without some attention or MLP branches (llama.cpp's deci architecture) "
-                "is not built yet; export it with format transformers or decilm")
 _UNIT = re.compile(r"^(attn|mlp)\.(\d+)$")
 Branches = list[dict[str, int | None]]
 """Per layer, the original index of the layer whose attention and whose MLP it holds (None: removed)."""

@@ -33,7 +33,7 @@ from layerprune.models.lineage import PROVENANCE_FILE
 from layerprune.models.loading import LoadedModel, check_gguf_name
 from layerprune.models.shards import is_safetensors_checkpoint, prune_checkpoint
 from layerprune.models.decilm import check_decilm
-from layerprune.models.sublayers import ATTENTION, GGUF_REFUSAL, KINDS, MLP, kv_bytes_per_layer, plan_branch_removal
+from layerprune.models.sublayers import ATTENTION, KINDS, MLP, kv_bytes_per_layer, plan_branch_removal
 from layerprune.models.surgery import check_index_list, parse_layer_list, validate_layer_indices
 from layerprune.options import add_option_flags, given_options
 from layerprune.outputs import check_output_path
@@ -117,8 +117,6 @@ def run_sublayers(args: argparse.Namespace, layers: list[int], branches: dict[st
         raise UsageError("--compensate repairs a cut of whole layers; drop it with --attention/--mlp")
     check_generate(args)
     export = export_from_args(args)
-    if export.format == "gguf":
-        raise UsageError(GGUF_REFUSAL)
     for what, named in (("layer", layers), (ATTENTION, branches[ATTENTION]), ("MLP", branches[MLP])):
         check_index_list(named, None, what)  # negative, repeated: no model needed to tell
     check_output_path(args.out, overwrite=args.overwrite, protected=input_paths(args))
@@ -127,8 +125,8 @@ def run_sublayers(args: argparse.Namespace, layers: list[int], branches: dict[st
         count = getattr(config, "num_hidden_layers", None)
         if count is not None:
             plan_branch_removal([(True, True)] * count, layers, branches[ATTENTION], branches[MLP])
-        if export.format == "decilm":
-            check_decilm(config)
+        if export.format != "transformers":  # decilm, or gguf as llama.cpp's deci
+            check_decilm(config, ffn_mult=export.format == "decilm")
 
     loaded = load_from_args(args, check_config=check)
     removed = prune(loaded, layers, attention=branches[ATTENTION], mlp=branches[MLP])
