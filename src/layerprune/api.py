@@ -26,7 +26,9 @@ def save(loaded: LoadedModel, out: str | Path, *, overwrite: bool = DEFAULT_EXPO
     """Export a checkpoint with ``layerprune.json`` and a model card beside it into the folder ``out``
     (refused if it exists, unless ``overwrite``). ``format`` is the checkpoint format (``transformers``:
     safetensors weights that plain transformers loads; ``gguf``: one ``model.gguf`` for llama.cpp, its
-    tensors quantized to ``gguf_type`` where they are not the source file's own), ``max_shard_size``
+    tensors quantized to ``gguf_type`` where they are not the source file's own; llama.cpp's ``deci`` after a
+    sub-layer cut; ``decilm``: DeciLMForCausalLM with ``block_configs``, for Llama-architecture models, its
+    removed branches no-op blocks without weights), ``max_shard_size``
     the largest weight file (``"2GB"``, ``"500MB"`` or bytes): the options of
     :class:`~layerprune.models.export.ExportConfig`, checked before anything is written."""
     config = ExportConfig(out=out, overwrite=overwrite, max_shard_size=max_shard_size, format=format,
