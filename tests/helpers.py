@@ -82,3 +82,24 @@ def dead_pid() -> int:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     return process.pid
+
+
+@contextmanager
+def zeroing_branches(model: nn.Module, attention: Iterable[int] = (), mlp: Iterable[int] = ()) -> Iterator[None]:
+    """Make the attention of layers ``attention`` and the MLP of layers ``mlp`` add nothing, by zeroing
+    their output projections' outputs with hooks (the textbook meaning of removing a branch), without
+    touching the model's structure."""
+    adapter = adapter_for(model)
+    layers = adapter.decoder_layers(model)
+
+    def zero(module, args, output):
+        return torch.zeros_like(output)
+
+    targets = [layers[i].get_submodule(adapter.attention_outputs[0]) for i in attention]
+    targets += [layers[i].get_submodule(adapter.mlp_output) for i in mlp]
+    handles = [target.register_forward_hook(zero) for target in targets]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

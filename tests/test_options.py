@@ -151,7 +151,8 @@ def test_score_flag_default_equals_api_default_equals_recipe_default(tmp_path: P
     keys = _section_fields()["score"]
     assert all(name in keys and not keys[name].required for name in defaults)
     report = score(tiny_loaded("llama"), rows_with_padding())
-    assert report.config == ScoreConfig() and report.to_json()["config"] == {"metrics": ["bi"], "batch_size": 8}
+    assert report.config == ScoreConfig() and report.to_json()["config"] == {"metrics": ["bi"], "batch_size": 8,
+                                                                    "granularity": "layer"}
 
 
 def test_select_flag_default_equals_api_default_equals_recipe_default(tmp_path: Path) -> None:

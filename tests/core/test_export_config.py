@@ -56,7 +56,7 @@ def test_the_defaults_are_the_declarations_in_python_on_the_command_line_and_in_
 
 
 @pytest.mark.parametrize(("key", "value", "problem"), [
-    ("format", "decilm", f"'decilm' is not a choice of export; use one of: {', '.join(FORMATS)}"),
+    ("format", "onnx", f"'onnx' is not a choice of export; use one of: {', '.join(FORMATS)}"),
     ("max_shard_size", "lots", "'lots' is not a size; write a whole number and a unit"),
 ])
 def test_a_bad_value_is_refused_alike_by_python_and_a_recipe(key: str, value: str, problem: str, tmp_path: Path,
@@ -83,10 +83,10 @@ def test_another_format_on_the_command_line_exits_2_naming_the_choices_with_noth
     out = tmp_path / "out"
     capsys.readouterr()  # the checkpoint's own progress bar
     with pytest.raises(SystemExit) as exit_:
-        main([command, "--model", str(model), *WRITING_COMMANDS[command], "--out", str(out), "--format", "decilm"])
+        main([command, "--model", str(model), *WRITING_COMMANDS[command], "--out", str(out), "--format", "onnx"])
     error = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(error.splitlines()) == 1
-    assert "--format: invalid choice: 'decilm'" in error and all(f"'{name}'" in error for name in FORMATS)
+    assert "--format: invalid choice: 'onnx'" in error and all(f"'{name}'" in error for name in FORMATS)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny"]
 
 
@@ -111,6 +111,6 @@ def test_an_export_section_without_a_stage_that_saves_is_refused(tmp_path: Path)
 def test_a_search_takes_only_what_is_written_and_refuses_a_placement(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="option out is not available for the winner's export"):
         lp.search(tiny_loaded(), export_options={"out": str(tmp_path / "x")}, out=tmp_path / "search")
-    with pytest.raises(OptionError, match="^format 'decilm' is not a choice of export"):
-        lp.search(tiny_loaded(), export_options={"format": "decilm"}, out=tmp_path / "search")
+    with pytest.raises(OptionError, match="^format 'onnx' is not a choice of export"):
+        lp.search(tiny_loaded(), export_options={"format": "onnx"}, out=tmp_path / "search")
     assert not (tmp_path / "search").exists()

@@ -165,7 +165,7 @@ def add_calibration_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("calibration data (for metrics that run the model)")
     add_option_flags(group, CalibrationConfig)
     # --batch-size only where given: unless given, --streaming takes STREAMING_BATCH_SIZE (see scoring_from_args)
-    add_option_flags(group, ScoreConfig, only_given=True, skip=("metrics",))
+    add_option_flags(group, ScoreConfig, only_given=True, skip=("metrics", "granularity"))
     add_option_flags(parser.add_argument_group("metric options (each read by the metrics that declare it)"),
                      *metric_options_classes(), skip=("seed",))  # --seed above also seeds the data
 
@@ -259,7 +259,8 @@ def score_and_select(loaded: LoadedModel, args: argparse.Namespace, scoring: Sco
     report = score_from_args(loaded, args, scoring, calibration)
     if selection.remove is None:
         return report, None
-    rescore = rescorer(loaded, calibration, batch_size=scoring.batch_size, **metric_options_from_args(args))
+    rescore = rescorer(loaded, calibration, batch_size=scoring.batch_size, granularity=scoring.granularity,
+                       **metric_options_from_args(args))
     return report, select(report, **dict(selection), rescore=rescore)
 
 

@@ -89,6 +89,9 @@ class ArchitectureAdapter:
     logit_scaling: tuple[LogitStep, ...] = ()
     attention_outputs: tuple[str, ...] = ("self_attn.o_proj",)
     mlp_output: str = "mlp.down_proj"
+    mlp_inputs: tuple[str, ...] = ()
+    """Where the MLP is no module of its own (OPT's ``fc1``/``fc2`` sit in the layer): the projections
+    feeding ``mlp_output``, which removing the MLP branch replaces along with it."""
     input_norm: str = "input_layernorm"
     pre_mlp_norm: str | None = "post_attention_layernorm"
     post_attention_norm: str | None = None
@@ -140,6 +143,35 @@ class ArchitectureAdapter:
         (GPT-NeoX's ``embed_out.weight`` for ``lm_head.weight``; transformers renames it on load)."""
         return dict(self.checkpoint_names).get(tensor)
 
+    def branch_modules(self, kind: str) -> tuple[str, ...]:
+        """The paths (inside a layer) of the modules that compute branch ``kind`` (``attention`` or
+        ``mlp``): the module holding its output projection, or, for an MLP that is no module of its
+        own, its input projections and its output projection."""
+        output = self.attention_outputs[0] if kind == "attention" else self.mlp_output
+        parent = output.rpartition(".")[0]
+        if parent:
+            return (parent,)
+        return (*self.mlp_inputs, output) if kind == "mlp" and self.mlp_inputs else ()
+
+    def branch_norms(self, kind: str) -> tuple[str, ...]:
+        """The norms (inside a layer) that belong to branch ``kind``: before it and after it."""
+        norms = (self.input_norm, self.post_attention_norm) if kind == "attention" else (
+            self.pre_mlp_norm, self.post_mlp_norm)
+        return tuple(norm for norm in norms if norm)
+
+    def sublayer_refusal(self) -> str | None:
+        """Why this family's attention and MLP branches cannot be removed apart (None: they can).
+
+        An inferred adapter knows no branch; a post-norm checkpoint (OPT-350m) normalises the residual
+        stream after each branch, so a branch's norm is part of the stream, not of the branch."""
+        if self.inferred:
+            return f"layerprune knows no branches of architecture {self.family!r} (it has no family file)"
+        if self.post_norm:
+            return f"this {self.family} checkpoint normalises the residual stream after each branch (post-norm)"
+        if not self.branch_modules("attention") or not self.branch_modules("mlp"):
+            return f"the {self.family} family file names no module for each branch"
+        return None
+
     def check_surgery_allowed(self, config: PretrainedConfig) -> None:
         """Refuse checkpoints whose layers compute with their own index, which surgery would change."""
         for config_field, meaning in self.surgery_refused_when:
@@ -175,7 +207,7 @@ class FamilyDefinition:
 _PATH_KEYS = ("family", "layers", "embeddings", "final_norm", "lm_head", "mlp_output", "input_norm")
 _OPTIONAL_PATH_KEYS = ("head_projection", "pre_mlp_norm", "post_attention_norm", "post_mlp_norm", "sliding_flag",
                        "branch_multiplier")  # the last is a config field's name, checked the same way
-_LIST_KEYS = ("attention_outputs", "lora_targets", "per_layer_config")
+_LIST_KEYS = ("attention_outputs", "mlp_inputs", "lora_targets", "per_layer_config")
 _FLAG_KEYS = ("post_norm", "parallel_residual")
 _MAPPING_KEYS = ("checkpoint_names", "surgery_refused_when")
 _KNOWN_KEYS = {*_PATH_KEYS, *_OPTIONAL_PATH_KEYS, *_LIST_KEYS, *_FLAG_KEYS, *_MAPPING_KEYS,

@@ -32,9 +32,10 @@ from layerprune.outputs import atomic_output_dir, check_free_space, check_output
 
 SAFETY_MARGIN_BYTES = 64 * 2**20
 
-FORMATS = ("transformers", "gguf")
+FORMATS = ("transformers", "gguf", "decilm")
 """The checkpoint formats a model is written in: ``transformers`` (safetensors weights, config and
-tokenizer that plain transformers loads), ``gguf`` (one llama.cpp file, :mod:`layerprune.models.gguf_export`)."""
+tokenizer that plain transformers loads), ``gguf`` (one llama.cpp file, :mod:`layerprune.models.gguf_export`),
+``decilm`` (DeciLMForCausalLM with per-layer ``block_configs``, :mod:`layerprune.models.decilm`)."""
 
 PLACEMENT = ("out", "overwrite")
 """The export options that say *where* a checkpoint goes, which a stage writing into a folder of its
@@ -51,7 +52,9 @@ class ExportConfig(Config):
     overwrite: bool = option(False, "replace an existing output folder, only one layerprune wrote (it holds a "
                              "layerprune.json, run.json or search.json record that validates as one) or an empty one")
     format: str = option("transformers", "checkpoint format: transformers (safetensors weights, config and "
-                         "tokenizer that plain transformers loads) or gguf (one model.gguf file for llama.cpp)",
+                         "tokenizer that plain transformers loads), gguf (one model.gguf file for llama.cpp) or "
+                         "decilm (Llama-architecture models as DeciLMForCausalLM: a removed attention or MLP is a "
+                         "no-op block without weights, which vLLM, SGLang, TensorRT-LLM and mlx-lm run natively)",
                          choices=FORMATS)
     gguf_type: str | None = option(None, "with format gguf: the type of the tensors it quantizes (those a repair or "
                                    "healing changed, all of a non-GGUF source): " + ", ".join(WRITABLE_TYPES) +
@@ -187,16 +190,23 @@ def render_model_card(record: dict[str, Any], folder: str | Path) -> str:
         )
     for step in record.get("healing", []):
         lines.append(f"- Healed with `{step.get('method')}`: {step.get('summary', '')}".rstrip(": "))
-    lines += ["", "## Load", ""] + (_gguf_load(record["gguf"], folder) if record.get("gguf") else [
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r})",
-        f"tokenizer = AutoTokenizer.from_pretrained({str(folder)!r})",
-        "```",
-        "",
-    ]) + [
-        "This is a standard checkpoint: no layerprune import and no remote code are needed.",
-        f"Provenance (recipe, versions, date) is in `layerprune.json`. Written by layerprune {record.get('versions', {}).get('layerprune', '')}.",
-        "",
-    ]
+    if record.get("removed_attention") or record.get("removed_mlp"):
+        lines.append(f"- Removed attention of layers {record.get('removed_attention')} and MLP of layers "
+                     f"{record.get('removed_mlp')} (original indices); zero partners: {record.get('zero_partners', 0)}")
+    if record.get("format") == "decilm":
+        load = ["The DeciLM / Nemotron-NAS layout (`DeciLMForCausalLM`, `block_configs`): vLLM, SGLang and "
+                "TensorRT-LLM load it with NVIDIA's `configuration_decilm.py` beside the config "
+                "(`--trust-remote-code`), mlx-lm reads it as it is, and `layerprune.load_model` loads it back.", ""]
+    else:
+        load = (_gguf_load(record["gguf"], folder) if record.get("gguf") else [
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r})",
+            f"tokenizer = AutoTokenizer.from_pretrained({str(folder)!r})",
+            "```",
+            "",
+        ]) + ["This is a standard checkpoint: no layerprune import and no remote code are needed."]
+    lines += ["", "## Load", "", *load,
+              f"Provenance (recipe, versions, date) is in `layerprune.json`. Written by layerprune {record.get('versions', {}).get('layerprune', '')}.",
+              ""]
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorPr
 
 from layerprune.errors import OptionError, UsageError
 from layerprune.models.aliases import MODEL_ALIASES, fetch_alias_gguf
+from layerprune.models.decilm import check_decilm, decilm_state
 from layerprune.models.export import SAFETY_MARGIN_BYTES, provenance_json, render_model_card
 from layerprune.models.gguf_file import (
     GGUF_FILE, RECORD_KEY, Metadata, TensorOut, architecture_of, cut_layer_fields, gguf_record, layer_name, layer_of,
@@ -40,7 +41,11 @@ from layerprune.models.gguf_types import WRITABLE_TYPES, quant_type
 from layerprune.models.lineage import PROVENANCE_FILE, final_record, read_lineage
 from layerprune.models.loading import LoadedModel
 from layerprune.models.provenance import checked_record
+from layerprune.models.sublayers import present_branches
 from layerprune.outputs import atomic_output_dir, check_free_space, check_output_path
+
+DECI = "deci"
+"""llama.cpp's architecture for a Llama whose layers may lack their attention or MLP (Nemotron-NAS)."""
 
 DEVICE_MAP_REFUSAL = ("spreads the model over devices, and a GGUF export reads every tensor on the CPU; load it "
                       "without a device map to export GGUF")
@@ -77,16 +82,22 @@ def save_gguf(loaded: LoadedModel, out: str | Path, *, overwrite: bool, protecte
               gguf_type: str | None, recipe: dict[str, Any] | None = None) -> Path:
     """Write ``loaded`` to ``out/model.gguf`` with ``layerprune.json`` and the model card beside it."""
     config = loaded.model.config
-    architecture = architecture_of(config.model_type)
+    branch_cut = not all(all(present) for present in present_branches(loaded.model, loaded.adapter))
+    if branch_cut:  # layers without their attention or MLP: llama.cpp's deci, a Llama with per-layer widths
+        check_decilm(config, ffn_mult=False)
+        check_deci_layers(present_branches(loaded.model, loaded.adapter))
+    architecture = DECI if branch_cut else architecture_of(config.model_type)
     requested = quant_type(gguf_type) if gguf_type else None
     if getattr(loaded.model, "hf_device_map", None):
         raise OptionError.about("device_map", DEVICE_MAP_REFUSAL)
-    source = source_file(loaded)
+    source = None if branch_cut else source_file(loaded)  # another architecture: every tensor written anew
     protected = [*protected, *([source.path] if source else [])]
     target = check_output_path(out, overwrite=overwrite, protected=protected)
-    state = loaded.export_state or loaded.model.state_dict()
+    state = decilm_state(loaded.model) if branch_cut else loaded.export_state or loaded.model.state_dict()
     tensors, copied = plan_tensors(loaded, state, architecture, source, requested)
-    if source is not None:
+    if branch_cut:
+        fields = [*deci_fields(loaded), *tokenizer_fields(loaded.tokenizer, config)]
+    elif source is not None:
         kept = [source.original_layers.index(layer) for layer in loaded.original_layer_ids]
         fields = cut_layer_fields([f for f in read_fields(source.reader) if f.key != RECORD_KEY], architecture,
                                   len(source.original_layers), kept)
@@ -183,7 +194,7 @@ def _quantized(name: str, value: torch.Tensor, architecture: str, config: Pretra
 def to_gguf_layout(architecture: str, name: str, data: np.ndarray, config: PretrainedConfig) -> np.ndarray:
     """A tensor as llama.cpp stores it, the inverse of transformers' GGUF processors: llama's q and k rows
     interleaved for its rotary layout (convert_hf_to_gguf's ``permute``), Gemma's norms stored plus one."""
-    if architecture == "llama" and (".attn_q." in name or ".attn_k." in name):
+    if architecture in ("llama", DECI) and (".attn_q." in name or ".attn_k." in name):
         heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
         return data.reshape(heads, 2, data.shape[0] // heads // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
     if architecture == "gemma3" and "norm.weight" in name:
@@ -223,6 +234,37 @@ def config_fields(config: PretrainedConfig, architecture: str, num_layers: int) 
     if architecture == "gemma3":
         fields += _gemma3_fields(config, head_dim)
     return fields
+
+
+def check_deci_layers(present: list[tuple[bool, bool]]) -> None:
+    """Refuse what llama.cpp's deci computes otherwise than the model (llama-cpp-python 0.3.36, tested):
+    it reads the head size only where the first layer has attention (it fails to load otherwise), and
+    a layer with attention but no MLP (``feed_forward_length`` 0) leaves the residual stream as the layer
+    received it, dropping the attention's output as well."""
+    if not present[0][0]:
+        raise UsageError("llama.cpp reads a deci model's head size only where its first layer has attention; keep "
+                         "the first layer's attention or export with format decilm or transformers")
+    alone = [index for index, (attention, mlp) in enumerate(present) if attention and not mlp]
+    if alone:
+        raise UsageError(f"llama.cpp's deci drops the attention of a layer without MLP as well (layers {alone} as cut); "
+                         "remove only attention branches for GGUF, or export with format decilm or transformers")
+
+
+def deci_fields(loaded: LoadedModel) -> list[Metadata]:
+    """llama.cpp's ``deci`` header: Llama's keys under ``deci.``, with the head counts and the MLP width per
+    layer, 0 where the layer has no attention (``head_count``) or no MLP (``feed_forward_length``): what
+    llama.cpp's deci loader reads to skip a branch."""
+    config = loaded.model.config
+    present = present_branches(loaded.model, loaded.adapter)
+    per_layer = {
+        "attention.head_count": [config.num_attention_heads if attention else 0 for attention, _ in present],
+        "attention.head_count_kv": [config.num_key_value_heads if attention else 0 for attention, _ in present],
+        "feed_forward_length": [config.intermediate_size if mlp else 0 for _, mlp in present],
+    }
+    fields = [replace(f, key=f"{DECI}.{f.key.removeprefix('llama.')}") if f.key.startswith("llama.") else f
+              for f in config_fields(config, "llama", loaded.num_layers)
+              if f.key.removeprefix("llama.") not in per_layer]
+    return fields + [Metadata(f"{DECI}.{key}", values, _VALUE.ARRAY, _VALUE.UINT32) for key, values in per_layer.items()]
 
 
 def _gemma3_fields(config: PretrainedConfig, head_dim: int) -> list[Metadata]:

@@ -85,9 +85,35 @@ def record_removal(loaded: WithLineage, kept_before: list[int], removed_now: lis
 
 def apply_removal(lineage: dict[str, Any], kept_before: list[int], removed_now: list[int], reason: str) -> None:
     """Record that the current layers ``removed_now`` are gone, in original-model indices."""
+    if lineage.get("branches"):  # a sub-layer cut before: the layers' branches say what each holds
+        set_branches(lineage, [b for i, b in enumerate(lineage["branches"]) if i not in set(removed_now)], reason)
+        return
     removed_original = [kept_before[i] for i in removed_now]
     lineage["removed_layers"] = sorted(lineage["removed_layers"] + removed_original)
     lineage["kept_layers"] = [idx for i, idx in enumerate(kept_before) if i not in set(removed_now)]
+    lineage["reason"] = reason
+
+
+def layer_branches(lineage: dict[str, Any]) -> list[dict[str, int | None]]:
+    """For each current layer, the original layer whose attention and whose MLP it holds (None where
+    removed); a model never cut by branch holds both of the layer it descends from."""
+    if lineage.get("branches"):
+        return [dict(branch) for branch in lineage["branches"]]
+    return [{"attention": index, "mlp": index} for index in lineage["kept_layers"]]
+
+
+def set_branches(lineage: dict[str, Any], branches: list[dict[str, int | None]], reason: str) -> None:
+    """Record that the current layers hold ``branches`` (original indices): an original layer with
+    neither branch left joins ``removed_layers``, one with one branch left ``removed_attention`` or
+    ``removed_mlp``; ``kept_layers`` names each layer by its attention's origin (its MLP's if none)."""
+    before = {index for branch in layer_branches(lineage) for index in branch.values() if index is not None}
+    attention = {branch["attention"] for branch in branches} - {None}
+    mlp = {branch["mlp"] for branch in branches} - {None}
+    lineage["removed_layers"] = sorted(set(lineage["removed_layers"]) | (before - attention - mlp))
+    lineage["removed_attention"] = sorted(mlp - attention)
+    lineage["removed_mlp"] = sorted(attention - mlp)
+    lineage["branches"] = branches
+    lineage["kept_layers"] = [b["attention"] if b["attention"] is not None else b["mlp"] for b in branches]
     lineage["reason"] = reason
 
 

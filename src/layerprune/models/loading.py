@@ -30,8 +30,10 @@ from layerprune.errors import OptionError, UsageError, first_line
 from layerprune.models.aliases import MODEL_ALIASES, alias_checkpoint_dir, resolve_alias
 from layerprune.models.architectures import ArchitectureAdapter, adapter_for
 from layerprune.models.checkpoint import read_config
+from layerprune.models.decilm import is_decilm, load_decilm
 from layerprune.models.gguf import load_gguf
 from layerprune.models.lineage import read_lineage
+from layerprune.models.sublayers import restore_removed_branches
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -173,6 +175,9 @@ def load_model(
         model, tokenizer = load_gguf(gguf_path, torch_dtype)
         folder: Path | None = gguf_path.parent
         from_gguf: Path | None = gguf_path.resolve()
+    elif local.exists() and is_decilm(local):  # a layout transformers has no class for: read as a cut Llama
+        folder, from_gguf = local, None
+        model, tokenizer = load_decilm(folder, torch_dtype, check_config)
     elif local.exists():
         folder, from_gguf = local, None
         _check_local_folder(folder, allow_pickle)
@@ -191,7 +196,10 @@ def load_model(
     adapter = adapter_for(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, source, adapter, folder, read_lineage(folder), gguf_path=from_gguf)
+    lineage = read_lineage(folder)
+    if lineage.get("branches"):  # zero partners of a sub-layer cut: removed branches again, costing nothing
+        restore_removed_branches(model, adapter, lineage["branches"])
+    return LoadedModel(model, tokenizer, source, adapter, folder, lineage, gguf_path=from_gguf)
 
 
 def _load_pretrained(

@@ -5,6 +5,8 @@ The lineage a model gathers while it is pruned, repaired and healed is checked a
 ``format_version``; its JSON Schema ships in the package (``layerprune/schemas/``, written by
 ``docs/gen_api.py``) for readers that do not import layerprune. A record older than
 ``format_version`` (written before the field existed) reads as version 1: its shape was the same.
+Version 2 added the sub-layer fields (``removed_attention``, ``removed_mlp``, ``branches``,
+``zero_partners``, ``format``), each with a default, so a version-1 record reads as it was.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from layerprune.records import checked, known_record, read_checked
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class _Record(BaseModel):
@@ -32,6 +36,14 @@ class ReplacedBlock(_Record):
     end: int = Field(ge=1)
     kind: str
     note: str = ""
+
+
+class LayerBranches(_Record):
+    """The original layers whose attention and whose MLP one layer holds (null: that branch was removed;
+    in an exported ``transformers`` checkpoint it is a zero partner, a branch whose weights are zero)."""
+
+    attention: int | None = Field(ge=0)
+    mlp: int | None = Field(ge=0)
 
 
 class HealingEntry(_Record):
@@ -93,6 +105,17 @@ class ProvenanceRecord(BaseModel):
     original_parameters: int = Field(ge=0)
     kept_layers: list[int] = Field(description="original indices of the layers the model holds, in order")
     removed_layers: list[int] = Field(description="original indices of the removed layers, sorted")
+    removed_attention: list[int] = Field(default=[], description="original indices of the layers whose attention "
+                                         "alone was removed (their MLP kept), sorted (format_version 2)")
+    removed_mlp: list[int] = Field(default=[], description="original indices of the layers whose MLP alone was "
+                                   "removed (their attention kept), sorted (format_version 2)")
+    branches: list[LayerBranches] | None = Field(default=None, description="after a sub-layer cut: for each layer, "
+                                                 "the original layers of its attention and its MLP (format_version 2)")
+    zero_partners: int = Field(default=0, ge=0, description="branches of the written checkpoint whose weights are "
+                               "zero, standing in for a removed branch beside a kept one (format_version 2)")
+    format: Literal["decilm"] | None = Field(default=None, description="the checkpoint's layout where it is not the "
+                                             "source architecture's: decilm (DeciLMForCausalLM, block_configs; "
+                                             "format_version 2)")
     replaced_blocks: list[ReplacedBlock] = []
     healing: list[HealingEntry] = []
     repairs: list[RepairEntry] = []

@@ -27,20 +27,28 @@ def validate_layer_indices(indices: Iterable[int], num_layers: int | None = None
     chosen = list(indices)
     if not chosen:
         raise UsageError("no layers to remove; name at least one layer index")
+    check_index_list(chosen, num_layers, "layer")
+    if num_layers is not None and len(chosen) >= num_layers:
+        raise UsageError(f"cannot remove all {num_layers} layers; keep at least one")
+    return sorted(chosen)
+
+
+def check_index_list(indices: Iterable[int], num_layers: int | None, what: str) -> list[int]:
+    """``indices`` of ``what`` (layer, attention, MLP) sorted, refused where one is negative, out of
+    range (with ``num_layers``) or repeated; an empty list passes (the caller knows if it may be)."""
+    chosen = list(indices)
     negative = [i for i in chosen if i < 0]
     if negative:
         numbered = f"0..{num_layers - 1}" if num_layers is not None else "from 0"
-        raise UsageError(f"layer indices must be >= 0, got {negative}; layers are numbered {numbered}")
+        raise UsageError(f"{what} indices must be >= 0, got {negative}; layers are numbered {numbered}")
     out_of_range = [i for i in chosen if num_layers is not None and i >= num_layers]
     if out_of_range:
         raise UsageError(
-            f"layer indices {out_of_range} are out of range: the model has {num_layers} layers (0..{num_layers - 1})"
+            f"{what} indices {out_of_range} are out of range: the model has {num_layers} layers (0..{num_layers - 1})"
         )
     duplicates = sorted({i for i in chosen if chosen.count(i) > 1})
     if duplicates:
-        raise UsageError(f"layer indices {duplicates} are given more than once; name each layer once")
-    if num_layers is not None and len(chosen) >= num_layers:
-        raise UsageError(f"cannot remove all {num_layers} layers; keep at least one")
+        raise UsageError(f"{what} indices {duplicates} are given more than once; name each once")
     return sorted(chosen)
 
 

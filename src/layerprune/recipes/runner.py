@@ -478,7 +478,11 @@ def preflight(recipe: Recipe, out: Path) -> None:
     if "score" in sections:
         options = _with_defaults(score, sections["score"])
         with _at(recipe, "score"):
-            scored = check_score_options(options["metrics"], options["batch_size"], **options["options"])
+            scored = check_score_options(options["metrics"], options["batch_size"], options["granularity"],
+                                         **options["options"])
+            if scored.granularity != "layer" and "select" in sections:
+                scored.refuse("granularity", "sublayer: a recipe's prune stage removes whole layers (branch cuts are "
+                                             "layerprune prune --granularity sublayer's); drop the select section")
         if "select" in sections:  # load_recipe refuses a select section without a score section
             with _at(recipe, "select"):
                 selecting = SelectConfig(**sections["select"])

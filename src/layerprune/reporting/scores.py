@@ -33,13 +33,17 @@ def _format(value: float) -> str:
 
 
 def format_table(report: ScoreReport, selection: Selection | None = None) -> str:
-    """A fixed-width table: layer, original index, one column per metric, and the ``selection``'s removal mark."""
-    removed = set(selection.remove) if selection else set()
+    """A fixed-width table: layer (or branch), original layer index, one column per metric, and the
+    ``selection``'s removal mark."""
+    labels = report.labels()
+    removed = selection.marked(labels) if selection else set()
     columns = {name: [_format(v) for v in per_layer_values(result)] for name, result in report.results.items()}
-    headers = ["layer", "orig", *columns, "remove"] if removed else ["layer", "orig", *columns]
+    unit = "branch" if report.units else "layer"
+    headers = [unit, "orig", *columns, "remove"] if removed else [unit, "orig", *columns]
     rows = []
-    for index in range(report.num_layers):
-        row = [str(index), str(report.layer_ids[index]), *(column[index] for column in columns.values())]
+    for index, label in enumerate(labels):
+        layer = int(label.rpartition(".")[2])
+        row = [label, str(report.layer_ids[layer]), *(column[index] for column in columns.values())]
         if removed:
             row.append("x" if index in removed else "")
         rows.append(row)
@@ -48,7 +52,7 @@ def format_table(report: ScoreReport, selection: Selection | None = None) -> str
     lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     footer = [f"{report.model}: {report.num_layers} layers, {report.tokens} tokens"]
     if selection:
-        footer.append(f"remove {selection.remove} ({selection.metric}, {selection.strategy})")
+        footer.append(f"remove {selection.units or selection.remove} ({selection.metric}, {selection.strategy})")
     return "\n".join([*lines, "; ".join(footer)])
 
 
@@ -69,12 +73,13 @@ def scores_figure(report: ScoreReport, selection: Selection | None = None) -> An
     from matplotlib import pyplot as plt
     from matplotlib.patches import Patch
 
-    removed = set(selection.remove) if selection else set()
+    labels = report.labels()
+    removed = selection.marked(labels) if selection else set()
     tables = {name: r for name, r in report.results.items() if isinstance(r.values, dict)}
     panels = len(report.results) + len(tables)
-    figure, axes = plt.subplots(panels, 1, figsize=(max(6.0, 0.3 * report.num_layers + 2), 0.6 + 2.6 * panels),
+    figure, axes = plt.subplots(panels, 1, figsize=(max(6.0, 0.3 * len(labels) + 2), 0.6 + 2.6 * panels),
                                 squeeze=False, layout="constrained")
-    layers = list(range(report.num_layers))
+    layers = list(range(len(labels)))
     for axis, (name, result) in zip(axes[:, 0], report.results.items(), strict=False):
         values = per_layer_values(result)
         colours = [REMOVED_COLOR if i in removed else KEPT_COLOR for i in layers]
@@ -86,8 +91,8 @@ def scores_figure(report: ScoreReport, selection: Selection | None = None) -> An
             axis.bar(layers, values, color=colours)
         axis.set_title(f"{name}" + (" (blocks of n=1)" if name in tables else ""), fontsize=10)
         axis.set_ylabel(textwrap.fill(_meaning(result), 28), fontsize=8)
-        axis.set_xticks(layers)
-        axis.set_xlabel("layer")
+        axis.set_xticks(layers, labels, rotation=90 if report.units else 0)
+        axis.set_xlabel("branch" if report.units else "layer")
         axis.tick_params(labelsize=7)
     if removed:
         axes[0, 0].legend(handles=[Patch(color=REMOVED_COLOR, label=f"selected to remove ({len(removed)})"),
@@ -96,9 +101,9 @@ def scores_figure(report: ScoreReport, selection: Selection | None = None) -> An
     for axis, (name, result) in zip(axes[len(report.results):, 0], tables.items(), strict=True):
         grid = [[row[i] if i < len(row) else math.nan for i in layers] for _, row in sorted(result.values.items())]
         image = axis.imshow(grid, aspect="auto", origin="lower", cmap="viridis",
-                            extent=(-0.5, report.num_layers - 0.5, 0.5, len(grid) + 0.5))
-        axis.set_title(f"{name}: start layer x block size", fontsize=10)
-        axis.set_xlabel("start layer")
+                            extent=(-0.5, len(labels) - 0.5, 0.5, len(grid) + 0.5))
+        axis.set_title(f"{name}: start {'branch' if report.units else 'layer'} x block size", fontsize=10)
+        axis.set_xlabel(f"start {'branch' if report.units else 'layer'}")
         axis.set_ylabel("block size n")
         figure.colorbar(image, ax=axis, label=textwrap.fill(_meaning(result), 30))
     figure.suptitle(f"{report.model}: layer scores ({report.tokens} tokens)", fontsize=11)

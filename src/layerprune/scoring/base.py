@@ -42,6 +42,9 @@ class MetricResult:
     meaning: str
     blocks: BlockTable | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    units: list[str] | None = None
+    """At sub-layer granularity, the branch each value belongs to (``attn.3``, ``mlp.3``, layers as
+    scored); None: one value per layer."""
 
     def block_importance(self, n: int) -> list[float]:
         if self.blocks is not None:
@@ -156,6 +159,8 @@ class Metric:
     baseline: bool = False
     """True for a reference every metric must beat (``random``, ``reverse-order``): a search does not
     offer its selections as candidates."""
+    sublayer_refusal: str | None = "scores whole layers only"
+    """Why the metric cannot score attention and MLP branches apart (None: :meth:`compute_branches` does)."""
 
     def forward_passes(self, num_layers: int) -> float:
         """About how many forward passes over the calibration rows one scoring of a model of
@@ -167,6 +172,11 @@ class Metric:
 
     def layer_pass(self, context: ScoringContext, name: str) -> LayerPass | None:
         return None
+
+    def compute_branches(self, context: ScoringContext, name: str) -> MetricResult:
+        """One value per branch the model still computes (``units`` names them), where
+        ``sublayer_refusal`` is None."""
+        raise NotImplementedError
 
 
 METRICS: Registry[Metric] = Registry("metric")

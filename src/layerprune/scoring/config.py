@@ -17,15 +17,23 @@ from pydantic import field_validator
 from layerprune.options import Config, Parse, Registered, comma_list, option
 from layerprune.scoring.base import METRICS
 
+GRANULARITIES = ("layer", "sublayer")
+"""What a score ranks: whole decoder layers, or each layer's attention and MLP branch apart (units
+``attn.i`` and ``mlp.i``, :mod:`layerprune.models.sublayers`)."""
+
 
 class ScoreConfig(Config):
-    """Which metrics score the layers, and how many calibration rows go through the model at once."""
+    """Which metrics score the layers (or their branches), and how many calibration rows go through
+    the model at once."""
 
     unit = "score"
 
     metrics: Annotated[tuple[str, ...], Parse(comma_list), Registered(METRICS)] = option(
         ("bi",), "layer-importance metrics to score, comma-separated (repeats are scored once)", metavar="METRIC,...")
     batch_size: int = option(8, "rows per forward pass", minimum=1)
+    granularity: str = option("layer", "layer: score whole decoder layers; sublayer: score each attention and MLP "
+                              "branch apart (units attn.N, mlp.N), and --remove then counts decoder parameters",
+                              choices=GRANULARITIES)
 
     @field_validator("metrics")
     @classmethod
@@ -36,6 +44,12 @@ class ScoreConfig(Config):
     def check(self) -> None:
         if not self.metrics:
             self.refuse("metrics", f"names no metric; choose from: {', '.join(METRICS.names())}")
+        if self.granularity == "sublayer":
+            refused = [name for name in self.metrics if METRICS.get(name).sublayer_refusal is not None]
+            if refused:
+                able = [name for name in METRICS.names() if METRICS.get(name).sublayer_refusal is None]
+                self.refuse("granularity", f"sublayer: {', '.join(refused)} "
+                            f"{METRICS.get(refused[0]).sublayer_refusal}; score branches with {', '.join(able)}")
 
     def record(self) -> dict[str, Any]:
         """The config as the scores' JSON records it."""

@@ -11,12 +11,14 @@ the layer evaluations of L separate pruned forward passes and gives the same num
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from layerprune.errors import OptionError
+from layerprune.models.sublayers import branch_units, branch_zeroed, check_sublayers, unit_name
 from layerprune.scoring.base import METRICS, LayerPass, Metric, MetricResult, ScoringContext, Stream
 from layerprune.scoring.forward import (
     check_finite, lm_batches, loss_setup, next_token_targets, replay_layer, run_decoder, watching_layers,
@@ -35,16 +37,32 @@ class LayerRemovalPerplexity(Metric):
         vocabulary costs as much as the other half: about one pass per layer."""
         return float(num_layers)
 
+    sublayer_refusal = None
+    branch_meaning = ("perplexity of the model with this branch removed; higher = removing it hurts more = more "
+                      "important")
+
     def compute(self, context: ScoringContext, name: str) -> MetricResult:
         return context.cached(f"result:{name}", lambda: self._in_memory(context, name))
+
+    def compute_branches(self, context: ScoringContext, name: str) -> MetricResult:
+        """Each branch removed in turn (its output zeroed, :func:`branch_zeroed`), from its layer's cached
+        input as for layers: parallel-residual families included, since nothing sits between branches."""
+        loaded = context.loaded
+        check_sublayers(loaded.adapter)
+        units = branch_units(loaded.model, loaded.adapter)
+        result = self._in_memory(context, name, units)
+        return replace(result, meaning=self.branch_meaning, units=[unit_name(*unit) for unit in units])
 
     def layer_pass(self, context: ScoringContext, name: str) -> LayerPass:
         return RemovalStream(self, context, name)
 
-    def _in_memory(self, context: ScoringContext, name: str) -> MetricResult:
+    def _in_memory(self, context: ScoringContext, name: str,
+                   branches: list[tuple[str, int]] | None = None) -> MetricResult:
+        """Removal perplexities of every layer, or of every branch of ``branches`` (``(kind, layer)``)."""
         loaded = context.loaded
         calibration, total, layers, head = loss_setup(loaded, context.data(name), name)
-        removed_nll = torch.zeros(len(layers), dtype=torch.float64)
+        candidates = branches if branches is not None else [(None, index) for index in range(len(layers))]
+        removed_nll = torch.zeros(len(candidates), dtype=torch.float64)
         full_nll = 0.0
         for input_ids, attention_mask, where, targets in lm_batches(calibration, context.batch_size, name):
             inputs: list[torch.Tensor] = []
@@ -60,11 +78,14 @@ class LayerRemovalPerplexity(Metric):
                 with watching_layers(layers, record):
                     final = run_decoder(loaded, input_ids, attention_mask)
                 full_nll += float(head.nll_sum(final, where, targets, normed=True))
-                for skipped in range(len(layers)):
+                for position, (kind, skipped) in enumerate(candidates):
                     hidden = inputs[skipped]
+                    if kind is not None:  # the branch's layer runs with the branch adding nothing
+                        with branch_zeroed(layers[skipped], loaded.adapter, kind):
+                            hidden = replay_layer(layers[skipped], hidden, *calls[skipped])
                     for index in range(skipped + 1, len(layers)):
                         hidden = replay_layer(layers[index], hidden, *calls[index])
-                    removed_nll[skipped] += float(head.nll_sum(hidden, where, targets))
+                    removed_nll[position] += float(head.nll_sum(hidden, where, targets))
         perplexities = [math.exp(float(nll) / total) for nll in removed_nll]
         return MetricResult(name, perplexities, perplexities, self.meaning,
                             details={"full_model": math.exp(full_nll / total), "targets": total})

@@ -11,11 +11,14 @@ input of every layer ``i <= j`` at once, and only the per-pair sums go into a
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from layerprune.errors import UsageError
+from layerprune.models.sublayers import ATTENTION, branch_units, check_sublayers, unit_name
 from layerprune.options import Config, option
 from layerprune.scoring.accumulators import SimilarityAccumulator, unit_rows
 from layerprune.scoring.base import METRICS, LayerPass, Metric, MetricResult, ScoringContext, Stream
@@ -55,6 +58,58 @@ def similarity_pass(context: ScoringContext, positions: str) -> SimilarityAccumu
         with torch.no_grad(), watching_layers(layers, on_layer):
             run_decoder(loaded, input_ids, attention_mask)
     return accumulator
+
+
+def branch_similarity_pass(context: ScoringContext, positions: str) -> tuple[SimilarityAccumulator, list[str]]:
+    """The similarity sums with each attention and MLP branch as a unit, from one forward pass.
+
+    A branch of a sequential layer turns the residual stream from one state into the next: the
+    attention from the layer's input to the input of its pre-MLP norm (hooked), the MLP from there
+    to the layer's output (a removed branch changes nothing, so the states chain). Entry ``[k, j]``
+    compares the state before unit ``k`` with the state after unit ``j``, so ``bi`` is per branch
+    (for attention, LLM-Drop's attention-drop similarity) and ``angular`` has blocks of adjacent
+    branches. A parallel-residual layer feeds both branches the same input: there is no state
+    between them, so it is refused."""
+    loaded = context.loaded
+    adapter = loaded.adapter
+    check_sublayers(adapter)
+    if adapter.parallel_residual or adapter.pre_mlp_norm is None:
+        raise UsageError(f"the {adapter.family} layers' attention and MLP read the same input (parallel residual), so "
+                         "no residual state lies between them to compare; score their branches with ppl")
+    units = branch_units(loaded.model, adapter)
+    layers = adapter.decoder_layers(loaded.model)
+    accumulator = SimilarityAccumulator(len(units))
+    for batch in context.data("bi/angular/block-cosine").batches(context.batch_size, "similarity pass"):
+        keep = scored_positions(batch["attention_mask"], positions).to(loaded.model.device)
+        states: dict[tuple[str, int], torch.Tensor] = {}
+
+        def on_layer(index: int, x_in: torch.Tensor, x_out: torch.Tensor, *_: Any) -> None:
+            check_finite(index, x_out, batch["attention_mask"])
+            states["in", index], states["out", index] = unit_rows(x_in[keep]), unit_rows(x_out[keep])
+
+        def middle(index: int) -> Any:
+            def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+                # OPT flattens the tokens before its pre-MLP norm: back to [rows, seq, hidden]
+                states["mid", index] = unit_rows(args[0].reshape(*keep.shape, -1)[keep])
+            return hook
+
+        handles = [layer.get_submodule(adapter.pre_mlp_norm).register_forward_pre_hook(middle(i))
+                   for i, layer in enumerate(layers)]
+        try:
+            with torch.no_grad(), watching_layers(layers, on_layer):
+                run_decoder(loaded, batch["input_ids"], batch["attention_mask"])
+        finally:
+            for handle in handles:
+                handle.remove()
+        has = set(units)
+        chain = [states["in", units[0][1]]]  # the state before each unit, then after the last
+        for kind, index in units:
+            chain.append(states["mid", index] if kind == ATTENTION and ("mlp", index) in has else states["out", index])
+        before = torch.stack(chain[:-1])
+        for end in range(len(units)):
+            cosines = torch.einsum("knh,nh->kn", before[:end + 1], chain[end + 1])
+            accumulator.add_cosines(range(end + 1), end, cosines)
+    return accumulator, [unit_name(kind, index) for kind, index in units]
 
 
 class SimilarityStream(LayerPass):
@@ -104,13 +159,27 @@ class _Similarity(Metric):
         shared.pairs = shared.pairs or self.pairs
         return shared
 
+    sublayer_refusal = None
+
+    def compute_branches(self, context: ScoringContext, name: str) -> MetricResult:
+        """The layer result's code on the branch units' sums (:func:`branch_similarity_pass`)."""
+        positions = context.options_of(self).positions
+        accumulator, units = context.cached("branch-similarity", lambda: branch_similarity_pass(context, positions))
+        return replace(self.from_sums(accumulator, name), units=units)
+
+    def compute(self, context: ScoringContext, name: str) -> MetricResult:
+        return self.from_sums(self.accumulated(context), name)
+
+    def from_sums(self, accumulator: SimilarityAccumulator, name: str) -> MetricResult:
+        raise NotImplementedError
+
 
 class BlockInfluence(_Similarity):
     pairs = False
     meaning = "BI = 1 - mean cos(layer input, layer output); higher = the layer changes more = more important"
 
-    def compute(self, context: ScoringContext, name: str) -> MetricResult:
-        influence = self.accumulated(context).block_influence()
+    def from_sums(self, accumulator: SimilarityAccumulator, name: str) -> MetricResult:
+        influence = accumulator.block_influence()
         return MetricResult(name, influence, influence, self.meaning)
 
 
@@ -118,8 +187,8 @@ class AngularDistance(_Similarity):
     meaning = ("angular distance {n: [d(start, n)]} = mean arccos(cos(input of start, output of start+n-1))/pi; "
                "lower = the block changes less = better to remove")
 
-    def compute(self, context: ScoringContext, name: str) -> MetricResult:
-        table = self.accumulated(context).angular_distance()
+    def from_sums(self, accumulator: SimilarityAccumulator, name: str) -> MetricResult:
+        table = accumulator.angular_distance()
         return MetricResult(name, table[1], table, self.meaning, blocks=table)
 
 
@@ -127,8 +196,8 @@ class BlockCosine(_Similarity):
     meaning = ("block cosine {n: [mean cos(input of start, output of start+n-1)]}; "
                "higher = the block changes less = better to remove")
 
-    def compute(self, context: ScoringContext, name: str) -> MetricResult:
-        table = self.accumulated(context).mean_cosine()
+    def from_sums(self, accumulator: SimilarityAccumulator, name: str) -> MetricResult:
+        table = accumulator.mean_cosine()
         dissimilarity = {n: [1.0 - c for c in row] for n, row in table.items()}
         return MetricResult(name, dissimilarity[1], table, self.meaning, blocks=dissimilarity)
 

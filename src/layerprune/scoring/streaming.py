@@ -316,6 +316,8 @@ def stream_score(
     what streaming exists to save. ``dtype`` is the compute dtype (float32 on CPU by default, as ``load_model``).
     """
     config = check_score_options(metrics, batch_size, **options)
+    if config.granularity != "layer":
+        config.refuse("granularity", "sublayer: layer streaming scores whole layers; score the branches in memory")
     names = list(config.metrics)
     check_streamable(names)
     wanting = [n for n in names if METRICS.get(n).needs_data]

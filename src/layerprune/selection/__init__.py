@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, overload
 
 from layerprune.errors import OptionError, UsageError
+from layerprune.models.sublayers import ATTENTION, MLP, parse_unit
 from layerprune.options import Config, Parse, Registered, option
 from layerprune.registry import Registry, import_package_modules
 from layerprune.scoring.base import MetricResult
@@ -41,15 +42,29 @@ Choice = tuple[list[int], list[dict[str, Any]]]
 
 @dataclass(frozen=True)
 class Selection:
-    """The layers chosen for removal, and how they were chosen."""
+    """The layers (or, at sub-layer granularity, the branches ``units``) chosen for removal, and how
+    they were chosen."""
 
     metric: str
     strategy: str
     remove: list[int]
     steps: list[dict[str, Any]] = field(default_factory=list)
+    units: list[str] = field(default_factory=list)
+    """The branches chosen (``attn.N``, ``mlp.N``, layers as scored); ``remove`` is then empty."""
+
+    def branches(self, kind: str) -> list[int]:
+        """The layers whose ``kind`` branch (``attention`` or ``mlp``) was chosen, sorted."""
+        return sorted(index for unit_kind, index in map(parse_unit, self.units) if unit_kind == kind)
+
+    def marked(self, labels: list[str]) -> set[int]:
+        """Positions of the chosen layers or branches among a report's ``labels`` (layers: their index)."""
+        chosen = set(self.units) if self.units else {str(index) for index in self.remove}
+        return {position for position, label in enumerate(labels) if label in chosen}
 
     def to_json(self) -> dict[str, Any]:
         document: dict[str, Any] = {"metric": self.metric, "strategy": self.strategy, "remove": self.remove}
+        if self.units:
+            document.update(units=self.units, attention=self.branches(ATTENTION), mlp=self.branches(MLP))
         if self.steps:
             document["steps"] = self.steps
         return document
@@ -62,6 +77,9 @@ class Strategy:
     options_class: type | None = None
     rescores: bool = False
     """True when :meth:`choose` needs a ``rescore`` function (it scores smaller models itself)."""
+    branches: bool = False
+    """True when its rule reads for single branches too (:func:`select_branches`): the least important
+    first, re-scoring after each where it ``rescores``; a strategy of runs of whole layers is not."""
 
     def choose(self, result: MetricResult, count: int, rescore: Rescore | None) -> Choice:
         raise NotImplementedError
@@ -122,6 +140,8 @@ def least_important_run(result: MetricResult, count: int) -> list[int]:
 class Independent(Strategy):
     """The ``count`` least important layers, wherever they are (ShortGPT)."""
 
+    branches = True
+
     def choose(self, result: MetricResult, count: int, rescore: Rescore | None) -> Choice:
         return least_important(result.importance, count), []
 
@@ -137,6 +157,7 @@ class Iterative(Strategy):
     """Remove the least important layer, re-score the rest, repeat; step 0 uses the given scores."""
 
     rescores = True
+    branches = True
 
     def choose(self, result: MetricResult, count: int, rescore: Rescore | None) -> Choice:
         assert rescore is not None, "select() refuses the iterative strategy without a rescore function"
@@ -210,8 +231,64 @@ def select(report: ScoreReport, remove: int | str, strategy: str = DEFAULT_SELEC
     if chosen.rescores and rescore is None:
         raise UsageError(f"the {strategy} strategy re-scores the pruned model; pass rescore="
                          "layerprune.scoring.rescorer(model, calibration), or choose another strategy")
+    if report.units:
+        return select_branches(report, config, name, rescore)
     layers, steps = chosen.choose(report.results[name], count, rescore)
     return Selection(name, strategy, layers, steps)
+
+
+def parameter_budget(remove: int | str, num_layers: int, parameters: dict[str, int]) -> int:
+    """Decoder parameters to remove at sub-layer granularity: a share (``25%``) of the branches'
+    parameters, or ``N`` layers' worth (N / layers of them); for whole layers that is the same cut."""
+    value, percent = check_remove(remove)
+    share = value / 100 if percent else value / num_layers
+    if share >= 1:
+        raise OptionError.about("remove", f"{remove} is every layer's worth of a {num_layers}-layer model; keep some")
+    return round(share * sum(parameters.values()))
+
+
+def fitting(importance: dict[str, float], parameters: dict[str, int], removed: list[str], budget: int) -> str | None:
+    """The least important branch not yet ``removed`` whose parameters bring the removed total nearer
+    ``budget`` than without it (over by less than half of it), None when none does; at least one
+    branch stays."""
+    spent = sum(parameters[unit] for unit in removed)
+    left = [unit for unit in importance if unit not in removed]
+    for unit in sorted(left, key=lambda u: (importance[u], list(importance).index(u))):
+        if len(left) > 1 and spent + parameters[unit] / 2 < budget:
+            return unit
+    return None
+
+
+def select_branches(report: ScoreReport, config: SelectConfig, name: str, rescore: Rescore | None) -> Selection:
+    """Branches to remove until their parameters make :func:`parameter_budget`: the least important
+    that fit (``independent``), or one at a time re-scoring the rest after each (``iterative``; a
+    rescore of removed branches takes their unit names)."""
+    assert report.units is not None and report.unit_parameters is not None
+    iterative = STRATEGIES.get(config.strategy).rescores
+    if not STRATEGIES.get(config.strategy).branches:
+        able = [name for name, strategy in STRATEGIES.registered() if strategy.branches]
+        raise OptionError.about("strategy", f"{config.strategy} picks runs of whole layers; at sub-layer granularity "
+                                            f"use {' or '.join(able)}")
+    parameters = report.unit_parameters
+    budget = parameter_budget(config.remove, report.num_layers, parameters)
+    result = report.results[name]
+    removed: list[str] = []
+    steps: list[dict[str, Any]] = []
+    while True:
+        if steps and iterative:
+            result = rescore(name, list(removed))  # type: ignore[misc]  (select() refuses a missing rescore)
+        importance = dict(zip(result.units or [], result.importance, strict=True))
+        unit = fitting(importance, parameters, removed, budget)
+        if unit is None:
+            break
+        if iterative:
+            steps.append({"units": list(importance), "importance": result.importance, "removed": unit})
+        removed.append(unit)
+    if not removed:
+        raise OptionError.about("remove", f"{config.remove} is less than half of the smallest branch; ask for more")
+    order = {unit: position for position, unit in enumerate(report.units)}
+    return Selection(name, config.strategy, [], steps, sorted(removed, key=order.__getitem__))
+
 
 
 import_package_modules(__name__, __path__)  # a strategy in its own module registers itself by existing

@@ -32,7 +32,9 @@ from layerprune.models.architectures import ADAPTERS
 from layerprune.models.lineage import PROVENANCE_FILE
 from layerprune.models.loading import LoadedModel, check_gguf_name
 from layerprune.models.shards import is_safetensors_checkpoint, prune_checkpoint
-from layerprune.models.surgery import parse_layer_list, validate_layer_indices
+from layerprune.models.decilm import check_decilm
+from layerprune.models.sublayers import ATTENTION, KINDS, MLP, kv_bytes_per_layer, plan_branch_removal
+from layerprune.models.surgery import check_index_list, parse_layer_list, validate_layer_indices
 from layerprune.options import add_option_flags, given_options
 from layerprune.outputs import check_output_path
 from layerprune.repair import REPAIRS, RepairConfig, check_repair, compensate
@@ -46,10 +48,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command(subparsers, "prune", "Remove decoder layers and save a standard checkpoint.")
     add_model_options(parser)
     parser.add_argument("--layers", help="layer indices to remove, e.g. 25,26,27 or 20-27")
+    parser.add_argument("--attention", metavar="LIST", help="layers whose attention to remove (their MLP stays), "
+                                                            "same syntax as --layers")
+    parser.add_argument("--mlp", metavar="LIST", help="layers whose MLP to remove (their attention stays), same "
+                                                      "syntax as --layers")
     parser.add_argument("--metric", help="instead of --layers: score with this metric (e.g. bi) and remove the "
                                          "--remove least important layers")
     add_output_options(parser)
     add_selection_options(parser, select_by=False)  # it selects by its one --metric
+    add_option_flags(parser, ScoreConfig, only_given=True, skip=("metrics", "batch_size"))  # --granularity
     add_calibration_options(parser)
     parser.add_argument("--generate", metavar="PROMPT", help="after pruning, greedily continue PROMPT and print it")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="length of the --generate continuation")
@@ -69,14 +76,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.metric:
+        if args.attention or args.mlp:
+            raise UsageError("give either --attention/--mlp or --metric, not both")
         return run_scored(args)
-    if not args.layers:
-        raise UsageError("say which layers to remove with --layers (e.g. --layers 25,26,27) or let a metric choose "
-                         "them with --metric bi --remove 25%")
+    if not (args.layers or args.attention or args.mlp):
+        raise UsageError("say which layers to remove with --layers (e.g. --layers 25,26,27), which branches with "
+                         "--attention/--mlp, or let a metric choose them with --metric bi --remove 25%")
     if args.remove or args.iterative or args.strategy != DEFAULT_SELECT.strategy:
         raise UsageError("--remove/--strategy/--iterative need --metric to choose the layers (e.g. --metric bi "
                          "--remove 25%); with --layers you name them yourself")
-    layers = parse_layer_list(args.layers)
+    layers = parse_layer_list(args.layers or "")
+    branches = {kind: parse_layer_list(getattr(args, kind) or "") for kind in KINDS}
+    if any(branches.values()):
+        return run_sublayers(args, layers, branches)
     validate_layer_indices(layers)  # empty, negative, repeated: no model needed to tell
     check_generate(args)
     repair = repair_from_args(args)
@@ -91,6 +103,33 @@ def run(args: argparse.Namespace) -> int:
         args, check_config=lambda config: validate_layer_indices(layers, getattr(config, "num_hidden_layers", None))
     )
     removed = cut(loaded, layers, args, repair)
+    finish(loaded, args, removed)
+    return 0
+
+
+def run_sublayers(args: argparse.Namespace, layers: list[int], branches: dict[str, list[int]]) -> int:
+    """``--attention``/``--mlp`` (with whole ``--layers`` beside them): the cut is checked as far as the
+    command line tells before the model loads, as far as its config tells before its weights do."""
+    if args.low_memory:
+        raise UsageError("--low-memory copies whole layers' tensors; removing an attention or MLP needs the model "
+                         "in memory: drop --low-memory")
+    if args.compensate:
+        raise UsageError("--compensate repairs a cut of whole layers; drop it with --attention/--mlp")
+    check_generate(args)
+    export = export_from_args(args)
+    for what, named in (("layer", layers), (ATTENTION, branches[ATTENTION]), ("MLP", branches[MLP])):
+        check_index_list(named, None, what)  # negative, repeated: no model needed to tell
+    check_output_path(args.out, overwrite=args.overwrite, protected=input_paths(args))
+
+    def check(config: Any) -> None:  # the rest once the config is read, before the weights load
+        count = getattr(config, "num_hidden_layers", None)
+        if count is not None:
+            plan_branch_removal([(True, True)] * count, layers, branches[ATTENTION], branches[MLP])
+        if export.format != "transformers":  # decilm, or gguf as llama.cpp's deci
+            check_decilm(config, ffn_mult=export.format == "decilm")
+
+    loaded = load_from_args(args, check_config=check)
+    removed = prune(loaded, layers, attention=branches[ATTENTION], mlp=branches[MLP])
     finish(loaded, args, removed)
     return 0
 
@@ -131,7 +170,7 @@ def can_prune_on_disk(args: argparse.Namespace) -> bool:
     """Whether shard surgery applies: a local safetensors checkpoint of a registered family and no flag
     that needs the model in memory. Anything else (a hub id, pickle weights, a broken or unknown
     checkpoint) goes through the loader, whose checks and messages cover every format."""
-    if needs_model_in_memory(args) or args.format == "gguf":
+    if needs_model_in_memory(args) or args.format != "transformers":
         return False
     alias = MODEL_ALIASES.get(args.model)  # an alias not yet built is built by loading it, once
     folder = alias_checkpoint_dir(alias) if alias else Path(args.model).expanduser()
@@ -146,6 +185,9 @@ def can_prune_on_disk(args: argparse.Namespace) -> bool:
 
 def run_on_disk(args: argparse.Namespace, layers: list[int]) -> int:
     """Shard surgery on the files (:mod:`layerprune.models.shards`); no model is loaded."""
+    if args.format == "decilm":
+        raise UsageError("--low-memory copies the safetensors files as they are; --format decilm rewrites the "
+                         "config and weights in memory: drop --low-memory")
     if args.format == "gguf":
         raise UsageError("--low-memory with --format gguf cuts a GGUF file (a .gguf model, --gguf-file or an alias "
                          "that ships as one); a safetensors checkpoint is converted in memory: drop --low-memory")
@@ -171,6 +213,8 @@ def run_scored(args: argparse.Namespace) -> int:
     if not args.remove:
         raise UsageError(f"--metric {args.metric} needs --remove to say how many layers go (e.g. --remove 25%)")
     scoring = scoring_from_args(args, [args.metric])
+    if scoring.granularity == "sublayer" and args.compensate:
+        raise UsageError("--compensate repairs a cut of whole layers; drop it with --granularity sublayer")
     metric = scoring.metrics[0]
     check_calibration_args(args)
     selecting = selection_from_args(args)
@@ -198,9 +242,12 @@ def run_scored(args: argparse.Namespace) -> int:
         report, chosen = score_and_select(loaded, args, scoring, selecting, calibration)
         assert chosen is not None, "run_scored refuses a missing --remove before scoring"
         selection = chosen
-        removed = cut(loaded, selection.remove, args, repair, reason=reason,
-                      calibration=calibration if repair_rows else None)
-    warn_if_most_layers_go(args, len(selection.remove), report.num_layers)
+        if selection.units:  # branches: the cut of --attention/--mlp
+            removed = prune(loaded, reason=reason, attention=selection.branches(ATTENTION), mlp=selection.branches(MLP))
+        else:
+            removed = cut(loaded, selection.remove, args, repair, reason=reason,
+                          calibration=calibration if repair_rows else None)
+            warn_if_most_layers_go(args, len(selection.remove), report.num_layers)
     recipe = {"selection": selection.to_json(), "importance": report.results[metric].importance,
               "data": report.data, "tokens": report.tokens}
     finish(loaded, args, removed, recipe)
@@ -257,10 +304,35 @@ def finish(loaded: LoadedModel, args: argparse.Namespace, removed: list[int], re
     folder = save(loaded, recipe=recipe, **export_from_args(args).model_dump())
     repaired = next((f"; repaired with {step['method']} ({step['summary']})" for step in loaded.lineage["healing"]
                      if args.compensate and step["method"] == args.compensate), "")
-    print(f"removed layers {removed}: {loaded.lineage['original_num_layers']} -> {loaded.num_layers} layers{repaired}; "
-          f"saved to {folder}")
+    record = json.loads((folder / PROVENANCE_FILE).read_text())
+    if record.get("branches"):
+        per_layer = kv_bytes_per_layer(loaded.model.config, loaded.model.dtype)
+        print(f"{export_summary(record, per_layer)}{repaired}; saved to {folder}")
+    else:
+        print(f"removed layers {removed}: {record['original_num_layers']} -> {record['num_layers']} layers{repaired}; "
+              f"saved to {folder}")
     if args.generate:
         print(generate_text(loaded, args.generate, args.max_new_tokens))
+
+
+def export_summary(record: dict[str, Any], kv_per_layer: int) -> str:
+    """What a sub-layer cut became in the written checkpoint: its removed branches, layers and zero partners,
+    where the standard layout saves no layer the format that does, and the KV cache per token
+    (``kv_per_layer`` bytes per attention layer) of the original, of the cut as layerprune and the DeciLM
+    runtimes run it, and of the transformers form, whose zero-partner attentions still cache keys."""
+    line = (f"removed layers {record['removed_layers']}, the attention of layers {record['removed_attention']} and "
+            f"the MLP of layers {record['removed_mlp']} (original numbering): {record['original_num_layers']} -> "
+            f"{record['num_layers']} layers, {record['zero_partners']} zero partner(s)")
+    if record.get("format") != "decilm" and record["num_layers"] + len(record["removed_layers"]) >= record[
+            "original_num_layers"]:
+        line += (" (a standard layer holds an attention and an MLP, so this cut saves no layers in the transformers "
+                 "form; --format decilm drops the removed branches)")
+    attentions = sum(branch["attention"] is not None for branch in record["branches"])
+    line += (f"; KV cache per token {record['original_num_layers'] * kv_per_layer} -> {attentions * kv_per_layer} "
+             "bytes")
+    if record.get("format") != "decilm" and attentions < record["num_layers"]:
+        line += f" ({record['num_layers'] * kv_per_layer} in plain transformers, which caches its zero partners')"
+    return line
 
 
 def check_fits_context(loaded: LoadedModel, prompt_tokens: int, max_new_tokens: int) -> None:

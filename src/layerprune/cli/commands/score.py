@@ -32,6 +32,8 @@ def stream_from_args(args: argparse.Namespace, scoring: ScoreConfig, strategy: s
                      check_layers: Callable[[PretrainedConfig], None]) -> ScoreReport:
     """``--streaming``: :func:`layerprune.scoring.streaming.stream_score`; the model is never whole in memory."""
     check_streamable(list(scoring.metrics))
+    if scoring.granularity != "layer":
+        raise UsageError("--streaming scores whole layers; drop --granularity sublayer or drop --streaming")
     if STRATEGIES.get(strategy).rescores:
         raise UsageError(f"--strategy {strategy} re-scores the pruned model in memory; drop it or drop --streaming")
     folder = safetensors_folder(args, "--streaming")
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         chosen = select(report, **dict(selection)) if selection.remove is not None else None
     else:
         report, chosen = score_and_select(load_from_args(args, check_config=check_layers), args, scoring, selection)
-    if chosen is not None:
+    if chosen is not None and not chosen.units:
         warn_if_most_layers_go(args, len(chosen.remove), report.num_layers)
     print(format_table(report, chosen))
     if output is not None:
