@@ -11,18 +11,13 @@ the layer evaluations of L separate pruned forward passes and gives the same num
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
 
 from layerprune.errors import OptionError
 from layerprune.scoring.base import METRICS, LayerPass, Metric, MetricResult, ScoringContext, Stream
-from layerprune.scoring.forward import (
-    check_finite, lm_batches, loss_setup, next_token_targets, replay_layer, run_decoder, watching_layers,
-)
-
-LayerCall = tuple[tuple[Any, ...], dict[str, Any]]
+from layerprune.scoring.forward import lm_batches, loss_setup, next_token_targets, record_pass, replay_from
 
 
 class LayerRemovalPerplexity(Metric):
@@ -47,23 +42,11 @@ class LayerRemovalPerplexity(Metric):
         removed_nll = torch.zeros(len(layers), dtype=torch.float64)
         full_nll = 0.0
         for input_ids, attention_mask, where, targets in lm_batches(calibration, context.batch_size, name):
-            inputs: list[torch.Tensor] = []
-            calls: list[LayerCall] = []
-
-            def record(index: int, x_in: torch.Tensor, x_out: torch.Tensor, args: tuple[Any, ...],
-                       kwargs: dict[str, Any]) -> None:
-                check_finite(index, x_out, attention_mask)
-                inputs.append(x_in)
-                calls.append((args[1:], kwargs))
-
             with torch.inference_mode():
-                with watching_layers(layers, record):
-                    final = run_decoder(loaded, input_ids, attention_mask)
-                full_nll += float(head.nll_sum(final, where, targets, normed=True))
+                recorded = record_pass(loaded, layers, input_ids, attention_mask)
+                full_nll += float(head.nll_sum(recorded.final, where, targets, normed=True))
                 for skipped in range(len(layers)):
-                    hidden = inputs[skipped]
-                    for index in range(skipped + 1, len(layers)):
-                        hidden = replay_layer(layers[index], hidden, *calls[index])
+                    hidden = replay_from(layers, recorded, skipped, frozenset({skipped}))
                     removed_nll[skipped] += float(head.nll_sum(hidden, where, targets))
         perplexities = [math.exp(float(nll) / total) for nll in removed_nll]
         return MetricResult(name, perplexities, perplexities, self.meaning,
