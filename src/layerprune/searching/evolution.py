@@ -84,15 +84,18 @@ class UnitBudget:
         return None
 
     def random_cut(self, rng: random.Random) -> Cut | None:
-        """Units in random order until the cut removes at least ``target - tolerance`` parameters; the
-        cut if it fits, else ``None``."""
+        """Units in random order, each taken while it does not overshoot ``target + tolerance``, until
+        the cut removes at least ``target - tolerance`` parameters; the cut if it fits, else ``None``."""
         order = list(self.sizes)
         rng.shuffle(order)
         cut: set[Hashable] = set()
+        removed = 0
         for unit in order:
-            if self.removed_parameters(frozenset(cut)) >= self.target - self.tolerance:
+            if removed >= self.target - self.tolerance:
                 break
-            cut.add(unit)
+            if removed + self.sizes[unit] <= self.target + self.tolerance:
+                cut.add(unit)
+                removed += self.sizes[unit]
         return frozenset(cut) if self.fits(frozenset(cut)) else None
 
 
