@@ -118,9 +118,11 @@ def calibration(corpus: dict[str, Path]) -> CalibrationConfig:
 
 @pytest.fixture(scope="module")
 def evolved(constructed: dict[str, Path]) -> lp.SearchRecord:
+    """Its one finalist, the best cut by fitness, is the winner (on this random model the held-out
+    perplexity, which ranks several finalists, need not follow the KL to the original)."""
     return lp.search(str(constructed["model"]), remove=2, calibration=calibration(constructed),
                      rank_data=str(constructed["held_out"]), algorithm="evolution", generations=6, offspring=4,
-                     fitness_rows=8, finalists=2, repairs=False, exhaustive=True, batch_size=2, rank_windows=4,
+                     fitness_rows=8, finalists=1, repairs=False, exhaustive=True, batch_size=2, rank_windows=4,
                      workload=QUICK, out=constructed["folder"] / "out", progress=False)
 
 
@@ -165,8 +167,8 @@ def test_the_evolved_output_folder_and_its_record(evolved: lp.SearchRecord) -> N
     jsonschema.validate(document, json.loads((SCHEMA_DIR / schema_file(SearchDocument)).read_text()))
     assert document["algorithm"] == "evolution" and document["format_version"] == 3
     assert "Evolution:" in (folder / "search.md").read_text()
-    old = json.loads(record_text("search.json"))  # a version-2 file still reads, as a heuristic search
-    assert old["format_version"] == 2
+    old = json.loads(record_text("search.json"))  # an older file (no algorithm) still reads, as a heuristic search
+    assert old["format_version"] < 3 and "algorithm" not in old
     assert SearchDocument.model_validate(old).algorithm == "heuristic"
 
 
@@ -289,9 +291,12 @@ def test_the_same_seed_gives_the_same_run_and_early_stopping_changes_no_outcome(
 def test_bad_evolution_input_exits_2_and_writes_nothing(flags: list[str], reason: str, constructed, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    code = main(["search", "--model", str(constructed["model"]), "--data", str(constructed["calibration"]),
-                 "--rank-data", str(constructed["held_out"]), "--samples", "4", "--seq-len", "32", "--algorithm",
-                 "evolution", "--out", str(out), *flags])
+    try:
+        code = main(["search", "--model", str(constructed["model"]), "--data", str(constructed["calibration"]),
+                     "--rank-data", str(constructed["held_out"]), "--samples", "4", "--seq-len", "32", "--algorithm",
+                     "evolution", "--out", str(out), *flags])
+    except SystemExit as stop:  # argparse refuses a choice it lists itself
+        code = stop.code
     assert code == 2
     assert reason in capsys.readouterr().err
     assert not out.exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 from layerprune.errors import UsageError
-from layerprune.options import Config, Parse, option
+from layerprune.options import SEED_RANGE, Config, Parse, option
 from layerprune.searching.fitness import FITNESSES
 from layerprune.searching.ranking import DropRule
 from layerprune.selection import check_remove
@@ -67,7 +67,9 @@ class SearchConfig(Config):
                                "every layer boundary are kept in memory for them)", minimum=1)
     finalists: int = option(3, "evolution: the best cuts by fitness ranked on held-out text, each also with every "
                             "training-free repair that applies", minimum=1)
-    seed: int = option(0, "evolution: the seed of its random cuts and mutations (same seed, same winner)")
+    seed: int = option(0, "evolution: the seed of its random cuts and mutations (same seed, same winner; on the "
+                       "command line --seed, which also seeds the calibration windows)",
+                       minimum=SEED_RANGE[0], maximum=SEED_RANGE[1])
 
     def check(self) -> None:
         """The budget's rules: one of a layer count or a speed-up, each bound that excludes itself,
