@@ -9,6 +9,7 @@ changes nothing; the recipe that replays the winner; bad input refused.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import json
 import math
@@ -24,6 +25,7 @@ import layerprune as lp
 from layerprune.cli.main import main
 from layerprune.data import CalibrationConfig
 from layerprune.evaluation.efficiency import Workload
+from layerprune.models.lineage import count_parameters
 from layerprune.models.loading import LoadedModel
 from layerprune.records import SCHEMA_DIR, schema_file
 from layerprune.scoring import rescorer
@@ -279,6 +281,22 @@ def test_the_same_seed_gives_the_same_run_and_early_stopping_changes_no_outcome(
     assert unstopped.parent == first.parent
     assert [g.best_fitness for g in unstopped.trace] == pytest.approx([g.best_fitness for g in first.trace])
     assert sum(g.evaluations for g in unstopped.trace) > sum(g.evaluations for g in first.trace)
+
+
+def test_a_target_speedup_sets_the_count_every_evolved_cut_removes(constructed, monkeypatch) -> None:
+    """``target_speedup`` is supported: the layer count it needs (timed; here fixed at 3, since the
+    timing is not what is tested) is the evolution's budget, kept by every cut it scored."""
+    search_module = importlib.import_module("layerprune.searching.search")  # the module, not the function
+    monkeypatch.setattr(search_module, "layers_for_speedup", lambda loaded, target, workload: (3, 1.6))
+    record = lp.search(str(constructed["model"]), target_speedup=1.5, calibration=calibration(constructed),
+                       rank_data=str(constructed["held_out"]), algorithm="evolution", generations=2, offspring=2,
+                       fitness_rows=4, finalists=2, repairs=False, batch_size=2, rank_windows=2, workload=QUICK,
+                       progress=False)
+    loaded = lp.load_model(str(constructed["model"]))
+    layer = count_parameters(loaded.adapter.decoder_layers(loaded.model)[0])  # all six are the same size
+    assert record.remove == 3 and all(len(t.candidate.remove) == 3 for t in record.tried)
+    assert record.settings["evolution"]["budget_parameters"] == 3 * layer
+    assert record.settings["budget"]["measured_decode_speedup_at_count"] == 1.6
 
 
 @pytest.mark.parametrize(("flags", "reason"), [

@@ -68,7 +68,7 @@ class SearchConfig(Config):
     finalists: int = option(3, "evolution: the best cuts by fitness ranked on held-out text, each also with every "
                             "training-free repair that applies", minimum=1)
     seed: int = option(0, "evolution: the seed of its random cuts and mutations (same seed, same winner; on the "
-                       "command line --seed, which also seeds the calibration windows)",
+                       "command line the one --seed, which also draws the calibration windows)",
                        minimum=SEED_RANGE[0], maximum=SEED_RANGE[1])
 
     def check(self) -> None:

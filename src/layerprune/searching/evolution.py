@@ -29,16 +29,14 @@ from __future__ import annotations
 import logging
 import math
 import random
-import sys
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from layerprune.data import CalibrationSet
 from layerprune.models.lineage import count_parameters
 from layerprune.models.loading import LoadedModel
+from layerprune.progress import Progress
 from layerprune.searching.budget import TimeBudget
 from layerprune.searching.candidates import EVOLVED, Candidate, plain_candidates
 from layerprune.searching.config import SearchConfig
@@ -301,8 +299,7 @@ def evolved_candidates(loaded: LoadedModel, rows: CalibrationSet, selections: li
     unit_budget = layer_budget([count_parameters(layer) for layer in layers], count)
     original = CachedOriginal(loaded, fitness_rows(rows, config.fitness_rows), config.batch_size, config.fitness)
     heuristic = {frozenset(c.remove): c for c in plain_candidates(selections)}
-    bar = tqdm(total=config.generations, desc="evolution", unit="generation", file=sys.stderr,
-               disable=None if progress is None else not progress)
+    bar = Progress("evolution", config.generations, unit="generations", shown=progress is not False)
 
     def keep_going(next_seconds: float) -> bool:
         fits = budget.allows(next_seconds + reserve(config.finalists))
@@ -312,9 +309,9 @@ def evolved_candidates(loaded: LoadedModel, rows: CalibrationSet, selections: li
 
     def shown(generation: Generation) -> None:
         run_trace.append(generation)
+        bar.note(f"generation {generation.index}, best {config.fitness} {generation.best_fitness:.4f}"
+                 + (" (improved)" if generation.improved and generation.index else ""))
         bar.update(generation.index > 0)
-        bar.set_postfix_str(f"best {config.fitness} {generation.best_fitness:.4f}"
-                            + (" (improved)" if generation.improved and generation.index else ""))
 
     run_trace: list[Generation] = []
     run = evolve(original, unit_budget, list(heuristic), generations=config.generations, offspring=config.offspring,
