@@ -28,18 +28,19 @@ LAYER_SECONDS = 1.0
 def slowed(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """A fake clock advanced by every decoder layer call on more than one row (the calibration and
     ranking batches; single-row speed timing stays free, so the fake cost does not hang on how many
-    turns a noisy timing takes)."""
-    now = [0.0]
+    turns a noisy timing takes). Returns the seconds one such call costs, ``[LAYER_SECONDS]``, for a
+    test to raise (a loaded machine)."""
+    now, per_call = [0.0], [LAYER_SECONDS]
     forward = LlamaDecoderLayer.forward
 
     def slow_forward(self: LlamaDecoderLayer, hidden_states, *args, **kwargs):
         if hidden_states.shape[0] > 1:
-            now[0] += LAYER_SECONDS
+            now[0] += per_call[0]
         return forward(self, hidden_states, *args, **kwargs)
 
     monkeypatch.setattr(LlamaDecoderLayer, "forward", slow_forward)
     monkeypatch.setattr(budget_module, "clock", lambda: now[0])
-    return now
+    return per_call
 
 
 def calibration(corpus: dict[str, Path]) -> CalibrationConfig:
@@ -86,3 +87,25 @@ def test_a_short_search_says_so_in_its_report_figure_and_exit_line(corpus, slowe
     assert capsys.readouterr().out.strip().endswith(shortfall)
     assert shortfall[1:] in (out / "search.md").read_text()
     assert (out / "pareto.png").stat().st_size > 0
+
+
+def test_a_loaded_machine_gets_fewer_generations_within_the_same_budget(corpus, slowed) -> None:
+    """An evolutionary search under the same budget on a machine twice as slow: it runs fewer
+    generations, both runs end inside the budget (scoring and ranking the finalists included), and the
+    generations the budget left out are recorded."""
+    def evolution(seconds_per_layer: float) -> lp.SearchRecord:
+        slowed[0] = seconds_per_layer
+        began = budget_module.clock()  # each run's budget starts at its own call
+        record = lp.search(str(corpus["model"]), remove=2, calibration=calibration(corpus),
+                           rank_data=str(corpus["held_out"]), time_budget=6.0, rank_windows=6, batch_size=4,
+                           workload=QUICK, repairs=False, algorithm="evolution", generations=1000, offspring=4,
+                           finalists=2)
+        assert budget_module.clock() - began <= 6 * 60
+        return record
+
+    idle, loaded = evolution(LAYER_SECONDS), evolution(2 * LAYER_SECONDS)
+    runs = [record.settings["evolution"]["generations_run"] for record in (idle, loaded)]
+    assert runs[1] < runs[0]  # the idle one runs all 1000: once every 2-of-6 cut is scored, generations are free
+    assert loaded.settings["evolution"]["stopped_by"] == "the time budget"
+    assert any(what.startswith("evolution generations") for what in loaded.budget_left_out)
+    assert not idle.not_tried and not loaded.not_tried  # the finalists' ranking was reserved before

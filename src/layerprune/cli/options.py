@@ -188,7 +188,8 @@ def add_selection_options(parser: argparse.ArgumentParser, *, select_by: bool) -
     """:class:`SelectConfig`'s flags (``--select-by`` where the command scores several metrics to
     choose from) and ``--iterative``, an alias of ``--strategy iterative``."""
     group = parser.add_argument_group("selection")
-    add_option_flags(group, SelectConfig, skip=() if select_by else ("metric",))
+    # explicit layers are prune's own --layers (and a recipe's select.layers), never beside a scored choice
+    add_option_flags(group, SelectConfig, skip=("layers",) if select_by else ("metric", "layers"))
     group.add_argument("--iterative", action="store_true", help=f"same as --strategy {ITERATIVE}")
 
 

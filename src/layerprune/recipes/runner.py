@@ -225,8 +225,9 @@ def load_recipe(path: str | Path, model: str | None = None, allowed_paths: list[
                                          "give one")
     if not any(stage.needs in sections for stage in STAGES):
         raise UsageError(f"{file}: the recipe has no stage to run; add a score, heal or eval section")
-    if "select" in sections and "score" not in sections:
-        raise UsageError(f"{file} line {lines.get(('select',), '?')}: 'select' needs a 'score' section to choose from")
+    if "select" in sections and "score" not in sections and sections["select"].get("layers") is None:
+        raise UsageError(f"{file} line {lines.get(('select',), '?')}: 'select' needs a 'score' section to choose from, "
+                         "or the layers to remove")
     if "repair" in sections and "select" not in sections:
         raise UsageError(f"{file} line {lines.get(('repair',), '?')}: 'repair' repairs the cut a 'select' section "
                          "chooses; add one")
@@ -331,11 +332,14 @@ def _stage_score(ctx: RunContext) -> dict[str, Any]:
 
 
 def _stage_prune(ctx: RunContext) -> dict[str, Any]:
-    remove = ctx.state.finished["score"]["remove"]
-    scores = json.loads((ctx.out / "scores.json").read_text())
-    selection = scores.get("selection", {})
+    if ctx.state.done("score"):
+        remove = ctx.state.finished["score"]["remove"]
+        selection = json.loads((ctx.out / "scores.json").read_text()).get("selection", {})
+        reason = f"metric {selection.get('metric')}, {selection.get('strategy')} selection of {len(remove)} layers"
+    else:  # a select section naming its layers (a search's recipe replaying its winner)
+        remove = sorted(ctx.recipe.sections["select"]["layers"])
+        reason = f"the {len(remove)} layers the recipe names"
     loaded = ctx.load(ctx.recipe.model)
-    reason = f"metric {selection.get('metric')}, {selection.get('strategy')} selection of {len(remove)} layers"
     if "repair" in ctx.recipe.sections:
 
         # the rows the score stage scored on: the same section, so the same windows
@@ -475,6 +479,11 @@ def preflight(recipe: Recipe, out: Path) -> None:
                 layers -= parse_remove(searched.removal, layers)
         with _at(recipe, "search", "rank_data"):  # load_recipe gives a search a calibration section
             held_out_source(calibration.source, calibration.split, searched.rank_data)
+    if "select" in sections and "score" not in sections:  # load_recipe lets it only with its layers
+        with _at(recipe, "select", "layers"):
+            removed = SelectConfig(**sections["select"]).count(layers)
+        if layers is not None and removed is not None:
+            layers -= removed
     if "score" in sections:
         options = _with_defaults(score, sections["score"])
         with _at(recipe, "score"):

@@ -101,6 +101,49 @@ def watching_layers(layers: nn.ModuleList, callback: LayerCallback) -> Iterator[
             handle.remove()
 
 
+LayerCall = tuple[tuple[Any, ...], dict[str, Any]]
+"""The extra arguments one decoder layer received (masks, rotary embeddings...), as :func:`replay_layer` takes them."""
+
+
+class RecordedPass(NamedTuple):
+    """One batch through the whole model: each layer's input and extra arguments, and the decoder's
+    (final-normed) output, so any suffix of the stack can be re-run from a layer boundary."""
+
+    inputs: list[torch.Tensor]
+    calls: list[LayerCall]
+    final: torch.Tensor
+
+
+def record_pass(loaded: LoadedModel, layers: nn.ModuleList, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> RecordedPass:
+    """Run ``input_ids`` through ``loaded`` (checking every layer's output is finite), keeping what
+    :func:`replay_from` needs to restart at any layer: a cut that keeps layers ``0..i-1`` shares their
+    output with the original, so its forward can start at layer ``i``."""
+    inputs: list[torch.Tensor] = []
+    calls: list[LayerCall] = []
+
+    def record(index: int, x_in: torch.Tensor, x_out: torch.Tensor, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> None:
+        check_finite(index, x_out, attention_mask)
+        inputs.append(x_in)
+        calls.append((args[1:], kwargs))
+
+    with watching_layers(layers, record):
+        final = run_decoder(loaded, input_ids, attention_mask)
+    return RecordedPass(inputs, calls, final)
+
+
+def replay_from(layers: nn.ModuleList, recorded: RecordedPass, start: int, skip: frozenset[int] = frozenset()
+                ) -> torch.Tensor:
+    """The output of the last layer (before the final norm) when the stack restarts at layer ``start``
+    from its recorded input and runs every later layer not in ``skip``."""
+    hidden = recorded.inputs[start]
+    for index in range(start, len(layers)):
+        if index not in skip:
+            hidden = replay_layer(layers[index], hidden, *recorded.calls[index])
+    return hidden
+
+
 def run_decoder(loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Run the decoder stack (no LM head: scoring needs layer states, not logits)."""
     device = loaded.model.device

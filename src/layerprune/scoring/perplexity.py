@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any
 
 import torch
 from torch import nn
@@ -20,11 +19,7 @@ from torch import nn
 from layerprune.errors import OptionError
 from layerprune.models.sublayers import branch_units, branch_zeroed, check_sublayers, unit_name
 from layerprune.scoring.base import METRICS, LayerPass, Metric, MetricResult, ScoringContext, Stream
-from layerprune.scoring.forward import (
-    check_finite, lm_batches, loss_setup, next_token_targets, replay_layer, run_decoder, watching_layers,
-)
-
-LayerCall = tuple[tuple[Any, ...], dict[str, Any]]
+from layerprune.scoring.forward import lm_batches, loss_setup, next_token_targets, record_pass, replay_from
 
 
 class LayerRemovalPerplexity(Metric):
@@ -65,26 +60,15 @@ class LayerRemovalPerplexity(Metric):
         removed_nll = torch.zeros(len(candidates), dtype=torch.float64)
         full_nll = 0.0
         for input_ids, attention_mask, where, targets in lm_batches(calibration, context.batch_size, name):
-            inputs: list[torch.Tensor] = []
-            calls: list[LayerCall] = []
-
-            def record(index: int, x_in: torch.Tensor, x_out: torch.Tensor, args: tuple[Any, ...],
-                       kwargs: dict[str, Any]) -> None:
-                check_finite(index, x_out, attention_mask)
-                inputs.append(x_in)
-                calls.append((args[1:], kwargs))
-
             with torch.inference_mode():
-                with watching_layers(layers, record):
-                    final = run_decoder(loaded, input_ids, attention_mask)
-                full_nll += float(head.nll_sum(final, where, targets, normed=True))
+                recorded = record_pass(loaded, layers, input_ids, attention_mask)
+                full_nll += float(head.nll_sum(recorded.final, where, targets, normed=True))
                 for position, (kind, skipped) in enumerate(candidates):
-                    hidden = inputs[skipped]
-                    if kind is not None:  # the branch's layer runs with the branch adding nothing
+                    if kind is None:
+                        hidden = replay_from(layers, recorded, skipped, frozenset({skipped}))
+                    else:  # the branch's layer runs with the branch adding nothing
                         with branch_zeroed(layers[skipped], loaded.adapter, kind):
-                            hidden = replay_layer(layers[skipped], hidden, *calls[skipped])
-                    for index in range(skipped + 1, len(layers)):
-                        hidden = replay_layer(layers[index], hidden, *calls[index])
+                            hidden = replay_from(layers, recorded, skipped)
                     removed_nll[position] += float(head.nll_sum(hidden, where, targets))
         perplexities = [math.exp(float(nll) / total) for nll in removed_nll]
         return MetricResult(name, perplexities, perplexities, self.meaning,

@@ -43,13 +43,11 @@ from layerprune.models.lineage import read_lineage
 from layerprune.models.loading import LoadedModel, resolve_dtype
 from layerprune.models.shards import checkpoint_shards, layer_key_prefix, load_checkpoint_config, read_header
 from layerprune.scoring.base import METRICS, LayerPass, ScoringContext, metric_options
-from layerprune.scoring.forward import Head, check_finite, next_token_targets, replay_layer
+from layerprune.scoring.forward import Head, LayerCall, check_finite, next_token_targets, replay_layer
 from layerprune.scoring.config import DEFAULT_SCORE
 from layerprune.scoring.report import ScoreReport, check_score_options, describe_data
 
 _ROW_CHUNK = 4096  # embedding rows read at a time when gathering the used ones
-
-LayerCall = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 class Checkpoint:

@@ -22,6 +22,10 @@ from layerprune.scoring import METRICS, ScoreReport
 from layerprune.selection import STRATEGIES, Rescore, Selection, Strategy, select
 
 
+EVOLVED = "evolution"
+"""The strategy a cut an evolutionary search found (no heuristic chose it) is labelled with."""
+
+
 def candidate_metrics() -> list[str]:
     """Every registered metric except the baselines (``random``, ``reverse-order``): references a metric
     must beat, not candidates."""
@@ -45,6 +49,8 @@ class Candidate:
     repair: str | None = None
     also_found_by: list[str] = field(default_factory=list)
     """Other ``metric/strategy`` pairs that chose the same layers (de-duplicated into this one)."""
+    fitness: float | None = None
+    """An evolutionary search's fitness of the cut on calibration rows (lower is better); ``None`` otherwise."""
 
     @property
     def label(self) -> str:
@@ -53,7 +59,7 @@ class Candidate:
 
     def to_json(self) -> dict[str, Any]:
         return {"removed_layers": self.remove, "metric": self.metric, "strategy": self.strategy,
-                "repair": self.repair, "also_found_by": self.also_found_by}
+                "repair": self.repair, "also_found_by": self.also_found_by, "fitness": self.fitness}
 
 
 def unique_selections(report: ScoreReport, count: int, rescore: Rescore, out_of_time: Callable[[], bool] = lambda: False,
@@ -109,7 +115,7 @@ def repaired_candidates(loaded: LoadedModel, plain: list[Candidate], repairs: li
                 skipped.append({**candidate.to_json(), "repair": repair, "reason": str(refusal)})
                 continue
             repaired.append(Candidate(candidate.remove, candidate.metric, candidate.strategy, repair,
-                                      list(candidate.also_found_by)))
+                                      list(candidate.also_found_by), candidate.fitness))
     return repaired, skipped
 
 

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Annotated
 
 from layerprune.errors import UsageError
-from layerprune.options import Config, Parse, option
+from layerprune.options import SEED_RANGE, Config, Parse, option
+from layerprune.searching.fitness import FITNESSES
 from layerprune.searching.ranking import DropRule
 from layerprune.selection import check_remove
 
 DEFAULT_REMOVE = "25%"
+ALGORITHMS = ("heuristic", "evolution")
 
 
 class SearchConfig(Config):
@@ -51,6 +53,23 @@ class SearchConfig(Config):
     batch_size: int = option(8, "rows per forward pass", minimum=1)
     heal: str | None = option(None, "heal the winner only with this method (e.g. lora), on the calibration data",
                               metavar="METHOD")
+    algorithm: str = option("heuristic", "heuristic: rank every metric x strategy cut; evolution: evolve the removed "
+                            "set from those cuts and random ones by its fitness on calibration rows, then rank the "
+                            "best few", choices=ALGORITHMS)
+    fitness: str = option("kl", "evolution's fitness on calibration rows: kl (mean KL divergence of the cut's "
+                          "next-token distribution from the original's) or ppl (the cut's log-perplexity)",
+                          choices=FITNESSES)
+    generations: int = option(100, "evolution: at most this many generations (the time budget may end it first)",
+                              minimum=1)
+    offspring: int = option(8, "evolution: children per generation, each swapping 1 to 3 removed layers for kept "
+                            "ones", minimum=1)
+    fitness_rows: int = option(32, "evolution: calibration rows the fitness reads (the original's hidden states at "
+                               "every layer boundary are kept in memory for them)", minimum=1)
+    finalists: int = option(3, "evolution: the best cuts by fitness ranked on held-out text, each also with every "
+                            "training-free repair that applies", minimum=1)
+    seed: int = option(0, "evolution: the seed of its random cuts and mutations (same seed, same winner; on the "
+                       "command line the one --seed, which also draws the calibration windows)",
+                       minimum=SEED_RANGE[0], maximum=SEED_RANGE[1])
 
     def check(self) -> None:
         """The budget's rules: one of a layer count or a speed-up, each bound that excludes itself,

@@ -16,9 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from layerprune.records import known_record
 from layerprune.searching.config import SearchConfig
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """2: a decode speed-up timed in turns (``measured_decode_speedup`` null where its interval stayed wide), and
-what the time budget left out (``budget_left_out``, ``shortfall``), the original's perplexity (``ranking.original_ppl``)."""
+what the time budget left out (``budget_left_out``, ``shortfall``), the original's perplexity (``ranking.original_ppl``).
+3: the ``algorithm`` and, for an evolutionary search, its ``evolution`` part (fitness, trace); a file of version 1
+or 2 reads as a heuristic search."""
 
 
 class _Part(BaseModel):
@@ -36,6 +38,8 @@ class CandidateEntry(_Part):
     strategy: str
     repair: str | None
     also_found_by: list[str]
+    fitness: float | None = Field(default=None, description="an evolutionary search's fitness of the cut (lower is "
+                                  "better)")
 
 
 class TriedEntry(CandidateEntry):
@@ -89,6 +93,46 @@ class SpeedWorkload(_Part):
     repeats: int = Field(ge=1)
 
 
+class GenerationEntry(_Part):
+    """One generation of an evolutionary search (index 0: the initial population)."""
+
+    index: int = Field(ge=0)
+    best_fitness: float = Field(ge=0, description="the parent's fitness after this generation (lower is better)")
+    improved: bool
+    contenders: int = Field(ge=0)
+    evaluations: int = Field(ge=0, description="batch evaluations run (a contender on one fitness batch)")
+    cache_hits: int = Field(ge=0, description="contenders already scored as far as this generation needed")
+    stopped_early: int = Field(ge=0, description="contenders stopped once they could not survive their stage")
+    tokens: int = Field(ge=0, description="tokens forwarded (each batch's tokens once per contender scored on it)")
+    layer_tokens: int = Field(ge=0, description="layer evaluations of one token run")
+    prefix_free_layer_tokens: int = Field(ge=0, description="the same evaluations with every kept layer run (no "
+                                          "cached prefix)")
+    naive_layer_tokens: int = Field(ge=0, description="every contender on every batch with full forwards")
+    seconds: float = Field(ge=0)
+
+
+class EvolutionPart(_Part):
+    """How an evolutionary search ran: its fitness, its settings and each generation's trace."""
+
+    fitness: str
+    fitness_rows: int = Field(ge=1)
+    fitness_positions: int = Field(ge=1, description="scored next-token positions in the fitness rows")
+    fitness_batches: int = Field(ge=1)
+    stage_one_batches: int = Field(ge=1, description="batches every child is scored on before the survivors")
+    survivors: int = Field(ge=1)
+    top_k: int | None = Field(description="kl: the original's log-probabilities kept per position (with the tail "
+                                          "mass)")
+    budget_parameters: int = Field(ge=0, description="parameters every cut removes (within the tolerance)")
+    budget_tolerance: int = Field(ge=0)
+    initial_population: int = Field(ge=1)
+    heuristic_cuts: int = Field(ge=0, description="distinct heuristic selections in the initial population")
+    best_heuristic_fitness: float | None = Field(description="the best heuristic selection's fitness, where it was "
+                                                 "scored in full")
+    generations_run: int = Field(ge=0)
+    stopped_by: str = Field(description="why the evolution ended: its generations, or the time budget")
+    trace: list[GenerationEntry]
+
+
 @known_record
 class SearchDocument(BaseModel):
     """What ``search.json`` holds."""
@@ -119,3 +163,7 @@ class SearchDocument(BaseModel):
     shortfall: str | None = Field(default=None, description="set when the time budget cut the search short: how "
                                   "many of the candidates it meant to rank were ranked")
     seconds: float = Field(ge=0)
+    algorithm: str = Field(default="heuristic", description="heuristic: every metric x strategy cut ranked; "
+                           "evolution: the best cuts by fitness of an evolutionary search ranked")
+    evolution: EvolutionPart | None = Field(default=None, description="an evolutionary search's fitness, settings "
+                                            "and trace")

@@ -1,4 +1,5 @@
-"""A search's output folder: the winner, ``search.json`` (:mod:`.record`), ``search.md``, ``pareto.png`` and ``recipe.yaml``.
+"""A search's output folder: the winner, ``search.json`` (:mod:`.record`), ``search.md``, ``pareto.png``
+(and, for an evolutionary search, ``convergence.png``) and ``recipe.yaml``.
 
 The folder is built under a temporary name and renamed into place at the end
 (:func:`layerprune.outputs.atomic_output_dir`), so a failed search leaves nothing.
@@ -19,10 +20,12 @@ from layerprune.models.export import PLACEMENT, ExportConfig
 from layerprune.models.loading import LoadedModel
 from layerprune.outputs import atomic_output_dir
 from layerprune.reporting.figures import png_bytes
+from layerprune.searching.candidates import EVOLVED
 
 SEARCH_FILE = "search.json"
 TABLE_FILE = "search.md"
 PLOT_FILE = "pareto.png"
+CONVERGENCE_FILE = "convergence.png"
 RECIPE_FILE = "recipe.yaml"
 
 
@@ -41,6 +44,16 @@ def search_table(record: Any) -> str:
              (f"Ranked on {ranking['source']} ({ranking['split']} split), {ranking['windows']} windows of "
               f"{ranking['seq_len']} tokens; {len(record.tried)} candidates tried in {record.seconds:.0f} s. "
               f"The original (uncut) model scores {ranking['original_ppl']:.2f} on the same windows."), ""]
+    evolution = record.settings.get("evolution")
+    if evolution:
+        best = evolution["best_heuristic_fitness"]
+        lines += [(f"Evolution: {evolution['generations_run']} generations of {record.settings['options'].offspring} "
+                   f"children (ended by {evolution['stopped_by']}), fitness {evolution['fitness']} on "
+                   f"{evolution['fitness_positions']:,} calibration positions, from {evolution['initial_population']} "
+                   f"cuts ({evolution['heuristic_cuts']} heuristic"
+                   + (f", the best at {best:.4f}" if best is not None else "") + "); the best "
+                   f"{len({tuple(t.candidate.remove) for t in record.tried})} by fitness ranked here "
+                   "(convergence.png)."), ""]
     if record.shortfall:
         lines += [f"**{record.shortfall[0].upper()}{record.shortfall[1:]}.**", ""]
         lines += [f"- {what}: {why}" for what, why in record.budget_left_out.items()] + [""]
@@ -107,19 +120,48 @@ def plot_pareto(record: Any) -> bytes:
     return png_bytes(pareto_figure(record), dpi=110)
 
 
+def plot_convergence(record: Any) -> bytes:
+    """PNG: an evolutionary search's best fitness after each generation against the tokens forwarded so
+    far, the best heuristic selection's fitness as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    evolution = record.settings["evolution"]
+    trace = evolution["trace"]
+    tokens = [sum(g["tokens"] for g in trace[:i + 1]) for i in range(len(trace))]
+    figure, axis = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    axis.step(tokens, [g["best_fitness"] for g in trace], where="post", color="#1f77b4", label="evolution: best so far")
+    axis.scatter(tokens, [g["best_fitness"] for g in trace], s=10, color="#1f77b4")
+    if evolution["best_heuristic_fitness"] is not None:
+        axis.axhline(evolution["best_heuristic_fitness"], color="#d62728", linestyle="--", linewidth=0.8,
+                     label="best heuristic selection")
+    axis.set_xlabel("tokens forwarded (the initial population first, then each generation)")
+    axis.set_ylabel(f"fitness: {evolution['fitness']} on {evolution['fitness_positions']:,} positions (lower is better)")
+    axis.set_title(f"{record.model}: {evolution['generations_run']} generations, ended by {evolution['stopped_by']}",
+                   fontsize=9)
+    axis.legend(fontsize=7)
+    return png_bytes(figure, dpi=110)
+
+
 def recipe_document(record: Any, source: str, calibration: dict[str, Any], batch_size: int,
                     metric_options: dict[str, Any], heal_options: dict[str, Any], export: ExportConfig) -> dict[str, Any]:
-    """The recipe that replays the winner without searching: its metric alone, its strategy, its repair,
-    and how it was written where that is not the default."""
+    """The recipe that replays the winner without searching: its metric alone and its strategy (or,
+    for a cut an evolutionary search found, its layers), its repair, and how it was written where
+    that is not the default."""
     winner = record.winner.candidate
     document: dict[str, Any] = {
         "name": f"search winner: {winner.label}",
         "description": f"replays the winner of layerprune search ({record.remove} of {record.num_layers} layers)",
         "model": source,
         "calibration": calibration,
-        "score": {"metrics": [winner.metric], "batch_size": batch_size, **metric_options},
-        "select": {"remove": record.remove, "strategy": winner.strategy, "metric": winner.metric},
     }
+    if winner.strategy == EVOLVED:  # no metric chose it: the recipe names the layers
+        document["select"] = {"layers": list(winner.remove)}
+    else:
+        document["score"] = {"metrics": [winner.metric], "batch_size": batch_size, **metric_options}
+        document["select"] = {"remove": record.remove, "strategy": winner.strategy, "metric": winner.metric}
     if winner.repair is not None:
         document["repair"] = {"method": winner.repair, "batch_size": batch_size}
     if record.settings.get("heal"):
@@ -144,5 +186,7 @@ def write_search(record: Any, winner: LoadedModel, out: str | Path, *, overwrite
         (staging / SEARCH_FILE).write_text(json.dumps(document, indent=2) + "\n")
         (staging / TABLE_FILE).write_text(search_table(record))
         (staging / PLOT_FILE).write_bytes(plot_pareto(record))
+        if record.settings.get("evolution"):
+            (staging / CONVERGENCE_FILE).write_bytes(plot_convergence(record))
         (staging / RECIPE_FILE).write_text(recipe_text)
     return Path(out).expanduser().resolve()

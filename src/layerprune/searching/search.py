@@ -59,6 +59,7 @@ from layerprune.searching.candidates import (
 )
 from layerprune.searching.budget import TimeBudget
 from layerprune.searching.config import SearchConfig
+from layerprune.searching.evolution import evolved_candidates
 from layerprune.searching.ranking import DropRule, held_out_windows, rank, window_losses
 from layerprune.searching.record import SearchDocument
 from layerprune.searching.report import write_search
@@ -291,7 +292,18 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
     selections, not_selected = unique_selections(report, count, rescorer(loaded, rows, **scoring),
                                                  lambda: not budget.allows(rescoring_seconds),
                                                  exhaustive=config.exhaustive)
-    plain = plain_candidates(selections)
+    evolution = None
+    if config.algorithm == "evolution":
+        repairs = len(available_repairs()) if config.repairs else 0
+        rank_seconds = pass_seconds * len(windows) / rows.input_ids.shape[0]  # one candidate's held-out windows
+
+        def reserve(finalists: int) -> float:
+            """Seconds to rank ``finalists`` cuts, each repaired every way, and to collect the repairs' statistics."""
+            return finalists * (1 + repairs) * rank_seconds + (pass_seconds if repairs else 0)
+
+        plain, evolution = evolved_candidates(loaded, rows, selections, count, config, budget, reserve, progress)
+    else:
+        plain = plain_candidates(selections)
     repaired, skipped = (repaired_candidates(loaded, plain, available_repairs(), rows.tokens) if config.repairs
                          else ([], []))
     queue = [*plain, *repaired]
@@ -320,6 +332,8 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
                            "repeats": workload.repeats},
         "heal": config.heal,
         "options": config,
+        "algorithm": config.algorithm,
+        "evolution": evolution,
     }
     done = [t.candidate for t in tried] + [refusal["candidate"] for refusal in refused]
     not_tried = [(c, OUT_OF_TIME) for c in queue[:limit] if c not in done]

@@ -25,7 +25,7 @@ from typing import Annotated, Any, overload
 
 from layerprune.errors import OptionError, UsageError
 from layerprune.models.sublayers import ATTENTION, MLP, parse_unit
-from layerprune.options import Config, Parse, Registered, option
+from layerprune.options import Config, Parse, Registered, comma_ints, option
 from layerprune.registry import Registry, import_package_modules
 from layerprune.scoring.base import MetricResult
 from layerprune.scoring.report import ScoreReport
@@ -192,10 +192,18 @@ class SelectConfig(Config):
         "(LLM-Streamline, Gromov); iterative: remove one, re-score, repeat (SLEB)")
     metric: str | None = option(None, "the scored metric that picks the layers to remove (none: the first scored)",
                                 flag="--select-by")
+    layers: Annotated[tuple[int, ...] | None, Parse(comma_ints)] = option(
+        None, "these layers (indices as loaded) instead of a choice from scores: how a recipe replays a cut found "
+        "otherwise, e.g. by an evolutionary search", metavar="I,J,...")
 
     def check(self) -> None:
+        if self.remove is not None and self.layers is not None:
+            self.refuse("layers", "and remove both say what to remove; give one of them")
         if self.remove is not None:
             check_remove(self.remove)
+        if self.layers is not None and (not self.layers or min(self.layers) < 0
+                                        or len(set(self.layers)) != len(self.layers)):
+            self.refuse("layers", f"must be distinct layer indices (0 or more), got {list(self.layers)}")
 
     @overload
     def count(self, num_layers: int) -> int: ...
@@ -205,36 +213,48 @@ class SelectConfig(Config):
 
     def count(self, num_layers: int | None) -> int | None:
         """How many of ``num_layers`` layers to remove (``None`` while the layer count is not known:
-        then only that ``remove`` is given is checked); refused when ``remove`` is not given."""
+        then only that ``remove`` is given is checked); refused when ``remove`` is not given, or
+        ``layers`` names one the model lacks or all of them."""
+        if self.layers is not None:
+            if num_layers is not None and (max(self.layers) >= num_layers or len(self.layers) >= num_layers):
+                self.refuse("layers", f"{list(self.layers)} do not leave a layer of a {num_layers}-layer model; name "
+                                      f"indices below {num_layers} and keep at least one")
+            return len(self.layers) if num_layers is not None else None
         if self.remove is None:
             self.refuse("remove", "is not given; say how many layers to remove: a count (8) or a share (25%)")
         return parse_remove(self.remove, num_layers) if num_layers is not None else None
 
 
 DEFAULT_SELECT = SelectConfig()
+GIVEN = "given layers"
+"""The strategy a selection of explicit ``layers`` records."""
 
 
-def select(report: ScoreReport, remove: int | str, strategy: str = DEFAULT_SELECT.strategy,
-           metric: str | None = DEFAULT_SELECT.metric, *, rescore: Rescore | None = None) -> Selection:
+def select(report: ScoreReport, remove: int | str | None = DEFAULT_SELECT.remove, strategy: str = DEFAULT_SELECT.strategy,
+           metric: str | None = DEFAULT_SELECT.metric, layers: tuple[int, ...] | None = DEFAULT_SELECT.layers, *,
+           rescore: Rescore | None = None) -> Selection:
     """Choose the layers to remove from ``report`` by ``metric`` (default: its only or first metric).
 
-    ``remove`` is a count or a share like ``"25%"``; ``remove``, ``strategy`` and ``metric`` are a
+    ``remove`` is a count or a share like ``"25%"`` (or ``layers`` names them: the selection is then
+    those, recorded as :data:`GIVEN`); ``remove``, ``strategy``, ``metric`` and ``layers`` are a
     :class:`SelectConfig`'s (``select(report, **dict(config))``). The ``iterative`` strategy
     re-scores the smaller models through ``rescore`` (build it with
     :func:`layerprune.scoring.rescorer` from the model and data the report was scored on).
     ``report.to_json(selection)`` writes both.
     """
-    config = SelectConfig(remove=remove, strategy=strategy, metric=metric)
+    config = SelectConfig(remove=remove, strategy=strategy, metric=metric, layers=layers)
     chosen = STRATEGIES.get(config.strategy)
     name = scored_metric(config.metric, list(report.results))
     count = config.count(report.num_layers)
+    if config.layers is not None:
+        return Selection(name, GIVEN, sorted(config.layers), [])
     if chosen.rescores and rescore is None:
         raise UsageError(f"the {strategy} strategy re-scores the pruned model; pass rescore="
                          "layerprune.scoring.rescorer(model, calibration), or choose another strategy")
     if report.units:
         return select_branches(report, config, name, rescore)
-    layers, steps = chosen.choose(report.results[name], count, rescore)
-    return Selection(name, strategy, layers, steps)
+    removed, steps = chosen.choose(report.results[name], count, rescore)
+    return Selection(name, strategy, removed, steps)
 
 
 def parameter_budget(remove: int | str, num_layers: int, parameters: dict[str, int]) -> int:

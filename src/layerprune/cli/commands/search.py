@@ -33,8 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command(subparsers, "search", "Find the best smaller model for a layer or speed budget.")
     add_model_options(parser)
     add_output_options(parser)
+    # --seed is the calibration group's: one seed for the windows and the evolution (given_options reads it)
     add_option_flags(parser.add_argument_group("search: budget, ranking, the winner"), SearchConfig,
-                     skip=("batch_size",))
+                     skip=("batch_size", "seed"))
     add_calibration_options(parser)
     parser.set_defaults(run=run)
 
