@@ -130,4 +130,5 @@ def test_a_saved_cut_alone_is_compared_with_the_source_model_its_layerprune_json
     assert entry["original"] == str(original_dir)
     assert entry["tokens"] == tokens and entry["kl"] == pytest.approx(kl, rel=1e-3)
     assert entry["top1_agreement"] == pytest.approx(agreement)
-    assert "fidelity" in output.with_suffix(".md").read_text()
+    markdown = output.with_suffix(".md").read_text()
+    assert f"| KL to original {text} | " in markdown and "top-1 agreement" in markdown
