@@ -15,13 +15,13 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from layerprune.data.calibration import build_calibration, text_prefix
+from layerprune.data.calibration import SAMPLINGS, WindowRequest, text_prefix
 from layerprune.errors import OptionError
 
 
 def _templated(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                              tokenize=True))
+                                              tokenize=True, return_dict=False))
 
 
 def draw_prompts(tokenizer: PreTrainedTokenizerBase, source: str | Path, *, count: int, prompt_tokens: int,
@@ -34,9 +34,9 @@ def draw_prompts(tokenizer: PreTrainedTokenizerBase, source: str | Path, *, coun
     naming ``prompt_tokens``, before any model runs.
     """
     prefix = text_prefix(tokenizer)
-    windows = build_calibration(tokenizer, str(source), split=split, samples=count,
-                                seq_len=len(prefix) + prompt_tokens, seed=seed, sampling="random",
-                                text_field=text_field).input_ids
+    # the random sampling itself, not a calibration set: a one-token prompt is no window a model trains on
+    windows, _ = SAMPLINGS.get("random").draw(WindowRequest(tokenizer, source, split, text_field, count,
+                                                            len(prefix) + prompt_tokens, seed, prefix))
     if not getattr(tokenizer, "chat_template", None):
         return [row.tolist() for row in windows]
     bare = len(_templated(tokenizer, ""))
