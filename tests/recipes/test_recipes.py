@@ -139,7 +139,8 @@ def tiny_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         score: {metrics: [bi, block-cosine], batch_size: 4}
         select: {metric: block-cosine, remove: 2, strategy: consecutive}
         heal: {method: partial-ft, data: corpus.txt, steps: 4, batch_size: 4, seq_len: 32, train_layers: 1}
-        eval: {ppl: [corpus.txt], seq_len: 32}
+        eval: {ppl: [corpus.txt], fidelity: [corpus.txt], generation: 2, generation_prompts: corpus.txt,
+               prompt_tokens: 8, generation_tokens: 4, seq_len: 32}
         """)
 
 
@@ -175,6 +176,11 @@ def test_run_replays_the_pipeline_and_resumes_after_a_failure(tiny_setup: Path, 
     assert "model: tiny" in record["recipe"]["text"]
     report = json.loads((out / "eval.json").read_text())
     assert len(report["models"]) == 3  # original, pruned, healed
+    original, *cuts = report["models"].values()
+    assert "fidelity" not in original and "generation" not in original  # each cut against the original
+    for cut in cuts:
+        assert cut["fidelity"]["corpus.txt"]["tokens"] == cut["perplexity"]["corpus.txt"]["tokens"]
+        assert cut["fidelity"]["corpus.txt"]["original"] == "tiny" and cut["generation"]["prompts"] == 2
     assert (out / "eval.md").exists() and (out / "scores.png").exists() and (out / "recipe.yaml").exists()
 
 

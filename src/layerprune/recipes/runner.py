@@ -130,7 +130,7 @@ def _repair_options(section: dict[str, Any]) -> dict[str, Any]:
 
 PATH_KEYS: tuple[tuple[str, ...], ...] = (
     ("model",), ("calibration", "source"), ("search", "rank_data"), ("heal", "data"), ("heal", "original"),
-    ("eval", "ppl"),
+    ("eval", "ppl"), ("eval", "fidelity"), ("eval", "reference"), ("eval", "generation_prompts"),
 )
 
 
