@@ -243,7 +243,11 @@ PREFLIGHT_RECIPE = {
         ("heal", "heal: {method: partial-ft, data: corpus.txt, train_layers: 5}",
          ["line 5:", "heal.train_layers 5 exceeds the model's 4 layers", "choose 1..4"]),
         ("heal", "heal: {method: partial-ft, data: corpus.txt, steps: 0}", ["line 5:", "steps must be at least 1"]),
-        ("eval", "eval: {seq_len: 32}", ["line 6:", "nothing to evaluate", "ask for ppl, tasks"]),
+        ("heal", "heal: {method: lora, data: self-generated, prompts: gone.txt}",
+         ["line 5:", "data file gone.txt does not exist"]),
+        ("heal", "heal: {method: lora, data: self-generated}", ["line 5:", "heal.prompts is needed with data "
+                                                                           "self-generated"]),
+        ("eval", "eval: {seq_len: 32}", ["line 6:", "nothing to evaluate", "ask for ppl, fidelity, generation, tasks"]),
         ("eval", "eval: {ppl: [gone.txt]}", ["line 6:", "unknown perplexity data 'gone.txt'",
                                              "the path of an existing text file"]),
         ("load", "load: {gguf_file: ../outside.gguf}", ["line 7:", "load.gguf_file '../outside.gguf' must be a file name inside the model folder"]),
@@ -252,7 +256,8 @@ PREFLIGHT_RECIPE = {
     ],
     ids=["missing model", "missing calibration file", "zero samples", "unknown metric", "malformed remove",
          "remove all layers", "remove over 100%", "metric not scored", "unknown strategy", "unknown heal method",
-         "missing heal data", "train_layers over the pruned model", "zero heal steps", "eval measures nothing",
+         "missing heal data", "train_layers over the pruned model", "zero heal steps", "missing prompts file",
+         "self-generated without prompts", "eval measures nothing",
          "missing eval file", "gguf file outside the model folder", "repair option not a number"],
 )
 def test_bad_stage_values_are_refused_before_the_run_starts(
