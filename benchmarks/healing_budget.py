@@ -105,6 +105,7 @@ def run_point(original: lp.LoadedModel, removed: list[int], method: str, source:
 
 
 def render(points: list[dict[str, Any]], baseline: dict[str, Any], machine: str) -> str:
+    """The § Fidelity table: the unhealed cut, then every measured point by method, data and tokens."""
     lines = [f"Measured with `python benchmarks/healing_budget.py` ({machine}). SmolLM2-135M-Instruct without "
              f"layers {baseline['removed'][0]}-{baseline['removed'][-1]} (bi, consecutive, 25%); KL(original || "
              f"model) in nats per token, top-1 agreement and perplexity on the first {EVAL['max_windows']} windows of "
@@ -120,7 +121,9 @@ def render(points: list[dict[str, Any]], baseline: dict[str, Any], machine: str)
     return "\n".join(lines) + "\n\n![healing budget](figures/healing-budget.png)\n"
 
 
-def figure(points: list[dict[str, Any]], baseline: dict[str, Any]) -> bytes:
+def figure(points: list[dict[str, Any]], baseline: dict[str, Any]) -> Any:
+    """Two panels over healing tokens (log): KL to the original and held-out perplexity, a line per
+    method and data, the unhealed cut dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,7 +144,7 @@ def figure(points: list[dict[str, Any]], baseline: dict[str, Any]) -> bytes:
     axes[0].set_title("distance from the original (lower is better)", fontsize=10)
     axes[1].set_title("perplexity (lower is better)", fontsize=10)
     axes[0].legend(fontsize=8)
-    return png_bytes(fig, dpi=120)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                   if path.name not in ("cut.json", "unhealed.json")]
         machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
         update_doc_section(DOC, "## Fidelity", "### Healing budget", render(points, baseline, machine))
-        write_bytes_atomic(FIGURE, figure(points, baseline))
+        write_bytes_atomic(FIGURE, png_bytes(figure(points, baseline), dpi=120))
     return 0
 
 
