@@ -5,8 +5,8 @@
     python benchmarks/healing_budget.py --device cuda --budgets 655360   # the far end, on a GPU
     python benchmarks/healing_budget.py --budgets ''        # only the table and figure, from the cache
 
-SmolLM2-135M-Instruct with the 8 consecutive layers of lowest block influence removed (``bi``,
-``consecutive``: the best single-metric 25% cut of docs/benchmarks.md § Compensation) is healed
+SmolLM2-135M-Instruct with the 8 layers of lowest block influence removed (``bi``, ``independent``:
+the best single-metric 25% cut of docs/benchmarks.md § Compensation, perplexity 133.5) is healed
 with LoRA (rank 8) and with LoRA plus distillation from the original (KL weight 0.5), each on
 ``wiki-sample`` text and on self-generated data (the original's greedy continuations of 32-token
 ``wiki-sample`` prompts, ``heal --data self-generated``), at budgets spaced x4 from 10,240 training
@@ -62,7 +62,7 @@ def results_dir() -> Path:
 
 
 def cut(original: lp.LoadedModel) -> list[int]:
-    """The layers removed: ``bi``'s consecutive 25% block, scored once and cached."""
+    """The layers removed: ``bi``'s 25% (independent), scored once and cached."""
     from layerprune.data import build_calibration
     from layerprune.scoring.report import score
     from layerprune.selection import select
@@ -71,7 +71,7 @@ def cut(original: lp.LoadedModel) -> list[int]:
     if path.is_file():
         return json.loads(path.read_text())
     calibration = build_calibration(original.tokenizer, DATA, split="train", samples=32, seq_len=256)
-    removed = select(score(original, calibration, ["bi"]), REMOVE, "consecutive", "bi").remove
+    removed = select(score(original, calibration, ["bi"]), REMOVE, "independent", "bi").remove
     write_json_atomic(path, removed)
     return removed
 
@@ -82,7 +82,9 @@ def closeness(original: lp.LoadedModel, model: lp.LoadedModel) -> dict[str, Any]
                                 EVAL["seq_len"], batch_size=4, max_windows=EVAL["max_windows"])["model"]
     ppl = dataset_perplexity(model.model, original.tokenizer, DATA, EVAL["seq_len"], batch_size=4,
                              max_windows=EVAL["max_windows"])
-    return {**fidelity.as_dict(), "ppl": ppl.ppl}
+    measured = fidelity.as_dict()
+    eval_tokens = measured.pop("tokens")  # the tokens compared; a point's "tokens" are its training tokens
+    return {**measured, "eval_tokens": eval_tokens, "ppl": ppl.ppl}
 
 
 def run_point(original: lp.LoadedModel, removed: list[int], method: str, source: str, tokens: int,
@@ -107,7 +109,7 @@ def run_point(original: lp.LoadedModel, removed: list[int], method: str, source:
 def render(points: list[dict[str, Any]], baseline: dict[str, Any], machine: str) -> str:
     """The § Fidelity table: the unhealed cut, then every measured point by method, data and tokens."""
     lines = [f"Measured with `python benchmarks/healing_budget.py` ({machine}). SmolLM2-135M-Instruct without "
-             f"layers {baseline['removed'][0]}-{baseline['removed'][-1]} (bi, consecutive, 25%); KL(original || "
+             f"layers {', '.join(map(str, baseline['removed']))} (bi, independent, 25%); KL(original || "
              f"model) in nats per token, top-1 agreement and perplexity on the first {EVAL['max_windows']} windows of "
              f"{EVAL['seq_len']} tokens of the {DATA} test split. Seconds: the healing's wall clock, generation of "
              "self-generated data included.", "",

@@ -40,7 +40,7 @@ def test_table_and_figure(bench) -> None:
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert rows[0].startswith("| unhealed | – | 0 | 1.500 | 0.400 | 130.0 |")
     assert [row.split(" | ")[2] for row in rows[1:]] == ["10,240", "40,960", "10,240"]
-    assert "layers 11-18" in table
+    assert "layers 11, 12, 13, 14, 15, 16, 17, 18 (bi, independent, 25%)" in table
     figure = bench.figure(points, baseline)
     check_figure(figure)
     kl_axis = figure.axes[0]
