@@ -112,7 +112,9 @@ def render(points: list[dict[str, Any]], baseline: dict[str, Any], machine: str)
              f"layers {', '.join(map(str, baseline['removed']))} (bi, independent, 25%); KL(original || "
              f"model) in nats per token, top-1 agreement and perplexity on the first {EVAL['max_windows']} windows of "
              f"{EVAL['seq_len']} tokens of the {DATA} test split. Seconds: the healing's wall clock, generation of "
-             "self-generated data included.", "",
+             "self-generated data included; a later method at the same budget reads the first one's cached "
+             "continuations (the same prompts and settings). They vary with the machine's load: read them as "
+             "the cost of a point on that machine, not as a ratio between methods.", "",
              "| method | data | training tokens | KL | top-1 agreement | ppl | heal seconds | device |",
              "|---|---|---:|---:|---:|---:|---:|---|",
              f"| unhealed | – | 0 | {baseline['kl']:.3f} | {baseline['top1_agreement']:.3f} | {baseline['ppl']:.1f} | – "
