@@ -365,6 +365,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny budgets: proves the script runs, measures nothing")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated aliases (default: {','.join(MODELS)})")
     parser.add_argument("--doc", type=Path, default=DOC, help="where the § GPU section goes (default: docs/benchmarks.md)")
+    parser.add_argument("--healing-budget", metavar="TOKENS,...",
+                        help="benchmarks/healing_budget.py's points to run on the device after the checks (training "
+                             "tokens; default: its two largest budgets, which the CPU cannot reach; empty: none; "
+                             "never with --quick)")
     return parser.parse_args(argv)
 
 
@@ -392,6 +396,15 @@ def main(argv: list[str] | None = None) -> int:
         for alias in [name.strip() for name in args.models.split(",") if name.strip()]:
             with check.step(alias, "run", "every step"):  # what no step caught: the CPU reference
                 check_model(check, alias, args.device, budget, Path(scratch))
+    if args.healing_budget != "" and not args.quick:
+        import healing_budget  # beside this script: on sys.path when it runs as one
+
+        budgets = args.healing_budget or ",".join(map(str, healing_budget.BUDGETS[2:]))
+        with check.step(healing_budget.MODEL, "healing budget", f"{budgets} tokens"):
+            # its points are cached and its own section (§ Fidelity) rewritten from them; a --doc elsewhere
+            # is a trial run, which leaves docs/benchmarks.md as it is
+            healing_budget.main(["--device", args.device, "--budgets", budgets,
+                                 *([] if args.doc.resolve() == DOC.resolve() else ["--no-doc"])])
     body = render(check, args.device, budget, time.perf_counter() - start)
     update_doc_section(args.doc, SECTION, SUBSECTION, body)
     print(body)

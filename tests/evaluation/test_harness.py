@@ -14,7 +14,7 @@ from lm_eval.tasks import TaskManager
 
 import layerprune as lp
 from layerprune.errors import UsageError
-from layerprune.evaluation.harness import OFFLINE_TASKS, predictions_from_samples, run_tasks, write_offline_task
+from layerprune.evaluation.harness import OFFLINE_TASKS, chance_rate, predictions_from_samples, run_tasks, write_offline_task
 from layerprune.evaluation.stability import stability, stability_by_task
 from tests.evaluation.conftest import letters_task
 from tests.helpers import tiny_loaded
@@ -59,6 +59,7 @@ def test_lm_eval_offline_task_matches_a_hand_computation(task_root, tmp_path, mo
     expected = _reference_predictions(loaded, data)
     assert run.predictions[TASK] == expected
     assert run.metrics[TASK]["acc"] == pytest.approx(sum(p == y for p, y in zip(expected, data.labels)) / 12)
+    assert run.metrics[TASK]["chance"] == pytest.approx(1 / len(data.label_names))  # two choices per document
 
 
 def test_stability_of_a_model_with_itself_is_one_and_a_pruned_model_differs(task_root) -> None:
@@ -83,6 +84,12 @@ def test_predictions_are_the_argmax_choice_in_document_order() -> None:
                {"doc_id": 0, "filtered_resps": [(-0.5, True), (-2.0, False), (-9.0, False)]}]
     assert predictions_from_samples(samples) == [0, 1]
     assert predictions_from_samples([{"doc_id": 0, "filtered_resps": ["generated text"]}]) == []
+
+
+def test_chance_rate_is_a_uniform_guess_over_each_documents_choices() -> None:
+    samples = [{"filtered_resps": [[-1.0, False]] * 3}, {"filtered_resps": [[-1.0, False]] * 2},
+               {"filtered_resps": [[-2.0, True]]}]  # the last is a cloze: one loglikelihood, no guess to make
+    assert chance_rate(samples) == pytest.approx((1 / 3 + 1 / 2 + 0) / 3)
 
 
 def test_offline_task_files_point_at_local_data(task_root) -> None:

@@ -10,7 +10,9 @@ import pytest
 
 from layerprune.errors import UsageError
 from layerprune.evaluation.intervals import (
+    informative,
     perplexity_interval,
+    retained_above_chance,
     retained_difference,
     retained_performance,
     stderr_of_mean,
@@ -132,3 +134,37 @@ def test_table_shows_intervals_and_retained_performance() -> None:
     assert "| ppl wiki | 30 (28–32.5) |" in table
     assert "| t acc | 0.5 (0.402–0.598) |" in table
     assert "| retained | — | 0.9 (0.85–0.95) | — |" in table
+
+
+def test_retained_above_chance_equals_a_hand_computation_and_leaves_out_tasks_near_chance() -> None:
+    """Task a (chance 0.25): reference 0.75, candidate 0.5 -> (0.5 - 0.25) / (0.75 - 0.25) = 0.5. Task b
+    (chance 0.5): the reference's 0.55 on 20 examples is within its own interval of 0.5: left out."""
+    reference = {"a": [1] * 30 + [0] * 10, "b": [1] * 11 + [0] * 9}
+    candidate = {"a": [1] * 20 + [0] * 20, "b": [0] * 20}
+    result = retained_above_chance(reference, candidate, {"a": 0.25, "b": 0.5})
+    assert result["tasks"] == {"a": pytest.approx(0.5)} and result["mean"] == pytest.approx(0.5)
+    assert result["uninformative"] == ["b"]
+    assert result["ci95"][0] < 0.5 < result["ci95"][1]
+    assert informative(reference["a"], 0.25) and not informative(reference["b"], 0.5)
+    # plain RP would credit task b's all-wrong candidate with 0 and a random one with about 0.9
+    itself = retained_above_chance(reference, reference, {"a": 0.25})
+    assert itself["mean"] == 1.0 and itself["ci95"] == [1.0, 1.0] and itself["uninformative"] == []
+    nothing = retained_above_chance(reference, candidate, {"b": 0.5})
+    assert nothing["mean"] is None and nothing["ci95"] is None and nothing["uninformative"] == ["b"]
+
+
+def test_retained_above_chance_covers_the_true_value_at_about_95_percent() -> None:
+    """Three-way tasks (chance 1/3): the reference is right on 0.7, the candidate keeps each right
+    answer with probability 0.8 and guesses the rest at chance, so its accuracy is 0.56 + 0.44 / 3
+    and its true RP above chance (0.56 + 0.44 / 3 - 1/3) / (0.7 - 1/3)."""
+    rng = np.random.default_rng(4)
+    truth = (0.56 + 0.44 / 3 - 1 / 3) / (0.7 - 1 / 3)
+    covered = 0
+    for trial in range(TRIALS):
+        right = rng.random(400) < 0.7
+        kept = right & (rng.random(400) < 0.8)
+        guessed = ~kept & (rng.random(400) < 1 / 3)
+        result = retained_above_chance({"a": right.astype(int)}, {"a": (kept | guessed).astype(int)},
+                                       {"a": 1 / 3}, iterations=500, seed=trial)
+        covered += result["ci95"][0] <= truth <= result["ci95"][1]
+    assert 0.90 <= covered / TRIALS <= 0.99

@@ -139,7 +139,8 @@ def tiny_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         score: {metrics: [bi, block-cosine], batch_size: 4}
         select: {metric: block-cosine, remove: 2, strategy: consecutive}
         heal: {method: partial-ft, data: corpus.txt, steps: 4, batch_size: 4, seq_len: 32, train_layers: 1}
-        eval: {ppl: [corpus.txt], seq_len: 32}
+        eval: {ppl: [corpus.txt], fidelity: [corpus.txt], generation: 2, generation_prompts: corpus.txt,
+               prompt_tokens: 8, generation_tokens: 4, seq_len: 32}
         """)
 
 
@@ -175,6 +176,11 @@ def test_run_replays_the_pipeline_and_resumes_after_a_failure(tiny_setup: Path, 
     assert "model: tiny" in record["recipe"]["text"]
     report = json.loads((out / "eval.json").read_text())
     assert len(report["models"]) == 3  # original, pruned, healed
+    original, *cuts = report["models"].values()
+    assert "fidelity" not in original and "generation" not in original  # each cut against the original
+    for cut in cuts:
+        assert cut["fidelity"]["corpus.txt"]["tokens"] == cut["perplexity"]["corpus.txt"]["tokens"]
+        assert cut["fidelity"]["corpus.txt"]["original"] == "tiny" and cut["generation"]["prompts"] == 2
     assert (out / "eval.md").exists() and (out / "scores.png").exists() and (out / "recipe.yaml").exists()
 
 
@@ -237,7 +243,11 @@ PREFLIGHT_RECIPE = {
         ("heal", "heal: {method: partial-ft, data: corpus.txt, train_layers: 5}",
          ["line 5:", "heal.train_layers 5 exceeds the model's 4 layers", "choose 1..4"]),
         ("heal", "heal: {method: partial-ft, data: corpus.txt, steps: 0}", ["line 5:", "steps must be at least 1"]),
-        ("eval", "eval: {seq_len: 32}", ["line 6:", "nothing to evaluate", "ask for ppl, tasks"]),
+        ("heal", "heal: {method: lora, data: self-generated, prompts: gone.txt}",
+         ["line 5:", "data file gone.txt does not exist"]),
+        ("heal", "heal: {method: lora, data: self-generated}", ["line 5:", "heal.prompts is needed with data "
+                                                                           "self-generated"]),
+        ("eval", "eval: {seq_len: 32}", ["line 6:", "nothing to evaluate", "ask for ppl, fidelity, generation, tasks"]),
         ("eval", "eval: {ppl: [gone.txt]}", ["line 6:", "unknown perplexity data 'gone.txt'",
                                              "the path of an existing text file"]),
         ("load", "load: {gguf_file: ../outside.gguf}", ["line 7:", "load.gguf_file '../outside.gguf' must be a file name inside the model folder"]),
@@ -246,7 +256,8 @@ PREFLIGHT_RECIPE = {
     ],
     ids=["missing model", "missing calibration file", "zero samples", "unknown metric", "malformed remove",
          "remove all layers", "remove over 100%", "metric not scored", "unknown strategy", "unknown heal method",
-         "missing heal data", "train_layers over the pruned model", "zero heal steps", "eval measures nothing",
+         "missing heal data", "train_layers over the pruned model", "zero heal steps", "missing prompts file",
+         "self-generated without prompts", "eval measures nothing",
          "missing eval file", "gguf file outside the model folder", "repair option not a number"],
 )
 def test_bad_stage_values_are_refused_before_the_run_starts(

@@ -98,8 +98,9 @@ def load_from_args(
 
 
 # flags whose values name inputs, comma-separated where a flag takes several
-INPUT_FLAGS = ("model", "original", "data", "source", "compare", "ppl", "classify", "recipe")
-LIST_INPUT_FLAGS = ("compare", "ppl")
+INPUT_FLAGS = ("model", "original", "reference", "data", "source", "prompts", "compare", "ppl", "fidelity",
+               "generation_prompts", "classify", "recipe")
+LIST_INPUT_FLAGS = ("compare", "ppl", "fidelity")
 
 
 def input_paths(args: argparse.Namespace) -> list[Path]:
@@ -116,7 +117,7 @@ def input_paths(args: argparse.Namespace) -> list[Path]:
         if not value:
             continue
         for name in (part.strip() for part in str(value).split(",")) if flag in LIST_INPUT_FLAGS else [str(value)]:
-            if name in MODEL_ALIASES and flag in ("model", "original", "compare"):
+            if name in MODEL_ALIASES and flag in ("model", "original", "reference", "compare"):
                 found.append(alias_checkpoint_dir(MODEL_ALIASES[name]))
                 continue
             path = Path(name).expanduser()

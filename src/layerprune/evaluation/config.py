@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import field_validator
 
+from layerprune.data import check_source
 from layerprune.errors import OptionError, UsageError
 from layerprune.evaluation.classification import ClassificationSettings
 from layerprune.evaluation.efficiency import Workload
@@ -32,6 +33,19 @@ class EvalConfig(Config):
     seq_len: int = option(512, "perplexity window length in tokens, twice the 256 of scoring and healing rows: a "
                           "perplexity is comparable only at the window the reported results used", minimum=2)
     max_windows: int | None = option(None, "score only the first N windows (quick looks); none: all", minimum=1)
+    fidelity: Annotated[tuple[str, ...], Parse(comma_list)] = option(
+        (), "KL(original || model) and top-1 agreement of next-token distributions on these data sets (as ppl's, on "
+            "its windows and tokens)", metavar="DATA,...")
+    reference: str | None = option(
+        None, "the original model fidelity and generation compare with (default: the source_model in the models' "
+              "layerprune.json, else the first model when models are compared)", metavar="MODEL")
+    generation: int | None = option(None, "greedy continuations of N held-out prompts by the original and each model: "
+                                    "tokens before the first divergence, share identical", minimum=1, metavar="N")
+    generation_tokens: int = option(32, "tokens each generation continuation has at most", minimum=1)
+    generation_prompts: str = option("wiki-sample", "where generation's prompts come from (its test split): a data "
+                                     "set or a text file", metavar="DATA")
+    prompt_tokens: int = option(32, "text tokens of each generation prompt (in the chat template's user turn for "
+                                "a tokenizer with one)", minimum=1)
     tasks: Annotated[tuple[str, ...], Parse(comma_list)] = option(
         (), f"lm-eval tasks: lp_offline (the offline suite) or offline tasks {', '.join(OFFLINE_TASKS)}; online: "
             f"paper ({', '.join(ONLINE_TASKS)}) or any lm-eval task", metavar="TASK,...")
@@ -54,8 +68,9 @@ class EvalConfig(Config):
         return value
 
     def check(self) -> None:
-        if not (self.ppl or self.tasks or self.efficiency or self.classify):
-            raise UsageError("nothing to evaluate; ask for ppl, tasks, efficiency and/or classify")
+        if not (self.ppl or self.fidelity or self.generation or self.tasks or self.efficiency or self.classify):
+            raise UsageError("nothing to evaluate; ask for ppl, fidelity, generation, tasks, efficiency and/or "
+                             "classify")
         if self.classify and not (self.classification and self.classification.ks):
             ks = declaration(ClassificationSettings, "ks")
             raise OptionError(f"classification.{ks.name}", ks.flag,
@@ -64,8 +79,10 @@ class EvalConfig(Config):
     def check_inputs(self) -> None:
         """Refuse perplexity data that does not exist and unknown task names (lm-eval's task index is
         read, and the hub asked when an online task needs it): before any model is loaded."""
-        for name in self.ppl:
+        for name in (*self.ppl, *self.fidelity):
             resolve_ppl_source(name)
+        if self.generation:
+            check_source(self.generation_prompts, "test")
         if self.tasks:
             check_task_names(self.tasks)
 

@@ -15,11 +15,12 @@ from typing import Any
 
 from layerprune import data
 from layerprune.errors import UsageError
+from layerprune.evaluation.against_original import compare_with_original, find_original
 from layerprune.evaluation.classification import classification_curve
 from layerprune.evaluation.config import EvalConfig
 from layerprune.evaluation.efficiency import measure_efficiency
 from layerprune.evaluation.harness import run_tasks
-from layerprune.evaluation.intervals import retained_performance
+from layerprune.evaluation.intervals import retained_above_chance, retained_performance
 from layerprune.evaluation.perplexity import dataset_perplexity
 from layerprune.evaluation.record import checked_report
 from layerprune.evaluation.stability import stability_by_task
@@ -92,9 +93,13 @@ def evaluate(model: ModelInput, *, compare: Sequence[ModelInput] = (), config: E
 
     Returns the ``eval.json`` record (:class:`layerprune.evaluation.record.EvalReport`, checked):
     ``{"format_version", "reference": name, "models": {name: {"perplexity", "tasks", "predictions",
-    "correct", "stability", "retained", "efficiency", "classification", ...}}, "settings": the
-    config}``. Every compared model's ``retained`` is its retained performance against the
-    reference, with a paired bootstrap interval (``evaluation.intervals``).
+    "correct", "stability", "retained", "retained_above_chance", "fidelity", "generation",
+    "efficiency", "classification", ...}}, "settings": the config}``. Every compared model's
+    ``retained`` is its retained performance against the reference, with a paired bootstrap
+    interval (``evaluation.intervals``), and ``retained_above_chance`` the same above each task's
+    chance rate. ``fidelity`` and ``generation`` compare every model but the original with the
+    original it came from (``evaluation.against_original``: ``reference``, else the recorded
+    ``source_model``, else the first model).
     """
     options = {name: value for name, value in keywords.items() if name in EvalConfig.model_fields}
     load_options = {name: value for name, value in keywords.items() if name not in options}
@@ -109,6 +114,8 @@ def evaluate(model: ModelInput, *, compare: Sequence[ModelInput] = (), config: E
     loaded = [item if isinstance(item, LoadedModel) else load_model(item, **load_options) for item in inputs]
     config.check_depths(min(m.num_layers for m in loaded))
     names = _unique_names(loaded)
+    # the original is found (or refused) before any measurement: a missing one must not cost the rest first
+    original = find_original(loaded, config, **load_options) if config.fidelity or config.generation else None
     results = {}
     for name, one in zip(names, loaded):
         log.info("evaluating %s", name)
@@ -120,6 +127,13 @@ def evaluate(model: ModelInput, *, compare: Sequence[ModelInput] = (), config: E
                                                            results[name]["predictions"])
         if results[name].get("correct"):
             results[name]["retained"] = retained_performance(results[reference]["correct"], results[name]["correct"])
+            chance = {task: values["chance"] for task, values in results[reference]["tasks"].items()
+                      if "chance" in values}
+            results[name]["retained_above_chance"] = retained_above_chance(
+                results[reference]["correct"], results[name]["correct"], chance)
+    if original is not None:
+        for name, measured in compare_with_original(original, loaded, names, config).items():
+            results[name].update(measured)
     if config.workload:
         measured = measure_efficiency({name: one.model for name, one in zip(names, loaded)}, config.workload)
         for name in names:

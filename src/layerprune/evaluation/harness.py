@@ -228,7 +228,7 @@ def prepare_offline_tasks(names: Sequence[str], root: Path | None = None) -> Pat
 
 @dataclass
 class TaskRun:
-    """lm-eval's metrics per task (with ``stderr``, ``available`` and ``evaluated`` added), the
+    """lm-eval's metrics per task (with ``stderr``, ``available``, ``evaluated`` and ``chance`` added), the
     model's answer (choice index) per document, and whether it was right (0/1) per document of
     every task asked for (a group's documents are its subtasks' in order), for paired bootstraps."""
 
@@ -283,14 +283,23 @@ def run_tasks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks:
     for name in dict.fromkeys([*tasks, *samples]):
         leaves = _leaf_tasks(name, subtasks)
         documents = [sorted(samples.get(leaf, []), key=lambda sample: int(sample["doc_id"])) for leaf in leaves]
-        right = [int(sample["acc"] > 0) for leaf_samples in documents for sample in leaf_samples if "acc" in sample]
+        scored = [sample for leaf_samples in documents for sample in leaf_samples if "acc" in sample]
+        right = [int(sample["acc"] > 0) for sample in scored]
         counts = [output.get("n-samples", {}).get(leaf, {}) for leaf in leaves]
         if name in metrics and right:
             metrics[name].update(stderr=stderr_of_mean(right), available=sum(c.get("original", 0) for c in counts),
-                                 evaluated=len(right))
+                                 evaluated=len(right), chance=chance_rate(scored))
             if name in tasks:
                 correct[name] = right
     return TaskRun(metrics, predictions, correct)
+
+
+def chance_rate(samples: Sequence[dict[str, Any]]) -> float:
+    """The accuracy of a uniform guess over the scored documents: the mean of 1 / (number of choices).
+    A document scored by one loglikelihood (a cloze, right when greedy decoding gives the answer
+    exactly) has no choices to guess among: its chance is 0 (a guess from the vocabulary)."""
+    counts = [len(sample.get("filtered_resps") or []) for sample in samples]
+    return float(sum(1 / count for count in counts if count >= 2) / len(counts)) if counts else 0.0
 
 
 def _leaf_tasks(name: str, subtasks: dict[str, list[str]]) -> list[str]:

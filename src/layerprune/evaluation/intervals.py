@@ -68,20 +68,24 @@ def _usable_tasks(reference: Mapping[str, Sequence[int]], *others: Mapping[str, 
 
 
 def _bootstrap_retained(reference: Mapping[str, Sequence[int]], candidates: Sequence[Mapping[str, Sequence[int]]],
-                        tasks: list[str], iterations: int, seed: int) -> np.ndarray:
+                        tasks: list[str], iterations: int, seed: int,
+                        chance: Mapping[str, float] | None = None) -> np.ndarray:
     """RP of each candidate in each paired resample: shape ``(len(candidates), iterations)``. Every
     task is resampled on its own, with the same example indices for the reference and every
-    candidate (they answered the same questions)."""
+    candidate (they answered the same questions). With ``chance``, each ratio is of the accuracy
+    above the task's chance rate; a resample where the reference is not above it has no ratio (NaN)."""
     rng = np.random.default_rng(seed)
     resampled = np.zeros((len(candidates), iterations))
     for task in tasks:
+        floor = (chance or {}).get(task, 0.0)
         ref = np.asarray(reference[task], dtype=float)
         draws = rng.integers(0, len(ref), size=(iterations, len(ref)))
         ref_acc = ref[draws].mean(axis=1)
         for row, candidate in enumerate(candidates):
             cand = np.asarray(candidate[task], dtype=float)
             with np.errstate(divide="ignore", invalid="ignore"):
-                resampled[row] += np.where(ref_acc > 0, cand[draws].mean(axis=1) / ref_acc, np.nan)
+                resampled[row] += np.where(ref_acc > floor, (cand[draws].mean(axis=1) - floor) / (ref_acc - floor),
+                                           np.nan)
     return resampled / len(tasks)
 
 
@@ -106,6 +110,40 @@ def retained_performance(reference: Mapping[str, Sequence[int]], candidate: Mapp
     excluded = [task for task in shared if task not in usable]
     if excluded:
         result["excluded"] = excluded
+    return result
+
+
+def informative(reference: Sequence[int], chance: float) -> bool:
+    """Whether the reference's accuracy on a task stands clear of chance: the low end of its 95%
+    interval (acc - 1.96 standard errors) above ``chance``. A task where it does not (SmolLM2-135M's
+    3-way next-sentence task at 0.38 against 0.33) leaves no headroom for a pruned model to lose,
+    so a ratio over it measures noise."""
+    low = float(np.mean(reference)) - 1.96 * stderr_of_mean(reference) if len(reference) else math.nan
+    return low > chance  # NaN (fewer than two examples) is not informative
+
+
+def retained_above_chance(reference: Mapping[str, Sequence[int]], candidate: Mapping[str, Sequence[int]],
+                          chance: Mapping[str, float], *, iterations: int = BOOTSTRAP_ITERATIONS,
+                          seed: int = BOOTSTRAP_SEED) -> dict:
+    """Headroom-aware RP: the mean over informative tasks of (acc - chance) / (reference - chance).
+
+    Plain RP credits a model that answers at random with chance / reference (0.4-0.5 on a task the
+    reference barely passes); above chance, a random model keeps 0 and the original 1. Only tasks
+    with a chance rate count; those whose reference is within its own 95% interval of chance are
+    named in ``uninformative`` and left out. Returns ``{"mean", "ci95", "tasks", "uninformative"}``
+    (``mean`` and ``ci95`` ``None`` when no task is informative), the interval a paired bootstrap
+    over examples as :func:`retained_performance`'s.
+    """
+    shared, _ = _usable_tasks(reference, candidate)
+    rated = [task for task in shared if task in chance]
+    usable = [task for task in rated if informative(reference[task], chance[task])]
+    result: dict = {"mean": None, "ci95": None, "tasks": {},
+                    "uninformative": [task for task in rated if task not in usable]}
+    if usable:
+        result["tasks"] = {task: float((np.mean(candidate[task]) - chance[task]) / (np.mean(reference[task])
+                                                                                  - chance[task])) for task in usable}
+        resampled = _bootstrap_retained(reference, [candidate], usable, iterations, seed, chance)[0]
+        result.update(mean=float(np.mean(list(result["tasks"].values()))), ci95=_percentile_interval(resampled))
     return result
 
 
@@ -136,6 +174,20 @@ def perplexity_interval(window_nll: Sequence[float], window_tokens: Sequence[int
     tokens, are resampled: neighbouring tokens are not independent. One window gives no interval
     (both ends are its perplexity).
     """
-    nll, tokens = np.asarray(window_nll, dtype=float), np.asarray(window_tokens, dtype=float)
-    draws = np.random.default_rng(seed).integers(0, len(nll), size=(iterations, len(nll)))
-    return _percentile_interval(np.exp(nll[draws].sum(axis=1) / tokens[draws].sum(axis=1)))
+    return _percentile_interval(np.exp(_resampled_ratios(window_nll, window_tokens, iterations, seed)))
+
+
+def ratio_interval(window_sums: Sequence[float], window_tokens: Sequence[int], *,
+                   iterations: int = BOOTSTRAP_ITERATIONS, seed: int = BOOTSTRAP_SEED) -> list[float]:
+    """95% percentile-bootstrap interval of a per-token mean (total / tokens), resampling whole
+    windows: the interval of a mean KL or agreement rate measured on perplexity's windows, which,
+    like perplexity's, must not treat a window's neighbouring tokens as independent draws."""
+    return _percentile_interval(_resampled_ratios(window_sums, window_tokens, iterations, seed))
+
+
+def _resampled_ratios(window_sums: Sequence[float], window_tokens: Sequence[int], iterations: int,
+                      seed: int) -> np.ndarray:
+    """Sum over resampled windows of ``window_sums`` / sum of their tokens, one per resample."""
+    sums, tokens = np.asarray(window_sums, dtype=float), np.asarray(window_tokens, dtype=float)
+    draws = np.random.default_rng(seed).integers(0, len(sums), size=(iterations, len(sums)))
+    return sums[draws].sum(axis=1) / tokens[draws].sum(axis=1)

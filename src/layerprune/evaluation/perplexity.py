@@ -92,6 +92,33 @@ def windows(token_ids: torch.Tensor, seq_len: int, prefix: Sequence[int] = ()) -
     return [torch.cat([start, piece]) for piece in pieces if piece.numel() + len(prefix) >= 2]
 
 
+def window_batches(token_ids: torch.Tensor, seq_len: int, *, batch_size: int = 4, max_windows: int | None = None,
+                   prefix: Sequence[int] = ()) -> list[torch.Tensor]:
+    """The windows of the protocol (see the module docstring) in batches of equal length: what
+    perplexity scores, and what fidelity compares two models on, so both measure the same tokens.
+    Each window's predicted tokens are its positions from :func:`first_target` on. Text too short
+    for one window is refused."""
+    body = seq_len - len(prefix)
+    if token_ids.numel() < 2:
+        raise UsageError("the data has fewer than 2 tokens; perplexity needs text to score")
+    if token_ids.numel() < body:  # a perplexity of a fraction of one window says little and has no interval
+        raise OptionError.about("seq_len", f"{seq_len} is longer than the whole text ({token_ids.numel()} tokens"
+                                           f"{' after the start token(s)' if prefix else ''}); use at most "
+                                           f"{token_ids.numel() + len(prefix)}, or more text")
+    chunks = windows(token_ids, seq_len, prefix)[:max_windows]
+    # Equal-length windows are batched; the shorter last window (if any) runs on its own.
+    groups: dict[int, list[torch.Tensor]] = {}
+    for chunk in chunks:
+        groups.setdefault(chunk.numel(), []).append(chunk)
+    return [torch.stack(same_length[start:start + batch_size])
+            for same_length in groups.values() for start in range(0, len(same_length), batch_size)]
+
+
+def first_target(prefix: Sequence[int]) -> int:
+    """The first position of a window whose token is predicted (a prefix is never a target)."""
+    return max(len(prefix), 1)
+
+
 @torch.no_grad()
 def perplexity(model: PreTrainedModel, token_ids: torch.Tensor, seq_len: int, *, batch_size: int = 4,
                max_windows: int | None = None, prefix: Sequence[int] = ()) -> PerplexityResult:
@@ -101,43 +128,36 @@ def perplexity(model: PreTrainedModel, token_ids: torch.Tensor, seq_len: int, *,
     ``max_windows`` limits the text scored (the first windows), for quick looks; the token count
     in the result says how much was scored.
     """
-    body = seq_len - len(prefix)
-    if token_ids.numel() < 2:
-        raise UsageError("the data has fewer than 2 tokens; perplexity needs text to score")
-    if token_ids.numel() < body:  # a perplexity of a fraction of one window says little and has no interval
-        raise OptionError.about("seq_len", f"{seq_len} is longer than the whole text ({token_ids.numel()} tokens"
-                                           f"{' after the start token(s)' if prefix else ''}); use at most "
-                                           f"{token_ids.numel() + len(prefix)}, or more text")
-    chunks = windows(token_ids, seq_len, prefix)[:max_windows]
-    first = max(len(prefix), 1)  # the first position whose token is predicted (a prefix is never a target)
+    first = first_target(prefix)
     device = next(model.parameters()).device
     window_nll: list[float] = []
     window_tokens: list[int] = []
-    # Equal-length windows are batched; the shorter last window (if any) runs on its own.
-    groups: dict[int, list[torch.Tensor]] = {}
-    for chunk in chunks:
-        groups.setdefault(chunk.numel(), []).append(chunk)
-    with Progress("perplexity", len(chunks), unit="windows") as scored:
-        for same_length in groups.values():
-            for start in range(0, len(same_length), batch_size):
-                batch = torch.stack(same_length[start:start + batch_size]).to(device)
-                logits = model(input_ids=batch, use_cache=False).logits[:, first - 1:-1].float()
-                targets = batch[:, first:]
-                token_nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                            reduction="none")
-                window_nll += token_nll.view(targets.shape).double().sum(dim=1).tolist()
-                window_tokens += [targets.shape[1]] * targets.shape[0]
-                scored.update(targets.shape[0])
+    batches = window_batches(token_ids, seq_len, batch_size=batch_size, max_windows=max_windows, prefix=prefix)
+    with Progress("perplexity", sum(batch.shape[0] for batch in batches), unit="windows") as scored:
+        for batch in batches:
+            batch = batch.to(device)
+            logits = model(input_ids=batch, use_cache=False).logits[:, first - 1:-1].float()
+            targets = batch[:, first:]
+            token_nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+            window_nll += token_nll.view(targets.shape).double().sum(dim=1).tolist()
+            window_tokens += [targets.shape[1]] * targets.shape[0]
+            scored.update(targets.shape[0])
     total_tokens = sum(window_tokens)
     nll = math.fsum(window_nll) / total_tokens
     low, high = perplexity_interval(window_nll, window_tokens)
     return PerplexityResult(nll=nll, ppl=math.exp(nll), tokens=total_tokens, ci95=(low, high))
 
 
+def dataset_stream(tokenizer: PreTrainedTokenizerBase, name: str) -> tuple[torch.Tensor, list[int]]:
+    """The standard split of the named data set (or a local file) as one token stream, and the start
+    tokens every window begins with."""
+    spec = resolve_ppl_source(name)
+    return (data.token_stream(tokenizer, spec.source, split=spec.split, text_field=spec.text_field),
+            data.text_prefix(tokenizer))
+
+
 def dataset_perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, seq_len: int, *,
                        batch_size: int = 4, max_windows: int | None = None) -> PerplexityResult:
     """Perplexity of ``model`` on the standard split of the named data set (or a local file)."""
-    spec = resolve_ppl_source(name)
-    stream = data.token_stream(tokenizer, spec.source, split=spec.split, text_field=spec.text_field)
-    return perplexity(model, stream, seq_len, batch_size=batch_size, max_windows=max_windows,
-                      prefix=data.text_prefix(tokenizer))
+    stream, prefix = dataset_stream(tokenizer, name)
+    return perplexity(model, stream, seq_len, batch_size=batch_size, max_windows=max_windows, prefix=prefix)

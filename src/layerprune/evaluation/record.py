@@ -47,6 +47,37 @@ class RetainedEntry(_Record):
     excluded: list[str] = Field(default=[], description="tasks the reference got all wrong (no ratio)")
 
 
+class AboveChanceEntry(_Record):
+    """Retained performance above chance (``evaluation.intervals.retained_above_chance``)."""
+
+    mean: float | None = Field(description="mean over informative tasks of (acc - chance) / (reference - chance); "
+                                           "none when no task is informative")
+    ci95: Interval | None = Field(min_length=2, max_length=2, description="paired bootstrap over examples")
+    tasks: dict[str, float] = Field(description="(acc - chance) / (reference acc - chance), per informative task")
+    uninformative: list[str] = Field(description="tasks whose reference is within its own 95% interval of chance: "
+                                                 "left out")
+
+
+class FidelityEntry(_Record):
+    """Closeness to the original on one data set's perplexity windows (``evaluation.fidelity``)."""
+
+    kl: float = Field(ge=0, description="mean KL(original || model) of next-token distributions, nats per token")
+    kl_ci95: Interval = Field(min_length=2, max_length=2, description="bootstrap interval over windows")
+    top1_agreement: float = Field(ge=0, le=1, description="share of tokens where both models' top-1 token agree")
+    top1_agreement_ci95: Interval = Field(min_length=2, max_length=2, description="bootstrap interval over windows")
+    tokens: int = Field(ge=1, description="predicted tokens compared (as perplexity's)")
+
+
+class GenerationEntry(_Record):
+    """Greedy continuations of held-out prompts against the original's (``evaluation.generation``)."""
+
+    prompts: int = Field(ge=1)
+    mean_agreed_tokens: float = Field(ge=0, description="mean tokens before the first divergence")
+    identical: float = Field(ge=0, le=1, description="share of continuations equal to the original's")
+    max_new_tokens: int = Field(ge=1)
+    examples: list[dict[str, Any]] = Field(description="prompt, original, model (texts) and agreed_tokens")
+
+
 class EfficiencyEntry(_Record):
     """Size, speed and FLOPs of one model (``evaluation.efficiency.measure_efficiency``)."""
 
@@ -90,6 +121,9 @@ class ModelResult(_Record):
     correct: PerTask | None = Field(default=None, description="1 where the answer was right, per document, per task")
     stability: dict[str, float] | None = Field(default=None, description="agreement with the reference's answers")
     retained: RetainedEntry | None = None
+    retained_above_chance: AboveChanceEntry | None = None
+    fidelity: dict[str, FidelityEntry] | None = Field(default=None, description="per data set, against the original")
+    generation: GenerationEntry | None = None
     efficiency: EfficiencyEntry | None = None
     classification: ClassificationCurve | None = None
     seconds: float = Field(ge=0, description="time spent measuring this model (efficiency aside)")

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import SerializeAsAny, model_validator
 
+from layerprune.data import check_source
 from layerprune.data.calibration import SAMPLINGS
 from layerprune.errors import OptionError, UsageError
 from layerprune.healing.data import TrainingSet
@@ -26,6 +27,10 @@ from layerprune.registry import Registry
 PRECISIONS = ("auto", "float32", "bfloat16")
 """``--dtype``'s words for the training precision: ``auto`` is bfloat16 autocast on a GPU that
 supports it and float32 everywhere else."""
+
+
+SELF_GENERATED = "self-generated"
+"""The ``data`` that names the original's own continuations of prompts (``healing.self_generated``)."""
 
 
 HEALERS: Registry[type[Healer]] = Registry("healing method")
@@ -102,7 +107,13 @@ class HealConfig(Config):
     method: str | None = option(None, "healing method: a registered one (each listed with its own options under Healing "
                                 "methods)")
     data: str | Path | None = option(None, "training text (wiki-sample, news-sample, a file, a hub name: its train "
-                                     "split) or an Alpaca JSON/JSONL instruction file (loss on the response only)")
+                                     "split), an Alpaca JSON/JSONL instruction file (loss on the response only), or "
+                                     f"{SELF_GENERATED}: the original's own greedy continuations of prompts")
+    prompts: str | Path | None = option(None, f"with data {SELF_GENERATED}: the text whose train split gives the "
+                                        "prompts the original continues (a data set or a file)", metavar="SOURCE")
+    prompt_tokens: int = option(32, f"with data {SELF_GENERATED}: text tokens of each prompt (in the chat template's "
+                                "user turn for a tokenizer with one); the original continues it to seq_len tokens",
+                                minimum=1)
     original: str | Path | None = option(None, "the unpruned model: the teacher, and the source of a replacement's "
                                          "training pairs (default: the source_model of the pruned model's "
                                          "layerprune.json)")
@@ -140,6 +151,16 @@ class HealConfig(Config):
         """The data is named, the options are the method's own, and checkpointing has somewhere to write."""
         if self.data is None:
             self.refuse("data", "is needed: name the training text or instruction file")
+        if self.self_generated and self.prompts is None:
+            self.refuse("prompts", f"is needed with data {SELF_GENERATED}: name the text the prompts come from")
+        if self.prompts is not None and not self.self_generated:
+            self.refuse("prompts", f"applies to data {SELF_GENERATED} only; drop it or use that data")
+        if self.self_generated and self.training.sampling != "random":
+            raise OptionError.about("sampling", f"{self.training.sampling} applies to text windows; {SELF_GENERATED} "
+                                                "data draws its prompts at random; leave sampling unset")
+        if self.self_generated and self.prompt_tokens >= self.training.seq_len:
+            self.refuse("prompt_tokens", f"{self.prompt_tokens} leaves no room for a continuation in seq_len "
+                                         f"{self.training.seq_len} tokens; use fewer prompt tokens or a longer seq_len")
         own = HEALERS.get(str(self.method)).options_class
         given = type(self.options) if self.options is not None else None
         if given is not own:  # another method's options (a subclass of the method's own is another's too)
@@ -157,6 +178,16 @@ class HealConfig(Config):
         return max(1, self.training.steps // 4) if every is None else every
 
     @property
+    def self_generated(self) -> bool:
+        """Whether the training rows are the original's own continuations (``healing.self_generated``)."""
+        return str(self.data) == SELF_GENERATED
+
+    def check_inputs(self) -> None:
+        """Refuse a training or prompt source that does not exist (the hub asked for a hub name): before
+        any model is loaded, or the original generates for nothing."""
+        check_source(str(self.prompts) if self.self_generated else str(self.data))
+
+    @property
     def distill(self) -> bool:
         return isinstance(self.options, DistillOptions) and self.options.distill
 
@@ -164,7 +195,8 @@ class HealConfig(Config):
         """The settings that must not change between an interrupted run and its resumption."""
         training = self.training.model_dump(mode="json", exclude={"checkpoint_every"})
         own = self.options.model_dump(mode="json") if self.options is not None else {}
-        return {"method": self.method, "data": str(self.data), **training, **own}
+        prompts = {"prompts": str(self.prompts), "prompt_tokens": self.prompt_tokens} if self.self_generated else {}
+        return {"method": self.method, "data": str(self.data), **prompts, **training, **own}
 
     def record(self) -> dict[str, Any]:
         """What ``layerprune.json`` records of the run (its healing entry's ``config``): everything

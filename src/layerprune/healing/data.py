@@ -9,6 +9,7 @@ which only the response tokens are targets, so the model is taught to answer, no
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -40,19 +41,31 @@ def is_instruction_file(source: str | Path) -> bool:
 
 def instruction_rows(tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], seq_len: int,
                      description: str) -> TrainingSet:
-    """Tokenize (prompt, response) pairs; loss only on the response (and its end-of-text token).
+    """Tokenize (prompt, response) pairs; loss only on the response (and its end-of-text token), as
+    :func:`prompted_rows` lays them out."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return prompted_rows([(tokenizer(prompt, add_special_tokens=True)["input_ids"],
+                           tokenizer(response, add_special_tokens=False)["input_ids"] + eos)
+                          for prompt, response in pairs], padding_token(tokenizer), seq_len, description)
+
+
+def padding_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id right padding uses: the pad token, else the end token (never attended, never a target)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def prompted_rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad: int, seq_len: int,
+                  description: str) -> TrainingSet:
+    """Rows of (prompt ids, response ids) pairs with the loss on the response only: an instruction's
+    answer, or the original's own continuation of a prompt (self-generated data).
 
     Rows are right-padded to ``seq_len``; with a causal mask real tokens never see the padding, and
     padded positions are excluded from both attention and loss. Too-long rows are cut at the end.
     """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     rows, masks, labels = [], [], []
-    for prompt, response in pairs:
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + eos
-        ids = (prompt_ids + response_ids)[:seq_len]
-        targets = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:seq_len]
+    for prompt_ids, response_ids in pairs:
+        ids = (list(prompt_ids) + list(response_ids))[:seq_len]
+        targets = ([IGNORE_INDEX] * len(prompt_ids) + list(response_ids))[:seq_len]
         padding = seq_len - len(ids)
         rows.append(ids + [pad] * padding)
         masks.append([1] * len(ids) + [0] * padding)

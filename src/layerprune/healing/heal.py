@@ -11,6 +11,7 @@ from layerprune.errors import OptionError, UsageError
 from layerprune.healing.base import HEALERS, HealConfig
 from layerprune.healing.data import TrainingSet, load_training_data
 from layerprune.healing.engine import check_resumable, gather_for_export
+from layerprune.healing.self_generated import self_generated_rows
 from layerprune.models.lineage import ensure_lineage
 from layerprune.models.loading import LoadedModel, load_model
 
@@ -20,7 +21,9 @@ def heal(loaded: LoadedModel, method: str | HealConfig, data: str | Path | Train
     """Heal a pruned model with ``method`` (see ``HEALERS``) and return the healed model.
 
     ``data`` is a text source of the data layer (``wiki-sample``, a file, a hub name: its train
-    split is used), an Alpaca-style JSON/JSONL instruction file, or a :class:`TrainingSet`.
+    split is used), an Alpaca-style JSON/JSONL instruction file, a :class:`TrainingSet`, or
+    ``self-generated``: the original's greedy continuations of prompts from ``prompts`` (options
+    ``prompts``, ``prompt_tokens``; cached, see :mod:`layerprune.healing.self_generated`).
     ``original`` is the unpruned model (replacement pairs, distillation teacher), loaded or named; by
     default the ``source_model`` of the pruned model's lineage.
 
@@ -43,16 +46,23 @@ def heal(loaded: LoadedModel, method: str | HealConfig, data: str | Path | Train
     healer = HEALERS.get(str(config.method))()
     healer.check(loaded, config)
     check_resumable(config, config.fingerprint())
-    teacher = (resolve_original(loaded, original if isinstance(original, LoadedModel) else config.original, config)
-               if healer.needs_original(config) else None)
+    self_generated = config.self_generated and not isinstance(data, TrainingSet)
+    if self_generated:
+        config.check_inputs()  # a missing prompt source must not cost loading the original first
+    needs_original = healer.needs_original(config)
+    unpruned = (resolve_original(loaded, original if isinstance(original, LoadedModel) else config.original, config)
+                if needs_original or self_generated else None)
     training = config.training
-    rows = load_training_data(loaded.tokenizer, data if isinstance(data, TrainingSet) else str(config.data),
-                              samples=healer.rows_to_draw(training), seq_len=training.seq_len, seed=training.seed,
-                              sampling=training.sampling, text_field=training.text_field)
-    outcome = healer.run(loaded, rows, config, teacher)
+    if self_generated:
+        rows, rows_drawn = self_generated_rows(unpruned, config, healer.rows_to_draw(training))
+    else:
+        rows = load_training_data(loaded.tokenizer, data if isinstance(data, TrainingSet) else str(config.data),
+                                  samples=healer.rows_to_draw(training), seq_len=training.seq_len, seed=training.seed,
+                                  sampling=training.sampling, text_field=training.text_field)
+        rows_drawn = {"source": str(config.data), "rows": int(rows.input_ids.shape[0]), "seq_len": training.seq_len,
+                      "seed": training.seed, "sampling": training.sampling}
+    outcome = healer.run(loaded, rows, config, unpruned if needs_original else None)
     outcome.loaded.export_state = gather_for_export(outcome.loaded.model)
-    rows_drawn = {"source": str(config.data), "rows": int(rows.input_ids.shape[0]), "seq_len": training.seq_len,
-                  "seed": training.seed, "sampling": training.sampling}
     entry: dict[str, Any] = {"method": config.method, "summary": outcome.summary, "data": rows_drawn}
     if healer.trains:  # a training-free repair took no steps: its rows and statistics are under "repairs"
         entry.update({

@@ -129,8 +129,8 @@ def _repair_options(section: dict[str, Any]) -> dict[str, Any]:
 
 
 PATH_KEYS: tuple[tuple[str, ...], ...] = (
-    ("model",), ("calibration", "source"), ("search", "rank_data"), ("heal", "data"), ("heal", "original"),
-    ("eval", "ppl"),
+    ("model",), ("calibration", "source"), ("search", "rank_data"), ("heal", "data"), ("heal", "prompts"),
+    ("heal", "original"), ("eval", "ppl"), ("eval", "fidelity"), ("eval", "reference"), ("eval", "generation_prompts"),
 )
 
 
@@ -507,10 +507,12 @@ def preflight(recipe: Recipe, out: Path) -> None:
     if "heal" in sections:
         with _at(recipe, "heal", "method"):
             healer = HEALERS.get(sections["heal"]["method"])()
-        with _at(recipe, "heal", "data"):
-            check_source(sections["heal"]["data"])
         with _at(recipe, "heal"):
-            healer.check_settings(_heal_config(recipe, out), layers)
+            healing = _heal_config(recipe, out)
+        with _at(recipe, "heal", "prompts" if healing.self_generated else "data"):
+            healing.check_inputs()
+        with _at(recipe, "heal"):
+            healer.check_settings(healing, layers)
     if "export" in sections:
         with _at(recipe, "export"):
             ExportConfig(**sections["export"])

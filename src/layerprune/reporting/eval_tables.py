@@ -47,6 +47,14 @@ def flatten_metrics(result: dict[str, Any]) -> dict[str, float]:
         rows[f"{task} stability"] = value
     if "retained" in result:
         rows["retained"] = result["retained"]["mean"]
+    if (result.get("retained_above_chance") or {}).get("mean") is not None:
+        rows["retained above chance"] = result["retained_above_chance"]["mean"]
+    for data, values in result.get("fidelity", {}).items():
+        rows[f"KL to original {data}"] = values["kl"]
+        rows[f"top-1 agreement {data}"] = values["top1_agreement"]
+    if "generation" in result:
+        rows["generation: tokens before divergence"] = result["generation"]["mean_agreed_tokens"]
+        rows["generation: identical"] = result["generation"]["identical"]
     efficiency = result.get("efficiency", {})
     for key, label, scale in _EFFICIENCY_ROWS:
         if key in efficiency:
@@ -55,8 +63,9 @@ def flatten_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 
 def metric_intervals(result: dict[str, Any]) -> dict[str, tuple[float, float]]:
-    """95% intervals of ``flatten_metrics``'s rows that have one: perplexity and retained performance
-    (bootstrap, stored), and accuracy (acc ± 1.96 standard errors, within [0, 1])."""
+    """95% intervals of ``flatten_metrics``'s rows that have one: perplexity, retained performance (plain
+    and above chance) and fidelity (bootstrap, stored), and accuracy (acc ± 1.96 standard errors, within
+    [0, 1])."""
     intervals: dict[str, tuple[float, float]] = {}
     for data, values in result.get("perplexity", {}).items():
         if "ci95" in values:
@@ -68,6 +77,12 @@ def metric_intervals(result: dict[str, Any]) -> dict[str, tuple[float, float]]:
     if "retained" in result:
         low, high = result["retained"]["ci95"]
         intervals["retained"] = (low, high)
+    if (result.get("retained_above_chance") or {}).get("ci95") is not None:
+        low, high = result["retained_above_chance"]["ci95"]
+        intervals["retained above chance"] = (low, high)
+    for data, values in result.get("fidelity", {}).items():
+        intervals[f"KL to original {data}"] = (values["kl_ci95"][0], values["kl_ci95"][1])
+        intervals[f"top-1 agreement {data}"] = (values["top1_agreement_ci95"][0], values["top1_agreement_ci95"][1])
     return intervals
 
 
@@ -122,8 +137,9 @@ def short_names(names: list[str]) -> dict[str, str]:
 
 
 def comparison_figure(report: dict[str, Any]) -> Any | None:
-    """Grouped bars of perplexity and of task accuracy, stability and retained performance per model,
-    with 95% intervals as error bars; ``None`` if there is nothing to plot.
+    """Grouped bars of perplexity, of KL to the original, and of task accuracy, stability, retained
+    performance and agreement with the original per model, with 95% intervals as error bars; ``None``
+    if there is nothing to plot.
 
     Bars start at zero on a linear axis, so their heights compare as the numbers do (a log axis that
     starts just below the smallest value makes a 3x difference look like 10x); only where one
@@ -142,8 +158,11 @@ def comparison_figure(report: dict[str, Any]) -> Any | None:
     groups = [(title, ylabel, [label for label in all_labels if match(label)])
               for title, ylabel, match in (
                   ("perplexity (lower is better)", "perplexity", lambda l: l.startswith("ppl ")),
-                  ("accuracy / stability / retained (higher is better)", "share (0-1)",
-                   lambda l: l.endswith((" acc", " stability")) or l == "retained"))]
+                  ("KL to the original (lower is better)", "KL (nats per token)",
+                   lambda l: l.startswith("KL to original ")),
+                  ("accuracy / stability / retained / agreement (higher is better)", "share (0-1)",
+                   lambda l: l.endswith((" acc", " stability")) or l.startswith(("retained", "top-1 agreement "))
+                   or l == "generation: identical"))]
     groups = [group for group in groups if group[2]]
     if not groups:
         return None
@@ -170,7 +189,7 @@ def comparison_figure(report: dict[str, Any]) -> Any | None:
             title += ", log scale from 1"
         axis.set_title(title, fontsize=10)
         axis.set_ylabel(ylabel)
-        axis.set_xlabel("held-out text" if ylabel == "perplexity" else "task")
+        axis.set_xlabel("held-out text" if ylabel != "share (0-1)" else "task or measure")
     axes[0][0].legend(fontsize=8)
     return figure
 
@@ -223,9 +242,39 @@ def _curves(report: dict[str, Any]) -> list[tuple[int, str, dict[str, Any]]]:
             for index, (name, result) in enumerate(report["models"].items()) if result.get("classification")]
 
 
+def _headroom_note(report: dict[str, Any]) -> str:
+    """The tasks retained-above-chance left out, said once: a reader must know what the mean is over."""
+    left_out = sorted({task for result in report["models"].values()
+                       for task in (result.get("retained_above_chance") or {}).get("uninformative", [])})
+    if not left_out:
+        return ""
+    return (f"\nRetained above chance leaves out {', '.join(left_out)}: the reference is within its own 95% interval "
+            "of chance there, so a ratio over it would measure noise.\n")
+
+
+def _escaped(text: str) -> str:
+    """``text`` on one line of a Markdown table cell."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def generation_examples(name: str, generation: dict[str, Any]) -> str:
+    """Markdown: the prompts and both models' continuations side by side, and where they part."""
+    lines = [f"\n### Generation: {name} beside its original\n",
+             f"{generation['prompts']} prompts, up to {generation['max_new_tokens']} greedy tokens each: "
+             f"{generation['mean_agreed_tokens']:.1f} tokens before the first divergence on average, "
+             f"{generation['identical']:.0%} identical.\n", "| prompt | original | model | same tokens |", "|---|---|---|---|"]
+    lines += [f"| {_escaped(e['prompt'])} | {_escaped(e['original'])} | {_escaped(e['model'])} | {e['agreed_tokens']} |"
+              for e in generation["examples"]]
+    return "\n".join(lines) + "\n"
+
+
 def report_markdown(report: dict[str, Any]) -> str:
-    """The Markdown report: the comparison table, then each classification curve's table."""
-    markdown = comparison_table(report)
+    """The Markdown report: the comparison table (and which tasks retained-above-chance leaves out),
+    each model's generation examples, then each classification curve's table."""
+    markdown = comparison_table(report) + _headroom_note(report)
+    for name, result in report["models"].items():
+        if "generation" in result:
+            markdown += generation_examples(name, result["generation"])
     for _, title, curve in _curves(report):
         markdown += f"\n### Classification curve: {title}\n\n{curve_table(curve)}"
     return markdown

@@ -27,7 +27,9 @@ from layerprune.reporting.eval_tables import report_markdown, write_report
 RUNTIMES = ("transformers", "llamacpp")
 
 # the EvalConfig options each help group shows; batch_size and classify stand beside them
-GROUPS = {"perplexity": ("ppl", "seq_len", "max_windows"), "lm-eval": ("tasks", "limit", "num_fewshot")}
+GROUPS = {"perplexity": ("ppl", "seq_len", "max_windows"), "lm-eval": ("tasks", "limit", "num_fewshot"),
+          "against the original (fidelity on perplexity's windows, generation agreement)": (
+              "fidelity", "reference", "generation", "generation_tokens", "generation_prompts", "prompt_tokens")}
 
 
 def check_fits_context(model: str, args: argparse.Namespace, config: EvalConfig, workload: Workload) -> None:
@@ -40,7 +42,7 @@ def check_fits_context(model: str, args: argparse.Namespace, config: EvalConfig,
     except UsageError:
         return  # the load reports an unreadable model in its own words
     context = getattr(local, "max_position_embeddings", None)
-    if context is not None and config.ppl and config.seq_len > context:
+    if context is not None and (config.ppl or config.fidelity) and config.seq_len > context:
         raise UsageError(f"--seq-len {config.seq_len} is longer than the context of {model} ({context} tokens); "
                          f"use --seq-len {context} or less")
     if args.efficiency:
@@ -55,7 +57,7 @@ def check_lm_eval_installed(tasks: tuple[str, ...]) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command(subparsers, "eval", "Evaluate a model, and compare others with it: perplexity, lm-eval "
-                                             "tasks, speed, the classification curve.")
+                                             "tasks, fidelity to the original, speed, the classification curve.")
     add_model_options(parser)
     parser.add_argument("--compare", help="models to put beside --model (the reference), comma-separated")
     parser.add_argument("--runtime", choices=RUNTIMES, default=RUNTIMES[0],

@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         flat.update(given_options(args, HEALERS.get(method).options_class))
     config = HealConfig(**{**given_options(args, HealConfig), **flat, "checkpoint_dir": checkpoints})
     export = export_from_args(args)  # both fail before anything is loaded
+    if config.self_generated:
+        config.check_inputs()  # a missing --prompts source too
     healed = heal(load_from_args(args), config)
     if not process_state().is_main_process:
         return 0
