@@ -264,7 +264,7 @@ def test_every_mutation_keeps_the_budget() -> None:
 
 def run_evolution(original: CachedOriginal, seed: int) -> Evolution:
     return evolve(original, layer_budget([1] * 6, 2), [frozenset({4, 5})], generations=4, offspring=4, seed=seed,
-                  clock=lambda: 0.0, keep_going=lambda seconds: True)
+                  clock=lambda: 0.0, keep_going=lambda seconds, what: True)
 
 
 def test_the_same_seed_gives_the_same_run_and_early_stopping_changes_no_outcome(monkeypatch) -> None:
@@ -281,6 +281,34 @@ def test_the_same_seed_gives_the_same_run_and_early_stopping_changes_no_outcome(
     assert unstopped.parent == first.parent
     assert [g.best_fitness for g in unstopped.trace] == pytest.approx([g.best_fitness for g in first.trace])
     assert sum(g.evaluations for g in unstopped.trace) > sum(g.evaluations for g in first.trace)
+
+
+def test_the_time_budget_bounds_the_initial_population(monkeypatch) -> None:
+    """On a slow machine the initial population is cut short too: each batch evaluation here takes one
+    second of a fake clock, and a 20-second budget stops after the cut the next one would overrun."""
+    loaded = tiny_loaded("llama", 6)
+    rows = lp.build_calibration(loaded.tokenizer, "wiki-sample", samples=8, seq_len=32)
+    original = CachedOriginal(loaded, rows, 2, "kl")  # 4 batches: a fully scored cut costs 4 s at most
+    now = [0.0]
+    score = CachedOriginal.score
+
+    def slow_score(self, batch, cut):
+        now[0] += 1.0
+        return score(self, batch, cut)
+
+    monkeypatch.setattr(CachedOriginal, "score", slow_score)
+    asked: list[str] = []
+
+    def keep_going(seconds: float, what: str) -> bool:
+        asked.append(what)
+        return now[0] + seconds <= 20
+
+    run = evolve(original, layer_budget([1] * 6, 2), [frozenset({4, 5})], generations=4, offspring=12, seed=0,
+                 clock=lambda: now[0], keep_going=keep_going)
+    initial = run.trace[0]
+    assert now[0] <= 20 and initial.left_out > 0 and initial.contenders + initial.left_out == 13
+    assert run.parent is not None and len(run.trace) == 1  # no generation fits what was left
+    assert "initial population" in asked[-2] and asked[-1] == "evolution generations 1..4"
 
 
 def test_a_target_speedup_sets_the_count_every_evolved_cut_removes(constructed, monkeypatch) -> None:

@@ -129,6 +129,8 @@ class Generation:
     """What scoring every contender on every batch with full forwards would cost (no cached prefix, no
     multi-stage selection, no early stop, no cache)."""
     seconds: float
+    left_out: int = 0
+    """Contenders the time budget left unscored (the initial population's random cuts)."""
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "seconds": round(self.seconds, 3)}
@@ -159,6 +161,7 @@ class Evolution:
     parent: Cut | None = None
     trace: list[Generation] = field(default_factory=list)
     _work: dict[str, int] = field(default_factory=dict)
+    _contenders: list[Cut] = field(default_factory=list)
 
     @property
     def batch_count(self) -> int:
@@ -192,17 +195,25 @@ class Evolution:
                 self._work[key] = self._work.get(key, 0) + value
         return scored.total(upto) <= bar
 
-    def compete(self, contenders: list[Cut], stage_one: int) -> Cut:
+    def compete(self, contenders: list[Cut], stage_one: int,
+                affordable: Callable[[int], bool] = lambda scored: True) -> Cut:
         """The best of the parent (if any) and ``contenders`` on every batch, by two-stage selection:
         each contender on the first ``stage_one`` batches, then the best :data:`SURVIVORS` of them on
-        all; each stops early as soon as it cannot survive its stage (see the module docstring)."""
+        all; each stops early as soon as it cannot survive its stage (see the module docstring).
+
+        ``affordable(n)``, asked before each contender once there is a best one and ``n`` are
+        scored, can end the stage there: the contenders after it are left out (the time budget)."""
         contenders = [cut for cut in dict.fromkeys(contenders) if cut != self.parent]
-        cached = sum(len(self.scored.get(cut, Scored()).batches) >= stage_one for cut in contenders)
         stage: list[tuple[float, Cut]] = []
         if self.parent is not None:
             stage.append((self.scored[self.parent].total(stage_one), self.parent))
+        ready = {cut for cut in contenders if len(self.scored.get(cut, Scored()).batches) >= stage_one}
         stopped = 0
-        for cut in contenders:
+        for position, cut in enumerate(contenders):
+            if stage and not affordable(position):
+                self._work["left_out"] = len(contenders) - position
+                contenders = contenders[:position]
+                break
             rivals = sorted(total for total, _ in stage)
             bar = rivals[SURVIVORS - 1] if len(rivals) >= SURVIVORS else math.inf
             if self.extend(cut, stage_one, bar):
@@ -218,7 +229,9 @@ class Evolution:
             elif len(self.scored[cut].batches) < self.batch_count:
                 stopped += 1
         assert best is not None, "a competition without a parent has a contender that reaches every batch"
-        self._work.update(contenders=len(contenders), cache_hits=cached, stopped_early=stopped)
+        self._work.update(contenders=len(contenders), cache_hits=len(ready.intersection(contenders)),
+                          stopped_early=stopped)
+        self._contenders = contenders
         return best
 
     def next_cost(self, offspring: int) -> float:
@@ -230,16 +243,17 @@ class Evolution:
         most = offspring * self.stage_one + SURVIVORS * (self.batch_count - self.stage_one)
         return last.seconds / max(last.evaluations, 1) * most
 
-    def record(self, index: int, best: Cut, seconds: float, contenders: Iterable[Cut]) -> Generation:
+    def record(self, index: int, best: Cut, seconds: float) -> Generation:
+        """Close the generation whose competition chose ``best``: it becomes the parent."""
         naive = sum(batch.tokens for batch in self.original.batches) * sum(
-            len(self.budget.sizes) - len(cut) for cut in contenders)
+            len(self.budget.sizes) - len(cut) for cut in self._contenders)
         improved = best != self.parent
         self.parent = best
         work, self._work = self._work, {}
         generation = Generation(index, self.fitness(best), improved, work.get("contenders", 0),
                                 work.get("evaluations", 0), work.get("cache_hits", 0), work.get("stopped_early", 0),
                                 work.get("tokens", 0), work.get("layer_tokens", 0),
-                                work.get("prefix_free_layer_tokens", 0), naive, seconds)
+                                work.get("prefix_free_layer_tokens", 0), naive, seconds, work.get("left_out", 0))
         self.trace.append(generation)
         return generation
 
@@ -258,24 +272,30 @@ def initial_population(budget: UnitBudget, known: Iterable[Cut], size: int, rng:
 
 
 def evolve(original: CachedOriginal, budget: UnitBudget, known: list[Cut], *, generations: int, offspring: int,
-           seed: int, clock: Callable[[], float], keep_going: Callable[[float], bool],
+           seed: int, clock: Callable[[], float], keep_going: Callable[[float, str], bool],
            on_generation: Callable[[Generation], None] = lambda generation: None) -> Evolution:
     """Run the evolution (see the module docstring) from ``known`` cuts plus random ones (``offspring``
-    of them at least), for ``generations`` or until ``keep_going(estimated seconds of the next
-    generation)`` says no; ``seed`` makes it reproducible. Returns the state: ``full()`` ranks what
+    of them at least), for ``generations`` or until ``keep_going(estimated seconds of the next step,
+    what the step is)`` says no, asked before each generation and before each initial cut after the
+    first (the initial population is bounded too, the known cuts first); ``seed`` makes it reproducible. Returns the state: ``full()`` ranks what
     was scored."""
     run = Evolution(original, budget, random.Random(seed))
     started = clock()
     population = initial_population(budget, known, len(known) + offspring, run.rng)
-    run.record(0, run.compete(population, run.batch_count), clock() - started, population)
+
+    def affordable(scored: int) -> bool:  # the next contender costs about what the scored ones did
+        return keep_going((clock() - started) / scored, f"{len(population) - scored} of the initial population's "
+                                                        f"{len(population)} cuts")
+
+    run.record(0, run.compete(population, run.batch_count, affordable), clock() - started)
     on_generation(run.trace[-1])
     for index in range(1, generations + 1):
-        if not keep_going(run.next_cost(offspring)):
+        if not keep_going(run.next_cost(offspring), f"evolution generations {index}..{generations}"):
             break
         started = clock()
         assert run.parent is not None
         children = [child for child in (budget.mutate(run.parent, run.rng) for _ in range(offspring)) if child]
-        run.record(index, run.compete(children, run.stage_one), clock() - started, children)
+        run.record(index, run.compete(children, run.stage_one), clock() - started)
         on_generation(run.trace[-1])
     return run
 
@@ -301,10 +321,10 @@ def evolved_candidates(loaded: LoadedModel, rows: CalibrationSet, selections: li
     heuristic = {frozenset(c.remove): c for c in plain_candidates(selections)}
     bar = Progress("evolution", config.generations, unit="generations", shown=progress is not False)
 
-    def keep_going(next_seconds: float) -> bool:
+    def keep_going(next_seconds: float, what: str) -> bool:
         fits = budget.allows(next_seconds + reserve(config.finalists))
         if not fits:
-            budget.skip(f"evolution generations {len(run_trace)}..{config.generations}", next_seconds, log.warning)
+            budget.skip(what, next_seconds, log.warning)
         return fits
 
     def shown(generation: Generation) -> None:
