@@ -303,6 +303,7 @@ def stream_score(
     spill_dir: str | Path | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     data: dict[str, Any] | None = None,
+    granularity: str = "layer",
     **options: Any,
 ) -> ScoreReport:
     """Score the safetensors checkpoint in ``folder`` one decoder layer at a time.
@@ -313,7 +314,7 @@ def stream_score(
     larger batches only buy some speed (~20% on SmolLM2) at the price of activation memory, which is
     what streaming exists to save. ``dtype`` is the compute dtype (float32 on CPU by default, as ``load_model``).
     """
-    config = check_score_options(metrics, batch_size, **options)
+    config = check_score_options(metrics, batch_size, granularity, **options)
     if config.granularity != "layer":
         config.refuse("granularity", "sublayer: layer streaming scores whole layers; score the branches in memory")
     names = list(config.metrics)
