@@ -159,13 +159,15 @@ def test_select_flag_default_equals_api_default_equals_recipe_default(tmp_path: 
     """SelectConfig is select()'s keywords, the selection flags (score's --select-by) and the recipe's
     select keys; --iterative is --strategy iterative."""
     defaults = declared(SelectConfig)
-    assert defaults == {"remove": None, "strategy": "independent", "metric": None, "layers": None}
+    named = ("layers", "attention", "mlp")
+    assert defaults == {"remove": None, "strategy": "independent", "metric": None, **dict.fromkeys(named)}
     api = inspect.signature(select).parameters
-    assert {name: api[name].default for name in ("strategy", "metric", "layers")} == {
-        "strategy": "independent", "metric": None, "layers": None}
+    assert {name: api[name].default for name in ("strategy", "metric", *named)} == {
+        "strategy": "independent", "metric": None, **dict.fromkeys(named)}
     args = subcommand("score").parse_args(["--model", "m"])
-    # explicit layers are prune's --layers and a recipe's select.layers, no flag of score's
-    assert given_options(args, SelectConfig) == {k: v for k, v in defaults.items() if k != "layers"}
+    # explicit layers and branches are prune's --layers/--attention/--mlp and a recipe's select keys, no
+    # flags of score's
+    assert given_options(args, SelectConfig) == {k: v for k, v in defaults.items() if k not in named}
     assert flag_action(subcommand("score"), "--select-by").dest == "metric"
     keys = _section_fields()["select"]
     assert set(keys) == set(defaults) and not any(spec.required for spec in keys.values())

@@ -167,7 +167,7 @@ def test_the_evolved_output_folder_and_its_record(evolved: lp.SearchRecord) -> N
     assert (folder / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     document = json.loads((folder / "search.json").read_text())
     jsonschema.validate(document, json.loads((SCHEMA_DIR / schema_file(SearchDocument)).read_text()))
-    assert document["algorithm"] == "evolution" and document["format_version"] == 3
+    assert document["algorithm"] == "evolution" and document["format_version"] == 4
     assert "Evolution:" in (folder / "search.md").read_text()
     old = json.loads(record_text("search.json"))  # an older file (no algorithm) still reads, as a heuristic search
     assert old["format_version"] < 3 and "algorithm" not in old

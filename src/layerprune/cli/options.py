@@ -189,8 +189,10 @@ def add_selection_options(parser: argparse.ArgumentParser, *, select_by: bool) -
     """:class:`SelectConfig`'s flags (``--select-by`` where the command scores several metrics to
     choose from) and ``--iterative``, an alias of ``--strategy iterative``."""
     group = parser.add_argument_group("selection")
-    # explicit layers are prune's own --layers (and a recipe's select.layers), never beside a scored choice
-    add_option_flags(group, SelectConfig, skip=("layers",) if select_by else ("metric", "layers"))
+    # explicit layers and branches are prune's own --layers/--attention/--mlp (and a recipe's select.layers...),
+    # never beside a scored choice
+    named = ("layers", "attention", "mlp")
+    add_option_flags(group, SelectConfig, skip=named if select_by else ("metric", *named))
     group.add_argument("--iterative", action="store_true", help=f"same as --strategy {ITERATIVE}")
 
 

@@ -8,12 +8,22 @@ from typing import Any
 import torch
 
 from layerprune.errors import OptionError, UsageError
-from layerprune.healing.base import HEALERS, HealConfig
+from layerprune.healing.base import HEALERS, HealConfig, Healer
 from layerprune.healing.data import TrainingSet, load_training_data
 from layerprune.healing.engine import check_resumable, gather_for_export
 from layerprune.healing.self_generated import self_generated_rows
 from layerprune.models.lineage import ensure_lineage
 from layerprune.models.loading import LoadedModel, load_model
+
+
+def check_keeps_branch_cuts(loaded: LoadedModel, method: str, healer: Healer) -> None:
+    """Refuse a method that builds its result from the original's whole layers for a model that removed
+    single attention or MLP branches: the result would silently put those branches back."""
+    branches = loaded.lineage.get("branches") or []
+    if healer.rebuilds_from_original and any(None in branch.values() for branch in branches):
+        training = [name for name, other in HEALERS.registered() if not other.rebuilds_from_original]
+        raise UsageError(f"{method} rebuilds the cut from the original's whole layers, which would put back the "
+                         f"attention and MLP branches this model removed; heal it with {', '.join(training)}")
 
 
 def heal(loaded: LoadedModel, method: str | HealConfig, data: str | Path | TrainingSet | None = None, *,
@@ -44,6 +54,7 @@ def heal(loaded: LoadedModel, method: str | HealConfig, data: str | Path | Train
     """
     config = heal_config(method, data, original, **options)
     healer = HEALERS.get(str(config.method))()
+    check_keeps_branch_cuts(loaded, str(config.method), healer)
     healer.check(loaded, config)
     check_resumable(config, config.fingerprint())
     self_generated = config.self_generated and not isinstance(data, TrainingSet)

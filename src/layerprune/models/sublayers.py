@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -164,6 +164,21 @@ def parse_unit(name: str) -> tuple[str, int]:
     if match is None:
         raise UsageError(f"{name!r} names no branch; write attn.N or mlp.N")
     return (ATTENTION if match.group(1) == "attn" else MLP), int(match.group(2))
+
+
+def split_units(units: Iterable[Hashable]) -> tuple[frozenset[int], dict[int, str]]:
+    """A cut given as units (a layer's index, or a branch ``attn.i`` / ``mlp.i``) as the surgery makes
+    it: the layers that go whole (named, or both of their branches named: a layer with neither adds
+    nothing, so it is removed) and the layers that lose one branch, with its kind."""
+    whole = {unit for unit in units if isinstance(unit, int)}
+    branches: dict[int, set[str]] = {}
+    for unit in units:
+        if not isinstance(unit, int):
+            kind, layer = parse_unit(str(unit))
+            branches.setdefault(layer, set()).add(kind)
+    whole |= {layer for layer, kinds in branches.items() if len(kinds) == len(KINDS)}
+    return frozenset(whole), {layer: next(iter(kinds)) for layer, kinds in sorted(branches.items())
+                              if layer not in whole}
 
 
 def branch_units(model: nn.Module, adapter: ArchitectureAdapter) -> list[tuple[str, int]]:

@@ -47,6 +47,7 @@ from layerprune.healing.base import HealConfig, TrainingOptions
 from layerprune.healing.engine import STATE_FILE as HEAL_STATE
 from layerprune.models.export import PLACEMENT, ExportConfig
 from layerprune.models.loading import LoadedModel, load_model, read_local_config
+from layerprune.models.sublayers import KINDS
 from layerprune.outputs import check_output_path, write_bytes_atomic, write_json_atomic, writing
 from layerprune.recipes.record import RunDocument
 from layerprune.recipes.schema import FieldSpec, build_arguments, check_section, fields_of, option_fields
@@ -225,9 +226,10 @@ def load_recipe(path: str | Path, model: str | None = None, allowed_paths: list[
                                          "give one")
     if not any(stage.needs in sections for stage in STAGES):
         raise UsageError(f"{file}: the recipe has no stage to run; add a score, heal or eval section")
-    if "select" in sections and "score" not in sections and sections["select"].get("layers") is None:
+    if "select" in sections and "score" not in sections and not any(
+            sections["select"].get(name) is not None for name in ("layers", "attention", "mlp")):
         raise UsageError(f"{file} line {lines.get(('select',), '?')}: 'select' needs a 'score' section to choose from, "
-                         "or the layers to remove")
+                         "or the layers (or attention and mlp branches) to remove")
     if "repair" in sections and "select" not in sections:
         raise UsageError(f"{file} line {lines.get(('repair',), '?')}: 'repair' repairs the cut a 'select' section "
                          "chooses; add one")
@@ -332,21 +334,25 @@ def _stage_score(ctx: RunContext) -> dict[str, Any]:
 
 
 def _stage_prune(ctx: RunContext) -> dict[str, Any]:
+    branches: dict[str, list[int]] = {}
     if ctx.state.done("score"):
         remove = ctx.state.finished["score"]["remove"]
         selection = json.loads((ctx.out / "scores.json").read_text()).get("selection", {})
         reason = f"metric {selection.get('metric')}, {selection.get('strategy')} selection of {len(remove)} layers"
-    else:  # a select section naming its layers (a search's recipe replaying its winner)
-        remove = sorted(ctx.recipe.sections["select"]["layers"])
-        reason = f"the {len(remove)} layers the recipe names"
+    else:  # a select section naming its layers and branches (a search's recipe replaying its winner)
+        named = SelectConfig(**ctx.recipe.sections["select"])
+        remove = sorted(named.layers or ())
+        branches = {kind: sorted(getattr(named, kind) or ()) for kind in KINDS}
+        reason = (f"the {len(remove)} layers the recipe names" if not any(branches.values())
+                  else "the layers and branches the recipe names")
     loaded = ctx.load(ctx.recipe.model)
-    if "repair" in ctx.recipe.sections:
+    if "repair" in ctx.recipe.sections:  # of whole layers: preflight refuses it beside named branches
 
         # the rows the score stage scored on: the same section, so the same windows
         rows = build_calibration(loaded.tokenizer, **ctx.recipe.sections["calibration"])
         compensate(loaded, remove, data=rows, reason=reason, **_repair_options(ctx.recipe.sections["repair"]))
     else:
-        prune(loaded, remove, reason=reason)
+        prune(loaded, remove, reason=reason, **branches)
     # overwrite: a run killed after this save but before run.json recorded the stage left a
     # complete folder that no finished stage owns; redoing the stage replaces it
     save(loaded, ctx.pruned_dir, recipe=_recipe_record(ctx), overwrite=True, **ctx.export)
@@ -504,6 +510,10 @@ def preflight(recipe: Recipe, out: Path) -> None:
     if "repair" in sections:
         with _at(recipe, "repair", "method"):
             _repair_options(sections["repair"])
+        if "select" in sections and any(sections["select"].get(kind) is not None for kind in KINDS):
+            with _at(recipe, "repair"):
+                raise UsageError("'repair' repairs a cut of whole layers; this select section names single branches: "
+                                 "remove the repair section")
     if "heal" in sections:
         with _at(recipe, "heal", "method"):
             healer = HEALERS.get(sections["heal"]["method"])()

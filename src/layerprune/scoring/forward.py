@@ -11,7 +11,7 @@ builds them; that is what lets ``ppl`` restart from a cached layer input.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -20,8 +20,10 @@ from torch import nn
 
 from layerprune.data import CalibrationSet
 from layerprune.errors import NumericalError, OptionError
+from layerprune.models.architectures import ArchitectureAdapter
 from layerprune.models.hooks import layer_input, layer_output
 from layerprune.models.loading import LoadedModel
+from layerprune.models.sublayers import branch_zeroed
 
 POSITIONS = ("all", "last")
 
@@ -133,13 +135,22 @@ def record_pass(loaded: LoadedModel, layers: nn.ModuleList, input_ids: torch.Ten
     return RecordedPass(inputs, calls, final)
 
 
-def replay_from(layers: nn.ModuleList, recorded: RecordedPass, start: int, skip: frozenset[int] = frozenset()
-                ) -> torch.Tensor:
+def replay_from(layers: nn.ModuleList, recorded: RecordedPass, start: int, skip: frozenset[int] = frozenset(),
+                zeroed: Mapping[int, str] | None = None, adapter: ArchitectureAdapter | None = None) -> torch.Tensor:
     """The output of the last layer (before the final norm) when the stack restarts at layer ``start``
-    from its recorded input and runs every later layer not in ``skip``."""
+    from its recorded input and runs every later layer not in ``skip``; a layer in ``zeroed`` runs with
+    that branch (``attention`` or ``mlp``) adding nothing (:func:`branch_zeroed`, which needs the
+    family's ``adapter``), which is what a model with that branch removed computes there."""
     hidden = recorded.inputs[start]
+    zeroed = zeroed or {}
     for index in range(start, len(layers)):
-        if index not in skip:
+        if index in skip:
+            continue
+        if index in zeroed:
+            assert adapter is not None, "a zeroed branch is found through the family's adapter"
+            with branch_zeroed(layers[index], adapter, zeroed[index]):
+                hidden = replay_layer(layers[index], hidden, *recorded.calls[index])
+        else:
             hidden = replay_layer(layers[index], hidden, *recorded.calls[index])
     return hidden
 

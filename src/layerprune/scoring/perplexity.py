@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from layerprune.errors import OptionError
-from layerprune.models.sublayers import branch_units, branch_zeroed, check_sublayers, unit_name
+from layerprune.models.sublayers import branch_units, check_sublayers, unit_name
 from layerprune.scoring.base import METRICS, LayerPass, Metric, MetricResult, ScoringContext, Stream
 from layerprune.scoring.forward import lm_batches, loss_setup, next_token_targets, record_pass, replay_from
 
@@ -67,8 +67,7 @@ class LayerRemovalPerplexity(Metric):
                     if kind is None:
                         hidden = replay_from(layers, recorded, skipped, frozenset({skipped}))
                     else:  # the branch's layer runs with the branch adding nothing
-                        with branch_zeroed(layers[skipped], loaded.adapter, kind):
-                            hidden = replay_from(layers, recorded, skipped)
+                        hidden = replay_from(layers, recorded, skipped, zeroed={skipped: kind}, adapter=loaded.adapter)
                     removed_nll[position] += float(head.nll_sum(hidden, where, targets))
         perplexities = [math.exp(float(nll) / total) for nll in removed_nll]
         return MetricResult(name, perplexities, perplexities, self.meaning,

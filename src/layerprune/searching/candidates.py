@@ -1,5 +1,6 @@
 """The candidates a search ranks: every metric's selection under every strategy, de-duplicated by
-the layers they remove, each also with every training-free repair that applies.
+what they remove (whole layers, or at sub-layer granularity attention and MLP branches), each also
+with every training-free repair that applies.
 
 All metrics are scored in one :func:`layerprune.score` call on one calibration set, so the
 similarity metrics (``bi``, ``angular``, ``block-cosine``) share their one forward pass. The
@@ -8,13 +9,14 @@ baselines (``random``, ``reverse-order``) are references a metric must beat, not
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from layerprune.errors import UsageError
 from layerprune.models.editing import prune
 from layerprune.models.loading import LoadedModel
+from layerprune.models.sublayers import ATTENTION, KINDS, MLP, split_units, unit_name
 from layerprune.models.surgery import consecutive_runs
 from layerprune.repair import REPAIRS, check_map_tokens, check_repair, collect_run_statistics, compensate
 from layerprune.repair.statistics import RunStatistics
@@ -26,10 +28,11 @@ EVOLVED = "evolution"
 """The strategy a cut an evolutionary search found (no heuristic chose it) is labelled with."""
 
 
-def candidate_metrics() -> list[str]:
+def candidate_metrics(granularity: str = "layer") -> list[str]:
     """Every registered metric except the baselines (``random``, ``reverse-order``): references a metric
-    must beat, not candidates."""
-    return [name for name in METRICS.names() if not METRICS.get(name).baseline]
+    must beat, not candidates; at ``sublayer`` granularity only those that score branches."""
+    return [name for name in METRICS.names() if not METRICS.get(name).baseline
+            and (granularity == "layer" or METRICS.get(name).sublayer_refusal is None)]
 
 
 def strategies_cheapest_first() -> list[tuple[str, Strategy]]:
@@ -40,62 +43,118 @@ def strategies_cheapest_first() -> list[tuple[str, Strategy]]:
 
 @dataclass
 class Candidate:
-    """One cut to rank: the layers (indices of the model as loaded), how they were found, and the
-    training-free repair applied to the cut (``None``: plain removal)."""
+    """One cut to rank: the layers (indices of the model as loaded) and, in a sub-layer cut, the layers
+    whose attention or MLP alone goes; how it was found; and the training-free repair applied to the
+    cut (``None``: plain removal)."""
 
     remove: list[int]
     metric: str
     strategy: str
     repair: str | None = None
     also_found_by: list[str] = field(default_factory=list)
-    """Other ``metric/strategy`` pairs that chose the same layers (de-duplicated into this one)."""
+    """Other finders (:attr:`finder`) that chose the same cut (de-duplicated into this one)."""
     fitness: float | None = None
     """An evolutionary search's fitness of the cut on calibration rows (lower is better); ``None`` otherwise."""
+    attention: list[int] = field(default_factory=list)
+    """Layers whose attention alone the cut removes (their MLP stays)."""
+    mlp: list[int] = field(default_factory=list)
+    """Layers whose MLP alone the cut removes (their attention stays)."""
+    granularity: str = "layer"
+    """What its finder chose among: whole layers, or attention and MLP branches (``sublayer``)."""
+
+    @property
+    def finder(self) -> str:
+        """``metric/strategy``, marked when it chose among branches."""
+        found = f"{self.metric}/{self.strategy}"
+        return f"{found} (sub-layer)" if self.granularity == "sublayer" else found
 
     @property
     def label(self) -> str:
-        found = f"{self.metric}/{self.strategy}"
-        return f"{found}+{self.repair}" if self.repair else found
+        return f"{self.finder}+{self.repair}" if self.repair else self.finder
+
+    @property
+    def key(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """What the cut removes (whole layers, lone attentions, lone MLPs): equal keys, equal models."""
+        return tuple(self.remove), tuple(self.attention), tuple(self.mlp)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """How many whole layers, lone attentions and lone MLPs the cut removes: what its speed depends on."""
+        return len(self.remove), len(self.attention), len(self.mlp)
+
+    @property
+    def removed(self) -> str:
+        return removed_text(self.remove, self.attention, self.mlp)
+
+    def units(self) -> frozenset[str]:
+        """The cut as branch units (a whole layer as both of its branches): an evolution over branches."""
+        return frozenset({*(unit_name(kind, i) for i in self.remove for kind in KINDS),
+                          *(unit_name(ATTENTION, i) for i in self.attention), *(unit_name(MLP, i) for i in self.mlp)})
 
     def to_json(self) -> dict[str, Any]:
-        return {"removed_layers": self.remove, "metric": self.metric, "strategy": self.strategy,
+        return {"removed_layers": self.remove, "removed_attention": self.attention, "removed_mlp": self.mlp,
+                "granularity": self.granularity, "metric": self.metric, "strategy": self.strategy,
                 "repair": self.repair, "also_found_by": self.also_found_by, "fitness": self.fitness}
 
 
-def unique_selections(report: ScoreReport, count: int, rescore: Rescore, out_of_time: Callable[[], bool] = lambda: False,
-                      *, exhaustive: bool = False) -> tuple[list[Selection], dict[str, str]]:
-    """Every metric's selection of ``count`` layers, one-shot strategies first; and the
+def removed_text(layers: list[int], attention: list[int], mlp: list[int]) -> str:
+    """What a cut removes, in words: ``layers 2,4; attention of 1; MLP of 3,5``."""
+    parts = [(what, indices) for what, indices in (("layers", layers), ("attention of", attention), ("MLP of", mlp))
+             if indices]
+    return "; ".join(f"{what} {','.join(map(str, indices))}" for what, indices in parts)
+
+
+def unit_candidate(units: Iterable[Hashable], metric: str, strategy: str, granularity: str,
+                   **extra: Any) -> Candidate:
+    """The candidate that removes ``units`` (layer indices or branch names ``attn.i``/``mlp.i``), a
+    layer whose both branches are named going whole."""
+    whole, lone = split_units(units)
+    return Candidate(sorted(whole), metric, strategy, attention=[i for i, kind in lone.items() if kind == ATTENTION],
+                     mlp=[i for i, kind in lone.items() if kind == MLP], granularity=granularity, **extra)
+
+
+def unique_selections(report: ScoreReport, remove: int | str, rescore: Rescore,
+                      out_of_time: Callable[[], bool] = lambda: False, *,
+                      exhaustive: bool = False) -> tuple[list[Selection], dict[str, str]]:
+    """Every metric's selection of ``remove`` (a layer count, or at sub-layer granularity that many
+    layers' worth of parameters or a share of them), one-shot strategies first; and the
     ``metric/strategy`` pairs not selected, with the reason.
 
-    A re-scoring selection costs ``count - 1`` scorings of smaller models: for a ``costly`` metric
+    A re-scoring selection costs a scoring of a smaller model per unit removed: for a ``costly`` metric
     (``ppl``, ``taylor``) that is many times the whole search, so those run only when
     ``exhaustive``; ``out_of_time`` (whether the budget leaves too little for one) is asked before each
-    one that runs."""
+    one that runs. A report of branches (``report.units``) is selected from by the strategies whose rule
+    reads for single branches."""
     selections: list[Selection] = []
     not_made: dict[str, str] = {}
+    branches = report.units is not None
     for strategy, unit in strategies_cheapest_first():
         for metric in report.results:
-            pair = f"{metric}/{strategy}"
-            if unit.rescores and METRICS.get(metric).costly and not exhaustive:
+            pair = f"{metric}/{strategy}" + (" (sub-layer)" if branches else "")
+            if branches and not unit.branches:
+                not_made[pair] = "this strategy picks runs of whole layers; it has no sub-layer selection"
+            elif unit.rescores and METRICS.get(metric).costly and not exhaustive:
                 not_made[pair] = ("re-scoring this metric after every removal costs several times the search; "
                                   "the exhaustive option includes it")
             elif unit.rescores and out_of_time():
                 not_made[pair] = "the time budget left too little for this re-scoring selection"
             else:
-                selections.append(select(report, count, strategy, metric, rescore=rescore))
+                selections.append(select(report, remove, strategy, metric, rescore=rescore))
     return selections, not_made
 
 
 def plain_candidates(selections: list[Selection]) -> list[Candidate]:
-    """One plain-removal candidate per distinct layer set, in the order the selections came."""
-    by_layers: dict[tuple[int, ...], Candidate] = {}
+    """One plain-removal candidate per distinct cut, in the order the selections came (a selection of
+    branches that takes both of a layer's is the whole-layer cut, and found with it)."""
+    by_cut: dict[tuple[tuple[int, ...], ...], Candidate] = {}
     for selection in selections:
-        key = tuple(selection.remove)
-        if key in by_layers:
-            by_layers[key].also_found_by.append(f"{selection.metric}/{selection.strategy}")
+        candidate = (unit_candidate(selection.units, selection.metric, selection.strategy, "sublayer")
+                     if selection.units else Candidate(list(selection.remove), selection.metric, selection.strategy))
+        if candidate.key in by_cut:
+            by_cut[candidate.key].also_found_by.append(candidate.finder)
         else:
-            by_layers[key] = Candidate(list(selection.remove), selection.metric, selection.strategy)
-    return list(by_layers.values())
+            by_cut[candidate.key] = candidate
+    return list(by_cut.values())
 
 
 def repaired_candidates(loaded: LoadedModel, plain: list[Candidate], repairs: list[str],
@@ -110,12 +169,14 @@ def repaired_candidates(loaded: LoadedModel, plain: list[Candidate], repairs: li
             try:
                 if REPAIRS.get(repair).linear_statistics:
                     check_map_tokens(loaded, tokens, repair)
+                if candidate.attention or candidate.mlp:
+                    raise UsageError("training-free repairs apply to cuts of whole layers; this cut removes "
+                                     "single branches")
                 check_repair(loaded, candidate.remove, repair)
             except UsageError as refusal:
                 skipped.append({**candidate.to_json(), "repair": repair, "reason": str(refusal)})
                 continue
-            repaired.append(Candidate(candidate.remove, candidate.metric, candidate.strategy, repair,
-                                      list(candidate.also_found_by), candidate.fitness))
+            repaired.append(replace(candidate, repair=repair, also_found_by=list(candidate.also_found_by)))
     return repaired, skipped
 
 
@@ -132,9 +193,10 @@ def cut(loaded: LoadedModel, candidate: Candidate, calibration: Any, batch_size:
     from ``statistics`` when given (:func:`repair_statistics`). ``loaded`` itself stays whole."""
 
     working = loaded.copy(share_weights=candidate.repair is None)  # a repair writes into kept layers
-    reason = f"{candidate.metric} scores, {candidate.strategy} selection (layerprune search)"
+    among = " of branches" if candidate.granularity == "sublayer" else ""
+    reason = f"{candidate.metric} scores, {candidate.strategy} selection{among} (layerprune search)"
     if candidate.repair is None:
-        prune(working, candidate.remove, reason=reason)
+        prune(working, candidate.remove, reason=reason, attention=candidate.attention, mlp=candidate.mlp)
     else:
 
         compensate(working, candidate.remove, candidate.repair, calibration, batch_size=batch_size, reason=reason,

@@ -19,6 +19,8 @@ from layerprune.selection import check_remove
 
 DEFAULT_REMOVE = "25%"
 ALGORITHMS = ("heuristic", "evolution")
+GRANULARITIES = ("layer", "sublayer", "both")
+"""What a search's candidates remove: whole layers, attention and MLP branches, or both side by side."""
 
 
 class SearchConfig(Config):
@@ -36,6 +38,11 @@ class SearchConfig(Config):
         None, "minutes for the whole search, scoring included: costly metrics and further candidates only while "
         "their estimated cost fits (what is left out is said and recorded; healing the winner is not counted)",
         metavar="MINUTES")
+    granularity: str = option(
+        "layer", "layer: candidates remove whole layers; sublayer: attention and MLP branches (remove then counts "
+        "decoder parameters: a share of them, or N layers' worth); both: each metric's branch selection beside its "
+        "layer selection, at the parameters of the N whole layers (evolution: over branches, seeded with both)",
+        choices=GRANULARITIES)
     max_candidates: int | None = option(None, "rank at most this many candidates, cheapest first", minimum=1,
                                         metavar="N")
     rank_data: str | Path | None = option(
@@ -80,6 +87,9 @@ class SearchConfig(Config):
         if self.target_speedup is not None and not self.target_speedup > 1:
             self.refuse("target_speedup", f"must be more than 1 (a speed-up over the original), got "
                                           f"{self.target_speedup}")
+        if self.target_speedup is not None and self.granularity != "layer":
+            self.refuse("granularity", f"{self.granularity}: a target speed-up counts whole layers; give remove (a "
+                                       "share of the decoder parameters, e.g. 25%) for a sub-layer search")
         if self.time_budget is not None and not self.time_budget > 0:
             self.refuse("time_budget", f"must be more than 0 minutes, got {self.time_budget}; leave it out for no "
                                        "limit")

@@ -1,8 +1,8 @@
 """Evolutionary search over the removed set itself ((1+lambda), after EvoPress), made cheap enough for a CPU.
 
-A *unit* is an opaque hashable (a layer's index here; an attention or MLP branch later), a cut is
-the frozenset of units it removes, and the budget (:class:`UnitBudget`) is a parameter count that
-every cut must remove within a tolerance: every mutation is checked against it.
+A *unit* is an opaque hashable (a layer's index, or at sub-layer granularity a branch ``attn.i`` /
+``mlp.i``), a cut is the frozenset of units it removes, and the budget (:class:`UnitBudget`) is a
+parameter count that every cut must remove within a tolerance: every mutation is checked against it.
 
 The loop (:func:`evolve`): the parent is the best of the initial population (every heuristic
 selection, so evolution can only improve on them in fitness, plus random cuts); each generation
@@ -30,18 +30,16 @@ import logging
 import math
 import random
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from layerprune.data import CalibrationSet
-from layerprune.models.lineage import count_parameters
 from layerprune.models.loading import LoadedModel
 from layerprune.progress import Progress
 from layerprune.searching.budget import TimeBudget
-from layerprune.searching.candidates import EVOLVED, Candidate, plain_candidates
+from layerprune.searching.candidates import EVOLVED, Candidate, unit_candidate
 from layerprune.searching.config import SearchConfig
 from layerprune.searching.fitness import TOP_K, BatchScore, CachedOriginal
-from layerprune.selection import Selection
 
 Cut = frozenset[Hashable]
 MAX_SWAPS = 3
@@ -104,6 +102,14 @@ def layer_budget(layer_parameters: list[int], count: int) -> UnitBudget:
     spread = (max(layer_parameters) - min(layer_parameters)) * count
     return UnitBudget(dict(enumerate(layer_parameters)), round(mean * count), math.ceil(spread / 2) + 1
                       if spread else 0)
+
+
+def branch_budget(branch_parameters: Mapping[str, int], target: int) -> UnitBudget:
+    """Branches: unit ``attn.i`` / ``mlp.i`` with its parameters; every cut removes ``target`` parameters
+    within half the largest branch, the slack that keeps every heuristic branch selection
+    (:func:`~layerprune.selection.select_branches` stops within half a branch of its budget) and every
+    cut of whole layers of the mean size (each layer's two branches) in the population."""
+    return UnitBudget(dict(branch_parameters), target, math.ceil(max(branch_parameters.values()) / 2))
 
 
 @dataclass
@@ -246,7 +252,7 @@ class Evolution:
     def record(self, index: int, best: Cut, seconds: float) -> Generation:
         """Close the generation whose competition chose ``best``: it becomes the parent."""
         naive = sum(batch.tokens for batch in self.original.batches) * sum(
-            len(self.budget.sizes) - len(cut) for cut in self._contenders)
+            self.original.layers_run(cut) for cut in self._contenders)
         improved = best != self.parent
         self.parent = best
         work, self._work = self._work, {}
@@ -306,19 +312,20 @@ def fitness_rows(rows: CalibrationSet, count: int) -> CalibrationSet:
     return CalibrationSet(rows.input_ids[:count], rows.attention_mask[:count], rows.info)
 
 
-def evolved_candidates(loaded: LoadedModel, rows: CalibrationSet, selections: list[Selection], count: int,
-                       config: SearchConfig, budget: TimeBudget, reserve: Callable[[int], float],
-                       progress: bool | None) -> tuple[list[Candidate], dict[str, Any]]:
-    """The ``config.finalists`` best cuts of an evolution seeded with ``selections`` (each labelled by
-    the heuristic that chose it, or as evolved), and ``search.json``'s ``evolution`` part.
+def evolved_candidates(loaded: LoadedModel, rows: CalibrationSet, heuristic: list[Candidate],
+                       unit_budget: UnitBudget, config: SearchConfig, budget: TimeBudget,
+                       reserve: Callable[[int], float], progress: bool | None) -> tuple[list[Candidate], dict[str, Any]]:
+    """The ``config.finalists`` best cuts of an evolution over ``unit_budget``'s units (layers, or at
+    sub-layer granularity branches) seeded with the ``heuristic`` candidates (each labelled by the
+    heuristic that chose it, or as evolved), and ``search.json``'s ``evolution`` part. Over branches, a
+    whole-layer cut is seeded as both branches of each of its layers.
 
     Generations run while the time budget covers the next one and ``reserve(finalists)``, the
     estimated seconds of ranking the finalists afterwards (a loaded machine gets fewer generations).
     """
-    layers = loaded.adapter.decoder_layers(loaded.model)
-    unit_budget = layer_budget([count_parameters(layer) for layer in layers], count)
+    branches = config.granularity != "layer"
     original = CachedOriginal(loaded, fitness_rows(rows, config.fitness_rows), config.batch_size, config.fitness)
-    heuristic = {frozenset(c.remove): c for c in plain_candidates(selections)}
+    seeds = {(candidate.units() if branches else frozenset(candidate.remove)): candidate for candidate in heuristic}
     bar = Progress("evolution", config.generations, unit="generations", shown=progress is not False)
 
     def keep_going(next_seconds: float, what: str) -> bool:
@@ -334,24 +341,26 @@ def evolved_candidates(loaded: LoadedModel, rows: CalibrationSet, selections: li
         bar.update(generation.index > 0)
 
     run_trace: list[Generation] = []
-    run = evolve(original, unit_budget, list(heuristic), generations=config.generations, offspring=config.offspring,
+    run = evolve(original, unit_budget, list(seeds), generations=config.generations, offspring=config.offspring,
                  seed=config.seed, clock=lambda: budget.elapsed, keep_going=keep_going, on_generation=shown)
     bar.close()
     finalists = []
     for cut, fitness in run.full()[:config.finalists]:
-        found = heuristic.get(cut)
-        finalists.append(Candidate(sorted(cut), found.metric, found.strategy, None, list(found.also_found_by), fitness)
-                         if found is not None else Candidate(sorted(cut), config.fitness, EVOLVED, fitness=fitness))
+        found = seeds.get(cut)
+        finalists.append(replace(found, repair=None, also_found_by=list(found.also_found_by), fitness=fitness)
+                         if found is not None else
+                         unit_candidate(cut, config.fitness, EVOLVED, "sublayer" if branches else "layer",
+                                        fitness=fitness))
     scored = dict(run.full())
-    known_fitness = [scored[cut] for cut in heuristic if cut in scored]
+    known_fitness = [scored[cut] for cut in seeds if cut in scored]
     generations_run = len(run.trace) - 1
     part = {
         "fitness": config.fitness, "fitness_rows": sum(b.where.shape[0] for b in original.batches),
         "fitness_positions": sum(b.positions for b in original.batches), "fitness_batches": run.batch_count,
         "stage_one_batches": run.stage_one, "survivors": SURVIVORS,
-        "top_k": TOP_K if config.fitness == "kl" else None,
+        "top_k": TOP_K if config.fitness == "kl" else None, "units": "branches" if branches else "layers",
         "budget_parameters": unit_budget.target, "budget_tolerance": unit_budget.tolerance,
-        "initial_population": run.trace[0].contenders, "heuristic_cuts": len(heuristic),
+        "initial_population": run.trace[0].contenders, "heuristic_cuts": len(seeds),
         "best_heuristic_fitness": min(known_fitness) if known_fitness else None,
         "generations_run": generations_run,
         "stopped_by": "its generations" if generations_run == config.generations else "the time budget",

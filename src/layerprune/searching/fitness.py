@@ -27,6 +27,7 @@ largest, and the worst tail under that cap puts it on the cut's least likely tok
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ from torch import nn
 
 from layerprune.data import CalibrationSet
 from layerprune.models.loading import LoadedModel
+from layerprune.models.sublayers import split_units
 from layerprune.scoring.forward import Head, RecordedPass, count_targets, lm_batches, record_pass, replay_from
 
 TOP_K = 64
@@ -130,15 +132,17 @@ class BatchScore:
 
 class CachedOriginal:
     """The original model on the fitness rows, run once: a cut's fitness on a batch then costs only
-    the layers from its first removed one on, and the head (see the module docstring).
+    the layers from its first removed unit on, and the head (see the module docstring).
 
-    Units are whole layers here (a unit is the layer's index); the batches' boundaries are the layer
-    inputs, so a finer unit (an attention or MLP branch) needs a boundary inside the layer.
+    A unit is a whole layer (its index) or a branch (``attn.i``, ``mlp.i``): the batches' boundaries
+    are the layer inputs, so a cut whose first removed unit is a branch of layer ``i`` restarts at
+    layer ``i``, which runs with that branch zeroed (:func:`~layerprune.models.sublayers.branch_zeroed`).
     """
 
     def __init__(self, loaded: LoadedModel, rows: CalibrationSet, batch_size: int, fitness: str,
                  top_k: int = TOP_K) -> None:
         self.layers: nn.ModuleList = loaded.adapter.decoder_layers(loaded.model)
+        self.adapter = loaded.adapter
         self.head = Head(loaded)
         self.fitness = fitness
         self.batches: list[FitnessBatch] = []
@@ -157,18 +161,23 @@ class CachedOriginal:
         logits = self.head.logits(hidden[:, :-1][where.to(hidden.device)], normed=normed)
         return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
-    def score(self, index: int, removed: frozenset[int]) -> BatchScore:
-        """The cut without the layers ``removed`` on batch ``index``: its forward restarts at the first
-        removed layer from the original's cached input there."""
+    def layers_run(self, removed: Iterable[Hashable]) -> int:
+        """The layers a full forward of the cut runs (a layer with one branch left runs)."""
+        return len(self.layers) - len(split_units(removed)[0])
+
+    def score(self, index: int, removed: frozenset[Hashable]) -> BatchScore:
+        """The cut without the units ``removed`` on batch ``index``: its forward restarts at the layer of
+        the first removed unit from the original's cached input there."""
         batch = self.batches[index]
-        start = min(removed)
+        whole, zeroed = split_units(removed)
+        start = min(whole | zeroed.keys())
         with torch.inference_mode():
-            hidden = replay_from(self.layers, batch.recorded, start, removed)
+            hidden = replay_from(self.layers, batch.recorded, start, whole, zeroed, self.adapter)
             log_q = self.log_probs(hidden, batch.where)
             if batch.teacher is not None:
                 total = float(kl_top_k(batch.teacher, log_q).sum())
             else:
                 total = float(-log_q.gather(-1, batch.targets.to(log_q.device)[:, None]).sum())
-        kept = len(self.layers) - len(removed)
-        run = kept - start  # the layers before the first removed one all are kept
+        kept = len(self.layers) - len(whole)
+        run = kept - start  # the layers before the first removed unit's all are kept
         return BatchScore(total, batch.positions, batch.tokens, batch.tokens * run, batch.tokens * kept)

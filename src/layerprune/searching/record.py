@@ -16,11 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from layerprune.records import known_record
 from layerprune.searching.config import SearchConfig
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """2: a decode speed-up timed in turns (``measured_decode_speedup`` null where its interval stayed wide), and
 what the time budget left out (``budget_left_out``, ``shortfall``), the original's perplexity (``ranking.original_ppl``).
 3: the ``algorithm`` and, for an evolutionary search, its ``evolution`` part (fitness, trace); a file of version 1
-or 2 reads as a heuristic search."""
+or 2 reads as a heuristic search.
+4: sub-layer candidates: each candidate's ``granularity`` and the branches it removes (``removed_attention``,
+``removed_mlp``), ``branch_importance`` and ``budget.branch_parameters``; an older file reads as whole layers."""
 
 
 class _Part(BaseModel):
@@ -30,10 +32,17 @@ class _Part(BaseModel):
 
 
 class CandidateEntry(_Part):
-    """One cut: the layers it removes (as loaded), which metric and strategy found it (and which
-    others found the same layers), and the training-free repair applied (``null``: plain removal)."""
+    """One cut: the layers it removes (as loaded), and in a sub-layer cut the layers whose attention or
+    MLP alone goes; which metric and strategy found it, choosing among layers or branches (and which
+    others found the same cut), and the training-free repair applied (``null``: plain removal)."""
 
-    removed_layers: list[int]
+    removed_layers: list[int] = Field(description="layers removed whole (indices as loaded)")
+    removed_attention: list[int] = Field(default_factory=list, description="layers whose attention alone is "
+                                         "removed (their MLP stays)")
+    removed_mlp: list[int] = Field(default_factory=list, description="layers whose MLP alone is removed (their "
+                                   "attention stays)")
+    granularity: str = Field(default="layer", description="what its finder chose among: layer (whole layers) or "
+                             "sublayer (attention and MLP branches)")
     metric: str
     strategy: str
     repair: str | None
@@ -73,6 +82,8 @@ class Budget(_Part):
     measured_decode_speedup_at_count: float | None
     time_budget_minutes: float | None
     max_candidates: int | None
+    branch_parameters: int | None = Field(default=None, description="sub-layer candidates: the decoder parameters "
+                                          "each removes (a heuristic selection within half a branch of it)")
 
 
 class Ranking(_Part):
@@ -130,6 +141,7 @@ class EvolutionPart(_Part):
                                                  "scored in full")
     generations_run: int = Field(ge=0)
     stopped_by: str = Field(description="why the evolution ended: its generations, or the time budget")
+    units: str = Field(default="layers", description="what the evolution removes and swaps: layers or branches")
     trace: list[GenerationEntry]
 
 
@@ -142,7 +154,8 @@ class SearchDocument(BaseModel):
     format_version: int = Field(default=FORMAT_VERSION, ge=1, le=FORMAT_VERSION)
     model: str
     num_layers: int = Field(ge=1)
-    remove: int = Field(ge=1, description="layers each candidate removes")
+    remove: int = Field(ge=1, description="layers each candidate removes (a sub-layer candidate: about that many "
+                        "layers' worth of parameters, budget.branch_parameters)")
     winner: int = Field(ge=0, description="the winner's index in candidates")
     winner_label: str
     budget: Budget
@@ -151,7 +164,11 @@ class SearchDocument(BaseModel):
     metrics: list[str]
     exhaustive: bool
     selections_not_made: dict[str, str] | None = Field(description="metric/strategy -> why it was not selected")
-    importance: dict[str, list[float]] = Field(description="every metric's per-layer importance")
+    importance: dict[str, list[float]] = Field(description="every metric's per-layer importance (empty for a "
+                                               "sub-layer search)")
+    branch_importance: dict[str, dict[str, float]] | None = Field(
+        default=None, description="at sub-layer granularity: every branch metric's importance per branch (attn.N, "
+                                  "mlp.N)")
     speed_workload: SpeedWorkload
     heal: str | None
     options: SearchConfig = Field(description="the search's options, defaults filled in")

@@ -20,7 +20,7 @@ from layerprune.models.export import PLACEMENT, ExportConfig
 from layerprune.models.loading import LoadedModel
 from layerprune.outputs import atomic_output_dir
 from layerprune.reporting.figures import png_bytes
-from layerprune.searching.candidates import EVOLVED
+from layerprune.searching.candidates import EVOLVED, removed_text
 
 SEARCH_FILE = "search.json"
 TABLE_FILE = "search.md"
@@ -40,7 +40,10 @@ def search_table(record: Any) -> str:
     """``search.md``: one row per candidate tried, the winner marked, best perplexity first."""
     order = sorted(range(len(record.tried)), key=lambda i: (record.tried[i].dropped, record.tried[i].ppl))
     ranking = record.settings["ranking"]
-    lines = [f"# Search: {record.model}, {record.remove} of {record.num_layers} layers removed", "",
+    branches = record.settings["budget"].get("branch_parameters")
+    worth = (f"; sub-layer candidates remove {branches:,} parameters of branches (within half a branch)"
+             if branches is not None else "")
+    lines = [f"# Search: {record.model}, {record.remove} of {record.num_layers} layers removed{worth}", "",
              (f"Ranked on {ranking['source']} ({ranking['split']} split), {ranking['windows']} windows of "
               f"{ranking['seq_len']} tokens; {len(record.tried)} candidates tried in {record.seconds:.0f} s. "
               f"The original (uncut) model scores {ranking['original_ppl']:.2f} on the same windows."), ""]
@@ -52,18 +55,18 @@ def search_table(record: Any) -> str:
                    f"{evolution['fitness_positions']:,} calibration positions, from {evolution['initial_population']} "
                    f"cuts ({evolution['heuristic_cuts']} heuristic"
                    + (f", the best at {best:.4f}" if best is not None else "") + "); the best "
-                   f"{len({tuple(t.candidate.remove) for t in record.tried})} by fitness ranked here "
+                   f"{len({t.candidate.key for t in record.tried})} by fitness ranked here "
                    "(convergence.png)."), ""]
     if record.shortfall:
         lines += [f"**{record.shortfall[0].upper()}{record.shortfall[1:]}.**", ""]
         lines += [f"- {what}: {why}" for what, why in record.budget_left_out.items()] + [""]
-    lines += [("| | candidate | removed layers | held-out ppl | parameters | decode speed-up (measured / FLOP-ideal) "
+    lines += [("| | candidate | removed | held-out ppl | parameters | decode speed-up (measured / FLOP-ideal) "
                "| seconds |"), "|---|---|---|---|---|---|---|"]
     for index in order:
         tried = record.tried[index]
         mark = "**winner**" if index == record.winner_index else ("dropped" if tried.dropped else "")
         ppl = f"> {tried.ppl:.2f}" if tried.dropped else f"{tried.ppl:.2f}"
-        lines.append(f"| {mark} | {tried.label} | {','.join(map(str, tried.candidate.remove))} | {ppl} | "
+        lines.append(f"| {mark} | {tried.label} | {tried.candidate.removed} | {ppl} | "
                      f"{tried.parameters:,} | {speedup_text(tried.speed)} | "
                      f"{tried.seconds:.1f} |")
     notes = sorted({tried.speed.note for tried in record.tried if tried.speed.note})
@@ -71,7 +74,8 @@ def search_table(record: Any) -> str:
         lines += ["", "Decode speed-up " + "; ".join(notes) + "."]
     if record.skipped:
         lines += ["", "Repairs that do not apply:", ""]
-        lines += [f"- {s['repair']} on {','.join(map(str, s['removed_layers']))}: {s['reason']}" for s in record.skipped]
+        lines += [f"- {s['repair']} on {removed_text(s['removed_layers'], s['removed_attention'], s['removed_mlp'])}: "
+                  f"{s['reason']}" for s in record.skipped]
     return "\n".join(lines) + "\n"
 
 
@@ -148,8 +152,8 @@ def plot_convergence(record: Any) -> bytes:
 def recipe_document(record: Any, source: str, calibration: dict[str, Any], batch_size: int,
                     metric_options: dict[str, Any], heal_options: dict[str, Any], export: ExportConfig) -> dict[str, Any]:
     """The recipe that replays the winner without searching: its metric alone and its strategy (or,
-    for a cut an evolutionary search found, its layers), its repair, and how it was written where
-    that is not the default."""
+    for a cut an evolutionary search found or one of branches, its layers and branches), its repair,
+    and how it was written where that is not the default."""
     winner = record.winner.candidate
     document: dict[str, Any] = {
         "name": f"search winner: {winner.label}",
@@ -157,8 +161,10 @@ def recipe_document(record: Any, source: str, calibration: dict[str, Any], batch
         "model": source,
         "calibration": calibration,
     }
-    if winner.strategy == EVOLVED:  # no metric chose it: the recipe names the layers
-        document["select"] = {"layers": list(winner.remove)}
+    if winner.strategy == EVOLVED or winner.granularity == "sublayer":
+        # no metric chose it, or the recipe's score stage scores whole layers: the recipe names the cut
+        named = {"layers": winner.remove, "attention": winner.attention, "mlp": winner.mlp}
+        document["select"] = {key: list(indices) for key, indices in named.items() if indices}
     else:
         document["score"] = {"metrics": [winner.metric], "batch_size": batch_size, **metric_options}
         document["select"] = {"remove": record.remove, "strategy": winner.strategy, "metric": winner.metric}

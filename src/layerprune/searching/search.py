@@ -13,7 +13,10 @@ Steps, each sharing what it can with the others:
    iterative selections share one re-scoring per smaller model; those of the ``costly`` metrics,
    ``ppl`` and ``taylor``, only with ``exhaustive``), then each distinct cut again with every
    training-free repair that accepts it (a refusal is recorded with its reason); plain cuts
-   first, then the repairs, cheapest first;
+   first, then the repairs, cheapest first. With ``granularity`` ``sublayer`` the metrics that
+   score branches score each attention and MLP apart and select branches to a parameter budget;
+   with ``both`` those selections stand beside the whole-layer ones, at the parameters of the same
+   number of whole layers (an evolution then runs over branches, seeded with both);
 3. each candidate scored on held-out windows (:mod:`.ranking`), dropped early when clearly worse;
    the repairs that read data take their statistics from one pass of the original over the
    calibration rows, for every run of every candidate at once (:func:`.repair_statistics`);
@@ -59,12 +62,12 @@ from layerprune.searching.candidates import (
 )
 from layerprune.searching.budget import TimeBudget
 from layerprune.searching.config import SearchConfig
-from layerprune.searching.evolution import evolved_candidates
+from layerprune.searching.evolution import branch_budget, evolved_candidates, layer_budget
 from layerprune.searching.ranking import DropRule, held_out_windows, rank, window_losses
 from layerprune.searching.record import SearchDocument
 from layerprune.searching.report import write_search
 from layerprune.searching.speed import SEARCH_WORKLOAD, decode_speedup, layers_for_speedup
-from layerprune.selection import parse_remove
+from layerprune.selection import Selection, parameter_budget, parse_remove
 
 HELD_OUT_SPLITS = ("validation", "test")
 OUT_OF_TIME = "the time budget ran out before it"
@@ -173,7 +176,7 @@ def rank_queue(loaded: LoadedModel, queue: list[Candidate], calibration: Any, wi
     ``first`` is the first predicted position of a window (after the tokenizer's prefix). The
     repair statistics are collected when the first repaired candidate comes up, for all of them.
     """
-    speeds: dict[int, TimedSpeedup] = {}
+    speeds: dict[tuple[int, int, int], TimedSpeedup] = {}
     statistics: dict[tuple[int, int], Any] | None = None
     tried: list[Tried] = []
     refused: list[dict[str, Any]] = []
@@ -195,8 +198,8 @@ def rank_queue(loaded: LoadedModel, queue: list[Candidate], calibration: Any, wi
             refused.append({"candidate": candidate, "record": {**candidate.to_json(), "reason": str(refusal)}})
             continue
         ranked = rank(window_losses(working.model, windows, batch_size, first), drop_rule, best[0] if best else None)
-        depth = len(candidate.remove)
-        if depth not in speeds:  # speed depends on how many layers run, not which (see .speed)
+        depth = candidate.shape
+        if depth not in speeds:  # speed depends on how many layers (and branches) run, not which (see .speed)
             speeds[depth] = decode_speedup(loaded.model, working.model, workload)
         tried.append(Tried(candidate, ranked.ppl, ranked.tokens, ranked.windows, ranked.dropped,
                            count_parameters(working.model), speeds[depth], budget.elapsed - start))
@@ -206,6 +209,11 @@ def rank_queue(loaded: LoadedModel, queue: list[Candidate], calibration: Any, wi
     bar.close()
     assert best is not None, "the first candidate is always ranked in full (nothing to compare it with)"
     return tried, best[1], refused
+
+
+def granularities(asked: str) -> tuple[str, ...]:
+    """The scorings a search of granularity ``asked`` (``layer``, ``sublayer`` or ``both``) makes."""
+    return ("layer", "sublayer") if asked == "both" else (asked,)
 
 
 def score_within_budget(loaded: LoadedModel, rows: Any, metrics: list[str], budget: TimeBudget,
@@ -270,6 +278,10 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
         check_output_path(out, overwrite=overwrite, protected=protected)
     budget = TimeBudget(config.time_budget)  # loading counts: the budget is the whole run's
     loaded = model if isinstance(model, LoadedModel) else load_model(model, **(load_options or {}))
+    apart = loaded.adapter.sublayer_refusal()
+    if config.granularity != "layer" and apart is not None:
+        config.refuse("granularity", f"{config.granularity}: {apart}, so its attention and MLP cannot be removed "
+                                     "apart; search with granularity layer")
 
     measured_at_count = None
     if config.target_speedup is not None:
@@ -286,12 +298,28 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
     # the reference every candidate is read against (search.md, pareto.png): the uncut model, same windows
     original_ppl = rank(window_losses(loaded.model, windows, batch_size, max(len(prefix), 1)), drop_rule, None).ppl
     scoring = {"batch_size": batch_size, **(metric_options or {})}
-    metrics = candidate_metrics()
-    report, pass_seconds = score_within_budget(loaded, rows, metrics, budget, scoring)
-    rescoring_seconds = (count - 1) * pass_seconds  # an iterative selection scores count - 1 smaller models
-    selections, not_selected = unique_selections(report, count, rescorer(loaded, rows, **scoring),
-                                                 lambda: not budget.allows(rescoring_seconds),
-                                                 exhaustive=config.exhaustive)
+    reports: dict[str, ScoreReport] = {}
+    selections: list[Selection] = []
+    not_selected: dict[str, str] = {}
+    pass_seconds = 0.0
+    # both: a branch selection removes the parameters of the same whole layers as a layer selection
+    branch_remove = count if config.granularity == "both" or config.removal is None else config.removal
+    branch_target = None
+    for granularity in granularities(config.granularity):
+        at = {**scoring, "granularity": granularity}
+        reports[granularity], seconds = score_within_budget(loaded, rows, candidate_metrics(granularity), budget, at)
+        pass_seconds = pass_seconds or seconds  # the first scoring's pass: what later costs are estimated from
+        remove = count if granularity == "layer" else branch_remove
+        # an iterative selection scores one smaller model per unit it removes but the last (two branches a layer)
+        rescorings = (count if granularity == "layer" else 2 * count) - 1
+        made, not_made = unique_selections(reports[granularity], remove, rescorer(loaded, rows, **at),
+                                           lambda: not budget.allows(rescorings * seconds),
+                                           exhaustive=config.exhaustive)
+        selections += made
+        not_selected.update(not_made)
+        if granularity == "sublayer":
+            branch_target = parameter_budget(remove, loaded.num_layers, reports[granularity].unit_parameters or {})
+    heuristic = plain_candidates(selections)
     evolution = None
     if config.algorithm == "evolution":
         repairs = len(available_repairs()) if config.repairs else 0
@@ -301,9 +329,14 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
             """Seconds to rank ``finalists`` cuts, each repaired every way, and to collect the repairs' statistics."""
             return finalists * (1 + repairs) * rank_seconds + (pass_seconds if repairs else 0)
 
-        plain, evolution = evolved_candidates(loaded, rows, selections, count, config, budget, reserve, progress)
+        if branch_target is None:
+            units = layer_budget([count_parameters(layer) for layer in loaded.adapter.decoder_layers(loaded.model)],
+                                 count)
+        else:
+            units = branch_budget(reports["sublayer"].unit_parameters or {}, branch_target)
+        plain, evolution = evolved_candidates(loaded, rows, heuristic, units, config, budget, reserve, progress)
     else:
-        plain = plain_candidates(selections)
+        plain = heuristic
     repaired, skipped = (repaired_candidates(loaded, plain, available_repairs(), rows.tokens) if config.repairs
                          else ([], []))
     queue = [*plain, *repaired]
@@ -316,7 +349,7 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
     settings = {
         "budget": {"remove": config.removal, "target_speedup": config.target_speedup,
                    "measured_decode_speedup_at_count": measured_at_count, "time_budget_minutes": config.time_budget,
-                   "max_candidates": config.max_candidates},
+                   "max_candidates": config.max_candidates, "branch_parameters": branch_target},
         "calibration": {**calibration.record(), "used_for": "scoring every metric and fitting every repair"},
         "ranking": {"source": rank_source, "split": rank_split, "seq_len": calibration.seq_len,
                     "windows": len(windows), "tokens": tried[winner_index].tokens, "original_ppl": original_ppl,
@@ -324,10 +357,13 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
                     if config.rank_data is None else "the rank_data text",
                     "drop_rule": f"dropped once, after {drop_rule.after} or more windows, the running perplexity "
                                  f"exceeds {drop_rule.factor:g}x the best final perplexity so far"},
-        "metrics": list(report.results),
+        "metrics": list(dict.fromkeys(name for report in reports.values() for name in report.results)),
         "exhaustive": config.exhaustive,
         "selections_not_made": not_selected or None,
-        "importance": {name: r.importance for name, r in report.results.items()},
+        "importance": {name: r.importance for name, r in reports["layer"].results.items()} if "layer" in reports
+        else {},
+        "branch_importance": {name: dict(zip(r.units or [], r.importance, strict=True))
+                              for name, r in reports["sublayer"].results.items()} if "sublayer" in reports else None,
         "speed_workload": {"prompt_len": workload.prompt_len, "new_tokens": workload.new_tokens,
                            "repeats": workload.repeats},
         "heal": config.heal,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, overload
 
 from layerprune.errors import OptionError, UsageError
-from layerprune.models.sublayers import ATTENTION, MLP, parse_unit
+from layerprune.models.sublayers import ATTENTION, MLP, parse_unit, unit_name
 from layerprune.options import Config, Parse, Registered, comma_ints, option
 from layerprune.registry import Registry, import_package_modules
 from layerprune.scoring.base import MetricResult
@@ -50,7 +50,8 @@ class Selection:
     remove: list[int]
     steps: list[dict[str, Any]] = field(default_factory=list)
     units: list[str] = field(default_factory=list)
-    """The branches chosen (``attn.N``, ``mlp.N``, layers as scored); ``remove`` is then empty."""
+    """The branches chosen (``attn.N``, ``mlp.N``, layers as scored); ``remove`` is then empty, unless the
+    cut was given (whole layers beside single branches)."""
 
     def branches(self, kind: str) -> list[int]:
         """The layers whose ``kind`` branch (``attention`` or ``mlp``) was chosen, sorted."""
@@ -195,15 +196,33 @@ class SelectConfig(Config):
     layers: Annotated[tuple[int, ...] | None, Parse(comma_ints)] = option(
         None, "these layers (indices as loaded) instead of a choice from scores: how a recipe replays a cut found "
         "otherwise, e.g. by an evolutionary search", metavar="I,J,...")
+    attention: Annotated[tuple[int, ...] | None, Parse(comma_ints)] = option(
+        None, "these layers' attention (their MLP stays), beside or instead of layers: how a recipe replays a "
+        "sub-layer cut a search found", metavar="I,J,...")
+    mlp: Annotated[tuple[int, ...] | None, Parse(comma_ints)] = option(
+        None, "these layers' MLP (their attention stays), beside or instead of layers: how a recipe replays a "
+        "sub-layer cut a search found", metavar="I,J,...")
 
     def check(self) -> None:
-        if self.remove is not None and self.layers is not None:
-            self.refuse("layers", "and remove both say what to remove; give one of them")
+        given = [name for name in ("layers", "attention", "mlp") if getattr(self, name) is not None]
+        if self.remove is not None and given:
+            self.refuse(given[0], "and remove both say what to remove; give one of them")
         if self.remove is not None:
             check_remove(self.remove)
-        if self.layers is not None and (not self.layers or min(self.layers) < 0
-                                        or len(set(self.layers)) != len(self.layers)):
-            self.refuse("layers", f"must be distinct layer indices (0 or more), got {list(self.layers)}")
+        for name in given:
+            named = getattr(self, name)
+            if not named or min(named) < 0 or len(set(named)) != len(named):
+                self.refuse(name, f"must be distinct layer indices (0 or more), got {list(named)}")
+        if self.layers is not None:
+            for kind in ("attention", "mlp"):
+                both = sorted(set(self.layers) & set(getattr(self, kind) or ()))
+                if both:
+                    self.refuse(kind, f"names layers {both} that layers removes whole; name each layer once")
+
+    @property
+    def named(self) -> bool:
+        """Whether the cut is named (layers, attention, mlp) rather than chosen from scores."""
+        return any(getattr(self, name) is not None for name in ("layers", "attention", "mlp"))
 
     @overload
     def count(self, num_layers: int) -> int: ...
@@ -215,11 +234,17 @@ class SelectConfig(Config):
         """How many of ``num_layers`` layers to remove (``None`` while the layer count is not known:
         then only that ``remove`` is given is checked); refused when ``remove`` is not given, or
         ``layers`` names one the model lacks or all of them."""
-        if self.layers is not None:
-            if num_layers is not None and (max(self.layers) >= num_layers or len(self.layers) >= num_layers):
-                self.refuse("layers", f"{list(self.layers)} do not leave a layer of a {num_layers}-layer model; name "
-                                      f"indices below {num_layers} and keep at least one")
-            return len(self.layers) if num_layers is not None else None
+        if self.named:
+            layers, attention, mlp = (set(getattr(self, name) or ()) for name in ("layers", "attention", "mlp"))
+            whole = layers | (attention & mlp)  # a layer without either branch goes whole
+            for name in ("layers", "attention", "mlp"):
+                named = getattr(self, name)
+                if named and num_layers is not None and max(named) >= num_layers:
+                    self.refuse(name, f"{list(named)} names a layer a {num_layers}-layer model lacks; name indices "
+                                      f"below {num_layers}")
+            if num_layers is not None and len(whole) >= num_layers:
+                self.refuse("layers", f"the cut removes every layer of a {num_layers}-layer model; keep at least one")
+            return len(whole) if num_layers is not None else None
         if self.remove is None:
             self.refuse("remove", "is not given; say how many layers to remove: a count (8) or a share (25%)")
         return parse_remove(self.remove, num_layers) if num_layers is not None else None
@@ -231,23 +256,26 @@ GIVEN = "given layers"
 
 
 def select(report: ScoreReport, remove: int | str | None = DEFAULT_SELECT.remove, strategy: str = DEFAULT_SELECT.strategy,
-           metric: str | None = DEFAULT_SELECT.metric, layers: tuple[int, ...] | None = DEFAULT_SELECT.layers, *,
-           rescore: Rescore | None = None) -> Selection:
+           metric: str | None = DEFAULT_SELECT.metric, layers: tuple[int, ...] | None = DEFAULT_SELECT.layers,
+           attention: tuple[int, ...] | None = DEFAULT_SELECT.attention, mlp: tuple[int, ...] | None = DEFAULT_SELECT.mlp,
+           *, rescore: Rescore | None = None) -> Selection:
     """Choose the layers to remove from ``report`` by ``metric`` (default: its only or first metric).
 
-    ``remove`` is a count or a share like ``"25%"`` (or ``layers`` names them: the selection is then
-    those, recorded as :data:`GIVEN`); ``remove``, ``strategy``, ``metric`` and ``layers`` are a
+    ``remove`` is a count or a share like ``"25%"`` (or ``layers``, ``attention`` and ``mlp`` name the
+    layers and branches: the selection is then those, recorded as :data:`GIVEN`); the keywords are a
     :class:`SelectConfig`'s (``select(report, **dict(config))``). The ``iterative`` strategy
     re-scores the smaller models through ``rescore`` (build it with
     :func:`layerprune.scoring.rescorer` from the model and data the report was scored on).
     ``report.to_json(selection)`` writes both.
     """
-    config = SelectConfig(remove=remove, strategy=strategy, metric=metric, layers=layers)
+    config = SelectConfig(remove=remove, strategy=strategy, metric=metric, layers=layers, attention=attention, mlp=mlp)
     chosen = STRATEGIES.get(config.strategy)
     name = scored_metric(config.metric, list(report.results))
     count = config.count(report.num_layers)
-    if config.layers is not None:
-        return Selection(name, GIVEN, sorted(config.layers), [])
+    if config.named:
+        units = [unit_name(kind, index) for index in range(report.num_layers) for kind in (ATTENTION, MLP)
+                 if index in (getattr(config, kind) or ())]
+        return Selection(name, GIVEN, sorted(config.layers or ()), [], units)
     if chosen.rescores and rescore is None:
         raise UsageError(f"the {strategy} strategy re-scores the pruned model; pass rescore="
                          "layerprune.scoring.rescorer(model, calibration), or choose another strategy")

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                     metric_options=metric_options_from_args(args), out=export.out, overwrite=export.overwrite,
                     export_options=export.written(), load_options=load_options)
     winner = record.winner
-    print(f"winner: {winner.label}, removes layers {winner.candidate.remove}, held-out ppl {winner.ppl:.2f}, "
+    print(f"winner: {winner.label}, removes {winner.candidate.removed}, held-out ppl {winner.ppl:.2f}, "
           f"decode speed-up {speedup_text(winner.speed)} (measured / FLOP-ideal); "
           f"{len(record.tried)} candidates in {record.seconds:.0f} s; saved to {record.out}"
           + (f"; {record.shortfall}" if record.shortfall else ""))

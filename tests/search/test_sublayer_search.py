@@ -1,0 +1,261 @@
+"""``layerprune search --granularity sublayer|both`` on tiny models.
+
+A constructed model whose attention branches can all go for free while every MLP matters, so that
+the best cut of a layer's worth of parameters is made of branches and no whole-layer cut comes close;
+the fitness of a branch cut against a full forward of the model with those branches removed in memory,
+for every family whose branches can be told apart; the branch budget kept by every mutation and met
+by every heuristic selection; the recipe that replays a sub-layer winner; bad input refused.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import layerprune as lp
+from layerprune.cli.main import main
+from layerprune.data import CalibrationConfig
+from layerprune.evaluation.efficiency import Workload
+from layerprune.models.architectures import adapter_for
+from layerprune.models.lineage import count_parameters
+from layerprune.models.loading import LoadedModel
+from layerprune.models.tiny import byte_tokenizer, tiny_config
+from layerprune.records import SCHEMA_DIR, schema_file
+from layerprune.scoring import rescorer
+from layerprune.scoring.report import unit_parameters
+from layerprune.searching import SearchDocument
+from layerprune.searching.evolution import branch_budget
+from layerprune.searching.fitness import CachedOriginal, TopK, kl_top_k
+from layerprune.selection import parameter_budget
+from tests.core.test_sublayers import SUBLAYER_FAMILIES
+from tests.helpers import save_tiny_checkpoint, tiny_loaded, write_corpus
+
+QUICK = Workload(prompt_len=8, new_tokens=2, repeats=1, warmup=0)
+CANCELLING_MLPS = ((0, 5), (1, 4), (2, 3))
+"""The constructed model's MLPs write constant vectors into side dimensions, each pair's cancelling exactly."""
+SIDE = slice(24, 32)
+
+
+def free_attention_model() -> LoadedModel:
+    """A 6-layer tiny llama whose attentions can all be removed without changing a logit, and whose
+    every single MLP (hence every whole layer) matters.
+
+    The head reads only the side dimensions (8 of 32), which the embedding and every attention leave
+    at zero; each MLP adds a constant vector of small integers there (its bias; its weights are zero),
+    the pairs of :data:`CANCELLING_MLPS` opposite, so the original's side dimensions end exactly at zero
+    (integer sums are exact) and its logits are exactly uniform. Removing attentions leaves that so;
+    removing any one MLP leaves a vector the head turns into a sharp, wrong distribution."""
+    config = tiny_config("llama", 6)
+    config.mlp_bias = True
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, SIDE] = 0.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[SIDE] = 0.0
+            for projection in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                projection.weight.zero_()
+                projection.bias.zero_()
+        for first, second in CANCELLING_MLPS:
+            side = torch.randint(-3, 4, (8,), generator=generator).float()
+            side[0] = 4.0  # never all zero
+            model.model.layers[first].mlp.down_proj.bias[SIDE] = side
+            model.model.layers[second].mlp.down_proj.bias[SIDE] = -side
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[:, SIDE] = 5 * torch.randn(model.lm_head.weight.shape[0], 8, generator=generator)
+    return LoadedModel(model, byte_tokenizer(), "tiny-free-attention", adapter_for(model))
+
+
+def row_perplexity(model: torch.nn.Module, rows: lp.CalibrationSet) -> float:
+    """The perplexity of ``model`` on the next tokens of full rows (no padding in these)."""
+    with torch.no_grad():
+        logits = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits[:, :-1]
+    return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), rows.input_ids[:, 1:].flatten()).exp())
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for path in sorted(folder.glob("*.safetensors")) for k, v in load_file(path).items()}
+
+
+@pytest.fixture(scope="module")
+def constructed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("sublayer-search")
+    lp.save(free_attention_model(), folder / "model")
+    held_out = folder / "held-out.txt"
+    held_out.write_text("\n\n".join(f"Entry {i}: {i * 3} comes after {i}, before {i + 1}." for i in range(300)))
+    return {"model": folder / "model", "calibration": write_corpus(folder / "calibration.txt"),
+            "held_out": held_out, "folder": folder}
+
+
+def calibration(corpus: dict[str, Path]) -> CalibrationConfig:
+    return CalibrationConfig(source=str(corpus["calibration"]), samples=8, seq_len=48)
+
+
+def searched(corpus: dict[str, Path], out: str, **options) -> lp.SearchRecord:
+    return lp.search(str(corpus["model"]), remove=1, calibration=calibration(corpus), rank_data=str(corpus["held_out"]),
+                     batch_size=4, rank_windows=4, workload=QUICK, out=corpus["folder"] / out, progress=False,
+                     **options)
+
+
+@pytest.fixture(scope="module")
+def heuristic(constructed: dict[str, Path]) -> lp.SearchRecord:
+    return searched(constructed, "heuristic", granularity="both", repairs=False)
+
+
+@pytest.fixture(scope="module")
+def evolved(constructed: dict[str, Path]) -> lp.SearchRecord:
+    return searched(constructed, "evolution", granularity="sublayer", algorithm="evolution", generations=3,
+                    offspring=3, fitness_rows=4, finalists=1, repairs=False)
+
+
+def test_the_constructed_model_is_what_it_claims(constructed: dict[str, Path]) -> None:
+    """The reference, from full forwards: every attention-only cut leaves the logits exactly uniform;
+    every cut of one whole layer is far worse on the held-out text."""
+    loaded = lp.load_model(constructed["model"])
+    rows = lp.build_calibration(loaded.tokenizer, str(constructed["held_out"]), samples=4, seq_len=48)
+    vocabulary = loaded.model.config.vocab_size
+    working = loaded.copy()
+    lp.prune(working, attention=range(6))  # every attention at once: the MLPs alone
+    with torch.no_grad():
+        logits = working.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits
+    assert bool((logits == 0).all())
+    for layer in range(6):
+        cut = loaded.copy()
+        lp.prune(cut, [layer])
+        assert row_perplexity(cut.model, rows) > 2 * vocabulary
+
+
+def test_the_sublayer_cut_wins_beside_every_whole_layer_cut(heuristic: lp.SearchRecord) -> None:
+    original = heuristic.settings["ranking"]["original_ppl"]
+    winner = heuristic.winner
+    assert winner.candidate.granularity == "sublayer" and winner.candidate.attention
+    assert not winner.candidate.remove and not winner.candidate.mlp
+    assert winner.ppl == pytest.approx(original, rel=1e-6)
+    layers = [t for t in heuristic.tried if t.candidate.granularity == "layer"]
+    assert layers and all(t.ppl > 2 * original for t in layers)
+    assert lp.load_model(heuristic.out / "model").num_layers == 6  # an attention-only cut saves no layer here
+    budget = heuristic.settings["budget"]["branch_parameters"]
+    original = free_attention_model()
+    biggest = max(unit_parameters(original).values())
+    removed = count_parameters(original.model) - winner.parameters
+    assert abs(removed - budget) <= biggest / 2  # a layer's worth of parameters, within half a branch
+
+
+def test_search_json_says_the_granularity_of_every_candidate(heuristic: lp.SearchRecord) -> None:
+    document = json.loads((heuristic.out / "search.json").read_text())
+    jsonschema.validate(document, json.loads((SCHEMA_DIR / schema_file(SearchDocument)).read_text()))
+    assert document["format_version"] == 4 and document["options"]["granularity"] == "both"
+    granularities = {entry["granularity"] for entry in document["candidates"]}
+    assert granularities == {"layer", "sublayer"}
+    for entry in document["candidates"]:
+        if entry["granularity"] == "sublayer":
+            assert entry["strategy"] in ("independent", "iterative") and "(sub-layer)" in heuristic.tried[
+                document["candidates"].index(entry)].label
+    assert set(document["branch_importance"]["bi"]) == {f"{kind}.{i}" for kind in ("attn", "mlp") for i in range(6)}
+    saved = json.loads((heuristic.out / "model" / "layerprune.json").read_text())
+    removed = [i for i, branch in enumerate(saved["branches"]) if branch["attention"] is None]
+    assert removed and saved["branches"][removed[0]]["mlp"] is not None  # the winner's branches are recorded
+    assert "attention of" in (heuristic.out / "search.md").read_text()
+
+
+@pytest.mark.parametrize("record", ["heuristic", "evolved"])
+def test_the_recipe_replays_the_sublayer_winner_to_identical_weights(record: str, request: pytest.FixtureRequest,
+                                                                      constructed, tmp_path: Path) -> None:
+    result = request.getfixturevalue(record)
+    recipe = (result.out / "recipe.yaml").read_text()
+    assert "attention:" in recipe and "score:" not in recipe
+    replay = lp.run_recipe(result.out / "recipe.yaml", tmp_path / "replay", allowed_paths=[constructed["folder"]],
+                           log=lambda line: None)
+    expected, got = weights(result.out / "model"), weights(replay / "model")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_evolution_over_branches_keeps_the_budget_and_finds_a_free_cut(evolved: lp.SearchRecord) -> None:
+    part = evolved.to_json()["evolution"]
+    assert part["units"] == "branches" and part["heuristic_cuts"] >= 1
+    winner = evolved.winner.candidate
+    assert winner.fitness == pytest.approx(0.0, abs=1e-6) and winner.attention and not winner.mlp
+    for tried in evolved.tried:
+        assert tried.candidate.granularity == "sublayer"
+
+
+@pytest.mark.parametrize("family", SUBLAYER_FAMILIES)
+def test_the_fitness_of_a_branch_cut_equals_a_full_forward_of_the_branch_pruned_model(family: str) -> None:
+    loaded = tiny_loaded(family, 6)
+    rows = lp.build_calibration(loaded.tokenizer, "wiki-sample", samples=4, seq_len=32)
+    where = rows.attention_mask[:, :-1].bool() & rows.attention_mask[:, 1:].bool()
+    with torch.no_grad():
+        logits = loaded.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits.float()
+    teacher = TopK.of(torch.log_softmax(logits[:, :-1], dim=-1)[where])
+    fitness = CachedOriginal(loaded, rows, 4, "kl")
+    tokens = int(rows.attention_mask.sum())
+    for cut, attention, mlp, layers_run in ((("attn.1",), [1], [], 6), (("mlp.0", "attn.3"), [3], [0], 6),
+                                            (("attn.2", "mlp.2", "mlp.4"), [2], [2, 4], 5)):
+        working = loaded.copy()
+        lp.prune(working, attention=attention, mlp=mlp)
+        with torch.no_grad():
+            cut_logits = working.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits.float()
+        expected = float(kl_top_k(teacher, torch.log_softmax(cut_logits[:, :-1], dim=-1)[where]).sum())
+        score = fitness.score(0, frozenset(cut))
+        assert score.total == pytest.approx(expected, rel=1e-4, abs=1e-6), cut
+        first = min(int(unit.split(".")[1]) for unit in cut)
+        assert score.full_layer_tokens == tokens * layers_run and fitness.layers_run(cut) == layers_run
+        assert score.layer_tokens == tokens * (layers_run - first)  # from the first removed branch's layer on
+
+
+def test_every_branch_mutation_keeps_the_budget_and_every_heuristic_selection_meets_it() -> None:
+    loaded = tiny_loaded("llama", 6)
+    rows = lp.build_calibration(loaded.tokenizer, "wiki-sample", samples=4, seq_len=32)
+    report = lp.score(loaded, rows, ["bi", "ppl"], granularity="sublayer")
+    parameters = report.unit_parameters
+    for remove in (1, 2, "30%"):
+        budget = branch_budget(parameters, parameter_budget(remove, 6, parameters))
+        for metric in ("bi", "ppl"):
+            for strategy in ("independent", "iterative"):
+                chosen = lp.select(report, remove, strategy, metric,
+                                   rescore=rescorer(loaded, rows, granularity="sublayer"))
+                assert budget.fits(frozenset(chosen.units)), (remove, metric, strategy)
+        rng = random.Random(0)
+        parent = budget.random_cut(rng)
+        assert parent is not None
+        for _ in range(50):
+            child = budget.mutate(parent, rng)
+            assert child is not None and budget.fits(child) and child != parent
+            parent = child
+
+
+def test_bad_sublayer_search_input_exits_2_and_writes_nothing(constructed, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    post_norm = save_tiny_checkpoint(tmp_path / "opt", "opt_post_norm", 6)
+    base = ["search", "--data", str(constructed["calibration"]), "--rank-data", str(constructed["held_out"]),
+            "--samples", "4", "--seq-len", "32"]
+    for model, flags, reason in (
+            (post_norm, ["--granularity", "sublayer"], "--granularity sublayer: this opt checkpoint normalises"),
+            (constructed["model"], ["--granularity", "both", "--target-speedup", "1.2"], "a target speed-up counts whole layers"),
+            (constructed["model"], ["--granularity", "branches"], "--granularity")):
+        out = tmp_path / "out"
+        try:
+            code = main([*base, "--model", str(model), "--out", str(out), *flags])
+        except SystemExit as stop:  # argparse refuses a choice it lists itself
+            code = stop.code
+        assert code == 2, flags
+        error = capsys.readouterr().err
+        assert reason in error, error
+        assert not out.exists()
+
+
+def test_a_recipe_that_repairs_named_branches_is_refused_before_it_runs(constructed, tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {constructed['model']}\nselect:\n  attention: [1, 2]\nrepair:\n  method: rescale\n")
+    with pytest.raises(lp.UsageError, match="single branches"):
+        lp.run_recipe(recipe, tmp_path / "run", allowed_paths=[constructed["folder"]], log=lambda line: None)
+    assert not (tmp_path / "run").exists()
