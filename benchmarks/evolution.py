@@ -134,6 +134,7 @@ def work(evolution: dict[str, Any]) -> dict[str, Any]:
 def bench(model: str, minutes: float, state: dict[str, Any], save: Any) -> dict[str, Any]:
     """The steps not yet in ``state`` (saved after each by ``save``)."""
     folder = cache_dir() / "bench-evolution" / model
+    state.setdefault("minutes", minutes)  # a run resumed with another budget starts again (main)
     if "heuristic" not in state:
         state["heuristic"] = timed_search(model, folder / "heuristic", minutes)
         save()
@@ -157,6 +158,16 @@ def bench(model: str, minutes: float, state: dict[str, Any], save: Any) -> dict[
     return state
 
 
+def load_words(*loads: float) -> str:
+    """What the load averages mean for a wall-clock budget, in words (the machine has few cores, so a
+    load above one per core means each search got less of the CPU than an idle machine gives)."""
+    cores = os.cpu_count() or 1
+    if max(loads) <= cores / 2:
+        return "; the machine was otherwise close to idle."
+    return (f"; with {cores} cores, other work shared the machine (load up to {max(loads):g}), so a budget bought "
+            "fewer generations and candidates than on an idle machine.")
+
+
 def render(results: dict[str, dict[str, Any]]) -> str:
     lines = [(f"`layerprune search --remove {REMOVE} --no-repair --time-budget M` with `--algorithm evolution` "
               "against the heuristic search (today's default) at the same budget, each run as typed (a child "
@@ -172,9 +183,7 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         lines += [f"#### {model}, {r['minutes']:g} min per search", "",
                   (f"{r['machine']}; {r['versions']}; {r['date']} UTC. 1-minute load average before the heuristic "
                    f"search {h['load_before']}, before the evolution {e['load_before']}, after the held-out reading "
-                   f"{r['load_after']}; the machine's 2 cores were shared with other work throughout (other "
-                   "developers' tests and builds), so both searches ran on a loaded machine and a budget buys "
-                   "fewer generations and candidates than on an idle one."), "",
+                   f"{r['load_after']}" + load_words(h["load_before"], e["load_before"], r["load_after"])), "",
                   "| cut | removed layers | test ppl | KL to the original | search wall-clock (s) |",
                   "|---|---|---|---|---|",
                   f"| original | none | {r['held_out']['original']['ppl']:.2f} | 0 | |"]
