@@ -26,6 +26,14 @@ Measured per cell, against the unpruned original:
 * the offline suite (``lp_offline``, 100 examples per task) with the study's measurement: RP and RP
   above chance (``retained_above_chance``), each with its paired-bootstrap interval.
 
+Cost on the 2-core x86 CPU (2026-12-06, niced, 1-minute load average 3-4 from other jobs): SmolLM2's
+unhealed BI cell 703 s (the suite and perplexity 487 s, fidelity 78 s, generation 138 s), and once per
+model 416 s (the original's suite and perplexity, scoring, its continuations). A healed cell adds its
+healing (the study's healed cells took about 15-90 s more than its unhealed ones on SmolLM2, 30-260 s
+on Gemma-3); Gemma-3's cells cost more (its 262k-token head in every pass, the KL over 262k words).
+The suite study's column has 116 cells at 25%, 96 distinct (twins are copied): about 10 h for
+SmolLM2's 51 at that load, more for Gemma-3's 45; run it in parts on an idle machine.
+
 Each cell is cached as JSON under ``$LAYERPRUNE_CACHE/study-fidelity/`` (a killed run resumes; a cell
 whose layers another metric chose too is measured once), with its wall-clock seconds per phase and
 the 1-minute load average when it started. After every cell the § Fidelity table of
@@ -425,14 +433,16 @@ def render(args: argparse.Namespace, bases: dict[str, dict[str, Any]],
         f"{measured[-1]['versions']}; {dates[0]} to {dates[-1]} UTC; 1-minute load average when a cell started "
         f"{loads[0]:.2f} to {loads[-1]:.2f}. Cells re-read: {done} of {expected} (the rest: run the command again; it "
         "continues where it stopped).", "",
-        f"Each cell is the suite study's at 25% ([suite/RESULTS.md](suite/RESULTS.md)): the study's selection, and "
+        "Each cell is the suite study's at 25% ([suite/RESULTS.md](suite/RESULTS.md)): the study's cut (its cached "
+        "cell's layers where the machine has the study's cache, else its scoring and selection done again), and "
         f"the study keeps no healed model, so every healed or repaired cell is rebuilt with its recipe (seed 0, "
         f"{args.heal_steps} steps x {args.heal_rows} rows x {study.HEAL_SEQ_LEN} tokens of wiki-sample train); "
         "\"ppl (study's)\" is the perplexity measured again and the study's, ≠ where they differ by more than "
         f"{PPL_MISMATCH:.1%} (the cut or healing did not come out as the study's). KL(original || cell) in nats per "
         f"token and top-1 agreement on the study's perplexity windows ({args.ppl_windows} x {args.seq_len} tokens of "
         f"the wiki-sample test split), 95% bootstrap intervals over windows; generation: greedy continuations of "
-        f"{args.prompts} wiki-sample test prompts ({PROMPT_TOKENS} tokens, chat template) up to "
+        f"{args.prompts} wiki-sample test prompts ({PROMPT_TOKENS} tokens, in the chat template where the tokenizer "
+        f"has one) up to "
         f"{args.generation_tokens} tokens, mean tokens before the first divergence from the original's and share "
         f"identical; RP and RP above chance on {args.tasks} ({args.task_limit} examples per task), paired-bootstrap "
         "95% intervals; RP above chance leaves out the tasks whose unpruned reference is within its own interval "
