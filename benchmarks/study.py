@@ -87,7 +87,7 @@ HEAL_SEQ_LEN = 128
 SPEED_WORKLOAD = Workload(prompt_len=64, new_tokens=32, repeats=3, warmup=1)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--metrics", default=",".join(METRICS))
@@ -103,7 +103,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "RESULTS.md",
                         help="the report to write; its figures go to the figures/ folder beside it")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from the cache")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 SETTINGS = ("samples", "seq_len", "ppl_windows", "task_limit", "tasks")
@@ -156,6 +156,7 @@ def measure(loaded: lp.LoadedModel, args: argparse.Namespace, reference: dict[st
             "ppl": ppl.ppl, "nll": ppl.nll, "ppl_tokens": ppl.tokens, "ppl_ci95": ppl.ci95,
             "accuracy": {task: values.get("acc") for task, values in tasks.metrics.items()},
             "stderr": {task: values.get("stderr") for task, values in tasks.metrics.items()},
+            "chance": {task: values.get("chance") for task, values in tasks.metrics.items()},
             "predictions": tasks.predictions, "correct": tasks.correct}
     if reference is not None:
         cell["stability"] = stability_by_task(reference["predictions"], tasks.predictions)

@@ -153,6 +153,23 @@ def test_retained_above_chance_equals_a_hand_computation_and_leaves_out_tasks_ne
     assert nothing["mean"] is None and nothing["ci95"] is None and nothing["uninformative"] == ["b"]
 
 
+def test_retained_difference_above_chance_is_the_difference_of_the_two_headroom_rps() -> None:
+    """With chance rates, the paired difference is that of retained_above_chance, over the tasks it
+    keeps (task b, whose reference is within its interval of chance, is left out of both)."""
+    reference = {"a": [1] * 30 + [0] * 10, "b": [1] * 11 + [0] * 9}
+    one = {"a": [1] * 20 + [0] * 20, "b": [0] * 20}
+    other = {"a": [1] * 15 + [0] * 25, "b": [1] * 20}
+    chance = {"a": 0.25, "b": 0.5}
+    expected = (retained_above_chance(reference, one, chance)["mean"]
+                - retained_above_chance(reference, other, chance)["mean"])
+    assert expected == pytest.approx((0.5 - 0.25) / 0.5 - (0.375 - 0.25) / 0.5)
+    difference = retained_difference(reference, one, other, chance=chance)
+    assert difference["mean"] == pytest.approx(expected)
+    assert difference["ci95"][0] < expected < difference["ci95"][1]
+    assert retained_difference(reference, one, one, chance=chance) == {"mean": 0.0, "ci95": [0.0, 0.0]}
+    assert retained_difference(reference, one, other, chance={"b": 0.5}) == {"mean": None, "ci95": None}
+
+
 def test_retained_above_chance_covers_the_true_value_at_about_95_percent() -> None:
     """Three-way tasks (chance 1/3): the reference is right on 0.7, the candidate keeps each right
     answer with probability 0.8 and guesses the rest at chance, so its accuracy is 0.56 + 0.44 / 3

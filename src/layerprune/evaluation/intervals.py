@@ -90,8 +90,11 @@ def _bootstrap_retained(reference: Mapping[str, Sequence[int]], candidates: Sequ
 
 
 def _task_ratios(reference: Mapping[str, Sequence[int]], candidate: Mapping[str, Sequence[int]],
-                 tasks: list[str]) -> dict[str, float]:
-    return {task: float(np.mean(candidate[task]) / np.mean(reference[task])) for task in tasks}
+                 tasks: list[str], chance: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Each task's accuracy ratio, above the task's ``chance`` rate where one is given."""
+    floors = chance or {}
+    return {task: float((np.mean(candidate[task]) - floors.get(task, 0.0))
+                        / (np.mean(reference[task]) - floors.get(task, 0.0))) for task in tasks}
 
 
 def retained_performance(reference: Mapping[str, Sequence[int]], candidate: Mapping[str, Sequence[int]], *,
@@ -148,8 +151,8 @@ def retained_above_chance(reference: Mapping[str, Sequence[int]], candidate: Map
 
 
 def retained_difference(reference: Mapping[str, Sequence[int]], candidate: Mapping[str, Sequence[int]],
-                        baseline: Mapping[str, Sequence[int]], *, iterations: int = BOOTSTRAP_ITERATIONS,
-                        seed: int = BOOTSTRAP_SEED) -> dict:
+                        baseline: Mapping[str, Sequence[int]], *, chance: Mapping[str, float] | None = None,
+                        iterations: int = BOOTSTRAP_ITERATIONS, seed: int = BOOTSTRAP_SEED) -> dict:
     """How much more RP ``candidate`` keeps than ``baseline`` (both against ``reference``), with a
     paired 95% interval: ``{"mean", "ci95"}``.
 
@@ -157,11 +160,20 @@ def retained_difference(reference: Mapping[str, Sequence[int]], candidate: Mappi
     same examples, so their errors go together, and the interval of the *difference*, resampling
     the same examples for all three models, is narrower than two independent intervals would make
     it. An interval that excludes 0 is a difference this evaluation can see.
+
+    With ``chance``, the difference of :func:`retained_above_chance` (over the tasks it keeps: those
+    with a chance rate whose reference is informative); ``{"mean": None, "ci95": None}`` when no
+    task is.
     """
-    _, usable = _usable_tasks(reference, candidate, baseline)
-    gained = _bootstrap_retained(reference, [candidate, baseline], usable, iterations, seed)
-    point = np.mean(list(_task_ratios(reference, candidate, usable).values())) \
-        - np.mean(list(_task_ratios(reference, baseline, usable).values()))
+    shared, usable = _usable_tasks(reference, candidate, baseline)
+    if chance is not None:
+        usable = [task for task in shared if task in chance and informative(reference[task], chance[task])]
+        if not usable:
+            return {"mean": None, "ci95": None}
+    floors = chance or {}
+    gained = _bootstrap_retained(reference, [candidate, baseline], usable, iterations, seed, chance)
+    point = np.mean(list(_task_ratios(reference, candidate, usable, floors).values())) \
+        - np.mean(list(_task_ratios(reference, baseline, usable, floors).values()))
     return {"mean": float(point), "ci95": _percentile_interval(gained[0] - gained[1])}
 
 
