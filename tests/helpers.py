@@ -66,6 +66,18 @@ def write_corpus(path: Path, documents: int = 200) -> Path:
     return path
 
 
+def search_folder(folder: Path, loaded: LoadedModel) -> dict[str, Path]:
+    """A constructed model saved in ``folder`` with a calibration corpus and held-out text of another
+    form (what a search ranks on), for the search tests: paths by name."""
+    import layerprune as lp
+
+    lp.save(loaded, folder / "model")
+    held_out = folder / "held-out.txt"
+    held_out.write_text("\n\n".join(f"Entry {i}: {i * 3} comes after {i}, before {i + 1}." for i in range(300)))
+    return {"model": folder / "model", "calibration": write_corpus(folder / "calibration.txt"),
+            "held_out": held_out, "folder": folder}
+
+
 def bos_tokenizer(starts: int = 1) -> PreTrainedTokenizerFast:
     """The tiny models' byte tokenizer, made to start every text with ``starts`` times ``<s>``
     (id 257), the way Gemma's and Llama's tokenizers start it with one ``<bos>``."""

@@ -35,7 +35,7 @@ from layerprune.searching.evolution import Evolution, UnitBudget, evolve, layer_
 from layerprune.searching.fitness import CachedOriginal, TopK, exact_kl, kl_top_k, tail_error_bound
 from layerprune.selection import STRATEGIES
 from tests.conftest import FAMILIES
-from tests.helpers import record_text, tiny_loaded, write_corpus
+from tests.helpers import search_folder, record_text, tiny_loaded, write_corpus
 
 QUICK = Workload(prompt_len=8, new_tokens=2, repeats=1, warmup=0)
 PAIR = (1, 4)
@@ -105,13 +105,7 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def constructed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("evolution")
-    loaded = cancelling_pair_model()
-    lp.save(loaded, folder / "model")
-    held_out = folder / "held-out.txt"
-    held_out.write_text("\n\n".join(f"Entry {i}: {i * 3} comes after {i}, before {i + 1}." for i in range(300)))
-    return {"model": folder / "model", "calibration": write_corpus(folder / "calibration.txt"),
-            "held_out": held_out, "folder": folder}
+    return search_folder(tmp_path_factory.mktemp("evolution"), cancelling_pair_model())
 
 
 def calibration(corpus: dict[str, Path]) -> CalibrationConfig:

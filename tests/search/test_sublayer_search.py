@@ -35,7 +35,7 @@ from layerprune.searching.evolution import branch_budget
 from layerprune.searching.fitness import CachedOriginal, TopK, kl_top_k
 from layerprune.selection import parameter_budget
 from tests.core.test_sublayers import SUBLAYER_FAMILIES
-from tests.helpers import save_tiny_checkpoint, tiny_loaded, write_corpus
+from tests.helpers import search_folder, save_tiny_checkpoint, tiny_loaded, write_corpus
 
 QUICK = Workload(prompt_len=8, new_tokens=2, repeats=1, warmup=0)
 CANCELLING_MLPS = ((0, 5), (1, 4), (2, 3))
@@ -88,12 +88,7 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def constructed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("sublayer-search")
-    lp.save(free_attention_model(), folder / "model")
-    held_out = folder / "held-out.txt"
-    held_out.write_text("\n\n".join(f"Entry {i}: {i * 3} comes after {i}, before {i + 1}." for i in range(300)))
-    return {"model": folder / "model", "calibration": write_corpus(folder / "calibration.txt"),
-            "held_out": held_out, "folder": folder}
+    return search_folder(tmp_path_factory.mktemp("sublayer-search"), free_attention_model())
 
 
 def calibration(corpus: dict[str, Path]) -> CalibrationConfig:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import SerializeAsAny, model_validator
 
@@ -21,7 +21,9 @@ from layerprune.data.calibration import SAMPLINGS
 from layerprune.errors import OptionError, UsageError
 from layerprune.healing.data import TrainingSet
 from layerprune.models.loading import LoadedModel
-from layerprune.options import Config, NO_FLAG, SEED_RANGE, build_options, option, options_of, refuse_unknown
+from layerprune.options import (
+    Config, NO_FLAG, SEED_RANGE, Registered, build_options, option, options_of, refuse_unknown,
+)
 from layerprune.registry import Registry
 
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -104,8 +106,8 @@ class HealConfig(Config):
 
     unit = "heal"
 
-    method: str | None = option(None, "healing method: a registered one (each listed with its own options under Healing "
-                                "methods)")
+    method: Annotated[str | None, Registered(HEALERS)] = option(
+        None, "healing method: a registered one (each listed with its own options under Healing methods)")
     data: str | Path | None = option(None, "training text (wiki-sample, news-sample, a file, a hub name: its train "
                                      "split), an Alpaca JSON/JSONL instruction file (loss on the response only), or "
                                      f"{SELF_GENERATED}: the original's own greedy continuations of prompts")
