@@ -181,7 +181,10 @@ def test_cli_prunes_the_branches_a_metric_chooses(llama_dir: Path, tmp_path: Pat
     (["--metric", "bi", "--granularity", "sublayer", "--remove", "25%", "--strategy", "consecutive"],
      "runs of whole layers"),
     (["--metric", "taylor", "--granularity", "sublayer", "--remove", "25%"], "whole layers only"),
-    (["--metric", "bi", "--granularity", "sublayer", "--remove", "25%", "--compensate", "rescale"], "--compensate"),
+    (["--metric", "bi", "--granularity", "sublayer", "--remove", "25%", "--compensate", "replace-linear"],
+     "whole layers only"),
+    (["--metric", "bi", "--granularity", "sublayer", "--remove", "25%", "--compensate", "rescale", "--iterative"],
+     "--strategy"),
 ])
 def test_cli_refuses_bad_branch_selections_with_nothing_written(llama_dir: Path, tmp_path: Path, capsys,
                                                                flags: list[str], message: str) -> None:

@@ -26,13 +26,14 @@ from layerprune.progress import progress
 from layerprune.models.lineage import ensure_lineage
 from layerprune.models.editing import prune
 from layerprune.models.loading import LoadedModel
+from layerprune.models.sublayers import KINDS, check_sublayers, plan_branch_removal, present_branches, unit_name
 from layerprune.models.surgery import consecutive_runs, validate_layer_indices
 from layerprune.registry import import_package_modules
 from layerprune.repair.base import REPAIRS
 from layerprune.repair.config import DEFAULT_REPAIR, RepairConfig
 from layerprune.repair.linear import ReplaceLinearOptions
 from layerprune.repair.merge import MergeOptions
-from layerprune.repair.statistics import RunStatistics, collect_statistics
+from layerprune.repair.statistics import RunStatistics, collect_statistics, collect_unit_statistics
 
 
 class TokenRows(Protocol):
@@ -104,10 +105,39 @@ def check_repair(loaded: LoadedModel, layers: Iterable[int], method: str, option
     return runs
 
 
+def branch_unit_runs(loaded: LoadedModel, layers: Iterable[int], attention: Iterable[int],
+                     mlp: Iterable[int]) -> list[tuple[int, int]]:
+    """A cut of whole ``layers`` and single branches (current indices) as runs ``[a, b)`` of units in the
+    order the residual stream meets them (``2i``: layer ``i``'s attention, ``2i + 1``: its MLP), after
+    the checks of the surgery (a family whose branches cannot be told apart, an index out of range or
+    named twice, a cut that leaves no branch)."""
+    layers, attention, mlp = list(layers), list(attention), list(mlp)
+    check_sublayers(loaded.adapter)
+    plan_branch_removal(present_branches(loaded.model, loaded.adapter), layers, attention, mlp)
+    units = {2 * i for i in attention} | {2 * i + 1 for i in mlp} | {u for i in layers for u in (2 * i, 2 * i + 1)}
+    return consecutive_runs(sorted(units))
+
+
+def check_branch_repair(loaded: LoadedModel, layers: Iterable[int], attention: Iterable[int], mlp: Iterable[int],
+                        method: str, options: Any = None) -> list[tuple[int, int]]:
+    """:func:`check_repair` for a cut that removes branches; returns its runs of units."""
+    runs = branch_unit_runs(loaded, layers, attention, mlp)
+    config = RepairConfig(method=method, options=options)
+    config.repairer.check_units(loaded, runs, config.method_options)
+    return runs
+
+
+def _unit_names(loaded: LoadedModel, start: int, end: int) -> list[str]:
+    """The units ``[start, end)`` as ``attn.N`` / ``mlp.N`` in the original numbering."""
+    original = loaded.original_layer_ids
+    return [unit_name(KINDS[unit % 2], original[unit // 2]) for unit in range(start, end)]
+
+
 def compensate(loaded: LoadedModel, layers: Iterable[int], method: str, data: TokenRows | None, *,
                options: Any = DEFAULT_REPAIR.options, batch_size: int = DEFAULT_REPAIR.batch_size,
                reason: str = "layers named by the user",
-               statistics: Mapping[tuple[int, int], RunStatistics] | None = None) -> RepairReport:
+               statistics: Mapping[tuple[int, int], RunStatistics] | None = None,
+               attention: Iterable[int] = (), mlp: Iterable[int] = ()) -> RepairReport:
     """Cut ``layers`` (indices of ``loaded`` as loaded) from ``loaded`` in place and repair the cut
     with ``method`` (``replace-linear``, ``rescale`` or ``merge``), training-free.
 
@@ -121,9 +151,22 @@ def compensate(loaded: LoadedModel, layers: Iterable[int], method: str, data: To
     ``statistics``: the runs' statistics already collected from ``loaded`` on ``data`` by
     :func:`collect_run_statistics` (a search fits many cuts from one pass); by default one pass
     runs here.
+
+    ``attention`` / ``mlp``: also remove the attention / the MLP of these layers (a sub-layer cut,
+    as :func:`~layerprune.models.editing.prune` takes it), for a method that repairs branches
+    (``rescale``). The cut is then a sequence of removed runs of units in the order the residual
+    stream meets them (``attn.0, mlp.0, attn.1, ...``; a whole layer is its two units): the stream
+    after a run lacks the removed branches' contributions, ``s`` compares the stream leaving the run
+    with the stream entering it in the original, and the kept branches after the run are divided by
+    ``s``, exactly as after a run of whole layers. Each ``runs`` record names its ``units``.
     """
     config = RepairConfig(method=method, options=options, batch_size=batch_size)
     chosen = list(layers)
+    attention, mlp = list(attention), list(mlp)
+    if attention or mlp:
+        if statistics is not None:
+            raise UsageError("shared statistics are collected for runs of whole layers; a branch cut collects its own")
+        return _compensate_branches(loaded, chosen, attention, mlp, config, data, reason)
     repairer, options = config.repairer, config.method_options
     runs = check_repair(loaded, chosen, method, options)
     original_ids = loaded.original_layer_ids
@@ -153,7 +196,31 @@ def compensate(loaded: LoadedModel, layers: Iterable[int], method: str, data: To
     return report
 
 
+def _compensate_branches(loaded: LoadedModel, layers: list[int], attention: list[int], mlp: list[int],
+                         config: RepairConfig, data: TokenRows | None, reason: str) -> RepairReport:
+    """:func:`compensate` for a cut that removes branches: statistics at the unit boundaries, one pass."""
+    repairer, options = config.repairer, config.method_options
+    runs = check_branch_repair(loaded, layers, attention, mlp, config.method, options)
+    began = time.perf_counter()
+    run_statistics: list[RunStatistics] = []
+    if repairer.needs_statistics:
+        if data is None:
+            raise UsageError(f"{config.method} estimates its repair on calibration data; pass calibration rows")
+        run_statistics = collect_unit_statistics(loaded.model, loaded.adapter, runs,
+                                                 _batches(data, config.batch_size))
+    statistics_seconds = time.perf_counter() - began
+    records, note = repairer.apply_units(loaded, runs, run_statistics, options)
+    runs_json = [{"units": _unit_names(loaded, start, end),
+                  **({"tokens": stats.tokens} if stats is not None else {}), **record}
+                 for (start, end), stats, record in zip(runs, run_statistics or [None] * len(runs), records)]
+    prune(loaded, layers, reason, attention=attention, mlp=mlp)
+    report = RepairReport(config, describe_rows(data) if data is not None else {}, runs_json, note,
+                          time.perf_counter() - began, statistics_seconds)
+    ensure_lineage(loaded).setdefault("repairs", []).append(report.to_json())
+    return report
+
+
 __all__ = ["DEFAULT_REPAIR", "REPAIRS", "MergeOptions", "RepairConfig", "RepairReport", "ReplaceLinearOptions", "RunStatistics", "check_map_tokens",
-           "check_repair", "collect_run_statistics", "compensate"]
+           "branch_unit_runs", "check_branch_repair", "check_repair", "collect_run_statistics", "compensate"]
 
 import_package_modules(__name__, __path__)  # a repair method registers itself by existing: one file adds one

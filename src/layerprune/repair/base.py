@@ -27,6 +27,8 @@ class RepairMethod(ABC):
     """False for a method that reads weights only (merge): no calibration pass runs."""
     linear_statistics: ClassVar[bool] = False
     """True when the method needs ``MᵀM`` and ``MᵀY``, not only the magnitudes."""
+    branch_cuts: ClassVar[bool] = False
+    """True when the method also repairs a cut of attention and MLP branches (:meth:`apply_units`)."""
     cost: ClassVar[int]
     """Relative cost of one repair (0 = reads weights only; higher = more statistics or solving): a
     search tries the cheapest first, so a time budget spent early still ranks the cheap repairs."""
@@ -36,6 +38,24 @@ class RepairMethod(ABC):
         if loaded.adapter.inferred:
             raise UsageError(f"{self.name} needs to know where {loaded.adapter.family} layers keep their norms and "
                              "output projections, but this family has no registered adapter; prune it plainly")
+
+    def check_units(self, loaded: LoadedModel, runs: list[tuple[int, int]], options: Any) -> None:
+        """Refuse a cut of branches (``runs`` of units: ``2i`` layer ``i``'s attention, ``2i + 1`` its MLP)
+        this method cannot repair, before any data is read."""
+        self.check_branch_cuts()
+        self.check(loaded, runs, options)
+
+    def check_branch_cuts(self) -> None:
+        """Refuse, before any model is loaded, to repair a cut of branches with a method that cannot."""
+        if not self.branch_cuts:
+            usable = ", ".join(name for name, method in REPAIRS.registered() if method.branch_cuts)
+            raise UsageError(f"{self.name} repairs a cut of whole layers only (not yet one that removes attention or "
+                             f"MLP branches); repair a branch cut with {usable}, or prune it plainly")
+
+    def apply_units(self, loaded: LoadedModel, runs: list[tuple[int, int]], statistics: list[RunStatistics],
+                    options: Any) -> tuple[list[dict[str, Any]], str]:
+        """:meth:`apply` for ``runs`` of branch units (only where ``branch_cuts``)."""
+        raise NotImplementedError(f"{self.name} does not repair a cut of branches")
 
     def keeps_tokens(self, options: Any) -> bool:
         """Whether the statistics pass must also keep the real tokens' activations (bounded memory otherwise)."""

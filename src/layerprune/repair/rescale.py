@@ -25,40 +25,58 @@ from torch import nn
 from layerprune.errors import UsageError
 from layerprune.models.architectures import ArchitectureAdapter
 from layerprune.models.loading import LoadedModel
+from layerprune.models.sublayers import has_branch
 from layerprune.repair.base import REPAIRS, RepairMethod
 from layerprune.repair.folds import scale_norm, scale_projection
 from layerprune.repair.statistics import RunStatistics
 
 
-def scale_layer_outputs(layer: nn.Module, adapter: ArchitectureAdapter, factor: float) -> None:
-    """Multiply everything ``layer`` adds to the residual by ``factor``."""
-    if adapter.post_attention_norm is not None:
-        scale_norm(layer.get_submodule(adapter.post_attention_norm), factor, adapter.norm_kind)
-    else:
+def scale_branch_output(layer: nn.Module, adapter: ArchitectureAdapter, kind: str, factor: float) -> None:
+    """Multiply what ``layer``'s ``kind`` branch (``attention`` or ``mlp``) adds to the residual by ``factor``."""
+    post_norm = adapter.post_attention_norm if kind == "attention" else adapter.post_mlp_norm
+    if post_norm is not None:
+        scale_norm(layer.get_submodule(post_norm), factor, adapter.norm_kind)
+    elif kind == "attention":
         for path in adapter.attention_outputs:
             scale_projection(layer.get_submodule(path), factor)
-    if adapter.post_mlp_norm is not None:
-        scale_norm(layer.get_submodule(adapter.post_mlp_norm), factor, adapter.norm_kind)
     else:
         scale_projection(layer.get_submodule(adapter.mlp_output), factor)
 
 
-def fold_stream_scales(loaded: LoadedModel, runs: list[tuple[int, int]], scales: list[float]) -> None:
-    """Make the uncut model, once ``runs`` are removed, behave as if the stream were multiplied by
-    ``scales[r]`` right after run ``r``: the kept layers after it are divided by the running product."""
+def scale_layer_outputs(layer: nn.Module, adapter: ArchitectureAdapter, factor: float) -> None:
+    """Multiply everything ``layer`` adds to the residual by ``factor``."""
+    for kind in ("attention", "mlp"):
+        scale_branch_output(layer, adapter, kind, factor)
+
+
+def fold_unit_scales(loaded: LoadedModel, runs: list[tuple[int, int]], scales: list[float]) -> None:
+    """The fold at the level of branches: units are ``2i`` (layer ``i``'s attention) and ``2i + 1`` (its
+    MLP), in the order the residual stream meets them, and ``runs`` are removed runs ``[a, b)`` of units.
+    Make the model, once ``runs`` are removed, behave as if the stream were multiplied by ``scales[r]``
+    where run ``r`` ends: every kept branch after it is divided by the running product (a branch
+    already removed earlier adds nothing and is skipped)."""
     layers = loaded.adapter.decoder_layers(loaded.model)
     scale_after = {end: scale for (_, end), scale in zip(runs, scales)}
-    removed = {index for start, end in runs for index in range(start, end)}
+    removed = {unit for start, end in runs for unit in range(start, end)}
     product = 1.0
-    for index in range(runs[0][1], len(layers)):
-        product *= scale_after.get(index, 1.0)
-        if index not in removed:
-            scale_layer_outputs(layers[index], loaded.adapter, 1.0 / product)
+    for unit in range(runs[0][1], 2 * len(layers)):
+        product *= scale_after.get(unit, 1.0)
+        layer, kind = layers[unit // 2], ("attention", "mlp")[unit % 2]
+        if unit not in removed and has_branch(layer, loaded.adapter, kind):
+            scale_branch_output(layer, loaded.adapter, kind, 1.0 / product)
+
+
+def fold_stream_scales(loaded: LoadedModel, runs: list[tuple[int, int]], scales: list[float]) -> None:
+    """Make the uncut model, once ``runs`` of whole layers are removed, behave as if the stream were
+    multiplied by ``scales[r]`` right after run ``r``: the kept layers after it are divided by the running
+    product (:func:`fold_unit_scales` with each layer's two units)."""
+    fold_unit_scales(loaded, [(2 * start, 2 * end) for start, end in runs], scales)
 
 
 class Rescale(RepairMethod):
     name = "rescale"
     cost = 1
+    branch_cuts = True
 
     def check(self, loaded: LoadedModel, runs: list[tuple[int, int]], options: None) -> None:
         super().check(loaded, runs, options)
@@ -67,15 +85,30 @@ class Rescale(RepairMethod):
                              "normalises after each addition (do_layer_norm_before=False, e.g. OPT-350m), so nothing "
                              "reads the stream through a norm; use merge")
 
+    def check_units(self, loaded: LoadedModel, runs: list[tuple[int, int]], options: None) -> None:
+        super().check_units(loaded, runs, options)
+        if loaded.adapter.parallel_residual and any(unit % 2 for run in runs for unit in run):
+            raise UsageError(f"{loaded.adapter.family} layers feed their attention and MLP the same input (parallel "
+                             "residual), so a run of removed branches that starts or ends between a layer's attention "
+                             "and its MLP has no residual stream there to rescale; remove whole layers to rescale")
+
     def apply(self, loaded: LoadedModel, runs: list[tuple[int, int]], statistics: list[RunStatistics],
               options: None) -> tuple[list[dict[str, Any]], str]:
+        return self.apply_units(loaded, [(2 * start, 2 * end) for start, end in runs], statistics, options)
+
+    def apply_units(self, loaded: LoadedModel, runs: list[tuple[int, int]], statistics: list[RunStatistics],
+                    options: None) -> tuple[list[dict[str, Any]], str]:
+        """Units ``2i`` / ``2i + 1``: layer ``i``'s attention / MLP; a whole-layer run ``[a, b)`` is ``[2a, 2b)``.
+        At a removed run of branches the stream after it lacks their contributions: ``s`` compares the
+        stream leaving the run with the stream entering it, and the kept branches after it are divided by
+        ``s`` exactly as after a run of whole layers."""
         scales = [stats.magnitude_ratio() for stats in statistics]
-        fold_stream_scales(loaded, runs, scales)
-        records = [{"s": scale, "at_end": end == loaded.num_layers} for (_, end), scale in zip(runs, scales)]
+        fold_unit_scales(loaded, runs, scales)
+        records = [{"s": scale, "at_end": end == 2 * loaded.num_layers} for (_, end), scale in zip(runs, scales)]
         where = ("the post-attention and post-MLP norm weights" if loaded.adapter.post_mlp_norm is not None
                  else "the attention and MLP output projections")
         note = ("the stream after each removed run was rescaled by s = mean |h_b| / mean |h_a| (Prune&Comp), folded "
-                f"into {where} of the later layers (embeddings and LM head unchanged)")
+                f"into {where} of the later kept branches (embeddings and LM head unchanged)")
         return records, note
 
 

@@ -175,3 +175,75 @@ def collect_statistics(model: nn.Module, adapter: ArchitectureAdapter, runs: lis
         for handle in handles:
             handle.remove()
     return stats
+
+
+def stream_position(unit: int) -> str:
+    """Where unit position ``p`` of a layer sequence reads the residual stream: ``2i`` enters layer ``i``
+    (before its attention), ``2i + 1`` enters its MLP (after its attention)."""
+    return f"{'attention' if unit % 2 == 0 else 'MLP'} of layer {unit // 2}"
+
+
+def collect_unit_statistics(model: nn.Module, adapter: ArchitectureAdapter, runs: list[tuple[int, int]],
+                            batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> list[RunStatistics]:
+    """The magnitude sums of :class:`RunStatistics` for runs of *branch units* ``[a, b)`` (unit ``2i``: the
+    attention of layer ``i``, ``2i + 1``: its MLP; ``2L``: past the last layer), from one pass.
+
+    ``h_a`` is the residual stream entering unit ``a``: a layer's input for an attention, its MLP's
+    pre-norm input (the stream after the attention) for an MLP; ``h_b`` likewise at ``b``, and at
+    ``2L`` the last layer's output. Sequential-residual families only (in a parallel-residual layer both
+    branches read the layer's input: there is no stream between them)."""
+    if adapter.parallel_residual or adapter.pre_mlp_norm is None:
+        raise UsageError(f"{adapter.family} layers feed their attention and MLP the same input (parallel residual), "
+                         "so there is no residual stream between the two branches to rescale at")
+    layers = adapter.decoder_layers(model)
+    stats = [RunStatistics(start, end) for start, end in runs]
+    positions = sorted({p for run in runs for p in run})
+    streams: dict[int, torch.Tensor] = {}
+    real: dict[str, torch.Tensor] = {}
+    last_layer = min(max(positions) // 2, len(layers) - 1)
+
+    def rows(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.reshape(-1, tensor.shape[-1])[real["mask"]]
+
+    def keep(position: int, read: Any):
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            streams[position] = rows(read(args, kwargs).detach())
+            for run in stats:
+                if run.end == position:  # the run's entering stream was captured earlier in the pass
+                    run.add(None, streams[run.start], streams[position], False)
+        return hook
+
+    def first_argument(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        return args[0] if args else next(iter(kwargs.values()))
+
+    handles = []
+    for position in positions:
+        index = position // 2
+        if position == 2 * len(layers):
+            leaving = keep(position, lambda args, _: _hidden_output(args[0]))
+            handles.append(layers[-1].register_forward_hook(lambda module, args, output, hook=leaving: hook(
+                module, (output,), {})))
+        elif position % 2 == 0:
+            handles.append(layers[index].register_forward_pre_hook(keep(position, _hidden_argument), with_kwargs=True))
+        else:
+            norm = layers[index].get_submodule(adapter.pre_mlp_norm)
+            handles.append(norm.register_forward_pre_hook(keep(position, first_argument), with_kwargs=True))
+
+    def finish_pass(module: nn.Module, args: tuple, output: Any) -> None:
+        raise _Finished
+
+    handles.append(layers[last_layer].register_forward_hook(finish_pass))  # registered last: after every capture
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for input_ids, attention_mask in batches:
+                real["mask"] = attention_mask.reshape(-1).to(device).bool()
+                streams.clear()
+                try:
+                    model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+                except _Finished:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats

@@ -33,11 +33,13 @@ from layerprune.models.lineage import PROVENANCE_FILE
 from layerprune.models.loading import LoadedModel, check_gguf_name
 from layerprune.models.shards import is_safetensors_checkpoint, prune_checkpoint
 from layerprune.models.decilm import check_decilm
-from layerprune.models.sublayers import ATTENTION, KINDS, MLP, kv_bytes_per_layer, plan_branch_removal
+from layerprune.models.sublayers import (
+    ATTENTION, KINDS, MLP, kv_bytes_per_layer, plan_branch_removal, present_branches,
+)
 from layerprune.models.surgery import check_index_list, parse_layer_list, validate_layer_indices
 from layerprune.options import add_option_flags, given_options
 from layerprune.outputs import check_output_path
-from layerprune.repair import REPAIRS, RepairConfig, check_repair, compensate
+from layerprune.repair import REPAIRS, RepairConfig, check_branch_repair, check_repair, compensate
 from layerprune.repair.iterative import compensate_iteratively
 from layerprune.scoring import ScoreConfig
 from layerprune.scoring.report import needs_data
@@ -113,9 +115,10 @@ def run_sublayers(args: argparse.Namespace, layers: list[int], branches: dict[st
     if args.low_memory:
         raise UsageError("--low-memory copies whole layers' tensors; removing an attention or MLP needs the model "
                          "in memory: drop --low-memory")
-    if args.compensate:
-        raise UsageError("--compensate repairs a cut of whole layers; drop it with --attention/--mlp")
     check_generate(args)
+    repair = repair_from_args(args)
+    if repair is not None:
+        repair.repairer.check_branch_cuts()
     export = export_from_args(args)
     for what, named in (("layer", layers), (ATTENTION, branches[ATTENTION]), ("MLP", branches[MLP])):
         check_index_list(named, None, what)  # negative, repeated: no model needed to tell
@@ -129,9 +132,24 @@ def run_sublayers(args: argparse.Namespace, layers: list[int], branches: dict[st
             check_decilm(config, ffn_mult=export.format == "decilm")
 
     loaded = load_from_args(args, check_config=check)
-    removed = prune(loaded, layers, attention=branches[ATTENTION], mlp=branches[MLP])
+    removed = cut_branches(loaded, layers, branches[ATTENTION], branches[MLP], args, repair)
     finish(loaded, args, removed)
     return 0
+
+
+def cut_branches(loaded: LoadedModel, layers: list[int], attention: list[int], mlp: list[int],
+                 args: argparse.Namespace, repair: RepairConfig | None, reason: str = "layers named by the user",
+                 calibration: Any = None) -> list[int]:
+    """Remove whole ``layers`` and the named branches; with ``repair`` (``--compensate``), repair the cut
+    (checked before any data is read); returns the layers that went whole."""
+    if repair is None:
+        return prune(loaded, layers, reason, attention=attention, mlp=mlp)
+    check_branch_repair(loaded, layers, attention, mlp, repair.repairer.name, repair.options)
+    rows = calibration if calibration is not None else calibration_rows(loaded, args)
+    whole = plan_branch_removal(present_branches(loaded.model, loaded.adapter), layers, attention, mlp)
+    report = compensate(loaded, layers, data=rows, reason=reason, attention=attention, mlp=mlp, **dict(repair))
+    record_compensation(loaded, args, report.summary, report.seconds)
+    return whole
 
 
 def needs_model_in_memory(args: argparse.Namespace, ignore_gguf: bool = False) -> bool:
@@ -213,14 +231,17 @@ def run_scored(args: argparse.Namespace) -> int:
     if not args.remove:
         raise UsageError(f"--metric {args.metric} needs --remove to say how many layers go (e.g. --remove 25%)")
     scoring = scoring_from_args(args, [args.metric])
-    if scoring.granularity == "sublayer" and args.compensate:
-        raise UsageError("--compensate repairs a cut of whole layers; drop it with --granularity sublayer")
     metric = scoring.metrics[0]
     check_calibration_args(args)
     selecting = selection_from_args(args)
     check_layers = remove_check(selecting.remove)
     check_generate(args)
     repair = repair_from_args(args)
+    if scoring.granularity == "sublayer" and repair is not None:
+        repair.repairer.check_branch_cuts()
+        if STRATEGIES.get(selecting.strategy).rescores:
+            raise UsageError(f"--strategy {selecting.strategy} with --compensate re-scores whole layers after each "
+                             "repaired step; at --granularity sublayer choose another --strategy")
     check_output_path(args.out, overwrite=args.overwrite, protected=input_paths(args))
     loaded = load_from_args(args, check_config=check_layers)
     reason = f"{metric} scores, {selecting.strategy} selection"
@@ -243,7 +264,8 @@ def run_scored(args: argparse.Namespace) -> int:
         assert chosen is not None, "run_scored refuses a missing --remove before scoring"
         selection = chosen
         if selection.units:  # branches: the cut of --attention/--mlp
-            removed = prune(loaded, reason=reason, attention=selection.branches(ATTENTION), mlp=selection.branches(MLP))
+            removed = cut_branches(loaded, [], selection.branches(ATTENTION), selection.branches(MLP), args, repair,
+                                   reason=reason, calibration=calibration if repair_rows else None)
         else:
             removed = cut(loaded, selection.remove, args, repair, reason=reason,
                           calibration=calibration if repair_rows else None)
