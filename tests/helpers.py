@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -64,6 +66,18 @@ def write_corpus(path: Path, documents: int = 200) -> Path:
     """A small plain-text corpus (blank-line separated notes) for calibration, healing and evaluation."""
     path.write_text("\n\n".join(f"Note {i}: the value {i * 7} follows {i}." for i in range(documents)))
     return path
+
+
+def script_module(path: Path, name: str) -> ModuleType:
+    """A script (a benchmark, a docs generator) imported as the module ``name``, registered in
+    ``sys.modules`` (a dataclass in it looks its module up there), so a test can call its functions
+    and replace its globals."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, f"{path} is no Python file"
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def search_folder(folder: Path, loaded: LoadedModel) -> dict[str, Path]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 import shlex
 from pathlib import Path
@@ -11,14 +10,13 @@ from pathlib import Path
 import pytest
 
 from layerprune.cli.main import build_parser
+from tests.helpers import script_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_api_reference_is_current() -> None:
-    spec = importlib.util.spec_from_file_location("gen_api", ROOT / "docs" / "gen_api.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = script_module(ROOT / "docs" / "gen_api.py", "gen_api")
     assert (ROOT / "docs" / "api.md").read_text() == module.render(), "run: python docs/gen_api.py"
 
 

@@ -4,7 +4,6 @@ resident set during the repair alone (the models loaded before it do not count).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from tests.helpers import save_tiny_checkpoint
+from tests.helpers import save_tiny_checkpoint, script_module
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_compensation.py"
 
@@ -22,9 +21,7 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_compensation
 def bench(tmp_path, monkeypatch) -> ModuleType:
     from layerprune.healing import replacement
 
-    spec = importlib.util.spec_from_file_location("bench_compensation_under_test", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = script_module(BENCH, "bench_compensation_under_test")
     monkeypatch.setattr(module, "cache_dir", lambda: tmp_path / "cache")
     monkeypatch.setattr(replacement, "cache_dir", lambda: tmp_path / "cache")  # its trained pairs
     return module

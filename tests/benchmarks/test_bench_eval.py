@@ -4,7 +4,6 @@ clock the test controls, so the expected figures are known before the benchmark 
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import save_tiny_checkpoint
+from tests.helpers import save_tiny_checkpoint, script_module
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_eval.py"
 
@@ -23,9 +22,7 @@ TURNS = {"lm-eval HFLM": [9.0, 5.0, 3.0], "scored positions": [4.0, 2.0, 1.0]}
 
 def test_both_scorers_take_turns_on_the_suite_requests_and_agree(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = importlib.util.spec_from_file_location("bench_eval_under_test", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = script_module(BENCH, "bench_eval_under_test")
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
     clock = SimpleNamespace(now=0.0)
     turns = {label: iter(seconds) for label, seconds in TURNS.items()}

@@ -4,7 +4,6 @@ leaves the study's cache alone; and the comparisons' reading against RP on const
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 
@@ -12,7 +11,7 @@ import pytest
 
 import layerprune as lp
 from layerprune.evaluation.fidelity import dataset_fidelity
-from tests.helpers import save_tiny_checkpoint
+from tests.helpers import save_tiny_checkpoint, script_module
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fidelity_reread.py"
 
@@ -22,9 +21,7 @@ def reread(tmp_path, monkeypatch) -> ModuleType:
     """The script as a module whose cells (and the study's) live in a temporary cache."""
     from layerprune.healing import replacement
 
-    spec = importlib.util.spec_from_file_location("fidelity_reread_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = script_module(SCRIPT, "fidelity_reread_under_test")
     for owner in (module, module.study, replacement):
         monkeypatch.setattr(owner, "cache_dir", lambda: tmp_path / "cache")
     return module

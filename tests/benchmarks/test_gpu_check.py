@@ -3,27 +3,21 @@ to run without CUDA, and a dry run of every step on a tiny checkpoint (``--devic
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
-from tests.helpers import save_tiny_checkpoint
+from tests.helpers import save_tiny_checkpoint, script_module
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
 
 
 @pytest.fixture(scope="module")
 def gpu_check() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gpu_check_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return script_module(SCRIPT, "gpu_check_under_test")
 
 
 def test_score_error_is_relative_to_the_largest_reference_value(gpu_check) -> None:

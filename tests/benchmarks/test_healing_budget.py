@@ -3,12 +3,12 @@ in order, and the figure passes the figure checks (every series drawn, labelled,
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from tests.helpers import script_module
 from tests.reporting.figure_checks import check_figure
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "healing_budget.py"
@@ -16,10 +16,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "healing_budget.py
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("healing_budget_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module(SCRIPT, "healing_budget_under_test")
 
 
 def _point(method: str, data: str, tokens: int, kl: float, ppl: float) -> dict:

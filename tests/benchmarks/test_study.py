@@ -4,7 +4,6 @@ that computes nothing. The real grid takes hours; its logic is checked here in a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -13,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.helpers import save_tiny_checkpoint
+from tests.helpers import save_tiny_checkpoint, script_module
 
 STUDY = Path(__file__).resolve().parents[2] / "benchmarks" / "study.py"
 
@@ -24,9 +23,7 @@ def study(tmp_path, monkeypatch) -> ModuleType:
     data stays in the shared cache: it is the real wiki-sample and sentiment data)."""
     from layerprune.healing import replacement
 
-    spec = importlib.util.spec_from_file_location("study_under_test", STUDY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = script_module(STUDY, "study_under_test")
     monkeypatch.setattr(module, "cache_dir", lambda: tmp_path / "cache")
     monkeypatch.setattr(replacement, "cache_dir", lambda: tmp_path / "cache")
     return module

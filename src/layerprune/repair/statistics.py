@@ -150,9 +150,6 @@ def collect_statistics(model: nn.Module, adapter: ArchitectureAdapter, runs: lis
             run.add(branch, captured["entering", run.start], rows(_hidden_output(output).detach()), keep_tokens)
         return hook
 
-    def finish_pass(module: nn.Module, args: tuple, output: Any) -> None:
-        raise _Finished  # registered last: every run ending at the deepest layer has been summed
-
     handles = []
     for start in branch_starts:
         handles.append(branch_module(layers[start - 1], adapter).register_forward_hook(keep_branch(start)))
@@ -160,7 +157,22 @@ def collect_statistics(model: nn.Module, adapter: ArchitectureAdapter, runs: lis
         handles.append(layers[start].register_forward_pre_hook(keep_input(start), with_kwargs=True))
     for run in stats:
         handles.append(layers[run.end - 1].register_forward_hook(finish_run(run)))
-    handles.append(layers[last_layer].register_forward_hook(finish_pass))
+    handles.append(layers[last_layer].register_forward_hook(finish_pass))  # last: every run has been summed
+    run_until_finished(model, batches, handles, real, captured)
+    return stats
+
+
+def finish_pass(module: nn.Module, args: tuple, output: Any) -> None:
+    """A forward hook on the deepest layer a collection reads: registered last, it ends the pass once
+    everything is captured, so no batch runs the layers below it."""
+    raise _Finished
+
+
+def run_until_finished(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+                       handles: list[Any], real: dict[str, torch.Tensor], captured: dict[Any, Any]) -> None:
+    """Run every batch through ``model`` with the collection's ``handles`` registered, ``real["mask"]``
+    set to the batch's real (not padding) positions and ``captured`` emptied before each, then remove
+    the handles whatever happens."""
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
@@ -174,7 +186,6 @@ def collect_statistics(model: nn.Module, adapter: ArchitectureAdapter, runs: lis
     finally:
         for handle in handles:
             handle.remove()
-    return stats
 
 
 def stream_position(unit: int) -> str:
@@ -229,21 +240,6 @@ def collect_unit_statistics(model: nn.Module, adapter: ArchitectureAdapter, runs
             norm = layers[index].get_submodule(adapter.pre_mlp_norm)
             handles.append(norm.register_forward_pre_hook(keep(position, first_argument), with_kwargs=True))
 
-    def finish_pass(module: nn.Module, args: tuple, output: Any) -> None:
-        raise _Finished
-
-    handles.append(layers[last_layer].register_forward_hook(finish_pass))  # registered last: after every capture
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for input_ids, attention_mask in batches:
-                real["mask"] = attention_mask.reshape(-1).to(device).bool()
-                streams.clear()
-                try:
-                    model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
-                except _Finished:
-                    pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    handles.append(layers[last_layer].register_forward_hook(finish_pass))  # last: after every capture
+    run_until_finished(model, batches, handles, real, streams)
     return stats
