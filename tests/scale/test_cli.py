@@ -138,3 +138,5 @@ def test_score_streaming_equals_score_in_memory(tmp_path: Path, capsys: pytest.C
     assert (streamed["data"]["batch_size"], memory["data"]["batch_size"]) == (1, 8)  # streaming saves memory by default
     assert main([*common[:-2], "--iterative", "--streaming"]) == 2
     assert "re-scores the pruned model in memory" in capsys.readouterr().err
+    assert main([*common, "--granularity", "sublayer", "--streaming", "--output", str(tmp_path / "branches.json")]) == 2
+    assert "layer streaming scores whole layers" in capsys.readouterr().err and not (tmp_path / "branches.json").exists()

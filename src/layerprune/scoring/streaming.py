@@ -44,7 +44,7 @@ from layerprune.models.loading import LoadedModel, resolve_dtype
 from layerprune.models.shards import checkpoint_shards, layer_key_prefix, load_checkpoint_config, read_header
 from layerprune.scoring.base import METRICS, LayerPass, ScoringContext, metric_options
 from layerprune.scoring.forward import Head, LayerCall, check_finite, next_token_targets, replay_layer
-from layerprune.scoring.config import DEFAULT_SCORE
+from layerprune.scoring.config import DEFAULT_SCORE, ScoreConfig
 from layerprune.scoring.report import ScoreReport, check_score_options, describe_data
 
 _ROW_CHUNK = 4096  # embedding rows read at a time when gathering the used ones
@@ -283,8 +283,13 @@ loaded once whatever the batch, so larger batches buy little speed for the activ
 streaming exists to save."""
 
 
-def check_streamable(names: list[str]) -> None:
-    """Refuse metrics that cannot run layer by layer, with each one's reason (its ``streaming_refusal``)."""
+def check_streamable(config: ScoreConfig) -> None:
+    """Refuse what cannot run layer by layer: branches (streaming holds one whole layer at a time) and
+    metrics that cannot, each with its reason (its ``streaming_refusal``)."""
+    if config.granularity != "layer":
+        config.refuse("granularity", "sublayer: layer streaming scores whole layers; score the branches in memory "
+                                     "(without --streaming)")
+    names = list(config.metrics)
     refused = {n: METRICS.get(n).streaming_refusal for n in names if METRICS.get(n).streaming_refusal}
     if refused:
         streamable = [n for n in METRICS.names() if not METRICS.get(n).streaming_refusal]
@@ -315,10 +320,8 @@ def stream_score(
     what streaming exists to save. ``dtype`` is the compute dtype (float32 on CPU by default, as ``load_model``).
     """
     config = check_score_options(metrics, batch_size, granularity, **options)
-    if config.granularity != "layer":
-        config.refuse("granularity", "sublayer: layer streaming scores whole layers; score the branches in memory")
+    check_streamable(config)
     names = list(config.metrics)
-    check_streamable(names)
     wanting = [n for n in names if METRICS.get(n).needs_data]
     if wanting and calibration is None:
         raise UsageError(f"metrics {', '.join(wanting)} need calibration data; pass calibration rows (e.g. "

@@ -31,9 +31,7 @@ from layerprune.selection import DEFAULT_SELECT, STRATEGIES, select
 def stream_from_args(args: argparse.Namespace, scoring: ScoreConfig, strategy: str,
                      check_layers: Callable[[PretrainedConfig], None]) -> ScoreReport:
     """``--streaming``: :func:`layerprune.scoring.streaming.stream_score`; the model is never whole in memory."""
-    check_streamable(list(scoring.metrics))
-    if scoring.granularity != "layer":
-        raise UsageError("--streaming scores whole layers; drop --granularity sublayer or drop --streaming")
+    check_streamable(scoring)
     if STRATEGIES.get(strategy).rescores:
         raise UsageError(f"--strategy {strategy} re-scores the pruned model in memory; drop it or drop --streaming")
     folder = safetensors_folder(args, "--streaming")
