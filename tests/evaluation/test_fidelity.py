@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 import torch
 
+from layerprune.api import save
 from layerprune.cli.main import main
 from layerprune.errors import OptionError
 from layerprune.evaluation import evaluate
-from layerprune.evaluation.fidelity import TopKDistribution, fidelity, token_agreement, token_kl
+from layerprune.evaluation.fidelity import fidelity, token_agreement, token_kl
 from layerprune.evaluation.intervals import ratio_interval
 from layerprune.evaluation.perplexity import windows
-from layerprune.api import save
 from layerprune.models.editing import prune
 from layerprune.models.loading import load_model
+from layerprune.searching.fitness import TopK, kl_top_k
 from tests.helpers import save_tiny_checkpoint, tiny_loaded
 
 SEQ_LEN = 16
@@ -59,17 +60,18 @@ def test_top_k_form_is_the_coarsened_kl_with_the_stated_gap() -> None:
     generator = torch.Generator().manual_seed(3)
     reference, candidate = torch.randn(2, 7, 50, generator=generator), torch.randn(2, 7, 50, generator=generator)
     exact = token_kl(reference, candidate)
-    whole = TopKDistribution.of(reference, 50)
-    assert torch.allclose(whole.kl(candidate), exact, atol=1e-5)
-    compact = TopKDistribution.of(reference, 5)
+    log_p, log_q = torch.log_softmax(reference, -1), torch.log_softmax(candidate, -1)
+    whole = TopK.of(log_p, 50)
+    assert torch.allclose(kl_top_k(whole, log_q), exact, atol=1e-5)
+    compact = TopK.of(log_p, 5)
     p, q = torch.softmax(reference.double(), -1), torch.softmax(candidate.double(), -1)
-    tail = torch.ones_like(p, dtype=torch.bool).scatter(-1, compact.ids, False)
+    tail = torch.ones_like(p, dtype=torch.bool).scatter(-1, compact.indices, False)
     p_tail, q_tail = (p * tail).sum(-1), (q * tail).sum(-1)
     within = ((p / p_tail[..., None]) * ((p / p_tail[..., None]).log() - (q / q_tail[..., None]).log()) * tail).sum(-1)
     assert torch.allclose(compact.log_tail.exp().double(), p_tail, atol=1e-6)
-    assert torch.allclose((exact.double() - compact.kl(candidate).double()), p_tail * within, atol=1e-4)
-    assert (compact.kl(candidate) <= exact + 1e-5).all()
-    assert torch.equal(compact.agreement(candidate), token_agreement(reference, candidate))
+    assert torch.allclose((exact.double() - kl_top_k(compact, log_q).double()), p_tail * within, atol=1e-4)
+    assert (kl_top_k(compact, log_q) <= exact + 1e-5).all()
+    assert torch.equal(candidate.argmax(-1) == compact.indices[..., 0], token_agreement(reference, candidate))
 
 
 def test_window_interval_covers_the_known_mean_at_about_95_percent() -> None:

@@ -6,14 +6,11 @@ what a cut loses is its distance from the original, token by token: the KL diver
 KL(original || candidate) of the next-token distributions, which EvoPress ranks cuts by, and the
 share of positions where both models' most likely next token agree (top-1 agreement).
 
-This module holds the primitives, on logits, so that evaluation (``eval --fidelity``) and a search
-that ranks candidate cuts by fidelity compute the same numbers:
+This module holds the primitives, on logits (a search that scores many cuts against one stored pass
+of the original keeps it in top-k form instead: :mod:`layerprune.searching.fitness`):
 
 * :func:`token_kl` / :func:`token_agreement`: per position, from two models' logits;
 * :func:`window_fidelity`: per window, the sums the bootstrap resamples;
-* :class:`TopKDistribution`: the reference's distributions kept as their top-k log-probs and the
-  mass left over, so a search can score many candidates against one stored reference pass
-  (a lower bound of the KL with a known gap, and the exact top-1 agreement);
 * :func:`fidelity`: every candidate against one reference on perplexity's windows, with 95%
   bootstrap intervals over windows (``evaluation.intervals.ratio_interval``).
 """
@@ -62,53 +59,6 @@ def window_fidelity(reference_logits: torch.Tensor, candidate_logits: torch.Tens
         kl.append(float(token_kl(reference, candidate).double().sum()))
         agreed.append(int(token_agreement(reference, candidate).sum()))
     return kl, agreed
-
-
-@dataclass(frozen=True)
-class TopKDistribution:
-    """The reference's next-token distributions, kept compact: at each position the ``k`` most
-    likely tokens (``ids``), their log-probabilities (``log_probs``, descending) and the log of the
-    probability mass of all other tokens (``log_tail``; ``-inf`` when ``k`` is the vocabulary).
-
-    A search scores many candidates against one original; storing its full distributions costs
-    ``positions x vocab`` floats (a 49k vocabulary: 200 kB per token), top-k ``2k + 1`` numbers.
-    :meth:`kl` is then the KL of the two distributions coarsened to the k tokens plus one "other"
-    bucket. Coarsening never increases a KL (data processing), and the gap is exactly
-    ``P_tail x KL(P | tail || Q | tail)``: the reference's tail mass times the KL between the two
-    models' distributions within the tail. So the compact KL is a lower bound, exact when the
-    candidate keeps the reference's tail proportions, and never more than ``P_tail`` times the
-    tail's divergence below the true value (``P_tail`` is stored: the bound is known per position).
-    :meth:`agreement` is exact (the reference's top-1 token is ``ids[..., 0]``).
-    """
-
-    ids: torch.Tensor
-    log_probs: torch.Tensor
-    log_tail: torch.Tensor
-
-    @classmethod
-    def of(cls, logits: torch.Tensor, k: int) -> TopKDistribution:
-        """The top-``k`` form of the distributions ``softmax(logits)`` (``[..., vocab]``)."""
-        if not 1 <= k <= logits.shape[-1]:
-            raise UsageError(f"k must be between 1 and the vocabulary size {logits.shape[-1]}, got {k}")
-        log_probs, ids = F.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
-        kept = torch.logsumexp(log_probs, dim=-1)
-        log_tail = torch.log1p(-kept.exp().clamp(max=1.0)) if k < logits.shape[-1] else torch.full_like(kept, -math.inf)
-        return cls(ids, log_probs, log_tail)
-
-    def kl(self, candidate_logits: torch.Tensor) -> torch.Tensor:
-        """KL(reference || candidate) of the coarsened distributions at every position (a lower
-        bound of :func:`token_kl`; see the class docstring)."""
-        candidate = F.log_softmax(candidate_logits.float(), dim=-1)
-        chosen = candidate.gather(-1, self.ids)
-        head = (self.log_probs.exp() * (self.log_probs - chosen)).sum(dim=-1)
-        candidate_tail = torch.logsumexp(candidate.scatter(-1, self.ids, -math.inf), dim=-1)
-        has_tail = torch.isfinite(self.log_tail)
-        tail = torch.where(has_tail, self.log_tail.exp() * (self.log_tail - candidate_tail), torch.zeros_like(head))
-        return head + tail
-
-    def agreement(self, candidate_logits: torch.Tensor) -> torch.Tensor:
-        """Whether the candidate's most likely token is the reference's, at every position."""
-        return candidate_logits.argmax(dim=-1) == self.ids[..., 0]
 
 
 @dataclass(frozen=True)
