@@ -12,7 +12,7 @@ builds them; that is what lets ``ppl`` restart from a cached layer input.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, NamedTuple
 
 import torch
@@ -143,14 +143,11 @@ def replay_from(layers: nn.ModuleList, recorded: RecordedPass, start: int, skip:
     family's ``adapter``), which is what a model with that branch removed computes there."""
     hidden = recorded.inputs[start]
     zeroed = zeroed or {}
+    assert adapter is not None or not zeroed, "a zeroed branch is found through the family's adapter"
     for index in range(start, len(layers)):
         if index in skip:
             continue
-        if index in zeroed:
-            assert adapter is not None, "a zeroed branch is found through the family's adapter"
-            with branch_zeroed(layers[index], adapter, zeroed[index]):
-                hidden = replay_layer(layers[index], hidden, *recorded.calls[index])
-        else:
+        with branch_zeroed(layers[index], adapter, zeroed[index]) if index in zeroed else nullcontext():
             hidden = replay_layer(layers[index], hidden, *recorded.calls[index])
     return hidden
 

@@ -235,8 +235,7 @@ class Evolution:
             elif len(self.scored[cut].batches) < self.batch_count:
                 stopped += 1
         assert best is not None, "a competition without a parent has a contender that reaches every batch"
-        self._work.update(contenders=len(contenders), cache_hits=len(ready.intersection(contenders)),
-                          stopped_early=stopped)
+        self._work.update(cache_hits=len(ready.intersection(contenders)), stopped_early=stopped)
         self._contenders = contenders
         return best
 
@@ -256,7 +255,7 @@ class Evolution:
         improved = best != self.parent
         self.parent = best
         work, self._work = self._work, {}
-        generation = Generation(index, self.fitness(best), improved, work.get("contenders", 0),
+        generation = Generation(index, self.fitness(best), improved, len(self._contenders),
                                 work.get("evaluations", 0), work.get("cache_hits", 0), work.get("stopped_early", 0),
                                 work.get("tokens", 0), work.get("layer_tokens", 0),
                                 work.get("prefix_free_layer_tokens", 0), naive, seconds, work.get("left_out", 0))
@@ -283,8 +282,8 @@ def evolve(original: CachedOriginal, budget: UnitBudget, known: list[Cut], *, ge
     """Run the evolution (see the module docstring) from ``known`` cuts plus random ones (``offspring``
     of them at least), for ``generations`` or until ``keep_going(estimated seconds of the next step,
     what the step is)`` says no, asked before each generation and before each initial cut after the
-    first (the initial population is bounded too, the known cuts first); ``seed`` makes it reproducible. Returns the state: ``full()`` ranks what
-    was scored."""
+    first (the initial population is bounded too, the known cuts first); ``seed`` makes it
+    reproducible. Returns the state: ``full()`` ranks what was scored."""
     run = Evolution(original, budget, random.Random(seed))
     started = clock()
     population = initial_population(budget, known, len(known) + offspring, run.rng)
