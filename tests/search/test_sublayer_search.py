@@ -262,8 +262,9 @@ def test_a_recipe_that_repairs_named_branches_is_refused_before_it_runs(construc
 
 def removed_shape(original: torch.nn.Module, cut: torch.nn.Module) -> tuple[int, int, int]:
     """Whole layers, lone attentions and lone MLPs ``cut`` lacks, read off the model itself."""
+    modules = list(cut.modules())
     return (original.config.num_hidden_layers - cut.config.num_hidden_layers,
-            sum(isinstance(m, RemovedAttention) for m in cut.modules()), sum(isinstance(m, RemovedMLP) for m in cut.modules()))
+            sum(isinstance(m, RemovedAttention) for m in modules), sum(isinstance(m, RemovedMLP) for m in modules))
 
 
 def fake_speedup(shape: tuple[int, int, int]) -> TimedSpeedup:

@@ -193,8 +193,9 @@ def measure_efficiency(models: dict[str, PreTrainedModel], workload: Workload = 
     Returns per model: parameters, disk_bytes (with ``disk``), prefill/decode tokens/s (medians),
     FLOPs per token, the KV cache per token at the middle of the decode (:func:`decode_context`,
     also recorded) and its ratio to the first model's (``None`` when the first caches nothing),
-    peak_memory_bytes (with ``memory``), and for the others measured and FLOP-ideal speed-ups. Both footprints save the model to a scratch folder, which for a
-    speed-only caller (a study timing dozens of models) is seconds of writing per model for nothing.
+    peak_memory_bytes (with ``memory``), and for the others measured and FLOP-ideal speed-ups. Both
+    footprints save the model to a scratch folder, which for a speed-only caller (a study timing
+    dozens of models) is seconds of writing per model for nothing.
     """
     if not models:
         raise UsageError("efficiency needs at least one model")

@@ -70,8 +70,8 @@ def layers_for_speedup(loaded: LoadedModel, target: float, workload: Workload = 
 
 
 def sublayer_cuts_reaching(loaded: LoadedModel, plain: list[Candidate], target: float,
-                           workload: Workload = SEARCH_WORKLOAD
-                           ) -> tuple[list[Candidate], list[tuple[Candidate, TimedSpeedup, str]], dict[Shape, TimedSpeedup]]:
+                           workload: Workload = SEARCH_WORKLOAD) -> tuple[
+        list[Candidate], list[tuple[Candidate, TimedSpeedup, str]], dict[Shape, TimedSpeedup]]:
     """For a target decode speed-up of ``target``: the plain (unrepaired) candidates to rank, the sub-layer
     ones whose own speed-up falls short (each with it and why, not ranked), and the speed-ups timed, by
     shape, for the ranking to reuse.
