@@ -15,11 +15,18 @@ import torch
 import layerprune as lp
 from layerprune.cli.main import main
 from layerprune.errors import UsageError
-from layerprune.repair import compensate
+from layerprune.repair import branch_unit_runs, compensate
 from layerprune.repair.linear import solve_linear_map
 from layerprune.repair.statistics import collect_unit_statistics
 from tests.helpers import save_tiny_checkpoint, tiny_loaded, write_corpus
-from tests.repair.test_branch_rescale import ATTENTION_ADDED, CALIBRATION, NUM_LAYERS, layers_of, rows, streams
+from tests.repair.test_branch_rescale import (
+    ATTENTION_ADDED,
+    CALIBRATION,
+    NUM_LAYERS,
+    layers_of,
+    rows,
+    streams,
+)
 
 # What each family's attention adds to the residual (before Granite's residual_multiplier), written down here.
 ATTENTION_OUTPUT = {**ATTENTION_ADDED, "granite": "self_attn.o_proj"}
@@ -52,8 +59,9 @@ def unit_name(unit: int) -> str:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_map_of_every_run_equals_lstsq_on_independently_captured_streams(family: str) -> None:
-    (layers, attention, mlp), runs = SCATTERED
+    cut, runs = SCATTERED
     loaded, data = tiny_loaded(family, NUM_LAYERS), rows()
+    assert branch_unit_runs(loaded, *cut) == runs
     states = streams(loaded.model, family, data.input_ids, ATTENTION_OUTPUT)
     collected = collect_unit_statistics(loaded.model, loaded.adapter, runs,
                                         iter([(data.input_ids, data.attention_mask)]), linear=True)

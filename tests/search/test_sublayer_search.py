@@ -36,7 +36,7 @@ from layerprune.records import SCHEMA_DIR, schema_file
 from layerprune.scoring import rescorer
 from layerprune.scoring.report import unit_parameters
 from layerprune.searching import SearchDocument
-from layerprune.searching.candidates import cut
+from layerprune.searching.candidates import cut as search_cut
 from layerprune.searching.evolution import branch_budget
 from layerprune.searching.fitness import CachedOriginal, TopK, kl_top_k
 from layerprune.searching.report import recipe_document
@@ -288,7 +288,7 @@ def test_the_recipe_of_a_repaired_sublayer_winner_replays_to_the_weights_the_sea
     replay = lp.run_recipe(recipe, tmp_path / "replay", allowed_paths=[corpus["folder"]], log=lambda line: None)
     loaded = lp.load_model(corpus["model"])
     rows = calibrate(loaded.tokenizer, config, max_positions=loaded.model.config.max_position_embeddings)
-    lp.save(cut(loaded, repaired.tried[index].candidate, rows, 4), tmp_path / "searched")
+    lp.save(search_cut(loaded, repaired.tried[index].candidate, rows, 4), tmp_path / "searched")
     expected, got = weights(tmp_path / "searched"), weights(replay / "model")
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     (repair,) = json.loads((replay / "model" / "layerprune.json").read_text())["repairs"]
