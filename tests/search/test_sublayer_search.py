@@ -4,8 +4,9 @@ A constructed model whose attention branches can all go for free while every MLP
 the best cut of a layer's worth of parameters is made of branches and no whole-layer cut comes close;
 the fitness of a branch cut against a full forward of the model with those branches removed in memory,
 for every family whose branches can be told apart; the branch budget kept by every mutation and met
-by every heuristic selection; the recipe that replays a sub-layer winner; a target speed-up that sets
-aside the sub-layer cuts short of it; bad input refused.
+by every heuristic selection; the recipe that replays a sub-layer winner, repaired or not; the repairs
+that repair a cut of branches (rescale, replace-linear) tried on the sub-layer candidates, merge recorded
+as refused; a target speed-up that sets aside the sub-layer cuts short of it; bad input refused.
 """
 
 from __future__ import annotations
@@ -13,33 +14,38 @@ from __future__ import annotations
 import importlib
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import jsonschema
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import layerprune as lp
 from layerprune.cli.main import main
-from layerprune.data import CalibrationConfig
+from layerprune.data import CalibrationConfig, calibrate
 from layerprune.evaluation.efficiency import TimedSpeedup, Workload, flops_per_token
-from layerprune.models.sublayers import RemovedAttention, RemovedMLP
-from layerprune.searching import speed as speed_module
 from layerprune.models.architectures import adapter_for
+from layerprune.models.export import ExportConfig
 from layerprune.models.lineage import count_parameters
 from layerprune.models.loading import LoadedModel
+from layerprune.models.sublayers import RemovedAttention, RemovedMLP
 from layerprune.models.tiny import byte_tokenizer, tiny_config
 from layerprune.records import SCHEMA_DIR, schema_file
 from layerprune.scoring import rescorer
 from layerprune.scoring.report import unit_parameters
 from layerprune.searching import SearchDocument
+from layerprune.searching import speed as speed_module
+from layerprune.searching.candidates import cut as search_cut
 from layerprune.searching.evolution import branch_budget
 from layerprune.searching.fitness import CachedOriginal, TopK, kl_top_k
+from layerprune.searching.report import recipe_document
 from layerprune.selection import parameter_budget
 from tests.core.test_sublayers import SUBLAYER_FAMILIES
-from tests.helpers import search_folder, save_tiny_checkpoint, tiny_loaded, write_corpus
+from tests.helpers import search_folder, save_tiny_checkpoint, tiny_loaded
 
 QUICK = Workload(prompt_len=8, new_tokens=2, repeats=1, warmup=0)
 CANCELLING_MLPS = ((0, 5), (1, 4), (2, 3))
@@ -252,10 +258,50 @@ def test_bad_sublayer_search_input_exits_2_and_writes_nothing(constructed, tmp_p
         assert not out.exists()
 
 
-def test_a_recipe_that_repairs_named_branches_is_refused_before_it_runs(constructed, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def repaired(corpus: dict[str, Path]) -> lp.SearchRecord:
+    """A sub-layer search of the tiny random llama (conftest's) with every training-free repair."""
+    return searched(corpus, "repaired", granularity="sublayer")
+
+
+def test_a_sublayer_search_repairs_branch_cuts_with_the_methods_that_can(repaired: lp.SearchRecord) -> None:
+    branch_cuts = [t.candidate for t in repaired.tried if t.candidate.removes_branches]
+    assert {candidate.repair for candidate in branch_cuts} == {None, "rescale", "replace-linear"}
+    merges = [entry for entry in repaired.skipped if entry["repair"] == "merge"]
+    assert merges and all(entry["removed_attention"] or entry["removed_mlp"] for entry in merges)
+    for entry in merges:
+        assert "whole layers only" in entry["reason"] and "replace-linear" in entry["reason"], entry["reason"]
+    saved = json.loads((repaired.out / "search.json").read_text())
+    assert any(entry["repair"] == "merge" for entry in saved["skipped_repairs"])
+
+
+@pytest.mark.parametrize("method", ["rescale", "replace-linear"])
+def test_the_recipe_of_a_repaired_sublayer_winner_replays_to_the_weights_the_search_cut(
+        method: str, repaired: lp.SearchRecord, corpus: dict[str, Path], tmp_path: Path) -> None:
+    """Were a repaired cut of branches the winner, the recipe the search writes for it (the recipe of
+    the record with that winner) gives the weights of the search's own cut of it."""
+    index = next(i for i, t in enumerate(repaired.tried)
+                 if t.candidate.removes_branches and t.candidate.repair == method)
+    config = calibration(corpus)
+    document = recipe_document(replace(repaired, winner_index=index), str(corpus["model"]), config.record(), 4, {}, {},
+                               ExportConfig())
+    assert document["repair"]["method"] == method and "score" not in document
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"model: {constructed['model']}\nselect:\n  attention: [1, 2]\nrepair:\n  method: rescale\n")
-    with pytest.raises(lp.UsageError, match="single branches"):
+    recipe.write_text(yaml.safe_dump(document, sort_keys=False))
+    replay = lp.run_recipe(recipe, tmp_path / "replay", allowed_paths=[corpus["folder"]], log=lambda line: None)
+    loaded = lp.load_model(corpus["model"])
+    rows = calibrate(loaded.tokenizer, config, max_positions=loaded.model.config.max_position_embeddings)
+    lp.save(search_cut(loaded, repaired.tried[index].candidate, rows, 4), tmp_path / "searched")
+    expected, got = weights(tmp_path / "searched"), weights(replay / "model")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    (repair,) = json.loads((replay / "model" / "layerprune.json").read_text())["repairs"]
+    assert repair["method"] == method and all(run["units"] for run in repair["runs"])
+
+
+def test_a_recipe_that_repairs_named_branches_with_merge_is_refused_before_it_runs(constructed, tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {constructed['model']}\nselect:\n  attention: [1, 2]\nrepair:\n  method: merge\n")
+    with pytest.raises(lp.UsageError, match="merge repairs a cut of whole layers only"):
         lp.run_recipe(recipe, tmp_path / "run", allowed_paths=[constructed["folder"]], log=lambda line: None)
     assert not (tmp_path / "run").exists()
 

@@ -12,8 +12,8 @@ Steps, each sharing what it can with the others:
 2. every metric's selection under every strategy, de-duplicated by the layers removed (the
    iterative selections share one re-scoring per smaller model; those of the ``costly`` metrics,
    ``ppl`` and ``taylor``, only with ``exhaustive``), then each distinct cut again with every
-   training-free repair that accepts it (a refusal is recorded with its reason); plain cuts
-   first, then the repairs, cheapest first. With ``granularity`` ``sublayer`` the metrics that
+   training-free repair that accepts it (a cut of branches: ``rescale``, ``replace-linear``; a refusal
+   is recorded with its reason); plain cuts first, then the repairs, cheapest first. With ``granularity`` ``sublayer`` the metrics that
    score branches score each attention and MLP apart and select branches to a parameter budget;
    with ``both`` those selections stand beside the whole-layer ones, at the parameters of the same
    number of whole layers (an evolution then runs over branches, seeded with both). A target
@@ -21,7 +21,8 @@ Steps, each sharing what it can with the others:
    and a cut short of the target is set aside, not ranked (:func:`.speed.sublayer_cuts_reaching`);
 3. each candidate scored on held-out windows (:mod:`.ranking`), dropped early when clearly worse;
    the repairs that read data take their statistics from one pass of the original over the
-   calibration rows, for every run of every candidate at once (:func:`.repair_statistics`);
+   calibration rows, for every run of every whole-layer candidate at once (:func:`.repair_statistics`;
+   a repaired cut of branches reads its own pass);
 4. the winner saved (healed with ``heal`` if asked), with ``search.json``, ``search.md``,
    ``pareto.png`` and a ``recipe.yaml`` that ``layerprune run`` replays to the same weights.
 
