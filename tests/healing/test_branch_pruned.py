@@ -1,20 +1,24 @@
-"""Healing a model that removed single attention and MLP branches: the training methods train it and
-its export keeps its form (transformers repack, decilm); the methods that rebuild the cut from the
-original's whole layers refuse it rather than silently put the removed branches back."""
+"""Healing a model that removed single attention and MLP branches: every method heals it and keeps the
+branches removed. The training methods train it as it is; the methods that rebuild the result from the
+original (the training-free repairs, the replacements) cut the removed branches from the original again.
+The export after healing keeps its form (transformers repack, decilm)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import layerprune as lp
-from layerprune.healing import HEALERS, heal
-from layerprune.models.sublayers import present_branches
+from layerprune.cli.main import main
+from layerprune.healing import heal
+from layerprune.models.sublayers import RemovedAttention, present_branches
+from layerprune.repair import REPAIRS, compensate
 from tests.core.test_decilm import _llama
 from tests.healing.conftest import training_rows
-from tests.helpers import tiny_loaded
+from tests.helpers import save_tiny_checkpoint, tiny_loaded, write_corpus
 
 CUT = dict(layers=[3], attention=[1, 2], mlp=[4])
 """A whole layer, two attentions and an MLP: 5 layers left, 2 without attention, 1 without MLP."""
@@ -55,7 +59,62 @@ def test_a_healed_branch_pruned_model_reloads_in_its_form_with_the_same_logits(m
     assert record["healing"] and record["removed_layers"] == CUT["layers"]
 
 
-@pytest.mark.parametrize("method", [name for name, healer in HEALERS.registered() if healer.rebuilds_from_original])
-def test_a_method_that_rebuilds_from_the_original_refuses_a_branch_cut(method: str) -> None:
-    with pytest.raises(lp.UsageError, match="put back the attention and MLP branches.*heal it with lora"):
-        heal(branch_pruned(tiny_loaded), method, training_rows(), original=tiny_loaded(), steps=1, batch_size=4)
+@pytest.mark.parametrize("method", [name for name, repair in REPAIRS.registered() if repair.branch_cuts])
+def test_a_training_free_repair_heals_a_branch_cut_as_compensate_cuts_and_repairs_the_original(method: str) -> None:
+    rows = training_rows()
+    healed = heal(branch_pruned(tiny_loaded), method, rows, original=tiny_loaded(), batch_size=4)
+    reference = tiny_loaded()  # the cut named by hand, not read from a lineage
+    compensate(reference, CUT["layers"], method, rows, batch_size=4, attention=CUT["attention"], mlp=CUT["mlp"])
+    assert healed.model.state_dict().keys() == reference.model.state_dict().keys()
+    for name, tensor in reference.model.state_dict().items():
+        torch.testing.assert_close(healed.model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    assert healed.lineage["branches"] == reference.lineage["branches"]
+    assert (healed.lineage["removed_attention"], healed.lineage["removed_mlp"]) == (CUT["attention"], CUT["mlp"])
+    assert healed.lineage["healing"][0]["method"] == method and healed.lineage["repairs"][0]["method"] == method
+
+
+def test_heal_merge_refuses_a_branch_cut_with_the_repairs_reason_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    original = save_tiny_checkpoint(tmp_path / "original")
+    pruned = tmp_path / "pruned"
+    assert main(["prune", "--model", str(original), "--attention", "2", "--layers", "4", "--out", str(pruned)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "merged"
+    assert main(["heal", "--model", str(pruned), "--method", "merge", "--data", str(write_corpus(tmp_path / "c.txt")),
+                 "--out", str(out)]) == 2
+    assert "merge repairs a cut of whole layers only" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.usefixtures("pair_cache")
+@pytest.mark.parametrize("export", ["transformers", "decilm"])
+def test_a_replacement_keeps_the_removed_branches_and_reloads_with_the_same_logits(export: str, tmp_path) -> None:
+    pruned = _llama()
+    lp.prune(pruned, [3, 4], attention=[1])
+    healed = heal(pruned, "replace-layer", training_rows(), original=_llama(), steps=3, batch_size=4, lr=1e-2)
+    layers = healed.adapter.decoder_layers(healed.model)
+    assert isinstance(layers[1].self_attn, RemovedAttention)
+    assert present_branches(healed.model, healed.adapter) == [(True, True), (False, True), (True, True),
+                                                              (True, True), (True, True)]
+    assert (healed.lineage["removed_attention"], healed.lineage["removed_layers"]) == ([1], [4])
+    assert healed.lineage["replaced_blocks"][0] | {"note": ""} == {"start": 3, "end": 5, "kind": "layer", "note": ""}
+    original = _llama()
+    kept = original.adapter.decoder_layers(original.model)
+    for index, source in ((0, 0), (2, 2), (4, 5)):  # untouched original layers around the block
+        for name, tensor in kept[source].state_dict().items():
+            torch.testing.assert_close(layers[index].state_dict()[name], tensor, rtol=0, atol=0)
+    torch.testing.assert_close(layers[1].mlp.down_proj.weight, kept[1].mlp.down_proj.weight, rtol=0, atol=0)
+    # the block's trained module in place of layer 3, no longer the copy it started from
+    assert not torch.equal(layers[3].self_attn.q_proj.weight, kept[3].self_attn.q_proj.weight)
+    out = lp.save(healed, tmp_path / "healed", format=export)
+    reloaded = lp.load_model(out)
+    reloaded.model.set_attn_implementation(healed.model.config._attn_implementation)
+    torch.testing.assert_close(logits(reloaded.model), logits(healed.model), rtol=0, atol=0)
+    record = json.loads((out / "layerprune.json").read_text())
+    assert record["removed_attention"] == [1] and record["replaced_blocks"][0]["start"] == 3
+
+
+def test_a_replacement_block_over_a_removed_branch_is_refused() -> None:
+    pruned = tiny_loaded()
+    lp.prune(pruned, [3, 4], attention=[1])
+    with pytest.raises(lp.UsageError, match="1-2 is not a run of removed whole layers.*removed: 3-4"):
+        heal(pruned, "replace-layer", training_rows(), original=tiny_loaded(), block=(1, 3), steps=1, batch_size=4)

@@ -8,22 +8,12 @@ from typing import Any
 import torch
 
 from layerprune.errors import OptionError, UsageError
-from layerprune.healing.base import HEALERS, HealConfig, Healer
+from layerprune.healing.base import HEALERS, HealConfig
 from layerprune.healing.data import TrainingSet, load_training_data
 from layerprune.healing.engine import check_resumable, gather_for_export
 from layerprune.healing.self_generated import self_generated_rows
-from layerprune.models.lineage import ensure_lineage
+from layerprune.models.lineage import ensure_lineage, lineage_cut
 from layerprune.models.loading import LoadedModel, load_model
-
-
-def check_keeps_branch_cuts(loaded: LoadedModel, method: str, healer: Healer) -> None:
-    """Refuse a method that builds its result from the original's whole layers for a model that removed
-    single attention or MLP branches: the result would silently put those branches back."""
-    branches = loaded.lineage.get("branches") or []
-    if healer.rebuilds_from_original and any(None in branch.values() for branch in branches):
-        training = [name for name, other in HEALERS.registered() if not other.rebuilds_from_original]
-        raise UsageError(f"{method} rebuilds the cut from the original's whole layers, which would put back the "
-                         f"attention and MLP branches this model removed; heal it with {', '.join(training)}")
 
 
 def heal(loaded: LoadedModel, method: str | HealConfig, data: str | Path | TrainingSet | None = None, *,
@@ -46,15 +36,18 @@ def heal(loaded: LoadedModel, method: str | HealConfig, data: str | Path | Train
     not take is refused. Instead of the method and its options, ``method`` may be a built
     :class:`HealConfig` (then only a loaded ``original`` may come beside it).
 
-    The partial-ft and LoRA methods heal ``loaded`` in place; the replacement methods build the
-    result from the original's weights and return a new model. Under ``accelerate launch`` every
-    process returns the same model: save it from the main process only. Under FSDP the processes
-    keep their shards, and the main process's model carries the gathered full weights (its
-    ``export_state``), which :func:`layerprune.save` writes.
+    The partial-ft and LoRA methods heal ``loaded`` in place; the replacement methods and the
+    training-free repairs build the result from the original's weights and return a new model. Every
+    method heals a model that removed single attention or MLP branches and keeps them removed: the
+    trained ones train its heterogeneous layers as they are, the rebuilding ones cut the lineage's
+    removed branches from the original again (``merge``, which repairs whole layers only, refuses).
+
+    Under ``accelerate launch`` every process returns the same model: save it from the main process
+    only. Under FSDP the processes keep their shards, and the main process's model carries the
+    gathered full weights (its ``export_state``), which :func:`layerprune.save` writes.
     """
     config = heal_config(method, data, original, **options)
     healer = HEALERS.get(str(config.method))()
-    check_keeps_branch_cuts(loaded, str(config.method), healer)
     healer.check(loaded, config)
     check_resumable(config, config.fingerprint())
     self_generated = config.self_generated and not isinstance(data, TrainingSet)
@@ -116,8 +109,7 @@ def resolve_original(loaded: LoadedModel, original: str | Path | LoadedModel | N
     rebuilds = HEALERS.get(str(config.method)).rebuilds_from_original
     if isinstance(original, LoadedModel):
         return original.copy() if rebuilds else original
-    pruned = bool(loaded.lineage.get("removed_layers"))
-    if original is None and not pruned:
+    if original is None and not lineage_cut(loaded.lineage).removes_anything:
         if rebuilds:
             return loaded
         raise OptionError.about("original", "is needed: this model has no pruning lineage (layerprune.json), so the "

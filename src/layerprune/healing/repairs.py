@@ -1,9 +1,11 @@
 """The training-free repairs as healing methods, so ``layerprune heal --method replace-linear`` works.
 
 Like the replacement methods, they rebuild the result from the original model: the statistics
-must come from the original, and the folds land on its weights before the cut. The removed
-layers are read from the pruned model's lineage, plus any ``--block`` (which also lets an
-unpruned model be cut and repaired in one step).
+must come from the original, and the folds land on its weights before the cut. The cut is read
+from the pruned model's lineage, plus any ``--block`` (which also lets an unpruned model be cut
+and repaired in one step): its removed whole layers and, for a model that removed single attention
+or MLP branches, those branches too, so the result keeps them removed (``rescale`` and
+``replace-linear`` repair such a cut; ``merge`` refuses it, as :func:`compensate` does).
 """
 
 from __future__ import annotations
@@ -16,33 +18,36 @@ from layerprune.healing.base import HEALERS, HealConfig, Healer, HealOutcome, Tr
 from layerprune.healing.data import TrainingSet
 from layerprune.healing.replacement import ReplacementOptions
 from layerprune.models.surgery import consecutive_runs
+from layerprune.models.lineage import LineageCut, lineage_cut
 from layerprune.models.loading import LoadedModel
 from layerprune.repair import REPAIRS, compensate
 from layerprune.repair.base import RepairMethod
 
 
-def removed_layers(loaded: LoadedModel, settings: HealConfig) -> list[int]:
-    """The original layers to cut and repair: the lineage's removed layers and ``--block``."""
+def removed_cut(loaded: LoadedModel, settings: HealConfig) -> LineageCut:
+    """The cut to make and repair on the original: the lineage's removed layers and branches, and ``--block``."""
     lineage = loaded.lineage
     if lineage.get("replaced_blocks") or lineage.get("healing") or lineage.get("repairs"):
         raise UsageError(f"{settings.method} folds its repair into the original weights, but this model was already "
                          "replaced, healed or repaired; start from the plainly pruned checkpoint")
-    removed = set(lineage.get("removed_layers", []))
+    recorded = lineage_cut(lineage)
+    removed = set(recorded.layers)
     block = settings.options.block
-    if block is not None and removed and not set(range(*block)) <= removed:
+    if block is not None and recorded.removes_anything and not set(range(*block)) <= removed:
         # on a pruned model the block names the removed run to repair; cutting more would repair a cut nobody
         # asked for (an unpruned model is cut at the block and repaired in one step)
-        runs = ", ".join(f"{a}-{b - 1}" for a, b in consecutive_runs(sorted(removed)))
+        runs = ", ".join(f"{a}-{b - 1}" for a, b in consecutive_runs(sorted(removed))) or "no whole layers"
         raise OptionError.about("block", f"{block[0]}-{block[1] - 1} is not a removed run of this model (removed: "
                                          f"{runs}); name one of those, or give the unpruned model to cut and repair "
                                          "it in one step")
     if block is not None:
         removed.update(range(*block))
-    if not removed:
+    cut = recorded._replace(layers=sorted(removed))
+    if not cut.removes_anything:
         raise OptionError.about("block", f"is needed: {settings.method} repairs a cut, but this model's layerprune.json "
-                                         "records no removed layers; give the pruned checkpoint, or name the original "
-                                         "layers to cut")
-    return sorted(removed)
+                                         "records no removed layers or branches; give the pruned checkpoint, or name "
+                                         "the original layers to cut")
+    return cut
 
 
 class _TrainingFreeRepair(Healer):
@@ -69,24 +74,31 @@ class _TrainingFreeRepair(Healer):
 
     def check(self, loaded: LoadedModel, settings: HealConfig) -> None:
         super().check(loaded, settings)
-        removed = removed_layers(loaded, settings)
+        cut = removed_cut(loaded, settings)
         original_layers = loaded.lineage.get("original_num_layers", loaded.num_layers)
-        if removed[-1] >= original_layers:
-            raise OptionError.about("block", f"reaches layer {removed[-1]}, but the original model has "
+        if cut.layers and cut.layers[-1] >= original_layers:
+            raise OptionError.about("block", f"reaches layer {cut.layers[-1]}, but the original model has "
                                              f"{original_layers} layers (0..{original_layers - 1})")
-        # the pruned model has the original's family, so the cut (original indices) is checked on it
-        REPAIRS.get(self.method_name).check(loaded, consecutive_runs(removed), self.repair_options(settings))
+        repair, options = REPAIRS.get(self.method_name), self.repair_options(settings)
+        if cut.attention or cut.mlp:
+            # what the method and the family allow is checked here; the runs of removed branches only name
+            # branches of the original, so compensate checks them there, before its statistics pass
+            repair.check_branch_cuts()
+            repair.check(loaded, [], options)
+        else:  # the pruned model has the original's family, so the cut (original indices) is checked on it
+            repair.check(loaded, consecutive_runs(cut.layers), options)
 
     def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealConfig,
             original: LoadedModel | None) -> HealOutcome:
         assert original is not None, "a training-free repair always receives the original model"
-        removed = removed_layers(loaded, settings)
+        cut = removed_cut(loaded, settings)
         for key in ("reason", "recipe"):
             if key in loaded.lineage:
                 original.lineage[key] = loaded.lineage[key]
-        report = compensate(original, removed, self.method_name, data, options=self.repair_options(settings),
+        report = compensate(original, cut.layers, self.method_name, data, options=self.repair_options(settings),
                             batch_size=settings.training.batch_size,
-                            reason=loaded.lineage.get("reason", "layers named by the user"))
+                            reason=loaded.lineage.get("reason", "layers named by the user"),
+                            attention=cut.attention, mlp=cut.mlp)
         return HealOutcome(original, f"training-free: {report.summary}", 0, [], report.seconds)
 
 

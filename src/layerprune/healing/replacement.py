@@ -4,7 +4,9 @@ For a removed run of consecutive layers ``[i, i + n)`` of the *original* model, 
 hidden state entering layer ``i`` and the one leaving layer ``i + n - 1`` on the training data,
 and train one module to map the first to the second by MSE. The pairs are written to disk in
 chunks and memory-mapped, so memory stays bounded however many there are, and they are cached
-by content so a second run (or a resumed one) skips the teacher passes.
+by content so a second run (or a resumed one) skips the teacher passes. The rest of the pruned
+model's cut (its other removed layers, and the attention and MLP branches a sub-layer cut removed) is
+made on the original again before the module goes in, so the result keeps all of it removed.
 
 Two kinds, both stored as one ordinary decoder layer of the model's own class so that plain
 transformers loads the result:
@@ -36,6 +38,7 @@ from layerprune.healing.base import HEALERS, HealConfig, Healer, HealOutcome
 from layerprune.healing.engine import LossFn, train
 from layerprune.models.editing import prune, replace
 from layerprune.models.hooks import capture_io, layer_output
+from layerprune.models.lineage import LineageCut, lineage_cut
 from layerprune.models.loading import LoadedModel
 from layerprune.models.surgery import consecutive_runs, parse_layer_list
 from layerprune.options import Config, Parse, option
@@ -64,24 +67,29 @@ class ReplacementOptions(Config):
             raise UsageError(f"block {list(self.block)} must name at least two consecutive layers as [start, end)")
 
 
-def locate_block(loaded: LoadedModel, settings: HealConfig) -> tuple[tuple[int, int], list[int]]:
-    """The block to replace (original indices) and the other removed layers, from flags or lineage."""
+def locate_block(loaded: LoadedModel, settings: HealConfig) -> tuple[tuple[int, int], LineageCut]:
+    """The block to replace (original indices), from flags or lineage, and the rest of the lineage's cut:
+    the other removed layers and the removed attention and MLP branches, which the result keeps removed."""
     lineage = loaded.lineage
     if lineage.get("replaced_blocks") or lineage.get("healing"):
         raise UsageError("replacement rebuilds the model from the original weights, but this model was already "
                          "replaced or healed; start from the plainly pruned checkpoint")
-    removed = list(lineage.get("removed_layers", []))
+    cut = lineage_cut(lineage)
+    runs = ", ".join(f"{a}-{b - 1}" for a, b in consecutive_runs(cut.layers)) or "none"
     if settings.options.block is not None:
         block = tuple(settings.options.block)
+        if cut.removes_anything and not set(range(*block)) <= set(cut.layers):
+            # the module stands in for whole removed layers; a block over kept layers or branches would cut them too
+            raise OptionError.about("block", f"{block[0]}-{block[1] - 1} is not a run of removed whole layers of this "
+                                             f"model (removed: {runs}); name one of those, or give the unpruned model "
+                                             "to cut and replace it in one step")
     else:
-        runs = [run for run in consecutive_runs(removed) if run[1] - run[0] >= 2]
-        if len(runs) != 1:
-            found = ", ".join(f"{a}-{b - 1}" for a, b in consecutive_runs(removed)) or "none"
+        long_runs = [run for run in consecutive_runs(cut.layers) if run[1] - run[0] >= 2]
+        if len(long_runs) != 1:
             raise UsageError(f"replacement needs one removed run of >= 2 consecutive layers; the removed runs are: "
-                             f"{found}. Name the block with {mention('block')} START-END (original layer indices)")
-        block = runs[0]
-    others = [i for i in removed if not block[0] <= i < block[1]]
-    return block, others
+                             f"{runs}. Name the block with {mention('block')} START-END (original layer indices)")
+        block = long_runs[0]
+    return block, cut._replace(layers=[i for i in cut.layers if not block[0] <= i < block[1]])
 
 
 def replacement_layer(original: LoadedModel, start: int, kind: str) -> nn.Module:
@@ -239,9 +247,11 @@ class _Replacement(Healer):
         for key in ("reason", "recipe"):
             if key in loaded.lineage:
                 original.lineage[key] = loaded.lineage[key]
-        if others:
-            prune(original, others, loaded.lineage.get("reason", "layers named by the user"))
-        shift = sum(1 for i in others if i < start)
+        # the rest of the cut, made on the original before the block's module goes in (a model with a replaced
+        # block takes no branch cut): every removed layer and branch outside the block stays removed
+        whole = (prune(original, others.layers, loaded.lineage.get("reason", "layers named by the user"),
+                       attention=others.attention, mlp=others.mlp) if others.removes_anything else [])
+        shift = sum(1 for i in whole if i < start)
         note = _FFN_NOTE if self.kind == "ffn" else "It is a decoder layer initialised from the block's first layer."
         replace(original, start - shift, end - shift, module, self.kind, note, source_index=start - shift)
         summary = (f"layers {start}..{end - 1} replaced by one trained `{self.kind}` module "

@@ -14,7 +14,7 @@ import datetime as _dt
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from layerprune.models.provenance import checked_record, read_record
 
@@ -117,10 +117,37 @@ def set_branches(lineage: dict[str, Any], branches: list[dict[str, int | None]],
     lineage["reason"] = reason
 
 
+class LineageCut(NamedTuple):
+    """A cut in original layer indices: the layers removed whole and those that lost only their attention
+    or only their MLP (what :func:`~layerprune.models.editing.prune` takes on the original to make it)."""
+
+    layers: list[int]
+    attention: list[int]
+    mlp: list[int]
+
+    @property
+    def removes_anything(self) -> bool:
+        return bool(self.layers or self.attention or self.mlp)
+
+
+def lineage_cut(lineage: dict[str, Any]) -> LineageCut:
+    """What the lineage records removed from the original, so a method that rebuilds from the original
+    can cut it again; a layer with neither branch left is among the whole layers (:func:`set_branches`)."""
+    return LineageCut(list(lineage.get("removed_layers", [])), list(lineage.get("removed_attention", [])),
+                      list(lineage.get("removed_mlp", [])))
+
+
 def record_replacement(loaded: WithLineage, kept_before: list[int], start: int, end: int, kind: str, note: str) -> None:
+    """Record that one module stands in for the current layers ``[start, end)``; like a kept layer, it is
+    named by the block's first original layer, and the block's other layers count as removed."""
     lineage = ensure_lineage(loaded)
     block = kept_before[start:end]
     lineage["replaced_blocks"].append({"start": block[0], "end": block[-1] + 1, "kind": kind, "note": note})
+    if lineage.get("branches"):  # a sub-layer cut before: the module is one layer with an attention and an MLP
+        branches = lineage["branches"]
+        module = {"attention": block[0], "mlp": block[0]}
+        set_branches(lineage, [*branches[:start], module, *branches[end:]], lineage.get("reason", ""))
+        return
     lineage["removed_layers"] = sorted(lineage["removed_layers"] + block[1:])
     lineage["kept_layers"] = [*kept_before[:start], block[0], *kept_before[end:]]
 
