@@ -118,3 +118,19 @@ def test_a_replacement_block_over_a_removed_branch_is_refused() -> None:
     lp.prune(pruned, [3, 4], attention=[1])
     with pytest.raises(lp.UsageError, match="1-2 is not a run of removed whole layers.*removed: 3-4"):
         heal(pruned, "replace-layer", training_rows(), original=tiny_loaded(), block=(1, 3), steps=1, batch_size=4)
+
+
+def test_heal_rescale_of_a_branch_only_cut_rebuilds_from_the_lineages_original(tmp_path: Path) -> None:
+    """No whole layer removed and no --original: the source model is loaded, not the pruned one taken for it."""
+    original = save_tiny_checkpoint(tmp_path / "original")
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    pruned, out = tmp_path / "pruned", tmp_path / "healed"
+    assert main(["prune", "--model", str(original), "--attention", "1", "--mlp", "3", "--out", str(pruned)]) == 0
+    calibration = ["--sampling", "contiguous", "--samples", "8", "--seq-len", "64"]
+    assert main(["heal", "--model", str(pruned), "--method", "rescale", "--data", str(corpus), *calibration,
+                 "--out", str(out)]) == 0
+    reference = lp.load_model(str(original))
+    rows = lp.build_calibration(reference.tokenizer, str(corpus), split="train", samples=8, seq_len=64,
+                                sampling="contiguous")
+    compensate(reference, [], "rescale", rows, attention=[1], mlp=[3])
+    torch.testing.assert_close(logits(lp.load_model(str(out)).model), logits(reference.model), rtol=1e-5, atol=1e-5)
