@@ -134,3 +134,18 @@ def test_heal_rescale_of_a_branch_only_cut_rebuilds_from_the_lineages_original(t
                                 sampling="contiguous")
     compensate(reference, [], "rescale", rows, attention=[1], mlp=[3])
     torch.testing.assert_close(logits(lp.load_model(str(out)).model), logits(reference.model), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["replace-linear", "rescale"])
+def test_a_repair_heals_a_scattered_whole_layer_cut_as_compensate_does_on_the_original(method: str) -> None:
+    """Layers 1, 4 and 5 of 6 removed: the lineage names original layers the pruned model no longer has
+    at those indices, so the cut is checked and repaired on the original, never indexed on the pruned model."""
+    rows = training_rows()
+    pruned = tiny_loaded()
+    lp.prune(pruned, [1, 4, 5])
+    healed = heal(pruned, method, rows, original=tiny_loaded(), batch_size=4)
+    reference = tiny_loaded()
+    compensate(reference, [1, 4, 5], method, rows, batch_size=4)
+    for name, tensor in reference.model.state_dict().items():
+        torch.testing.assert_close(healed.model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    assert healed.lineage["removed_layers"] == [1, 4, 5]

@@ -79,14 +79,12 @@ class _TrainingFreeRepair(Healer):
         if cut.layers and cut.layers[-1] >= original_layers:
             raise OptionError.about("block", f"reaches layer {cut.layers[-1]}, but the original model has "
                                              f"{original_layers} layers (0..{original_layers - 1})")
-        repair, options = REPAIRS.get(self.method_name), self.repair_options(settings)
+        repair = REPAIRS.get(self.method_name)
         if cut.attention or cut.mlp:
-            # what the method and the family allow is checked here; the runs of removed branches only name
-            # branches of the original, so compensate checks them there, before its statistics pass
             repair.check_branch_cuts()
-            repair.check(loaded, [], options)
-        else:  # the pruned model has the original's family, so the cut (original indices) is checked on it
-            repair.check(loaded, consecutive_runs(cut.layers), options)
+        # what the method and the family allow is checked here (the pruned model has the original's family);
+        # the cut names layers and branches of the original, which compensate checks there, before any statistics
+        repair.check(loaded, [], self.repair_options(settings))
 
     def run(self, loaded: LoadedModel, data: TrainingSet, settings: HealConfig,
             original: LoadedModel | None) -> HealOutcome:
