@@ -190,7 +190,7 @@ def test_a_real_gguf_model_cut_keeps_every_tensor_and_reloads(alias: str, layers
         assert field(path, gguf.Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch)) == \
             [index % 6 < 5 for index in kept]
 
-    original = lp.load_model(str(source))
+    original = lp.load_model(alias)  # the alias is this GGUF de-quantized once and cached (float32, exact)
     lp.prune(original, layers)
     reloaded = lp.load_model(str(path))
     assert reloaded.lineage["removed_layers"] == layers
