@@ -32,6 +32,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from layerprune.errors import UsageError
 from layerprune.evaluation.intervals import mean_interval
+from layerprune.models.architectures import adapter_for
+from layerprune.models.sublayers import kv_bytes_per_layer, present_branches
 from layerprune.options import NO_FLAG, Config, option
 
 
@@ -239,6 +241,25 @@ def decode_speedup_in_turns(reference: PreTrainedModel, candidate: PreTrainedMod
     return TimedSpeedup(None, interval, len(logs), ideal,
                         note=f"not measured: the 95% interval stayed {interval[0]:.2f}x-{interval[1]:.2f}x after "
                              f"{len(logs)} turns (a loaded machine); the FLOP-ideal {ideal:.2f}x stands in")
+
+
+def kv_cache_bytes_per_token(model: PreTrainedModel, context: int) -> float:
+    """Bytes of KV cache one token costs when ``context`` tokens are cached, averaged over them: the
+    keys and values of every layer that still computes attention (a removed attention caches nothing,
+    which is what a sub-layer cut saves beside compute). A sliding-window layer keeps only its last
+    ``window`` tokens, so it counts ``min(context, window) / context`` of a full layer: at long
+    contexts the full-attention layers hold most of the cache."""
+    config = model.config
+    per_layer = kv_bytes_per_layer(config, next(model.parameters()).dtype)
+    window = getattr(config, "sliding_window", None)
+    present = present_branches(model, adapter_for(model))
+    # a family without per-layer types (Mistral) slides in every layer when it has a window in use
+    slides_everywhere = bool(window) and getattr(config, "use_sliding_window", True)
+    kinds = getattr(config, "layer_types", None) or [
+        "sliding_attention" if slides_everywhere else "full_attention"] * len(present)
+    sliding_share = min(context, window) / context if window else 1.0
+    return sum(per_layer * (sliding_share if kinds[index] == "sliding_attention" else 1.0)
+               for index, (attention, _) in enumerate(present) if attention)
 
 
 def status_bytes(field: str) -> int:
