@@ -3,14 +3,17 @@ MLP branches), each plain and with the best training-free repair, at 12%, 25% an
 (docs/benchmarks.md § Sub-layers).
 
     nice -n 19 python benchmarks/sublayers.py --skip-timing          # smollm2-135m at 25%, no timing
-    python benchmarks/sublayers.py --models gemma3-270m --budgets 12%,25%,37% --minutes 6
-    python benchmarks/sublayers.py --models smollm2-135m,gemma3-270m --budgets 12%,25%,37%   # timing on a quiet machine
+    python benchmarks/sublayers.py --models gemma3-270m --budgets 12%,25%,37% --minutes 30
+    python benchmarks/sublayers.py --models smollm2-135m,gemma3-270m --budgets 12%,25%,37%  # + timing, quiet machine
     python benchmarks/sublayers.py --render                         # only rewrite the docs section
 
-Per model and budget, each step saved as JSON under ``$LAYERPRUNE_CACHE/bench-sublayers/<model>/<budget>/``
-once done (a run cut off resumes at the step it was in; ``--render`` writes the docs from what is there):
+Per model and budget, each step saved as JSON once done, under
+``$LAYERPRUNE_CACHE/bench-sublayers/<model>/<budget>-<samples>rows/`` (a run cut off resumes at the step it
+was in; ``--render`` writes the docs from what is there):
 
-1. ``search``: one ``lp.search(granularity="both", remove=B, time_budget=M)`` with its repairs, so the
+1. ``search``: one ``lp.search(granularity="both", remove=B, time_budget=M)`` with its repairs (on
+   ``--samples`` calibration rows: with the default 64, scoring SmolLM2's layers alone took 13 minutes
+   of a 20-minute budget on the shared 2-core CPU, load 5-7, too few to rank any branch cut), so the
    whole-layer and the branch candidates (at the parameters of the same number of whole layers) are
    ranked on the same held-out (validation) windows; from what it tried, per kind of cut (one that
    removes a lone attention or MLP is a sub-layer cut, any other a whole-layer cut) the best plain
@@ -49,7 +52,7 @@ import transformers
 import layerprune as lp
 from layerprune.cache import cache_dir
 from layerprune.data import calibrate
-from layerprune.data.calibration import DEFAULT_CALIBRATION
+from layerprune.data.calibration import CalibrationConfig
 from layerprune.errors import UsageError
 from layerprune.evaluation.efficiency import (
     Workload,
@@ -103,8 +106,9 @@ def cached(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def budget_dir(model: str, budget: str) -> Path:
-    return ROOT / model / budget.replace("%", "pct")
+def budget_dir(model: str, budget: str, samples: int) -> Path:
+    """A budget's steps, apart for each calibration size (the search's scores and repairs depend on it)."""
+    return ROOT / model / f"{budget.replace('%', 'pct')}-{samples}rows"
 
 
 def cut_kind(candidate: dict[str, Any]) -> str:
@@ -126,12 +130,13 @@ def choose(tried: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return chosen
 
 
-def search_step(original: lp.LoadedModel, budget: str, minutes: float) -> dict[str, Any]:
+def search_step(original: lp.LoadedModel, budget: str, minutes: float, calibration: CalibrationConfig) -> dict[str, Any]:
     """One search of both granularities, what it tried and left out, and the cuts chosen from it."""
-    record = lp.search(original, remove=budget, granularity="both", time_budget=minutes, progress=False)
+    record = lp.search(original, remove=budget, granularity="both", time_budget=minutes, calibration=calibration,
+                       progress=False)
     tried = [t.to_json() for t in record.tried]
     decoder = sum(count_parameters(layer) for layer in original.adapter.decoder_layers(original.model))
-    return {"minutes": minutes, "num_layers": record.num_layers, "remove": record.remove,
+    return {"minutes": minutes, "samples": calibration.samples, "num_layers": record.num_layers, "remove": record.remove,
             "branch_parameters": record.settings["budget"]["branch_parameters"],
             "parameters": count_parameters(original.model), "decoder_parameters": decoder,
             "original_ppl": record.settings["ranking"]["original_ppl"], "seconds_inside": round(record.seconds, 1),
@@ -167,14 +172,15 @@ class Rebuilder:
     """Rebuilds a chosen cut of ``original`` as the search built it: repairs fit on the search's own
     calibration rows (made once, only when a repaired cut is asked for)."""
 
-    def __init__(self, original: lp.LoadedModel) -> None:
+    def __init__(self, original: lp.LoadedModel, calibration: CalibrationConfig) -> None:
         self.original = original
+        self.calibration = calibration
         self.rows: Any = None
 
     def __call__(self, record: dict[str, Any]) -> lp.LoadedModel:
         if record["repair"] is not None and self.rows is None:
             max_positions = getattr(self.original.model.config, "max_position_embeddings", None)
-            self.rows = calibrate(self.original.tokenizer, DEFAULT_CALIBRATION, max_positions=max_positions)
+            self.rows = calibrate(self.original.tokenizer, self.calibration, max_positions=max_positions)
         return cut(self.original, candidate_of(record), self.rows, SearchConfig().batch_size)
 
 
@@ -185,9 +191,9 @@ def read_cut(rebuild: Rebuilder, record: dict[str, Any], reference: dict[str, An
 
 
 def test_step(original: lp.LoadedModel, chosen: dict[str, dict[str, Any]], reference: dict[str, Any],
-              task_limit: int, folder: Path) -> dict[str, Any]:
+              task_limit: int, folder: Path, calibration: CalibrationConfig) -> dict[str, Any]:
     """Every chosen cut read on the test text (each cut its own saved step, so a cut-off run resumes)."""
-    rebuild = Rebuilder(original)
+    rebuild = Rebuilder(original, calibration)
     return {"reads": {slot: step(folder / f"test-{task_limit}" / f"{slot.replace(', ', '-').replace(' ', '-')}.json",
                                  partial(read_cut, rebuild, record, reference, task_limit))
                       for slot, record in chosen.items()}}
@@ -257,17 +263,18 @@ def timing_step(original: lp.LoadedModel, chosen: dict[str, dict[str, Any]]) -> 
     return {"structures": figures, "torch_threads": torch.get_num_threads()}
 
 
-def bench(model: str, budgets: list[str], minutes: float, task_limit: int, timing: bool) -> None:
+def bench(model: str, budgets: list[str], minutes: float, samples: int, task_limit: int, timing: bool) -> None:
     """The steps of ``model`` at ``budgets`` not saved yet."""
+    calibration = CalibrationConfig(samples=samples)
     original = lp.load_model(model)
     folder = ROOT / model
     reference = step(folder / f"original-test-{task_limit}.json", lambda: read(original, task_limit))
     step(folder / "environment.json", environment)
     for budget in budgets:
-        where = budget_dir(model, budget)
-        found = step(where / "search.json", partial(search_step, original, budget, minutes))
+        where = budget_dir(model, budget, samples)
+        found = step(where / "search.json", partial(search_step, original, budget, minutes, calibration))
         step(where / f"test-{task_limit}.json",
-             partial(test_step, original, found["chosen"], reference, task_limit, where))
+             partial(test_step, original, found["chosen"], reference, task_limit, where, calibration))
         flops = step(folder / "original-structure.json", partial(original_flops_step, original))
         step(where / "structure.json", partial(structure_step, original, found["chosen"], flops))
         if timing:
@@ -297,12 +304,12 @@ def removed_share(record: dict[str, Any], found: dict[str, Any]) -> str:
 
 
 def repair_note(kind: str, found: dict[str, Any]) -> str:
-    """Why no repaired cut of ``kind`` was read: the search's refusal, or what it left unranked."""
-    refused = next((s["reason"] for s in found["skipped_repairs"] if s["kind"] == kind), None)
-    if refused is not None:
-        return f"no repair applied (the search: {refused})"
+    """Why no repaired cut of ``kind`` was read: repaired candidates the search left unranked (its time
+    budget), else its refusal of the repairs for such a cut."""
     unranked = next((n["reason"] for n in found["not_tried"] if n["kind"] == kind and "+" in n["label"]), None)
-    return f"no repair applied ({unranked})" if unranked else "no repair applied"
+    refused = next((s["reason"] for s in found["skipped_repairs"] if s["kind"] == kind), None)
+    why = unranked or (f"the search: {refused}" if refused else None)
+    return f"no repair applied ({why})" if why else "no repair applied"
 
 
 def quality_table(found: dict[str, Any], tests: dict[str, Any] | None, reference: dict[str, Any]) -> list[str]:
@@ -399,8 +406,7 @@ def reading(model: str, budget: str, found: dict[str, Any], tests: dict[str, Any
     return "; ".join(parts) + "."
 
 
-def costs(model: str, budget: str, task_limit: int) -> str:
-    where = budget_dir(model, budget)
+def costs(where: Path, task_limit: int) -> str:
     names = {"search": "search.json", "test reading": f"test-{task_limit}.json", "structure": "structure.json",
              "timing": "timing.json"}
     done = {name: cached(where / file) for name, file in names.items()}
@@ -408,10 +414,10 @@ def costs(model: str, budget: str, task_limit: int) -> str:
                      else f"{name} {NOT_RUN}" for name, got in done.items())
 
 
-def render(models: list[str], budgets: list[str], task_limit: int) -> str:
+def render(models: list[str], budgets: list[str], samples: int, task_limit: int) -> str:
     lines = [
         ("Per model and budget, one `lp.search(granularity=\"both\", remove=B, time_budget=M)` with its "
-         "training-free repairs ranks whole-layer and branch candidates (the latter at the decoder parameters "
+         f"training-free repairs, scoring and repairing on {samples} wiki-sample calibration rows of 256 tokens, ranks whole-layer and branch candidates (the latter at the decoder parameters "
          "of the same number of whole layers) on the same held-out validation windows. From what it tried, "
          "per kind of cut (a cut that removes a lone attention or MLP is a sub-layer cut) the best plain and the "
          "best repaired cut by that ranking are rebuilt and read on the wiki-sample *test* split "
@@ -435,7 +441,7 @@ def render(models: list[str], budgets: list[str], task_limit: int) -> str:
                                         f"UTC in {reference['seconds']:.0f} s (load before "
                                         f"{reference['load_before']})."), ""]
         for budget in budgets:
-            where = budget_dir(model, budget)
+            where = budget_dir(model, budget, samples)
             found = cached(where / "search.json")
             if found is None:
                 lines += [f"**{budget}**: {NOT_RUN}.", ""]
@@ -446,7 +452,7 @@ def render(models: list[str], budgets: list[str], task_limit: int) -> str:
                        f"{found['branch_parameters']:,} parameters in branches; search {found['minutes']:g} min, "
                        f"{len(found['tried'])} candidates ranked"
                        + (f"; {found['shortfall']}" if found["shortfall"] else "") + "). Cost: "
-                       + costs(model, budget, task_limit) + "."), "",
+                       + costs(where, task_limit) + "."), "",
                       *quality_table(found, tests, reference), "",
                       *structure_table(found, shape, timing, original), ""]
             if timing is not None:
@@ -463,16 +469,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=MODELS[0], help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--budgets", default="25%", help=f"comma-separated, of {', '.join(BUDGETS)}")
-    parser.add_argument("--minutes", type=float, default=6.0, help="each search's time budget")
+    parser.add_argument("--minutes", type=float, default=20.0,
+                        help="each search's time budget (both granularities' scoring, then ranking)")
+    parser.add_argument("--samples", type=int, default=16,
+                        help="calibration rows the search scores and repairs on (the study's 16; the default 64 "
+                             "costs 4x the scoring)")
     parser.add_argument("--task-limit", type=int, default=40, help="lp_offline examples per task")
     parser.add_argument("--skip-timing", action="store_true", help="leave the measured decode speed-up out")
     parser.add_argument("--render", action="store_true", help="only rewrite the docs section from the cache")
     args = parser.parse_args(argv)
     if not args.render:
         for model in args.models.split(","):
-            bench(model, args.budgets.split(","), args.minutes, args.task_limit, not args.skip_timing)
+            bench(model, args.budgets.split(","), args.minutes, args.samples, args.task_limit, not args.skip_timing)
     update_doc_section(DOC, "## Sub-layers", "### Whole layers against attention and MLP branches",
-                       render(list(MODELS), list(BUDGETS), args.task_limit))
+                       render(list(MODELS), list(BUDGETS), args.samples, args.task_limit))
     print(f"wrote the Sub-layers section of {DOC}")
 
 
