@@ -130,13 +130,15 @@ def choose(tried: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return chosen
 
 
-def search_step(original: lp.LoadedModel, budget: str, minutes: float, calibration: CalibrationConfig) -> dict[str, Any]:
+def search_step(original: lp.LoadedModel, budget: str, minutes: float,
+                calibration: CalibrationConfig) -> dict[str, Any]:
     """One search of both granularities, what it tried and left out, and the cuts chosen from it."""
     record = lp.search(original, remove=budget, granularity="both", time_budget=minutes, calibration=calibration,
                        progress=False)
     tried = [t.to_json() for t in record.tried]
     decoder = sum(count_parameters(layer) for layer in original.adapter.decoder_layers(original.model))
-    return {"minutes": minutes, "samples": calibration.samples, "num_layers": record.num_layers, "remove": record.remove,
+    return {"minutes": minutes, "samples": calibration.samples, "num_layers": record.num_layers,
+            "remove": record.remove,
             "branch_parameters": record.settings["budget"]["branch_parameters"],
             "parameters": count_parameters(original.model), "decoder_parameters": decoder,
             "original_ppl": record.settings["ranking"]["original_ppl"], "seconds_inside": round(record.seconds, 1),
@@ -315,7 +317,8 @@ def repair_note(kind: str, found: dict[str, Any]) -> str:
 def quality_table(found: dict[str, Any], tests: dict[str, Any] | None, reference: dict[str, Any]) -> list[str]:
     lines = [("| cut | found by | removed | decoder parameters removed | ranking ppl (validation) | test ppl [95%] "
               "| RP [95%] |"), "|---|---|---|---|---|---|---|",
-             f"| original | | | 0 | {found['original_ppl']:.2f} | {interval_text(reference['ppl'], reference['ppl_ci95'], '{:.2f}')} | 1 |"]
+             (f"| original | | | 0 | {found['original_ppl']:.2f} "
+              f"| {interval_text(reference['ppl'], reference['ppl_ci95'], '{:.2f}')} | 1 |")]
     for kind in KINDS:
         for form in FORMS:
             slot = f"{kind}, {form}"
@@ -364,7 +367,8 @@ def structure_table(found: dict[str, Any], shape: dict[str, Any] | None, timing:
             lines.append(f"| {key} | {NOT_RUN} | {NOT_RUN} | {measured} | {NOT_RUN} |")
             continue
         lines.append(f"| {key} | {per_context(figures['kv_bytes'], '{:,.0f}')} "
-                     f"| {per_context(figures['flop_ideal'], '{:.2f}')} | {measured} | {layers_text(figures['layers'])} |")
+                     f"| {per_context(figures['flop_ideal'], '{:.2f}')} | {measured} "
+                     f"| {layers_text(figures['layers'])} |")
     return lines
 
 
@@ -417,7 +421,8 @@ def costs(where: Path, task_limit: int) -> str:
 def render(models: list[str], budgets: list[str], samples: int, task_limit: int) -> str:
     lines = [
         ("Per model and budget, one `lp.search(granularity=\"both\", remove=B, time_budget=M)` with its "
-         f"training-free repairs, scoring and repairing on {samples} wiki-sample calibration rows of 256 tokens, ranks whole-layer and branch candidates (the latter at the decoder parameters "
+         f"training-free repairs, scoring and repairing on {samples} wiki-sample calibration rows of 256 tokens, "
+         "ranks whole-layer and branch candidates (the latter at the decoder parameters "
          "of the same number of whole layers) on the same held-out validation windows. From what it tried, "
          "per kind of cut (a cut that removes a lone attention or MLP is a sub-layer cut) the best plain and the "
          "best repaired cut by that ranking are rebuilt and read on the wiki-sample *test* split "

@@ -92,7 +92,8 @@ def test_render_reads_the_cells_run_and_says_which_are_not(bench, tmp_path: Path
     _save(where / f"test-{limit}.json", {"reads": reads})
     structures = {"layers 6": {"kv_bytes": {"256": 90.0, "2048": 90.0}, "flop_ideal": {"256": 1.1, "2048": 1.2},
                                "layers": {**layers, "decilm": 29, "gguf": 29, "transformers": 29}},
-                  "attention of 2,3": {"kv_bytes": {"256": 80.0, "2048": 80.0}, "flop_ideal": {"256": 1.05, "2048": 1.1},
+                  "attention of 2,3": {"kv_bytes": {"256": 80.0, "2048": 80.0},
+                                       "flop_ideal": {"256": 1.05, "2048": 1.1},
                                        "layers": {**layers, "transformers": 30, "zero_partners": 2}}}
     _save(where / "structure.json", {"structures": structures})
     text = bench.render(["smollm2-135m", "gemma3-270m"], ["12%", "25%"], 16, limit)
