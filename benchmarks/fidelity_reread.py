@@ -3,6 +3,7 @@ generation agreement and retained performance above chance for every 25% cell of
 
     python benchmarks/fidelity_reread.py                    # every cell not re-read yet (resumable)
     python benchmarks/fidelity_reread.py --models smollm2-135m --metrics bi --heals none   # one cell
+    python benchmarks/fidelity_reread.py --claims-only      # only the cells the claims' comparisons read
     python benchmarks/fidelity_reread.py --report-only      # only rewrite docs/benchmarks.md § Fidelity
 
 A cell is the suite study's (docs/suite/RESULTS.md: ``benchmarks/study.py --tasks lp_offline`` at
@@ -33,6 +34,8 @@ healing (the study's healed cells took about 15-90 s more than its unhealed ones
 on Gemma-3); Gemma-3's cells cost more (its 262k-token head in every pass, the KL over 262k words).
 The suite study's column has 116 cells at 25%, 96 distinct (twins are copied): about 10 h for
 SmolLM2's 51 at that load, more for Gemma-3's 45; run it in parts on an idle machine.
+``--claims-only`` re-reads just the 24 cells the claims' comparisons read (14 of SmolLM2, 10 of
+Gemma-3): about 2.5 h and 3.5 h at that load.
 
 Each cell is cached as JSON under ``$LAYERPRUNE_CACHE/study-fidelity/`` (a killed run resumes; a cell
 whose layers another metric chose too is measured once), with its wall-clock seconds per phase and
@@ -133,6 +136,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=16, help="generation prompts per cell")
     parser.add_argument("--generation-tokens", type=int, default=32, help="tokens each continuation has at most")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the doc section from the cache")
+    parser.add_argument("--claims-only", action="store_true",
+                        help="only the cells COMPARISONS reads (the claims' verdicts), among --models/--metrics/--heals")
     parser.add_argument("--doc", type=Path, default=DOC, help="the Markdown file whose § Fidelity is rewritten")
     parser.add_argument("--study-csv", type=Path, default=STUDY_CSV, help="the study's cells, for its perplexities")
     # the suite study's settings (benchmarks/study.py --tasks lp_offline): its cache folder is named by them
@@ -527,23 +532,35 @@ def write_doc(args: argparse.Namespace) -> None:
                        render(args, bases, cells, expected_cells(args, cells)))
 
 
+def chosen_cells(name: str, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The (metric, healing) cells of ``name`` to re-read, in the study's order: every one of
+    ``--metrics`` x ``--heals``, or with ``--claims-only`` those of them a comparison reads."""
+    cells = [(metric, heal) for metric in args.metrics.split(",") for heal in args.heals.split(",")]
+    if not args.claims_only:
+        return cells
+    compared = {cell for _, model, first, second in COMPARISONS if model == name for cell in (first, second)}
+    return [cell for cell in cells if cell in compared]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     settings = study_args(args)
     if not args.report_only:
         for name in args.models.split(","):
             began = time.perf_counter()
+            cells = chosen_cells(name, args)
+            if not cells:
+                continue
             run = Run(name, settings, reread_dir(name, args))
-            for metric in args.metrics.split(","):
+            for metric in dict.fromkeys(metric for metric, _ in cells):
                 run.removed_layers(metric, RATIO)  # the study's cut: its cell's, else scored and selected once
             original_generation(run, args)
             print(f"{name}: original measured, cuts selected and its generations made in "
                   f"{time.perf_counter() - began:.0f} s (once per model)", flush=True)
-            for metric in args.metrics.split(","):
-                for heal in args.heals.split(","):
-                    new = not cell_file(name, metric, heal, args).is_file()
-                    if run_cell(run, metric, heal, args, settings) is not None and new:
-                        write_doc(args)
+            for metric, heal in cells:
+                new = not cell_file(name, metric, heal, args).is_file()
+                if run_cell(run, metric, heal, args, settings) is not None and new:
+                    write_doc(args)
     write_doc(args)
     print(f"wrote {args.doc}")
     return 0

@@ -120,3 +120,17 @@ def test_comparisons_are_paired_differences_read_against_rp(reread) -> None:
                                         pending=19, total=20)
     assert paragraph.startswith("1 of the 20 comparisons measured (19 wait for their cells).")
     assert "other way round from RP in: X on m" in paragraph
+
+
+def test_claims_only_reads_just_the_compared_cells(reread) -> None:
+    """--claims-only keeps, in the study's order, the asked cells that some comparison of the model reads."""
+    args = reread.parse_args(["--claims-only", "--metrics", "bi,angular,taylor", "--heals", "none,lora,merge"])
+    compared = {cell for _, model, first, second in reread.COMPARISONS if model == "gemma3-270m"
+                for cell in (first, second)}
+    chosen = reread.chosen_cells("gemma3-270m", args)
+    assert chosen == [("bi", "none"), ("bi", "lora"), ("bi", "merge"), ("angular", "none")]
+    assert set(chosen) <= compared and ("taylor", "none") not in chosen
+    assert reread.chosen_cells("not-a-compared-model", args) == []
+    every = reread.parse_args(["--metrics", "bi,angular", "--heals", "none,lora"])
+    assert reread.chosen_cells("gemma3-270m", every) == [("bi", "none"), ("bi", "lora"), ("angular", "none"),
+                                                          ("angular", "lora")]

@@ -51,18 +51,21 @@ def exact_stream_norms(loaded: LoadedModel, family: str) -> LoadedModel:
     return loaded
 
 
-def streams(model: torch.nn.Module, family: str, ids: torch.Tensor) -> list[torch.Tensor]:
+def streams(model: torch.nn.Module, family: str, ids: torch.Tensor,
+            attention_added: dict[str, str] = ATTENTION_ADDED) -> list[torch.Tensor]:
     """The residual stream at every unit boundary of the original, as ``[tokens, H]``: position ``2i``
-    enters layer ``i``, ``2i + 1`` is that plus what its attention adds, ``2L`` leaves the last layer."""
+    enters layer ``i``, ``2i + 1`` is that plus what its attention adds (the output of the module
+    ``attention_added[family]``, times Granite's ``residual_multiplier``), ``2L`` leaves the last layer."""
     layers = layers_of(model)
+    multiplier = getattr(model.config, "residual_multiplier", 1.0)
     entering, added, last = {}, {}, []
     handles = []
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(
             lambda m, args, kwargs, i=i: entering.__setitem__(i, args[0] if args else kwargs["hidden_states"]),
             with_kwargs=True))
-        handles.append(layer.get_submodule(ATTENTION_ADDED[family]).register_forward_hook(
-            lambda m, args, output, i=i: added.__setitem__(i, output)))
+        handles.append(layer.get_submodule(attention_added[family]).register_forward_hook(
+            lambda m, args, output, i=i: added.__setitem__(i, output * multiplier)))
     handles.append(layers[-1].register_forward_hook(
         lambda m, args, output: last.append(output[0] if isinstance(output, tuple) else output)))
     with torch.no_grad():
@@ -141,8 +144,6 @@ def test_a_whole_layer_cut_gets_the_same_weights_through_the_unit_fold() -> None
 def test_branch_cut_refusals_name_the_reason() -> None:
     loaded = tiny_loaded("llama", NUM_LAYERS)
     with pytest.raises(UsageError, match="whole layers only.*rescale"):
-        compensate(loaded, [], "replace-linear", rows(), attention=[2])
-    with pytest.raises(UsageError, match="whole layers only.*rescale"):
         compensate(loaded, [], "merge", None, attention=[2])
     with pytest.raises(UsageError, match="every attention and MLP"):
         compensate(loaded, [], "rescale", rows(), attention=list(range(6)), mlp=list(range(6)))
@@ -179,8 +180,7 @@ def test_prune_compensate_rescale_at_a_branch_cut_and_refusals_write_nothing(tmp
         torch.testing.assert_close(lp.load_model(str(out)).model(input_ids=probe).logits,
                                    reference.model(input_ids=probe).logits, rtol=1e-5, atol=1e-5)
     capsys.readouterr()
-    for bad in (["--attention", "1", "--compensate", "replace-linear"],  # refused before the model loads
-                ["--attention", "1", "--compensate", "merge"],
+    for bad in (["--attention", "1", "--compensate", "merge"],  # refused before the model loads
                 ["--attention", "9", "--compensate", "rescale"],  # out of range: the config tells
                 ["--attention", "1", "--layers", "1", "--compensate", "rescale"],
                 ["--attention", "0,1,2,3,4,5", "--mlp", "0,1,2,3,4,5", "--compensate", "rescale"]):

@@ -1,4 +1,4 @@
-"""What pruning buys: parameters, size on disk, prefill/decode throughput, peak memory, FLOPs.
+"""What pruning buys: parameters, size on disk, prefill/decode throughput, peak memory, FLOPs, KV cache.
 
 Speed is only meaningful as a ratio measured in the same run on the same machine, so the models
 are timed interleaved (original, pruned, original, ...), after a warm-up, several times, and the
@@ -9,6 +9,11 @@ real forward pass, so the LM head, embeddings and attention over the cache are a
 Peak memory on CPU is the peak resident set of a fresh process that loads the saved checkpoint
 and runs the same prefill and decode (one process per model: a process's peak never goes down).
 On CUDA it is ``torch.cuda.max_memory_allocated`` in this process.
+
+The KV cache per token is counted from the config and the model's structure
+(:func:`kv_cache_bytes_per_token`), not timed: it is exact, and it says what a sub-layer cut buys
+that the parameters do not (a layer whose attention is removed caches nothing). It is read at a
+stated context, since a layer a sliding window caps stops adding bytes once the window fills.
 """
 
 from __future__ import annotations
@@ -32,8 +37,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from layerprune.errors import UsageError
 from layerprune.evaluation.intervals import mean_interval
-from layerprune.models.architectures import adapter_for
-from layerprune.models.sublayers import kv_bytes_per_layer, present_branches
+from layerprune.models.sublayers import RemovedAttention, kv_bytes_per_layer
 from layerprune.options import NO_FLAG, Config, option
 
 
@@ -89,6 +93,12 @@ def time_prefill_decode(model: PreTrainedModel, workload: Workload) -> tuple[flo
     return prefill, time.perf_counter() - start
 
 
+def decode_context(workload: Workload) -> int:
+    """The tokens in the cache at the middle of ``workload``'s decode: where its per-token decode
+    figures (FLOPs, KV cache) are read."""
+    return workload.prompt_len + workload.new_tokens // 2
+
+
 @torch.no_grad()
 def flops_per_token(model: PreTrainedModel, workload: Workload) -> tuple[float, float]:
     """FLOPs per token of the prefill, and of one decode step at the middle of the decode.
@@ -96,7 +106,7 @@ def flops_per_token(model: PreTrainedModel, workload: Workload) -> tuple[float, 
     The math attention kernel is forced while counting: it runs as plain matmuls, which the
     counter sees, whereas the fused CPU kernel would be silently left out.
     """
-    context = workload.prompt_len + workload.new_tokens // 2
+    context = decode_context(workload)
     with sdpa_kernel(SDPBackend.MATH):
         with FlopCounterMode(display=False) as counter:
             model(input_ids=_prompt(model, workload.prompt_len), use_cache=True)
@@ -106,6 +116,41 @@ def flops_per_token(model: PreTrainedModel, workload: Workload) -> tuple[float, 
             model(input_ids=_prompt(model, 1), use_cache=True, **{cache_keyword(model): cache})
         decode = counter.get_total_flops()
     return float(prefill), float(decode)
+
+
+def attention_windows(config: Any) -> list[int | None]:
+    """Per decoder layer, the sliding window of its attention (``None``: it attends to every token), read
+    as transformers' cache reads the config: ``layer_types`` where the config lists them (Gemma-2/3,
+    Qwen2/3), else every layer sliding when the config sets a ``sliding_window`` (Mistral, Phi-3)."""
+    window = getattr(config, "sliding_window", None)
+    kinds = getattr(config, "layer_types", None) or (
+        ["sliding_attention" if window is not None else "full_attention"] * config.num_hidden_layers)
+    return [window if kind == "sliding_attention" else None for kind in kinds]
+
+
+def kv_cache_bytes(model: PreTrainedModel, context: int) -> int:
+    """Bytes of the KV cache one row holds after ``context`` tokens (prompt and decoded alike).
+
+    Each layer that still has its attention caches keys and values of every KV head per token, in the
+    model's dtype (:func:`~layerprune.models.sublayers.kv_bytes_per_layer`); a layer whose attention
+    was removed caches nothing (its slot, named by the stand-in's ``layer_idx``, only counts tokens); a
+    sliding-window layer of window ``W`` keeps the last ``W - 1`` tokens between steps, as transformers'
+    cache does (the token being decoded is the window's last), so its share stops growing there.
+    """
+    config = model.config.get_text_config(decoder=True)
+    per_layer = kv_bytes_per_layer(config, model.dtype)
+    uncached = {module.layer_idx for module in model.modules() if isinstance(module, RemovedAttention)}
+    return sum(per_layer * (context if window is None else min(context, window - 1))
+               for index, window in enumerate(attention_windows(config)) if index not in uncached)
+
+
+def kv_cache_bytes_per_token(model: PreTrainedModel, context: int) -> int:
+    """The KV cache per token of ``model`` at a context of ``context`` tokens: :func:`kv_cache_bytes`
+    over ``context``, rounded to the nearest byte (exact unless a sliding window caps a layer: a
+    capped layer's share then falls as the context grows, which is why the context is asked for)."""
+    if context < 1:
+        raise UsageError(f"the context must be at least 1 token, got {context}")
+    return round(kv_cache_bytes(model, context) / context)
 
 
 def size_on_disk(model: PreTrainedModel, folder: Path) -> int:
@@ -146,9 +191,11 @@ def measure_efficiency(models: dict[str, PreTrainedModel], workload: Workload = 
     """Efficiency figures of each model, the first being the reference for the speed-ups.
 
     Returns per model: parameters, disk_bytes (with ``disk``), prefill/decode tokens/s (medians),
-    FLOPs per token, peak_memory_bytes (with ``memory``), and for the others measured and
-    FLOP-ideal speed-ups. Both footprints save the model to a scratch folder, which for a
-    speed-only caller (a study timing dozens of models) is seconds of writing per model for nothing.
+    FLOPs per token, the KV cache per token at the middle of the decode (:func:`decode_context`,
+    also recorded) and its ratio to the first model's (``None`` when the first caches nothing),
+    peak_memory_bytes (with ``memory``), and for the others measured and FLOP-ideal speed-ups. Both
+    footprints save the model to a scratch folder, which for a speed-only caller (a study timing
+    dozens of models) is seconds of writing per model for nothing.
     """
     if not models:
         raise UsageError("efficiency needs at least one model")
@@ -162,6 +209,8 @@ def measure_efficiency(models: dict[str, PreTrainedModel], workload: Workload = 
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "prefill_flops_per_token": prefill_flops,
                 "decode_flops_per_token": decode_flops,
+                "kv_cache_context": decode_context(workload),
+                "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model, decode_context(workload)),
             }
             if disk or memory:
                 folder = Path(scratch) / f"model-{index}"
@@ -182,6 +231,8 @@ def measure_efficiency(models: dict[str, PreTrainedModel], workload: Workload = 
         results[name]["decode_tokens_per_s"] = workload.batch * workload.new_tokens / statistics.median(decodes)
     reference = results[next(iter(models))]
     for values in results.values():
+        values["kv_cache_ratio"] = (values["kv_cache_bytes_per_token"] / reference["kv_cache_bytes_per_token"]
+                                    if reference["kv_cache_bytes_per_token"] else None)
         for phase in ("prefill", "decode"):
             values[f"{phase}_speedup"] = values[f"{phase}_tokens_per_s"] / reference[f"{phase}_tokens_per_s"]
             values[f"{phase}_ideal_speedup"] = (reference[f"{phase}_flops_per_token"]
@@ -241,25 +292,6 @@ def decode_speedup_in_turns(reference: PreTrainedModel, candidate: PreTrainedMod
     return TimedSpeedup(None, interval, len(logs), ideal,
                         note=f"not measured: the 95% interval stayed {interval[0]:.2f}x-{interval[1]:.2f}x after "
                              f"{len(logs)} turns (a loaded machine); the FLOP-ideal {ideal:.2f}x stands in")
-
-
-def kv_cache_bytes_per_token(model: PreTrainedModel, context: int) -> float:
-    """Bytes of KV cache one token costs when ``context`` tokens are cached, averaged over them: the
-    keys and values of every layer that still computes attention (a removed attention caches nothing,
-    which is what a sub-layer cut saves beside compute). A sliding-window layer keeps only its last
-    ``window`` tokens, so it counts ``min(context, window) / context`` of a full layer: at long
-    contexts the full-attention layers hold most of the cache."""
-    config = model.config
-    per_layer = kv_bytes_per_layer(config, next(model.parameters()).dtype)
-    window = getattr(config, "sliding_window", None)
-    present = present_branches(model, adapter_for(model))
-    # a family without per-layer types (Mistral) slides in every layer when it has a window in use
-    slides_everywhere = bool(window) and getattr(config, "use_sliding_window", True)
-    kinds = getattr(config, "layer_types", None) or [
-        "sliding_attention" if slides_everywhere else "full_attention"] * len(present)
-    sliding_share = min(context, window) / context if window else 1.0
-    return sum(per_layer * (sliding_share if kinds[index] == "sliding_attention" else 1.0)
-               for index, (attention, _) in enumerate(present) if attention)
 
 
 def status_bytes(field: str) -> int:

@@ -84,6 +84,13 @@ class EfficiencyEntry(_Record):
     parameters: int = Field(ge=0)
     prefill_flops_per_token: float
     decode_flops_per_token: float
+    kv_cache_context: int | None = Field(default=None, ge=1, description="tokens in the cache where the KV cache "
+                                         "per token is read: the middle of the decode")
+    kv_cache_bytes_per_token: int | None = Field(default=None, ge=0, description="bytes of keys and values one row "
+                                                 "caches per token at kv_cache_context (a removed attention caches "
+                                                 "none; a sliding window caps its layer)")
+    kv_cache_ratio: float | None = Field(default=None, ge=0, description="kv_cache_bytes_per_token over the "
+                                         "reference's; null when the reference caches nothing")
     disk_bytes: int | None = Field(default=None, ge=0)
     peak_memory_bytes: int | None = None
     prefill_tokens_per_s: float

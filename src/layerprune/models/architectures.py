@@ -153,6 +153,11 @@ class ArchitectureAdapter:
             return (parent,)
         return (*self.mlp_inputs, output) if kind == "mlp" and self.mlp_inputs else ()
 
+    def post_branch_norm(self, kind: str) -> str | None:
+        """The norm (inside a layer) that normalises branch ``kind``'s output before it is added to the
+        residual (Gemma's), or ``None``: what a repair scales to change what the branch adds."""
+        return self.post_attention_norm if kind == "attention" else self.post_mlp_norm
+
     def branch_norms(self, kind: str) -> tuple[str, ...]:
         """The norms (inside a layer) that belong to branch ``kind``: before it and after it."""
         norms = (self.input_norm, self.post_attention_norm) if kind == "attention" else (

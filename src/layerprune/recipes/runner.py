@@ -346,11 +346,11 @@ def _stage_prune(ctx: RunContext) -> dict[str, Any]:
         reason = (f"the {len(remove)} layers the recipe names" if not any(branches.values())
                   else "the layers and branches the recipe names")
     loaded = ctx.load(ctx.recipe.model)
-    if "repair" in ctx.recipe.sections:  # of whole layers: preflight refuses it beside named branches
-
+    if "repair" in ctx.recipe.sections:  # beside named branches, a method that repairs them (preflight checks)
         # the rows the score stage scored on: the same section, so the same windows
         rows = build_calibration(loaded.tokenizer, **ctx.recipe.sections["calibration"])
-        compensate(loaded, remove, data=rows, reason=reason, **_repair_options(ctx.recipe.sections["repair"]))
+        compensate(loaded, remove, data=rows, reason=reason, **branches,
+                   **_repair_options(ctx.recipe.sections["repair"]))
     else:
         prune(loaded, remove, reason=reason, **branches)
     # overwrite: a run killed after this save but before run.json recorded the stage left a
@@ -509,11 +509,9 @@ def preflight(recipe: Recipe, out: Path) -> None:
                 layers -= removed
     if "repair" in sections:
         with _at(recipe, "repair", "method"):
-            _repair_options(sections["repair"])
-        if "select" in sections and any(sections["select"].get(kind) is not None for kind in KINDS):
-            with _at(recipe, "repair"):
-                raise UsageError("'repair' repairs a cut of whole layers; this select section names single branches: "
-                                 "remove the repair section")
+            repairing = RepairConfig.from_flat(sections["repair"])
+            if "select" in sections and any(sections["select"].get(kind) is not None for kind in KINDS):
+                repairing.repairer.check_branch_cuts()  # the select section names single branches
     if "heal" in sections:
         with _at(recipe, "heal", "method"):
             healer = HEALERS.get(sections["heal"]["method"])()

@@ -26,10 +26,10 @@ from layerprune.progress import progress
 from layerprune.models.lineage import ensure_lineage
 from layerprune.models.editing import prune
 from layerprune.models.loading import LoadedModel
-from layerprune.models.sublayers import KINDS, check_sublayers, plan_branch_removal, present_branches, unit_name
+from layerprune.models.sublayers import check_sublayers, plan_branch_removal, present_branches
 from layerprune.models.surgery import consecutive_runs, validate_layer_indices
 from layerprune.registry import import_package_modules
-from layerprune.repair.base import REPAIRS
+from layerprune.repair.base import REPAIRS, unit_names
 from layerprune.repair.config import DEFAULT_REPAIR, RepairConfig
 from layerprune.repair.linear import ReplaceLinearOptions
 from layerprune.repair.merge import MergeOptions
@@ -127,12 +127,6 @@ def check_branch_repair(loaded: LoadedModel, layers: Iterable[int], attention: I
     return runs
 
 
-def _unit_names(loaded: LoadedModel, start: int, end: int) -> list[str]:
-    """The units ``[start, end)`` as ``attn.N`` / ``mlp.N`` in the original numbering."""
-    original = loaded.original_layer_ids
-    return [unit_name(KINDS[unit % 2], original[unit // 2]) for unit in range(start, end)]
-
-
 def compensate(loaded: LoadedModel, layers: Iterable[int], method: str, data: TokenRows | None, *,
                options: Any = DEFAULT_REPAIR.options, batch_size: int = DEFAULT_REPAIR.batch_size,
                reason: str = "layers named by the user",
@@ -154,11 +148,13 @@ def compensate(loaded: LoadedModel, layers: Iterable[int], method: str, data: To
 
     ``attention`` / ``mlp``: also remove the attention / the MLP of these layers (a sub-layer cut,
     as :func:`~layerprune.models.editing.prune` takes it), for a method that repairs branches
-    (``rescale``). The cut is then a sequence of removed runs of units in the order the residual
-    stream meets them (``attn.0, mlp.0, attn.1, ...``; a whole layer is its two units): the stream
-    after a run lacks the removed branches' contributions, ``s`` compares the stream leaving the run
-    with the stream entering it in the original, and the kept branches after the run are divided by
-    ``s``, exactly as after a run of whole layers. Each ``runs`` record names its ``units``.
+    (``rescale``, ``replace-linear``). The cut is then a sequence of removed runs of units in the order
+    the residual stream meets them (``attn.0, mlp.0, attn.1, ...``; a whole layer is its two units),
+    each repaired as a run of whole layers is: ``rescale`` compares the stream leaving the run with the
+    stream entering it in the original and divides the kept branches after the run by that ``s``;
+    ``replace-linear`` fits its map to the last kept branch before the run (an attention or an MLP) and
+    folds it into that branch's output projection (``folded_into``). Each ``runs`` record names its
+    ``units``.
     """
     config = RepairConfig(method=method, options=options, batch_size=batch_size)
     chosen = list(layers)
@@ -206,11 +202,14 @@ def _compensate_branches(loaded: LoadedModel, layers: list[int], attention: list
     if repairer.needs_statistics:
         if data is None:
             raise UsageError(f"{config.method} estimates its repair on calibration data; pass calibration rows")
-        run_statistics = collect_unit_statistics(loaded.model, loaded.adapter, runs,
-                                                 _batches(data, config.batch_size))
+        if repairer.linear_statistics:
+            check_map_tokens(loaded, int(data.attention_mask.sum()), config.method)
+        run_statistics = collect_unit_statistics(loaded.model, loaded.adapter, runs, _batches(data, config.batch_size),
+                                                 linear=repairer.linear_statistics,
+                                                 keep_tokens=repairer.keeps_tokens(options))
     statistics_seconds = time.perf_counter() - began
     records, note = repairer.apply_units(loaded, runs, run_statistics, options)
-    runs_json = [{"units": _unit_names(loaded, start, end),
+    runs_json = [{"units": unit_names(loaded, start, end),
                   **({"tokens": stats.tokens} if stats is not None else {}), **record}
                  for (start, end), stats, record in zip(runs, run_statistics or [None] * len(runs), records)]
     prune(loaded, layers, reason, attention=attention, mlp=mlp)

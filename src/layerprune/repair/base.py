@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from layerprune.errors import UsageError, mention
 from layerprune.models.loading import LoadedModel
+from layerprune.models.sublayers import KINDS, unit_name
 from layerprune.options import Config
 from layerprune.registry import Registry
 from layerprune.repair.statistics import RunStatistics
@@ -74,6 +75,19 @@ class RepairMethod(ABC):
               options: Any) -> tuple[list[dict[str, Any]], str]:
         """Fold the repair into ``loaded`` (still uncut); returns one statistics record per run and
         a sentence for the model card that says what was changed."""
+
+
+def unit_names(loaded: LoadedModel, start: int, end: int) -> list[str]:
+    """The units ``[start, end)`` (``2i``: layer ``i``'s attention, ``2i + 1``: its MLP) as ``attn.N`` /
+    ``mlp.N`` in the original numbering."""
+    original = loaded.original_layer_ids
+    return [unit_name(KINDS[unit % 2], original[unit // 2]) for unit in range(start, end)]
+
+
+def run_label(loaded: LoadedModel, start: int, end: int) -> str:
+    """The run of units ``[start, end)`` in words: ``mlp.2`` or ``attn.3-mlp.4`` (original numbering)."""
+    names = unit_names(loaded, start, end)
+    return names[0] if len(names) == 1 else f"{names[0]}-{names[-1]}"
 
 
 REPAIRS: Registry[RepairMethod] = Registry("repair method")

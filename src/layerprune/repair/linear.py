@@ -6,8 +6,12 @@ the layers after the cut, which were trained on ``h_b``. ReplaceMe picks ``T`` s
 from the accumulated ``MᵀM`` and ``MᵀY``, and folds it into the MLP output projection
 (``W ← Tᵀ W``): no parameter is added.
 
-Gemma-2/3 normalise the MLP output after the projection, which a full ``T`` cannot pass through;
-there a diagonal ``T`` (ReplaceMe's diagonal option) is folded into that norm's weight. The
+At a cut of branches (runs of units ``[a, b)``: ``2i`` layer ``i``'s attention, ``2i + 1`` its MLP)
+the same holds with ``M`` the last kept branch before the run, unit ``a-1``, which may be an
+attention: ``T`` then folds into the attention output projection.
+
+Gemma-2/3 normalise each branch's output after the projection, which a full ``T`` cannot pass
+through; there a diagonal ``T`` (ReplaceMe's diagonal option) is folded into that norm's weight. The
 ``cosine`` solver continues from the least-squares ``T`` with Adam on ReplaceMe's cosine-distance
 objective, on the run's real tokens.
 """
@@ -19,16 +23,19 @@ from typing import Any
 
 import torch
 
-from layerprune.errors import UsageError
+from layerprune.errors import UsageError, mention
+from layerprune.models.architectures import ArchitectureAdapter
 from layerprune.models.loading import LoadedModel
+from layerprune.models.sublayers import ATTENTION, KINDS, MLP, has_branch
 from layerprune.options import Config, option
-from layerprune.repair.base import REPAIRS, RepairMethod
+from layerprune.repair.base import REPAIRS, RepairMethod, run_label
 from layerprune.repair.folds import fold_linear_map, scale_norm
 from layerprune.repair.statistics import RunStatistics
 
 SOLVERS = ("lstsq", "cosine")
 COSINE_LR = 1e-4
 COSINE_BATCH_TOKENS = 4096
+BRANCH_WORDS = {ATTENTION: "attention", MLP: "MLP"}
 
 
 class ReplaceLinearOptions(Config):
@@ -43,7 +50,7 @@ class ReplaceLinearOptions(Config):
 
 
 def solve_linear_map(gram: torch.Tensor, cross: torch.Tensor, ridge: float, *, diagonal: bool,
-                     label: str) -> tuple[torch.Tensor, float, int]:
+                     label: str, branch: str = "MLP") -> tuple[torch.Tensor, float, int]:
     """``T`` solving ``(MᵀM + αI) T = MᵀY`` (or its diagonal version), the system's condition
     number, and how many channels were dead (diagonal only).
 
@@ -51,7 +58,9 @@ def solve_linear_map(gram: torch.Tensor, cross: torch.Tensor, ridge: float, *, d
     numerical-rank rule of ``matrix_rank``) is refused rather than solved into noise. A diagonal
     system is one 1x1 system per channel: a channel the branch never drives (zero on every token,
     e.g. a post-norm weight of 0) has no say in the loss whatever its factor, so it keeps factor 1
-    (its weight unchanged) and is counted; only a branch dead in every channel is refused.
+    (its weight unchanged) and is counted; only a branch dead in every channel is refused. ``label``
+    names the removed run and ``branch`` the kind of branch before it (``MLP``, ``attention``) in
+    the refusals.
     """
     hidden = gram.shape[0]
     if diagonal:
@@ -59,7 +68,7 @@ def solve_linear_map(gram: torch.Tensor, cross: torch.Tensor, ridge: float, *, d
         largest = float(spectrum.max())
         live = spectrum > largest * hidden * torch.finfo(spectrum.dtype).eps
         if largest <= 0 or not bool(live.any()):
-            raise UsageError(f"the MLP branch before the removed run {label} is zero on every calibration token; "
+            raise UsageError(f"the {branch} branch before the removed run {label} is zero on every calibration token; "
                              "use other calibration data, or repair this cut with --method rescale")
         factors = torch.where(live, cross.diagonal() / torch.where(live, spectrum, 1.0), 1.0)
         return torch.diag(factors), largest / float(spectrum[live].min()), int((~live).sum())
@@ -67,7 +76,7 @@ def solve_linear_map(gram: torch.Tensor, cross: torch.Tensor, ridge: float, *, d
     largest, smallest = float(spectrum.max()), float(spectrum.min())
     if largest <= 0 or smallest <= largest * hidden * torch.finfo(spectrum.dtype).eps:
         raise UsageError(f"the least-squares system of the removed run {label} is singular (the calibration tokens do "
-                         f"not span the {hidden} channels of the MLP output); use more or more varied calibration "
+                         f"not span the {hidden} channels of the {branch} output); use more or more varied calibration "
                          "data (--samples, --seq-len) or add a ridge (e.g. --ridge 1e-3)")
     system = gram + ridge * torch.eye(hidden, dtype=gram.dtype, device=gram.device)
     return torch.linalg.solve(system, cross), largest / smallest, 0
@@ -108,48 +117,105 @@ def refine_by_cosine(start: torch.Tensor, kept: list[tuple[torch.Tensor, ...]], 
     }
 
 
+def fold_into_branch(layer: torch.nn.Module, adapter: ArchitectureAdapter, kind: str, transform: torch.Tensor) -> str:
+    """Make what ``layer``'s ``kind`` branch adds to the residual become its old output times ``transform``;
+    returns where it went. A family that normalises the branch output (Gemma) takes a diagonal map into
+    that norm's weight; otherwise the map folds into the output projection, into each of the attention's
+    when it has several (the branch is their sum)."""
+    post_norm = adapter.post_branch_norm(kind)
+    if post_norm is not None:
+        scale_norm(layer.get_submodule(post_norm), transform.diagonal(), adapter.norm_kind)
+        return f"a diagonal map folded into the weight of the post-{BRANCH_WORDS[kind]} norm `{post_norm}`"
+    projections = adapter.attention_outputs if kind == ATTENTION else (adapter.mlp_output,)
+    for path in projections:
+        fold_linear_map(layer.get_submodule(path), transform)
+    paths = ", ".join(f"`{path}`" for path in projections)
+    return f"a linear map folded into the {BRANCH_WORDS[kind]} output projection {paths}"
+
+
 class ReplaceLinear(RepairMethod):
     name = "replace-linear"
     cost = 2
     options_class = ReplaceLinearOptions
     linear_statistics = True
+    branch_cuts = True
 
     def check(self, loaded: LoadedModel, runs: list[tuple[int, int]], options: ReplaceLinearOptions) -> None:
-        super().check(loaded, runs, options)
+        self.check_family(loaded)
+        self.refuse_first_layer(runs, "folds its map into the MLP of")
+        self.refuse_removed_branch(loaded, [(2 * start, 2 * end) for start, end in runs])
+
+    def check_units(self, loaded: LoadedModel, runs: list[tuple[int, int]], options: ReplaceLinearOptions) -> None:
+        """The branch before each removed run of units, ``a-1``, takes the map: there must be one, present in
+        the model, with a residual stream on either side of it (from which its output is read)."""
+        self.check_branch_cuts()
+        self.check_family(loaded)
+        if loaded.adapter.parallel_residual:
+            raise UsageError(f"{loaded.adapter.family} layers feed their attention and MLP the same input (parallel "
+                             "residual), so there is no residual stream between a layer's two branches to read the "
+                             "branch before a removed run from; remove whole layers to repair with replace-linear, or "
+                             f"repair this cut with {mention('method')} rescale")
+        if runs and runs[0][0] == 0:
+            first = run_label(loaded, 0, 1)
+            raise UsageError(f"{self.name} folds its map into the branch kept before the cut, but the removed run "
+                             f"{run_label(loaded, *runs[0])} starts at the model's first branch, {first}, which has "
+                             f"none before it; keep {first} or repair this cut with {mention('method')} rescale")
+        self.refuse_removed_branch(loaded, runs)
+
+    def check_family(self, loaded: LoadedModel) -> None:
+        """Refuse a family whose branch outputs the map cannot be folded into."""
+        super().check(loaded, [], None)
         if loaded.adapter.post_norm:
             raise UsageError("replace-linear needs the MLP branch added to an unnormalised residual, but this model "
                              "normalises after the addition (do_layer_norm_before=False, e.g. OPT-350m); use merge")
-        self.refuse_first_layer(runs, "folds its map into the MLP of")
+
+    def refuse_removed_branch(self, loaded: LoadedModel, runs: list[tuple[int, int]]) -> None:
+        """Refuse a run whose branch before it (unit ``a-1``) an earlier cut removed: it adds nothing, so
+        no map of it can stand in for the run."""
+        layers = loaded.adapter.decoder_layers(loaded.model)
+        for start, end in runs:
+            if start > 0 and not has_branch(layers[(start - 1) // 2], loaded.adapter, KINDS[(start - 1) % 2]):
+                raise UsageError(f"{self.name} folds its map into the branch kept before the removed run "
+                                 f"{run_label(loaded, start, end)}, but {run_label(loaded, start - 1, start)} was "
+                                 "removed by an earlier cut and adds nothing; repair this cut with "
+                                 f"{mention('method')} rescale, or prune it plainly")
 
     def keeps_tokens(self, options: ReplaceLinearOptions) -> bool:
         return options.solver == "cosine"  # it optimises on the tokens themselves
 
     def apply(self, loaded: LoadedModel, runs: list[tuple[int, int]], statistics: list[RunStatistics],
               options: ReplaceLinearOptions) -> tuple[list[dict[str, Any]], str]:
+        return self.apply_units(loaded, [(2 * start, 2 * end) for start, end in runs], statistics, options)
+
+    def apply_units(self, loaded: LoadedModel, runs: list[tuple[int, int]], statistics: list[RunStatistics],
+                    options: ReplaceLinearOptions) -> tuple[list[dict[str, Any]], str]:
+        """Units ``2i`` / ``2i + 1``: layer ``i``'s attention / MLP; a whole-layer run ``[a, b)`` is ``[2a, 2b)``,
+        whose branch before it is the MLP of layer ``a-1``. Each run's ``M`` is the branch before it, unit
+        ``a-1``, as added to the residual, and its map folds into that branch."""
         adapter = loaded.adapter
         layers = adapter.decoder_layers(loaded.model)
-        diagonal = adapter.post_mlp_norm is not None
-        records = []
+        records, targets = [], {}
         for (start, end), stats in zip(runs, statistics):
             assert stats.gram is not None and stats.cross is not None, "replace-linear collects MᵀM and MᵀY"
+            kind = KINDS[(start - 1) % 2]
+            diagonal = adapter.post_branch_norm(kind) is not None
             transform, condition, dead = solve_linear_map(stats.gram, stats.cross, options.ridge, diagonal=diagonal,
-                                                          label=f"{start}-{end - 1}")
-            record: dict[str, Any] = {"map": "diagonal" if diagonal else "full", "condition_number": condition}
+                                                          label=run_label(loaded, start, end),
+                                                          branch=BRANCH_WORDS[kind])
+            before = run_label(loaded, start - 1, start)
+            record: dict[str, Any] = {"map": "diagonal" if diagonal else "full", "condition_number": condition,
+                                      "folded_into": before}
             if diagonal:
                 record["dead_channels"] = dead
             if options.solver == "cosine":
                 transform, solved = refine_by_cosine(transform, stats.kept, options.cosine_steps, diagonal=diagonal)
                 record.update(solved)
-            layer = layers[start - 1]
-            if diagonal:
-                scale_norm(layer.get_submodule(adapter.post_mlp_norm), transform.diagonal(), adapter.norm_kind)
-            else:
-                fold_linear_map(layer.get_submodule(adapter.mlp_output), transform)
+            targets[kind] = fold_into_branch(layers[(start - 1) // 2], adapter, kind, transform)
             records.append(record)
-        target = (f"a diagonal map folded into the weight of the post-MLP norm `{adapter.post_mlp_norm}` (this "
-                  "family normalises the MLP output, which a full map cannot pass through)" if diagonal
-                  else f"a linear map folded into the MLP output projection `{adapter.mlp_output}`")
-        note = (f"each removed run was replaced by {target} of the layer before it, fitted by "
+        diagonal_note = (" (this family normalises each branch output, which a full map cannot pass through)"
+                         if any(record["map"] == "diagonal" for record in records) else "")
+        note = (f"each removed run was replaced by {' or '.join(targets[kind] for kind in KINDS if kind in targets)} "
+                f"of the branch kept before it (its `folded_into`){diagonal_note}, fitted by "
                 f"{'least squares then cosine distance' if options.solver == 'cosine' else 'least squares'} "
                 "on calibration data (ReplaceMe); no parameter was added")
         return records, note

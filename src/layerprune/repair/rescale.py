@@ -33,7 +33,7 @@ from layerprune.repair.statistics import RunStatistics
 
 def scale_branch_output(layer: nn.Module, adapter: ArchitectureAdapter, kind: str, factor: float) -> None:
     """Multiply what ``layer``'s ``kind`` branch (``attention`` or ``mlp``) adds to the residual by ``factor``."""
-    post_norm = adapter.post_attention_norm if kind == "attention" else adapter.post_mlp_norm
+    post_norm = adapter.post_branch_norm(kind)
     if post_norm is not None:
         scale_norm(layer.get_submodule(post_norm), factor, adapter.norm_kind)
     elif kind == "attention":

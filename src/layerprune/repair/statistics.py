@@ -195,33 +195,48 @@ def stream_position(unit: int) -> str:
 
 
 def collect_unit_statistics(model: nn.Module, adapter: ArchitectureAdapter, runs: list[tuple[int, int]],
-                            batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> list[RunStatistics]:
-    """The magnitude sums of :class:`RunStatistics` for runs of *branch units* ``[a, b)`` (unit ``2i``: the
-    attention of layer ``i``, ``2i + 1``: its MLP; ``2L``: past the last layer), from one pass.
+                            batches: Iterator[tuple[torch.Tensor, torch.Tensor]], *, linear: bool = False,
+                            keep_tokens: bool = False) -> list[RunStatistics]:
+    """The :class:`RunStatistics` of runs of *branch units* ``[a, b)`` (unit ``2i``: the attention of layer
+    ``i``, ``2i + 1``: its MLP; ``2L``: past the last layer), from one pass.
 
     ``h_a`` is the residual stream entering unit ``a``: a layer's input for an attention, its MLP's
     pre-norm input (the stream after the attention) for an MLP; ``h_b`` likewise at ``b``, and at
-    ``2L`` the last layer's output. Sequential-residual families only (in a parallel-residual layer both
-    branches read the layer's input: there is no stream between them)."""
+    ``2L`` the last layer's output. ``linear`` adds ``MᵀM`` and ``MᵀY`` of every run after unit 0, ``M``
+    being the branch before it, unit ``a-1``, as added to the residual: in a sequential layer that is
+    exactly ``h_a - h_{a-1}`` (after Gemma's post-branch norm, times Granite's multiplier, whatever the
+    family), taken in float64 from the two streams. Runs with the same start share one ``MᵀM`` per
+    batch. Sequential-residual families only (in a parallel-residual layer both branches read the
+    layer's input: there is no stream between them)."""
     if adapter.parallel_residual or adapter.pre_mlp_norm is None:
         raise UsageError(f"{adapter.family} layers feed their attention and MLP the same input (parallel residual), "
-                         "so there is no residual stream between the two branches to rescale at")
+                         "so there is no residual stream between the two branches to repair at")
     layers = adapter.decoder_layers(model)
     stats = [RunStatistics(start, end) for start, end in runs]
-    positions = sorted({p for run in runs for p in run})
-    streams: dict[int, torch.Tensor] = {}
+    branch_starts = {start for start, _ in runs if linear and start > 0}
+    positions = sorted({p for run in runs for p in run} | {start - 1 for start in branch_starts})
+    captured: dict[Any, torch.Tensor] = {}
     real: dict[str, torch.Tensor] = {}
     last_layer = min(max(positions) // 2, len(layers) - 1)
 
     def rows(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.reshape(-1, tensor.shape[-1])[real["mask"]]
 
+    def branch_before(start: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(M, MᵀM)`` of the run starting at ``start``, computed once per batch (``None`` without ``linear``)."""
+        if start not in branch_starts:
+            return None
+        if ("branch", start) not in captured:
+            branch = captured[start].to(ACCUMULATOR) - captured[start - 1].to(ACCUMULATOR)
+            captured["branch", start], captured["gram", start] = branch, branch.T @ branch
+        return captured["branch", start], captured["gram", start]
+
     def keep(position: int, read: Any):
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            streams[position] = rows(read(args, kwargs).detach())
+            captured[position] = rows(read(args, kwargs).detach())
             for run in stats:
-                if run.end == position:  # the run's entering stream was captured earlier in the pass
-                    run.add(None, streams[run.start], streams[position], False)
+                if run.end == position:  # the streams the run reads were captured earlier in the pass
+                    run.add(branch_before(run.start), captured[run.start], captured[position], keep_tokens)
         return hook
 
     def first_argument(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -241,5 +256,5 @@ def collect_unit_statistics(model: nn.Module, adapter: ArchitectureAdapter, runs
             handles.append(norm.register_forward_pre_hook(keep(position, first_argument), with_kwargs=True))
 
     handles.append(layers[last_layer].register_forward_hook(finish_pass))  # last: after every capture
-    run_until_finished(model, batches, handles, real, streams)
+    run_until_finished(model, batches, handles, real, captured)
     return stats

@@ -22,6 +22,8 @@ from layerprune.reporting.figures import png_bytes
 _EFFICIENCY_ROWS: tuple[tuple[str, str, Callable[[float], float]], ...] = (
     ("disk_bytes", "size on disk (MB)", lambda v: v / 1e6),
     ("peak_memory_bytes", "peak memory (MB)", lambda v: v / 1e6),
+    ("kv_cache_bytes_per_token", "KV cache per token (bytes)", float),
+    ("kv_cache_ratio", "KV cache vs reference", float),
     ("prefill_tokens_per_s", "prefill tokens/s", float),
     ("decode_tokens_per_s", "decode tokens/s", float),
     ("prefill_speedup", "prefill speed-up", float),
@@ -57,7 +59,7 @@ def flatten_metrics(result: dict[str, Any]) -> dict[str, float]:
         rows["generation: identical"] = result["generation"]["identical"]
     efficiency = result.get("efficiency", {})
     for key, label, scale in _EFFICIENCY_ROWS:
-        if key in efficiency:
+        if efficiency.get(key) is not None:  # the ratio is null where the reference caches nothing
             rows[label] = scale(efficiency[key])
     return rows
 

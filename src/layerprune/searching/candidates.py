@@ -1,6 +1,6 @@
 """The candidates a search ranks: every metric's selection under every strategy, de-duplicated by
 what they remove (whole layers, or at sub-layer granularity attention and MLP branches), each also
-with every training-free repair that applies.
+with every training-free repair that applies (to a cut of branches, those that repair one).
 
 All metrics are scored in one :func:`layerprune.score` call on one calibration set, so the
 similarity metrics (``bi``, ``angular``, ``block-cosine``) share their one forward pass. The
@@ -18,7 +18,8 @@ from layerprune.models.editing import prune
 from layerprune.models.loading import LoadedModel
 from layerprune.models.sublayers import ATTENTION, KINDS, MLP, split_units, unit_name
 from layerprune.models.surgery import consecutive_runs
-from layerprune.repair import REPAIRS, check_map_tokens, check_repair, collect_run_statistics, compensate
+from layerprune.repair import (REPAIRS, check_branch_repair, check_map_tokens, check_repair, collect_run_statistics,
+                               compensate)
 from layerprune.repair.statistics import RunStatistics
 from layerprune.scoring import METRICS, ScoreReport
 from layerprune.selection import STRATEGIES, Rescore, Selection, Strategy, select
@@ -81,6 +82,12 @@ class Candidate:
     def shape(self) -> tuple[int, int, int]:
         """How many whole layers, lone attentions and lone MLPs the cut removes: what its speed depends on."""
         return len(self.remove), len(self.attention), len(self.mlp)
+
+    @property
+    def removes_branches(self) -> bool:
+        """Whether the cut removes a lone attention or MLP (not only whole layers): its repair is one of a
+        cut of branches, which collects its own statistics."""
+        return bool(self.attention or self.mlp)
 
     @property
     def removed(self) -> str:
@@ -159,9 +166,10 @@ def plain_candidates(selections: list[Selection]) -> list[Candidate]:
 
 def repaired_candidates(loaded: LoadedModel, plain: list[Candidate], repairs: list[str],
                         tokens: int) -> tuple[list[Candidate], list[dict[str, Any]]]:
-    """Each plain candidate once more with every repair in ``repairs`` that accepts its cut and the
-    ``tokens`` real calibration tokens (a linear map needs at least the hidden size); a refused one
-    is returned as the candidate's record with the repair and the ``reason`` (the method's own words)."""
+    """Each plain candidate once more with every repair in ``repairs`` that accepts its cut (a cut of
+    branches: a method that repairs one, checked as :func:`compensate` checks it) and the ``tokens``
+    real calibration tokens (a linear map needs at least the hidden size); a refused one is returned
+    as the candidate's record with the repair and the ``reason`` (the method's own words)."""
 
     repaired, skipped = [], []
     for repair in repairs:
@@ -169,10 +177,10 @@ def repaired_candidates(loaded: LoadedModel, plain: list[Candidate], repairs: li
             try:
                 if REPAIRS.get(repair).linear_statistics:
                     check_map_tokens(loaded, tokens, repair)
-                if candidate.attention or candidate.mlp:
-                    raise UsageError("training-free repairs apply to cuts of whole layers; this cut removes "
-                                     "single branches")
-                check_repair(loaded, candidate.remove, repair)
+                if candidate.removes_branches:
+                    check_branch_repair(loaded, candidate.remove, candidate.attention, candidate.mlp, repair)
+                else:
+                    check_repair(loaded, candidate.remove, repair)
             except UsageError as refusal:
                 skipped.append({**candidate.to_json(), "repair": repair, "reason": str(refusal)})
                 continue
@@ -190,7 +198,8 @@ def cut(loaded: LoadedModel, candidate: Candidate, calibration: Any, batch_size:
         statistics: Mapping[tuple[int, int], RunStatistics] | None = None) -> LoadedModel:
     """A copy of ``loaded`` with ``candidate`` applied: plain removal, or removal repaired with its
     method on ``calibration`` (the rows the metrics were scored on, never the ranking windows),
-    from ``statistics`` when given (:func:`repair_statistics`). ``loaded`` itself stays whole."""
+    from ``statistics`` when given (:func:`repair_statistics`; a cut of branches collects its own).
+    ``loaded`` itself stays whole."""
 
     working = loaded.copy(share_weights=candidate.repair is None)  # a repair writes into kept layers
     among = " of branches" if candidate.granularity == "sublayer" else ""
@@ -198,21 +207,22 @@ def cut(loaded: LoadedModel, candidate: Candidate, calibration: Any, batch_size:
     if candidate.repair is None:
         prune(working, candidate.remove, reason=reason, attention=candidate.attention, mlp=candidate.mlp)
     else:
-
         compensate(working, candidate.remove, candidate.repair, calibration, batch_size=batch_size, reason=reason,
-                   statistics=statistics)
+                   statistics=None if candidate.removes_branches else statistics, attention=candidate.attention,
+                   mlp=candidate.mlp)
     return working
 
 
 def repair_statistics(loaded: LoadedModel, candidates: list[Candidate], calibration: Any,
                       batch_size: int) -> dict[tuple[int, int], RunStatistics]:
-    """The statistics of every removed run of every repaired candidate that reads data, from one
-    pass of ``loaded``: the statistics depend only on the run and the original, so a run shared
-    by several cuts (or methods) is summed once."""
+    """The statistics of every removed run of every repaired cut of whole layers that reads data, from
+    one pass of ``loaded``: the statistics depend only on the run and the original, so a run shared
+    by several cuts (or methods) is summed once. A cut of branches collects its own (:func:`cut`)."""
 
-    runs = {run for candidate in candidates if candidate.repair is not None and REPAIRS.get(candidate.repair).needs_statistics
-            for run in consecutive_runs(candidate.remove)}
+    shared = [candidate for candidate in candidates if candidate.repair is not None and not candidate.removes_branches
+              and REPAIRS.get(candidate.repair).needs_statistics]
+    runs = {run for candidate in shared for run in consecutive_runs(candidate.remove)}
     if not runs:
         return {}
-    linear = any(REPAIRS.get(c.repair).linear_statistics for c in candidates if c.repair is not None)
+    linear = any(REPAIRS.get(candidate.repair).linear_statistics for candidate in shared)
     return collect_run_statistics(loaded, runs, calibration, batch_size=batch_size, linear=linear)

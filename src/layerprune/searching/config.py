@@ -33,7 +33,9 @@ class SearchConfig(Config):
         None, f"layers to remove: a count (8) or a share (25%); {DEFAULT_REMOVE} unless a target speed-up is given")
     target_speedup: float | None = option(
         None, "instead of a layer count: the fewest layers whose removal gives this measured decode speed-up over "
-        "the original (more than 1)", metavar="X")
+        "the original (more than 1); a sub-layer candidate removes as many layers' parameters and is ranked only "
+        "if its own decode speed-up, timed the same way (FLOP-ideal where timing is not tight), reaches it",
+        metavar="X")
     time_budget: float | None = option(
         None, "minutes for the whole search, scoring included: costly metrics and further candidates only while "
         "their estimated cost fits (what is left out is said and recorded; healing the winner is not counted)",
@@ -87,9 +89,6 @@ class SearchConfig(Config):
         if self.target_speedup is not None and not self.target_speedup > 1:
             self.refuse("target_speedup", f"must be more than 1 (a speed-up over the original), got "
                                           f"{self.target_speedup}")
-        if self.target_speedup is not None and self.granularity != "layer":
-            self.refuse("granularity", f"{self.granularity}: a target speed-up counts whole layers; give remove (a "
-                                       "share of the decoder parameters, e.g. 25%) for a sub-layer search")
         if self.time_budget is not None and not self.time_budget > 0:
             self.refuse("time_budget", f"must be more than 0 minutes, got {self.time_budget}; leave it out for no "
                                        "limit")

@@ -70,7 +70,8 @@ class TriedEntry(CandidateEntry):
 
 
 class UnrankedEntry(CandidateEntry):
-    """A candidate not ranked: a repair that refused the cut or its data, or one the budget left out."""
+    """A candidate not ranked: a repair that refused the cut or its data, one the budget left out, or a
+    sub-layer cut whose decode speed-up fell short of the target speed-up (then with its speed-up fields)."""
 
     reason: str
 

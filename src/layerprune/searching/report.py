@@ -76,6 +76,11 @@ def search_table(record: Any) -> str:
         lines += ["", "Repairs that do not apply:", ""]
         lines += [f"- {s['repair']} on {removed_text(s['removed_layers'], s['removed_attention'], s['removed_mlp'])}: "
                   f"{s['reason']}" for s in record.skipped]
+    if record.short_of_target:
+        target = record.settings["budget"]["target_speedup"]
+        lines += ["", f"Sub-layer cuts short of the target decode speed-up of {target:g}x, not ranked:", ""]
+        lines += [f"- {candidate.label} ({candidate.removed}): {reason}"
+                  for candidate, _, reason in record.short_of_target]
     return "\n".join(lines) + "\n"
 
 

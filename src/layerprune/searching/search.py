@@ -12,14 +12,17 @@ Steps, each sharing what it can with the others:
 2. every metric's selection under every strategy, de-duplicated by the layers removed (the
    iterative selections share one re-scoring per smaller model; those of the ``costly`` metrics,
    ``ppl`` and ``taylor``, only with ``exhaustive``), then each distinct cut again with every
-   training-free repair that accepts it (a refusal is recorded with its reason); plain cuts
-   first, then the repairs, cheapest first. With ``granularity`` ``sublayer`` the metrics that
+   training-free repair that accepts it (a cut of branches: ``rescale``, ``replace-linear``; a refusal
+   is recorded with its reason); plain cuts first, then the repairs, cheapest first. With ``granularity`` ``sublayer`` the metrics that
    score branches score each attention and MLP apart and select branches to a parameter budget;
    with ``both`` those selections stand beside the whole-layer ones, at the parameters of the same
-   number of whole layers (an evolution then runs over branches, seeded with both);
+   number of whole layers (an evolution then runs over branches, seeded with both). A target
+   speed-up decides that number on whole layers; each sub-layer cut's own speed-up is then timed
+   and a cut short of the target is set aside, not ranked (:func:`.speed.sublayer_cuts_reaching`);
 3. each candidate scored on held-out windows (:mod:`.ranking`), dropped early when clearly worse;
    the repairs that read data take their statistics from one pass of the original over the
-   calibration rows, for every run of every candidate at once (:func:`.repair_statistics`);
+   calibration rows, for every run of every whole-layer candidate at once (:func:`.repair_statistics`;
+   a repaired cut of branches reads its own pass);
 4. the winner saved (healed with ``heal`` if asked), with ``search.json``, ``search.md``,
    ``pareto.png`` and a ``recipe.yaml`` that ``layerprune run`` replays to the same weights.
 
@@ -66,7 +69,13 @@ from layerprune.searching.evolution import branch_budget, evolved_candidates, la
 from layerprune.searching.ranking import DropRule, held_out_windows, rank, window_losses
 from layerprune.searching.record import SearchDocument
 from layerprune.searching.report import write_search
-from layerprune.searching.speed import SEARCH_WORKLOAD, decode_speedup, layers_for_speedup
+from layerprune.searching.speed import (
+    SEARCH_WORKLOAD,
+    Shape,
+    decode_speedup,
+    layers_for_speedup,
+    sublayer_cuts_reaching,
+)
 from layerprune.selection import Selection, parameter_budget, parse_remove
 
 HELD_OUT_SPLITS = ("validation", "test")
@@ -95,9 +104,14 @@ class Tried:
     def to_json(self) -> dict[str, Any]:
         return {**self.candidate.to_json(), "held_out_ppl": self.ppl, "held_out_tokens": self.tokens,
                 "held_out_windows": self.windows, "dropped_early": self.dropped, "parameters": self.parameters,
-                "flop_ideal_decode_speedup": self.speed.ideal, "measured_decode_speedup": self.speed.measured,
-                "measured_decode_speedup_ci95": self.speed.interval, "decode_speedup_turns": self.speed.turns,
-                "decode_speedup_note": self.speed.note, "seconds": round(self.seconds, 3)}
+                **speed_fields(self.speed), "seconds": round(self.seconds, 3)}
+
+
+def speed_fields(speed: TimedSpeedup) -> dict[str, Any]:
+    """A decode speed-up as ``search.json`` writes it beside a candidate."""
+    return {"flop_ideal_decode_speedup": speed.ideal, "measured_decode_speedup": speed.measured,
+            "measured_decode_speedup_ci95": speed.interval, "decode_speedup_turns": speed.turns,
+            "decode_speedup_note": speed.note}
 
 
 @dataclass
@@ -117,6 +131,9 @@ class SearchRecord:
     """Metrics and selections the time budget left out -> why."""
     seconds: float = 0.0
     out: Path | None = None
+    short_of_target: list[tuple[Candidate, TimedSpeedup, str]] = field(default_factory=list)
+    """Sub-layer candidates whose own decode speed-up fell short of the target speed-up: not ranked, each
+    with the speed-up and why (in ``search.json`` among ``not_tried``)."""
 
     @property
     def winner(self) -> Tried:
@@ -144,7 +161,9 @@ class SearchRecord:
             "winner": self.winner_index, "winner_label": self.winner.label, **self.settings,
             "candidates": [tried.to_json() for tried in self.tried],
             "skipped_repairs": self.skipped,
-            "not_tried": [{**candidate.to_json(), "reason": reason} for candidate, reason in self.not_tried],
+            "not_tried": [{**candidate.to_json(), "reason": reason} for candidate, reason in self.not_tried]
+            + [{**candidate.to_json(), **speed_fields(speed), "reason": reason}
+               for candidate, speed, reason in self.short_of_target],
             "budget_left_out": self.budget_left_out or None, "shortfall": self.shortfall,
             "seconds": round(self.seconds, 1)})
 
@@ -166,7 +185,8 @@ def held_out_source(data: str | Path, split: str, rank_data: str | Path | None) 
 
 def rank_queue(loaded: LoadedModel, queue: list[Candidate], calibration: Any, windows: list[Any], first: int, *,
                batch_size: int, drop_rule: DropRule, workload: Workload, budget: TimeBudget, pass_seconds: float,
-               progress: bool | None) -> tuple[list[Tried], LoadedModel, list[dict[str, Any]]]:
+               progress: bool | None, timed: dict[Shape, TimedSpeedup] | None = None,
+               ) -> tuple[list[Tried], LoadedModel, list[dict[str, Any]]]:
     """Cut, rank and time each candidate of ``queue`` in order until it ends or the time budget would
     not cover one more (the slowest so far, and a pass of ``pass_seconds`` for the repair statistics
     when they are still to collect; the first is always ranked); returns what was tried, the best
@@ -175,8 +195,9 @@ def rank_queue(loaded: LoadedModel, queue: list[Candidate], calibration: Any, wi
 
     ``first`` is the first predicted position of a window (after the tokenizer's prefix). The
     repair statistics are collected when the first repaired candidate comes up, for all of them.
+    ``timed``: speed-ups already timed, by shape (a target speed-up's check of the sub-layer cuts).
     """
-    speeds: dict[tuple[int, int, int], TimedSpeedup] = {}
+    speeds: dict[Shape, TimedSpeedup] = dict(timed or {})
     statistics: dict[tuple[int, int], Any] | None = None
     tried: list[Tried] = []
     refused: list[dict[str, Any]] = []
@@ -337,6 +358,15 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
         plain, evolution = evolved_candidates(loaded, rows, heuristic, units, config, budget, reserve, progress)
     else:
         plain = heuristic
+    short_of_target: list[tuple[Candidate, TimedSpeedup, str]] = []
+    timed: dict[Shape, TimedSpeedup] = {}
+    if config.target_speedup is not None:
+        plain, short_of_target, timed = sublayer_cuts_reaching(loaded, plain, config.target_speedup, workload)
+        if not plain:
+            fastest = max(speed.usable for _, speed, _ in short_of_target)
+            config.refuse("target_speedup", f"{config.target_speedup:g} is out of reach of every sub-layer cut of "
+                                            f"{count} layers' parameters (the fastest: {fastest:.2f}x); ask for "
+                                            "less, or search with granularity layer or both")
     repaired, skipped = (repaired_candidates(loaded, plain, available_repairs(), rows.tokens) if config.repairs
                          else ([], []))
     queue = [*plain, *repaired]
@@ -344,7 +374,8 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
 
     tried, winner_model, refused = rank_queue(loaded, queue[:limit], rows, windows, max(len(prefix), 1),
                                               batch_size=batch_size, drop_rule=drop_rule, workload=workload,
-                                              budget=budget, pass_seconds=pass_seconds, progress=progress)
+                                              budget=budget, pass_seconds=pass_seconds, progress=progress,
+                                              timed=timed)
     winner_index = min((i for i, t in enumerate(tried) if not t.dropped), key=lambda i: (tried[i].ppl, i))
     settings = {
         "budget": {"remove": config.removal, "target_speedup": config.target_speedup,
@@ -376,7 +407,7 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
     not_tried += [(c, "beyond max_candidates") for c in queue[limit:]]
     record = SearchRecord(loaded.source, loaded.num_layers, count, tried, winner_index, settings,
                           skipped + [refusal["record"] for refusal in refused], not_tried, budget.left_out,
-                          budget.elapsed)
+                          budget.elapsed, short_of_target=short_of_target)
     if record.shortfall:
         log.warning(f"search: {record.shortfall}")
     if out is not None:

@@ -8,6 +8,11 @@ tokens, timed in turns, at least 3, until the interval is tight): enough to orde
 where the full ``layerprune eval --efficiency`` workload would cost more than the search itself.
 A speed-up whose interval stays wide (a loaded machine) is reported as not measured, and the
 FLOP-ideal figure stands in for it, with the reason.
+
+A target speed-up is met in two steps: the layer count is found on whole-layer stand-ins
+(:func:`layers_for_speedup`); a sub-layer candidate removes as many layers' parameters, but which
+branches go decides its speed, so its own speed-up is timed before it is ranked, and a cut that
+falls short is set aside with the figure it reached (:func:`sublayer_cuts_reaching`).
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ from transformers import PreTrainedModel
 from layerprune.evaluation.efficiency import TimedSpeedup, Workload, decode_speedup_in_turns
 from layerprune.models.loading import LoadedModel
 from layerprune.models.surgery import remove_layers
+from layerprune.searching.candidates import Candidate, cut
 from layerprune.searching.config import SearchConfig
 
 SEARCH_WORKLOAD = Workload(prompt_len=64, new_tokens=16, repeats=3, warmup=1)
+Shape = tuple[int, int, int]
+"""A cut's whole layers, lone attentions and lone MLPs (:attr:`Candidate.shape`): what its speed depends on."""
 
 
 def decode_speedup(original: PreTrainedModel, cut: PreTrainedModel, workload: Workload = SEARCH_WORKLOAD) -> TimedSpeedup:
@@ -59,3 +67,34 @@ def layers_for_speedup(loaded: LoadedModel, target: float, workload: Workload = 
         else:
             low = middle + 1
     return high, at_high
+
+
+def sublayer_cuts_reaching(loaded: LoadedModel, plain: list[Candidate], target: float,
+                           workload: Workload = SEARCH_WORKLOAD) -> tuple[
+        list[Candidate], list[tuple[Candidate, TimedSpeedup, str]], dict[Shape, TimedSpeedup]]:
+    """For a target decode speed-up of ``target``: the plain (unrepaired) candidates to rank, the sub-layer
+    ones whose own speed-up falls short (each with it and why, not ranked), and the speed-ups timed, by
+    shape, for the ranking to reuse.
+
+    A whole-layer candidate removes the layers :func:`layers_for_speedup` found to reach the target and
+    passes as it is. A sub-layer candidate removes as many layers' parameters, but in decode an attention
+    costs more per parameter than an MLP, and more the longer the context, so each shape is timed like a
+    whole-layer cut (in turns against the original, on ``workload``, in this process) and kept only where
+    its speed-up reaches ``target``: measured, or FLOP-ideal where timing was not tight.
+    """
+    speeds: dict[Shape, TimedSpeedup] = {}
+    reaching: list[Candidate] = []
+    short: list[tuple[Candidate, TimedSpeedup, str]] = []
+    for candidate in plain:
+        if candidate.granularity != "sublayer":
+            reaching.append(candidate)
+            continue
+        if candidate.shape not in speeds:  # a plain cut reads no calibration data
+            speeds[candidate.shape] = decode_speedup(loaded.model, cut(loaded, candidate, None, 1).model, workload)
+        speed = speeds[candidate.shape]
+        if speed.usable >= target:
+            reaching.append(candidate)
+        else:
+            kind = "measured" if speed.measured is not None else "FLOP-ideal: timing was not tight"
+            short.append((candidate, speed, f"reaches only {speed.usable:.2f}x of the asked {target:g}x ({kind})"))
+    return reaching, short, speeds
