@@ -192,13 +192,14 @@ def read_cut(rebuild: Rebuilder, record: dict[str, Any], reference: dict[str, An
     return {**got, "retained": retained_performance(reference["correct"], got["correct"])}
 
 
-def test_step(original: lp.LoadedModel, chosen: dict[str, dict[str, Any]], reference: dict[str, Any],
-              task_limit: int, folder: Path, calibration: CalibrationConfig) -> dict[str, Any]:
-    """Every chosen cut read on the test text (each cut its own saved step, so a cut-off run resumes)."""
-    rebuild = Rebuilder(original, calibration)
-    return {"reads": {slot: step(folder / f"test-{task_limit}" / f"{slot.replace(', ', '-').replace(' ', '-')}.json",
-                                 partial(read_cut, rebuild, record, reference, task_limit))
-                      for slot, record in chosen.items()}}
+def read_path(where: Path, task_limit: int, slot: str) -> Path:
+    """Where a chosen cut's test reading is saved (each cut its own step, so a cut-off run resumes)."""
+    return where / f"test-{task_limit}" / f"{slot.replace(', ', '-').replace(' ', '-')}.json"
+
+
+def saved_reads(where: Path, task_limit: int, chosen: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The test readings of the chosen cuts done so far."""
+    return {slot: got for slot in chosen if (got := cached(read_path(where, task_limit, slot))) is not None}
 
 
 def export_layers(loaded: lp.LoadedModel) -> dict[str, Any]:
@@ -275,8 +276,9 @@ def bench(model: str, budgets: list[str], minutes: float, samples: int, task_lim
     for budget in budgets:
         where = budget_dir(model, budget, samples)
         found = step(where / "search.json", partial(search_step, original, budget, minutes, calibration))
-        step(where / f"test-{task_limit}.json",
-             partial(test_step, original, found["chosen"], reference, task_limit, where, calibration))
+        rebuild = Rebuilder(original, calibration)
+        for slot, record in found["chosen"].items():
+            step(read_path(where, task_limit, slot), partial(read_cut, rebuild, record, reference, task_limit))
         flops = step(folder / "original-structure.json", partial(original_flops_step, original))
         step(where / "structure.json", partial(structure_step, original, found["chosen"], flops))
         if timing:
@@ -410,12 +412,16 @@ def reading(model: str, budget: str, found: dict[str, Any], tests: dict[str, Any
     return "; ".join(parts) + "."
 
 
-def costs(where: Path, task_limit: int) -> str:
-    names = {"search": "search.json", "test reading": f"test-{task_limit}.json", "structure": "structure.json",
-             "timing": "timing.json"}
-    done = {name: cached(where / file) for name, file in names.items()}
-    return "; ".join(f"{name} {got['seconds']:.0f} s (load before {got['load_before']})" if got
-                     else f"{name} {NOT_RUN}" for name, got in done.items())
+def costs(where: Path, found: dict[str, Any], reads: dict[str, dict[str, Any]]) -> str:
+    """Each step's wall-clock seconds and the load before it (the test reading summed over the cuts read)."""
+    done = {name: cached(where / file) for name, file in (("structure", "structure.json"), ("timing", "timing.json"))}
+    parts = [f"search {found['seconds']:.0f} s (load before {found['load_before']})",
+             f"test reading {sum(got['seconds'] for got in reads.values()):.0f} s for {len(reads)} of "
+             f"{len(found['chosen'])} cuts (load before {', '.join(str(got['load_before']) for got in reads.values())})"
+             if reads else f"test reading {NOT_RUN}"]
+    parts += [f"{name} {got['seconds']:.0f} s (load before {got['load_before']})" if got else f"{name} {NOT_RUN}"
+              for name, got in done.items()]
+    return "; ".join(parts)
 
 
 def render(models: list[str], budgets: list[str], samples: int, task_limit: int) -> str:
@@ -451,13 +457,14 @@ def render(models: list[str], budgets: list[str], samples: int, task_limit: int)
             if found is None:
                 lines += [f"**{budget}**: {NOT_RUN}.", ""]
                 continue
-            tests, shape, timing = (cached(where / name) for name in (f"test-{task_limit}.json", "structure.json",
-                                                                      "timing.json"))
+            reads = saved_reads(where, task_limit, found["chosen"])
+            tests = {"reads": reads} if reads else None
+            shape, timing = cached(where / "structure.json"), cached(where / "timing.json")
             lines += [(f"**{budget}** ({found['remove']} of {found['num_layers']} layers, or their "
                        f"{found['branch_parameters']:,} parameters in branches; search {found['minutes']:g} min, "
                        f"{len(found['tried'])} candidates ranked"
                        + (f"; {found['shortfall']}" if found["shortfall"] else "") + "). Cost: "
-                       + costs(where, task_limit) + "."), "",
+                       + costs(where, found, reads) + "."), "",
                       *quality_table(found, tests, reference), "",
                       *structure_table(found, shape, timing, original), ""]
             if timing is not None:

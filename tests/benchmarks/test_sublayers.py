@@ -1,5 +1,5 @@
 """benchmarks/sublayers.py without a real model or a search: the cuts it chooses from a search's record,
-the structure figures it reports of a tiny cut (KV cache, export layers), and the docs section rendered
+the export layer counts it reports of a tiny cut, and the docs section rendered
 from a fixed saved result, cells not run saying so."""
 
 from __future__ import annotations
@@ -9,11 +9,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-import torch
 
 import layerprune as lp
-from layerprune.evaluation.efficiency import kv_cache_bytes_per_token
-from layerprune.models.sublayers import kv_bytes_per_layer
 from tests.helpers import script_module, tiny_loaded
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sublayers.py"
@@ -39,18 +36,6 @@ def test_the_best_plain_and_repaired_cut_of_each_kind_is_chosen(bench) -> None:
     assert set(chosen) == {"whole layers, plain", "whole layers, repaired", "sub-layer, plain"}
     assert chosen["whole layers, plain"]["removed_layers"] == [6]
     assert chosen["sub-layer, plain"]["removed_attention"] == [2]  # the dropped one has only a lower bound
-
-
-def test_kv_cache_counts_the_layers_with_attention_and_a_window_s_share() -> None:
-    llama = tiny_loaded("llama", 4)
-    per_layer = kv_bytes_per_layer(llama.model.config, torch.float32)
-    assert kv_cache_bytes_per_token(llama.model, 64) == 4 * per_layer
-    lp.prune(llama, attention=[1])
-    assert kv_cache_bytes_per_token(llama.model, 64) == 3 * per_layer
-    gemma = tiny_loaded("gemma3", 6)  # 4 sliding layers (window 4) and 2 full ones
-    per_layer = kv_bytes_per_layer(gemma.model.config, torch.float32)
-    assert kv_cache_bytes_per_token(gemma.model, 4) == 6 * per_layer
-    assert kv_cache_bytes_per_token(gemma.model, 8) == (2 + 4 * 0.5) * per_layer
 
 
 def test_export_layers_counts_repacked_layers_and_zero_partners(bench) -> None:
@@ -87,9 +72,9 @@ def test_render_reads_the_cells_run_and_says_which_are_not(bench, tmp_path: Path
     _save(where / "search.json", found)
     reads = {"whole layers, plain": {"ppl": 40.0, "ppl_ci95": [38.0, 42.0], "correct": {"a": [1] * 10, "b": [0] * 10}},
              "sub-layer, plain": {"ppl": 35.0, "ppl_ci95": [33.0, 37.0], "correct": {"a": [1] * 10, "b": [1, 0] * 5}}}
-    for got in reads.values():
-        got["retained"] = bench.retained_performance(reference["correct"], got["correct"])
-    _save(where / f"test-{limit}.json", {"reads": reads})
+    for slot, got in reads.items():
+        _save(bench.read_path(where, limit, slot),
+              {**got, "retained": bench.retained_performance(reference["correct"], got["correct"])})
     structures = {"layers 6": {"kv_bytes": {"256": 90.0, "2048": 90.0}, "flop_ideal": {"256": 1.1, "2048": 1.2},
                                "layers": {**layers, "decilm": 29, "gguf": 29, "transformers": 29}},
                   "attention of 2,3": {"kv_bytes": {"256": 80.0, "2048": 80.0},
@@ -100,6 +85,7 @@ def test_render_reads_the_cells_run_and_says_which_are_not(bench, tmp_path: Path
     assert "| sub-layer, repaired | no repair applied (the search: it removes single branches) |" in text
     assert "| attention of 2,3 | 80 / 80 | 1.05 / 1.10 | not run | 30 (2 zero partners) / 30 / 30 |" in text
     assert "**12%**: not run." in text and "#### gemma3-270m\n\nnot run." in text
+    assert "test reading 24 s for 2 of 2 cuts (load before 1.5, 1.5); structure 12 s" in text
     assert "timing not run" in text  # the cost line of the 25% cell
     reading = text.split("Where sub-layers win")[1]
     assert "smollm2-135m at 25%: on test perplexity sub-layers win (sub-layer, plain 35.00 against whole layers, " \
