@@ -8,7 +8,7 @@ MLP branches), each plain and with the best training-free repair, at 12%, 25% an
     python benchmarks/sublayers.py --render                         # only rewrite the docs section
 
 Per model and budget, each step saved as JSON once done, under
-``$LAYERPRUNE_CACHE/bench-sublayers/<model>/<budget>-<samples>rows/`` (a run cut off resumes at the step it
+``$LAYERPRUNE_CACHE/bench-sublayers/<model>/<budget>-<samples>rows-<minutes>min/`` (a run cut off resumes at the step it
 was in; ``--render`` writes the docs from what is there):
 
 1. ``search``: one ``lp.search(granularity="both", remove=B, time_budget=M)`` with its repairs (on
@@ -106,9 +106,10 @@ def cached(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def budget_dir(model: str, budget: str, samples: int) -> Path:
-    """A budget's steps, apart for each calibration size (the search's scores and repairs depend on it)."""
-    return ROOT / model / f"{budget.replace('%', 'pct')}-{samples}rows"
+def budget_dir(model: str, budget: str, samples: int, minutes: float) -> Path:
+    """A budget's steps, apart for each calibration size and search time budget (what the search scores,
+    repairs and reaches depends on both: a rerun with more minutes searches again)."""
+    return ROOT / model / f"{budget.replace('%', 'pct')}-{samples}rows-{minutes:g}min"
 
 
 def cut_kind(candidate: dict[str, Any]) -> str:
@@ -274,7 +275,7 @@ def bench(model: str, budgets: list[str], minutes: float, samples: int, task_lim
     reference = step(folder / f"original-test-{task_limit}.json", lambda: read(original, task_limit))
     step(folder / "environment.json", environment)
     for budget in budgets:
-        where = budget_dir(model, budget, samples)
+        where = budget_dir(model, budget, samples, minutes)
         found = step(where / "search.json", partial(search_step, original, budget, minutes, calibration))
         rebuild = Rebuilder(original, calibration)
         for slot, record in found["chosen"].items():
@@ -424,7 +425,7 @@ def costs(where: Path, found: dict[str, Any], reads: dict[str, dict[str, Any]]) 
     return "; ".join(parts)
 
 
-def render(models: list[str], budgets: list[str], samples: int, task_limit: int) -> str:
+def render(models: list[str], budgets: list[str], samples: int, minutes: float, task_limit: int) -> str:
     lines = [
         ("Per model and budget, one `lp.search(granularity=\"both\", remove=B, time_budget=M)` with its "
          f"training-free repairs, scoring and repairing on {samples} wiki-sample calibration rows of 256 tokens, "
@@ -453,7 +454,7 @@ def render(models: list[str], budgets: list[str], samples: int, task_limit: int)
                                         f"UTC in {reference['seconds']:.0f} s (load before "
                                         f"{reference['load_before']})."), ""]
         for budget in budgets:
-            where = budget_dir(model, budget, samples)
+            where = budget_dir(model, budget, samples, minutes)
             found = cached(where / "search.json")
             if found is None:
                 lines += [f"**{budget}**: {NOT_RUN}.", ""]
@@ -495,7 +496,7 @@ def main(argv: list[str] | None = None) -> None:
         for model in args.models.split(","):
             bench(model, args.budgets.split(","), args.minutes, args.samples, args.task_limit, not args.skip_timing)
     update_doc_section(DOC, "## Sub-layers", "### Whole layers against attention and MLP branches",
-                       render(list(MODELS), list(BUDGETS), args.samples, args.task_limit))
+                       render(list(MODELS), list(BUDGETS), args.samples, args.minutes, args.task_limit))
     print(f"wrote the Sub-layers section of {DOC}")
 
 
