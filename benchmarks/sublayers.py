@@ -308,13 +308,16 @@ def removed_share(record: dict[str, Any], found: dict[str, Any]) -> str:
     return f"{(found['parameters'] - record['parameters']) / found['decoder_parameters']:.1%}"
 
 
-def repair_note(kind: str, found: dict[str, Any]) -> str:
-    """Why no repaired cut of ``kind`` was read: repaired candidates the search left unranked (its time
-    budget), else its refusal of the repairs for such a cut."""
-    unranked = next((n["reason"] for n in found["not_tried"] if n["kind"] == kind and "+" in n["label"]), None)
+def missing_note(kind: str, form: str, found: dict[str, Any]) -> str:
+    """Why no cut of ``kind`` in ``form`` was read: candidates the search left unranked (its time budget),
+    else for a repaired one its refusal of the repairs for such a cut."""
+    unranked = [n["reason"] for n in found["not_tried"]
+                if n["kind"] == kind and ("+" in n["label"]) == (form == "repaired")]
     refused = next((s["reason"] for s in found["skipped_repairs"] if s["kind"] == kind), None)
-    why = unranked or (f"the search: {refused}" if refused else None)
-    return f"no repair applied ({why})" if why else "no repair applied"
+    what = "no repair applied" if form == "repaired" else "no cut ranked"
+    if unranked:
+        return f"{what} ({len(unranked)} candidates unranked: {unranked[0]})"
+    return f"{what} (the search: {refused})" if refused and form == "repaired" else what
 
 
 def quality_table(found: dict[str, Any], tests: dict[str, Any] | None, reference: dict[str, Any]) -> list[str]:
@@ -327,8 +330,7 @@ def quality_table(found: dict[str, Any], tests: dict[str, Any] | None, reference
             slot = f"{kind}, {form}"
             record = found["chosen"].get(slot)
             if record is None:
-                note = repair_note(kind, found) if form == "repaired" else "no candidate ranked"
-                lines.append(f"| {slot} | {note} | | | | | |")
+                lines.append(f"| {slot} | {missing_note(kind, form, found)} | | | | | |")
                 continue
             got = (tests or {}).get("reads", {}).get(slot)
             finder = f"{record['metric']}/{record['strategy']}" + (f" + {record['repair']}" if record["repair"] else "")
@@ -388,7 +390,8 @@ def reading(model: str, budget: str, found: dict[str, Any], tests: dict[str, Any
         return f"{model} at {budget}: test reading not run."
     whole, branch = best(found, tests, KINDS[0]), best(found, tests, KINDS[1])
     if whole is None or branch is None:
-        return f"{model} at {budget}: the search ranked no {KINDS[1] if branch is None else KINDS[0]} cut."
+        return (f"{model} at {budget}: not compared, the search ranked no {KINDS[1] if branch is None else KINDS[0]} "
+                "cut within its time budget.")
     (whole_slot, w), (branch_slot, b) = whole, branch
     better = "sub-layers win" if b["ppl"] < w["ppl"] else "whole layers win"
     rp = retained_difference(reference["correct"], b["correct"], w["correct"])
@@ -464,7 +467,7 @@ def render(models: list[str], budgets: list[str], samples: int, minutes: float, 
             shape, timing = cached(where / "structure.json"), cached(where / "timing.json")
             lines += [(f"**{budget}** ({found['remove']} of {found['num_layers']} layers, or their "
                        f"{found['branch_parameters']:,} parameters in branches; search {found['minutes']:g} min, "
-                       f"{len(found['tried'])} candidates ranked"
+                       f"candidates ranked: {len(found['tried'])}"
                        + (f"; {found['shortfall']}" if found["shortfall"] else "") + "). Cost: "
                        + costs(where, found, reads) + "."), "",
                       *quality_table(found, tests, reference), "",
