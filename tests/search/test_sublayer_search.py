@@ -396,3 +396,11 @@ def test_search_target_speedup_with_sublayer_granularity_runs_from_the_command_l
     assert document["budget"]["measured_decode_speedup_at_count"] >= 1.2 and document["remove"] >= 1
     assert document["candidates"] and all(entry["granularity"] == "sublayer" and entry["flop_ideal_decode_speedup"]
                                           >= 1.2 for entry in document["candidates"])
+
+
+def test_a_search_of_both_ranks_both_kinds_first(constructed: dict[str, Path]) -> None:
+    """Whole-layer and sub-layer cuts come in turns, so a search cut short (here: two candidates) still
+    ranks a cut of each kind, not the whole-layer ones alone (they are selected first)."""
+    record = searched(constructed, "first-two", granularity="both", repairs=False, max_candidates=2)
+    assert [t.candidate.granularity for t in record.tried] == ["layer", "sublayer"]
+    assert record.winner.candidate.granularity == "sublayer"  # this model's free attentions

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from itertools import zip_longest
 from typing import Any
 
 from layerprune.errors import UsageError
@@ -151,8 +152,10 @@ def unique_selections(report: ScoreReport, remove: int | str, rescore: Rescore,
 
 
 def plain_candidates(selections: list[Selection]) -> list[Candidate]:
-    """One plain-removal candidate per distinct cut, in the order the selections came (a selection of
-    branches that takes both of a layer's is the whole-layer cut, and found with it)."""
+    """One plain-removal candidate per distinct cut (a selection of branches that takes both of a layer's
+    is the whole-layer cut, and found with it), whole-layer and sub-layer cuts taken in turns, each kind
+    in the order its selections came: a time budget that ranks only the first few still ranks both kinds,
+    rather than the whole-layer cuts alone (they are selected first)."""
     by_cut: dict[tuple[tuple[int, ...], ...], Candidate] = {}
     for selection in selections:
         candidate = (unit_candidate(selection.units, selection.metric, selection.strategy, "sublayer")
@@ -161,7 +164,8 @@ def plain_candidates(selections: list[Selection]) -> list[Candidate]:
             by_cut[candidate.key].also_found_by.append(candidate.finder)
         else:
             by_cut[candidate.key] = candidate
-    return list(by_cut.values())
+    kinds = [[c for c in by_cut.values() if c.granularity == kind] for kind in ("layer", "sublayer")]
+    return [candidate for turn in zip_longest(*kinds) for candidate in turn if candidate is not None]
 
 
 def repaired_candidates(loaded: LoadedModel, plain: list[Candidate], repairs: list[str],

@@ -13,8 +13,9 @@ Steps, each sharing what it can with the others:
    iterative selections share one re-scoring per smaller model; those of the ``costly`` metrics,
    ``ppl`` and ``taylor``, only with ``exhaustive``), then each distinct cut again with every
    training-free repair that accepts it (a cut of branches: ``rescale``, ``replace-linear``; a refusal
-   is recorded with its reason); plain cuts first, then the repairs, cheapest first. With ``granularity`` ``sublayer`` the metrics that
-   score branches score each attention and MLP apart and select branches to a parameter budget;
+   is recorded with its reason); plain cuts first (whole-layer and sub-layer cuts in turns), then the
+   repairs, cheapest first. With ``granularity`` ``sublayer`` the metrics that score branches score
+   each attention and MLP apart and select branches to a parameter budget;
    with ``both`` those selections stand beside the whole-layer ones, at the parameters of the same
    number of whole layers (an evolution then runs over branches, seeded with both). A target
    speed-up decides that number on whole layers; each sub-layer cut's own speed-up is then timed
