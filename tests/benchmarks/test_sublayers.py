@@ -35,7 +35,11 @@ def test_the_best_plain_and_repaired_cut_of_each_kind_is_chosen(bench) -> None:
     chosen = bench.choose(tried)
     assert set(chosen) == {"whole layers, plain", "whole layers, repaired", "sub-layer, plain"}
     assert chosen["whole layers, plain"]["removed_layers"] == [6]
-    assert chosen["sub-layer, plain"]["removed_attention"] == [2]  # the dropped one has only a lower bound
+    assert chosen["sub-layer, plain"]["removed_attention"] == [2]  # the dropped one has only a running ppl
+    # a kind the search only dropped early is still chosen, its lowest running perplexity first
+    dropped = bench.choose([_tried(30.0, [5]), _tried(900.0, [], attention=[1], dropped=True),
+                            _tried(400.0, [], attention=[2], dropped=True)])
+    assert dropped["sub-layer, plain"]["removed_attention"] == [2] and dropped["sub-layer, plain"]["dropped_early"]
 
 
 def test_export_layers_counts_repacked_layers_and_zero_partners(bench) -> None:
