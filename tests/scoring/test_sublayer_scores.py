@@ -181,7 +181,7 @@ def test_cli_prunes_the_branches_a_metric_chooses(llama_dir: Path, tmp_path: Pat
     (["--metric", "bi", "--granularity", "sublayer", "--remove", "25%", "--strategy", "consecutive"],
      "runs of whole layers"),
     (["--metric", "taylor", "--granularity", "sublayer", "--remove", "25%"], "whole layers only"),
-    (["--metric", "bi", "--granularity", "sublayer", "--remove", "25%", "--compensate", "replace-linear"],
+    (["--metric", "bi", "--granularity", "sublayer", "--remove", "25%", "--compensate", "merge"],
      "whole layers only"),
     (["--metric", "bi", "--granularity", "sublayer", "--remove", "25%", "--compensate", "rescale", "--iterative"],
      "--strategy"),
