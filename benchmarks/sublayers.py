@@ -492,7 +492,7 @@ def render(models: list[str], budgets: list[str], samples: int, minutes: float, 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=MODELS[0], help=f"comma-separated, of {', '.join(MODELS)}")
-    parser.add_argument("--budgets", default="25%", help=f"comma-separated, of {', '.join(BUDGETS)}")
+    parser.add_argument("--budgets", default="25%", help="comma-separated, of " + ", ".join(BUDGETS).replace("%", "%%"))
     parser.add_argument("--minutes", type=float, default=20.0,
                         help="each search's time budget (both granularities' scoring, then ranking)")
     parser.add_argument("--samples", type=int, default=16,
