@@ -9,7 +9,7 @@ MLP branches), each plain and with the best training-free repair, at 12%, 25% an
 
 Per model and budget, each step saved as JSON once done, under
 ``$LAYERPRUNE_CACHE/bench-sublayers/<model>/<budget>-<samples>rows-<minutes>min/`` (a run cut off resumes at the step it
-was in; ``--render`` writes the docs from what is there):
+was in; ``--render`` writes the docs from what is there, each budget from its longest saved search):
 
 1. ``search``: one ``lp.search(granularity="both", remove=B, time_budget=M)`` with its repairs (on
    ``--samples`` calibration rows: with the default 64, scoring SmolLM2's layers alone took 13 minutes
@@ -110,6 +110,14 @@ def budget_dir(model: str, budget: str, samples: int, minutes: float) -> Path:
     """A budget's steps, apart for each calibration size and search time budget (what the search scores,
     repairs and reaches depends on both: a rerun with more minutes searches again)."""
     return ROOT / model / f"{budget.replace('%', 'pct')}-{samples}rows-{minutes:g}min"
+
+
+def longest_search(model: str, budget: str, samples: int) -> Path | None:
+    """The budget's saved cell with the longest search (the docs show one cell a budget; a model that
+    costs more per forward, or a session short of CPU, may have searched for a different time)."""
+    saved = [where for where in (ROOT / model).glob(f"{budget.replace('%', 'pct')}-{samples}rows-*min")
+             if (where / "search.json").exists()]
+    return max(saved, key=lambda where: float(where.name.rsplit("-", 1)[1].removesuffix("min")), default=None)
 
 
 def cut_kind(candidate: dict[str, Any]) -> str:
@@ -434,7 +442,7 @@ def costs(where: Path, found: dict[str, Any], reads: dict[str, dict[str, Any]]) 
     return "; ".join(parts)
 
 
-def render(models: list[str], budgets: list[str], samples: int, minutes: float, task_limit: int) -> str:
+def render(models: list[str], budgets: list[str], samples: int, task_limit: int) -> str:
     lines = [
         ("Per model and budget, one `lp.search(granularity=\"both\", remove=B, time_budget=M)` with its "
          f"training-free repairs, scoring and repairing on {samples} wiki-sample calibration rows of 256 tokens, "
@@ -463,12 +471,11 @@ def render(models: list[str], budgets: list[str], samples: int, minutes: float, 
                                         f"UTC in {reference['seconds']:.0f} s (load before "
                                         f"{reference['load_before']})."), ""]
         for budget in budgets:
-            where = budget_dir(model, budget, samples, minutes)
-            found = cached(where / "search.json")
-            if found is None:
+            where = longest_search(model, budget, samples)
+            if where is None:
                 lines += [f"**{budget}**: {NOT_RUN}.", ""]
                 continue
-            found = chosen_from(found)
+            found = chosen_from(cached(where / "search.json"))
             reads = saved_reads(where, task_limit, found["chosen"])
             tests = {"reads": reads} if reads else None
             shape, timing = cached(where / "structure.json"), cached(where / "timing.json")
@@ -490,7 +497,7 @@ def render(models: list[str], budgets: list[str], samples: int, minutes: float, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--models", default=MODELS[0], help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--budgets", default="25%", help="comma-separated, of " + ", ".join(BUDGETS).replace("%", "%%"))
     parser.add_argument("--minutes", type=float, default=20.0,
@@ -506,7 +513,7 @@ def main(argv: list[str] | None = None) -> None:
         for model in args.models.split(","):
             bench(model, args.budgets.split(","), args.minutes, args.samples, args.task_limit, not args.skip_timing)
     update_doc_section(DOC, "## Sub-layers", "### Whole layers against attention and MLP branches",
-                       render(list(MODELS), list(BUDGETS), args.samples, args.minutes, args.task_limit))
+                       render(list(MODELS), list(BUDGETS), args.samples, args.task_limit))
     print(f"wrote the Sub-layers section of {DOC}")
 
 

@@ -74,6 +74,7 @@ def test_render_reads_the_cells_run_and_says_which_are_not(bench, tmp_path: Path
              "not_tried": []}
     where = bench.budget_dir(model, "25%", 16, 6)
     _save(where / "search.json", found)
+    _save(bench.budget_dir(model, "25%", 16, 3) / "search.json", {**found, "minutes": 3})  # a shorter search
     reads = {"whole layers, plain": {"ppl": 40.0, "ppl_ci95": [38.0, 42.0], "correct": {"a": [1] * 10, "b": [0] * 10}},
              "sub-layer, plain": {"ppl": 35.0, "ppl_ci95": [33.0, 37.0], "correct": {"a": [1] * 10, "b": [1, 0] * 5}}}
     for slot, got in reads.items():
@@ -85,7 +86,8 @@ def test_render_reads_the_cells_run_and_says_which_are_not(bench, tmp_path: Path
                                        "flop_ideal": {"256": 1.05, "2048": 1.1},
                                        "layers": {**layers, "transformers": 30, "zero_partners": 2}}}
     _save(where / "structure.json", {"structures": structures})
-    text = bench.render(["smollm2-135m", "gemma3-270m"], ["12%", "25%"], 16, 6, limit)
+    text = bench.render(["smollm2-135m", "gemma3-270m"], ["12%", "25%"], 16, limit)
+    assert "search 6 min" in text and "search 3 min" not in text  # a budget shows its longest search
     assert "| sub-layer, repaired | no repair applied (the search: it removes single branches) |" in text
     assert "| attention of 2,3 | 80 / 80 | 1.05 / 1.10 | not run | 30 (2 zero partners) / 30 / 30 |" in text
     assert "**12%**: not run." in text and "#### gemma3-270m\n\nnot run." in text
