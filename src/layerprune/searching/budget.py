@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 clock: Callable[[], float] = time.perf_counter
@@ -27,6 +28,9 @@ class TimeBudget:
     began: float = field(default_factory=lambda: clock())
     left_out: dict[str, str] = field(default_factory=dict)
     """What the budget skipped (a metric, a selection, candidates) -> why, in words."""
+    kept: float = 0.0
+    """Seconds set aside for a later stage (see :meth:`keeping`): a step now must leave them."""
+    kept_for: str = ""
 
     @property
     def seconds_left(self) -> float:
@@ -37,12 +41,25 @@ class TimeBudget:
         return clock() - self.began
 
     def allows(self, estimated_seconds: float) -> bool:
-        """Whether a step expected to take ``estimated_seconds`` still ends inside the budget."""
-        return estimated_seconds <= self.seconds_left
+        """Whether a step expected to take ``estimated_seconds`` still ends inside the budget, leaving
+        what is :attr:`kept` for later."""
+        return estimated_seconds <= self.seconds_left - self.kept
+
+    @contextmanager
+    def keeping(self, seconds: float, stage: str) -> Iterator[None]:
+        """Inside, every step must leave ``seconds`` of the budget to ``stage``, which comes after: an
+        evolution's generations, while its seed cuts are scored and selected (on a CPU a costly metric
+        can otherwise spend the whole budget on one seed)."""
+        self.kept, self.kept_for = seconds, stage
+        try:
+            yield
+        finally:
+            self.kept, self.kept_for = 0.0, ""
 
     def skip(self, what: str, estimated_seconds: float, log: Callable[[str], None]) -> None:
         """Record (and say, in one line) that ``what`` was left out for the budget."""
-        reason = (f"the time budget ({self.minutes:g} min) had {max(self.seconds_left, 0):.0f} s left and this "
-                  f"takes about {estimated_seconds:.0f} s")
+        kept = f" ({self.kept:.0f} s of them kept for {self.kept_for})" if self.kept else ""
+        reason = (f"the time budget ({self.minutes:g} min) had {max(self.seconds_left, 0):.0f} s left{kept} and "
+                  f"this takes about {estimated_seconds:.0f} s")
         self.left_out[what] = reason
         log(f"search: {what} skipped: {reason}")

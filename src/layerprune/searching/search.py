@@ -8,7 +8,8 @@ Steps, each sharing what it can with the others:
 
 1. one calibration set, the cheap metrics scored in one :func:`layerprune.score` call (the
    similarity metrics share one forward pass), then each costly one (``ppl``, ``taylor``) while
-   the time budget allows (:func:`score_within_budget`);
+   the time budget allows, leaving half of it to ranking (:func:`score_within_budget`,
+   :data:`KEPT_FROM_COSTLY_METRICS`);
 2. every metric's selection under every strategy, de-duplicated by the layers removed (the
    iterative selections share one re-scoring per smaller model; those of the ``costly`` metrics,
    ``ppl`` and ``taylor``, only with ``exhaustive``), then each distinct cut again with every
@@ -80,6 +81,13 @@ from layerprune.searching.speed import (
 from layerprune.selection import Selection, parameter_budget, parse_remove
 
 HELD_OUT_SPLITS = ("validation", "test")
+KEPT_FROM_COSTLY_METRICS = 0.5
+"""The share of a time budget (what is left after loading and the original's ranking) that the costly
+metrics (``ppl``, ``taylor``, and the iterative selections) must leave to what uses their cuts: ranking
+them, or an evolution's generations and finalists. Without it a costly metric fits whenever it ends
+inside the budget, and on a CPU can leave nothing else: Gemma-3 at 20 minutes, both granularities,
+spent them scoring and ranked 1 of 52 candidates; SmolLM2's evolution at 20 minutes spent 9 of them on
+``ppl`` and ran 4 generations (docs/benchmarks.md § Sub-layers, § Evolutionary search)."""
 OUT_OF_TIME = "the time budget ran out before it"
 log = logging.getLogger(__name__)
 
@@ -327,20 +335,24 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
     # both: a branch selection removes the parameters of the same whole layers as a layer selection
     branch_remove = count if config.granularity == "both" or config.removal is None else config.removal
     branch_target = None
-    for granularity in granularities(config.granularity):
-        at = {**scoring, "granularity": granularity}
-        reports[granularity], seconds = score_within_budget(loaded, rows, candidate_metrics(granularity), budget, at)
-        pass_seconds = pass_seconds or seconds  # the first scoring's pass: what later costs are estimated from
-        remove = count if granularity == "layer" else branch_remove
-        # an iterative selection scores one smaller model per unit it removes but the last (two branches a layer)
-        rescorings = (count if granularity == "layer" else 2 * count) - 1
-        made, not_made = unique_selections(reports[granularity], remove, rescorer(loaded, rows, **at),
-                                           lambda: not budget.allows(rescorings * seconds),
-                                           exhaustive=config.exhaustive)
-        selections += made
-        not_selected.update(not_made)
-        if granularity == "sublayer":
-            branch_target = parameter_budget(remove, loaded.num_layers, reports[granularity].unit_parameters or {})
+    # the costly metrics only while they leave part of the budget to ranking (or evolving) their cuts
+    keep = KEPT_FROM_COSTLY_METRICS * budget.seconds_left if config.time_budget else 0.0
+    stage = "the evolution's generations" if config.algorithm == "evolution" else "ranking the candidates"
+    with budget.keeping(keep, stage):
+        for granularity in granularities(config.granularity):
+            at = {**scoring, "granularity": granularity}
+            reports[granularity], seconds = score_within_budget(loaded, rows, candidate_metrics(granularity), budget, at)
+            pass_seconds = pass_seconds or seconds  # the first scoring's pass: what later costs are estimated from
+            remove = count if granularity == "layer" else branch_remove
+            # an iterative selection scores one smaller model per unit it removes but the last (two branches a layer)
+            rescorings = (count if granularity == "layer" else 2 * count) - 1
+            made, not_made = unique_selections(reports[granularity], remove, rescorer(loaded, rows, **at),
+                                               lambda: not budget.allows(rescorings * seconds),
+                                               exhaustive=config.exhaustive)
+            selections += made
+            not_selected.update(not_made)
+            if granularity == "sublayer":
+                branch_target = parameter_budget(remove, loaded.num_layers, reports[granularity].unit_parameters or {})
     heuristic = plain_candidates(selections)
     evolution = None
     if config.algorithm == "evolution":
