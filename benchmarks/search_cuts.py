@@ -71,6 +71,13 @@ def calibration_of(recorded: dict[str, Any]) -> CalibrationConfig:
                                 if name in CalibrationConfig.model_fields})
 
 
+def calibration_rows(loaded: lp.LoadedModel, calibration: CalibrationConfig) -> CalibrationSet:
+    """The rows ``calibration`` describes, drawn as a search draws them (refused where longer than the
+    model's context)."""
+    max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
+    return calibrate(loaded.tokenizer, calibration, max_positions=max_positions)
+
+
 class Rebuilder:
     """Rebuilds a chosen cut of ``original`` as the search built it: repairs fit on the search's own
     calibration rows (drawn once, only when they are needed)."""
@@ -83,8 +90,7 @@ class Rebuilder:
     def rows(self) -> CalibrationSet:
         """The search's calibration rows."""
         if self._rows is None:
-            max_positions = getattr(self.original.model.config, "max_position_embeddings", None)
-            self._rows = calibrate(self.original.tokenizer, self.calibration, max_positions=max_positions)
+            self._rows = calibration_rows(self.original, self.calibration)
         return self._rows
 
     def __call__(self, record: dict[str, Any]) -> lp.LoadedModel:
