@@ -35,23 +35,33 @@ The original's test reading and FLOP counts are steps of the model, shared by it
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
 import sys
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from search_cuts import (
+    FORMS,
+    KINDS,
+    NOT_RUN,
+    Rebuilder,
+    candidate_of,
+    choose,
+    costed,
+    cut_kind,
+    environment,
+    interval_text,
+    load_average,
+    task_reading,
+)
 
 import layerprune as lp
 from layerprune.cache import cache_dir
-from layerprune.data import calibrate
 from layerprune.data.calibration import CalibrationConfig
 from layerprune.errors import UsageError
 from layerprune.evaluation.efficiency import (
@@ -60,7 +70,6 @@ from layerprune.evaluation.efficiency import (
     flops_per_token,
     kv_cache_bytes_per_token,
 )
-from layerprune.evaluation.harness import run_tasks
 from layerprune.evaluation.intervals import retained_difference, retained_performance
 from layerprune.evaluation.perplexity import dataset_perplexity
 from layerprune.models.decilm import decilm_refusal
@@ -70,7 +79,7 @@ from layerprune.models.lineage import count_parameters
 from layerprune.models.sublayers import present_branches, repack_plan
 from layerprune.outputs import write_json_atomic
 from layerprune.reporting.eval_tables import update_doc_section
-from layerprune.searching.candidates import Candidate, cut, removed_text
+from layerprune.searching.candidates import cut, removed_text
 from layerprune.searching.config import SearchConfig
 
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -78,15 +87,8 @@ BUDGETS = ("12%", "25%", "37%")
 CONTEXTS = (256, 2048)
 NEW_TOKENS = 16
 EVAL_WINDOW, EVAL_WINDOWS = 256, 16
-TASKS = ["lp_offline"]
-KINDS = ("whole layers", "sub-layer")
-FORMS = ("plain", "repaired")
 ROOT = cache_dir() / "bench-sublayers"
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-
-
-def load_average() -> float:
-    return round(os.getloadavg()[0], 2)
 
 
 def step(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -94,11 +96,9 @@ def step(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     seconds, the 1-minute load average before it, and when it ran."""
     if path.exists():
         return json.loads(path.read_text())
-    load, start = load_average(), time.perf_counter()
-    result = {**compute(), "seconds": round(time.perf_counter() - start, 1), "load_before": load,
-              "date": dt.datetime.now(dt.UTC).isoformat(timespec="minutes")}
+    result = costed(compute)
     write_json_atomic(path, result, overwrite=True)
-    print(f"{path.relative_to(ROOT)}: {result['seconds']} s (load {load})", flush=True)
+    print(f"{path.relative_to(ROOT)}: {result['seconds']} s (load {result['load_before']})", flush=True)
     return result
 
 
@@ -118,23 +118,6 @@ def longest_search(model: str, budget: str, samples: int) -> Path | None:
     saved = [where for where in (ROOT / model).glob(f"{budget.replace('%', 'pct')}-{samples}rows-*min")
              if (where / "search.json").exists()]
     return max(saved, key=lambda where: float(where.name.rsplit("-", 1)[1].removesuffix("min")), default=None)
-
-
-def cut_kind(candidate: dict[str, Any]) -> str:
-    """A cut that removes a lone attention or MLP is a sub-layer cut, whatever found it (a branch
-    selection that takes both of every layer's branches is a whole-layer cut)."""
-    return KINDS[1] if candidate["removed_attention"] or candidate["removed_mlp"] else KINDS[0]
-
-
-def choose(tried: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per kind of cut and form (plain, repaired), the candidate with the lowest held-out perplexity in
-    the search's ranking. One the search dropped early has only a running perplexity on its first windows,
-    which cannot be set against a full one: it is chosen only for a slot that no fully ranked candidate
-    fills (the tables mark it), so that every kind the search tried is read on the test text."""
-    chosen: dict[str, dict[str, Any]] = {}
-    for candidate in sorted(tried, key=lambda c: (c["dropped_early"], c["held_out_ppl"])):
-        chosen.setdefault(f"{cut_kind(candidate)}, {FORMS[candidate['repair'] is not None]}", candidate)
-    return chosen
 
 
 def chosen_from(found: dict[str, Any]) -> dict[str, Any]:
@@ -162,13 +145,6 @@ def search_step(original: lp.LoadedModel, budget: str, minutes: float,
                           for c, reason in record.not_tried]}
 
 
-def candidate_of(record: dict[str, Any]) -> Candidate:
-    """The :class:`Candidate` a search's record of it describes (to rebuild the cut)."""
-    return Candidate(record["removed_layers"], record["metric"], record["strategy"], repair=record["repair"],
-                     attention=record["removed_attention"], mlp=record["removed_mlp"],
-                     granularity=record["granularity"])
-
-
 def structure_key(record: dict[str, Any]) -> str:
     """What a cut removes, as text: plain and repaired cuts of one structure share it."""
     return removed_text(record["removed_layers"], record["removed_attention"], record["removed_mlp"])
@@ -178,25 +154,7 @@ def read(loaded: lp.LoadedModel, task_limit: int) -> dict[str, Any]:
     """Test-split perplexity and the offline suite's per-example correctness (for paired intervals)."""
     with torch.inference_mode():
         ppl = dataset_perplexity(loaded.model, loaded.tokenizer, "wiki-sample", EVAL_WINDOW, max_windows=EVAL_WINDOWS)
-    tasks = run_tasks(loaded.model, loaded.tokenizer, TASKS, limit=task_limit, batch_size=8)
-    return {"ppl": ppl.ppl, "ppl_ci95": list(ppl.ci95), "ppl_tokens": ppl.tokens, "correct": tasks.correct,
-            "accuracy": {task: values.get("acc") for task, values in tasks.metrics.items()}}
-
-
-class Rebuilder:
-    """Rebuilds a chosen cut of ``original`` as the search built it: repairs fit on the search's own
-    calibration rows (made once, only when a repaired cut is asked for)."""
-
-    def __init__(self, original: lp.LoadedModel, calibration: CalibrationConfig) -> None:
-        self.original = original
-        self.calibration = calibration
-        self.rows: Any = None
-
-    def __call__(self, record: dict[str, Any]) -> lp.LoadedModel:
-        if record["repair"] is not None and self.rows is None:
-            max_positions = getattr(self.original.model.config, "max_position_embeddings", None)
-            self.rows = calibrate(self.original.tokenizer, self.calibration, max_positions=max_positions)
-        return cut(self.original, candidate_of(record), self.rows, SearchConfig().batch_size)
+    return {"ppl": ppl.ppl, "ppl_ci95": list(ppl.ci95), "ppl_tokens": ppl.tokens, **task_reading(loaded, task_limit)}
 
 
 def read_cut(rebuild: Rebuilder, record: dict[str, Any], reference: dict[str, Any], task_limit: int) -> dict[str, Any]:
@@ -298,22 +256,7 @@ def bench(model: str, budgets: list[str], minutes: float, samples: int, task_lim
             step(where / "timing.json", partial(timing_step, original, found["chosen"]))
 
 
-def environment() -> dict[str, Any]:
-    return {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "versions": f"Python {platform.python_version()}, torch {torch.__version__}, transformers "
-                        f"{transformers.__version__}, layerprune {lp.__version__}"}
-
-
 # --- the docs section, from what is saved ---
-
-NOT_RUN = "not run"
-
-
-def interval_text(mean: float | None, ci95: Any, pattern: str) -> str:
-    if mean is None:
-        return NOT_RUN
-    return pattern.format(mean) + (f" [{pattern.format(ci95[0])}, {pattern.format(ci95[1])}]" if ci95 else "")
-
 
 def removed_share(record: dict[str, Any], found: dict[str, Any]) -> str:
     """The share of the decoder's parameters a cut removed (what the budget is counted in)."""
