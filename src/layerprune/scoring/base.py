@@ -162,9 +162,10 @@ class Metric:
     sublayer_refusal: str | None = "scores whole layers only"
     """Why the metric cannot score attention and MLP branches apart (None: :meth:`compute_branches` does)."""
 
-    def forward_passes(self, num_layers: int) -> float:
-        """About how many forward passes over the calibration rows one scoring of a model of
-        ``num_layers`` layers costs: what a search with a time budget asks for before scoring it."""
+    def forward_passes(self, units: int, head_ratio: float = 0.0) -> float:
+        """About how many forward passes of the decoder over the calibration rows one scoring of a model
+        of ``units`` (layers, or at sub-layer granularity branches) costs, where the LM head costs
+        ``head_ratio`` decoder passes: what a search with a time budget asks for before scoring it."""
         return 1.0 if self.needs_data else 0.0
 
     def compute(self, context: ScoringContext, name: str) -> MetricResult:

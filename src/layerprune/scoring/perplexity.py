@@ -27,10 +27,11 @@ class LayerRemovalPerplexity(Metric):
     costly = True
     meaning = "perplexity of the model with this layer removed; higher = removing it hurts more = more important"
 
-    def forward_passes(self, num_layers: int) -> float:
-        """Each removal runs about half the layers and the LM head, which on a small model with a large
-        vocabulary costs as much as the other half: about one pass per layer."""
-        return float(num_layers)
+    def forward_passes(self, units: int, head_ratio: float = 0.0) -> float:
+        """Each removal runs the units after it (about half the decoder, the prefix reused) and the LM
+        head, which on a small model with a large vocabulary costs more than the decoder (Gemma-3-270M's
+        262k-token head: about 1.7 decoder passes)."""
+        return units * (0.5 + head_ratio)
 
     sublayer_refusal = None
     branch_meaning = ("perplexity of the model with this branch removed; higher = removing it hurts more = more "

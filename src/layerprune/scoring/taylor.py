@@ -41,9 +41,9 @@ class TaylorImportance(Metric):
     costly = True
     meaning = "|sum over the layer's weights of w * dLoss/dw| on the calibration LM loss; higher = more important"
 
-    def forward_passes(self, num_layers: int) -> float:
-        """A forward pass and a backward one, which costs about two."""
-        return 3.0
+    def forward_passes(self, units: int, head_ratio: float = 0.0) -> float:
+        """A forward pass through the decoder and the LM head, and a backward one, which costs about two."""
+        return 3.0 * (1 + head_ratio)
 
     def compute(self, context: ScoringContext, name: str) -> MetricResult:
         loaded = context.loaded

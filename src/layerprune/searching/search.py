@@ -261,10 +261,16 @@ def score_within_budget(loaded: LoadedModel, rows: Any, metrics: list[str], budg
     passes = len({METRICS.get(n).shared_pass or n for n in cheap if METRICS.get(n).forward_passes(loaded.num_layers)})
     pass_seconds = (budget.elapsed - began) / max(passes, 1)
     results = dict(report.results)
+    # the pass just timed runs the decoder only; a costly metric also runs the LM head, and removes one
+    # unit at a time: two branches a layer at sub-layer granularity. Gemma-3's branch ppl, estimated as
+    # one decoder pass per layer, took four times that, and the ranking's time with it.
+    units = loaded.num_layers * (2 if scoring.get("granularity") == "sublayer" else 1)
+    layers = loaded.adapter.decoder_layers(loaded.model)
+    head_ratio = count_parameters(loaded.model.get_output_embeddings()) / sum(map(count_parameters, layers))
     costly = sorted((name for name in metrics if name not in results),
-                    key=lambda name: METRICS.get(name).forward_passes(loaded.num_layers))
+                    key=lambda name: METRICS.get(name).forward_passes(units, head_ratio))
     for name in costly:
-        estimate = METRICS.get(name).forward_passes(loaded.num_layers) * pass_seconds
+        estimate = METRICS.get(name).forward_passes(units, head_ratio) * pass_seconds
         if budget.allows(estimate):
             results.update(score(loaded, rows, [name], **scoring).results)
         else:
