@@ -364,6 +364,35 @@ def test_a_target_speedup_ranks_only_the_sublayer_cuts_that_reach_it(corpus, mon
     assert record.short_of_target[0][2] in table
 
 
+def test_sublayer_timing_stops_where_the_time_budget_does(monkeypatch) -> None:
+    """Each shape is timed only while the budget allows the longest timing so far; after a refusal the
+    shapes left are judged by their FLOP-ideal figure, with no timing, and the reason says so."""
+    from layerprune.searching.candidates import Candidate
+
+    loaded = tiny_loaded("llama", 6)
+    timed: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(speed_module, "decode_speedup",
+                        lambda original, cut, workload: (timed.append(removed_shape(original, cut)),
+                                                         TimedSpeedup(1.0, (1.0, 1.0), 3, 1.0))[1])
+    asked: list[float] = []
+    answers = iter([True, False])  # the budget allows the first timing only
+    plain = [Candidate([], "bi", "independent", attention=[1], granularity="sublayer"),
+             Candidate([], "bi", "independent", mlp=[2, 3], granularity="sublayer"),
+             Candidate([], "bi", "independent", attention=[4, 5], granularity="sublayer")]
+    reaching, short, speeds = speed_module.sublayer_cuts_reaching(
+        loaded, plain, 1.05, QUICK, allows=lambda seconds: (asked.append(seconds), next(answers))[1])
+    assert timed == [(0, 1, 0)] and len(asked) == 2 and asked[0] == 0.0  # asked once more, then no more
+    untimed = [speeds[(0, 0, 2)], speeds[(0, 2, 0)]]
+    for speed, shape in zip(untimed, [(0, 0, 2), (0, 2, 0)], strict=True):
+        cut_model = search_cut(loaded, plain[1 if shape == (0, 0, 2) else 2], None, 1).model
+        ideal = flops_per_token(loaded.model, QUICK)[1] / flops_per_token(cut_model, QUICK)[1]
+        assert speed.measured is None and speed.turns == 0 and speed.ideal == pytest.approx(ideal)
+        assert speed.note == "not timed: the time budget left no room"
+    assert [c.shape for c in reaching] == [s for s in [(0, 0, 2), (0, 2, 0)] if speeds[s].ideal >= 1.05]
+    assert all(reason.endswith("(FLOP-ideal: not timed: the time budget left no room)") for c, _, reason in short
+               if c.shape != (0, 1, 0))
+
+
 def test_a_target_no_sublayer_cut_reaches_is_refused(constructed, monkeypatch) -> None:
     monkeypatch.setattr(search_module, "layers_for_speedup", lambda loaded, target, workload: (1, 1.3))
     monkeypatch.setattr(speed_module, "decode_speedup",

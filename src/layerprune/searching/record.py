@@ -64,7 +64,8 @@ class TriedEntry(CandidateEntry):
         description="decode speed-up timed in turns against the original; null when its 95% interval never came "
                     "within 10% (a loaded machine): read the FLOP-ideal figure and decode_speedup_note")
     measured_decode_speedup_ci95: tuple[float, float] | None = None
-    decode_speedup_turns: int | None = Field(default=None, ge=1)
+    decode_speedup_turns: int | None = Field(default=None, ge=0, description="turns timed; 0: not timed, the time "
+                                             "budget left no room (the FLOP-ideal figure decides)")
     decode_speedup_note: str | None = None
     seconds: float = Field(ge=0)
 

@@ -380,7 +380,8 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
     short_of_target: list[tuple[Candidate, TimedSpeedup, str]] = []
     timed: dict[Shape, TimedSpeedup] = {}
     if config.target_speedup is not None:
-        plain, short_of_target, timed = sublayer_cuts_reaching(loaded, plain, config.target_speedup, workload)
+        plain, short_of_target, timed = sublayer_cuts_reaching(loaded, plain, config.target_speedup, workload,
+                                                               budget.allows)
         if not plain:
             fastest = max(speed.usable for _, speed, _ in short_of_target)
             config.refuse("target_speedup", f"{config.target_speedup:g} is out of reach of every sub-layer cut of "

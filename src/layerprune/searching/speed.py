@@ -17,9 +17,12 @@ falls short is set aside with the figure it reached (:func:`sublayer_cuts_reachi
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from transformers import PreTrainedModel
 
-from layerprune.evaluation.efficiency import TimedSpeedup, Workload, decode_speedup_in_turns
+from layerprune.evaluation.efficiency import TimedSpeedup, Workload, decode_speedup_in_turns, flops_per_token
 from layerprune.models.loading import LoadedModel
 from layerprune.models.surgery import remove_layers
 from layerprune.searching.candidates import Candidate, cut
@@ -69,8 +72,15 @@ def layers_for_speedup(loaded: LoadedModel, target: float, workload: Workload = 
     return high, at_high
 
 
+def flop_ideal_only(original: PreTrainedModel, cut: PreTrainedModel, workload: Workload, why: str) -> TimedSpeedup:
+    """The FLOP-ideal speed-up of ``cut``, not timed (``why`` says so, as an untight timing's note does)."""
+    ideal = flops_per_token(original, workload)[1] / flops_per_token(cut, workload)[1]
+    return TimedSpeedup(None, None, 0, ideal, note=why)
+
+
 def sublayer_cuts_reaching(loaded: LoadedModel, plain: list[Candidate], target: float,
-                           workload: Workload = SEARCH_WORKLOAD) -> tuple[
+                           workload: Workload = SEARCH_WORKLOAD,
+                           allows: Callable[[float], bool] = lambda seconds: True) -> tuple[
         list[Candidate], list[tuple[Candidate, TimedSpeedup, str]], dict[Shape, TimedSpeedup]]:
     """For a target decode speed-up of ``target``: the plain (unrepaired) candidates to rank, the sub-layer
     ones whose own speed-up falls short (each with it and why, not ranked), and the speed-ups timed, by
@@ -80,21 +90,33 @@ def sublayer_cuts_reaching(loaded: LoadedModel, plain: list[Candidate], target: 
     passes as it is. A sub-layer candidate removes as many layers' parameters, but in decode an attention
     costs more per parameter than an MLP, and more the longer the context, so each shape is timed like a
     whole-layer cut (in turns against the original, on ``workload``, in this process) and kept only where
-    its speed-up reaches ``target``: measured, or FLOP-ideal where timing was not tight.
+    its speed-up reaches ``target``: measured, or FLOP-ideal where timing was not tight. Each timing is
+    first asked of ``allows`` (the time budget) with the longest one so far as its estimate; once refused,
+    the shapes left are judged by their FLOP-ideal figure, and the reason says so.
     """
     speeds: dict[Shape, TimedSpeedup] = {}
     reaching: list[Candidate] = []
     short: list[tuple[Candidate, TimedSpeedup, str]] = []
+    longest, timed_out = 0.0, False
     for candidate in plain:
         if candidate.granularity != "sublayer":
             reaching.append(candidate)
             continue
         if candidate.shape not in speeds:  # a plain cut reads no calibration data
-            speeds[candidate.shape] = decode_speedup(loaded.model, cut(loaded, candidate, None, 1).model, workload)
+            working = cut(loaded, candidate, None, 1).model
+            if timed_out or not allows(longest):
+                timed_out = True
+                speeds[candidate.shape] = flop_ideal_only(loaded.model, working, workload,
+                                                          "not timed: the time budget left no room")
+            else:
+                began = time.perf_counter()
+                speeds[candidate.shape] = decode_speedup(loaded.model, working, workload)
+                longest = max(longest, time.perf_counter() - began)
         speed = speeds[candidate.shape]
         if speed.usable >= target:
             reaching.append(candidate)
         else:
-            kind = "measured" if speed.measured is not None else "FLOP-ideal: timing was not tight"
+            kind = ("measured" if speed.measured is not None else
+                    f"FLOP-ideal: {speed.note}" if speed.turns == 0 else "FLOP-ideal: timing was not tight")
             short.append((candidate, speed, f"reaches only {speed.usable:.2f}x of the asked {target:g}x ({kind})"))
     return reaching, short, speeds
