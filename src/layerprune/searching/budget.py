@@ -31,6 +31,7 @@ class TimeBudget:
     kept: float = 0.0
     """Seconds set aside for a later stage (see :meth:`keeping`): a step now must leave them."""
     kept_for: str = ""
+    """The later stage the kept seconds are for, in words (said when a step is skipped)."""
 
     @property
     def seconds_left(self) -> float:
@@ -47,9 +48,9 @@ class TimeBudget:
 
     @contextmanager
     def keeping(self, seconds: float, stage: str) -> Iterator[None]:
-        """Inside, every step must leave ``seconds`` of the budget to ``stage``, which comes after: an
-        evolution's generations, while its seed cuts are scored and selected (on a CPU a costly metric
-        can otherwise spend the whole budget on one seed)."""
+        """Inside, every step must leave ``seconds`` of the budget to ``stage``, which comes after: the
+        ranking of the candidates, or an evolution's generations, while the metrics that propose them are
+        scored (on a CPU one costly metric can otherwise spend the whole budget)."""
         self.kept, self.kept_for = seconds, stage
         try:
             yield
