@@ -258,6 +258,11 @@ class TimedSpeedup:
         return self.ideal if self.measured is None else self.measured
 
 
+def flop_ideal_speedup(reference: PreTrainedModel, candidate: PreTrainedModel, workload: Workload) -> float:
+    """The decode speed-up ``candidate`` would have over ``reference`` if time followed FLOPs per token."""
+    return flops_per_token(reference, workload)[1] / flops_per_token(candidate, workload)[1]
+
+
 def decode_speedup_in_turns(reference: PreTrainedModel, candidate: PreTrainedModel, workload: Workload, *,
                             tolerance: float = 0.1, max_turns: int = 12) -> TimedSpeedup:
     """Time ``candidate``'s decode against ``reference``'s in turns (reference first in even turns,
@@ -269,7 +274,7 @@ def decode_speedup_in_turns(reference: PreTrainedModel, candidate: PreTrainedMod
     multiplicative). On a loaded machine a median of a few timings can be off by 2x; a figure whose
     interval stays wide is not reported as measured.
     """
-    ideal = flops_per_token(reference, workload)[1] / flops_per_token(candidate, workload)[1]
+    ideal = flop_ideal_speedup(reference, candidate, workload)
     for _ in range(workload.warmup):
         for model in (reference, candidate):
             time_prefill_decode(model, workload)

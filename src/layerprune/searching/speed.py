@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from transformers import PreTrainedModel
 
-from layerprune.evaluation.efficiency import TimedSpeedup, Workload, decode_speedup_in_turns, flops_per_token
+from layerprune.evaluation.efficiency import TimedSpeedup, Workload, decode_speedup_in_turns, flop_ideal_speedup
 from layerprune.models.loading import LoadedModel
 from layerprune.models.surgery import remove_layers
 from layerprune.searching.candidates import Candidate, cut
@@ -74,8 +74,7 @@ def layers_for_speedup(loaded: LoadedModel, target: float, workload: Workload = 
 
 def flop_ideal_only(original: PreTrainedModel, cut: PreTrainedModel, workload: Workload, why: str) -> TimedSpeedup:
     """The FLOP-ideal speed-up of ``cut``, not timed (``why`` says so, as an untight timing's note does)."""
-    ideal = flops_per_token(original, workload)[1] / flops_per_token(cut, workload)[1]
-    return TimedSpeedup(None, None, 0, ideal, note=why)
+    return TimedSpeedup(None, None, 0, flop_ideal_speedup(original, cut, workload), note=why)
 
 
 def sublayer_cuts_reaching(loaded: LoadedModel, plain: list[Candidate], target: float,
