@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 import layerprune as lp
 from layerprune.errors import UsageError
 from layerprune.models.architectures import adapter_for
+from layerprune.models.editing import prune, replace
 from layerprune.models.loading import LoadedModel
 from layerprune.models.surgery import parse_layer_list, remove_layers, replace_block, validate_layer_indices
 from layerprune.models.tiny import byte_tokenizer, tiny_config, tiny_model
@@ -197,3 +198,17 @@ def test_cli_module_runs_as_script() -> None:
     result = subprocess.run([sys.executable, "-m", "layerprune.cli.main", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     assert "prune" in result.stdout
+
+
+@pytest.mark.parametrize("edit", ["prune", "replace"])
+def test_a_model_healed_under_fsdp_is_not_edited_in_place(edit: str) -> None:
+    """Its saved weights are the gathered ``export_state``: an in-place cut would not reach them."""
+    loaded = LoadedModel(tiny_model("llama", NUM_LAYERS), byte_tokenizer(), "tiny", None)  # type: ignore[arg-type]
+    loaded.adapter = adapter_for(loaded.model)
+    loaded.export_state = {name: tensor.clone() for name, tensor in loaded.model.state_dict().items()}
+    with pytest.raises(UsageError, match="healed under FSDP.*load the saved model"):
+        if edit == "prune":
+            prune(loaded, [1])
+        else:
+            replace(loaded, 1, 3, torch.nn.Identity(), "identity")
+    assert loaded.num_layers == NUM_LAYERS

@@ -20,12 +20,22 @@ from layerprune.models.sublayers import ATTENTION, MLP, remove_branches, repack
 from layerprune.models.surgery import remove_layers, replace_block
 
 
+def refuse_sharded(loaded: LoadedModel) -> None:
+    """Refuse to edit a model whose whole weights are its gathered ``export_state`` (FSDP healing): the
+    edit would change this process's shards while the save writes the uncut weights it gathered."""
+    if loaded.export_state is not None:
+        raise UsageError("this model was healed under FSDP: its layers hold this process's shards and its "
+                         "saved weights were gathered before any further edit; save it (layerprune.save) and "
+                         "load the saved model to cut it again")
+
+
 def prune(loaded: LoadedModel, layers: Iterable[int] = (), reason: str = "layers named by the user", *,
           attention: Iterable[int] = (), mlp: Iterable[int] = ()) -> list[int]:
     """Remove whole ``layers``, and the attention of the layers ``attention`` and the MLP of the layers
     ``mlp`` (indices of the model as loaded), in place; returns the layers that went whole, sorted (a
     layer left with neither branch goes whole)."""
     attention, mlp = list(attention), list(mlp)
+    refuse_sharded(loaded)
     lineage = ensure_lineage(loaded)
     if not attention and not mlp:
         kept_before = lineage["kept_layers"]
@@ -61,6 +71,7 @@ def export_form(loaded: LoadedModel) -> tuple[LoadedModel, int]:
 def replace(loaded: LoadedModel, start: int, end: int, module: nn.Module, kind: str, note: str = "",
             source_index: int | None = None) -> None:
     """Replace layers ``[start, end)`` by ``module`` in place, recording it in the lineage."""
+    refuse_sharded(loaded)
     kept_before = ensure_lineage(loaded)["kept_layers"]
     replace_block(loaded.model, start, end, module, source_index, loaded.adapter)
     record_replacement(loaded, kept_before, start, end, kind, note)

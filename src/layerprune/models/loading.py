@@ -54,7 +54,8 @@ class LoadedModel:
     """The full weights :func:`layerprune.save` writes instead of ``model``'s own, where those are not
     whole: after FSDP training each process's model holds only its shards, and :func:`layerprune.heal`
     returns the main process's model with the weights it gathered here. ``None`` otherwise; a
-    :meth:`copy` starts without it (it is cut or trained apart from these weights)."""
+    :meth:`copy` starts without it (it is cut or trained apart from these weights), and cutting a model
+    that holds it in place is refused (:func:`~layerprune.models.editing.refuse_sharded`)."""
     gguf_path: Path | None = None
     """The GGUF file the model was loaded from: a GGUF export copies the tensors it did not change from it."""
 
