@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ from layerprune.cli.main import main
 from layerprune.data import CalibrationConfig
 from layerprune.evaluation.efficiency import Workload
 from layerprune.searching import budget as budget_module
+from layerprune.searching.candidates import Candidate
+from layerprune.searching.search import found_again
 
 QUICK = Workload(prompt_len=8, new_tokens=2, repeats=1, warmup=0)
 LAYER_SECONDS = 1.0
@@ -69,6 +72,28 @@ def test_costly_metrics_and_candidates_stop_where_the_budget_ends(corpus, slowed
                                 f"{len(record.tried) + len(unreached)} candidates, metrics ppl not scored; the winner "
                                 "is the best of what was ranked, not of the whole search")
     assert any(record.shortfall in line for line in caplog.messages)
+
+
+def test_a_costly_metric_left_out_for_ranking_is_scored_when_the_ranking_leaves_time(corpus, slowed, caplog) -> None:
+    """Ranking 2 windows (one batch) is cheap: of the 120 s, 114 are left after the original's ranking
+    (6 s), 57 of them kept for ranking while the metrics are scored, so ``ppl`` (47 s) does not fit in
+    the 90 s the cheap pass and ``taylor`` leave. The candidates then rank in 4 s each, and ``ppl`` is
+    scored after them, its cuts ranked too, all inside the budget."""
+    with caplog.at_level(logging.WARNING, logger="layerprune.searching.search"):
+        record = lp.search(str(corpus["model"]), remove=2, calibration=calibration(corpus),
+                           rank_data=str(corpus["held_out"]), time_budget=2.0, rank_windows=2, batch_size=4,
+                           workload=QUICK, repairs=False)
+    assert any("metric ppl skipped: the time budget (2 min) had 90 s left (57 s of them kept for ranking" in line
+               for line in caplog.messages)
+    assert any("metric ppl scored after the ranking" in line for line in caplog.messages)
+    assert "ppl" in record.settings["metrics"] and "ppl" in record.settings["importance"]
+    assert not record.budget_left_out and record.shortfall is None and not record.not_tried
+    late = [t.candidate.metric for t in record.tried if t.candidate.metric == "ppl"]
+    assert late and record.tried[-1].candidate.metric == "ppl"  # its cuts ranked after every earlier one
+    assert record.seconds <= 120
+    keys = [t.candidate.key for t in record.tried]
+    assert len(keys) == len(set(keys))  # a cut ppl finds again is not ranked twice: its finder is added
+    assert record.to_json()["shortfall"] is None
 
 
 def test_without_a_budget_every_metric_and_candidate_is_ranked(corpus, slowed) -> None:
@@ -125,3 +150,15 @@ def test_an_evolution_keeps_half_its_budget_from_costly_seeds(corpus, slowed) ->
     assert not {"taylor", "ppl"} & set(record.settings["metrics"])
     assert "had 66 s left (39 s of them kept for the evolution's generations)" in record.budget_left_out["metric taylor"]
     assert record.settings["evolution"]["initial_population"] >= 2
+
+
+def test_a_cut_found_again_late_joins_the_finders_of_every_form_queued() -> None:
+    """A late metric's cut that the queue already holds (plain and repaired) is not queued again: its
+    finder is added to each queued form, and a new cut is left alone."""
+    plain = Candidate([2, 3], "bi", "independent")
+    queue = [plain, replace(plain, repair="rescale", also_found_by=[])]
+    again = Candidate([2, 3], "ppl", "independent", also_found_by=["ppl/consecutive"])
+    assert found_again(again, queue)
+    assert [queued.also_found_by for queued in queue] == [["ppl/independent", "ppl/consecutive"]] * 2
+    assert not found_again(Candidate([1, 3], "ppl", "independent"), queue)
+    assert queue[0].also_found_by == ["ppl/independent", "ppl/consecutive"]

@@ -9,7 +9,8 @@ Steps, each sharing what it can with the others:
 1. one calibration set, the cheap metrics scored in one :func:`layerprune.score` call (the
    similarity metrics share one forward pass), then each costly one (``ppl``, ``taylor``) while
    the time budget allows, leaving half of it to ranking (:func:`score_within_budget`,
-   :data:`KEPT_FROM_COSTLY_METRICS`);
+   :data:`KEPT_FROM_COSTLY_METRICS`); a costly metric left out for that is scored after the ranking
+   if the ranking left time enough, and its new cuts ranked then (:func:`late_costly_metrics`);
 2. every metric's selection under every strategy, de-duplicated by the layers removed (the
    iterative selections share one re-scoring per smaller model; those of the ``costly`` metrics,
    ``ppl`` and ``taylor``, only with ``exhaustive``), then each distinct cut again with every
@@ -36,7 +37,9 @@ for on top with its own size, is not counted.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -195,26 +198,29 @@ def held_out_source(data: str | Path, split: str, rank_data: str | Path | None) 
 def rank_queue(loaded: LoadedModel, queue: list[Candidate], calibration: Any, windows: list[Any], first: int, *,
                batch_size: int, drop_rule: DropRule, workload: Workload, budget: TimeBudget, pass_seconds: float,
                progress: bool | None, timed: dict[Shape, TimedSpeedup] | None = None,
-               ) -> tuple[list[Tried], LoadedModel, list[dict[str, Any]]]:
+               best: tuple[float, LoadedModel] | None = None, slowest: float = 0.0,
+               ) -> tuple[list[Tried], tuple[float, LoadedModel], list[dict[str, Any]]]:
     """Cut, rank and time each candidate of ``queue`` in order until it ends or the time budget would
     not cover one more (the slowest so far, and a pass of ``pass_seconds`` for the repair statistics
-    when they are still to collect; the first is always ranked); returns what was tried, the best
-    model (kept to be saved) and the repaired candidates whose repair refused its data (e.g. a
+    when they are still to collect; the first is always ranked, unless an earlier ranking gave the
+    ``best`` cut and the ``slowest`` candidate's seconds); returns what was tried, the best perplexity
+    and model (kept to be saved) and the repaired candidates whose repair refused its data (e.g. a
     singular system), with the reason.
 
     ``first`` is the first predicted position of a window (after the tokenizer's prefix). The
     repair statistics are collected when the first repaired candidate comes up, for all of them.
-    ``timed``: speed-ups already timed, by shape (a target speed-up's check of the sub-layer cuts).
+    ``timed``: speed-ups already timed, by shape (a target speed-up's check of the sub-layer cuts, or
+    an earlier ranking).
     """
     speeds: dict[Shape, TimedSpeedup] = dict(timed or {})
     statistics: dict[tuple[int, int], Any] | None = None
     tried: list[Tried] = []
     refused: list[dict[str, Any]] = []
-    best: tuple[float, LoadedModel] | None = None
     bar = Progress("search", len(queue), unit="candidates", shown=progress is not False)
     for candidate in queue:
         collects = candidate.repair is not None and statistics is None
-        if tried and not budget.allows(max(t.seconds for t in tried) + (pass_seconds if collects else 0)):
+        slowest = max([slowest, *(t.seconds for t in tried)])
+        if (tried or best) and not budget.allows(slowest + (pass_seconds if collects else 0)):
             break
         bar.note(f"trying {candidate.label}" + (f", best ppl {best[0]:.2f}" if best else ""))
         start = budget.elapsed
@@ -238,7 +244,7 @@ def rank_queue(loaded: LoadedModel, queue: list[Candidate], calibration: Any, wi
         bar.update()
     bar.close()
     assert best is not None, "the first candidate is always ranked in full (nothing to compare it with)"
-    return tried, best[1], refused
+    return tried, best, refused
 
 
 def granularities(asked: str) -> tuple[str, ...]:
@@ -261,23 +267,67 @@ def score_within_budget(loaded: LoadedModel, rows: Any, metrics: list[str], budg
     passes = len({METRICS.get(n).shared_pass or n for n in cheap if METRICS.get(n).forward_passes(loaded.num_layers)})
     pass_seconds = (budget.elapsed - began) / max(passes, 1)
     results = dict(report.results)
-    # the pass just timed runs the decoder only; a costly metric also runs the LM head, and removes one
-    # unit at a time: two branches a layer at sub-layer granularity. Gemma-3's branch ppl, estimated as
-    # one decoder pass per layer, took four times that, and the ranking's time with it.
-    units = loaded.num_layers * (2 if scoring.get("granularity") == "sublayer" else 1)
-    layers = loaded.adapter.decoder_layers(loaded.model)
-    head_ratio = count_parameters(loaded.model.get_output_embeddings()) / sum(map(count_parameters, layers))
     costly = sorted((name for name in metrics if name not in results),
-                    key=lambda name: METRICS.get(name).forward_passes(units, head_ratio))
+                    key=lambda name: costly_seconds(loaded, name, scoring, pass_seconds))
     for name in costly:
-        estimate = METRICS.get(name).forward_passes(units, head_ratio) * pass_seconds
+        estimate = costly_seconds(loaded, name, scoring, pass_seconds)
         if budget.allows(estimate):
             results.update(score(loaded, rows, [name], **scoring).results)
         else:
             budget.skip(f"metric {name}", estimate, log.warning)
-    scored = [name for name in metrics if name in results]
+    return with_results(report, results, metrics), pass_seconds
+
+
+def costly_seconds(loaded: LoadedModel, metric: str, scoring: dict[str, Any], pass_seconds: float) -> float:
+    """The estimated seconds of scoring ``metric`` (:meth:`Metric.forward_passes` times the decoder pass
+    of ``pass_seconds``)."""
+    # the pass timed runs the decoder only; a costly metric also runs the LM head, and removes one unit at
+    # a time: two branches a layer at sub-layer granularity. Gemma-3's branch ppl, estimated as one decoder
+    # pass per layer, took four times that, and the ranking's time with it.
+    units = loaded.num_layers * (2 if scoring.get("granularity") == "sublayer" else 1)
+    layers = loaded.adapter.decoder_layers(loaded.model)
+    head_ratio = count_parameters(loaded.model.get_output_embeddings()) / sum(map(count_parameters, layers))
+    return METRICS.get(metric).forward_passes(units, head_ratio) * pass_seconds
+
+
+def with_results(report: ScoreReport, results: dict[str, Any], order: list[str]) -> ScoreReport:
+    """``report`` holding ``results`` (metric -> its result), its metrics in the order of ``order``."""
+    scored = [name for name in order if name in results]
     return replace(report, results={name: results[name] for name in scored},
-                   config=report.config.model_copy(update={"metrics": tuple(scored)})), pass_seconds
+                   config=report.config.model_copy(update={"metrics": tuple(scored)}))
+
+
+def late_costly_metrics(loaded: LoadedModel, rows: Any, reports: dict[str, ScoreReport], budget: TimeBudget,
+                        scoring: dict[str, Any], passes: dict[str, float], slowest: float,
+                        ) -> Iterator[tuple[str, ScoreReport]]:
+    """Each costly metric the budget left out while it kept time for ranking, cheapest first, scored now
+    where it and the ranking of one more candidate (``slowest`` seconds) still fit: its granularity and a
+    report of it alone (``reports`` takes its scores too). For a heuristic search that ranked every
+    candidate with time to spare: ranking took less than the half it kept (SmolLM2 at 20 minutes ranked
+    its 36 candidates in 8 and left ``ppl`` out)."""
+    left = [(granularity, name) for granularity, report in reports.items()
+            for name in candidate_metrics(granularity) if name not in report.results]
+    cost = {(granularity, name): costly_seconds(loaded, name, {**scoring, "granularity": granularity}, passes[granularity])
+            for granularity, name in left}
+    for granularity, name in sorted(left, key=cost.__getitem__):
+        if not budget.allows(cost[granularity, name] + slowest):
+            budget.skip(f"metric {name}", cost[granularity, name] + slowest, log.info)
+            continue
+        log.warning(f"search: metric {name} scored after the ranking, which left {budget.seconds_left:.0f} s")
+        late = score(loaded, rows, [name], **{**scoring, "granularity": granularity})
+        budget.left_out.pop(f"metric {name}", None)
+        ordered = candidate_metrics(granularity)
+        reports[granularity] = with_results(reports[granularity], {**reports[granularity].results, **late.results},
+                                            ordered)
+        yield granularity, with_results(reports[granularity], late.results, ordered)
+
+
+def found_again(candidate: Candidate, queue: list[Candidate]) -> bool:
+    """Whether ``queue`` holds ``candidate``'s cut already (plain or repaired); its finders then join theirs."""
+    same = [queued for queued in queue if queued.key == candidate.key]
+    for queued in same:
+        queued.also_found_by += [candidate.finder, *candidate.also_found_by]
+    return bool(same)
 
 
 def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, *,
@@ -341,24 +391,34 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
     # both: a branch selection removes the parameters of the same whole layers as a layer selection
     branch_remove = count if config.granularity == "both" or config.removal is None else config.removal
     branch_target = None
+    passes: dict[str, float] = {}  # each granularity's calibration pass, in seconds
+
+    def selections_of(report: ScoreReport, granularity: str) -> tuple[list[Selection], dict[str, str]]:
+        """The selections of ``report``'s metrics (see :func:`unique_selections`), the iterative ones while
+        the budget allows."""
+        at = {**scoring, "granularity": granularity}
+        remove = count if granularity == "layer" else branch_remove
+        # an iterative selection scores one smaller model per unit it removes but the last (two branches a layer)
+        rescorings = (count if granularity == "layer" else 2 * count) - 1
+        return unique_selections(report, remove, rescorer(loaded, rows, **at),
+                                 lambda: not budget.allows(rescorings * passes[granularity]),
+                                 exhaustive=config.exhaustive)
+
     # the costly metrics only while they leave part of the budget to ranking (or evolving) their cuts
     keep = KEPT_FROM_COSTLY_METRICS * budget.seconds_left if config.time_budget else 0.0
     stage = "the evolution's generations" if config.algorithm == "evolution" else "ranking the candidates"
     with budget.keeping(keep, stage):
         for granularity in granularities(config.granularity):
             at = {**scoring, "granularity": granularity}
-            reports[granularity], seconds = score_within_budget(loaded, rows, candidate_metrics(granularity), budget, at)
-            pass_seconds = pass_seconds or seconds  # the first scoring's pass: what later costs are estimated from
-            remove = count if granularity == "layer" else branch_remove
-            # an iterative selection scores one smaller model per unit it removes but the last (two branches a layer)
-            rescorings = (count if granularity == "layer" else 2 * count) - 1
-            made, not_made = unique_selections(reports[granularity], remove, rescorer(loaded, rows, **at),
-                                               lambda: not budget.allows(rescorings * seconds),
-                                               exhaustive=config.exhaustive)
+            reports[granularity], passes[granularity] = score_within_budget(loaded, rows, candidate_metrics(granularity),
+                                                                            budget, at)
+            pass_seconds = pass_seconds or passes[granularity]  # the first scoring's pass: what later costs are estimated from
+            made, not_made = selections_of(reports[granularity], granularity)
             selections += made
             not_selected.update(not_made)
             if granularity == "sublayer":
-                branch_target = parameter_budget(remove, loaded.num_layers, reports[granularity].unit_parameters or {})
+                branch_target = parameter_budget(branch_remove, loaded.num_layers,
+                                                 reports[granularity].unit_parameters or {})
     heuristic = plain_candidates(selections)
     evolution = None
     if config.algorithm == "evolution":
@@ -392,10 +452,32 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
     queue = [*plain, *repaired]
     limit = len(queue) if config.max_candidates is None else config.max_candidates
 
-    tried, winner_model, refused = rank_queue(loaded, queue[:limit], rows, windows, max(len(prefix), 1),
-                                              batch_size=batch_size, drop_rule=drop_rule, workload=workload,
-                                              budget=budget, pass_seconds=pass_seconds, progress=progress,
-                                              timed=timed)
+    ranking = partial(rank_queue, loaded, calibration=rows, windows=windows, first=max(len(prefix), 1),
+                      batch_size=batch_size, drop_rule=drop_rule, workload=workload, budget=budget,
+                      pass_seconds=pass_seconds, progress=progress)
+    tried, best, refused = ranking(queue[:limit], timed=timed)
+    if config.algorithm == "heuristic" and limit == len(queue) == len(tried) + len(refused):
+        # every candidate ranked with time to spare: the costly metrics left out for ranking come now
+        for granularity, report in late_costly_metrics(loaded, rows, reports, budget, scoring, passes,
+                                                       slowest=max(t.seconds for t in tried)):
+            made, not_made = selections_of(report, granularity)
+            not_selected.update(not_made)
+            fresh = [c for c in plain_candidates(made) if not found_again(c, queue)]
+            if config.target_speedup is not None:
+                fresh, short, more_timed = sublayer_cuts_reaching(loaded, fresh, config.target_speedup, workload,
+                                                                  budget.allows)
+                short_of_target += short
+                timed.update(more_timed)
+            fixed, more_skipped = (repaired_candidates(loaded, fresh, available_repairs(), rows.tokens)
+                                   if config.repairs else ([], []))
+            skipped += more_skipped
+            more, best, more_refused = ranking([*fresh, *fixed], best=best, slowest=max(t.seconds for t in tried),
+                                               timed={**timed, **{t.candidate.shape: t.speed for t in tried}})
+            queue += [*fresh, *fixed]
+            tried += more
+            refused += more_refused
+        limit = len(queue)
+    winner_model = best[1]
     winner_index = min((i for i, t in enumerate(tried) if not t.dropped), key=lambda i: (tried[i].ppl, i))
     settings = {
         "budget": {"remove": config.removal, "target_speedup": config.target_speedup,
