@@ -39,7 +39,8 @@ class SearchConfig(Config):
     time_budget: float | None = option(
         None, "minutes for the whole search, scoring included: costly metrics and further candidates only while "
         "their estimated cost fits, and the costly metrics only while they leave half of it to ranking (an "
-        "evolution: to its generations); what is left out is said and recorded; healing the winner is not counted",
+        "evolution: to its generations), or after the ranking if it left them time; what is left out is said and "
+        "recorded; healing the winner is not counted",
         metavar="MINUTES")
     granularity: str = option(
         "layer", "layer: candidates remove whole layers; sublayer: attention and MLP branches (remove then counts "
