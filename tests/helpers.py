@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerFast
 from layerprune.models.architectures import adapter_for
 from layerprune.models.loading import LoadedModel
 from layerprune.models.tiny import byte_tokenizer, tiny_model
+from layerprune.searching.fitness import TopK, kl_top_k
 
 
 @contextmanager
@@ -129,3 +130,14 @@ def zeroing_branches(model: nn.Module, attention: Iterable[int] = (), mlp: Itera
     finally:
         for handle in handles:
             handle.remove()
+
+
+KL_FLOAT32_NOISE = 1e-5
+"""How far a float32 top-k KL summed over a tiny batch (~120 positions) may sit from its float64 reference:
+log-probabilities of about 5 nats differ in the 7th digit, and a KL sums their differences weighted by p.
+It is 0.1% of the smallest KL the fitness tests read, so a wrong cut still fails them."""
+
+
+def reference_top_k_kl(original_log_probs: torch.Tensor, candidate_log_probs: torch.Tensor) -> float:
+    """The summed top-k KL(original || candidate) of full log-probabilities ``[n, vocab]``, in float64."""
+    return float(kl_top_k(TopK.of(original_log_probs.double()), candidate_log_probs.double()).sum())

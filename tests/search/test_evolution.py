@@ -35,7 +35,7 @@ from layerprune.searching.evolution import Evolution, UnitBudget, evolve, layer_
 from layerprune.searching.fitness import CachedOriginal, TopK, exact_kl, kl_top_k, tail_error_bound
 from layerprune.selection import STRATEGIES
 from tests.conftest import FAMILIES
-from tests.helpers import search_folder, record_text, tiny_loaded, write_corpus
+from tests.helpers import KL_FLOAT32_NOISE, record_text, reference_top_k_kl, search_folder, tiny_loaded, write_corpus
 
 QUICK = Workload(prompt_len=8, new_tokens=2, repeats=1, warmup=0)
 PAIR = (1, 4)
@@ -190,11 +190,10 @@ def test_the_cached_prefix_fitness_equals_a_full_forward_of_the_cut(family: str)
         working = loaded.copy()
         lp.prune(working, list(cut))
         candidate = full_log_probs(working.model, rows)[where]
-        teacher = TopK.of(original)
-        expected_kl = float(kl_top_k(teacher, candidate).sum())
+        expected_kl = reference_top_k_kl(original, candidate)
         expected_nll = float(-candidate.gather(-1, rows.input_ids[:, 1:][where][:, None]).sum())
         kl_score, ppl_score = kl_fitness.score(0, frozenset(cut)), ppl_fitness.score(0, frozenset(cut))
-        assert kl_score.total == pytest.approx(expected_kl, rel=1e-4, abs=1e-6), cut
+        assert kl_score.total == pytest.approx(expected_kl, rel=1e-4, abs=KL_FLOAT32_NOISE), cut
         assert ppl_score.total == pytest.approx(expected_nll, rel=1e-5), cut
         tokens = int(rows.attention_mask.sum())
         assert kl_score.layer_tokens == tokens * (6 - len(cut) - min(cut))  # from the first removed layer on
@@ -217,6 +216,28 @@ def test_the_top_k_kl_is_a_lower_bound_within_its_stated_error_bound() -> None:
     whole = TopK.of(original, original.shape[-1])  # no tail: exact
     assert torch.allclose(kl_top_k(whole, candidate), exact, atol=1e-6)
     assert float(tail_error_bound(whole, candidate).abs().max()) == 0.0
+
+
+def test_the_top_k_kl_reads_raw_logits_in_place_as_accurately_as_float64() -> None:
+    """The fitness hands the head's float32 logits of a large vocabulary to :func:`kl_top_k` to consume:
+    the result is the float64 top-k KL of the same distributions, in place or not, and a cut whose tail
+    underflows float32 gets a large finite KL, not an infinite one."""
+    generator = torch.Generator().manual_seed(5)
+    original = torch.randn(64, 50_000, generator=generator, dtype=torch.float64) * 3
+    candidate = original + 0.1 * torch.randn(64, 50_000, generator=generator, dtype=torch.float64) + 7.0
+    teacher64 = TopK.of(torch.log_softmax(original, -1))
+    expected = kl_top_k(teacher64, torch.log_softmax(candidate, -1))
+    teacher = TopK(teacher64.log_probs.float(), teacher64.indices, teacher64.log_tail.float())
+    logits = candidate.float()
+    kept = logits.clone()
+    assert torch.allclose(kl_top_k(teacher, logits).double(), expected, rtol=1e-4, atol=1e-6)
+    assert torch.equal(logits, kept)  # not in place: the logits are left as they were
+    consumed = kl_top_k(teacher, logits, in_place=True)
+    assert torch.allclose(consumed.double(), expected, rtol=1e-4, atol=1e-6) and not torch.equal(logits, kept)
+    underflowing = torch.full((1, 50_000), -1e4)
+    underflowing[0, teacher.indices[0]] = 0.0  # all of the cut's mass on the original's top k
+    far = kl_top_k(TopK(teacher.log_probs[:1], teacher.indices[:1], teacher.log_tail[:1]), underflowing)
+    assert bool(far.isfinite().all()) and float(far) > float(teacher.log_tail[0].exp()) * 80
 
 
 def test_the_error_bound_is_reached_by_the_worst_tail_it_allows() -> None:

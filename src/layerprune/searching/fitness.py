@@ -66,13 +66,28 @@ def log_rest(log_probs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return log_probs.scatter(-1, indices, float("-inf")).logsumexp(dim=-1)
 
 
-def kl_top_k(teacher: TopK, log_q: torch.Tensor) -> torch.Tensor:
+def kl_top_k(teacher: TopK, logits: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
     """Per position, KL(teacher || q) with the teacher's tail as one bucket: a lower bound of the
-    exact KL (see the module docstring), ``log_q`` the candidate's full log-probabilities ``[n, vocab]``."""
-    top = teacher.log_probs.exp() * (teacher.log_probs - log_q.gather(-1, teacher.indices))
+    exact KL (see the module docstring), from the candidate's ``logits`` ``[n, vocab]`` (float32 or
+    better; its log-probabilities do as well, being logits shifted per position).
+
+    ``in_place`` consumes ``logits`` (they become scratch). Why: on Gemma-3's 262,144-token vocabulary
+    one fitness batch's logits are 2 GB, and a log-softmax plus a masked copy for the tail allocated as
+    much again twice: the fitness spent longer there than in the LM head. This way the logits are the
+    only large tensor. The cut's tail probability is summed directly (its top-k entries zeroed), never
+    as one minus the top-k's, which cancels; it is floored at the dtype's smallest normal number, where
+    a tail that underflows gives a huge KL rather than an infinite one."""
+    top_logits = logits.gather(-1, teacher.indices)
+    peak = logits.amax(dim=-1, keepdim=True)
+    scratch = logits if in_place else logits.clone()
+    relative = scratch.sub_(peak).exp_()  # exp(logit - peak): at most 1, so no overflow
+    log_total = relative.sum(dim=-1).log()
+    tail_sum = relative.scatter_(-1, teacher.indices, 0.0).sum(dim=-1)
+    log_q_tail = tail_sum.clamp(min=torch.finfo(tail_sum.dtype).tiny).log() - log_total
+    log_q_top = top_logits - peak - log_total.unsqueeze(-1)
+    top = teacher.log_probs.exp() * (teacher.log_probs - log_q_top)
     tail_mass = teacher.log_tail.exp()
-    tail = torch.where(tail_mass > 0, tail_mass * (teacher.log_tail - log_rest(log_q, teacher.indices)),
-                       torch.zeros_like(tail_mass))
+    tail = torch.where(tail_mass > 0, tail_mass * (teacher.log_tail - log_q_tail), torch.zeros_like(tail_mass))
     return top.sum(dim=-1) + tail
 
 
@@ -152,14 +167,15 @@ class CachedOriginal:
                 recorded = record_pass(loaded, self.layers, input_ids, attention_mask)
                 teacher = None
                 if fitness == "kl":
-                    teacher = TopK.of(self.log_probs(recorded.final, where, normed=True), top_k)
+                    teacher = TopK.of(torch.log_softmax(self.logits(recorded.final, where, normed=True), dim=-1),
+                                      top_k)
                 self.batches.append(FitnessBatch(recorded, where, targets, teacher,
                                                  int(attention_mask.sum())))
 
-    def log_probs(self, hidden: torch.Tensor, where: torch.Tensor, *, normed: bool = False) -> torch.Tensor:
-        """Next-token log-probabilities (float32 or better) at the positions ``where`` of ``hidden``."""
+    def logits(self, hidden: torch.Tensor, where: torch.Tensor, *, normed: bool = False) -> torch.Tensor:
+        """Next-token logits (float32 or better) at the positions ``where`` of ``hidden``."""
         logits = self.head.logits(hidden[:, :-1][where.to(hidden.device)], normed=normed)
-        return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def layers_run(self, removed: Iterable[Hashable]) -> int:
         """The layers a full forward of the cut runs (a layer with one branch left runs)."""
@@ -173,11 +189,10 @@ class CachedOriginal:
         start = min(whole | zeroed.keys())
         with torch.inference_mode():
             hidden = replay_from(self.layers, batch.recorded, start, whole, zeroed, self.adapter)
-            log_q = self.log_probs(hidden, batch.where)
             if batch.teacher is not None:
-                total = float(kl_top_k(batch.teacher, log_q).sum())
+                total = float(kl_top_k(batch.teacher, self.logits(hidden, batch.where), in_place=True).sum())
             else:
-                total = float(-log_q.gather(-1, batch.targets.to(log_q.device)[:, None]).sum())
+                total = float(self.head.nll_sum(hidden, batch.where, batch.targets))
         kept = len(self.layers) - len(whole)
         run = kept - start  # the layers before the first removed unit's all are kept
         return BatchScore(total, batch.positions, batch.tokens, batch.tokens * run, batch.tokens * kept)

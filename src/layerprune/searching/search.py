@@ -382,7 +382,9 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
 
     batch_size, drop_rule = config.batch_size, config.drop_rule
     # the reference every candidate is read against (search.md, pareto.png): the uncut model, same windows
+    ranking_began = budget.elapsed
     original_ppl = rank(window_losses(loaded.model, windows, batch_size, max(len(prefix), 1)), drop_rule, None).ppl
+    rank_seconds = budget.elapsed - ranking_began  # a candidate's ranking costs about this (a cut runs fewer layers)
     scoring = {"batch_size": batch_size, **(metric_options or {})}
     reports: dict[str, ScoreReport] = {}
     selections: list[Selection] = []
@@ -421,13 +423,24 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
                                                  reports[granularity].unit_parameters or {})
     heuristic = plain_candidates(selections)
     evolution = None
+    timed: dict[Shape, TimedSpeedup] = {}
     if config.algorithm == "evolution":
-        repairs = len(available_repairs()) if config.repairs else 0
-        rank_seconds = pass_seconds * len(windows) / rows.input_ids.shape[0]  # one candidate's held-out windows
+        # the repairs a finalist gets: as many as accept the seed that the most accept (a refused one costs nothing)
+        repairs = max((len(repaired_candidates(loaded, [seed], available_repairs(), rows.tokens)[0]) for seed in heuristic),
+                      default=0) if config.repairs else 0
+        # the decode speed-up is timed once per shape, and every layer cut of the budget has the seeds' shape: time
+        # it now, so that what the finalists' ranking will cost is measured, not guessed (on Gemma-3 it was 2 rankings)
+        timing_began = budget.elapsed
+        for seed in heuristic[:1]:  # a plain cut reads no calibration data
+            timed[seed.shape] = decode_speedup(loaded.model, cut(loaded, seed, None, 1).model, workload)
+        timing_seconds = budget.elapsed - timing_began
+        untimed_shapes = 0 if config.granularity == "layer" else 1  # per finalist: branch cuts differ in shape
 
         def reserve(finalists: int) -> float:
-            """Seconds to rank ``finalists`` cuts, each repaired every way, and to collect the repairs' statistics."""
-            return finalists * (1 + repairs) * rank_seconds + (pass_seconds if repairs else 0)
+            """Seconds to rank ``finalists`` cuts, each repaired every way (the original's ranking, measured,
+            per candidate), to time the speed-up of shapes not yet timed and to collect the repairs' statistics."""
+            return (finalists * ((1 + repairs) * rank_seconds + untimed_shapes * timing_seconds)
+                    + (pass_seconds if repairs else 0))
 
         if branch_target is None:
             units = layer_budget([count_parameters(layer) for layer in loaded.adapter.decoder_layers(loaded.model)],
@@ -438,10 +451,10 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
     else:
         plain = heuristic
     short_of_target: list[tuple[Candidate, TimedSpeedup, str]] = []
-    timed: dict[Shape, TimedSpeedup] = {}
     if config.target_speedup is not None:
-        plain, short_of_target, timed = sublayer_cuts_reaching(loaded, plain, config.target_speedup, workload,
-                                                               budget.allows)
+        plain, short_of_target, reached = sublayer_cuts_reaching(loaded, plain, config.target_speedup, workload,
+                                                                 budget.allows)
+        timed.update(reached)
         if not plain:
             fastest = max(speed.usable for _, speed, _ in short_of_target)
             config.refuse("target_speedup", f"{config.target_speedup:g} is out of reach of every sub-layer cut of "
