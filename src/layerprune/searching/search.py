@@ -426,8 +426,8 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
     timed: dict[Shape, TimedSpeedup] = {}
     if config.algorithm == "evolution":
         # the repairs a finalist gets: as many as accept the seed that the most accept (a refused one costs nothing)
-        repairs = max((len(repaired_candidates(loaded, [seed], available_repairs(), rows.tokens)[0]) for seed in heuristic),
-                      default=0) if config.repairs else 0
+        accepting = (repaired_candidates(loaded, [seed], available_repairs(), rows.tokens)[0] for seed in heuristic)
+        repairs = max(map(len, accepting), default=0) if config.repairs else 0
         # the decode speed-up is timed once per shape, and every layer cut of the budget has the seeds' shape: time
         # it now, so that what the finalists' ranking will cost is measured, not guessed (on Gemma-3 it was 2 rankings)
         timing_began = budget.elapsed
@@ -437,8 +437,9 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
         untimed_shapes = 0 if config.granularity == "layer" else 1  # per finalist: branch cuts differ in shape
 
         def reserve(finalists: int) -> float:
-            """Seconds to rank ``finalists`` cuts, each repaired every way (the original's ranking, measured,
-            per candidate), to time the speed-up of shapes not yet timed and to collect the repairs' statistics."""
+            """Seconds to rank ``finalists`` cuts, each plain and with ``repairs`` repairs (per candidate, the
+            original's ranking, measured), to time the speed-ups of shapes not yet timed and to collect the
+            repairs' statistics."""
             return (finalists * ((1 + repairs) * rank_seconds + untimed_shapes * timing_seconds)
                     + (pass_seconds if repairs else 0))
 
