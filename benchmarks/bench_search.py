@@ -1,5 +1,5 @@
-"""Search benchmark: ``layerprune search --remove 25%`` against ``layerprune prune --metric ppl --remove 25%``
-on the same (default) data, for SmolLM2-135M (25% = 8 of 30 layers) and Gemma-3-270M (5 of 18).
+"""Search benchmark: ``layerprune search --remove 25% --algorithm heuristic`` against
+``layerprune prune --metric ppl --remove 25%`` on the same (default) data, for SmolLM2-135M (25% = 8 of 30 layers) and Gemma-3-270M (5 of 18).
 
     python benchmarks/bench_search.py                          # both models; docs/benchmarks.md § Search
     python benchmarks/bench_search.py --models smollm2-135m    # one model (results are kept per model)
@@ -75,7 +75,8 @@ def plain_cuts(record: dict[str, Any]) -> dict[str, list[int]]:
 
 def bench(model: str, scratch: Path) -> dict[str, Any]:
     prune = timed_cli("prune", "--model", model, "--metric", "ppl", "--remove", REMOVE, "--out", str(scratch / "ppl"))
-    search = timed_cli("search", "--model", model, "--remove", REMOVE, "--out", str(scratch / "search"))
+    search = timed_cli("search", "--model", model, "--remove", REMOVE, "--algorithm", "heuristic",
+                       "--out", str(scratch / "search"))
     record = json.loads((scratch / "search" / "search.json").read_text())
     original = lp.load_model(model)
     cuts = {}
@@ -97,7 +98,8 @@ def bench(model: str, scratch: Path) -> dict[str, Any]:
 
 
 def render(results: list[dict[str, Any]]) -> str:
-    lines = [(f"`layerprune search --remove {REMOVE}` (default data and budget) against `layerprune prune --metric "
+    lines = [(f"`layerprune search --remove {REMOVE} --algorithm heuristic` (default data and budget) against "
+              "`layerprune prune --metric "
               f"ppl --remove {REMOVE}` on the same data: wall-clock of each command as typed (a child process, "
               "loading and saving included), one after the other. Perplexity on the wiki-sample test split "
               f"({EVAL_WINDOWS} windows of {EVAL_WINDOW} tokens), which neither calibration (train) nor the "

@@ -9,7 +9,7 @@ text (docs/benchmarks.md § Evolutionary search).
 Per model, each step saved in ``$LAYERPRUNE_CACHE/bench-evolution/results.json`` once done, so a run cut
 off resumes at the step it was in (a test reading: at the cut it was reading):
 
-1. the searches: ``layerprune search --remove 25% --time-budget M`` (heuristic, today's default) and the
+1. the searches: ``layerprune search --remove 25% --time-budget M --algorithm heuristic`` and the
    same with ``--algorithm evolution``, each the command a user types (a child process, loading
    included), one after the other, the 1-minute load average before each: the same wall-clock budget.
    Each ranks its cuts plain and with every training-free repair that applies, on the wiki-sample
@@ -87,8 +87,8 @@ from layerprune.searching.ranking import DropRule, held_out_windows, rank, windo
 MODELS = ("smollm2-135m", "gemma3-270m")
 REMOVE = "25%"
 CHEAP = ("bi", "angular", "block-cosine")
-SEARCHES = {"heuristic": (), "evolution": ("--algorithm", "evolution")}
-"""Each search's extra flags, in the order they run (the heuristic, today's default, first)."""
+SEARCHES = {"heuristic": ("--algorithm", "heuristic"), "evolution": ("--algorithm", "evolution")}
+"""Each search's flags, in the order they run (the heuristic first)."""
 TABLE_ORDER = ("evolution", "heuristic")
 """The searches' rows in a table: the one under test first."""
 CHEAP_REPAIRS = "cheap repairs"
@@ -505,7 +505,7 @@ def model_section(model: str, state: dict[str, Any], task_limit: int) -> list[st
 
 
 def render(results: dict[str, dict[str, Any]], task_limit: int) -> str:
-    lines = [(f"`layerprune search --remove {REMOVE} --time-budget M` (the heuristic search, today's default) "
+    lines = [(f"`layerprune search --remove {REMOVE} --time-budget M --algorithm heuristic` "
               "and the same with `--algorithm evolution`, each run as typed (a child process, loading included) "
               "one after the other, each ranking its cuts plain and with every training-free repair that applies "
               "on the wiki-sample validation windows; from each, the best plain and the best repaired cut by that "

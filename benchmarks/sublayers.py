@@ -11,8 +11,8 @@ Per model and budget, each step saved as JSON once done, under
 ``$LAYERPRUNE_CACHE/bench-sublayers/<model>/<budget>-<samples>rows-<minutes>min/`` (a run cut off resumes at the step it
 was in; ``--render`` writes the docs from what is there, each budget from its longest saved search):
 
-1. ``search``: one ``lp.search(granularity="both", remove=B, time_budget=M)`` with its repairs (on
-   ``--samples`` calibration rows: with the default 64, scoring SmolLM2's layers alone took 13 minutes
+1. ``search``: one ``lp.search(granularity="both", remove=B, time_budget=M, algorithm="heuristic")`` with its
+   repairs (on ``--samples`` calibration rows: with the default 64, scoring SmolLM2's layers alone took 13 minutes
    of a 20-minute budget on the shared 2-core CPU, load 5-7, too few to rank any branch cut), so the
    whole-layer and the branch candidates (at the parameters of the same number of whole layers) are
    ranked on the same held-out (validation) windows; from what it tried, per kind of cut (one that
@@ -130,7 +130,7 @@ def search_step(original: lp.LoadedModel, budget: str, minutes: float,
                 calibration: CalibrationConfig) -> dict[str, Any]:
     """One search of both granularities, what it tried and left out, and the cuts chosen from it."""
     record = lp.search(original, remove=budget, granularity="both", time_budget=minutes, calibration=calibration,
-                       progress=False)
+                       algorithm="heuristic", progress=False)
     tried = [t.to_json() for t in record.tried]
     decoder = sum(count_parameters(layer) for layer in original.adapter.decoder_layers(original.model))
     return {"minutes": minutes, "samples": calibration.samples, "num_layers": record.num_layers,
@@ -387,7 +387,8 @@ def costs(where: Path, found: dict[str, Any], reads: dict[str, dict[str, Any]]) 
 
 def render(models: list[str], budgets: list[str], samples: int, task_limit: int) -> str:
     lines = [
-        ("Per model and budget, one `lp.search(granularity=\"both\", remove=B, time_budget=M)` with its "
+        ("Per model and budget, one `lp.search(granularity=\"both\", remove=B, time_budget=M, "
+         "algorithm=\"heuristic\")` with its "
          f"training-free repairs, scoring and repairing on {samples} wiki-sample calibration rows of 256 tokens, "
          "ranks whole-layer and branch candidates (the latter at the decoder parameters "
          "of the same number of whole layers) on the same held-out validation windows. From what it tried, "

@@ -60,7 +60,7 @@ def test_costly_metrics_and_candidates_stop_where_the_budget_ends(corpus, slowed
     with caplog.at_level(logging.WARNING, logger="layerprune.searching.search"):
         record = lp.search(str(corpus["model"]), remove=2, calibration=calibration(corpus),
                            rank_data=str(corpus["held_out"]), time_budget=2.0, rank_windows=6, batch_size=4,
-                           workload=QUICK)
+                           workload=QUICK, algorithm="heuristic")
     assert record.seconds <= 120  # the whole run, scoring included, on the fake clock
     assert "taylor" in record.settings["metrics"] and "ppl" not in record.settings["metrics"]
     assert list(record.budget_left_out)[0] == "metric ppl"
@@ -83,7 +83,7 @@ def test_a_costly_metric_left_out_for_ranking_is_scored_when_the_ranking_leaves_
     with caplog.at_level(logging.WARNING, logger="layerprune.searching.search"):
         record = lp.search(str(corpus["model"]), remove=2, calibration=calibration(corpus),
                            rank_data=str(corpus["held_out"]), time_budget=2.0, rank_windows=2, batch_size=4,
-                           workload=QUICK, repairs=False)
+                           workload=QUICK, repairs=False, algorithm="heuristic")
     assert any("metric ppl skipped: the time budget (2 min) had 90 s left (57 s of them kept for ranking" in line
                for line in caplog.messages)
     assert any("metric ppl scored after the ranking" in line for line in caplog.messages)

@@ -29,7 +29,7 @@ from layerprune.models.lineage import count_parameters
 from layerprune.models.loading import LoadedModel
 from layerprune.records import SCHEMA_DIR, schema_file
 from layerprune.scoring import rescorer
-from layerprune.searching import SearchDocument
+from layerprune.searching import SearchConfig, SearchDocument
 from layerprune.searching.candidates import candidate_metrics
 from layerprune.searching.evolution import Evolution, UnitBudget, evolve, layer_budget
 from layerprune.searching.fitness import CachedOriginal, TopK, exact_kl, kl_top_k, tail_error_bound
@@ -165,7 +165,9 @@ def test_the_evolved_output_folder_and_its_record(evolved: lp.SearchRecord) -> N
     assert "Evolution:" in (folder / "search.md").read_text()
     old = json.loads(record_text("search.json"))  # an older file (no algorithm) still reads, as a heuristic search
     assert old["format_version"] < 3 and "algorithm" not in old
-    assert SearchDocument.model_validate(old).algorithm == "heuristic"
+    assert "algorithm" not in old["options"]  # nor its options, which must not read as today's default
+    read = SearchDocument.model_validate(old)
+    assert read.algorithm == read.options.algorithm == "heuristic" != SearchConfig().algorithm
 
 
 def test_the_recipe_replays_the_evolved_cut_to_identical_weights(evolved: lp.SearchRecord, constructed,

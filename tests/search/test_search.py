@@ -30,7 +30,8 @@ from layerprune.searching.report import pareto_figure, pareto_front
 from tests.reporting.figure_checks import check_figure
 
 QUICK = Workload(prompt_len=8, new_tokens=2, repeats=1, warmup=0)
-SETTINGS = {"rank_windows": 6, "batch_size": 4, "workload": QUICK}
+SETTINGS = {"rank_windows": 6, "batch_size": 4, "workload": QUICK, "algorithm": "heuristic"}
+"""The heuristic search: what this file tests (the evolution, the default: test_evolution.py)."""
 
 
 def small_calibration(corpus: dict[str, Path]) -> CalibrationConfig:
@@ -204,7 +205,7 @@ def test_a_recipe_search_stage_finds_the_winner_then_evaluates_it(searched, corp
     recipe.write_text(f"model: {corpus['model']}\n"
                       f"calibration: {{source: {corpus['calibration']}, samples: 8, seq_len: 64}}\n"
                       f"search: {{remove: 2, rank_data: {corpus['held_out']}, rank_windows: 6, batch_size: 4,\n"
-                      "         drop_factor: 0}\n"
+                      "         drop_factor: 0, algorithm: heuristic}\n"
                       f"eval: {{ppl: [{corpus['held_out']}], seq_len: 64, max_windows: 2}}\n")
     run = lp.run_recipe(recipe, tmp_path / "run", allowed_paths=[corpus["folder"]], log=lambda line: None)
     state = json.loads((run / "run.json").read_text())["stages"]
@@ -249,7 +250,8 @@ def test_search_json_is_a_versioned_record_its_shipped_schema_accepts(searched) 
     jsonschema.validate(document, schema)
     assert document["format_version"] == newest_version(SearchDocument)
     assert SearchConfig(**document["options"]) == SearchConfig(remove=2, rank_data=document["options"]["rank_data"],
-                                                               rank_windows=6, batch_size=4, drop_factor=0)
+                                                               rank_windows=6, batch_size=4, drop_factor=0,
+                                                               algorithm="heuristic")
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({key: value for key, value in document.items() if key != "candidates"}, schema)
 

@@ -109,7 +109,7 @@ def calibration(corpus: dict[str, Path]) -> CalibrationConfig:
 def searched(corpus: dict[str, Path], out: str, **options) -> lp.SearchRecord:
     return lp.search(str(corpus["model"]), remove=1, calibration=calibration(corpus), rank_data=str(corpus["held_out"]),
                      batch_size=4, rank_windows=4, workload=QUICK, out=corpus["folder"] / out, progress=False,
-                     **options)
+                     **{"algorithm": "heuristic", **options})
 
 
 @pytest.fixture(scope="module")
@@ -341,7 +341,8 @@ def test_a_target_speedup_ranks_only_the_sublayer_cuts_that_reach_it(corpus, mon
         monkeypatch.setattr(module, "decode_speedup", clock)
     record = lp.search(str(corpus["model"]), target_speedup=1.25, calibration=calibration(corpus),
                        rank_data=str(corpus["held_out"]), granularity="both", repairs=False, batch_size=4,
-                       rank_windows=2, workload=QUICK, out=corpus["folder"] / "target", progress=False)
+                       rank_windows=2, workload=QUICK, out=corpus["folder"] / "target", progress=False,
+                       algorithm="heuristic")
     assert record.remove == 1 and len(timed) == len(set(timed))  # each shape timed once, reused when ranked
     short = {candidate.shape for candidate, _, _ in record.short_of_target}
     ranked = {tried.candidate.shape for tried in record.tried if tried.candidate.granularity == "sublayer"}

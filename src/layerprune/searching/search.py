@@ -21,7 +21,9 @@ Steps, each sharing what it can with the others:
    with ``both`` those selections stand beside the whole-layer ones, at the parameters of the same
    number of whole layers (an evolution then runs over branches, seeded with both). A target
    speed-up decides that number on whole layers; each sub-layer cut's own speed-up is then timed
-   and a cut short of the target is set aside, not ranked (:func:`.speed.sublayer_cuts_reaching`);
+   and a cut short of the target is set aside, not ranked (:func:`.speed.sublayer_cuts_reaching`).
+   With ``algorithm`` ``evolution`` (the default) these cuts seed an evolution of the removed set
+   (:mod:`.evolution`), and its ``finalists`` best by fitness, each with its repairs, are the candidates;
 3. each candidate scored on held-out windows (:mod:`.ranking`), dropped early when clearly worse;
    the repairs that read data take their statistics from one pass of the original over the
    calibration rows, for every run of every whole-layer candidate at once (:func:`.repair_statistics`;
