@@ -156,18 +156,6 @@ class SearchDocument(BaseModel):
     format_version: int = Field(default=FORMAT_VERSION, ge=1, le=FORMAT_VERSION)
     model: str
     num_layers: int = Field(ge=1)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _options_name_their_algorithm(cls, document: Any) -> Any:
-        """A file of version 1 or 2 names no algorithm in its options: it was a heuristic search, and its
-        options must not read as today's default (``evolution``)."""
-        if isinstance(document, dict) and isinstance(document.get("options"), dict):
-            if "algorithm" not in document["options"]:
-                options = {**document["options"], "algorithm": document.get("algorithm", "heuristic")}
-                return {**document, "options": options}
-        return document
-
     remove: int = Field(ge=1, description="layers each candidate removes (a sub-layer candidate: about that many "
                         "layers' worth of parameters, budget.branch_parameters)")
     winner: int = Field(ge=0, description="the winner's index in candidates")
@@ -198,3 +186,14 @@ class SearchDocument(BaseModel):
                            "evolution: the best cuts by fitness of an evolutionary search ranked")
     evolution: EvolutionPart | None = Field(default=None, description="an evolutionary search's fitness, settings "
                                             "and trace")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _options_name_their_algorithm(cls, document: Any) -> Any:
+        """A file of version 1 or 2 names no algorithm in its options: it was a heuristic search, and its
+        options must not read as today's default (``evolution``)."""
+        if isinstance(document, dict) and isinstance(document.get("options"), dict):
+            if "algorithm" not in document["options"]:
+                options = {**document["options"], "algorithm": document.get("algorithm", "heuristic")}
+                return {**document, "options": options}
+        return document
