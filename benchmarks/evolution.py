@@ -1,9 +1,11 @@
 """Evolutionary search benchmark (issue 32): ``layerprune search --algorithm evolution`` against the heuristic
-search and the cheap single-metric cuts at 25% whole layers, each cut plain and repaired, read on held-out test
-text (docs/benchmarks.md § Evolutionary search).
+search and the cheap single-metric cuts at 25% whole layers (or, ``--granularity sublayer``, 25% of the decoder's
+parameters in attention and MLP branches), each cut plain and repaired, read on held-out test text
+(docs/benchmarks.md § Evolutionary search).
 
     nice -n 5 python benchmarks/evolution.py                                  # smollm2-135m, 20 min per search
     python benchmarks/evolution.py --models smollm2-135m,gemma3-270m --minutes 20
+    python benchmarks/evolution.py --models smollm2-135m,gemma3-270m --granularity sublayer  # branches
     python benchmarks/evolution.py --render                                   # only rewrite the docs section
 
 Per model, each step saved in ``$LAYERPRUNE_CACHE/bench-evolution/results.json`` once done, so a run cut
@@ -78,6 +80,7 @@ from layerprune.searching.candidates import (
     Candidate,
     available_repairs,
     cut,
+    plain_candidates,
     repair_statistics,
     repaired_candidates,
 )
@@ -89,6 +92,9 @@ REMOVE = "25%"
 CHEAP = ("bi", "angular", "block-cosine")
 SEARCHES = {"heuristic": ("--algorithm", "heuristic"), "evolution": ("--algorithm", "evolution")}
 """Each search's flags, in the order they run (the heuristic first)."""
+GRANULARITIES = ("layer", "sublayer")
+"""What the searches and the cheap cuts remove: whole layers, or attention and MLP branches (a 25% budget of
+the decoder's parameters; ``--granularity sublayer``, the evolution then over branches)."""
 TABLE_ORDER = ("evolution", "heuristic")
 """The searches' rows in a table: the one under test first."""
 CHEAP_REPAIRS = "cheap repairs"
@@ -150,12 +156,21 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
             "evolution": record.get("evolution")}
 
 
-def cheap_cuts(model: str, calibration: CalibrationConfig) -> dict[str, Any]:
+def cheap_cuts(model: str, calibration: CalibrationConfig, granularity: str = "layer") -> dict[str, Any]:
     """Each cheap metric's independent selection on the searches' calibration rows (timed with the model's
-    loading, as a search's wall-clock is)."""
+    loading, as a search's wall-clock is): its layers, or at sub-layer granularity its candidate record
+    (the branches it removes)."""
     loaded = lp.load_model(model)
-    report = lp.score(loaded, calibration_rows(loaded, calibration), list(CHEAP))
-    return {"cuts": {metric: lp.select(report, REMOVE, metric=metric).remove for metric in CHEAP}}
+    report = lp.score(loaded, calibration_rows(loaded, calibration), list(CHEAP), granularity=granularity)
+    selections = {metric: lp.select(report, REMOVE, metric=metric) for metric in CHEAP}
+    if granularity == "layer":
+        return {"cuts": {metric: selection.remove for metric, selection in selections.items()}}
+    return {"cuts": {metric: plain_candidates([selection])[0].to_json() for metric, selection in selections.items()}}
+
+
+def cheap_candidate(metric: str, saved: list[int] | dict[str, Any]) -> Candidate:
+    """A cheap cut as saved by :func:`cheap_cuts`: its layers, or its candidate record."""
+    return Candidate(list(saved), metric, "independent") if isinstance(saved, list) else candidate_of(saved)
 
 
 def ranking_windows(original: lp.LoadedModel, found: dict[str, Any]) -> list[torch.Tensor]:
@@ -173,23 +188,24 @@ def validation_ppl(loaded: lp.LoadedModel, windows: list[torch.Tensor]) -> float
     return rank(window_losses(loaded.model, windows, SearchConfig().batch_size, first), DropRule(factor=0), None).ppl
 
 
-def cheap_repairs(original: lp.LoadedModel, cuts: dict[str, list[int]], rows: CalibrationSet,
+def cheap_repairs(original: lp.LoadedModel, cuts: dict[str, Any], rows: CalibrationSet,
                   windows: list[torch.Tensor]) -> dict[str, Any]:
     """Per cheap cut, its validation perplexity plain and with each training-free repair that accepts it
     (a refusal with the method's reason), and the repair chosen: the lowest there. Only the validation
     windows are read, the text the searches choose on, never the test text every cut is judged on. A cut
     two metrics share (bi and block-cosine often agree) is repaired and read once."""
     batch_size = SearchConfig().batch_size
-    distinct = {tuple(layers): Candidate(list(layers), metric, "independent") for metric, layers in cuts.items()}
+    chosen = {metric: cheap_candidate(metric, saved) for metric, saved in cuts.items()}
+    distinct = {candidate.key: candidate for candidate in chosen.values()}
     repaired, refused = repaired_candidates(original, list(distinct.values()), available_repairs(), rows.tokens)
     statistics = repair_statistics(original, repaired, rows, batch_size)
-    found: dict[tuple[int, ...], dict[str, Any]] = {
-        layers: {"plain_ppl": validation_ppl(cut(original, candidate, None, batch_size), windows),
-                 "validation_ppl": {}, "refused": {}} for layers, candidate in distinct.items()}
+    found: dict[Any, dict[str, Any]] = {
+        key: {"plain_ppl": validation_ppl(cut(original, candidate, None, batch_size), windows),
+              "validation_ppl": {}, "refused": {}} for key, candidate in distinct.items()}
     for refusal in refused:
-        found[tuple(refusal["removed_layers"])]["refused"][refusal["repair"]] = refusal["reason"]
+        found[candidate_of(refusal).key]["refused"][refusal["repair"]] = refusal["reason"]
     for candidate in repaired:
-        choice = found[tuple(candidate.remove)]
+        choice = found[candidate.key]
         try:
             working = cut(original, candidate, rows, batch_size, statistics)
         except UsageError as refusal:  # a repair that refuses its data (a singular system), as a search records it
@@ -198,7 +214,7 @@ def cheap_repairs(original: lp.LoadedModel, cuts: dict[str, list[int]], rows: Ca
         choice["validation_ppl"][candidate.repair] = validation_ppl(working, windows)
     for choice in found.values():
         choice["repair"] = min(choice["validation_ppl"], key=choice["validation_ppl"].__getitem__, default=None)
-    return {"cuts": {metric: found[tuple(layers)] for metric, layers in cuts.items()}}
+    return {"cuts": {metric: found[candidate.key] for metric, candidate in chosen.items()}}
 
 
 @dataclass
@@ -254,8 +270,8 @@ def table_rows(state: dict[str, Any]) -> list[Row]:
         rows += [Row(algorithm, form, chosen.get(form), chosen[form]["held_out_ppl"] if form in chosen else None,
                      found["seconds"], "" if form in chosen else unchosen(found, form)) for form in FORMS]
     cheap, repairs = state.get("cheap"), state.get(CHEAP_REPAIRS)
-    for metric, layers in (cheap or {}).get("cuts", {}).items():
-        plain = Candidate(layers, metric, "independent").to_json()
+    for metric, saved in (cheap or {}).get("cuts", {}).items():
+        plain = cheap_candidate(metric, saved).to_json()
         choice = repairs["cuts"][metric] if repairs else None
         rows.append(Row(metric, FORMS[0], plain, choice["plain_ppl"] if choice else None, cheap["seconds"]))
         if choice is not None:
@@ -335,20 +351,27 @@ def read_all(rebuild: Rebuilder, state: dict[str, Any], task_limit: int, save: C
             save()
 
 
+def results_key(model: str, granularity: str) -> str:
+    """Where a model's steps at ``granularity`` are saved, and its docs heading: the model's name for whole
+    layers (as before there was a choice), else with the granularity."""
+    return model if granularity == "layer" else f"{model}, sub-layers"
+
+
 def bench(model: str, minutes: float, task_limit: int, state: dict[str, Any],
-          save: Callable[[], None]) -> dict[str, Any]:
+          save: Callable[[], None], granularity: str = "layer") -> dict[str, Any]:
     """The steps not yet in ``state`` (saved after each by ``save``)."""
-    folder = cache_dir() / "bench-evolution" / model
+    folder = cache_dir() / "bench-evolution" / results_key(model, granularity).replace(", ", "-")
     state.setdefault("minutes", minutes)  # a run resumed with another budget starts again (main)
     for algorithm, flags in SEARCHES.items():
         if search_key(algorithm) not in state:
-            state[search_key(algorithm)] = costed(partial(run_search, model, folder / algorithm, minutes, *flags))
+            state[search_key(algorithm)] = costed(partial(run_search, model, folder / algorithm, minutes, *flags,
+                                                          "--granularity", granularity))
             save()
     # both searches are typed with the same data flags: the heuristic's record says the calibration of both
     heuristic = state[search_key("heuristic")]
     calibration = calibration_of(heuristic["calibration"])
     if "cheap" not in state:
-        state["cheap"] = costed(partial(cheap_cuts, model, calibration))
+        state["cheap"] = costed(partial(cheap_cuts, model, calibration, granularity))
         save()
     measuring = bool(missing_steps(state, task_limit))
     if measuring:
@@ -407,6 +430,13 @@ def read_of(row: Row, readings: dict[str, Any]) -> dict[str, Any] | None:
     return readings.get(reading_key(row.record)) if row.record is not None else None
 
 
+def removed_cell(record: dict[str, Any]) -> str:
+    """What a cut removes: its layers (``2,4,8``), or with branches in words (``layers 2; MLP of 5,7``)."""
+    if record["removed_attention"] or record["removed_mlp"]:
+        return candidate_of(record).removed
+    return ",".join(map(str, record["removed_layers"]))
+
+
 def table(state: dict[str, Any], rows: list[Row], readings: dict[str, Any]) -> list[str]:
     original = readings.get("original")
     heuristic = state.get(search_key("heuristic"))
@@ -420,7 +450,7 @@ def table(state: dict[str, Any], rows: list[Row], readings: dict[str, Any]) -> l
             continue
         got = read_of(row, readings)
         rp = interval_text(got["retained"]["mean"], got["retained"]["ci95"], "{:.3f}") if got else NOT_RUN
-        lines.append(f"| {row.label} | {','.join(map(str, row.record['removed_layers']))} "
+        lines.append(f"| {row.label} | {removed_cell(row.record)} "
                      f"| {row.record['repair'] or 'none'} | {figure(row.validation_ppl, '{:.2f}')} "
                      f"| {figure(got, '{ppl:.2f}')} | {figure(got, '{kl:.4f}')} | {rp} | {row.seconds:.0f} |")
     return lines
@@ -520,8 +550,9 @@ def render(results: dict[str, dict[str, Any]], task_limit: int) -> str:
               "scoring and selection (the three metrics together), and for its repaired form also fitting and "
               "reading every repair of every cheap cut on validation. Produced by `python benchmarks/evolution.py`; "
               "steps not yet run say so."), ""]
-    for model in dict.fromkeys([*MODELS, *results]):
-        lines += model_section(model, upgraded(results.get(model, {})), task_limit)
+    planned = [results_key(model, granularity) for granularity in GRANULARITIES for model in MODELS]
+    for key in dict.fromkeys([*planned, *results]):
+        lines += model_section(key, upgraded(results.get(key, {})), task_limit)
     return "\n".join(lines).rstrip()
 
 
@@ -530,6 +561,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default=MODELS[0], help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--minutes", type=float, default=20.0, help="each search's --time-budget")
     parser.add_argument("--task-limit", type=int, default=40, help="lp_offline examples per task")
+    parser.add_argument("--granularity", choices=GRANULARITIES, default=GRANULARITIES[0],
+                        help="what the searches and the cheap cuts remove: whole layers, or attention and MLP branches")
     parser.add_argument("--again", action="store_true", help="measure again from the first step")
     parser.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
     parser.add_argument("--render", action="store_true", help="only rewrite the docs section from the cache")
@@ -538,12 +571,13 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {model: upgraded(state) for model, state in saved.items()}
     if not args.render:
         for model in args.models.split(","):
-            if args.again or results.get(model, {}).get("minutes") not in (None, args.minutes):  # another budget
-                results[model] = {}
-            state = results.setdefault(model, {})
+            key = results_key(model, args.granularity)
+            if args.again or results.get(key, {}).get("minutes") not in (None, args.minutes):  # another budget
+                results[key] = {}
+            state = results.setdefault(key, {})
             bench(model, args.minutes, args.task_limit, state,
-                  lambda: write_json_atomic(RESULTS, results, overwrite=True))
-            print("\n".join(model_section(model, state, args.task_limit)), flush=True)
+                  lambda: write_json_atomic(RESULTS, results, overwrite=True), args.granularity)
+            print("\n".join(model_section(key, state, args.task_limit)), flush=True)
     if not args.no_doc:
         update_doc_section(DOC, "## Search", "### Evolutionary search", render(results, args.task_limit))
         print(f"wrote the Evolutionary search section of {DOC}")

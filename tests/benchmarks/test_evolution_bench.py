@@ -225,7 +225,9 @@ def test_render_reads_every_cut_and_says_what_is_not_run(bench) -> None:
     assert "| heuristic winner, plain (ppl/consecutive) | 5,6 | none | 30.00 | not run | not run | not run |" in gemma3
     assert "Goal (issue 32), on the plain cuts: not run." in gemma3 and "plain not run; repaired not run" in gemma3
     assert "#### gemma3-270m, 20 min per search" in text
-    assert bench.render({}, LIMIT).count("not run.") == 2  # each model, none measured
+    empty = bench.render({}, LIMIT)
+    assert empty.count("not run.") == 4  # each model, whole layers and sub-layers, none measured
+    assert "#### gemma3-270m, sub-layers\n\nnot run." in empty
 
 
 def _old_format() -> dict[str, Any]:
@@ -285,8 +287,8 @@ def test_a_run_does_each_step_once_and_a_rerun_computes_nothing(bench, tiny, tmp
         return bench.summary(record)
 
     monkeypatch.setattr(bench, "run_search", search)
-    monkeypatch.setattr(bench, "cheap_cuts", lambda model, given: {"cuts": {"bi": [1, 2], "angular": [2, 3],
-                                                                           "block-cosine": [1, 2]}})
+    monkeypatch.setattr(bench, "cheap_cuts", lambda model, given, granularity: {"cuts": {
+        "bi": [1, 2], "angular": [2, 3], "block-cosine": [1, 2]}})
     monkeypatch.setattr(bench.lp, "load_model", lambda model: original)
     monkeypatch.setattr(bench, "text_reading", lambda original, working, windows: {"ppl": 9.0, "kl": 0.1})
     monkeypatch.setattr(bench, "task_reading", lambda loaded, limit: {"correct": _correct(8), "accuracy": {}})
@@ -313,3 +315,29 @@ def test_a_run_does_each_step_once_and_a_rerun_computes_nothing(bench, tiny, tmp
     date = state["date"]
     bench.bench("tiny", 1.0, LIMIT, state, lambda: None)
     assert state["date"] == date
+
+
+def test_at_sub_layer_granularity_the_searches_and_cheap_cuts_remove_branches(bench, tiny, monkeypatch) -> None:
+    """``--granularity sublayer``: both searches are typed with it, each cheap metric's cut is its branch
+    selection (saved as its candidate record), repaired with the repairs that accept a cut of branches,
+    and the table names the branches; the steps are saved apart from the whole-layer ones."""
+    original, calibration, windows = tiny
+    monkeypatch.setattr(bench.lp, "load_model", lambda model: original)
+    cuts = bench.cheap_cuts("tiny", calibration, "sublayer")["cuts"]
+    report = lp.score(original, bench.calibration_rows(original, calibration), ["bi"], granularity="sublayer")
+    expected = lp.select(report, bench.REMOVE, metric="bi")
+    assert (cuts["bi"]["removed_attention"], cuts["bi"]["removed_mlp"]) == (expected.branches("attention"),
+                                                                           expected.branches("mlp"))
+    assert cuts["bi"]["removed_attention"] or cuts["bi"]["removed_mlp"]
+    assert bench.removed_cell(cuts["bi"]) == bench.cheap_candidate("bi", cuts["bi"]).removed
+    assert bench.removed_cell(_candidate(1.0, [2, 4])) == "2,4"
+    repaired = bench.cheap_repairs(original, cuts, bench.calibration_rows(original, calibration), windows)["cuts"]
+    assert set(repaired["bi"]["validation_ppl"]) | set(repaired["bi"]["refused"]) == set(bench.available_repairs())
+    assert repaired["bi"]["validation_ppl"]  # a cut of branches takes rescale and replace-linear
+    flags: list[tuple[str, ...]] = []
+    monkeypatch.setattr(bench, "run_search", lambda model, out, minutes, *given: flags.append(given) or {})
+    with pytest.raises(KeyError):  # stops after the searches: their records are empty here
+        bench.bench("tiny", 1.0, LIMIT, {}, lambda: None, "sublayer")
+    assert flags == [("--algorithm", "heuristic", "--granularity", "sublayer"),
+                     ("--algorithm", "evolution", "--granularity", "sublayer")]
+    assert bench.results_key("tiny", "sublayer") == "tiny, sub-layers" and bench.results_key("tiny", "layer") == "tiny"
