@@ -167,6 +167,22 @@ def test_an_evolution_reserves_its_finalists_ranking_as_measured(corpus, slowed,
     assert record.seconds <= 4 * 60
 
 
+def test_an_evolution_over_branches_reserves_each_repaired_finalists_statistics(corpus, slowed) -> None:
+    """A repaired cut of whole layers reads its statistics from one pass shared by all of them, but a
+    repaired cut of branches collects its own: the evolution over branches reserves one pass per
+    finalist and repair that reads data, so its last finalist's repairs are ranked too (SmolLM2's
+    20-minute evolution over branches once left its ``replace-linear`` forms unranked; here so did
+    the shared-pass estimate)."""
+    record = lp.search(str(corpus["model"]), remove=2, calibration=calibration(corpus),
+                       rank_data=str(corpus["held_out"]), time_budget=4.0, rank_windows=6, batch_size=4,
+                       workload=QUICK, algorithm="evolution", granularity="sublayer", generations=1000, offspring=4,
+                       finalists=2)
+    assert record.settings["evolution"]["stopped_by"] == "the time budget"
+    assert any(tried.candidate.repair == "replace-linear" for tried in record.tried)
+    assert not record.not_tried
+    assert record.seconds <= 4 * 60
+
+
 def test_an_evolution_keeps_half_its_budget_from_costly_seeds(corpus, slowed) -> None:
     """90 s: of the 78 s left after the original's ranking, an evolution keeps half for its generations,
     so ``taylor`` (36 s of the 66 s left after the cheap pass) does not fit and the time goes to the

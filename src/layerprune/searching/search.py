@@ -59,6 +59,7 @@ from layerprune.options import refuse_unknown
 from layerprune.outputs import check_output_path
 from layerprune.progress import Progress
 from layerprune.records import checked
+from layerprune.repair import REPAIRS
 from layerprune.scoring import METRICS, ScoreReport, rescorer, score
 from layerprune.searching.candidates import (
     Candidate,
@@ -427,23 +428,28 @@ def search(model: str | Path | LoadedModel, config: SearchConfig | None = None, 
     evolution = None
     timed: dict[Shape, TimedSpeedup] = {}
     if config.algorithm == "evolution":
-        # the repairs a finalist gets: as many as accept the seed that the most accept (a refused one costs nothing)
-        accepting = (repaired_candidates(loaded, [seed], available_repairs(), rows.tokens)[0] for seed in heuristic)
-        repairs = max(map(len, accepting), default=0) if config.repairs else 0
+        # the repairs a finalist gets: those that accept the seed that the most accept (a refused one costs nothing)
+        accepting = max((repaired_candidates(loaded, [seed], available_repairs(), rows.tokens)[0] for seed in heuristic),
+                        key=len, default=[]) if config.repairs else []
+        repairs = len(accepting)
+        reading = sum(REPAIRS.get(candidate.repair).needs_statistics for candidate in accepting)
         # the decode speed-up is timed once per shape, and every layer cut of the budget has the seeds' shape: time
         # it now, so that what the finalists' ranking will cost is measured, not guessed (on Gemma-3 it was 2 rankings)
         timing_began = budget.elapsed
         for seed in heuristic[:1]:  # a plain cut reads no calibration data
             timed[seed.shape] = decode_speedup(loaded.model, cut(loaded, seed, None, 1).model, workload)
         timing_seconds = budget.elapsed - timing_began
-        untimed_shapes = 0 if config.granularity == "layer" else 1  # per finalist: branch cuts differ in shape
+        branches = config.granularity != "layer"  # branch cuts differ in shape and collect their own statistics
+        untimed_shapes = 1 if branches else 0  # per finalist
 
         def reserve(finalists: int) -> float:
             """Seconds to rank ``finalists`` cuts, each plain and with ``repairs`` repairs (per candidate, the
             original's ranking, measured), to time the speed-ups of shapes not yet timed and to collect the
-            repairs' statistics."""
+            repairs' statistics: one pass for every cut of whole layers, one per repair that reads them for
+            each cut of branches (about a calibration pass each)."""
+            statistics_passes = finalists * reading if branches else min(reading, 1)
             return (finalists * ((1 + repairs) * rank_seconds + untimed_shapes * timing_seconds)
-                    + (pass_seconds if repairs else 0))
+                    + statistics_passes * pass_seconds)
 
         if branch_target is None:
             units = layer_budget([count_parameters(layer) for layer in loaded.adapter.decoder_layers(loaded.model)],
