@@ -3,7 +3,7 @@
     python benchmarks/healing_budget.py                     # every point this machine has not measured yet
     python benchmarks/healing_budget.py --budgets 10240     # only the cheapest points
     python benchmarks/healing_budget.py --device cuda --budgets 655360   # the far end, on a GPU
-    python benchmarks/healing_budget.py --budgets ''        # only the table and figure, from the cache
+    python benchmarks/healing_budget.py --budgets ''        # only the table and figure, from the kept points
 
 SmolLM2-135M-Instruct with the 8 layers of lowest block influence removed (``bi``, ``independent``:
 the best single-metric 25% cut of docs/benchmarks.md § Compensation, perplexity 133.5) is healed
@@ -14,11 +14,13 @@ tokens (128-token rows, 8 a step). Each healed model is compared with the origin
 16 windows of 256 tokens of the ``wiki-sample`` test split: KL(original || healed) and top-1
 agreement (``eval --fidelity``) and held-out perplexity, on the same windows.
 
-A point is one process-local run cached as JSON under ``$LAYERPRUNE_CACHE/bench-healing-budget``
-(so a killed benchmark resumes where it stopped) with its wall-clock seconds, the self-generated
-points' generation included (their rows differ per budget, so each generates its own). The table
-and the figure (``docs/figures/healing-budget.png``: x tokens, log; y KL and perplexity; a line per
-method and data) are rewritten from every cached point.
+A point is one process-local run kept as JSON in ``benchmarks/results/healing-budget/`` with its
+wall-clock seconds, the self-generated points' generation included (their rows differ per budget,
+so each generates its own). The points are committed, not cached: the far end of the curve takes
+hours, so a killed benchmark, a later session or a lent GPU adds points where the last one stopped
+(the self-generated continuations themselves stay in the user cache dir: they are the source text's
+words). The table and the figure (``docs/figures/healing-budget.png``: x tokens, log; y KL and
+perplexity; a line per method and data) are rewritten from every kept point.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from typing import Any
 import torch
 
 import layerprune as lp
-from layerprune.cache import cache_dir
 from layerprune.evaluation.fidelity import dataset_fidelity
 from layerprune.evaluation.perplexity import dataset_perplexity
 from layerprune.outputs import write_bytes_atomic, write_json_atomic
@@ -56,13 +57,13 @@ EVAL = dict(seq_len=256, max_windows=16)
 
 
 def results_dir() -> Path:
-    folder = cache_dir() / "bench-healing-budget"
+    folder = ROOT / "benchmarks" / "results" / "healing-budget"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
 def cut(original: lp.LoadedModel) -> list[int]:
-    """The layers removed: ``bi``'s 25% (independent), scored once and cached."""
+    """The layers removed: ``bi``'s 25% (independent), scored once and kept with the points."""
     from layerprune.data import build_calibration
     from layerprune.scoring.report import score
     from layerprune.selection import select
@@ -89,7 +90,7 @@ def closeness(original: lp.LoadedModel, model: lp.LoadedModel) -> dict[str, Any]
 
 def run_point(original: lp.LoadedModel, removed: list[int], method: str, source: str, tokens: int,
               device: str) -> dict[str, Any]:
-    """Heal a fresh copy of the cut at one budget and measure it, cached by method, data and tokens."""
+    """Heal a fresh copy of the cut at one budget and measure it, kept by method, data, tokens and device."""
     path = results_dir() / f"{method}-{source}-{tokens}-{device}.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budgets", type=lambda text: [int(t) for t in text.split(",") if t.strip()],
                         default=list(BUDGETS), help="training-token budgets to run, comma-separated (default: all; "
-                                                    "empty: none, only rewrite the table and figure from the cache)")
+                                                    "empty: none, only rewrite the table and figure from the kept points)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-doc", action="store_true", help="measure only; leave docs/benchmarks.md as it is")
     args = parser.parse_args(argv)
