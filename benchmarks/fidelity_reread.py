@@ -37,11 +37,15 @@ SmolLM2's 51 at that load, more for Gemma-3's 45; run it in parts on an idle mac
 ``--claims-only`` re-reads just the 24 cells the claims' comparisons read (14 of SmolLM2, 10 of
 Gemma-3): about 2.5 h and 3.5 h at that load.
 
-Each cell is cached as JSON under ``$LAYERPRUNE_CACHE/study-fidelity/`` (a killed run resumes; a cell
-whose layers another metric chose too is measured once), with its wall-clock seconds per phase and
-the 1-minute load average when it started. After every cell the § Fidelity table of
-docs/benchmarks.md is rewritten from all cached cells, with the comparisons the claims' verdicts
-rest on read with each measure (:data:`COMPARISONS`).
+Each cell is kept as JSON in ``benchmarks/results/study-fidelity/`` (``--results``), committed: the
+re-read takes hours, so a killed run, a later session or another machine continues where the last
+one stopped (a cell whose layers another metric chose too is measured once). A cell holds numbers
+only, with its wall-clock seconds per phase and the 1-minute load average when it started; the
+original's continuations (the source text's words) stay in the user cache dir and are generated
+again where they are missing (greedy: the same tokens). Beside the cells: the original's
+measurement they are read against, the scores and the selections. After every cell the § Fidelity
+table of docs/benchmarks.md is rewritten from all kept cells, with the comparisons the claims'
+verdicts rest on read with each measure (:data:`COMPARISONS`).
 """
 
 from __future__ import annotations
@@ -66,11 +70,7 @@ import layerprune as lp
 from layerprune.cache import cache_dir
 from layerprune.data.prompts import draw_prompts
 from layerprune.evaluation.fidelity import FidelityResult, window_fidelity
-from layerprune.evaluation.generation import (
-    agreed_tokens,
-    generation_agreement,
-    side_by_side,
-)
+from layerprune.evaluation.generation import agreed_tokens, generation_agreement
 from layerprune.evaluation.intervals import (
     ratio_interval,
     retained_above_chance,
@@ -89,6 +89,7 @@ from layerprune.reporting.eval_tables import update_doc_section
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 STUDY_CSV = ROOT / "docs" / "suite" / "RESULTS-cells.csv"
+RESULTS = ROOT / "benchmarks" / "results" / "study-fidelity"
 RATIO = "25%"
 DATA = "wiki-sample"
 PROMPT_SEED = 0
@@ -135,11 +136,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heals", default=",".join(study.HEALS))
     parser.add_argument("--prompts", type=int, default=16, help="generation prompts per cell")
     parser.add_argument("--generation-tokens", type=int, default=32, help="tokens each continuation has at most")
-    parser.add_argument("--report-only", action="store_true", help="only rewrite the doc section from the cache")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the doc section from the kept cells")
     parser.add_argument("--claims-only", action="store_true",
                         help="only the cells COMPARISONS reads (the claims' verdicts), among --models/--metrics/--heals")
     parser.add_argument("--doc", type=Path, default=DOC, help="the Markdown file whose § Fidelity is rewritten")
     parser.add_argument("--study-csv", type=Path, default=STUDY_CSV, help="the study's cells, for its perplexities")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="where the cells are kept (default: benchmarks/results/study-fidelity, committed)")
     # the suite study's settings (benchmarks/study.py --tasks lp_offline): its cache folder is named by them
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -169,11 +172,15 @@ def study_args(args: argparse.Namespace) -> argparse.Namespace:
     return parsed
 
 
-def reread_dir(name: str, args: argparse.Namespace) -> Path:
-    """Cells under a folder named by the study's settings and generation's: other settings never mix."""
+def settings_folder(name: str, args: argparse.Namespace) -> Path:
+    """A folder named by the study's settings and generation's, then the model: other settings never mix."""
     settings = study.study_dir(name).parent.name
-    return cache_dir() / "study-fidelity" / f"{settings}-prompts{args.prompts}-gen{args.generation_tokens}" \
-        / study.file_stem(name)
+    return Path(f"{settings}-prompts{args.prompts}-gen{args.generation_tokens}") / study.file_stem(name)
+
+
+def reread_dir(name: str, args: argparse.Namespace) -> Path:
+    """The kept cells of ``name`` (see the module docstring), and what they are read against."""
+    return args.results / settings_folder(name, args)
 
 
 def cell_file(name: str, metric: str, heal: str, args: argparse.Namespace) -> Path:
@@ -238,7 +245,7 @@ def window_sums(original: lp.LoadedModel, model: lp.LoadedModel, args: argparse.
 
 def original_generation(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     """The original's greedy continuations of the prompts, generated once per model and cached."""
-    path = reread_dir(run.name, args) / "original-generation.json"
+    path = cache_dir() / "study-fidelity" / settings_folder(run.name, args) / "original-generation.json"
     if path.is_file():
         return json.loads(path.read_text())
     tokenizer = run.original.tokenizer
@@ -255,8 +262,7 @@ def generation(run: Run, model: lp.LoadedModel, args: argparse.Namespace) -> dic
     reference = original_generation(run, args)
     prompts, said = reference["prompts"], reference["continuations"]
     theirs = greedy_continuations(model.model, prompts, args.generation_tokens, run.original.tokenizer.eos_token_id)
-    return {**generation_agreement(said, theirs), "agreed": [agreed_tokens(a, b) for a, b in zip(said, theirs)],
-            "examples": side_by_side(run.original.tokenizer, prompts, said, theirs)[:1]}
+    return {**generation_agreement(said, theirs), "agreed": [agreed_tokens(a, b) for a, b in zip(said, theirs)]}
 
 
 def study_ppl(args: argparse.Namespace) -> dict[tuple[str, str, str], float]:

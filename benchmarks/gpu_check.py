@@ -401,8 +401,9 @@ def main(argv: list[str] | None = None) -> int:
 
         budgets = args.healing_budget or ",".join(map(str, healing_budget.BUDGETS[2:]))
         with check.step(healing_budget.MODEL, "healing budget", f"{budgets} tokens"):
-            # its points are cached and its own section (§ Fidelity) rewritten from them; a --doc elsewhere
-            # is a trial run, which leaves docs/benchmarks.md as it is
+            # its points are kept in benchmarks/results/healing-budget (bring that folder back with the doc from
+            # a lent machine) and its own section (§ Fidelity) rewritten from them; a --doc elsewhere is a trial
+            # run, which leaves docs/benchmarks.md as it is
             healing_budget.main(["--device", args.device, "--budgets", budgets,
                                  *([] if args.doc.resolve() == DOC.resolve() else ["--no-doc"])])
     body = render(check, args.device, budget, time.perf_counter() - start)

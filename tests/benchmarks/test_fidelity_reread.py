@@ -4,6 +4,8 @@ leaves the study's cache alone; and the comparisons' reading against RP on const
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from types import ModuleType
 
@@ -18,12 +20,14 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fidelity_reread.p
 
 @pytest.fixture
 def reread(tmp_path, monkeypatch) -> ModuleType:
-    """The script as a module whose cells (and the study's) live in a temporary cache."""
+    """The script as a module whose cells live in a temporary results folder, the study's cells and the
+    original's continuations in a temporary cache."""
     from layerprune.healing import replacement
 
     module = script_module(SCRIPT, "fidelity_reread_under_test")
     for owner in (module, module.study, replacement):
         monkeypatch.setattr(owner, "cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
     return module
 
 
@@ -80,6 +84,15 @@ def test_reread_measures_each_cell_once_and_resumes(reread, tmp_path, monkeypatc
     monkeypatch.setattr(reread.lp, "heal", lambda *a, **k: pytest.fail("healed again"))
     monkeypatch.setattr(reread.study, "measure", lambda *a, **k: pytest.fail("measured again"))
     stamps = {path: path.stat().st_mtime_ns for path in reread.reread_dir(str(model), args).iterdir()}
+    assert reread.main(argv) == 0
+    assert {path: path.stat().st_mtime_ns for path in reread.reread_dir(str(model), args).iterdir()} == stamps
+
+    # the cells are kept apart from the cache, with numbers only: the source's words (the original's
+    # continuations) stay in the cache, and a later session with an empty cache measures nothing again
+    kept = list((tmp_path / "results").rglob("*.json"))
+    assert kept and "original-generation.json" not in {path.name for path in kept}
+    assert not any("examples" in json.loads(path.read_text()).get("generation", {}) for path in kept)
+    shutil.rmtree(tmp_path / "cache")
     assert reread.main(argv) == 0
     assert {path: path.stat().st_mtime_ns for path in reread.reread_dir(str(model), args).iterdir()} == stamps
 
