@@ -179,6 +179,8 @@ def test_the_recipe_replays_the_sublayer_winner_to_identical_weights(record: str
     result = request.getfixturevalue(record)
     recipe = (result.out / "recipe.yaml").read_text()
     assert "attention:" in recipe and "score:" not in recipe
+    assert yaml.safe_load(recipe)["description"].endswith(f"({result.remove} of {result.num_layers} layers' "
+                                                           "parameters, as branches)")
     replay = lp.run_recipe(result.out / "recipe.yaml", tmp_path / "replay", allowed_paths=[constructed["folder"]],
                            log=lambda line: None)
     expected, got = weights(result.out / "model"), weights(replay / "model")

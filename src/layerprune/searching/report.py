@@ -162,7 +162,8 @@ def recipe_document(record: Any, source: str, calibration: dict[str, Any], batch
     winner = record.winner.candidate
     document: dict[str, Any] = {
         "name": f"search winner: {winner.label}",
-        "description": f"replays the winner of layerprune search ({record.remove} of {record.num_layers} layers)",
+        "description": f"replays the winner of layerprune search ({record.remove} of {record.num_layers} layers"
+                       + ("' parameters, as branches" if winner.removes_branches else "") + ")",
         "model": source,
         "calibration": calibration,
     }
