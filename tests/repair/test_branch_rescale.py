@@ -16,7 +16,7 @@ from layerprune.cli.main import main
 from layerprune.errors import UsageError
 from layerprune.healing import TrainingSet
 from layerprune.models.loading import LoadedModel
-from layerprune.repair import compensate
+from layerprune.repair import check_branch_repair, compensate
 from tests.helpers import save_tiny_checkpoint, tiny_loaded, write_corpus, zeroing_branches
 
 NUM_LAYERS = 6
@@ -153,9 +153,12 @@ def test_branch_cut_refusals_name_the_reason() -> None:
         compensate(loaded, [], "rescale", None, attention=[2])
     assert loaded.num_layers == NUM_LAYERS and "repairs" not in loaded.lineage  # nothing was changed
     parallel = tiny_loaded("gpt_neox", NUM_LAYERS)
-    if parallel.adapter.parallel_residual:
-        with pytest.raises(UsageError, match="parallel"):
-            compensate(parallel, [], "rescale", rows(), attention=[2])
+    assert parallel.adapter.parallel_residual
+    with pytest.raises(UsageError, match="parallel"):
+        compensate(parallel, [], "rescale", rows(), attention=[2])
+    # both branches of a layer: a run on layer boundaries, refused by the check (a search's filter), not later
+    with pytest.raises(UsageError, match="parallel.*--layers"):
+        check_branch_repair(parallel, [], [2], [2], "rescale")
 
 
 CALIBRATION = ["--sampling", "contiguous", "--samples", "8", "--seq-len", "64"]

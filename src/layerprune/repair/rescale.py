@@ -87,10 +87,12 @@ class Rescale(RepairMethod):
 
     def check_units(self, loaded: LoadedModel, runs: list[tuple[int, int]], options: None) -> None:
         super().check_units(loaded, runs, options)
-        if loaded.adapter.parallel_residual and any(unit % 2 for run in runs for unit in run):
+        if loaded.adapter.parallel_residual or loaded.adapter.pre_mlp_norm is None:
+            # checked here, not when the branch statistics refuse it: a search drops the candidate before its cut
             raise UsageError(f"{loaded.adapter.family} layers feed their attention and MLP the same input (parallel "
-                             "residual), so a run of removed branches that starts or ends between a layer's attention "
-                             "and its MLP has no residual stream there to rescale; remove whole layers to rescale")
+                             "residual), so a cut of branches has no residual stream between a layer's attention and "
+                             "its MLP to collect its statistics at; to rescale, remove whole layers (--layers, not "
+                             "--attention and --mlp of the same layer)")
 
     def apply(self, loaded: LoadedModel, runs: list[tuple[int, int]], statistics: list[RunStatistics],
               options: None) -> tuple[list[dict[str, Any]], str]:
