@@ -115,14 +115,17 @@ def render(points: list[dict[str, Any]], baseline: dict[str, Any], machine: str)
              f"{EVAL['seq_len']} tokens of the {DATA} test split. Seconds: the healing's wall clock, generation of "
              "self-generated data included; a later method at the same budget reads the first one's cached "
              "continuations (the same prompts and settings). They vary with the machine's load: read them as "
-             "the cost of a point on that machine, not as a ratio between methods.", "",
-             "| method | data | training tokens | KL | top-1 agreement | ppl | heal seconds | device |",
-             "|---|---|---:|---:|---:|---:|---:|---|",
+             "the cost of a point on that machine, not as a ratio between methods. Trained on: the tokens the loss "
+             "reads; a self-generated row trains on the original's continuation only (its prompt is context), so "
+             "at the same training tokens it teaches fewer.", "",
+             "| method | data | training tokens | KL | top-1 agreement | ppl | trained on | heal seconds | device |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|",
              f"| unhealed | – | 0 | {baseline['kl']:.3f} | {baseline['top1_agreement']:.3f} | {baseline['ppl']:.1f} | – "
-             "| – |"]
+             "| – | – |"]
     for p in sorted(points, key=lambda p: (p["method"], p["data"], p["tokens"])):
+        trained_on = p["tokens"] if p.get("generated_tokens") is None else p["generated_tokens"]
         lines.append(f"| {p['method']} | {p['data']} | {p['tokens']:,} | {p['kl']:.3f} | {p['top1_agreement']:.3f} "
-                     f"| {p['ppl']:.1f} | {p['heal_seconds']} | {p['device']} |")
+                     f"| {p['ppl']:.1f} | {trained_on:,} | {p['heal_seconds']} | {p['device']} |")
     return "\n".join(lines) + "\n\n![healing budget](figures/healing-budget.png)\n"
 
 

@@ -21,7 +21,7 @@ def bench() -> ModuleType:
 
 def _point(method: str, data: str, tokens: int, kl: float, ppl: float) -> dict:
     return {"method": method, "data": data, "tokens": tokens, "kl": kl, "top1_agreement": 0.5, "ppl": ppl,
-            "heal_seconds": 12.5, "device": "cpu"}
+            "heal_seconds": 12.5, "device": "cpu", "generated_tokens": tokens // 2 if data == "self-generated" else None}
 
 
 def test_budgets_are_spaced_x4_from_10k_tokens(bench) -> None:
@@ -37,6 +37,7 @@ def test_table_and_figure(bench) -> None:
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert rows[0].startswith("| unhealed | – | 0 | 1.500 | 0.400 | 130.0 |")
     assert [row.split(" | ")[2] for row in rows[1:]] == ["10,240", "40,960", "10,240"]
+    assert [row.split(" | ")[6] for row in rows[1:]] == ["10,240", "40,960", "5,120"]  # self-generated: its continuations
     assert "layers 11, 12, 13, 14, 15, 16, 17, 18 (bi, independent, 25%)" in table
     figure = bench.figure(points, baseline)
     check_figure(figure)
