@@ -110,6 +110,13 @@ class ArchitectureAdapter:
     config_flags: tuple[tuple[str, ConfigFlag], ...] = ()
     inferred: bool = field(default=False, compare=False)
 
+    @property
+    def stream_between_branches(self) -> bool:
+        """Whether a layer's MLP reads the residual stream as its attention left it (through
+        ``pre_mlp_norm``): what branch scores, branch statistics and branch repairs read. Not in a
+        parallel-residual layer, where both branches read the layer's input."""
+        return not self.parallel_residual and self.pre_mlp_norm is not None
+
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
 

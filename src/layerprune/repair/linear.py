@@ -150,7 +150,7 @@ class ReplaceLinear(RepairMethod):
         the model, with a residual stream on either side of it (from which its output is read)."""
         self.check_branch_cuts()
         self.check_family(loaded)
-        if loaded.adapter.parallel_residual:
+        if not loaded.adapter.stream_between_branches:
             raise UsageError(f"{loaded.adapter.family} layers feed their attention and MLP the same input (parallel "
                              "residual), so there is no residual stream between a layer's two branches to read the "
                              "branch before a removed run from; remove whole layers to repair with replace-linear, or "

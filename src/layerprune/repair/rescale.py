@@ -87,7 +87,7 @@ class Rescale(RepairMethod):
 
     def check_units(self, loaded: LoadedModel, runs: list[tuple[int, int]], options: None) -> None:
         super().check_units(loaded, runs, options)
-        if loaded.adapter.parallel_residual or loaded.adapter.pre_mlp_norm is None:
+        if not loaded.adapter.stream_between_branches:
             # checked here, not when the branch statistics refuse it: a search drops the candidate before its cut
             raise UsageError(f"{loaded.adapter.family} layers feed their attention and MLP the same input (parallel "
                              "residual), so a cut of branches has no residual stream between a layer's attention and "

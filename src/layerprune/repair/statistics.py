@@ -208,7 +208,7 @@ def collect_unit_statistics(model: nn.Module, adapter: ArchitectureAdapter, runs
     family), taken in float64 from the two streams. Runs with the same start share one ``MᵀM`` per
     batch. Sequential-residual families only (in a parallel-residual layer both branches read the
     layer's input: there is no stream between them)."""
-    if adapter.parallel_residual or adapter.pre_mlp_norm is None:
+    if not adapter.stream_between_branches:
         raise UsageError(f"{adapter.family} layers feed their attention and MLP the same input (parallel residual), "
                          "so there is no residual stream between the two branches to repair at")
     layers = adapter.decoder_layers(model)

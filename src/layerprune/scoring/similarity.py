@@ -73,7 +73,7 @@ def branch_similarity_pass(context: ScoringContext, positions: str) -> tuple[Sim
     loaded = context.loaded
     adapter = loaded.adapter
     check_sublayers(adapter)
-    if adapter.parallel_residual or adapter.pre_mlp_norm is None:
+    if not adapter.stream_between_branches:
         raise UsageError(f"the {adapter.family} layers' attention and MLP read the same input (parallel residual), so "
                          "no residual state lies between them to compare; score their branches with ppl")
     units = branch_units(loaded.model, adapter)
