@@ -2,6 +2,7 @@
 
     python benchmarks/healing_budget.py                     # every point this machine has not measured yet
     python benchmarks/healing_budget.py --budgets 10240     # only the cheapest points
+    python benchmarks/healing_budget.py --budgets 655360 --methods lora --data wiki   # one line's next point
     python benchmarks/healing_budget.py --device cuda --budgets 655360   # the far end, on a GPU
     python benchmarks/healing_budget.py --budgets ''        # only the table and figure, from the kept points
 
@@ -155,11 +156,27 @@ def figure(points: list[dict[str, Any]], baseline: dict[str, Any]) -> Any:
     return fig
 
 
+def names(choices: dict[str, Any]) -> Any:
+    """An argparse type: comma-separated keys of ``choices``, refused by name with the valid ones listed."""
+    def parse(text: str) -> list[str]:
+        chosen = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in chosen if name not in choices]
+        if unknown or not chosen:
+            raise argparse.ArgumentTypeError(f"{', '.join(unknown) or 'nothing'} chosen; choose from {', '.join(choices)}")
+        return chosen
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budgets", type=lambda text: [int(t) for t in text.split(",") if t.strip()],
                         default=list(BUDGETS), help="training-token budgets to run, comma-separated (default: all; "
                                                     "empty: none, only rewrite the table and figure from the kept points)")
+    parser.add_argument("--methods", type=names(METHODS), default=list(METHODS),
+                        help=f"healing methods to run, comma-separated (default: {','.join(METHODS)})")
+    parser.add_argument("--data", type=names(SOURCES), default=list(SOURCES),
+                        help=f"training data to run, comma-separated (default: {','.join(SOURCES)}); a far point "
+                             "takes an hour on a CPU, so one line at a time")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-doc", action="store_true", help="measure only; leave docs/benchmarks.md as it is")
     args = parser.parse_args(argv)
@@ -173,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(baseline_path, {"removed": removed, **closeness(original, pruned)})
     baseline = json.loads(baseline_path.read_text())
     for tokens in args.budgets:
-        for method in METHODS:
-            for source in SOURCES:
+        for method in args.methods:
+            for source in args.data:
                 point = run_point(original, removed, method, source, tokens, args.device)
                 print(json.dumps(point), flush=True)
     if not args.no_doc:

@@ -44,3 +44,23 @@ def test_table_and_figure(bench) -> None:
     kl_axis = figure.axes[0]
     assert kl_axis.get_xscale() == "log"
     assert sorted(len(line.get_xdata()) for line in kl_axis.lines if line.get_marker() == "o") == [1, 2]
+
+
+def test_methods_and_data_choose_the_points_run(bench, monkeypatch, tmp_path) -> None:
+    (tmp_path / "unhealed.json").write_text('{"removed": [], "kl": 1.0, "top1_agreement": 0.5, "ppl": 10.0}')
+    monkeypatch.setattr(bench, "results_dir", lambda: tmp_path)
+    monkeypatch.setattr(bench.lp, "load_model", lambda name, device: object())
+    monkeypatch.setattr(bench, "cut", lambda original: [])
+    run: list[tuple] = []
+    monkeypatch.setattr(bench, "run_point", lambda original, removed, method, source, tokens, device:
+                        run.append((method, source, tokens)) or {})
+    bench.main(["--budgets", "655360", "--methods", "lora", "--data", "wiki,self-generated", "--no-doc"])
+    assert run == [("lora", "wiki", 655360), ("lora", "self-generated", 655360)]
+
+
+@pytest.mark.parametrize("flag, value", [("--methods", "qlora"), ("--data", "wiki,c4"), ("--data", ",")])
+def test_an_unknown_method_or_data_exits_2_naming_the_choices(bench, capsys, flag, value) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--budgets", "", flag, value])
+    assert exit_.value.code == 2
+    assert "choose from" in capsys.readouterr().err
