@@ -27,15 +27,14 @@ Measured per cell, against the unpruned original:
 * the offline suite (``lp_offline``, 100 examples per task) with the study's measurement: RP and RP
   above chance (``retained_above_chance``), each with its paired-bootstrap interval.
 
-Cost on the 2-core x86 CPU (2026-12-06, niced, 1-minute load average 3-4 from other jobs): SmolLM2's
-unhealed BI cell 703 s (the suite and perplexity 487 s, fidelity 78 s, generation 138 s), and once per
-model 416 s (the original's suite and perplexity, scoring, its continuations). A healed cell adds its
-healing (the study's healed cells took about 15-90 s more than its unhealed ones on SmolLM2, 30-260 s
-on Gemma-3); Gemma-3's cells cost more (its 262k-token head in every pass, the KL over 262k words).
-The suite study's column has 116 cells at 25%, 96 distinct (twins are copied): about 10 h for
-SmolLM2's 51 at that load, more for Gemma-3's 45; run it in parts on an idle machine.
-``--claims-only`` re-reads just the 24 cells the claims' comparisons read (14 of SmolLM2, 10 of
-Gemma-3): about 2.5 h and 3.5 h at that load.
+Cost on the 2-core x86 CPU with nothing else running (2026-12-07, the 24 claims' cells): once per
+model 169 s on SmolLM2 and 516 s on Gemma-3 (the original's suite and perplexity, scoring, its
+continuations); a SmolLM2 cell 59-72 s unhealed or repaired, 89-104 s healed; a Gemma-3 cell
+134-165 s unhealed or repaired, 228-249 s healed (its 262k-token head in every pass, the KL over
+262k words). ``--claims-only`` (the 24 cells the claims' comparisons read, 14 of SmolLM2 and 10 of
+Gemma-3) took 67 min. The suite study's column has 116 cells at 25%, 96
+distinct (twins are copied): about 1 h for SmolLM2's and 2.5 h for Gemma-3's at those rates (a
+projection); run it in parts. On a loaded machine (load 3-4) a SmolLM2 cell took 703 s.
 
 Each cell is kept as JSON in ``benchmarks/results/study-fidelity/`` (``--results``), committed: the
 re-read takes hours, so a killed run, a later session or another machine continues where the last
@@ -299,9 +298,7 @@ def run_cell(run: Run, metric: str, heal: str, args: argparse.Namespace,
     pruned = run.original.copy()
     lp.prune(pruned, remove, reason=f"{metric} {study.METRICS[metric][1]} {RATIO}")
     if heal != "none":
-        torch.manual_seed(0)
-        pruned = lp.heal(pruned, heal, DATA, original=run.original, steps=args.heal_steps,
-                         batch_size=args.heal_rows, seq_len=study.HEAL_SEQ_LEN)
+        pruned = study.heal_cell(pruned, heal, run.original, args)
     seconds = {"build": time.perf_counter() - began}
     mark = time.perf_counter()
     measured = study.measure(pruned, study_args_, run.base)

@@ -146,6 +146,16 @@ def heal_budget(args: argparse.Namespace) -> dict[str, int]:
     return {"steps": args.heal_steps, "rows": args.heal_rows, "seq_len": HEAL_SEQ_LEN}
 
 
+def heal_cell(pruned: lp.LoadedModel, heal: str, original: lp.LoadedModel, args: argparse.Namespace) -> lp.LoadedModel:
+    """``pruned`` healed or repaired as a study cell is: seed 0, ``heal_steps`` x ``heal_rows`` windows of
+    128 wiki-sample train tokens. A repair takes no steps, and ``heal`` would give it the calibration's
+    row count; it is given the same rows as the healers train on, so both see the same data."""
+    torch.manual_seed(0)
+    rows = {"samples": args.heal_steps * args.heal_rows} if heal in REPAIRS else {}
+    return lp.heal(pruned, heal, "wiki-sample", original=original, steps=args.heal_steps,
+                   batch_size=args.heal_rows, seq_len=HEAL_SEQ_LEN, **rows)
+
+
 def measure(loaded: lp.LoadedModel, args: argparse.Namespace, reference: dict[str, Any] | None) -> dict[str, Any]:
     """Held-out perplexity and zero-shot accuracy (+ stability against ``reference``)."""
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -269,9 +279,7 @@ class ModelRun:
         pruned = self.original.copy()
         lp.prune(pruned, remove, reason=f"{metric} {METRICS[metric][1]} {ratio}")
         if heal != "none":
-            torch.manual_seed(0)
-            pruned = lp.heal(pruned, heal, "wiki-sample", original=self.original, steps=args.heal_steps,
-                             batch_size=args.heal_rows, seq_len=HEAL_SEQ_LEN)
+            pruned = heal_cell(pruned, heal, self.original, args)
         cell = measure(pruned, args, self.base) | self.speed(metric, ratio, heal, pruned)
         # "selected": the layers chosen; a replacement's lineage lists one fewer as removed
         cell.update(metric=metric, ratio=ratio, heal=heal, heal_budget=budget, selected=remove,

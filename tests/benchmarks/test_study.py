@@ -263,3 +263,19 @@ def test_the_ratio_figure_never_pretends_one_ratio_is_a_curve(study, ratios) -> 
         assert [t.get_text() for t in bottoms[0].get_xticklabels()] == ["none", "lora"]  # categories, not 24-26
     else:
         assert all(list(axis.get_xticks()) == [12, 25, 37] for axis in bottoms)
+
+
+@pytest.mark.parametrize("heal", ["rescale", "lora"])
+def test_a_repair_cell_reads_the_same_rows_as_a_healed_one(study, heal) -> None:
+    """The study's repairs are fitted on the healers' budget (steps x rows windows), not on the
+    calibration's default row count that ``heal`` gives a repair taking no steps."""
+    import argparse
+
+    from tests.helpers import tiny_loaded
+
+    original = tiny_loaded("llama", num_layers=6)
+    pruned = original.copy()
+    study.lp.prune(pruned, [2, 3])
+    healed = study.heal_cell(pruned, heal, original, argparse.Namespace(heal_steps=3, heal_rows=4))
+    drawn = healed.lineage["healing"][-1]["data"]
+    assert (drawn["rows"], drawn["seq_len"]) == (12, study.HEAL_SEQ_LEN)
