@@ -36,8 +36,10 @@ from typing import Any
 import torch
 
 import layerprune as lp
+from layerprune.errors import UsageError
 from layerprune.evaluation.fidelity import dataset_fidelity
 from layerprune.evaluation.perplexity import dataset_perplexity
+from layerprune.options import comma_list
 from layerprune.outputs import write_bytes_atomic, write_json_atomic
 from layerprune.reporting.eval_tables import update_doc_section
 from layerprune.reporting.figures import png_bytes
@@ -157,13 +159,17 @@ def figure(points: list[dict[str, Any]], baseline: dict[str, Any]) -> Any:
 
 
 def names(choices: dict[str, Any]) -> Any:
-    """An argparse type: comma-separated keys of ``choices``, refused by name with the valid ones listed."""
+    """An argparse type: comma-separated keys of ``choices`` (split as every flag's lists are, an empty
+    entry refused), an unknown one refused by name with the valid ones listed."""
     def parse(text: str) -> list[str]:
-        chosen = [name.strip() for name in text.split(",") if name.strip()]
+        try:
+            chosen = comma_list(text)
+        except UsageError as error:
+            raise argparse.ArgumentTypeError(f"{error}; choose from {', '.join(choices)}") from None
         unknown = [name for name in chosen if name not in choices]
-        if unknown or not chosen:
-            raise argparse.ArgumentTypeError(f"{', '.join(unknown) or 'nothing'} chosen; choose from {', '.join(choices)}")
-        return chosen
+        if unknown:
+            raise argparse.ArgumentTypeError(f"{', '.join(unknown)} chosen; choose from {', '.join(choices)}")
+        return list(chosen)
     return parse
 
 

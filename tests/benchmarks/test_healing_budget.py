@@ -58,7 +58,7 @@ def test_methods_and_data_choose_the_points_run(bench, monkeypatch, tmp_path) ->
     assert run == [("lora", "wiki", 655360), ("lora", "self-generated", 655360)]
 
 
-@pytest.mark.parametrize("flag, value", [("--methods", "qlora"), ("--data", "wiki,c4"), ("--data", ",")])
+@pytest.mark.parametrize("flag, value", [("--methods", "qlora"), ("--data", "wiki,c4"), ("--data", ","), ("--data", "wiki,")])
 def test_an_unknown_method_or_data_exits_2_naming_the_choices(bench, capsys, flag, value) -> None:
     with pytest.raises(SystemExit) as exit_:
         bench.main(["--budgets", "", flag, value])

@@ -4,6 +4,7 @@ that computes nothing. The real grid takes hours; its logic is checked here in a
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -12,7 +13,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.helpers import save_tiny_checkpoint, script_module
+from tests.helpers import save_tiny_checkpoint, script_module, tiny_loaded
 
 STUDY = Path(__file__).resolve().parents[2] / "benchmarks" / "study.py"
 
@@ -269,10 +270,6 @@ def test_the_ratio_figure_never_pretends_one_ratio_is_a_curve(study, ratios) -> 
 def test_a_repair_cell_reads_the_same_rows_as_a_healed_one(study, heal) -> None:
     """The study's repairs are fitted on the healers' budget (steps x rows windows), not on the
     calibration's default row count that ``heal`` gives a repair taking no steps."""
-    import argparse
-
-    from tests.helpers import tiny_loaded
-
     original = tiny_loaded("llama", num_layers=6)
     pruned = original.copy()
     study.lp.prune(pruned, [2, 3])
