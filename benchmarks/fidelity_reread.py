@@ -27,14 +27,16 @@ Measured per cell, against the unpruned original:
 * the offline suite (``lp_offline``, 100 examples per task) with the study's measurement: RP and RP
   above chance (``retained_above_chance``), each with its paired-bootstrap interval.
 
-Cost on the 2-core x86 CPU with nothing else running (2026-12-07, the 24 claims' cells): once per
-model 169 s on SmolLM2 and 516 s on Gemma-3 (the original's suite and perplexity, scoring, its
-continuations); a SmolLM2 cell 59-72 s unhealed or repaired, 89-104 s healed; a Gemma-3 cell
-134-165 s unhealed or repaired, 228-249 s healed (its 262k-token head in every pass, the KL over
-262k words). ``--claims-only`` (the 24 cells the claims' comparisons read, 14 of SmolLM2 and 10 of
-Gemma-3) took 67 min. The suite study's column has 116 cells at 25%, 96
-distinct (twins are copied): about 1 h for SmolLM2's and 2.5 h for Gemma-3's at those rates (a
-projection); run it in parts. On a loaded machine (load 3-4) a SmolLM2 cell took 703 s.
+Cost on the 2-core x86 CPU with nothing else running (2026-12-07; load 2-3, the upper ends with a
+test run beside it): once per model 169 s on SmolLM2 and 516 s on Gemma-3 (the original's suite and
+perplexity, scoring, its continuations; read back from the cache on later runs); a SmolLM2 cell
+59-78 s unhealed, 62-101 s repaired, 73-136 s healed or replaced; a Gemma-3 cell 134-149 s
+unhealed, 156-173 s repaired, 165-249 s healed or replaced (its 262k-token head in every pass, the
+KL over 262k words). ``--claims-only`` (the 24 cells the claims' comparisons read, 14 of SmolLM2
+and 10 of Gemma-3) took 67 min, and SmolLM2's whole column (51 cells measured, 7 twins copied) 76 min of cell
+time. The suite study's column has 116 cells at 25%, 96 distinct (twins are copied): Gemma-3's 45
+take about 2 h at those rates (a projection, 172 s a cell on average); run it in parts. On a loaded machine (load 3-4)
+a SmolLM2 cell took 703 s.
 
 Each cell is kept as JSON in ``benchmarks/results/study-fidelity/`` (``--results``), committed: the
 re-read takes hours, so a killed run, a later session or another machine continues where the last
