@@ -33,7 +33,7 @@ perplexity, scoring, its continuations; read back from the cache on later runs);
 59-78 s unhealed, 62-101 s repaired, 73-136 s healed or replaced; a Gemma-3 cell 134-149 s
 unhealed, 156-173 s repaired, 165-249 s healed or replaced (its 262k-token head in every pass, the
 KL over 262k words). ``--claims-only`` (the 24 cells the claims' comparisons read, 14 of SmolLM2
-and 10 of Gemma-3) took 67 min, and SmolLM2's whole column (51 cells measured, 7 twins copied) 76 min of cell
+and 10 of Gemma-3) took 53 min, and SmolLM2's whole column (51 cells measured, 7 twins copied) 76 min of cell
 time. The suite study's column has 116 cells at 25%, 96 distinct (twins are copied): Gemma-3's 45
 take about 2 h at those rates (a projection, 172 s a cell on average); run it in parts. On a loaded machine (load 3-4)
 a SmolLM2 cell took 703 s.
