@@ -30,13 +30,14 @@ Measured per cell, against the unpruned original:
 Cost on the 2-core x86 CPU with nothing else running (2026-12-07; load 2-3, the upper ends with a
 test run beside it): once per model 169 s on SmolLM2 and 516 s on Gemma-3 (the original's suite and
 perplexity, scoring, its continuations; read back from the cache on later runs); a SmolLM2 cell
-59-78 s unhealed, 62-101 s repaired, 73-136 s healed or replaced; a Gemma-3 cell 134-149 s
-unhealed, 156-173 s repaired, 165-249 s healed or replaced (its 262k-token head in every pass, the
-KL over 262k words). ``--claims-only`` (the 24 cells the claims' comparisons read, 14 of SmolLM2
-and 10 of Gemma-3) took 53 min, and SmolLM2's whole column (51 cells measured, 7 twins copied) 76 min of cell
-time. The suite study's column has 116 cells at 25%, 96 distinct (twins are copied): Gemma-3's 45
-take about 2 h at those rates (a projection, 172 s a cell on average); run it in parts. On a loaded machine (load 3-4)
-a SmolLM2 cell took 703 s.
+59-78 s unhealed, 62-101 s repaired, 73-136 s healed or replaced; a Gemma-3 cell 129-149 s
+unhealed, 123-174 s repaired, 165-249 s healed or replaced (its 262k-token head in every pass, the
+KL over 262k words). The suite study's column has 116 cells at 25%, 96 distinct (twins are copied).
+``--claims-only`` (the 24 cells the claims' comparisons read, 14 of SmolLM2 and 10 of Gemma-3) took
+53 min; SmolLM2's whole column (51 cells measured, 7 twins copied) 76 min of cell time, Gemma-3's
+(45 measured, 13 copied) 131 min, of which its last 35 cells ran in 102 min (20:54-22:36) in one
+run; the whole column about 3.5 h: run it in parts. On a loaded machine (load 3-4) a SmolLM2 cell
+took 703 s.
 
 Each cell is kept as JSON in ``benchmarks/results/study-fidelity/`` (``--results``), committed: the
 re-read takes hours, so a killed run, a later session or another machine continues where the last
@@ -441,8 +442,8 @@ def render(args: argparse.Namespace, bases: dict[str, dict[str, Any]],
     lines = [
         f"Measured with `python benchmarks/fidelity_reread.py` on {measured[-1]['machine']} shared with other jobs; "
         f"{measured[-1]['versions']}; {dates[0]} to {dates[-1]} UTC; 1-minute load average when a cell started "
-        f"{loads[0]:.2f} to {loads[-1]:.2f}. Cells re-read: {done} of {expected} (the rest: run the command again; it "
-        "continues where it stopped).", "",
+        f"{loads[0]:.2f} to {loads[-1]:.2f}. Cells re-read: {done} of {expected}"
+        + (" (the rest: run the command again; it continues where it stopped)." if done < expected else "."), "",
         "Each cell is the suite study's at 25% ([suite/RESULTS.md](suite/RESULTS.md)): the study's cut (its cached "
         "cell's layers where the machine has the study's cache, else its scoring and selection done again), and "
         f"the study keeps no healed model, so every healed or repaired cell is rebuilt with its recipe (seed 0, "

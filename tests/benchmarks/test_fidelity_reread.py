@@ -76,7 +76,7 @@ def test_reread_measures_each_cell_once_and_resumes(reread, tmp_path, monkeypatc
     text = doc.read_text()
     section = text.split("### The study's 25% column, re-read")[1]
     assert "## Fidelity" in text and f"#### {model}" in section
-    assert "Cells re-read: 6 of 122" in section  # the tiny model's 6, and the suite study's 116 at 25%
+    assert "Cells re-read: 6 of 122 (the rest: run the command again" in section  # the tiny model's 6, and the suite study's 116 at 25%
     assert "| ShortGPT: BI against `ppl` | smollm2-135m | bi | ppl | — |" in section  # not measured yet
     assert "None of the 20 comparisons has both its cells measured yet" in section
 
