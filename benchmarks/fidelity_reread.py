@@ -70,6 +70,7 @@ import study
 
 import layerprune as lp
 from layerprune.cache import cache_dir
+from layerprune.errors import UsageError
 from layerprune.data.prompts import draw_prompts
 from layerprune.evaluation.fidelity import FidelityResult, window_fidelity
 from layerprune.evaluation.generation import agreed_tokens, generation_agreement
@@ -85,6 +86,7 @@ from layerprune.evaluation.perplexity import (
 )
 from layerprune.models.generation import greedy_continuations
 from layerprune.models.lineage import versions
+from layerprune.options import comma_list
 from layerprune.outputs import write_json_atomic
 from layerprune.reporting.eval_tables import update_doc_section
 
@@ -157,7 +159,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.prompts < 1 or args.generation_tokens < 1:
         parser.error("--prompts and --generation-tokens must be at least 1")
     for option, values, known in (("--metrics", args.metrics, study.METRICS), ("--heals", args.heals, study.HEALS)):
-        unknown = [v for v in values.split(",") if v and v not in known]
+        try:
+            unknown = [value for value in comma_list(values) if value not in known]
+        except UsageError as error:
+            parser.error(f"{option}: {error}")
         if unknown:
             parser.error(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     return args

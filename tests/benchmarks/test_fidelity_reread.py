@@ -147,3 +147,14 @@ def test_claims_only_reads_just_the_compared_cells(reread) -> None:
     every = reread.parse_args(["--metrics", "bi,angular", "--heals", "none,lora"])
     assert reread.chosen_cells("gemma3-270m", every) == [("bi", "none"), ("bi", "lora"), ("angular", "none"),
                                                           ("angular", "lora")]
+
+
+@pytest.mark.parametrize("flag, value", [("--metrics", "bi,qlora"), ("--heals", "lora,"), ("--metrics", ",")])
+def test_an_unknown_or_empty_metric_or_heal_exits_2(reread, capsys, flag, value) -> None:
+    """A list split as every flag's is: an unknown name is refused with the choices, and an empty entry
+    (which would silently run other cells than were typed) is refused too."""
+    with pytest.raises(SystemExit) as exit_:
+        reread.parse_args([flag, value])
+    assert exit_.value.code == 2
+    message = capsys.readouterr().err
+    assert flag in message and ("choose from" in message or "empty entry" in message)
