@@ -70,7 +70,6 @@ import study
 
 import layerprune as lp
 from layerprune.cache import cache_dir
-from layerprune.errors import UsageError
 from layerprune.data.prompts import draw_prompts
 from layerprune.evaluation.fidelity import FidelityResult, window_fidelity
 from layerprune.evaluation.generation import agreed_tokens, generation_agreement
@@ -86,7 +85,7 @@ from layerprune.evaluation.perplexity import (
 )
 from layerprune.models.generation import greedy_continuations
 from layerprune.models.lineage import versions
-from layerprune.options import comma_list
+from layerprune.options import comma_choices
 from layerprune.outputs import write_json_atomic
 from layerprune.reporting.eval_tables import update_doc_section
 
@@ -136,8 +135,8 @@ cell a (metric, healing). Each is read as A minus B with every measure's paired 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(study.MODELS))
-    parser.add_argument("--metrics", default=",".join(study.METRICS))
-    parser.add_argument("--heals", default=",".join(study.HEALS))
+    parser.add_argument("--metrics", type=comma_choices(study.METRICS), default=list(study.METRICS))
+    parser.add_argument("--heals", type=comma_choices(study.HEALS), default=list(study.HEALS))
     parser.add_argument("--prompts", type=int, default=16, help="generation prompts per cell")
     parser.add_argument("--generation-tokens", type=int, default=32, help="tokens each continuation has at most")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the doc section from the kept cells")
@@ -158,19 +157,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.prompts < 1 or args.generation_tokens < 1:
         parser.error("--prompts and --generation-tokens must be at least 1")
-    for option, values, known in (("--metrics", args.metrics, study.METRICS), ("--heals", args.heals, study.HEALS)):
-        try:
-            unknown = [value for value in comma_list(values) if value not in known]
-        except UsageError as error:
-            parser.error(f"{option}: {error}")
-        if unknown:
-            parser.error(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     return args
 
 
 def study_args(args: argparse.Namespace) -> argparse.Namespace:
     """The study's own arguments for the same cells (its ``ModelRun`` and ``measure`` read them)."""
-    argv = ["--models", args.models, "--metrics", args.metrics, "--ratios", RATIO, "--heals", args.heals,
+    argv = ["--models", args.models, "--metrics", ",".join(args.metrics), "--ratios", RATIO,
+            "--heals", ",".join(args.heals),
             "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--ppl-windows", str(args.ppl_windows),
             "--task-limit", str(args.task_limit), "--tasks", args.tasks, "--heal-steps", str(args.heal_steps),
             "--heal-rows", str(args.heal_rows)]
@@ -546,7 +539,7 @@ def write_doc(args: argparse.Namespace) -> None:
 def chosen_cells(name: str, args: argparse.Namespace) -> list[tuple[str, str]]:
     """The (metric, healing) cells of ``name`` to re-read, in the study's order: every one of
     ``--metrics`` x ``--heals``, or with ``--claims-only`` those of them a comparison reads."""
-    cells = [(metric, heal) for metric in args.metrics.split(",") for heal in args.heals.split(",")]
+    cells = [(metric, heal) for metric in args.metrics for heal in args.heals]
     if not args.claims_only:
         return cells
     compared = {cell for _, model, first, second in COMPARISONS if model == name for cell in (first, second)}

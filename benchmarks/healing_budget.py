@@ -36,10 +36,9 @@ from typing import Any
 import torch
 
 import layerprune as lp
-from layerprune.errors import UsageError
 from layerprune.evaluation.fidelity import dataset_fidelity
 from layerprune.evaluation.perplexity import dataset_perplexity
-from layerprune.options import comma_list
+from layerprune.options import comma_choices
 from layerprune.outputs import write_bytes_atomic, write_json_atomic
 from layerprune.reporting.eval_tables import update_doc_section
 from layerprune.reporting.figures import png_bytes
@@ -158,29 +157,14 @@ def figure(points: list[dict[str, Any]], baseline: dict[str, Any]) -> Any:
     return fig
 
 
-def names(choices: dict[str, Any]) -> Any:
-    """An argparse type: comma-separated keys of ``choices`` (split as every flag's lists are, an empty
-    entry refused), an unknown one refused by name with the valid ones listed."""
-    def parse(text: str) -> list[str]:
-        try:
-            chosen = comma_list(text)
-        except UsageError as error:
-            raise argparse.ArgumentTypeError(f"{error}; choose from {', '.join(choices)}") from None
-        unknown = [name for name in chosen if name not in choices]
-        if unknown:
-            raise argparse.ArgumentTypeError(f"{', '.join(unknown)} chosen; choose from {', '.join(choices)}")
-        return list(chosen)
-    return parse
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budgets", type=lambda text: [int(t) for t in text.split(",") if t.strip()],
                         default=list(BUDGETS), help="training-token budgets to run, comma-separated (default: all; "
                                                     "empty: none, only rewrite the table and figure from the kept points)")
-    parser.add_argument("--methods", type=names(METHODS), default=list(METHODS),
+    parser.add_argument("--methods", type=comma_choices(METHODS), default=list(METHODS),
                         help=f"healing methods to run, comma-separated (default: {','.join(METHODS)})")
-    parser.add_argument("--data", type=names(SOURCES), default=list(SOURCES),
+    parser.add_argument("--data", type=comma_choices(SOURCES), default=list(SOURCES),
                         help=f"training data to run, comma-separated (default: {','.join(SOURCES)}); a far point "
                              "takes an hour on a CPU, so one line at a time")
     parser.add_argument("--device", default="cpu")

@@ -22,7 +22,8 @@ from layerprune.healing import HEALERS
 from layerprune.healing.base import TrainingOptions
 from layerprune.healing.heal import heal_config
 from layerprune.repair import REPAIRS
-from layerprune.options import Config, Parse, add_option_flags, build_options, given_options, option, options_table
+from layerprune.options import (Config, Parse, add_option_flags, build_options, comma_choices, given_options, option,
+                                options_table)
 from layerprune.recipes.runner import _heal_config, _repair_options, _section_fields, load_recipe, preflight
 from layerprune.repair import RepairConfig, ReplaceLinearOptions, compensate
 from layerprune.scoring import METRICS, ScoreConfig, score
@@ -346,3 +347,14 @@ def test_machinery_builds_flags_checks_values_and_renders_a_table() -> None:
     assert table[2] == "| `size` | `--size` | int | `3` | how many; >= 1 |"
     assert "`--range`" in table[-1] and "list of int or null" in table[-1]
     assert options_table(None) == []
+
+
+def test_comma_choices_keeps_known_names_and_refuses_unknown_or_empty_ones() -> None:
+    """The argparse type both benchmarks' name lists use: the names in order, or a refusal that lists
+    the choices (argparse turns it into exit 2 naming the flag)."""
+    parse = comma_choices(["lora", "lora+distill"])
+    assert parse("lora+distill, lora") == ["lora+distill", "lora"]
+    for text, problem in (("lora,qlora", "unknown qlora"), ("lora,", "empty entry")):
+        with pytest.raises(argparse.ArgumentTypeError, match=problem) as refused:
+            parse(text)
+        assert "choose from lora, lora+distill" in str(refused.value)

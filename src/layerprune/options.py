@@ -340,6 +340,23 @@ def comma_list(text: str) -> tuple[str, ...]:
     return parts
 
 
+def comma_choices(choices: Iterable[str]) -> Callable[[str], list[str]]:
+    """An argparse type: a :func:`comma_list` of names from ``choices``; an empty entry or an unknown
+    name is refused with the valid ones listed (argparse names the flag and exits 2)."""
+    known = list(choices)
+
+    def parse(text: str) -> list[str]:
+        try:
+            chosen = comma_list(text)
+        except UsageError as error:
+            raise argparse.ArgumentTypeError(f"{error}; choose from {', '.join(known)}") from None
+        unknown = [name for name in chosen if name not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+        return list(chosen)
+    return parse
+
+
 def comma_ints(text: str) -> tuple[int, ...]:
     """A comma-separated flag of integers (``--k 1,2,4,8``)."""
     try:
